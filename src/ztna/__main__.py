@@ -1,0 +1,3 @@
+from ztna.cli import main
+
+main()

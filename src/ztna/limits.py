@@ -1,0 +1,55 @@
+"""Limits and defaults shared by all three programs — the one definition (issue 2, item 4).
+
+Sizes are in bytes, times in seconds. The live DATAGRAM maximum is never a constant: it is
+computed from the connection (ztna.quic) and these values only bound it.
+"""
+
+from typing import Final
+
+ALPN: Final = "ztna-v1"
+
+# UDP payload size we configure for QUIC packets (aioquic `max_datagram_size`).
+# 1350 as in the original; with 20-byte CIDs this leaves 1308 bytes of DATAGRAM payload.
+DEFAULT_QUIC_UDP_PAYLOAD: Final = 1350
+MIN_QUIC_UDP_PAYLOAD: Final = 1200   # RFC 9000 §14: every QUIC path carries 1200
+MAX_QUIC_UDP_PAYLOAD: Final = 1452   # 1500-byte Ethernet MTU minus IPv6 (40) and UDP (8)
+
+# aioquic's short-header overhead for a DATAGRAM frame:
+#   1 (flags) + DCID + 2 (packet number, aioquic always uses 2) + 16 (AEAD tag)
+#   + 1 (frame type) + up to 2 (length varint for payloads < 16384)
+SHORT_HEADER_FIXED_OVERHEAD: Final = 1 + 2 + 16
+DATAGRAM_FRAME_OVERHEAD: Final = 3
+
+CONNECTION_ID_LENGTH: Final = 20
+IDLE_TIMEOUT: Final = 30.0
+KEEPALIVE_INTERVAL: Final = 10.0
+NAT_KEEPALIVE_INTERVAL: Final = 15.0        # <= 25 s (issue 6)
+CID_ROTATION_INTERVAL: Final = 300.0
+
+# Ports (docs/ports.md)
+INTERMEDIATE_PORT: Final = 4433
+CONNECTOR_P2P_PORT: Final = 4434
+CONNECTOR_RELAY_PORT: Final = 0              # ephemeral by default; --relay-port to pin it
+INTERMEDIATE_METRICS_PORT: Final = 9090
+CONNECTOR_METRICS_PORT: Final = 9091
+
+# Queues: datagrams waiting for congestion window, per connection (drop-oldest beyond).
+DATAGRAM_QUEUE_LIMIT: Final = 512
+# Socket loop: at most this many datagrams read before one flush.
+RECV_BATCH: Final = 256
+
+# Control stream
+CONTROL_FRAME_MAX: Final = 16384
+
+# Registry limits (Intermediate)
+MAX_CONNECTIONS: Final = 10000
+MAX_REGISTRATIONS_PER_CONNECTION: Final = 64
+HANDSHAKES_PER_SOURCE_PER_SECOND: Final = 20
+
+# Service ids
+SERVICE_ID_MAX: Final = 63
+
+
+def max_datagram_payload(udp_payload: int, dcid_len: int) -> int:
+    """Largest DATAGRAM frame payload aioquic can put in one short-header packet."""
+    return udp_payload - (SHORT_HEADER_FIXED_OVERHEAD + dcid_len) - DATAGRAM_FRAME_OVERHEAD
