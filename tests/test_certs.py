@@ -129,6 +129,11 @@ def test_init_refuses_to_overwrite_a_ca_unless_forced(tmp_path: Path) -> None:
     assert w["ca"].read_bytes() == before
     certs.init_pki(tmp_path, ["web"], [], 30, force=True)
     assert w["ca"].read_bytes() != before
+    with pytest.raises(UsageError, match="--days"):
+        certs.init_pki(tmp_path / "new", ["web"], [], 0)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(UsageError, match="--service"):
+        certs.init_pki(tmp_path / "new", [], [], 30)
 
 
 def test_issue_more_certificates(tmp_path: Path) -> None:
@@ -224,3 +229,90 @@ def test_installed_command_init(tmp_path: Path) -> None:
     v = ChainVerifier(load_ca_file(d / "ca.pem"))
     ident = v.verify_client(_load(d / "agent.pem"), [], now=dt.datetime.now(dt.timezone.utc))
     assert ident.allows("agent", "web")
+
+
+def _handshake(pki: Path, client_cert: str | None, server_cert: str, server_name: str,
+               monkeypatch: pytest.MonkeyPatch) -> tuple[object, object]:
+    """An in-memory aioquic handshake (no sockets) with the server requesting a client cert."""
+    from aioquic import tls
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    original_init = tls.Context.__init__
+
+    def requesting_init(self: tls.Context, *args: object, **kwargs: object) -> None:
+        original_init(self, *args, **kwargs)  # type: ignore[arg-type]
+        if not self._is_client:
+            # aioquic sends CertificateRequest only with this private flag (quic-libraries §3.5).
+            self._request_client_certificate = True
+
+    monkeypatch.setattr(tls.Context, "__init__", requesting_init)
+    ccfg = QuicConfiguration(is_client=True, alpn_protocols=["ztna-test"],
+                             server_name=server_name)
+    ccfg.load_verify_locations(cafile=str(pki / "ca.pem"))
+    if client_cert is not None:
+        ccfg.load_cert_chain(pki / f"{client_cert}.pem", pki / f"{client_cert}.key")
+    scfg = QuicConfiguration(is_client=False, alpn_protocols=["ztna-test"])
+    scfg.load_cert_chain(pki / f"{server_cert}.pem", pki / f"{server_cert}.key")
+    client = QuicConnection(configuration=ccfg)
+    server = QuicConnection(
+        configuration=scfg,
+        original_destination_connection_id=client.original_destination_connection_id,
+    )
+    now = 1000.0
+    client.connect(("127.0.0.1", 4433), now=now)
+    for _ in range(20):
+        moved = False
+        for data, _addr in client.datagrams_to_send(now=now):
+            server.receive_datagram(data, ("127.0.0.1", 5555), now=now)
+            moved = True
+        for data, _addr in server.datagrams_to_send(now=now):
+            client.receive_datagram(data, ("127.0.0.1", 4433), now=now)
+            moved = True
+        if not moved:
+            break
+        now += 0.01
+    return client, server
+
+
+@pytest.mark.parametrize(
+    "client_cert,server_cert,server_name",
+    [
+        ("agent", "intermediate", "localhost"),
+        ("connector", "intermediate", "127.0.0.1"),
+        ("agent", "connector", certs.P2P_SERVER_NAME),  # direct P2P: Agent -> Connector
+    ],
+)
+def test_certificates_work_in_an_aioquic_mtls_handshake(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_cert: str, server_cert: str,
+    server_name: str,
+) -> None:
+    certs.init_pki(tmp_path, ["web"], [], 30)
+    client, server = _handshake(tmp_path, client_cert, server_cert, server_name, monkeypatch)
+    assert client._handshake_complete and server._handshake_complete  # type: ignore[attr-defined]
+    peer = server.tls._peer_certificate  # type: ignore[attr-defined]
+    chain = server.tls._peer_certificate_chain  # type: ignore[attr-defined]
+    assert peer == _load(tmp_path / f"{client_cert}.pem")
+    ident = ChainVerifier(load_ca_file(tmp_path / "ca.pem")).verify_client(
+        peer, chain, now=dt.datetime.now(dt.timezone.utc))
+    assert ident.allows(client_cert, "web")
+
+
+def test_aioquic_handshake_failures_are_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ztna.identity import CertificateRejected
+
+    certs.init_pki(tmp_path, ["web"], [], 30)
+    # The Intermediate's certificate does not name the P2P server: the aioquic client refuses.
+    client, _ = _handshake(tmp_path, "agent", "intermediate", certs.P2P_SERVER_NAME, monkeypatch)
+    assert not client._handshake_complete  # type: ignore[attr-defined]
+    # No client certificate: aioquic's server completes anyway (the reason ChainVerifier exists).
+    client, server = _handshake(tmp_path, None, "intermediate", "localhost", monkeypatch)
+    assert server._handshake_complete  # type: ignore[attr-defined]
+    peer = server.tls._peer_certificate  # type: ignore[attr-defined]
+    assert peer is None
+    with pytest.raises(CertificateRejected, match="client certificate required"):
+        ChainVerifier(load_ca_file(tmp_path / "ca.pem")).verify_client(
+            peer, [], now=dt.datetime.now(dt.timezone.utc)
+        )

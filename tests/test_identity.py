@@ -42,7 +42,9 @@ def verifier(pki: Path) -> ChainVerifier:
     return ChainVerifier(load_ca_file(pki / "ca.pem"))
 
 
-def test_agent_cert_verifies_and_is_scoped_to_its_services(pki: Path, verifier: ChainVerifier) -> None:
+def test_agent_cert_verifies_and_is_scoped_to_its_services(
+    pki: Path, verifier: ChainVerifier
+) -> None:
     leaf = _load(pki / "agent.pem")
     ident = verifier.verify_client(leaf, [], now=NOW)
     assert ident.common_name == "agent"
@@ -56,7 +58,9 @@ def test_agent_cert_verifies_and_is_scoped_to_its_services(pki: Path, verifier: 
     assert not ident.allows("connector", "web")
 
 
-def test_connector_cert_verifies_as_client_and_as_p2p_server(pki: Path, verifier: ChainVerifier) -> None:
+def test_connector_cert_verifies_as_client_and_as_p2p_server(
+    pki: Path, verifier: ChainVerifier
+) -> None:
     leaf = _load(pki / "connector.pem")
     ident = verifier.verify_client(leaf, [], now=NOW)
     assert ident.connector_services == {"web", "ssh"} and ident.agent_services == frozenset()

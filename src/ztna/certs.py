@@ -129,7 +129,9 @@ def _make_ca(days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
             critical=True,
         )
         .add_extension(ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
         .sign(key, hashes.SHA256())
     )
     return cert, key
@@ -302,6 +304,8 @@ def init_pki(
     """
     if not services:
         raise UsageError("init needs at least one --service")
+    if days < 1:
+        raise UsageError(f"--days must be at least 1 (got {days})")
     for s in services:
         validate_service_id(s)
     hosts = list(hosts) or list(DEFAULT_HOSTS)

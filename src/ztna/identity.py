@@ -243,7 +243,9 @@ class ChainVerifier:
             PolicyBuilder()
             .store(self._store)
             .time(now)
-            .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_ee_policy())
+            .extension_policies(
+                ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_ee_policy()
+            )
             .build_client_verifier()
         )
         try:
