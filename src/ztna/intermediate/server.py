@@ -1,0 +1,400 @@
+"""The Intermediate: asyncio driver around the registry, the relay and the signaling core.
+
+Per connection: on handshake it gets a peer id and its QAD (DATAGRAM 0x01 + control frame),
+re-sent whenever its address changes. Control frames (stream 0) carry registration and
+signaling; DATAGRAMs carry tunnel traffic (0x2F from Agents → 0x30 to a Connector; 0x31
+from Connectors → the bare IP packet to exactly that Agent). TCP-carrying streams are
+spliced by `ztna.intermediate.streams`.
+
+No decision lives here that the pure cores can make; this module moves bytes and counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from ztna import limits
+from ztna.errors import DatagramTooLarge, DecodeError
+from ztna.identity import ChainVerifier, load_ca_file
+from ztna.intermediate.registry import AllowAll, Notify, Registry, flow_key
+from ztna.observe import MetricsServer, RateLimitedLog, StatsCollector
+from ztna.quic.config import TlsFiles, make_configuration
+from ztna.quic.connection import ConnectionHandler, ZtnaConnection
+from ztna.quic.endpoint import CLOSE_AUTH, CLOSE_SHUTDOWN, QuicEndpoint, ServerOptions, bind_udp, normalize_address
+from ztna.wire import (
+    FROM_CONNECTOR,
+    SERVICE_DATAGRAM,
+    ControlDecoder,
+    GoAway,
+    JsonMessage,
+    ObservedAddress,
+    Register,
+    RegistrationAck,
+    RegistrationNack,
+    decode_from_connector,
+    decode_registration,
+    decode_service_datagram,
+    encode_control,
+    encode_qad,
+    encode_registration,
+    to_connector_from_service_datagram,
+)
+from ztna.wire.registration import REGISTER_AGENT, REGISTER_CONNECTOR
+
+log = logging.getLogger("ztna.intermediate")
+
+
+@dataclass
+class IntermediateOptions:
+    tls: TlsFiles
+    listen: list[tuple[str, int]] = field(default_factory=lambda: [("::", limits.INTERMEDIATE_PORT)])
+    metrics: tuple[str, int] | None = ("127.0.0.1", limits.INTERMEDIATE_METRICS_PORT)
+    retry: bool = True
+    insecure_no_client_auth: bool = False
+    insecure_allow_unscoped: bool = False
+    udp_payload: int = limits.DEFAULT_QUIC_UDP_PAYLOAD
+    max_connections: int = limits.MAX_CONNECTIONS
+    handshakes_per_source_per_second: float = limits.HANDSHAKES_PER_SOURCE_PER_SECOND
+    max_registrations: int = limits.MAX_REGISTRATIONS_PER_CONNECTION
+    keylog: str | None = None
+    qlog_dir: str | None = None
+    drain_seconds: float = 1.0
+    ticket_store: Any = None
+
+
+@dataclass
+class RelayStats:
+    relayed_datagrams: int = 0
+    relayed_bytes: int = 0
+    dropped_unregistered: int = 0
+    dropped_no_connector: int = 0
+    dropped_bad_reply: int = 0
+    dropped_oversize: int = 0
+    dropped_malformed: int = 0
+    dropped_unknown_type: int = 0
+    control_errors: int = 0
+
+
+class Intermediate:
+    def __init__(self, options: IntermediateOptions) -> None:
+        self.options = options
+        self.registry = Registry(max_registrations=options.max_registrations)
+        self.stats = RelayStats()
+        self.conns: dict[int, ZtnaConnection] = {}
+        self.endpoints: list[QuicEndpoint] = []
+        self.metrics_server: MetricsServer | None = None
+        self.draining = False
+        self.ready = False
+        self._next_peer = 1
+        self._bad = RateLimitedLog(log)
+        self._stopped = asyncio.Event()
+        self.signaling: Any = None
+        self.streams: Any = None
+        self._server_options: ServerOptions | None = None
+        self.started_at = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    def _build_server_options(self) -> ServerOptions:
+        o = self.options
+        config = make_configuration(
+            is_client=False, tls=o.tls, udp_payload=o.udp_payload,
+            keylog_path=o.keylog, qlog_dir=o.qlog_dir,
+        )
+        verifier = None if o.insecure_no_client_auth else ChainVerifier(load_ca_file(o.tls.ca))
+        return ServerOptions(
+            configuration=config,
+            handler_factory=lambda: _PeerHandler(self),
+            verifier=verifier,
+            retry=o.retry,
+            max_connections=o.max_connections,
+            handshakes_per_source_per_second=o.handshakes_per_source_per_second,
+            ticket_store=o.ticket_store,
+        )
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.started_at = loop.time()
+        self._server_options = self._build_server_options()
+        for host, port in self.options.listen:
+            sock = bind_udp(host, port)
+            self.endpoints.append(QuicEndpoint(sock, server=self._server_options, loop=loop))
+            log.info("listening on udp [%s]:%d", host, sock.getsockname()[1])
+        try:
+            from ztna.intermediate.signaling import Signaling
+
+            self.signaling = Signaling()
+        except ImportError:
+            self.signaling = None
+        try:
+            from ztna.intermediate.streams import StreamSplicer
+
+            self.streams = StreamSplicer(self)
+        except ImportError:
+            self.streams = None
+        if self.options.metrics is not None:
+            self.metrics_server = MetricsServer(self._metrics_registry(), self._health)
+            await self.metrics_server.start(*self.options.metrics)
+            log.info("metrics on http://%s:%d/metrics", self.options.metrics[0], self.metrics_server.port)
+        self.ready = True
+
+    @property
+    def ports(self) -> list[int]:
+        return [ep.local_address[1] for ep in self.endpoints]
+
+    def reload_certificates(self) -> None:
+        try:
+            new = self._build_server_options()
+        except Exception as exc:  # keep serving with the old certificates
+            log.error("certificate reload failed, keeping the old ones: %s", exc)
+            return
+        assert self._server_options is not None
+        self._server_options.configuration = new.configuration
+        self._server_options.verifier = new.verifier
+        log.info("certificates reloaded (new connections use them)")
+
+    async def stop(self) -> None:
+        """Graceful drain: tell every peer, close, give the close a moment to leave."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining %d connections", len(self.conns))
+        frame = encode_control(GoAway(reason="server shutting down"))
+        for conn in list(self.conns.values()):
+            conn.send_control(frame)
+        for ep in self.endpoints:
+            ep.close(error_code=CLOSE_SHUTDOWN, reason="server shutting down")
+        await asyncio.sleep(min(self.options.drain_seconds, 0.2 if not self.conns else self.options.drain_seconds))
+        for ep in self.endpoints:
+            ep.shutdown_socket()
+        if self.metrics_server:
+            await self.metrics_server.close()
+        self._stopped.set()
+
+    async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload_certificates)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+        await self.start()
+        await self._stopped.wait()
+
+    # ------------------------------------------------------------------ peers
+    def peer_up(self, conn: ZtnaConnection) -> None:
+        peer_id = self._next_peer
+        self._next_peer = (self._next_peer % 0xFFFFFFFF) + 1
+        conn.user = peer_id
+        auth = conn.identity if conn.identity is not None else AllowAll()
+        if conn.identity is not None and not conn.identity.scoped and not self.options.insecure_allow_unscoped:
+            log.warning("refusing %s: certificate %r has no ztna service SAN", conn.peer_address, conn.identity.common_name)
+            conn.close(CLOSE_AUTH, "certificate has no ztna service SAN")
+            return
+        label = conn.identity.common_name if conn.identity is not None else "anonymous"
+        conn.label = f"{label}#{peer_id}"
+        self.registry.add_peer(peer_id, auth, conn.label)
+        self.conns[peer_id] = conn
+        log.info("peer %s connected from %s", conn.label, conn.peer_address[0])
+        self.send_qad(conn)
+
+    def peer_down(self, conn: ZtnaConnection, reason: str) -> None:
+        peer_id = conn.user
+        if peer_id is None or self.conns.get(peer_id) is not conn:
+            return
+        del self.conns[peer_id]
+        self.execute(self.registry.remove_peer(peer_id))
+        if self.signaling is not None:
+            self.execute(self.signaling.peer_gone(peer_id))
+        if self.streams is not None:
+            self.streams.peer_gone(peer_id)
+        log.info("peer %s disconnected: %s", conn.label, reason)
+
+    def send_qad(self, conn: ZtnaConnection) -> None:
+        host, port = normalize_address(conn.peer_address)
+        addr = ObservedAddress(ip=host.split("%")[0], port=port)
+        try:
+            conn.send_datagram(encode_qad(addr))
+        except DatagramTooLarge:
+            pass
+        conn.send_control(encode_control(addr))
+
+    def execute(self, notes: list[Notify]) -> None:
+        for note in notes:
+            conn = self.conns.get(note.peer)
+            if conn is not None:
+                conn.send_control(encode_control(note.message))
+
+    # ------------------------------------------------------------------ control
+    def on_control_message(self, conn: ZtnaConnection, msg: object) -> None:
+        peer_id = conn.user
+        if isinstance(msg, Register):
+            reply, notes = self.registry.register(peer_id, msg)
+            self._log_registration(conn, msg, reply)
+            conn.send_control(encode_control(reply))
+            self.execute(notes)
+        elif isinstance(msg, JsonMessage) and self.signaling is not None and type(msg).__name__.startswith("Punch"):
+            now = asyncio.get_running_loop().time()
+            self.execute(self.signaling.handle(peer_id, msg, self.registry, now=now))
+        # Everything else (pings, unknown types) is ignored by design (forward compatible).
+
+    def _log_registration(self, conn: ZtnaConnection, msg: Register, reply: object) -> None:
+        if isinstance(reply, RegistrationNack):
+            log.warning("%s: %s registration for %r refused (%s)", conn.label, msg.role.value, msg.service_id, reply.status.name)
+        else:
+            log.info("%s registered as %s for %r", conn.label, msg.role.value, msg.service_id)
+
+    # ------------------------------------------------------------------ relay (hot path)
+    def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
+        kind = data[0]
+        stats = self.stats
+        if kind == SERVICE_DATAGRAM:
+            try:
+                service, packet = decode_service_datagram(data)
+            except DecodeError as exc:
+                stats.dropped_malformed += 1
+                self._bad.warning("malformed 0x2F datagram", str(exc))
+                return
+            peer_id = conn.user
+            registry = self.registry
+            if not registry.is_agent_of(peer_id, service):
+                stats.dropped_unregistered += 1
+                self._bad.warning("0x2F from a peer not registered as agent", f"{conn.label} → {service}")
+                return
+            target_id = registry.connector_for(service, flow_key(packet))
+            target = self.conns.get(target_id) if target_id is not None else None
+            if target is None:
+                stats.dropped_no_connector += 1
+                self._bad.warning("no connector for service", service)
+                return
+            out = to_connector_from_service_datagram(peer_id, data)
+        elif kind == FROM_CONNECTOR:
+            try:
+                agent_id, packet = decode_from_connector(data)
+            except DecodeError as exc:
+                stats.dropped_malformed += 1
+                self._bad.warning("malformed 0x31 datagram", str(exc))
+                return
+            if not self.registry.may_reply(conn.user, agent_id):
+                stats.dropped_bad_reply += 1
+                self._bad.warning("0x31 reply to an agent this connector does not serve", f"{conn.label} → {agent_id}")
+                return
+            target = self.conns.get(agent_id)
+            if target is None:
+                stats.dropped_bad_reply += 1
+                return
+            out = bytes(packet)
+        elif kind in (REGISTER_AGENT, REGISTER_CONNECTOR):
+            # Registration also accepted as a DATAGRAM (the original's carriage); the reply
+            # goes back the same way. The control stream is the reliable path.
+            try:
+                msg = decode_registration(data)
+            except DecodeError:
+                stats.dropped_malformed += 1
+                return
+            if isinstance(msg, Register):
+                reply, notes = self.registry.register(conn.user, msg)
+                self._log_registration(conn, msg, reply)
+                conn.send_datagram(encode_registration(reply))
+                self.execute(notes)
+            return
+        else:
+            stats.dropped_unknown_type += 1
+            self._bad.warning("datagram of unknown type", f"0x{kind:02x} from {conn.label}")
+            return
+        if len(out) > target.max_datagram_payload():
+            stats.dropped_oversize += 1
+            self._bad.warning("relayed datagram larger than the next hop allows", f"{len(out)} > {target.max_datagram_payload()}")
+            return
+        target.send_datagram(out)
+        stats.relayed_datagrams += 1
+        stats.relayed_bytes += len(out)
+
+    # ------------------------------------------------------------------ observability
+    def _health(self) -> tuple[bool, dict[str, Any]]:
+        ok = self.ready and not self.draining and all(not ep._closed for ep in self.endpoints)
+        return ok, {"connections": len(self.conns), "draining": self.draining}
+
+    def _stats_source(self) -> list[tuple[str, str, str, float, dict[str, str] | None]]:
+        loop = asyncio.get_event_loop()
+        out: list[tuple[str, str, str, float, dict[str, str] | None]] = []
+        s = self.stats
+        out.append(("ztna_active_connections", "gauge", "Established QUIC connections", len(self.conns), None))
+        out.append(("ztna_relay_bytes_total", "counter", "Bytes relayed", s.relayed_bytes, None))
+        out.append(("ztna_datagrams_relayed_total", "counter", "DATAGRAMs relayed", s.relayed_datagrams, None))
+        out.append(("ztna_registrations_total", "counter", "Acknowledged registrations", self.registry.registrations, None))
+        out.append(("ztna_registration_rejections_total", "counter", "NACKed registrations", self.registry.rejections, None))
+        out.append(("ztna_uptime_seconds", "gauge", "Seconds since start", loop.time() - self.started_at, None))
+        for reason in ("unregistered", "no_connector", "bad_reply", "oversize", "malformed", "unknown_type"):
+            out.append(("ztna_relay_dropped_total", "counter", "Relay drops by reason", getattr(s, f"dropped_{reason}"), {"reason": reason}))
+        totals: dict[str, int] = {}
+        for ep in self.endpoints:
+            for k, v in ep.stats.as_dict().items():
+                totals[k] = totals.get(k, 0) + v
+        for k, v in totals.items():
+            out.append((f"ztna_quic_{k}_total", "counter", f"QUIC endpoint: {k.replace('_', ' ')}", v, None))
+        out.append(("ztna_retry_tokens_validated", "counter", "Valid retry tokens", totals.get("retry_validated", 0), None))
+        out.append(("ztna_retry_token_failures", "counter", "Invalid retry tokens", totals.get("retry_failures", 0), None))
+        if self.signaling is not None:
+            for name, kind, help_text, value, labels in self.signaling.metrics():
+                out.append((name, kind, help_text, value, labels))
+        return out
+
+    def _metrics_registry(self) -> CollectorRegistry:
+        reg = CollectorRegistry()
+        reg.register(StatsCollector(self._stats_source))  # type: ignore[arg-type]
+        return reg
+
+
+class _PeerHandler(ConnectionHandler):
+    __slots__ = ("server", "decoder")
+
+    def __init__(self, server: Intermediate) -> None:
+        self.server = server
+        self.decoder = ControlDecoder()
+
+    def on_handshake(self, conn: ZtnaConnection) -> None:
+        self.server.peer_up(conn)
+
+    def on_path_changed(self, conn: ZtnaConnection) -> None:
+        if conn.user is not None:
+            log.info("%s moved to %s (NAT rebinding); re-sending QAD", conn.label, conn.peer_address[0])
+            self.server.send_qad(conn)
+
+    def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
+        if conn.user is not None and data:
+            self.server.on_datagram(conn, data)
+
+    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+        if conn.user is None:
+            return
+        try:
+            messages = self.decoder.feed(data)
+        except DecodeError as exc:
+            self.server.stats.control_errors += 1
+            log.warning("%s: bad control stream (%s); closing the connection", conn.label, exc)
+            conn.close(0x4, "bad control stream")
+            return
+        for msg in messages:
+            self.server.on_control_message(conn, msg)
+
+    def on_stream_data(self, conn: ZtnaConnection, stream_id: int, data: bytes, end: bool) -> None:
+        if self.server.streams is not None and conn.user is not None:
+            self.server.streams.on_stream_data(conn, stream_id, data, end)
+        else:
+            conn.reset_stream(stream_id)
+
+    def on_stream_reset(self, conn: ZtnaConnection, stream_id: int, error_code: int) -> None:
+        if self.server.streams is not None:
+            self.server.streams.on_stream_reset(conn, stream_id, error_code)
+
+    def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
+        self.server.peer_down(conn, reason)
+
+
+def tls_from_args(cert: str, key: str, ca: str) -> TlsFiles:
+    return TlsFiles(cert=Path(cert), key=Path(key), ca=Path(ca))
