@@ -190,16 +190,22 @@ class Intermediate:
         peer_id = self._next_peer
         self._next_peer = (self._next_peer % 0xFFFFFFFF) + 1
         conn.user = peer_id
-        auth = conn.identity if conn.identity is not None else AllowAll()
-        if conn.identity is not None and not conn.identity.scoped and not self.options.insecure_allow_unscoped:
-            log.warning("refusing %s: certificate %r has no ztna service SAN", conn.peer_address, conn.identity.common_name)
-            conn.close(CLOSE_AUTH, "certificate has no ztna service SAN")
-            return
+        identity = conn.identity
+        if identity is not None and not identity.scoped:
+            if not self.options.insecure_allow_unscoped:
+                log.warning("refusing %s: certificate %r has no ztna service SAN", conn.peer_address[0], identity.common_name)
+                conn.close(CLOSE_AUTH, "certificate has no ztna service SAN")
+                return
+            log.warning("%s: unscoped certificate allowed everything (--insecure-allow-unscoped-certs)", identity.common_name)
+        # Without client-certificate checks (insecure flag) or with an unscoped certificate
+        # in insecure mode, the peer may register anything; AllowAll.scoped is False, so it
+        # can never join a service pool held by a scoped identity.
+        auth = identity if identity is not None and identity.scoped else AllowAll()
         label = conn.identity.common_name if conn.identity is not None else "anonymous"
         conn.label = f"{label}#{peer_id}"
         self.registry.add_peer(peer_id, auth, conn.label)
         self.conns[peer_id] = conn
-        log.info("peer %s connected from %s", conn.label, conn.peer_address[0])
+        log.info("peer %s connected from %s", conn.label, normalize_address(conn.peer_address)[0])
         self.send_qad(conn)
 
     def peer_down(self, conn: ZtnaConnection, reason: str) -> None:
