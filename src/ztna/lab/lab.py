@@ -257,7 +257,7 @@ class Lab:
         proc: subprocess.Popen[Any] = subprocess.Popen(self._argv(node, argv), **popen_kw)
         self._popens[proc.pid] = proc
         self._procs.append(
-            {"pid": proc.pid, "start": netns.start_time(proc.pid), "node": node, "argv": argv[:6]}
+            {"pid": proc.pid, "start": netns.start_time(proc.pid), "node": node, "argv": argv[:16]}
         )
         self._save()
         return proc
