@@ -99,7 +99,7 @@ class ZtnaConnection:
         "quic", "endpoint", "handler", "peer_address", "identity", "handshake_complete",
         "closed", "close_reason", "resumed", "early_data_accepted", "dropped_oldest",
         "oversize_refused", "_pending", "_queue_limit", "_control_open", "_control_backlog",
-        "_waiters", "created_at", "label", "user", "_timer_at",
+        "_waiters", "created_at", "label", "user", "_timer_at", "last_received",
     )
 
     def __init__(
@@ -130,6 +130,9 @@ class ZtnaConnection:
         self._control_backlog: list[bytes] = []
         self._waiters: list[Any] = []
         self.created_at = now
+        # Loop time of the last datagram from the peer (liveness checks: a client that
+        # hears nothing, not even ACKs of its pings, declares the path dead early).
+        self.last_received = now
         self.label = ""
         self.user: Any = None  # the driver's per-connection state
         self._timer_at: float | None = None

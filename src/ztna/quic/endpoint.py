@@ -260,6 +260,7 @@ class QuicEndpoint:
 
     def _feed(self, conn: ZtnaConnection, data: bytes, addr: tuple[Any, ...], now: float) -> None:
         quic = conn.quic
+        conn.last_received = now
         try:
             quic.receive_datagram(data, addr, now)
         except Exception:
