@@ -116,6 +116,36 @@ DECODE_ONLY: dict[str, Any] = {
     "qad/v4-mapped": ObservedAddress("203.0.113.5", 54321),
 }
 
+# Why each invalid vector must fail (a substring of the DecodeError message), so that a vector
+# cannot pass by failing for some other reason.
+INVALID_REASONS: dict[str, str] = {
+    "qad/bad-version": "unknown address version",
+    "qad/trailing-byte": "expected 7",
+    "qad/truncated": "expected 7",
+    "registration/register-empty-id": "invalid service id",
+    "registration/ack-nonzero-status": "status byte",
+    "registration/bad-utf8-id": "invalid service id",
+    "registration/id-with-space": "invalid service id",
+    "registration/nack-unknown-status": "unknown status",
+    "registration/length-mismatch": "does not match",
+    "service/no-packet": "missing or non-IP",
+    "service/not-ip": "missing or non-IP",
+    "to_connector/version-2": "unknown version",
+    "from_connector/smuggled-qad": "not an IP packet",
+    "from_connector/empty-packet": "short",
+    "control/zero-length": "outside 1..16384",
+    "control/too-long": "outside 1..16384",
+    "control/unknown-frame-type": "unknown control frame type",
+    "control/json-version-2": "unsupported version",
+    "control/ping-missing-id": "missing field",
+    "control/ping-bool-id": "must be an int",
+    "stream_header/bad-version": "unknown stream header version",
+    "stream_header/port-zero": "port 0",
+    "stream_header/bad-family": "unknown address family",
+    "probe/bad-mac": "bad mac",
+    "probe/unknown-flag": "unknown flags",
+}
+
 # Every message type must have at least one vector in the document.
 REQUIRED_TYPES = {
     ObservedAddress, Register, RegistrationAck, RegistrationNack, ErrorMessage, GoAway,
@@ -136,6 +166,8 @@ def test_document_has_vectors() -> None:
     prefixes = {name.split("/", 1)[0] for name in names}
     assert prefixes <= CODECS.keys()
     assert prefixes >= {"service", "to_connector", "from_connector"}
+    assert {n for k, n, _ in BLOCKS if k == "invalid"} == INVALID_REASONS.keys()
+    assert {n for k, n, _ in BLOCKS if k == "decode-only"} == DECODE_ONLY.keys()
 
 
 def test_every_message_type_has_a_vector() -> None:
@@ -162,7 +194,7 @@ def test_vector_roundtrip(name: str, data: bytes) -> None:
                          ids=[n for k, n, _ in BLOCKS if k == "invalid"])
 def test_invalid_vector_rejected(name: str, data: bytes) -> None:
     decode, _ = _codec(name)
-    with pytest.raises(DecodeError):
+    with pytest.raises(DecodeError, match=re.escape(INVALID_REASONS[name])):
         decode(data)
     if name.startswith("control/"):
         with pytest.raises(DecodeError):

@@ -16,7 +16,6 @@ from wire_strategies import (  # tests/wire is on sys.path (pytest rootdir-less 
     U32,
     control_messages,
     ip_packets,
-    keys,
     observed,
     probes,
     registrations,

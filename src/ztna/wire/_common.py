@@ -27,7 +27,7 @@ U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
 # First bytes of real IP packets: IPv4 with a legal header length (IHL >= 5) and IPv6.
 IPV4_FIRST_BYTES: Final = range(0x45, 0x50)
 IPV6_FIRST_BYTES: Final = range(0x60, 0x70)
-_IP_FIRST: Final = bytes(1 if (b in IPV4_FIRST_BYTES or b in IPV6_FIRST_BYTES) else 0
+IP_FIRST_TABLE: Final = bytes(1 if (b in IPV4_FIRST_BYTES or b in IPV6_FIRST_BYTES) else 0
                          for b in range(256))
 
 
@@ -47,7 +47,7 @@ def as_view(data: Buffer) -> memoryview:
 
 def is_ip_first_byte(b: int) -> bool:
     """True if `b` can start an IPv4 (0x45-0x4F) or IPv6 (0x60-0x6F) packet."""
-    return bool(_IP_FIRST[b])
+    return bool(IP_FIRST_TABLE[b])
 
 
 def canonical_ip(ip: object) -> str:

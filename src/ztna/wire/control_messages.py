@@ -286,7 +286,7 @@ JsonMessage = (
 
 _CLASSES: Final = (ErrorMessage, GoAway, AgentGone, ServiceStatus, Ping, Pong, PunchRequest,
                    PunchOffer, PunchAnswer, PunchStart, PunchResult)
-_BY_TYPE: Final[dict[str, type]] = {cls.TYPE: cls for cls in _CLASSES}
+_BY_TYPE: Final[dict[str, Any]] = {cls.TYPE: cls for cls in _CLASSES}
 _CANDIDATE_FIELDS: Final = frozenset({"candidates", "peer_candidates"})
 
 
@@ -295,10 +295,10 @@ _CANDIDATE_FIELDS: Final = frozenset({"candidates", "peer_candidates"})
 def _to_json(msg: object) -> dict[str, Any]:
     if isinstance(msg, UnknownMessage):
         return {**msg.fields, "v": CONTROL_JSON_VERSION, "type": msg.type}
-    if type(msg) not in _CLASSES:
+    if not isinstance(msg, _CLASSES):
         raise UsageError(f"not a JSON control message: {type(msg).__name__}")
-    out: dict[str, Any] = {"v": CONTROL_JSON_VERSION, "type": msg.TYPE}  # type: ignore[attr-defined]
-    for f in fields(msg):  # type: ignore[arg-type]
+    out: dict[str, Any] = {"v": CONTROL_JSON_VERSION, "type": msg.TYPE}
+    for f in fields(msg):
         value = getattr(msg, f.name)
         if value is None:
             continue
@@ -352,20 +352,23 @@ def _candidate_from_json(obj: object) -> Candidate:
         raise DecodeError(f"candidate: missing field {exc}") from None
 
 
-def _from_json(cls: type, obj: dict[str, Any]) -> JsonMessage:
+def _from_json(cls: Any, obj: dict[str, Any]) -> JsonMessage:
+    # `cls` is one of _CLASSES; typed Any because mypy cannot express "a dataclass type whose
+    # constructor takes these keyword arguments".
     kwargs: dict[str, Any] = {}
     for f in fields(cls):
         if f.name not in obj or obj[f.name] is None:
             if f.default is None:  # optional field
                 continue
-            raise DecodeError(f"{cls.TYPE}: missing field {f.name!r}")  # type: ignore[attr-defined]
+            raise DecodeError(f"{cls.TYPE}: missing field {f.name!r}")
         value = obj[f.name]
         if f.name in _CANDIDATE_FIELDS:
             if not isinstance(value, list) or len(value) > MAX_CANDIDATES:
                 raise DecodeError(f"{f.name} must be a list of at most {MAX_CANDIDATES}")
             value = tuple(_candidate_from_json(c) for c in value)
         kwargs[f.name] = value
-    return cls(**kwargs)  # type: ignore[no-any-return]
+    msg: JsonMessage = cls(**kwargs)
+    return msg
 
 
 def decode_json_body(body: bytes | bytearray | memoryview) -> JsonMessage:

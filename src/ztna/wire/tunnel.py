@@ -29,7 +29,8 @@ import struct
 from typing import Final
 
 from ztna.errors import DecodeError, UsageError
-from ztna.wire._common import U32_MAX, Buffer, as_view, is_ip_first_byte
+from ztna.wire._common import IP_FIRST_TABLE, U32_MAX, Buffer, as_view, is_ip_first_byte
+from ztna.wire.service_id import _cache as _sid_cache
 from ztna.wire.service_id import decode_service_id, validate_service_id
 
 __all__ = [
@@ -119,6 +120,19 @@ def _check_agent(agent_id: int) -> None:
         raise UsageError(f"agent_id must be a u32, got {agent_id!r}")
 
 
+def _view(data: Buffer) -> memoryview:
+    # Fast path for the common case (aioquic hands us bytes); as_view handles the rest.
+    return memoryview(data) if type(data) is bytes else as_view(data)
+
+
+def _service_id(data: Buffer, view: memoryview, start: int, end: int) -> str:
+    # Slicing bytes directly is cheaper than slicing the view and copying; the memo lookup
+    # skips the regex for ids seen before (decode_service_id validates and fills the memo).
+    key = data[start:end] if type(data) is bytes else view[start:end].tobytes()
+    sid = _sid_cache.get(key)  # type: ignore[arg-type]  # key is bytes on both branches
+    return sid if sid is not None else decode_service_id(key)
+
+
 # ---- 0x2F -------------------------------------------------------------------------------
 
 def encode_service_datagram(service_id: str, packet: Buffer) -> bytes:
@@ -129,14 +143,14 @@ def encode_service_datagram(service_id: str, packet: Buffer) -> bytes:
 
 def decode_service_datagram(data: Buffer) -> tuple[str, memoryview]:
     """(service_id, packet view). DecodeError if malformed."""
-    view = as_view(data)
+    view = _view(data)
     n = len(view)
     if n < 4 or view[0] != SERVICE_DATAGRAM:
         raise DecodeError("short or non-0x2F datagram")
     end = 2 + view[1]
-    if n <= end or not is_ip_first_byte(view[end]):
+    if n <= end or not IP_FIRST_TABLE[view[end]]:
         raise DecodeError("0x2F: missing or non-IP packet")
-    return decode_service_id(view[2:end]), view[end:]
+    return _service_id(data, view, 2, end), view[end:]
 
 
 def to_connector_from_service_datagram(agent_id: int, service_dgram: Buffer) -> bytes:
@@ -160,7 +174,7 @@ def encode_to_connector(agent_id: int, service_id: str, packet: Buffer) -> bytes
 
 def decode_to_connector(data: Buffer) -> tuple[int, str, memoryview]:
     """(agent_id, service_id, packet view). DecodeError if malformed or unknown version."""
-    view = as_view(data)
+    view = _view(data)
     n = len(view)
     if n < 9:
         raise DecodeError("short 0x30 datagram")
@@ -170,9 +184,9 @@ def decode_to_connector(data: Buffer) -> tuple[int, str, memoryview]:
     if version != TUNNEL_VERSION:
         raise DecodeError(f"0x30: unknown version {version}")
     end = 7 + length
-    if n <= end or not is_ip_first_byte(view[end]):
+    if n <= end or not IP_FIRST_TABLE[view[end]]:
         raise DecodeError("0x30: missing or non-IP packet")
-    return agent_id, decode_service_id(view[7:end]), view[end:]
+    return agent_id, _service_id(data, view, 7, end), view[end:]
 
 
 # ---- 0x31 -------------------------------------------------------------------------------
@@ -185,7 +199,7 @@ def encode_from_connector(agent_id: int, packet: Buffer) -> bytes:
 
 def decode_from_connector(data: Buffer) -> tuple[int, memoryview]:
     """(agent_id, packet view). DecodeError if malformed or unknown version."""
-    view = as_view(data)
+    view = _view(data)
     if len(view) < 7:
         raise DecodeError("short 0x31 datagram")
     msg_type, version, agent_id = _HDR_31.unpack_from(view)
@@ -193,6 +207,6 @@ def decode_from_connector(data: Buffer) -> tuple[int, memoryview]:
         raise DecodeError("not a 0x31 datagram")
     if version != TUNNEL_VERSION:
         raise DecodeError(f"0x31: unknown version {version}")
-    if not is_ip_first_byte(view[6]):
+    if not IP_FIRST_TABLE[view[6]]:
         raise DecodeError("0x31: payload is not an IP packet")
     return agent_id, view[6:]
