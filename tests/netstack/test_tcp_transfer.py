@@ -74,7 +74,7 @@ def test_no_window_scale_when_peer_does_not_offer_it() -> None:
     assert bytes(sim.peer.received) == down
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), loss=st.floats(0.0, 0.15), dup=st.floats(0.0, 0.1),
        jitter=st.floats(0.0, 0.05), budget=st.integers(1, 64))
 def test_random_impairment_200k_both_ways(seed: int, loss: float, dup: float, jitter: float,
