@@ -1,0 +1,149 @@
+"""`ztna intermediate`: run the public QUIC relay.
+
+    ztna intermediate --pki ./pki                          # [::]:4433, metrics 127.0.0.1:9090
+    ztna intermediate --config /etc/ztna/intermediate.toml --listen 0.0.0.0:4433
+
+Flags override the TOML file (`ztna.intermediate.config`). Exit codes: 0 after a graceful
+drain (SIGTERM/SIGINT), 1 when a socket cannot be bound or certificates cannot be loaded,
+2 for a bad configuration. SIGHUP reloads the certificate files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from ztna.errors import UsageError
+
+log = logging.getLogger("ztna.intermediate")
+
+_WARN = "\n" + "!" * 78 + "\n"
+
+
+@click.command(name="intermediate")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML config file (flags override it).")
+@click.option("--listen", multiple=True, metavar="HOST:PORT",
+              help="UDP listen address (repeatable). Default [::]:4433, dual-stack.")
+@click.option("--pki", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory from `ztna certs init` (intermediate.pem/.key, ca.pem).")
+@click.option("--cert", type=click.Path(dir_okay=False, path_type=Path), help="Server certificate (PEM).")
+@click.option("--key", type=click.Path(dir_okay=False, path_type=Path), help="Server private key (PEM).")
+@click.option("--ca", type=click.Path(dir_okay=False, path_type=Path),
+              help="CA that client certificates must chain to (PEM).")
+@click.option("--metrics", metavar="HOST:PORT|off", help="Prometheus /metrics and /healthz (default 127.0.0.1:9090).")
+@click.option("--no-retry", is_flag=True, help="Disable QUIC Retry (address validation).")
+@click.option("--insecure-no-client-auth", is_flag=True,
+              help="INSECURE: do not check client certificates; anyone may register anything.")
+@click.option("--insecure-allow-unscoped-certs", is_flag=True,
+              help="INSECURE: accept certificates without ztna service SANs (they may register anything).")
+@click.option("--max-connections", type=int, help="Refuse new connections beyond this many.")
+@click.option("--handshakes-per-second", type=float, help="Handshakes admitted per source IP per second.")
+@click.option("--max-registrations", type=int, help="Registrations allowed per connection.")
+@click.option("--udp-payload", type=int, help="QUIC UDP payload size (1200..1452, default 1350).")
+@click.option("--keylog", type=click.Path(dir_okay=False, path_type=Path),
+              help="Append TLS secrets to FILE (SSLKEYLOGFILE format, for Wireshark).")
+@click.option("--qlog", type=click.Path(file_okay=False, path_type=Path), help="Write qlog traces to DIR.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Default info.")
+@click.pass_context
+def intermediate(ctx: click.Context, config_path: Path | None, **flags: Any) -> None:
+    """Run the public QUIC relay (Intermediate)."""
+    from ztna.intermediate.config import ConfigError, format_host_port, load_config
+
+    overrides: dict[str, Any] = {}
+    for name, value in flags.items():
+        if ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
+            continue
+        if name == "no_retry":
+            overrides["retry"] = not value
+        else:
+            overrides[name] = value
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as exc:
+        click.echo(f"ztna intermediate: {exc}", err=True)
+        sys.exit(2)
+
+    from ztna.observe import setup_logging
+
+    setup_logging(cfg.log_level)
+    cert, key, ca = cfg.tls_paths()
+    for label, path in (("cert", cert), ("key", key), ("ca", ca)):
+        if not path.is_file():
+            click.echo(f"ztna intermediate: invalid {label} = '{path}': file does not exist", err=True)
+            sys.exit(2)
+    if cfg.insecure_no_client_auth:
+        click.echo(f"{_WARN}WARNING: --insecure-no-client-auth: client certificates are NOT checked;"
+                   f"\nanyone who can reach this port may register as any Agent or Connector.{_WARN}",
+                   err=True)
+    if cfg.insecure_allow_unscoped_certs:
+        click.echo(f"{_WARN}WARNING: --insecure-allow-unscoped-certs: certificates without ztna service"
+                   f"\nSANs are accepted and may register ANY service.{_WARN}", err=True)
+
+    from ztna.intermediate.server import Intermediate, IntermediateOptions
+    from ztna.quic.config import TlsFiles
+
+    qlog_dir = None
+    if cfg.qlog is not None:
+        cfg.qlog.mkdir(parents=True, exist_ok=True)
+        qlog_dir = str(cfg.qlog)
+    options = IntermediateOptions(
+        tls=TlsFiles(cert=cert, key=key, ca=ca),
+        listen=cfg.listen_addresses(),
+        metrics=cfg.metrics_address(),
+        retry=cfg.retry,
+        insecure_no_client_auth=cfg.insecure_no_client_auth,
+        insecure_allow_unscoped=cfg.insecure_allow_unscoped_certs,
+        udp_payload=cfg.udp_payload,
+        max_connections=cfg.max_connections,
+        handshakes_per_source_per_second=cfg.handshakes_per_second,
+        max_registrations=cfg.max_registrations,
+        keylog=str(cfg.keylog) if cfg.keylog else None,
+        qlog_dir=qlog_dir,
+    )
+    server = Intermediate(options)
+
+    def announce() -> None:
+        addrs = ", ".join(
+            format_host_port(host, ep.local_address[1])
+            for (host, _), ep in zip(options.listen, server.endpoints, strict=True)
+        )
+        metrics = (
+            f"http://{format_host_port(options.metrics[0], server.metrics_server.port)}/metrics"
+            if options.metrics and server.metrics_server else "off"
+        )
+        auth = ("NONE (insecure)" if cfg.insecure_no_client_auth
+                else "mTLS, scoped certs only" if not cfg.insecure_allow_unscoped_certs
+                else "mTLS, unscoped certs allowed (insecure)")
+        click.echo(f"ztna intermediate: listening on udp {addrs}; metrics {metrics}; "
+                   f"auth {auth}; retry {'on' if cfg.retry else 'off'}; udp payload {cfg.udp_payload}",
+                   err=True)
+
+    async def main() -> None:
+        run = asyncio.ensure_future(server.run_forever())
+        while not server.ready and not run.done():
+            await asyncio.sleep(0.01)
+        if server.ready:
+            announce()
+        await run
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        click.echo(f"ztna intermediate: cannot start: {exc}", err=True)
+        sys.exit(1)
+    except UsageError as exc:
+        click.echo(f"ztna intermediate: {exc}", err=True)
+        sys.exit(2)
+    except (ValueError, Exception) as exc:  # bad PEM files surface as ValueError etc.
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        click.echo(f"ztna intermediate: cannot start: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
+    click.echo("ztna intermediate: stopped", err=True)
