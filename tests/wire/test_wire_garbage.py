@@ -90,11 +90,13 @@ def _feed_total(data: bytes) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(DECODERS))
+@settings(deadline=None)  # no wall-clock limits in tests
 @given(data=st.binary(max_size=300))
 def test_garbage(name: str, data: bytes) -> None:
     _total(DECODERS[name], data)
 
 
+@settings(deadline=None)  # no wall-clock limits in tests
 @given(st.binary(max_size=300))
 def test_garbage_control_decoder(data: bytes) -> None:
     _feed_total(data)
@@ -130,7 +132,7 @@ def mutated(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(mutated())
 def test_mutated_messages(data: bytes) -> None:
     for decode in DECODERS.values():
@@ -138,6 +140,7 @@ def test_mutated_messages(data: bytes) -> None:
     _feed_total(data)
 
 
+@settings(deadline=None)  # no wall-clock limits in tests
 @given(st.binary(max_size=200))
 def test_json_garbage_in_valid_frame(body: bytes) -> None:
     frame = (1 + len(body)).to_bytes(2, "big") + b"\x20" + body
@@ -145,6 +148,7 @@ def test_json_garbage_in_valid_frame(body: bytes) -> None:
     _feed_total(frame)
 
 
+@settings(deadline=None)  # no wall-clock limits in tests
 @given(st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
                               st.text(max_size=10)),
                     lambda inner: st.one_of(st.lists(inner, max_size=3),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wire_strategies import (  # tests/wire is on sys.path (pytest rootdir-less import)
@@ -43,6 +43,7 @@ from ztna.wire import (
 )
 
 
+@settings(deadline=None)  # no wall-clock limits in tests
 @given(observed)
 def test_qad(addr: Any) -> None:
     data = encode_qad(addr)
@@ -51,11 +52,13 @@ def test_qad(addr: Any) -> None:
     assert decode_qad_body(encode_qad_body(addr)) == addr
 
 
+@settings(deadline=None)  # no wall-clock limits in tests
 @given(registrations)
 def test_registration(msg: Any) -> None:
     assert decode_registration(encode_registration(msg)) == msg
 
 
+@settings(deadline=None)  # no wall-clock limits in tests
 @given(service_ids, ip_packets)
 def test_service_datagram(sid: str, pkt: bytes) -> None:
     data = encode_service_datagram(sid, pkt)
@@ -64,6 +67,7 @@ def test_service_datagram(sid: str, pkt: bytes) -> None:
     assert (got_sid, bytes(got_pkt)) == (sid, pkt)
 
 
+@settings(deadline=None)  # no wall-clock limits in tests
 @given(U32, service_ids, ip_packets)
 def test_to_connector(agent: int, sid: str, pkt: bytes) -> None:
     data = encode_to_connector(agent, sid, pkt)
@@ -76,6 +80,7 @@ def test_to_connector(agent: int, sid: str, pkt: bytes) -> None:
     assert to_connector_from_service_datagram(agent, memoryview(dgram)) == data
 
 
+@settings(deadline=None)  # no wall-clock limits in tests
 @given(U32, ip_packets)
 def test_from_connector(agent: int, pkt: bytes) -> None:
     data = encode_from_connector(agent, pkt)
@@ -84,6 +89,7 @@ def test_from_connector(agent: int, pkt: bytes) -> None:
     assert (got_agent, bytes(got_pkt)) == (agent, pkt)
 
 
+@settings(deadline=None)  # no wall-clock limits in tests
 @given(control_messages)
 def test_control_frame(msg: Any) -> None:
     frame = encode_control(msg)
@@ -91,6 +97,7 @@ def test_control_frame(msg: Any) -> None:
     assert decode_control_frame(frame) == msg
 
 
+@settings(deadline=None)  # no wall-clock limits in tests
 @given(st.lists(control_messages, max_size=5), st.data())
 def test_control_decoder_any_split(msgs: list[Any], data: st.DataObject) -> None:
     stream = b"".join(encode_control(m) for m in msgs)
@@ -105,6 +112,7 @@ def test_control_decoder_any_split(msgs: list[Any], data: st.DataObject) -> None
     assert dec.buffered == 0
 
 
+@settings(deadline=None)  # no wall-clock limits in tests
 @given(stream_headers, st.binary(max_size=20))
 def test_stream_header(header: Any, payload: bytes) -> None:
     data = encode_stream_open(header)
@@ -113,6 +121,7 @@ def test_stream_header(header: Any, payload: bytes) -> None:
     assert decode_stream_header(data[:-1]) is None
 
 
+@settings(deadline=None)  # no wall-clock limits in tests
 @given(probes, keys)
 def test_probe(msg: Any, key: bytes) -> None:
     data = encode_probe(msg, key)

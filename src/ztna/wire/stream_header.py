@@ -104,13 +104,13 @@ StreamHeader = StreamOpen | RelayedStreamOpen
 
 
 def encode_stream_open(h: StreamHeader) -> bytes:
+    if not isinstance(h, (StreamOpen, RelayedStreamOpen)):
+        raise UsageError(f"not a stream header: {type(h).__name__}")
     tail = (bytes((len(h.service_id),)) + h.service_id.encode("ascii")
             + pack_ip(h.dst_ip) + _PORT.pack(h.dst_port))
     if isinstance(h, StreamOpen):
         return bytes((STREAM_OPEN, STREAM_HEADER_VERSION)) + tail
-    if isinstance(h, RelayedStreamOpen):
-        return bytes((RELAYED_STREAM_OPEN, STREAM_HEADER_VERSION)) + _AGENT.pack(h.agent_id) + tail
-    raise UsageError(f"not a stream header: {type(h).__name__}")
+    return bytes((RELAYED_STREAM_OPEN, STREAM_HEADER_VERSION)) + _AGENT.pack(h.agent_id) + tail
 
 
 def decode_stream_header(buf: Buffer) -> tuple[StreamHeader, int] | None:
