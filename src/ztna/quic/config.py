@@ -20,8 +20,8 @@ from ztna import limits
 class TlsFiles:
     """Certificate, key and CA paths for one side of a connection."""
 
-    cert: Path
-    key: Path
+    cert: Path | None   # None: a client that presents no certificate (tests of refusal)
+    key: Path | None
     ca: Path
 
     @classmethod
@@ -62,7 +62,8 @@ def make_configuration(
         max_data=16 * 1024 * 1024,
         max_stream_data=1024 * 1024,
     )
-    config.load_cert_chain(str(tls.cert), str(tls.key))
+    if tls.cert is not None and tls.key is not None:
+        config.load_cert_chain(str(tls.cert), str(tls.key))
     if is_client:
         config.load_verify_locations(cafile=str(tls.ca))
         config.verify_mode = ssl.CERT_REQUIRED if verify_server else ssl.CERT_NONE
