@@ -100,14 +100,23 @@ def spawn_ready(lab: Any, node: str, *args: object) -> subprocess.Popen[str]:
 
 
 def punch(lab: Any, family: int = 4, timeout: float = 3.0) -> tuple[bool, bool, str, str]:
-    """Agent and connector both bind UDP 40000 and punch; returns (ok_a, ok_b, mapped_a, mapped_b)."""
+    """Agent and connector both bind UDP 40000 and punch.
+
+    Returns (ok_a, ok_b, mapped_a, mapped_b); mapped is "host:port" as the server saw it.
+    """
     fam = str(family)
     lab.spawn("relay", helper("server", 3478, fam))
     srv = lab.addr("relay", family)
-    a = lab.spawn("agent", helper("peer", "A", srv, 3478, 40000, fam, timeout), stdout=subprocess.PIPE, text=True)
-    b = lab.spawn("conn", helper("peer", "B", srv, 3478, 40000, fam, timeout), stdout=subprocess.PIPE, text=True)
+    peers = [
+        lab.spawn(node, helper("peer", name, srv, 3478, 40000, fam, timeout),
+                  stdout=subprocess.PIPE, text=True)
+        for node, name in (("agent", "A"), ("conn", "B"))
+    ]  # fmt: skip
+    a, b = peers
     out_a, _ = a.communicate(timeout=timeout + 5)
     out_b, _ = b.communicate(timeout=timeout + 5)
     word_a, _, mapped_a = out_a.strip().partition(" ")
     word_b, _, mapped_b = out_b.strip().partition(" ")
-    return a.returncode == 0 and word_a == "OK", b.returncode == 0 and word_b == "OK", mapped_a, mapped_b
+    ok_a = a.returncode == 0 and word_a == "OK"
+    ok_b = b.returncode == 0 and word_b == "OK"
+    return ok_a, ok_b, mapped_a, mapped_b

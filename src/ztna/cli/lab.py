@@ -19,6 +19,7 @@ import click
 from ztna.errors import UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
+NAT_CHOICE = click.Choice(["none", "cone", "symmetric"])
 
 prefix_option = click.option(
     "--prefix", "-p", default="zt", envvar="ZTNA_LAB_PREFIX", show_default=True,
@@ -59,10 +60,10 @@ def lab() -> None:
 
 @lab.command()
 @prefix_option
-@click.option("--nat-a", type=click.Choice(["none", "cone", "symmetric"]), default="cone", show_default=True)
-@click.option("--nat-b", type=click.Choice(["none", "cone", "symmetric"]), default="cone", show_default=True)
-@click.option("--ip", "ip_mode", type=click.Choice(["4", "dual", "6only"]), default="4", show_default=True)
-@click.option("--nat66", is_flag=True, help="IPv6 LANs use ULA fd00:a::/64, fd00:b::/64 behind NAT66.")
+@click.option("--nat-a", type=NAT_CHOICE, default="cone", show_default=True)
+@click.option("--nat-b", type=NAT_CHOICE, default="cone", show_default=True)
+@click.option("--ip", "ip_mode", type=click.Choice(["4", "dual", "6only"]), default="4")
+@click.option("--nat66", is_flag=True, help="IPv6 LANs: ULA fd00:a::/64, fd00:b::/64 + NAT66.")
 @click.option("--delay", type=float, default=0.0, help="One-way delay per WAN link, ms.")
 @click.option("--jitter", type=float, default=0.0, help="Uniform jitter of that delay, ms.")
 @click.option("--loss", type=float, default=0.0, help="Loss per direction per WAN link, %.")
@@ -83,7 +84,8 @@ def up(
     Lab(config).up()
     click.echo(
         f"lab {prefix} up: nat-a={nat_a} nat-b={nat_b} ip={ip_mode} nat66={nat66} delay={delay}ms "
-        f"jitter={jitter}ms loss={loss}% rate={rate or 'none'} udp-timeout={udp_timeout or 'default'}"
+        f"jitter={jitter}ms loss={loss}% rate={rate or 'none'} "
+        f"udp-timeout={udp_timeout or 'default'}"
     )
 
 
@@ -131,7 +133,8 @@ def status(prefix: str, as_json: bool) -> None:
     for col in ("node", "netns", "IPv4", "IPv6", "exists"):
         table.add_column(col)
     for node, n in st["nodes"].items():
-        table.add_row(node, n["netns"], n["ipv4"] or "-", n["ipv6"] or "-", "yes" if n["exists"] else "NO")
+        exists = "yes" if n["exists"] else "NO"
+        table.add_row(node, n["netns"], n["ipv4"] or "-", n["ipv6"] or "-", exists)
     console.print(table)
     nats = ", ".join(f"NAT {w.upper()}: {v['mode']}" for w, v in st["nats"].items())
     console.print(f"{nats}; ip={st['config']['ip']} nat66={st['config']['nat66']}")
@@ -141,7 +144,8 @@ def status(prefix: str, as_json: bool) -> None:
         f"rate {imp['rate'] or 'none'}, udp timeout {imp['udp_timeout'] or 'default'}"
     )
     for p in st["processes"]:
-        console.print(f"pid {p['pid']} in {p['node']}: {' '.join(p['argv'])} ({'alive' if p['alive'] else 'gone'})")
+        state = "alive" if p["alive"] else "gone"
+        console.print(f"pid {p['pid']} in {p['node']}: {' '.join(p['argv'])} ({state})")
     for node, blocks in st["blocks"].items():
         console.print(f"blocked on {node}: " + ", ".join(f"udp/{port} {d}" for port, d in blocks))
 
@@ -158,7 +162,7 @@ def flush_nat(prefix: str, which: str) -> None:
 
 @lab.command()
 @prefix_option
-@click.option("--direction", type=click.Choice(["in", "out", "both"]), default="in", show_default=True)
+@click.option("--direction", type=click.Choice(["in", "out", "both"]), default="in")
 @click.argument("node")
 @click.argument("port", type=click.IntRange(1, 65535))
 @_friendly

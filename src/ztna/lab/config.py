@@ -2,10 +2,10 @@
 
 The lab is seven network namespaces named ``<prefix>-<node>``::
 
-    agent 10.1.0.10 ── nata (NAT A) ─┐                  ┌── relay 203.0.113.10 (Intermediate)
-                lan 10.1.0.1  wan .11 ├── inet br0 .1 ───┤
+    agent 10.1.0.10 ── nata (NAT A) ─┐               ┌── relay 203.0.113.10
+               lan 10.1.0.1  wan .11 ├── inet br0 .1 ┘    (Intermediate)
     conn  10.2.0.10 ┬─ natb (NAT B) ─┘  ("internet")
-    app   10.2.0.20 ┘   lan 10.2.0.1  wan .12
+    app   10.2.0.20 ┘  lan 10.2.0.1  wan .12
 
     IPv6: public 2001:db8:100::/64 (inet ::1, relay ::10, nata ::11, natb ::12);
           LANs routed 2001:db8:a::/64 and 2001:db8:b::/64 behind stateful firewalls,

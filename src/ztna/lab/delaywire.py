@@ -47,7 +47,9 @@ READ_BATCH: Final = 64  # frames read per readable fd per loop turn, so both sid
 class DelayLine:
     """One direction of the wire: a FIFO of (due, frame) with monotonic due times."""
 
-    def __init__(self, *, delay: float, jitter: float, limit: int, rng: Callable[[], float]) -> None:
+    def __init__(
+        self, *, delay: float, jitter: float, limit: int, rng: Callable[[], float]
+    ) -> None:
         self.delay = delay
         self.jitter = jitter
         self.limit = limit
@@ -99,20 +101,27 @@ def _spec(text: str) -> tuple[str, str]:
     return ns, ifname
 
 
-def serve(fa: int, fb: int, *, delay: float, jitter: float, limit: int, stop: list[bool]) -> dict[str, int]:
+def serve(
+    fa: int, fb: int, *, delay: float, jitter: float, limit: int, stop: list[bool], wake: int = -1
+) -> dict[str, int]:
+    """Forward until ``stop[0]``; ``wake`` becomes readable when a signal arrives."""
     rng = random.Random().random
     lines = {fd: DelayLine(delay=delay, jitter=jitter, limit=limit, rng=rng) for fd in (fa, fb)}
     peer = {fa: fb, fb: fa}
     write_errors = 0
+    watch = [fa, fb, *([wake] if wake >= 0 else [])]
     while not stop[0]:
         dues = [d for d in (line.next_due() for line in lines.values()) if d is not None]
         timeout = 0.5 if not dues else max(0.0, min(dues) - time.monotonic())
         try:
-            readable, _, _ = select.select([fa, fb], [], [], timeout)
+            readable, _, _ = select.select(watch, [], [], timeout)
         except InterruptedError:
             continue
         now = time.monotonic()
         for fd in readable:
+            if fd == wake:
+                os.read(wake, 512)  # drain; the handler already set stop
+                continue
             for _ in range(READ_BATCH):
                 try:
                     frame = os.read(fd, 65536)
@@ -136,7 +145,11 @@ def serve(fa: int, fb: int, *, delay: float, jitter: float, limit: int, stop: li
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ztna.lab.delaywire", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m ztna.lab.delaywire",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--a", type=_spec, required=True, metavar="NETNS:TAP")
     ap.add_argument("--b", type=_spec, required=True, metavar="NETNS:TAP")
     ap.add_argument("--delay-ms", type=float, default=0.0)
@@ -144,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queue", type=int, default=DEFAULT_QUEUE)
     args = ap.parse_args(argv)
     stop = [False]
+    # select() is retried after a signal (PEP 475): the wakeup pipe makes it return
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
     signal.signal(signal.SIGINT, lambda *_: stop.__setitem__(0, True))
     fa = open_tap(*args.a)
@@ -152,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
-    serve(fa, fb, delay=args.delay_ms / 1000, jitter=args.jitter_ms / 1000, limit=args.queue, stop=stop)
+    delay, jitter = args.delay_ms / 1000, args.jitter_ms / 1000
+    serve(fa, fb, delay=delay, jitter=jitter, limit=args.queue, stop=stop, wake=wake_r)
     return 0
 
 

@@ -53,7 +53,9 @@ def require_root() -> None:
         raise UsageError("the ztna lab needs root (network namespaces, nftables): run as root")
     missing = [tool for tool in ("ip", "nft", "conntrack") if shutil.which(tool) is None]
     if missing:
-        raise UsageError(f"the ztna lab needs {', '.join(missing)} (apt-get install iproute2 nftables conntrack)")
+        raise UsageError(
+            f"the ztna lab needs {', '.join(missing)} (apt-get install iproute2 nftables conntrack)"
+        )
 
 
 def state_path(prefix: str) -> str:
@@ -123,7 +125,8 @@ class Lab:
         lab = cls(LabConfig.from_dict(state["config"]))
         lab.loss_pct = float(state.get("loss_pct", lab.config.loss_pct))
         lab._procs = list(state.get("processes", []))
-        lab._blocks = {n: [(int(p), str(d)) for p, d in b] for n, b in state.get("blocks", {}).items()}
+        blocks = state.get("blocks", {})
+        lab._blocks = {n: [(int(p), str(d)) for p, d in b] for n, b in blocks.items()}
         return lab
 
     def up(self) -> Lab:
@@ -152,13 +155,18 @@ class Lab:
                 problems.append(f"pid {popen.pid} not reaped")
         self._procs, self._popens = [], {}
         if problems:
-            raise UsageError(f"lab {self.config.prefix!r} teardown incomplete: {'; '.join(problems)}")
+            raise UsageError(
+                f"lab {self.config.prefix!r} teardown incomplete: {'; '.join(problems)}"
+            )
 
     def __enter__(self) -> Lab:
         return self.up()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.down()
 
@@ -171,7 +179,8 @@ class Lab:
             netns.run(["ip", "-n", self.ns(node), "-batch", "-"], stdin=script)
         for which in ("a", "b"):
             nat = self.ns("nat" + which)
-            netns.run(["ip", "netns", "exec", nat, "nft", "-f", "-"], stdin=firewall_ruleset(cfg, which))
+            nft = ["ip", "netns", "exec", nat, "nft", "-f", "-"]
+            netns.run(nft, stdin=firewall_ruleset(cfg, which))
             netns.write_sysctls(nat, nat_sysctls(cfg))
             if cfg.rate:
                 tbf = ["qdisc", "replace", "root", "tbf", "rate", cfg.rate, *TBF]
@@ -190,7 +199,9 @@ class Lab:
         os.makedirs(STATE_DIR, exist_ok=True)
         with open(wire_log(self.config.prefix, router), "w") as log:
             # own session: a Ctrl-C in the shell that ran `ztna lab up` must not stop the wire
-            proc = self.spawn("inet", argv, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+            proc = self.spawn(
+                "inet", argv, stdout=subprocess.PIPE, stderr=log, start_new_session=True
+            )
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], WIRE_READY_TIMEOUT)
         line = proc.stdout.readline() if ready else b""
@@ -211,7 +222,8 @@ class Lab:
         cfg = self.config
         nodes = {}
         for node in NODES:
-            entry: dict[str, Any] = {"netns": self.ns(node), "exists": netns.ns_exists(self.ns(node))}
+            name = self.ns(node)
+            entry: dict[str, Any] = {"netns": name, "exists": netns.ns_exists(name)}
             for fam in (4, 6):
                 ok = cfg.v4 if fam == 4 else cfg.v6
                 entry[f"ipv{fam}"] = self.addr(node, fam) if ok else None

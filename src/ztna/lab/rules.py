@@ -69,7 +69,12 @@ def firewall_ruleset(config: LabConfig, which: str) -> str:
         ],
     )
     masq = MASQ.get(mode)
-    nat4 = [f'  chain post {{\n    type nat hook postrouting priority srcnat;\n    oifname "wan" {masq}\n  }}']
+    nat4 = [
+        "  chain post {",
+        "    type nat hook postrouting priority srcnat;",
+        f'    oifname "wan" {masq}',
+        "  }",
+    ]
     lines += _replace("ip nat", nat4 if masq and config.v4 else [])
     lines += _replace("ip6 nat", nat4 if masq and config.nat66 else [])
     lines += loss_lines(config.loss_pct)
@@ -113,7 +118,8 @@ def block_ruleset(blocks: Iterable[tuple[int, str]]) -> str:
         if not 1 <= port <= 65535:
             raise UsageError(f"UDP port must be within 1..65535, got {port}")
         if direction not in BLOCK_DIRECTIONS:
-            raise UsageError(f"direction must be one of {'|'.join(BLOCK_DIRECTIONS)}, got {direction!r}")
+            allowed = "|".join(BLOCK_DIRECTIONS)
+            raise UsageError(f"direction must be one of {allowed}, got {direction!r}")
         hooks = {"in": ("input", "forward"), "out": ("output", "forward")}.get(
             direction, ("input", "forward", "output")
         )
@@ -124,5 +130,6 @@ def block_ruleset(blocks: Iterable[tuple[int, str]]) -> str:
     body: list[str] = []
     for hook, rules in chains.items():
         if rules:
-            body += [f"  chain {hook} {{", f"    type filter hook {hook} priority -10;", *rules, "  }"]
+            head = [f"  chain {hook} {{", f"    type filter hook {hook} priority -10;"]
+            body += [*head, *rules, "  }"]
     return "\n".join(_replace("inet block", body)) + "\n"

@@ -87,7 +87,8 @@ def _defaults(config: LabConfig, gw4: str, gw6: str) -> list[str]:
 
 def _inet(config: LabConfig) -> list[str]:
     p = config.prefix
-    cmds = ["link add br0 type bridge", "link set br0 up", _veth("relay", ns_name(p, "relay"), "eth0")]
+    cmds = ["link add br0 type bridge", "link set br0 up"]
+    cmds.append(_veth("relay", ns_name(p, "relay"), "eth0"))
     for r in ("nata", "natb"):
         if config.delayed:
             cmds.append(f"tuntap add dev {r} mode tap")
