@@ -207,7 +207,9 @@ class Lab:
         line = proc.stdout.readline() if ready else b""
         proc.stdout.close()
         if line.strip() != b"ready":
-            raise UsageError(f"delaywire for {router} did not start (see {log.name})")
+            with open(log.name) as f:  # quoted: teardown removes the log file
+                tail = f.read()[-500:].strip()
+            raise UsageError(f"delaywire for {router} did not start: {tail or 'no output'}")
 
     # ------------------------------------------------------------------ queries
     def ns(self, node: str) -> str:
