@@ -1,0 +1,139 @@
+"""`Agent`: the Python API behind `ztna agent` (and what `ztna demo` drives).
+
+    agent = Agent(options)          # ztna.agent.config.AgentOptions
+    await agent.start()             # TUN or userspace data plane, session, control socket
+    agent.snapshot()                # the dict `ztna status --json` prints
+    await agent.wait_ready()        # every service ACKed (tests, demo)
+    await agent.stop()              # routes/device removed, GoAway sent
+
+Start order matters for crash safety: the TUN state file is written before the device
+exists; the session starts after the data plane so no reply finds nowhere to go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import time
+from typing import Any
+
+from ztna import limits
+from ztna.agent.config import AgentOptions
+from ztna.agent.control import ControlServer
+from ztna.agent.session import ACKED, REFUSED, Session
+
+log = logging.getLogger("ztna.agent")
+
+
+class Agent:
+    def __init__(self, options: AgentOptions, *, rng: random.Random | None = None) -> None:
+        self.options = options
+        self.session = Session(options, on_packet=self._drop, rng=rng)
+        self.tun: Any = None
+        self.dataplane: Any = None
+        self.userspace: Any = None
+        self.control = ControlServer(options.state_dir / f"{options.name}.sock", self.snapshot)
+        self.started_at: float | None = None
+        self._stopped = asyncio.Event()
+        self._dropped_no_plane = 0
+
+    def _drop(self, packet: bytes) -> None:
+        self._dropped_no_plane += 1
+
+    async def start(self) -> None:
+        opts = self.options
+        opts.state_dir.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.time()
+        await self.control.start()
+        try:
+            if opts.mode == "tun":
+                await self._start_tun()
+            else:
+                from ztna.agent.userspace import Userspace
+
+                self.userspace = Userspace(self.session, opts)
+                await self.userspace.start()
+            await self.session.start()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("agent %s started in %s mode for %s", opts.name, opts.mode,
+                 ", ".join(s.id for s in opts.services))
+
+    async def _start_tun(self) -> None:
+        from ztna.agent.tun import TunDevice
+        from ztna.agent.tun_mode import TunDataPlane
+
+        opts = self.options
+        longest = max(len(s.id) for s in opts.services)
+        guess = limits.max_datagram_payload(opts.udp_payload, limits.CONNECTION_ID_LENGTH) - 7 - longest
+        self.tun = TunDevice(opts.tun_name, opts.state_dir / f"{opts.name}.json")
+        ips = [str(ip) for s in opts.services for ip in s.virtual_ips]
+        # Netlink (pyroute2) is blocking and runs its own loop: keep it off ours.
+        await asyncio.to_thread(self.tun.open, v4=str(opts.tun_v4), v6=str(opts.tun_v6), virtual_ips=ips,
+                                mtu=max(guess, 1280) if any(":" in i for i in ips) else guess)
+        self.dataplane = TunDataPlane(self.session, self.tun.fd, local_v4=str(opts.tun_v4),
+                                      local_v6=str(opts.tun_v6))
+        self.dataplane.set_max_payload(guess + 7 + longest)
+        self.dataplane.start()
+        self.session.on_mtu.append(self._mtu_changed)
+
+    def _mtu_changed(self, max_payload: int) -> None:
+        if self.dataplane is not None:
+            mtu = self.dataplane.set_max_payload(max_payload)
+            if mtu != self.tun.mtu:
+                asyncio.ensure_future(asyncio.to_thread(self.tun.set_mtu, mtu))
+
+    async def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        if self.dataplane is not None:
+            self.dataplane.stop()
+        if self.userspace is not None:
+            await self.userspace.stop()
+        await self.session.stop()
+        if self.tun is not None:
+            await asyncio.to_thread(self.tun.close)
+        await self.control.stop()
+        self._stopped.set()
+        log.info("agent %s stopped", self.options.name)
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        """Until every service is ACKed (raises TimeoutError, or RuntimeError if refused)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            states = [s.registration for s in self.session.services]
+            if REFUSED in states:
+                raise RuntimeError(f"registration refused: {self.snapshot()['services']}")
+            if all(s == ACKED for s in states):
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"services not registered: {states}")
+            await asyncio.sleep(0.02)
+
+    async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+        await self.start()
+        await self._stopped.wait()
+
+    def snapshot(self) -> dict[str, Any]:
+        snap = self.session.snapshot()
+        opts = self.options
+        snap["agent"] = {
+            "name": opts.name,
+            "pid": os.getpid(),
+            "mode": opts.mode,
+            "started_at": self.started_at,
+            "tcp_transport": opts.tcp_transport,
+        }
+        if self.tun is not None:
+            snap["tun"] = {"name": self.tun.name, "mtu": self.tun.mtu, "addresses": self.tun.addresses,
+                           "routes": self.tun.routes, **self.dataplane.snapshot()}
+        if self.userspace is not None:
+            snap["userspace"] = self.userspace.snapshot()
+        return snap

@@ -1,0 +1,490 @@
+"""The Agent's session with the Intermediate: connect, register, keep alive, reconnect.
+
+Theory of operation
+-------------------
+* One UDP socket (`QuicEndpoint`) lives for the whole Agent; each (re)connection is a new
+  QUIC connection on it. A supervisor task loops: resolve → connect → handshake → register
+  every service on the control stream → watch → on loss, back off and start over. Backoff
+  doubles from `backoff_initial` up to `backoff_cap` with full jitter (±50 %), and resets
+  once a connection got at least one ACK.
+* Registration is tracked per service by ACK (defect 18): a service is `pending` until the
+  Intermediate answers; unanswered requests are re-sent with doubling delay; a NACK is final
+  (`refused`) except SHUTTING_DOWN and LIMIT_EXCEEDED, which are retried later. Only ACKed
+  services get traffic: the Intermediate drops 0x2F for unregistered services anyway.
+* Packets that arrive while a service is not ready (connecting, reconnecting, pending) wait
+  in one small bounded queue (drop-oldest) and are flushed on ACK, so a short outage costs
+  latency, not packets; TCP retransmits whatever overflowed.
+* Liveness: a QUIC PING when idle for `keepalive` seconds; if nothing at all (not even an
+  ACK) arrived for `dead_after` seconds the path is declared dead and we reconnect — much
+  sooner than the 30 s QUIC idle timeout. GoAway or CONNECTION_CLOSE reconnect at once.
+* Down-link hot path: `on_datagram` checks the first byte for a bare IP packet and hands it
+  to `on_packet` (TUN write or userspace demux); QAD and registration DATAGRAMs are decoded,
+  anything else counted. One log line per state change, never per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ztna.agent.config import AgentOptions, ServiceSpec
+from ztna.errors import DatagramTooLarge, DecodeError
+from ztna.quic.config import make_configuration
+from ztna.quic.connection import ConnectionHandler, ZtnaConnection
+from ztna.quic.endpoint import QuicEndpoint, bind_udp
+from ztna.wire import (
+    ControlDecoder,
+    DatagramKind,
+    ErrorMessage,
+    GoAway,
+    NackStatus,
+    ObservedAddress,
+    Register,
+    RegistrationAck,
+    RegistrationNack,
+    Role,
+    ServiceStatus,
+    classify_datagram,
+    decode_qad,
+    decode_registration,
+    encode_control,
+)
+
+log = logging.getLogger("ztna.agent")
+
+PENDING, ACKED, REFUSED = "pending", "acked", "refused"
+_TRANSIENT_NACKS = (NackStatus.SHUTTING_DOWN, NackStatus.LIMIT_EXCEEDED)
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass
+class ServiceState:
+    """Runtime state of one service (registration, counters)."""
+
+    spec: ServiceSpec
+    index: int
+    prefix: bytes                     # 0x2F header: prefix + packet is the DATAGRAM
+    registration: str = PENDING
+    nack: str | None = None
+    connector_up: bool | None = None  # from ServiceStatus; None = not told
+    path: str = "relay"
+    attempts: int = 0
+    next_retry: float = 0.0
+    retry_delay: float = 1.0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    queued_dropped: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.registration == ACKED
+
+
+@dataclass
+class SessionCounters:
+    reconnects: int = 0
+    connect_failures: int = 0
+    rx_unknown: int = 0
+    rx_malformed: int = 0
+    queue_dropped: int = 0
+    queue_flushed: int = 0
+    oversize: int = 0
+    dead_paths: int = 0
+    goaways: int = 0
+
+
+@dataclass
+class SessionInfo:
+    state: str = "starting"
+    address: str = ""
+    connected_since: float | None = None    # wall clock, for humans
+    last_change: float = field(default_factory=time.time)
+    last_error: str = ""
+    observed: str | None = None
+
+
+class Session(ConnectionHandler):
+    """The Intermediate connection and everything that keeps it useful."""
+
+    def __init__(
+        self,
+        options: AgentOptions,
+        *,
+        on_packet: Callable[[bytes], None],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.options = options
+        self.on_packet = on_packet
+        self.rng = rng or random.Random()
+        self.services = [
+            ServiceState(spec=s, index=i, prefix=bytes((0x2F, len(s.id))) + s.id.encode("ascii"),
+                         retry_delay=options.register_retry)
+            for i, s in enumerate(options.services)
+        ]
+        self.by_id = {s.spec.id: s for s in self.services}
+        self.counters = SessionCounters()
+        self.info = SessionInfo()
+        self.conn: ZtnaConnection | None = None
+        self.endpoint: QuicEndpoint | None = None
+        self.queue: deque[tuple[ServiceState, bytes]] = deque()
+        self.stream_handlers: dict[int, Any] = {}     # stream id -> userspace splice
+        self.on_ready: list[Callable[[], None]] = []   # called when a connection is (re)usable
+        self.on_lost: list[Callable[[], None]] = []    # called when the connection is gone
+        self.on_mtu: list[Callable[[int], None]] = []  # live max DATAGRAM payload changed
+        self._decoder = ControlDecoder()
+        self._closed_event = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._max_payload = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        try:
+            sock = bind_udp("::", 0)
+        except OSError:
+            sock = bind_udp("0.0.0.0", 0)
+        self.endpoint = QuicEndpoint(sock)
+        self._task = asyncio.create_task(self._supervise(), name="ztna-agent-session")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._set_state("stopping")
+        if self.conn is not None and not self.conn.closed:
+            self.conn.send_control(encode_control(GoAway(reason="agent shutting down")))
+            self.conn.close(0, "agent shutting down")
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.endpoint is not None:
+            self.endpoint.close(reason="agent shutting down")
+            await asyncio.sleep(0.05)
+            self.endpoint.shutdown_socket()
+        self._set_state("stopped")
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        if state == self.info.state:
+            return
+        self.info.state = state
+        self.info.last_change = time.time()
+        if detail:
+            self.info.last_error = detail
+        log.info("intermediate %s: %s%s", self.info.address or self._target(), state,
+                 f" ({detail})" if detail else "")
+
+    def _target(self) -> str:
+        host, port = self.options.intermediate
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    async def _resolve(self) -> tuple[str, int]:
+        host, port = self.options.intermediate
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        assert self.endpoint is not None
+        if self.endpoint.family == socket.AF_INET:
+            infos = [i for i in infos if i[0] == socket.AF_INET] or infos
+        fam, _, _, _, addr = infos[0]
+        return addr[0], addr[1]
+
+    async def _supervise(self) -> None:
+        delay = self.options.backoff_initial
+        first = True
+        while not self._stopping:
+            if not first:
+                self.counters.reconnects += 1
+            first = False
+            useful = False
+            try:
+                useful = await self._one_connection()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure means: back off, retry
+                self.counters.connect_failures += 1
+                self.info.last_error = str(exc) or type(exc).__name__
+                self._set_state("backoff", self.info.last_error)
+            if self._stopping:
+                return
+            if useful:
+                delay = self.options.backoff_initial
+            sleep_for = delay * (0.5 + self.rng.random())   # jitter: 50 %..150 %
+            self._set_state("backoff", self.info.last_error)
+            log.info("reconnecting in %.2fs", sleep_for)
+            await asyncio.sleep(sleep_for)
+            delay = min(delay * 2, self.options.backoff_cap)
+
+    async def _one_connection(self) -> bool:
+        """Run one connection until it dies; True if it was ever registered (reset backoff)."""
+        assert self.endpoint is not None
+        self._set_state("connecting")
+        address = await self._resolve()
+        self.info.address = f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
+        config = make_configuration(is_client=True, tls=self.options.tls,
+                                    server_name=self.options.server_name,
+                                    udp_payload=self.options.udp_payload)
+        self._decoder = ControlDecoder()
+        self._closed_event = asyncio.Event()
+        for svc in self.services:
+            # Every new connection registers everything again, refused ones included: the
+            # Intermediate's policy may have changed while we were away.
+            svc.registration, svc.nack, svc.attempts, svc.next_retry = PENDING, None, 0, 0.0
+            svc.connector_up = None
+            svc.retry_delay = self.options.register_retry
+        conn = self.endpoint.connect(address, config, self)
+        self.conn = conn
+        try:
+            await asyncio.wait_for(conn.wait_handshake(), HANDSHAKE_TIMEOUT)
+        except (asyncio.TimeoutError, ConnectionError) as exc:
+            conn.close(0, "handshake failed")
+            self.conn = None
+            raise ConnectionError(f"handshake failed: {exc or 'timeout'}") from None
+        self.info.connected_since = time.time()
+        self._set_state("connected")
+        self._check_mtu()
+        loop = asyncio.get_running_loop()
+        useful = False
+        try:
+            while not conn.closed:
+                now = loop.time()
+                self._register_due(conn, now)
+                if any(s.ready for s in self.services):
+                    useful = True
+                if now - conn.last_received > self.options.dead_after:
+                    self.counters.dead_paths += 1
+                    self.info.last_error = f"nothing heard for {now - conn.last_received:.1f}s"
+                    conn.close(0, "peer silent")
+                    self._lost(conn, self.info.last_error)
+                    break
+                if now - conn.last_received > self.options.keepalive:
+                    conn.ping()
+                self._check_mtu()
+                try:
+                    await asyncio.wait_for(self._closed_event.wait(), 0.25)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            if self.conn is conn:
+                self._lost(conn, conn.close_reason or "closed")
+        return useful
+
+    def _lost(self, conn: ZtnaConnection, reason: str) -> None:
+        if self.conn is not conn:
+            return
+        self.conn = None
+        self.info.connected_since = None
+        self.info.last_error = reason
+        for svc in self.services:
+            if svc.registration == ACKED:
+                svc.registration = PENDING
+        self._closed_event.set()
+        self._set_state("disconnected", reason)
+        for cb in self.on_lost:
+            cb()
+        self.stream_handlers.clear()
+
+    # ------------------------------------------------------------------ registration
+    def _register_due(self, conn: ZtnaConnection, now: float) -> None:
+        for svc in self.services:
+            if svc.registration != PENDING or now < svc.next_retry:
+                continue
+            if svc.attempts and svc.next_retry:
+                log.info("service %s: registration unanswered, re-sending (attempt %d)",
+                         svc.spec.id, svc.attempts + 1)
+            conn.send_control(encode_control(Register(role=Role.AGENT, service_id=svc.spec.id)))
+            svc.attempts += 1
+            svc.next_retry = now + svc.retry_delay
+            svc.retry_delay = min(svc.retry_delay * 2, self.options.backoff_cap)
+
+    def _registration_reply(self, msg: object) -> None:
+        if isinstance(msg, RegistrationAck):
+            svc = self.by_id.get(msg.service_id)
+            if svc is None or svc.registration == ACKED:
+                return
+            svc.registration, svc.nack, svc.attempts, svc.next_retry = ACKED, None, 0, 0.0
+            svc.retry_delay = self.options.register_retry
+            log.info("service %s: registered (ACK)", svc.spec.id)
+            self._flush_queue()
+            for cb in self.on_ready:
+                cb()
+        elif isinstance(msg, RegistrationNack):
+            svc = self.by_id.get(msg.service_id)
+            if svc is None:
+                log.warning("registration refused for an unknown request: %s", msg.status.name)
+                return
+            svc.nack = msg.status.name
+            if msg.status in _TRANSIENT_NACKS:
+                svc.registration = PENDING
+                svc.next_retry = asyncio.get_running_loop().time() + svc.retry_delay
+                log.warning("service %s: registration deferred (%s), retrying in %.1fs",
+                            svc.spec.id, msg.status.name, svc.retry_delay)
+            else:
+                svc.registration = REFUSED
+                log.error("service %s: registration refused (%s)", svc.spec.id, msg.status.name)
+                self.queue = deque(item for item in self.queue if item[0] is not svc)
+
+    # ------------------------------------------------------------------ sending (hot path)
+    def send(self, svc: ServiceState, datagram: bytes) -> None:
+        """Send one 0x2F DATAGRAM for `svc`, or queue it while the service is not ready."""
+        conn = self.conn
+        if conn is not None and svc.registration == ACKED:
+            try:
+                conn.send_datagram(datagram)
+            except DatagramTooLarge:
+                self.counters.oversize += 1
+                return
+            svc.tx_packets += 1
+            svc.tx_bytes += len(datagram) - len(svc.prefix)
+            return
+        if svc.registration == REFUSED:
+            svc.queued_dropped += 1
+            return
+        queue = self.queue
+        if len(queue) >= self.options.queue_limit:
+            old, _ = queue.popleft()
+            old.queued_dropped += 1
+            self.counters.queue_dropped += 1
+        queue.append((svc, datagram))
+
+    def _flush_queue(self) -> None:
+        conn = self.conn
+        if conn is None or not self.queue:
+            return
+        keep: deque[tuple[ServiceState, bytes]] = deque()
+        for svc, dgram in self.queue:
+            if svc.registration != ACKED:
+                keep.append((svc, dgram))
+                continue
+            try:
+                conn.send_datagram(dgram)
+            except DatagramTooLarge:
+                self.counters.oversize += 1
+                continue
+            svc.tx_packets += 1
+            svc.tx_bytes += len(dgram) - len(svc.prefix)
+            self.counters.queue_flushed += 1
+        self.queue = keep
+
+    # ------------------------------------------------------------------ sizes
+    def max_payload(self) -> int:
+        return self._max_payload
+
+    def _check_mtu(self) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        size = conn.max_datagram_payload()
+        if size != self._max_payload:
+            self._max_payload = size
+            for cb in self.on_mtu:
+                cb(size)
+
+    # ------------------------------------------------------------------ events
+    def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
+        first = data[0] if data else 0
+        if 0x45 <= first <= 0x4F or 0x60 <= first <= 0x6F:
+            self.on_packet(data)
+            return
+        kind = classify_datagram(first)
+        try:
+            if kind is DatagramKind.QAD:
+                self._observed(decode_qad(data))
+            elif kind is DatagramKind.REGISTRATION:
+                self._registration_reply(decode_registration(data))
+            else:
+                self.counters.rx_unknown += 1
+        except DecodeError:
+            self.counters.rx_malformed += 1
+
+    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+        try:
+            messages = self._decoder.feed(data)
+        except DecodeError as exc:
+            log.error("control stream from the Intermediate is corrupt (%s); reconnecting", exc)
+            conn.close(0x4, "bad control frame")
+            return
+        for msg in messages:
+            if isinstance(msg, (RegistrationAck, RegistrationNack)):
+                self._registration_reply(msg)
+            elif isinstance(msg, ObservedAddress):
+                self._observed(msg)
+            elif isinstance(msg, ServiceStatus):
+                svc = self.by_id.get(msg.service)
+                if svc is not None and svc.connector_up != msg.up:
+                    svc.connector_up = msg.up
+                    log.info("service %s: connector %s", msg.service, "up" if msg.up else "down (no connector)")
+            elif isinstance(msg, GoAway):
+                self.counters.goaways += 1
+                log.info("intermediate says goaway (%s); reconnecting", msg.reason)
+                conn.close(0, "goaway")
+            elif isinstance(msg, ErrorMessage):
+                log.warning("intermediate error %s: %s", msg.code, msg.message)
+
+    def _observed(self, addr: ObservedAddress) -> None:
+        text = f"[{addr.ip}]:{addr.port}" if ":" in str(addr.ip) else f"{addr.ip}:{addr.port}"
+        if text != self.info.observed:
+            self.info.observed = text
+            log.info("intermediate sees us as %s", text)
+
+    def on_stream_data(self, conn: ZtnaConnection, stream_id: int, data: bytes, end: bool) -> None:
+        handler = self.stream_handlers.get(stream_id)
+        if handler is None:
+            if stream_id != 0:
+                conn.reset_stream(stream_id)
+            return
+        handler.on_data(data, end)
+
+    def on_stream_reset(self, conn: ZtnaConnection, stream_id: int, error_code: int) -> None:
+        handler = self.stream_handlers.pop(stream_id, None)
+        if handler is not None:
+            handler.on_reset(error_code)
+
+    def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
+        self._lost(conn, reason)
+
+    # ------------------------------------------------------------------ status
+    def snapshot(self) -> dict[str, Any]:
+        conn = self.conn
+        rtt = conn.rtt() if conn is not None else None
+        return {
+            "intermediate": {
+                "target": self._target(),
+                "address": self.info.address,
+                "state": self.info.state,
+                "connected_since": self.info.connected_since,
+                "last_change": self.info.last_change,
+                "last_error": self.info.last_error,
+                "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
+                "observed_address": self.info.observed,
+                "max_datagram_payload": self._max_payload if conn is not None else None,
+                "reconnects": self.counters.reconnects,
+            },
+            "services": [
+                {
+                    "id": s.spec.id,
+                    "virtual_ips": [str(ip) for ip in s.spec.virtual_ips],
+                    "registration": s.registration,
+                    "nack": s.nack,
+                    "connector_up": s.connector_up,
+                    "path": s.path,
+                    "tx_packets": s.tx_packets,
+                    "tx_bytes": s.tx_bytes,
+                    "rx_packets": s.rx_packets,
+                    "rx_bytes": s.rx_bytes,
+                    "dropped_while_waiting": s.queued_dropped,
+                    "max_packet": max(0, self._max_payload - 7 - len(s.spec.id)) if conn else None,
+                }
+                for s in self.services
+            ],
+            "counters": dict(self.counters.__dict__),
+            "queued": len(self.queue),
+        }

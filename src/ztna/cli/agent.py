@@ -1,0 +1,84 @@
+"""`ztna agent`: run the Agent (TUN split tunnel as root, userspace forwards otherwise)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import click
+
+from ztna.errors import UsageError
+
+
+def _build_options(**kw: object):  # -> AgentOptions (import kept lazy for --help speed)
+    from pydantic import ValidationError
+
+    from ztna.agent.config import AgentOptions, parse_forward, parse_service, split_host_port
+    from ztna.quic.config import TlsFiles
+
+    if kw["pki"]:
+        tls = TlsFiles.from_dir(kw["pki"], "agent")
+    elif kw["cert"] and kw["key"] and kw["ca"]:
+        tls = TlsFiles(Path(kw["cert"]), Path(kw["key"]), Path(kw["ca"]))
+    else:
+        raise UsageError("give --pki DIR or all of --cert, --key and --ca")
+    for path in (tls.cert, tls.key, tls.ca):
+        if not Path(path).is_file():
+            raise UsageError(f"missing TLS file {path}")
+    host, port = split_host_port(str(kw["intermediate"]), default_port=4433)
+    mode = kw["mode"] or ("tun" if os.geteuid() == 0 else "userspace")
+    server_name = kw["server_name"] or (host if host and not host.replace(".", "").isdigit() and ":" not in host else "localhost")
+    values: dict[str, object] = dict(
+        intermediate=(host, port), tls=tls, server_name=server_name,
+        services=tuple(parse_service(s) for s in kw["service"]),
+        mode=mode, tun_name=kw["tun_name"], name=kw["name"] or kw["tun_name"],
+        forwards=tuple(parse_forward(f, "-L") for f in kw["forward"]),
+        udp_forwards=tuple(parse_forward(f, "-U") for f in kw["udp_forward"]),
+        socks=split_host_port(str(kw["socks"]), default_port=1080) if kw["socks"] else None,
+        tcp_transport=kw["tcp_transport"],
+    )
+    if kw["state_dir"]:
+        values["state_dir"] = Path(kw["state_dir"])
+    try:
+        return AgentOptions(**values)
+    except ValidationError as exc:
+        raise UsageError("; ".join(e["msg"] for e in exc.errors())) from None
+
+
+@click.command(name="agent")
+@click.option("--intermediate", required=True, metavar="HOST:PORT", help="The Intermediate (port defaults to 4433).")
+@click.option("--pki", type=click.Path(file_okay=False), help="Directory with agent.pem, agent.key, ca.pem.")
+@click.option("--cert", type=click.Path(dir_okay=False))
+@click.option("--key", type=click.Path(dir_okay=False))
+@click.option("--ca", type=click.Path(dir_okay=False))
+@click.option("--server-name", help="TLS name of the Intermediate (default: its host name, or 'localhost').")
+@click.option("--service", "service", multiple=True, required=True, metavar="ID=IP[,IP]",
+              help="A service and its virtual IPs, e.g. web=10.100.0.2,fd00:100::2 (repeatable).")
+@click.option("--mode", type=click.Choice(["tun", "userspace"]), help="Default: tun as root, else userspace.")
+@click.option("--tun-name", default="ztna0", show_default=True)
+@click.option("--name", help="Agent name (state file and status socket); default: the TUN name.")
+@click.option("-L", "--forward", multiple=True, metavar="[HOST:]PORT=SERVICE:PORT", help="Local TCP forward.")
+@click.option("-U", "--udp-forward", multiple=True, metavar="[HOST:]PORT=SERVICE:PORT", help="Local UDP forward.")
+@click.option("--socks", metavar="HOST:PORT", help="SOCKS5 server (CONNECT, UDP ASSOCIATE).")
+@click.option("--state-dir", type=click.Path(file_okay=False), help="Default /run/ztna-agent (root).")
+@click.option("--tcp-transport", type=click.Choice(["datagram", "stream"]), default="datagram", show_default=True,
+              help="TUN mode TCP carriage ('stream' is not implemented yet).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def agent(**kw: object) -> None:
+    """Run the Agent until SIGINT/SIGTERM."""
+    from ztna.observe import setup_logging
+
+    setup_logging(str(kw.pop("log_level")))
+    try:
+        options = _build_options(**kw)
+        if options.tcp_transport == "stream" and options.mode == "tun":
+            raise UsageError("--tcp-transport stream is not implemented yet; use datagram")
+        from ztna.agent.agent import Agent
+
+        asyncio.run(Agent(options).run_forever())
+    except UsageError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,94 @@
+"""`ztna status`: ask a running Agent for its state over its local control socket."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _candidates(state_dir: str | None, name: str | None) -> list[Path]:
+    from ztna.agent.config import default_state_dir
+
+    dirs = [Path(state_dir)] if state_dir else list(dict.fromkeys(
+        [default_state_dir(), Path("/run/ztna-agent")]))
+    out: list[Path] = []
+    for d in dirs:
+        if name:
+            out.append(d / f"{name}.sock")
+        elif d.is_dir():
+            out.extend(sorted(d.glob("*.sock")))
+    return out
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _render(snap: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    a, i = snap["agent"], snap["intermediate"]
+    since = i.get("connected_since")
+    up = f"{time.time() - since:.0f}s" if since else "-"
+    console.print(f"[bold]Agent {a['name']}[/bold] (pid {a['pid']}, {a['mode']} mode)")
+    state_style = "green" if i["state"] == "connected" else "yellow"
+    console.print(f"Intermediate {i['target']} ({i['address']}): [{state_style}]{i['state']}[/{state_style}]"
+                  f" for {up}, RTT {i['rtt_ms'] if i['rtt_ms'] is not None else '-'} ms,"
+                  f" seen as {i['observed_address'] or '-'}, max DATAGRAM {i['max_datagram_payload'] or '-'},"
+                  f" reconnects {i['reconnects']}")
+    if i["state"] != "connected" and i.get("last_error"):
+        console.print(f"  last error: {i['last_error']}")
+    if "tun" in snap:
+        t = snap["tun"]
+        console.print(f"TUN {t['name']}: mtu {t['mtu']}, {' '.join(t['addresses'])}")
+    table = Table()
+    for col in ("service", "virtual IPs", "registered", "connector", "path", "sent", "received", "max packet"):
+        table.add_column(col)
+    for s in snap["services"]:
+        reg = s["registration"]
+        reg_text = {"acked": "[green]yes[/green]", "pending": "[yellow]pending[/yellow]"}.get(
+            reg, f"[red]refused ({s['nack']})[/red]")
+        conn = {True: "up", False: "[red]down[/red]", None: "-"}[s["connector_up"]]
+        table.add_row(s["id"], " ".join(s["virtual_ips"]), reg_text, conn, s["path"],
+                      f"{_human_bytes(s['tx_bytes'])} / {s['tx_packets']} pkts",
+                      f"{_human_bytes(s['rx_bytes'])} / {s['rx_packets']} pkts",
+                      str(s["max_packet"] or "-"))
+    console.print(table)
+    us = snap.get("userspace")
+    if us:
+        for f in us.get("listeners", []):
+            console.print(f"  {f}")
+
+
+@click.command(name="status")
+@click.option("--state-dir", type=click.Path(file_okay=False), help="Where the Agent keeps its socket.")
+@click.option("--name", help="Agent name (default: every Agent found).")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON state.")
+def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
+    """Show a running Agent's state (no root needed)."""
+    from ztna.agent.control import query
+
+    socks = [p for p in _candidates(state_dir, name) if p.exists()]
+    if not socks:
+        raise click.ClickException("no running Agent found (is `ztna agent` running? try --state-dir)")
+    snaps = []
+    for path in socks:
+        try:
+            snaps.append(query(path))
+        except OSError as exc:
+            raise click.ClickException(f"{path}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(snaps[0] if len(snaps) == 1 else snaps, indent=2))
+        return
+    for snap in snaps:
+        _render(snap)
