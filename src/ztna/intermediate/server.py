@@ -29,6 +29,7 @@ from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import CLOSE_AUTH, CLOSE_SHUTDOWN, QuicEndpoint, ServerOptions, bind_udp, normalize_address
 from ztna.wire import (
+    AddressToken,
     FROM_CONNECTOR,
     SERVICE_DATAGRAM,
     ControlDecoder,
@@ -66,7 +67,9 @@ class IntermediateOptions:
     keylog: str | None = None
     qlog_dir: str | None = None
     drain_seconds: float = 1.0
-    ticket_store: Any = None
+    ticket_store: Any = None        # a ztna.quic.tickets.ServerTicketStore; built from state_dir if None
+    state_dir: str | None = None    # holds tickets.sqlite (shared strike register for 0-RTT)
+    enable_0rtt: bool = True
 
 
 @dataclass
@@ -99,10 +102,20 @@ class Intermediate:
         self.streams: Any = None
         self._server_options: ServerOptions | None = None
         self.started_at = 0.0
+        self.address_tokens: Any = None
 
     # ------------------------------------------------------------------ lifecycle
     def _build_server_options(self) -> ServerOptions:
         o = self.options
+        if o.ticket_store is None and o.enable_0rtt:
+            from ztna.quic.tickets import ServerTicketStore
+
+            path = Path(o.state_dir) / "tickets.sqlite" if o.state_dir else None
+            o.ticket_store = ServerTicketStore(path)
+        if self.address_tokens is None:
+            from ztna.quic.tokens import AddressTokens
+
+            self.address_tokens = AddressTokens.from_state_dir(o.state_dir)
         config = make_configuration(
             is_client=False, tls=o.tls, udp_payload=o.udp_payload,
             keylog_path=o.keylog, qlog_dir=o.qlog_dir,
@@ -116,6 +129,7 @@ class Intermediate:
             max_connections=o.max_connections,
             handshakes_per_source_per_second=o.handshakes_per_source_per_second,
             ticket_store=o.ticket_store,
+            address_tokens=self.address_tokens,
         )
 
     async def start(self) -> None:
@@ -205,8 +219,12 @@ class Intermediate:
         conn.label = f"{label}#{peer_id}"
         self.registry.add_peer(peer_id, auth, conn.label)
         self.conns[peer_id] = conn
-        log.info("peer %s connected from %s", conn.label, normalize_address(conn.peer_address)[0])
+        host = normalize_address(conn.peer_address)[0]
+        log.info("peer %s connected from %s%s", conn.label, host, " (resumed, 0-RTT)" if conn.early_data_accepted or conn.resumed else "")
         self.send_qad(conn)
+        if self.address_tokens is not None:
+            token = self.address_tokens.issue(host)
+            conn.send_control(encode_control(AddressToken(token=token.hex())))
 
     def peer_down(self, conn: ZtnaConnection, reason: str) -> None:
         peer_id = conn.user
@@ -357,14 +375,34 @@ class Intermediate:
 
 
 class _PeerHandler(ConnectionHandler):
-    __slots__ = ("server", "decoder")
+    """Events of one peer connection. 0-RTT: a resumed peer's identity comes with its
+    ticket, so early data (registrations, first tunnel packets) is served at once; early
+    bytes of a peer whose identity is not known yet wait (bounded) for the handshake."""
+
+    __slots__ = ("server", "decoder", "early")
+
+    EARLY_LIMIT = 65536
 
     def __init__(self, server: Intermediate) -> None:
         self.server = server
         self.decoder = ControlDecoder()
+        self.early: list[tuple[str, bytes]] = []
+
+    def _ready(self, conn: ZtnaConnection) -> bool:
+        if conn.user is None and conn.identity is not None and not conn.closed:
+            self.server.peer_up(conn)  # resumed session: identity restored from the ticket
+        return conn.user is not None
+
+    def _hold(self, kind: str, data: bytes) -> None:
+        if sum(len(d) for _, d in self.early) + len(data) <= self.EARLY_LIMIT:
+            self.early.append((kind, data))
 
     def on_handshake(self, conn: ZtnaConnection) -> None:
-        self.server.peer_up(conn)
+        if conn.user is None:
+            self.server.peer_up(conn)
+        early, self.early = self.early, []
+        for kind, data in early:
+            (self.on_control if kind == "c" else self.on_datagram)(conn, data)
 
     def on_path_changed(self, conn: ZtnaConnection) -> None:
         if conn.user is not None:
@@ -372,11 +410,15 @@ class _PeerHandler(ConnectionHandler):
             self.server.send_qad(conn)
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
-        if conn.user is not None and data:
-            self.server.on_datagram(conn, data)
+        if conn.user is not None or self._ready(conn):
+            if data:
+                self.server.on_datagram(conn, data)
+        else:
+            self._hold("d", data)
 
     def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        if conn.user is None:
+        if conn.user is None and not self._ready(conn):
+            self._hold("c", data)
             return
         try:
             messages = self.decoder.feed(data)

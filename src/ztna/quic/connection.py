@@ -126,7 +126,11 @@ class ZtnaConnection:
         self.oversize_refused = 0
         self._pending: deque[bytes] = quic._datagrams_pending
         self._queue_limit = queue_limit
-        self._control_open = quic._is_client
+        # Clients write the control stream at once (0-RTT when resuming), except when
+        # resuming without an address token: the server will answer with Retry, and aioquic
+        # loses 0-RTT stream data across a Retry, so such a client waits for the handshake.
+        cfg = quic.configuration
+        self._control_open = quic._is_client and (cfg.session_ticket is None or bool(cfg.token))
         self._control_backlog: list[bytes] = []
         self._waiters: list[Any] = []
         self.created_at = now
@@ -294,6 +298,12 @@ class ZtnaConnection:
             elif kind is events.HandshakeCompleted:
                 self.resumed = event.session_resumed
                 self.early_data_accepted = event.early_data_accepted
+                if quic._is_client and not self._control_open:
+                    self._control_open = True
+                    for frame in self._control_backlog:
+                        quic.send_stream_data(CONTROL_STREAM_ID, frame)
+                    self._control_backlog.clear()
+                    self.endpoint.mark_dirty(self)
                 if self.endpoint.on_handshake_completed(self):
                     self.handshake_complete = True
                     self._resolve_waiters(None)

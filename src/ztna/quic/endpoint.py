@@ -73,6 +73,7 @@ class EndpointStats:
     retry_sent: int = 0
     retry_validated: int = 0
     retry_failures: int = 0
+    address_tokens_validated: int = 0
     auth_failures: int = 0
     connection_errors: int = 0
     handler_errors: int = 0
@@ -94,7 +95,8 @@ class ServerOptions:
     retry: bool = True
     max_connections: int = limits.MAX_CONNECTIONS
     handshakes_per_source_per_second: float = limits.HANDSHAKES_PER_SOURCE_PER_SECOND
-    ticket_store: Any = None        # ztna.quic.tickets.TicketStore or None (no resumption)
+    ticket_store: Any = None        # ztna.quic.tickets.ServerTicketStore or None (no resumption)
+    address_tokens: Any = None      # ztna.quic.tokens.AddressTokens: lets returning clients skip Retry
     connection_factory: Callable[..., ZtnaQuic] = ZtnaQuic
     rate_buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
 
@@ -308,7 +310,13 @@ class QuicEndpoint:
             return None
         original_dcid = header.destination_cid
         retry_scid = None
-        if self._retry is not None:
+        if (
+            header.token
+            and server.address_tokens is not None
+            and server.address_tokens.validate(header.token, addr[0])
+        ):
+            stats.address_tokens_validated += 1  # a returning client: no Retry round trip
+        elif self._retry is not None:
             if not header.token:
                 scid = os.urandom(_CID_LEN)
                 token = self._retry.create_token(

@@ -31,6 +31,7 @@ from ztna.wire.service_id import validate_service_id
 __all__ = [
     "CONTROL_JSON_VERSION",
     "MAX_CANDIDATES",
+    "AddressToken",
     "AgentGone",
     "Candidate",
     "ErrorMessage",
@@ -126,6 +127,28 @@ class GoAway:
 
     def __post_init__(self) -> None:
         _str(self.reason, "reason")
+
+
+@dataclass(frozen=True, slots=True)
+class AddressToken:
+    """Intermediate -> client: an address-validation token (hex) to present in the Initial
+    of the next connection, so that connection skips the Retry round trip (our stand-in
+    for QUIC NEW_TOKEN, which aioquic's server cannot send). Opaque to the client."""
+
+    TYPE: ClassVar[str] = "address_token"
+    token: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.token, str) or not 2 <= len(self.token) <= 512 or len(self.token) % 2:
+            raise UsageError("token must be 2..512 hex characters")
+        try:
+            bytes.fromhex(self.token)
+        except ValueError:
+            raise UsageError("token must be hex") from None
+
+    @property
+    def token_bytes(self) -> bytes:
+        return bytes.fromhex(self.token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,11 +303,11 @@ class UnknownMessage:
 
 
 JsonMessage = (
-    ErrorMessage | GoAway | AgentGone | ServiceStatus | Ping | Pong | PunchRequest
+    ErrorMessage | GoAway | AddressToken | AgentGone | ServiceStatus | Ping | Pong | PunchRequest
     | PunchOffer | PunchAnswer | PunchStart | PunchResult | UnknownMessage
 )
 
-_CLASSES: Final = (ErrorMessage, GoAway, AgentGone, ServiceStatus, Ping, Pong, PunchRequest,
+_CLASSES: Final = (ErrorMessage, GoAway, AddressToken, AgentGone, ServiceStatus, Ping, Pong, PunchRequest,
                    PunchOffer, PunchAnswer, PunchStart, PunchResult)
 _BY_TYPE: Final[dict[str, Any]] = {cls.TYPE: cls for cls in _CLASSES}
 _CANDIDATE_FIELDS: Final = frozenset({"candidates", "peer_candidates"})
