@@ -1,0 +1,72 @@
+"""`ztna connector`: run an App Connector (config file and/or flags; docs/connector.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import click
+
+from ztna.errors import UsageError
+
+
+@click.command(name="connector")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--intermediate", help="Intermediate HOST:PORT (IPv6 in brackets).")
+@click.option("--server-name", help="TLS name to verify on the Intermediate (default: its host).")
+@click.option("--pki", type=click.Path(file_okay=False), help="Directory with connector.pem, connector.key, ca.pem.")
+@click.option("--cert", type=click.Path(dir_okay=False))
+@click.option("--key", type=click.Path(dir_okay=False))
+@click.option("--ca", type=click.Path(dir_okay=False))
+@click.option("--service", "services", multiple=True,
+              help="ID=VIP[,VIP];tcp:PORT=HOST:PORT;udp:PORT=HOST:PORT[;icmp=off] (repeatable).")
+@click.option("--p2p-port", type=str, help="P2P QUIC server port (default 4434, 0 = ephemeral, off = none).")
+@click.option("--relay-port", type=int, help="Local port of the relay socket (default 0 = ephemeral).")
+@click.option("--metrics", help="Metrics HOST:PORT (default 127.0.0.1:9091) or 'off'.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--no-flow-control", is_flag=True, hidden=True, help="Benchmarks only.")
+def connector(config_path: str | None, intermediate: str | None, server_name: str | None,
+              pki: str | None, cert: str | None, key: str | None, ca: str | None,
+              services: tuple[str, ...], p2p_port: str | None, relay_port: int | None,
+              metrics: str | None, log_level: str | None, no_flow_control: bool) -> None:
+    """Run an App Connector next to private apps: serves each service's virtual IPs and
+    ports from its own backend, through the Intermediate relay and direct P2P QUIC."""
+    from ztna.connector.config import load_config
+
+    overrides: dict[str, object] = {"intermediate": intermediate, "server_name": server_name,
+                                    "relay_port": relay_port, "metrics": metrics,
+                                    "log_level": log_level}
+    if pki is not None:
+        d = Path(pki)
+        overrides.update(cert=d / "connector.pem", key=d / "connector.key", ca=d / "ca.pem")
+    for name, value in (("cert", cert), ("key", key), ("ca", ca)):
+        if value is not None:
+            overrides[name] = Path(value)
+    if p2p_port is not None:
+        if p2p_port.lower() == "off":
+            overrides["p2p_port"] = None
+            overrides["_p2p_off"] = True
+        else:
+            overrides["p2p_port"] = p2p_port
+    p2p_off = overrides.pop("_p2p_off", False)
+    try:
+        cfg = load_config(config_path, overrides, list(services))
+        if p2p_off:
+            cfg = cfg.model_copy(update={"p2p_port": None})
+        if no_flow_control:
+            cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(update={"flow_control": False})})
+    except UsageError as exc:
+        click.echo(f"ztna connector: config error: {exc}", err=True)
+        sys.exit(2)
+    from ztna.connector.service import Connector
+    from ztna.observe import setup_logging
+
+    setup_logging(cfg.log_level)
+    try:
+        asyncio.run(Connector(cfg).run_forever())
+    except OSError as exc:
+        click.echo(f"ztna connector: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,285 @@
+"""Connector configuration: a TOML file and/or command-line flags, validated by pydantic.
+
+Every error names the offending field and value (`services.0.tcp.80: ...`). The service
+flag syntax (docs/connector.md) is one string per service:
+
+    ID=VIP[,VIP...][;tcp:PORT=HOST:PORT][;udp:PORT=HOST:PORT][;icmp=on|off]
+
+e.g. `web=10.100.0.2,fd00:100::2;tcp:80=127.0.0.1:8080;udp:53=127.0.0.1:5353`.
+Hosts may be IPs (IPv6 in brackets) or names; names are resolved when the backend is used.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ztna import limits
+from ztna.errors import DecodeError, UsageError
+from ztna.wire.service_id import validate_service_id
+
+__all__ = [
+    "HostPort", "ServiceConfig", "ConnectorConfig", "ConnectorLimits", "parse_host_port",
+    "parse_service_flag", "load_config", "format_validation_error",
+]
+
+
+def parse_host_port(text: str, *, allow_port_zero: bool = False) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or `v4:port` → (host, port). Raises ValueError."""
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ValueError(f"expected [IPv6]:port, got {text!r}")
+        host, port_s = text[1:end], text[end + 2 :]
+        ipaddress.IPv6Address(host.split("%")[0])
+    else:
+        host, sep, port_s = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"expected HOST:PORT, got {text!r}")
+        if ":" in host:
+            raise ValueError(f"IPv6 addresses need brackets: [{host}]:{port_s}")
+    if not port_s.isdigit():
+        raise ValueError(f"bad port in {text!r}")
+    port = int(port_s)
+    if not (0 if allow_port_zero else 1) <= port <= 65535:
+        raise ValueError(f"port {port} out of range in {text!r}")
+    if not _valid_host(host):
+        raise ValueError(f"bad host {host!r}")
+    return host, port
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%")[0])
+        return True
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    return bool(host) and len(host) <= 253 and all(
+        0 < len(lab) <= 63 and lab.replace("-", "").isalnum() and not lab.startswith("-")
+        for lab in labels
+    )
+
+
+class HostPort(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _to_host_port(value: Any, *, allow_zero: bool = False) -> Any:
+    if isinstance(value, str):
+        host, port = parse_host_port(value, allow_port_zero=allow_zero)
+        return {"host": host, "port": port}
+    return value
+
+
+class ServiceConfig(BaseModel):
+    """One service: its virtual IPs and, per protocol, virtual port → backend."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str
+    virtual_ips: list[str] = Field(min_length=1)
+    tcp: dict[int, HostPort] = Field(default_factory=dict)
+    udp: dict[int, HostPort] = Field(default_factory=dict)
+    icmp: bool = True
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        try:
+            validate_service_id(v)
+        except (DecodeError, UsageError) as exc:
+            raise ValueError(f"invalid service id {v!r}: {exc}") from None
+        return v
+
+    @field_validator("virtual_ips")
+    @classmethod
+    def _vips(cls, v: list[str]) -> list[str]:
+        out = []
+        for ip in v:
+            try:
+                out.append(str(ipaddress.ip_address(ip.strip())))
+            except ValueError:
+                raise ValueError(f"not an IP address: {ip!r}") from None
+        if len(set(out)) != len(out):
+            raise ValueError(f"duplicate virtual IP in {v!r}")
+        return out
+
+    @field_validator("tcp", "udp", mode="before")
+    @classmethod
+    def _backends(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        out = {}
+        for port, backend in v.items():
+            try:
+                p = int(port)
+            except (TypeError, ValueError):
+                raise ValueError(f"virtual port {port!r} is not a number") from None
+            if not 1 <= p <= 65535:
+                raise ValueError(f"virtual port {p} out of range 1..65535")
+            out[p] = _to_host_port(backend)
+        return out
+
+    @model_validator(mode="after")
+    def _something(self) -> ServiceConfig:
+        if not self.tcp and not self.udp and not self.icmp:
+            raise ValueError(f"service {self.id!r} exposes nothing (no tcp, udp or icmp)")
+        return self
+
+    @property
+    def packed_vips(self) -> frozenset[bytes]:
+        return frozenset(ipaddress.ip_address(ip).packed for ip in self.virtual_ips)
+
+
+class ConnectorLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    udp_flows_total: int = Field(default=8192, ge=1)
+    udp_flows_per_service: int = Field(default=2048, ge=1)
+    udp_idle_timeout: float = Field(default=60.0, gt=0)
+    tcp_sessions: int = Field(default=4096, ge=1)
+    tcp_syn_per_source_per_second: float = Field(default=50.0, gt=0)
+    tcp_connect_timeout: float = Field(default=10.0, gt=0)
+    tcp_buffer: int = Field(default=256 * 1024, ge=16 * 1024)
+    streams: int = Field(default=4096, ge=1)
+    flow_control: bool = True   # off only for benchmarks: read everything, ignore budgets
+
+
+class ConnectorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    intermediate: HostPort
+    server_name: str | None = None      # TLS name to verify; default: the intermediate host
+    cert: Path
+    key: Path
+    ca: Path
+    services: list[ServiceConfig] = Field(min_length=1)
+    p2p_host: str = "::"
+    p2p_port: int | None = Field(default=limits.CONNECTOR_P2P_PORT, ge=0, le=65535)
+    relay_host: str = "::"
+    relay_port: int = Field(default=limits.CONNECTOR_RELAY_PORT, ge=0, le=65535)
+    metrics: HostPort | None = HostPort(host="127.0.0.1", port=limits.CONNECTOR_METRICS_PORT)
+    log_level: str = "info"
+    udp_payload: int = Field(default=limits.DEFAULT_QUIC_UDP_PAYLOAD,
+                             ge=limits.MIN_QUIC_UDP_PAYLOAD, le=limits.MAX_QUIC_UDP_PAYLOAD)
+    limits: ConnectorLimits = Field(default_factory=ConnectorLimits)
+
+    @field_validator("intermediate", mode="before")
+    @classmethod
+    def _inter(cls, v: Any) -> Any:
+        return _to_host_port(v)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metrics(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and v.lower() in ("off", "none", "")):
+            return None
+        return _to_host_port(v, allow_zero=True)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"log level {v!r}: expected debug, info, warning or error")
+        return v.lower()
+
+    @field_validator("cert", "key", "ca")
+    @classmethod
+    def _exists(cls, v: Path) -> Path:
+        if not v.is_file():
+            raise ValueError(f"file not found: {str(v)!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> ConnectorConfig:
+        seen: set[str] = set()
+        for s in self.services:
+            if s.id.lower() in seen:
+                raise ValueError(f"service id {s.id!r} configured twice")
+            seen.add(s.id.lower())
+        if self.p2p_port is not None and self.p2p_port != 0 and self.p2p_port == self.relay_port:
+            raise ValueError(f"p2p_port and relay_port must differ (both {self.p2p_port})")
+        return self
+
+    def tls_name(self) -> str:
+        return self.server_name or self.intermediate.host
+
+
+def parse_service_flag(text: str) -> dict[str, Any]:
+    """`ID=VIP[,VIP..][;tcp:P=HOST:PORT][;udp:P=HOST:PORT][;icmp=on|off]` → dict (ValueError)."""
+    parts = [p.strip() for p in text.split(";") if p.strip()]
+    if not parts or "=" not in parts[0]:
+        raise ValueError(f"expected ID=VIP[,VIP];tcp:PORT=HOST:PORT..., got {text!r}")
+    sid, _, vips = parts[0].partition("=")
+    out: dict[str, Any] = {"id": sid.strip(), "virtual_ips": [v for v in vips.split(",") if v],
+                           "tcp": {}, "udp": {}}
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"expected KEY=VALUE in {part!r} of {text!r}")
+        key = key.strip().lower()
+        if key == "icmp":
+            if value.lower() not in ("on", "off", "true", "false", "yes", "no"):
+                raise ValueError(f"icmp must be on or off, got {value!r}")
+            out["icmp"] = value.lower() in ("on", "true", "yes")
+            continue
+        proto, sep, port = key.partition(":")
+        if proto not in ("tcp", "udp") or not sep:
+            raise ValueError(f"expected tcp:PORT=... or udp:PORT=..., got {part!r}")
+        if port in out[proto]:
+            raise ValueError(f"{proto} port {port} given twice in {text!r}")
+        out[proto][port] = value.strip()
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                extra_services: list[str] = ()) -> ConnectorConfig:  # type: ignore[assignment]
+    """File (if any), then flags on top; `--service` flags add to the file's services.
+
+    Raises UsageError with one line naming the field and the value."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise UsageError(f"cannot read config {str(path)!r}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"config {str(path)!r}: {exc}") from None
+        if "service" in data and "services" not in data:
+            data["services"] = data.pop("service")
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            data[k] = v
+    if extra_services:
+        services = list(data.get("services", []))
+        for i, text in enumerate(extra_services):
+            try:
+                services.append(parse_service_flag(text))
+            except ValueError as exc:
+                raise UsageError(f"--service #{i + 1} {text!r}: {exc}") from None
+        data["services"] = services
+    try:
+        return ConnectorConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UsageError(format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per error: `field.path: message (value: ...)`, joined with '; '."""
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        shown = "" if isinstance(value, dict | list) or value is None else f" (value: {value!r})"
+        out.append(f"{loc}: {msg}{shown}")
+    return "; ".join(out)

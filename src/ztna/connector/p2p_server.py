@@ -1,0 +1,249 @@
+"""The Connector's P2P QUIC server: direct connections from Agents on their own UDP socket.
+
+* Its own socket (default UDP 4434, separate from the relay socket), so dropping P2P traffic
+  never touches the relay and a NAT mapping learnt here belongs to this socket.
+* mTLS: the Agent's chain is verified by the endpoint; every service is checked against the
+  Agent's certificate (`identity.allows("agent", service)`, defect 5) before a DATAGRAM or a
+  stream is served. DATAGRAMs are 0x2F (service id + IP packet); replies are bare IP packets
+  on the same connection (a `ReplyPath` without a prefix). Streams start with `StreamOpen`.
+* QAD of *this* socket: a QUIC client connection from this same socket to the Intermediate
+  is kept open (pinged every `limits.NAT_KEEPALIVE_INTERVAL`, which also keeps the NAT
+  mapping alive); the Intermediate's QAD on it gives `public_address`. It never registers.
+* Hole punching (added later) plugs in through `raw_handler(data, addr, now)` — every
+  non-QUIC datagram on this socket (first byte < 0x40, the probes) — and `send_raw`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ztna.connector.paths import ReplyPath
+from ztna.connector.relay_link import backoff_delay
+from ztna.errors import DecodeError
+from ztna.identity import ChainVerifier, load_ca_file
+from ztna import limits
+from ztna.quic.config import TlsFiles, make_configuration
+from ztna.quic.connection import ConnectionHandler, ZtnaConnection
+from ztna.quic.endpoint import CLOSE_NO_ERROR, QuicEndpoint, ServerOptions, bind_udp, normalize_address
+from ztna.wire import (
+    SERVICE_DATAGRAM,
+    ControlDecoder,
+    NackStatus,
+    ObservedAddress,
+    Register,
+    RegistrationAck,
+    RegistrationNack,
+    Role,
+    decode_service_datagram,
+    encode_control,
+)
+
+if TYPE_CHECKING:
+    from ztna.connector.service import Connector
+
+log = logging.getLogger("ztna.connector")
+
+
+class _DirectHandler(ConnectionHandler):
+    __slots__ = ("server", "decoder", "allowed")
+
+    def __init__(self, server: P2PServer) -> None:
+        self.server = server
+        self.decoder = ControlDecoder()
+        self.allowed: dict[str, bool] = {}
+
+    def allows(self, conn: ZtnaConnection, service: str) -> bool:
+        ok = self.allowed.get(service)
+        if ok is None:
+            ident = conn.identity
+            ok = (ident is not None and service in self.server.connector.services
+                  and ident.allows("agent", service))
+            if len(self.allowed) < 256:
+                self.allowed[service] = ok
+        return ok
+
+    def on_handshake(self, conn: ZtnaConnection) -> None:
+        conn.user = ReplyPath(conn, None)
+        ident = conn.identity.common_name if conn.identity is not None else "?"
+        conn.label = f"{ident}@{normalize_address(conn.peer_address)[0]}"
+        log.info("direct connection from agent %s", conn.label)
+        host, port = normalize_address(conn.peer_address)
+        conn.send_control(encode_control(ObservedAddress(ip=host.split("%")[0], port=port)))
+        self.server.connections += 1
+
+    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+        try:
+            messages = self.decoder.feed(data)
+        except DecodeError:
+            conn.close(0x4, "bad control stream")
+            return
+        for msg in messages:
+            if isinstance(msg, Register):
+                if msg.role is Role.AGENT and self.allows(conn, msg.service_id):
+                    reply: object = RegistrationAck(service_id=msg.service_id)
+                else:
+                    reply = RegistrationNack(service_id=msg.service_id,
+                                             status=NackStatus.NOT_AUTHORIZED)
+                conn.send_control(encode_control(reply))
+
+    def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
+        path = conn.user
+        if path is None or not data or data[0] != SERVICE_DATAGRAM:
+            self.server.connector.stats.malformed += 1
+            return
+        try:
+            service, packet = decode_service_datagram(data)
+        except DecodeError:
+            self.server.connector.stats.malformed += 1
+            return
+        if not self.allows(conn, service):
+            self.server.connector.stats.not_authorized += 1
+            return
+        self.server.connector.on_packet(path, service, packet)
+
+    def on_stream_data(self, conn: ZtnaConnection, stream_id: int, data: bytes, end: bool) -> None:
+        if conn.user is None:
+            conn.reset_stream(stream_id)
+            return
+        self.server.connector.streams.on_stream_data(
+            conn, stream_id, data, end, authorize=lambda s: self.allows(conn, s))
+
+    def on_stream_reset(self, conn: ZtnaConnection, stream_id: int, error_code: int) -> None:
+        self.server.connector.streams.on_stream_reset(conn, stream_id)
+
+    def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
+        path = conn.user
+        if isinstance(path, ReplyPath):
+            log.info("direct connection %s closed: %s", conn.label, reason)
+            self.server.connector.path_down(path)
+        self.server.connector.streams.drop_conn(conn)
+
+
+class _QadHandler(ConnectionHandler):
+    def __init__(self, server: P2PServer) -> None:
+        self.server = server
+        self.decoder = ControlDecoder()
+        self.closed = asyncio.Event()
+
+    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+        try:
+            messages = self.decoder.feed(data)
+        except DecodeError:
+            conn.close(0x4, "bad control stream")
+            return
+        for msg in messages:
+            if isinstance(msg, ObservedAddress):
+                self.server.set_public_address(msg)
+
+    def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
+        self.closed.set()
+
+
+class P2PServer:
+    def __init__(self, connector: Connector, *, host: str, port: int, tls: TlsFiles,
+                 udp_payload: int, intermediate: tuple[str, int], server_name: str,
+                 rng: random.Random | None = None) -> None:
+        self.connector = connector
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.udp_payload = udp_payload
+        self.intermediate = intermediate
+        self.server_name = server_name
+        self.rng = rng or random.Random()
+        self.endpoint: QuicEndpoint | None = None
+        self.public_address: ObservedAddress | None = None
+        self.on_public_address: Callable[[ObservedAddress], None] | None = None
+        self.raw_handler: Callable[[bytes, tuple[Any, ...], float], None] | None = None
+        self.raw_ignored = 0
+        self.connections = 0
+        self._task: asyncio.Task[None] | None = None
+        self._qad_conn: ZtnaConnection | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        config = make_configuration(is_client=False, tls=self.tls, udp_payload=self.udp_payload)
+        options = ServerOptions(
+            configuration=config,
+            handler_factory=lambda: _DirectHandler(self),
+            verifier=ChainVerifier(load_ca_file(self.tls.ca)),
+            retry=True,
+        )
+        self.endpoint = QuicEndpoint(bind_udp(self.host, self.port), server=options,
+                                     raw_handler=self._raw)
+        log.info("P2P QUIC server on udp [%s]:%d", self.host, self.local_port)
+        self._task = asyncio.get_running_loop().create_task(self._qad_loop())
+
+    @property
+    def local_port(self) -> int:
+        assert self.endpoint is not None
+        return int(self.endpoint.local_address[1])
+
+    def send_raw(self, data: bytes, addr: tuple[Any, ...]) -> bool:
+        """Send a non-QUIC datagram (a probe) from the P2P socket."""
+        return self.endpoint is not None and self.endpoint.send_raw(data, addr)
+
+    def _raw(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
+        if self.raw_handler is not None:
+            self.raw_handler(data, addr, now)
+        else:
+            self.raw_ignored += 1
+
+    def set_public_address(self, addr: ObservedAddress) -> None:
+        if addr != self.public_address:
+            log.info("P2P socket public address (QAD): %s:%d", addr.ip, addr.port)
+        self.public_address = addr
+        if self.on_public_address is not None:
+            self.on_public_address(addr)
+
+    async def _qad_loop(self) -> None:
+        """Keep one QUIC client connection from the P2P socket to the Intermediate."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        assert self.endpoint is not None
+        while not self._stopping:
+            handler = _QadHandler(self)
+            conn = None
+            try:
+                host, port = self.intermediate
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+                if self.endpoint.family == socket.AF_INET:
+                    infos = [i for i in infos if i[0] == socket.AF_INET]
+                if not infos:
+                    raise OSError(f"no usable address for {host}")
+                config = make_configuration(is_client=True, tls=self.tls,
+                                            server_name=self.server_name,
+                                            udp_payload=self.udp_payload)
+                conn = self.endpoint.connect(infos[0][4][:2], config, handler)
+                self._qad_conn = conn
+                await asyncio.wait_for(conn.wait_handshake(), 10.0)
+                attempt = 0
+                while not conn.closed and not self._stopping:
+                    try:
+                        await asyncio.wait_for(handler.closed.wait(), limits.NAT_KEEPALIVE_INTERVAL)
+                    except asyncio.TimeoutError:
+                        conn.ping()
+            except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+                log.debug("P2P QAD connection failed: %s", exc)
+                if conn is not None:
+                    conn.close(CLOSE_NO_ERROR, "qad retry")
+            if self._stopping:
+                break
+            await asyncio.sleep(backoff_delay(attempt, self.rng))
+            attempt += 1
+
+    def close(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+        if self.endpoint is not None:
+            self.endpoint.close(reason="connector shutting down")
+
+    def shutdown_socket(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.shutdown_socket()

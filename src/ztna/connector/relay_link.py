@@ -1,0 +1,250 @@
+"""The Connector's connection to the Intermediate, kept alive for the life of the process.
+
+Theory of operation
+-------------------
+* One UDP socket (the relay socket, ephemeral unless `--relay-port`), one QUIC client
+  connection at a time. `run()` loops: resolve the Intermediate's name (asynchronously),
+  connect, handshake, register every service on the control stream, then watch.
+* Registration: each service is re-sent every `REGISTER_RETRY` seconds until its ACK or
+  NACK arrives (the control stream is reliable, but an Intermediate that is busy or just
+  restarted must not leave a service silently unregistered). NOT_AUTHORIZED /
+  INVALID_REQUEST / SERVICE_CONFLICT are final for this connection (logged as errors);
+  LIMIT_EXCEEDED / SHUTTING_DOWN are retried after `NACK_RETRY`.
+* Keepalive: a QUIC PING every `limits.KEEPALIVE_INTERVAL` (the idle timeout is 30 s).
+* Reconnect: exponential backoff with jitter, awaited with `asyncio.sleep` so it never
+  blocks the event loop (defect 17) — the P2P server, open flows and /metrics keep
+  running. A connection that lived `STABLE_AFTER` seconds resets the backoff. Every
+  reconnect re-registers every service.
+* `GoAway` closes the connection and reconnects after the backoff; `AgentGone` is handed
+  to the sink so that Agent's relay flows are dropped at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ztna import limits
+from ztna.errors import DecodeError
+from ztna.quic.connection import ConnectionHandler, ZtnaConnection
+from ztna.quic.endpoint import CLOSE_NO_ERROR, QuicEndpoint
+from ztna.wire import (
+    AgentGone,
+    ControlDecoder,
+    GoAway,
+    NackStatus,
+    ObservedAddress,
+    Register,
+    RegistrationAck,
+    RegistrationNack,
+    Role,
+    encode_control,
+)
+
+log = logging.getLogger("ztna.connector")
+
+HANDSHAKE_TIMEOUT = 10.0
+REGISTER_RETRY = 2.0
+NACK_RETRY = 30.0
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+STABLE_AFTER = 10.0
+_FINAL_NACKS = frozenset({NackStatus.NOT_AUTHORIZED, NackStatus.INVALID_REQUEST,
+                          NackStatus.SERVICE_CONFLICT})
+
+
+def backoff_delay(attempt: int, rng: random.Random, *, base: float = BACKOFF_BASE,
+                  cap: float = BACKOFF_CAP) -> float:
+    """Exponential backoff with "equal jitter": half fixed, half random, capped."""
+    d = min(cap, base * (2 ** min(attempt, 30)))
+    return d / 2 + rng.uniform(0, d / 2)
+
+
+class LinkSink(Protocol):
+    def relay_up(self, conn: ZtnaConnection) -> None: ...
+    def relay_down(self, conn: ZtnaConnection) -> None: ...
+    def relay_datagram(self, conn: ZtnaConnection, data: bytes) -> None: ...
+    def relay_stream_data(self, conn: ZtnaConnection, sid: int, data: bytes, end: bool) -> None: ...
+    def relay_stream_reset(self, conn: ZtnaConnection, sid: int) -> None: ...
+    def agent_gone(self, agent_id: int) -> None: ...
+
+
+class RelayLink(ConnectionHandler):
+    def __init__(self, endpoint: QuicEndpoint, *, host: str, port: int,
+                 config_factory: Callable[[], Any], services: list[str], sink: LinkSink,
+                 rng: random.Random | None = None) -> None:
+        self.endpoint = endpoint
+        self.host = host
+        self.port = port
+        self.config_factory = config_factory
+        self.services = services
+        self.sink = sink
+        self.rng = rng or random.Random()
+        self.conn: ZtnaConnection | None = None
+        self.state = "starting"
+        self.registration: dict[str, str] = {s: "pending" for s in services}
+        self.public_address: ObservedAddress | None = None
+        self.connects = 0
+        self.reconnects = 0
+        self.last_error = ""
+        self._decoder = ControlDecoder()
+        self._sent_at: dict[str, float] = {}
+        self._closed = asyncio.Event()
+        self._stopping = asyncio.Event()
+
+    # ------------------------------------------------------------------ status
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None and self.conn.is_established
+
+    @property
+    def all_registered(self) -> bool:
+        return self.connected and all(v == "registered" for v in self.registration.values())
+
+    # ------------------------------------------------------------------ main loop
+    async def run(self) -> None:
+        attempt = 0
+        loop = asyncio.get_running_loop()
+        while not self._stopping.is_set():
+            self.state = "connecting"
+            started = loop.time()
+            conn = await self._connect_once()
+            if conn is not None:
+                await self._serve(conn)
+                if loop.time() - started >= STABLE_AFTER:
+                    attempt = 0
+            if self._stopping.is_set():
+                break
+            delay = backoff_delay(attempt, self.rng)
+            attempt += 1
+            self.reconnects += 1
+            self.state = "backoff"
+            log.info("reconnecting to the intermediate in %.1fs (%s)", delay, self.last_error)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+        self.state = "stopped"
+
+    async def _connect_once(self) -> ZtnaConnection | None:
+        loop = asyncio.get_running_loop()
+        conn = None
+        try:
+            infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)
+            if self.endpoint.family == socket.AF_INET:
+                infos = [i for i in infos if i[0] == socket.AF_INET]
+            if not infos:
+                raise OSError(f"no usable address for {self.host}")
+            addr = infos[0][4][:2]
+            self._decoder = ControlDecoder()
+            self._closed = asyncio.Event()
+            conn = self.endpoint.connect(addr, self.config_factory(), self)
+            await asyncio.wait_for(conn.wait_handshake(), HANDSHAKE_TIMEOUT)
+        except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+            self.last_error = str(exc) or type(exc).__name__
+            log.warning("cannot connect to the intermediate %s:%d: %s", self.host, self.port,
+                        self.last_error)
+            if conn is not None:
+                conn.close(CLOSE_NO_ERROR, "handshake timeout")
+            return None
+        return conn
+
+    async def _serve(self, conn: ZtnaConnection) -> None:
+        loop = asyncio.get_running_loop()
+        self.conn = conn
+        self.connects += 1
+        self.state = "connected"
+        self.registration = {s: "pending" for s in self.services}
+        self._sent_at = {}
+        log.info("connected to the intermediate %s (%s)", conn.peer_address[0], self.host)
+        self.sink.relay_up(conn)
+        last_ping = loop.time()
+        try:
+            while not conn.closed and not self._stopping.is_set():
+                now = loop.time()
+                self._register_due(conn, now)
+                if now - last_ping >= limits.KEEPALIVE_INTERVAL:
+                    conn.ping()
+                    last_ping = now
+                try:
+                    await asyncio.wait_for(self._closed.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            if self.conn is conn:
+                self.conn = None
+            if not conn.closed:
+                conn.close(CLOSE_NO_ERROR, "connector stopping")
+            self.state = "disconnected"
+            self.sink.relay_down(conn)
+
+    def _register_due(self, conn: ZtnaConnection, now: float) -> None:
+        for service, state in self.registration.items():
+            if state == "registered" or state.startswith("refused"):
+                continue
+            retry = NACK_RETRY if state.startswith("nack") else REGISTER_RETRY
+            if now - self._sent_at.get(service, -1e9) >= retry:
+                self._sent_at[service] = now
+                conn.send_control(encode_control(Register(role=Role.CONNECTOR,
+                                                          service_id=service)))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._closed.set()
+        if self.conn is not None:
+            self.conn.close(CLOSE_NO_ERROR, "connector shutting down")
+
+    # ------------------------------------------------------------------ connection events
+    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+        try:
+            messages = self._decoder.feed(data)
+        except DecodeError as exc:
+            log.warning("bad control stream from the intermediate (%s); reconnecting", exc)
+            conn.close(0x4, "bad control stream")
+            return
+        for msg in messages:
+            self._on_message(conn, msg)
+
+    def _on_message(self, conn: ZtnaConnection, msg: object) -> None:
+        if isinstance(msg, RegistrationAck):
+            if self.registration.get(msg.service_id) != "registered":
+                log.info("service %r registered with the intermediate", msg.service_id)
+            self.registration[msg.service_id] = "registered"
+        elif isinstance(msg, RegistrationNack):
+            if msg.status in _FINAL_NACKS:
+                self.registration[msg.service_id] = f"refused: {msg.status.name}"
+                log.error("intermediate refused service %r: %s (check the connector "
+                          "certificate's ztna SANs)", msg.service_id, msg.status.name)
+            else:
+                self.registration[msg.service_id] = f"nack: {msg.status.name}"
+                log.warning("intermediate deferred service %r: %s; retrying in %.0fs",
+                            msg.service_id, msg.status.name, NACK_RETRY)
+        elif isinstance(msg, ObservedAddress):
+            if msg != self.public_address:
+                log.info("relay socket public address (QAD): %s:%d", msg.ip, msg.port)
+            self.public_address = msg
+        elif isinstance(msg, AgentGone):
+            self.sink.agent_gone(msg.agent)
+        elif isinstance(msg, GoAway):
+            log.info("intermediate going away (%s); reconnecting", msg.reason)
+            self.last_error = f"goaway: {msg.reason}"
+            conn.close(CLOSE_NO_ERROR, "goaway")
+
+    def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
+        self.sink.relay_datagram(conn, data)
+
+    def on_stream_data(self, conn: ZtnaConnection, stream_id: int, data: bytes, end: bool) -> None:
+        self.sink.relay_stream_data(conn, stream_id, data, end)
+
+    def on_stream_reset(self, conn: ZtnaConnection, stream_id: int, error_code: int) -> None:
+        self.sink.relay_stream_reset(conn, stream_id)
+
+    def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
+        if conn is self.conn or self.conn is None:
+            self.last_error = reason
+            log.warning("connection to the intermediate closed: %s", reason)
+        self._closed.set()

@@ -1,0 +1,352 @@
+"""The App Connector: wires the relay link, the P2P server and the flow tables together.
+
+Packet path (hot, no per-packet logging): a 0x30 DATAGRAM from the Intermediate (or 0x2F on
+a direct connection) → `on_packet(path, service, packet)` → the service's virtual IPs are
+checked (anything else is dropped and counted) → by protocol: `TcpFlows` (TCP-in-DATAGRAM),
+`UdpFlows`, or an ICMP echo reply. Streams go to `StreamTable`. Every reply goes back on the
+`ReplyPath` the flow came from.
+
+Sockets: the relay socket (client connection to the Intermediate, ephemeral unless
+`relay_port`) and the P2P socket (server for direct Agents, default 4434) are separate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import signal
+import socket
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ztna.connector import icmp
+from ztna.connector.config import ConnectorConfig, ServiceConfig
+from ztna.connector.p2p_server import P2PServer
+from ztna.connector.paths import ReplyPath
+from ztna.connector.relay_link import RelayLink
+from ztna.connector.streams import StreamTable
+from ztna.connector.tcp_flows import TcpFlows
+from ztna.connector.udp_flows import UdpFlows
+from ztna.errors import DecodeError
+from ztna.netstack.packets import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, parse_ip
+from ztna.quic.config import TlsFiles, make_configuration
+from ztna.quic.connection import ZtnaConnection
+from ztna.quic.endpoint import QuicEndpoint, bind_udp
+from ztna.wire import TO_CONNECTOR, decode_to_connector
+
+log = logging.getLogger("ztna.connector")
+
+SWEEP_INTERVAL = 1.0
+RESOLVE_INTERVAL = 30.0
+
+
+@dataclass
+class ConnectorStats:
+    """Plain counters on the hot path; exported at scrape time (ztna.connector.metrics)."""
+
+    packets_in: int = 0
+    malformed: int = 0
+    unknown_service: int = 0
+    not_virtual_ip: int = 0
+    not_authorized: int = 0
+    unsupported_proto: int = 0
+    icmp_echo_replies: int = 0
+    icmp_dropped: int = 0
+    packet_too_big_sent: int = 0
+    udp_to_backend: int = 0
+    udp_to_agent: int = 0
+    udp_backend_drops: int = 0
+    udp_agent_drops: int = 0
+    udp_backend_refused: int = 0
+    udp_no_such_port: int = 0
+    udp_flow_limit: int = 0
+    udp_unresolved: int = 0
+    udp_reply_too_big: int = 0
+    udp_flows_opened: int = 0
+    udp_flows_expired: int = 0
+    tcp_segments_in: int = 0
+    tcp_segments_out: int = 0
+    tcp_bytes_to_backend: int = 0
+    tcp_bytes_to_agent: int = 0
+    tcp_rst_unknown: int = 0
+    tcp_no_such_port: int = 0
+    tcp_session_limit: int = 0
+    tcp_syn_rate_limited: int = 0
+    tcp_backend_failures: int = 0
+    tcp_sessions_opened: int = 0
+    tcp_sessions_closed: int = 0
+    tcp_resets: int = 0
+    streams_opened: int = 0
+    streams_closed: int = 0
+    streams_refused: int = 0
+    stream_resets: int = 0
+    stream_bad_header: int = 0
+    stream_backend_failures: int = 0
+    stream_bytes_to_backend: int = 0
+    stream_bytes_to_agent: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Backend:
+    __slots__ = ("host", "port", "resolved")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.resolved: tuple[int, tuple[Any, ...]] | None = None
+        try:
+            ip = ipaddress.ip_address(host)
+            fam = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+            self.resolved = (fam, (host, port))
+        except ValueError:
+            pass
+
+
+class ServiceState:
+    """Runtime form of a ServiceConfig: packed virtual IPs and backends per virtual port."""
+
+    __slots__ = ("cfg", "id", "vips", "tcp_backends", "udp_backends", "icmp", "udp_flows")
+
+    def __init__(self, cfg: ServiceConfig) -> None:
+        self.cfg = cfg
+        self.id = cfg.id
+        self.vips = cfg.packed_vips
+        self.tcp_backends = {p: Backend(b.host, b.port) for p, b in cfg.tcp.items()}
+        self.udp_backends = {p: Backend(b.host, b.port) for p, b in cfg.udp.items()}
+        self.icmp = cfg.icmp
+        self.udp_flows = 0
+
+
+class Connector:
+    def __init__(self, cfg: ConnectorConfig, *, rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.rng = rng or random.SystemRandom()
+        self.stats = ConnectorStats()
+        self.services = {s.id: ServiceState(s) for s in cfg.services}
+        self.tls = TlsFiles(cert=cfg.cert, key=cfg.key, ca=cfg.ca)
+        self.relay_paths: dict[int, ReplyPath] = {}
+        self.relay: RelayLink | None = None
+        self.relay_endpoint: QuicEndpoint | None = None
+        self.p2p: P2PServer | None = None
+        self.metrics_server: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.udp: UdpFlows
+        self.tcp: TcpFlows
+        self.streams: StreamTable
+        self.started_at = 0.0
+        self.stopping = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopped = asyncio.Event()
+        self._kick_scheduled = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        loop = self.loop = asyncio.get_running_loop()
+        self.started_at = loop.time()
+        lim = self.cfg.limits
+        self.udp = UdpFlows(loop, self.stats, total_limit=lim.udp_flows_total,
+                            per_service_limit=lim.udp_flows_per_service,
+                            idle_timeout=lim.udp_idle_timeout)
+        self.tcp = TcpFlows(loop, self.stats, max_sessions=lim.tcp_sessions,
+                            syn_rate=lim.tcp_syn_per_source_per_second,
+                            connect_timeout=lim.tcp_connect_timeout, buffer=lim.tcp_buffer,
+                            flow_control=lim.flow_control, rng=self.rng)
+        self.streams = StreamTable(loop, self.stats, self.services, max_streams=lim.streams,
+                                   connect_timeout=lim.tcp_connect_timeout)
+        await self._resolve_backends()
+        inter = self.cfg.intermediate
+        # Relay socket: its own UDP socket (ephemeral by default).
+        self.relay_endpoint = QuicEndpoint(bind_udp(self.cfg.relay_host, self.cfg.relay_port))
+        log.info("relay socket on udp [%s]:%d", self.cfg.relay_host,
+                 self.relay_endpoint.local_address[1])
+        self.relay = RelayLink(
+            self.relay_endpoint, host=inter.host, port=inter.port,
+            config_factory=lambda: make_configuration(
+                is_client=True, tls=self.tls, server_name=self.cfg.tls_name(),
+                udp_payload=self.cfg.udp_payload),
+            services=list(self.services), sink=self, rng=random.Random(self.rng.random()))
+        self._tasks.append(loop.create_task(self.relay.run()))
+        if self.cfg.p2p_port is not None:
+            self.p2p = P2PServer(self, host=self.cfg.p2p_host, port=self.cfg.p2p_port,
+                                 tls=self.tls, udp_payload=self.cfg.udp_payload,
+                                 intermediate=(inter.host, inter.port),
+                                 server_name=self.cfg.tls_name(),
+                                 rng=random.Random(self.rng.random()))
+            self.p2p.start()
+        if self.cfg.metrics is not None:
+            from ztna.connector.metrics import start_metrics
+
+            self.metrics_server = await start_metrics(self, self.cfg.metrics.host,
+                                                      self.cfg.metrics.port)
+        self._tasks.append(loop.create_task(self._sweeper()))
+        for s in self.services.values():
+            log.info("service %r: %s tcp %s udp %s icmp %s", s.id, ",".join(s.cfg.virtual_ips),
+                     {p: str(b) for p, b in s.cfg.tcp.items()} or "-",
+                     {p: str(b) for p, b in s.cfg.udp.items()} or "-", "on" if s.icmp else "off")
+
+    async def stop(self) -> None:
+        """Graceful: RST open TCP sessions, reset streams, close QUIC, release sockets."""
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("shutting down")
+        if self.relay is not None:
+            self.relay.stop()
+        self.tcp.close_all()
+        self.streams.close_all()
+        self.udp.close_all()
+        if self.p2p is not None:
+            self.p2p.close()
+        if self.relay_endpoint is not None:
+            self.relay_endpoint.close(reason="connector shutting down")
+        await asyncio.sleep(0.1)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.p2p is not None:
+            self.p2p.shutdown_socket()
+        if self.relay_endpoint is not None:
+            self.relay_endpoint.shutdown_socket()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
+        self._stopped.set()
+
+    async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+        await self.start()
+        await self._stopped.wait()
+
+    async def _resolve_backends(self) -> None:
+        assert self.loop is not None
+        for svc in self.services.values():
+            for b in svc.udp_backends.values():
+                if b.resolved is not None and b.host.replace(".", "").isdigit():
+                    continue
+                try:
+                    infos = await self.loop.getaddrinfo(b.host, b.port, type=socket.SOCK_DGRAM)
+                    b.resolved = (infos[0][0], infos[0][4][:2])
+                except (OSError, IndexError) as exc:
+                    log.warning("cannot resolve UDP backend %s:%d of %r: %s", b.host, b.port,
+                                svc.id, exc)
+
+    async def _sweeper(self) -> None:
+        assert self.loop is not None
+        last_resolve = self.loop.time()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = self.loop.time()
+            self.udp.sweep(now)
+            for agent_id in [a for a, p in self.relay_paths.items() if not p.alive]:
+                del self.relay_paths[agent_id]
+            if now - last_resolve >= RESOLVE_INTERVAL:
+                last_resolve = now
+                await self._resolve_backends()
+
+    # ------------------------------------------------------------------ relay sink
+    def relay_up(self, conn: ZtnaConnection) -> None:
+        pass
+
+    def relay_down(self, conn: ZtnaConnection) -> None:
+        for path in list(self.relay_paths.values()):
+            self.path_down(path)
+        self.relay_paths.clear()
+        self.streams.drop_conn(conn)
+
+    def agent_gone(self, agent_id: int) -> None:
+        path = self.relay_paths.pop(agent_id, None)
+        if path is not None:
+            self.path_down(path)
+
+    def path_down(self, path: ReplyPath) -> None:
+        path.alive = False
+        self.tcp.drop_path(path)
+        self.udp.drop_path(path)
+
+    def relay_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
+        if not data or data[0] != TO_CONNECTOR:
+            if data and data[0] != 0x01:      # QAD as DATAGRAM is informational
+                self.stats.malformed += 1
+            return
+        try:
+            agent_id, service, packet = decode_to_connector(data)
+        except DecodeError:
+            self.stats.malformed += 1
+            return
+        path = self.relay_paths.get(agent_id)
+        if path is None or path.conn is not conn:
+            path = self.relay_paths[agent_id] = ReplyPath(conn, agent_id)
+        self.on_packet(path, service, packet)
+
+    def relay_stream_data(self, conn: ZtnaConnection, sid: int, data: bytes, end: bool) -> None:
+        self.streams.on_stream_data(conn, sid, data, end, authorize=None)
+
+    def relay_stream_reset(self, conn: ZtnaConnection, sid: int) -> None:
+        self.streams.on_stream_reset(conn, sid)
+
+    # ------------------------------------------------------------------ the packet path
+    def on_packet(self, path: ReplyPath, service_id: str, packet: memoryview) -> None:
+        stats = self.stats
+        stats.packets_in += 1
+        svc = self.services.get(service_id)
+        if svc is None:
+            stats.unknown_service += 1
+            return
+        try:
+            ip = parse_ip(packet)
+            if ip.dst not in svc.vips:
+                stats.not_virtual_ip += 1
+                return
+            proto = ip.proto
+            now = self.loop.time()  # type: ignore[union-attr]
+            if proto == PROTO_TCP:
+                self.tcp.on_packet(path, svc, ip, packet, now)
+            elif proto == PROTO_UDP:
+                limit = path.max_packet()
+                if ip.total_len > limit:
+                    # Its reply could not come back on this path: tell the Agent's stack.
+                    reply = icmp.packet_too_big(packet, src=ip.dst, mtu=limit)
+                    if reply is not None and len(reply) <= limit:
+                        path.send(reply)
+                        stats.packet_too_big_sent += 1
+                    return
+                self.udp.on_packet(path, svc, ip, packet, now)
+            elif proto == PROTO_ICMP or proto == PROTO_ICMPV6:
+                reply = icmp.echo_reply(packet) if svc.icmp else None
+                if reply is not None and path.send(reply):
+                    stats.icmp_echo_replies += 1
+                else:
+                    stats.icmp_dropped += 1
+            else:
+                stats.unsupported_proto += 1
+        except DecodeError:
+            stats.malformed += 1
+        if self.tcp.has_starved and not self._kick_scheduled:
+            # A DATAGRAM arrived: ACKs may have opened the congestion window.
+            self._kick_scheduled = True
+            self.loop.call_soon(self._kick)  # type: ignore[union-attr]
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        self.tcp.kick()
+
+    # ------------------------------------------------------------------ status
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        relay = self.relay
+        ok = (not self.stopping and relay is not None and relay.all_registered)
+        detail: dict[str, Any] = {
+            "relay": relay.state if relay else "none",
+            "services": dict(relay.registration) if relay else {},
+            "tcp_sessions": len(self.tcp), "udp_flows": len(self.udp),
+            "streams": len(self.streams),
+        }
+        if self.p2p is not None:
+            pa = self.p2p.public_address
+            detail["p2p_port"] = self.p2p.local_port
+            detail["p2p_public"] = f"{pa.ip}:{pa.port}" if pa else None
+        return ok, detail

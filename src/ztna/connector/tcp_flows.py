@@ -1,0 +1,333 @@
+"""TCP carried as IP packets in DATAGRAMs: one `ztna.netstack.tcp.TcpEndpoint` per flow,
+driven here, relayed to a real backend TCP connection.
+
+Theory of operation
+-------------------
+* A SYN to a virtual IP and a port the service exposes creates a flow: a `TcpEndpoint`
+  (pure state machine; we pass `now`) plus an asyncio connection to the backend. The
+  SYN-ACK leaves only once the backend accepted (`accept()`), a refused/unreachable backend
+  becomes a RST (`refuse()`). Segments of unknown flows and SYNs to ports the service does
+  not expose get RST; SYN floods are limited per (path, source IP) by a token bucket, and
+  concurrent sessions by a total cap.
+* MSS clamping: the MSS we announce is derived from the path's live DATAGRAM payload
+  (`ReplyPath.tcp_mss`), so no segment we send ever needs fragmenting.
+* `pump(flow)` is the one place that moves bytes, called after every event:
+  - toward the backend we read from the endpoint only as much as the backend transport can
+    take below its high-water mark, so the window the endpoint advertises follows the free
+    space toward the backend (flow control, seed Phase 2);
+  - toward the Agent we `poll()` with the connection's `datagram_budget()`: when the
+    DATAGRAM queue/congestion window is full nothing is dropped, the endpoint's send buffer
+    fills up and we pause reading the backend (back-pressure). Budget-starved flows are
+    re-pumped by a short timer.
+* One `call_at` timer per flow follows `next_deadline()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from typing import TYPE_CHECKING, Any
+
+from ztna.netstack.packets import ACK, RST, SYN, IpHeader, parse_tcp
+from ztna.netstack.tcp import TcpEndpoint, TcpState, rst_for_unexpected
+
+if TYPE_CHECKING:
+    from ztna.connector.paths import ReplyPath
+    from ztna.connector.service import ConnectorStats, ServiceState
+
+log = logging.getLogger("ztna.connector")
+
+WRITE_HIGH = 256 * 1024      # backend transport write buffer high-water mark
+WRITE_LOW = 64 * 1024
+STARVED_RETRY = 0.001        # seconds: re-poll flows that ran out of DATAGRAM budget
+UNLIMITED = 1 << 30
+
+
+class TcpFlow(asyncio.Protocol):
+    """One TCP session: the endpoint facing the Agent and the backend connection."""
+
+    def __init__(self, table: TcpFlows, key: tuple[Any, ...], path: ReplyPath,
+                 service: ServiceState, ep: TcpEndpoint) -> None:
+        self.table = table
+        self.key = key
+        self.path = path
+        self.service = service
+        self.ep = ep
+        self.transport: asyncio.Transport | None = None
+        self.pending = b""            # backend bytes the endpoint could not take yet
+        self.backend_eof = False
+        self.backend_shut = False     # we sent EOF (write_eof) to the backend
+        self.write_paused = False
+        self.read_paused = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at: float | None = None
+        self.done = False
+        self.connect_task: asyncio.Task[Any] | None = None
+
+    # ------------------------------------------------------------------ backend protocol
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        if self.done:
+            transport.abort()
+            return
+        self.ep.accept(now=self.table.loop.time())
+        self.table.pump(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.pending:
+            self.pending += data
+        else:
+            n = self.ep.send(data)
+            if n < len(data):
+                self.pending = data[n:]
+        self.table.stats.tcp_bytes_to_agent += len(data)
+        self.table.pump(self)
+
+    def eof_received(self) -> bool:
+        self.backend_eof = True
+        self.table.pump(self)
+        return True           # keep our write side open: half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.done:
+            return
+        if exc is not None:
+            self.ep.abort(now=self.table.loop.time())
+        else:
+            self.backend_eof = True
+        self.table.pump(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.table.pump(self)
+
+
+class TcpFlows:
+    def __init__(self, loop: asyncio.AbstractEventLoop, stats: ConnectorStats, *,
+                 max_sessions: int, syn_rate: float, connect_timeout: float, buffer: int,
+                 flow_control: bool = True, rng: random.Random | None = None) -> None:
+        self.loop = loop
+        self.stats = stats
+        self.max_sessions = max_sessions
+        self.syn_rate = syn_rate
+        self.connect_timeout = connect_timeout
+        self.buffer = buffer
+        self.flow_control = flow_control
+        self.rng = rng or random.SystemRandom()
+        self.flows: dict[tuple[Any, ...], TcpFlow] = {}
+        self._syn_buckets: dict[tuple[Any, bytes], tuple[float, float]] = {}
+        self._starved: set[TcpFlow] = set()
+        self._kick: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self.flows)
+
+    # ------------------------------------------------------------------ Agent → us
+    def on_packet(self, path: ReplyPath, service: ServiceState, ip: IpHeader,
+                  packet: memoryview, now: float) -> None:
+        seg = parse_tcp(packet, ip)
+        key = (path, ip.src, seg.sport, ip.dst, seg.dport)
+        flow = self.flows.get(key)
+        flags = seg.flags
+        is_syn = flags & (SYN | ACK | RST) == SYN
+        if flow is not None and is_syn and flow.ep.state in (TcpState.TIME_WAIT, TcpState.CLOSED):
+            self._finish(flow)            # port reuse after a close: start over
+            flow = None
+        if flow is None:
+            if not is_syn:
+                self.stats.tcp_rst_unknown += 1
+                self._rst(path, seg, ip)
+                return
+            flow = self._open(key, path, service, ip, seg, now)
+            if flow is None:
+                return
+        self.stats.tcp_segments_in += 1
+        flow.ep.on_segment(seg, now=now)
+        self.pump(flow)
+
+    def _open(self, key: tuple[Any, ...], path: ReplyPath, service: ServiceState,
+              ip: IpHeader, seg: Any, now: float) -> TcpFlow | None:
+        backend = service.tcp_backends.get(seg.dport)
+        if backend is None:
+            self.stats.tcp_no_such_port += 1
+            self._rst(path, seg, ip)
+            return None
+        if len(self.flows) >= self.max_sessions:
+            self.stats.tcp_session_limit += 1
+            self._rst(path, seg, ip)
+            return None
+        if not self._admit_syn((path, ip.src), now):
+            self.stats.tcp_syn_rate_limited += 1
+            return None                   # silently: a flood must not cost us replies
+        ep = TcpEndpoint(local_ip=ip.dst, local_port=seg.dport, remote_ip=ip.src,
+                         remote_port=seg.sport, isn=self.rng.getrandbits(32),
+                         mss=max(64, path.tcp_mss(ip.version)), now=now,
+                         recv_buffer=self.buffer, send_buffer=self.buffer)
+        flow = TcpFlow(self, key, path, service, ep)
+        self.flows[key] = flow
+        path.flows += 1
+        self.stats.tcp_sessions_opened += 1
+        flow.connect_task = self.loop.create_task(self._connect(flow, backend.host, backend.port))
+        return flow
+
+    async def _connect(self, flow: TcpFlow, host: str, port: int) -> None:
+        try:
+            await asyncio.wait_for(self.loop.create_connection(lambda: flow, host, port),
+                                   self.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.stats.tcp_backend_failures += 1
+            log.debug("backend %s:%d refused/unreachable: %s", host, port, exc)
+            if not flow.done:
+                flow.ep.refuse(now=self.loop.time())
+                self.pump(flow)
+
+    def _admit_syn(self, key: tuple[Any, bytes], now: float) -> bool:
+        rate = self.syn_rate
+        tokens, last = self._syn_buckets.get(key, (rate, now))
+        tokens = min(rate, tokens + (now - last) * rate)
+        if tokens < 1.0:
+            self._syn_buckets[key] = (tokens, now)
+            return False
+        self._syn_buckets[key] = (tokens - 1.0, now)
+        if len(self._syn_buckets) > 65536:
+            for k in list(self._syn_buckets)[:16384]:
+                del self._syn_buckets[k]
+        return True
+
+    def _rst(self, path: ReplyPath, seg: Any, ip: IpHeader) -> None:
+        pkt = rst_for_unexpected(seg, ip)
+        if pkt is not None:
+            path.send(pkt)
+
+    # ------------------------------------------------------------------ the pump
+    def pump(self, flow: TcpFlow) -> None:
+        if flow.done:
+            return
+        ep = flow.ep
+        now = self.loop.time()
+        transport = flow.transport
+        # Toward the backend: only what its transport can take (window follows free space).
+        if transport is not None and not transport.is_closing():
+            if self.flow_control:
+                room = WRITE_HIGH - transport.get_write_buffer_size()
+                data = ep.read(room) if room > 0 else b""
+            else:
+                data = ep.read()
+            if data:
+                transport.write(data)
+                self.stats.tcp_bytes_to_backend += len(data)
+            if ep.peer_closed and not flow.backend_shut:
+                flow.backend_shut = True
+                if transport.can_write_eof():
+                    transport.write_eof()          # Agent's FIN → backend half-close
+        # From the backend: what the endpoint's send buffer could not take yet.
+        if flow.pending and ep.send_space() > 0:
+            n = ep.send(flow.pending)
+            flow.pending = flow.pending[n:]
+        if flow.backend_eof and not flow.pending and ep.established:
+            ep.close(now=now)                      # backend EOF → FIN (after all data)
+        # Toward the Agent, within the DATAGRAM budget.
+        path = flow.path
+        budget = path.budget() if self.flow_control else UNLIMITED
+        if budget > 0:
+            pkts = ep.poll(now=now, budget=budget)
+            for pkt in pkts:
+                path.send(pkt)
+            self.stats.tcp_segments_out += len(pkts)
+            starved = len(pkts) >= budget
+        else:
+            starved = True
+        if starved:
+            self._starve(flow)
+        # Back-pressure on the backend: stop reading while the endpoint cannot take more.
+        if transport is not None:
+            want_pause = bool(flow.pending)
+            if want_pause != flow.read_paused and not transport.is_closing():
+                flow.read_paused = want_pause
+                if want_pause:
+                    transport.pause_reading()
+                else:
+                    transport.resume_reading()
+        if ep.closed:
+            self._finish(flow)
+            return
+        deadline = ep.next_deadline()
+        if deadline != flow.timer_at:
+            if flow.timer is not None:
+                flow.timer.cancel()
+            flow.timer_at = deadline
+            flow.timer = self.loop.call_at(deadline, self._on_timer, flow) if deadline else None
+
+    def _on_timer(self, flow: TcpFlow) -> None:
+        flow.timer = None
+        flow.timer_at = None
+        if not flow.done:
+            flow.ep.on_timer(now=self.loop.time())
+            self.pump(flow)
+
+    def _starve(self, flow: TcpFlow) -> None:
+        self._starved.add(flow)
+        if self._kick is None:
+            self._kick = self.loop.call_later(STARVED_RETRY, self.kick)
+
+    def kick(self) -> None:
+        """Re-pump flows that ran out of DATAGRAM budget (the congestion window may have
+        opened). Also called when a DATAGRAM arrives on a connection."""
+        if self._kick is not None:
+            self._kick.cancel()
+            self._kick = None
+        starved, self._starved = self._starved, set()
+        for flow in starved:
+            self.pump(flow)
+
+    @property
+    def has_starved(self) -> bool:
+        return bool(self._starved)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _finish(self, flow: TcpFlow) -> None:
+        if flow.done:
+            return
+        flow.done = True
+        if self.flows.get(flow.key) is flow:
+            del self.flows[flow.key]
+            flow.path.flows -= 1
+        self._starved.discard(flow)
+        if flow.timer is not None:
+            flow.timer.cancel()
+            flow.timer = None
+        if flow.transport is not None:
+            if flow.ep.reset:
+                flow.transport.abort()
+                self.stats.tcp_resets += 1
+            else:
+                flow.transport.close()
+        elif flow.connect_task is not None and not flow.connect_task.done():
+            flow.connect_task.cancel()
+        self.stats.tcp_sessions_closed += 1
+
+    def drop_path(self, path: ReplyPath) -> None:
+        for flow in [f for f in self.flows.values() if f.path is path]:
+            flow.ep.abort(now=self.loop.time())
+            self._finish(flow)
+
+    def close_all(self) -> None:
+        now = self.loop.time()
+        for flow in list(self.flows.values()):
+            flow.ep.abort(now=now)
+            for pkt in flow.ep.poll(now=now, budget=1):
+                flow.path.send(pkt)        # tell the Agent (RST) on a graceful shutdown
+            self._finish(flow)
