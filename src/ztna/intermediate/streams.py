@@ -1,0 +1,217 @@
+"""Splicing TCP-carrying QUIC streams: Agent stream ↔ Connector stream.
+
+An Agent opens a client bidirectional stream that starts with `StreamOpen` (docs/protocol.md
+§5). Once the header is complete we check the Agent is registered for the service, pick the
+Connector with `registry.connector_for(service, key)`, open a server-initiated stream on the
+Connector's connection, send `RelayedStreamOpen(agent_id, ...)` and from then on copy bytes
+both ways. Refusals here answer the Agent with the Connector's status byte + FIN
+(NOT_AUTHORIZED, UNREACHABLE when no Connector, LIMIT).
+
+Back-pressure: bytes read from one leg are credited back to its sender (`consume_stream`)
+only while the other leg's unacknowledged send backlog is below `BACKLOG_LIMIT`. We re-check
+on every stream event and, while any leg holds uncredited bytes, every `RECHECK` seconds
+(aioquic has no "acked" event). FIN ↔ FIN, reset ↔ reset; a peer that goes away resets the
+other leg of each of its splices. At most `MAX_SPLICES_PER_PEER` per Agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ztna.errors import DecodeError
+from ztna.wire.stream_header import (
+    RelayedStreamOpen,
+    StreamOpen,
+    StreamStatus,
+    decode_stream_header,
+    encode_stream_open,
+    encode_stream_status,
+)
+
+if TYPE_CHECKING:
+    from ztna.quic.connection import ZtnaConnection
+
+log = logging.getLogger("ztna.intermediate")
+
+BACKLOG_LIMIT = 512 * 1024
+RECHECK = 0.005
+MAX_SPLICES_PER_PEER = 1024
+HEADER_LIMIT = 128
+
+
+class _Leg:
+    __slots__ = ("conn", "sid", "peer", "other", "owed", "fin_in", "splice")
+
+    def __init__(self, conn: ZtnaConnection, sid: int, peer: int, splice: _Splice) -> None:
+        self.conn = conn
+        self.sid = sid
+        self.peer = peer
+        self.other: _Leg | None = None
+        self.owed = 0          # bytes read from this leg and forwarded, not yet credited
+        self.fin_in = False
+        self.splice = splice
+
+
+class _Splice:
+    __slots__ = ("agent", "connector", "head", "done")
+
+    def __init__(self) -> None:
+        self.agent: _Leg | None = None
+        self.connector: _Leg | None = None
+        self.head = b""
+        self.done = False
+
+
+class StreamSplicer:
+    def __init__(self, intermediate: Any) -> None:
+        self.srv = intermediate
+        self.legs: dict[tuple[int, int], _Leg] = {}
+        self.per_peer: dict[int, int] = {}
+        self.spliced = 0
+        self.refused = 0
+        self._owing: set[_Leg] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ events
+    def on_stream_data(self, conn: ZtnaConnection, sid: int, data: bytes, end: bool) -> None:
+        peer = conn.user
+        leg = self.legs.get((peer, sid))
+        if leg is None:
+            if sid & 1:                     # server-initiated stream we do not know: stale
+                return
+            splice = _Splice()
+            leg = _Leg(conn, sid, peer, splice)
+            splice.agent = leg
+            if self.per_peer.get(peer, 0) >= MAX_SPLICES_PER_PEER:
+                self._refuse(leg, StreamStatus.LIMIT)
+                return
+            self.legs[(peer, sid)] = leg
+            self.per_peer[peer] = self.per_peer.get(peer, 0) + 1
+        splice = leg.splice
+        if splice.done:
+            return
+        if leg.other is None:               # Agent leg still waiting for its header
+            splice.head += data
+            try:
+                parsed = decode_stream_header(splice.head)
+            except DecodeError:
+                self._abort(splice)
+                return
+            if parsed is None:
+                if end or len(splice.head) > HEADER_LIMIT:
+                    self._abort(splice)
+                return
+            header, used = parsed
+            rest, splice.head = splice.head[used:], b""
+            conn.consume_stream(sid, used)
+            if not self._open(leg, header, rest):
+                return
+            data = b""
+        if data:
+            other = leg.other
+            assert other is not None
+            other.conn.send_stream(other.sid, data)
+            leg.owed += len(data)
+        if end and not leg.fin_in:
+            leg.fin_in = True
+            assert leg.other is not None
+            leg.other.conn.send_stream(leg.other.sid, b"", end=True)
+        self._credit(leg)
+        if leg.other is not None:
+            self._credit(leg.other)
+        self._maybe_done(splice)
+
+    def _open(self, leg: _Leg, header: Any, rest: bytes) -> bool:
+        srv = self.srv
+        if not isinstance(header, StreamOpen) or not srv.registry.is_agent_of(leg.peer, header.service_id):
+            self._refuse(leg, StreamStatus.NOT_AUTHORIZED)
+            return False
+        key = leg.peer.to_bytes(4, "big") + leg.sid.to_bytes(8, "big")
+        target_id = srv.registry.connector_for(header.service_id, key)
+        target = srv.conns.get(target_id) if target_id is not None else None
+        if target is None:
+            self._refuse(leg, StreamStatus.UNREACHABLE)
+            return False
+        tsid = target.open_stream()
+        other = _Leg(target, tsid, target_id, leg.splice)
+        leg.other, other.other = other, leg
+        leg.splice.connector = other
+        self.legs[(target_id, tsid)] = other
+        self.per_peer[target_id] = self.per_peer.get(target_id, 0) + 1
+        relayed = RelayedStreamOpen(agent_id=leg.peer, service_id=header.service_id,
+                                    dst_ip=header.dst_ip, dst_port=header.dst_port)
+        target.send_stream(tsid, encode_stream_open(relayed) + rest)
+        leg.owed += len(rest)
+        self.spliced += 1
+        return True
+
+    def on_stream_reset(self, conn: ZtnaConnection, sid: int, code: int) -> None:
+        leg = self.legs.get((conn.user, sid))
+        if leg is None:
+            return
+        if leg.other is not None:
+            leg.other.conn.reset_stream(leg.other.sid, code)
+        self._remove(leg.splice)
+
+    def peer_gone(self, peer_id: int) -> None:
+        for leg in [lg for lg in self.legs.values() if lg.peer == peer_id]:
+            if leg.other is not None and not leg.splice.done:
+                leg.other.conn.reset_stream(leg.other.sid)
+            self._remove(leg.splice)
+        self.per_peer.pop(peer_id, None)
+
+    # ------------------------------------------------------------------ back-pressure
+    def _credit(self, leg: _Leg) -> None:
+        """Credit `leg`'s sender for what it sent once the other leg has drained enough."""
+        other = leg.other
+        if not leg.owed or other is None:
+            self._owing.discard(leg)
+            return
+        if other.conn.stream_send_backlog(other.sid) < BACKLOG_LIMIT:
+            leg.conn.consume_stream(leg.sid, leg.owed)
+            leg.owed = 0
+            self._owing.discard(leg)
+        else:
+            self._owing.add(leg)
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(RECHECK, self._recheck)
+
+    def _recheck(self) -> None:
+        self._timer = None
+        for leg in list(self._owing):
+            if leg.splice.done:
+                self._owing.discard(leg)
+            else:
+                self._credit(leg)
+                self._maybe_done(leg.splice)
+
+    # ------------------------------------------------------------------ endings
+    def _maybe_done(self, splice: _Splice) -> None:
+        a, c = splice.agent, splice.connector
+        if a is not None and c is not None and a.fin_in and c.fin_in and not a.owed and not c.owed:
+            self._remove(splice)
+
+    def _refuse(self, leg: _Leg, status: StreamStatus) -> None:
+        self.refused += 1
+        leg.conn.send_stream(leg.sid, encode_stream_status(status), end=True)
+        self._remove(leg.splice)
+
+    def _abort(self, splice: _Splice) -> None:
+        if splice.agent is not None:
+            splice.agent.conn.reset_stream(splice.agent.sid)
+        self._remove(splice)
+
+    def _remove(self, splice: _Splice) -> None:
+        splice.done = True
+        for leg in (splice.agent, splice.connector):
+            if leg is None:
+                continue
+            self._owing.discard(leg)
+            if self.legs.pop((leg.peer, leg.sid), None) is not None:
+                n = self.per_peer.get(leg.peer, 0) - 1
+                if n > 0:
+                    self.per_peer[leg.peer] = n
+                else:
+                    self.per_peer.pop(leg.peer, None)
