@@ -131,7 +131,7 @@ class Agent:
             "started_at": self.started_at,
             "tcp_transport": opts.tcp_transport,
         }
-        if self.tun is not None:
+        if self.tun is not None and self.dataplane is not None:
             snap["tun"] = {"name": self.tun.name, "mtu": self.tun.mtu, "addresses": self.tun.addresses,
                            "routes": self.tun.routes, **self.dataplane.snapshot()}
         if self.userspace is not None:

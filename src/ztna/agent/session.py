@@ -290,7 +290,9 @@ class Session(ConnectionHandler):
         self._set_state("disconnected", reason)
         for cb in self.on_lost:
             cb()
-        self.stream_handlers.clear()
+        handlers, self.stream_handlers = self.stream_handlers, {}
+        for handler in handlers.values():
+            handler.on_reset(-1)   # streams die with their connection: abort local sockets
 
     # ------------------------------------------------------------------ registration
     def _register_due(self, conn: ZtnaConnection, now: float) -> None:

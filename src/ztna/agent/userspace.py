@@ -1,0 +1,357 @@
+"""Userspace mode (no root): local TCP/UDP forwards and a SOCKS5 server.
+
+Theory of operation
+-------------------
+* **TCP** (`-L 127.0.0.1:8080=web:80`, SOCKS5 CONNECT): each accepted local connection
+  opens one QUIC stream on the Intermediate connection and writes a `StreamOpen` header
+  (service, virtual IP, port). The Connector's first byte is a `StreamStatus`; OK means the
+  backend is connected and raw bytes follow. Then two pumps splice the sockets with
+  back-pressure both ways: local→QUIC stops reading while the stream's unacknowledged
+  backlog exceeds `SEND_BACKLOG_MAX`; QUIC→local grants the peer more stream credit
+  (`consume_stream`) only after the local socket's write buffer drained, so a slow local
+  reader slows the backend instead of growing our memory. FIN is a half-close, a reset or a
+  lost Intermediate connection aborts the local socket.
+* **UDP** (`-U 127.0.0.1:5353=dns:53`): every local client address gets a synthetic source
+  port; its datagrams become real IPv4/IPv6 UDP packets from the Agent's synthetic address
+  (100.64.0.1 / fd00:64::1) to the service's virtual IP, carried as 0x2F DATAGRAMs. Replies
+  arrive as bare IP packets; the destination port finds the client. The mapping is bounded
+  (least recently used entry evicted).
+* **SOCKS5** (RFC 1928, no authentication): CONNECT to `web:80`, `web.ztna:80` or a virtual
+  IP; replies map the Connector's status to SOCKS codes. UDP ASSOCIATE is not offered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import struct
+from collections import OrderedDict
+from typing import Any
+
+from ztna.agent.config import AgentOptions, Forward, IpAddress, ServiceSpec
+from ztna.agent.session import ACKED, REFUSED, ServiceState, Session
+from ztna.errors import DecodeError, UsageError
+from ztna.netstack.packets import PROTO_UDP, build_udp_packet, parse_ip, parse_udp
+from ztna.wire import StreamOpen, StreamStatus, encode_stream_open
+
+log = logging.getLogger("ztna.agent")
+
+SEND_BACKLOG_MAX = 1024 * 1024
+READ_CHUNK = 64 * 1024
+READY_WAIT = 10.0
+UDP_MAPPINGS_MAX = 4096
+UDP_PORT_FIRST, UDP_PORT_LAST = 20000, 60999
+
+_SOCKS_REPLY = {
+    StreamStatus.OK: 0x00, StreamStatus.REFUSED: 0x05, StreamStatus.UNREACHABLE: 0x04,
+    StreamStatus.NOT_AUTHORIZED: 0x02, StreamStatus.NO_SUCH_PORT: 0x05, StreamStatus.LIMIT: 0x01,
+}
+
+
+class StreamFailed(Exception):
+    def __init__(self, status: StreamStatus | None, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+
+
+class _StreamSink:
+    """What the session calls for one QUIC stream: queue the events for the pump task."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[bytes, bool] | None] = asyncio.Queue()
+
+    def on_data(self, data: bytes, end: bool) -> None:
+        self.queue.put_nowait((data, end))
+
+    def on_reset(self, error_code: int) -> None:
+        self.queue.put_nowait(None)
+
+
+class Userspace:
+    def __init__(self, session: Session, options: AgentOptions) -> None:
+        self.session = session
+        self.options = options
+        self.src_v4 = options.tun_v4.packed
+        self.src_v6 = options.tun_v6.packed
+        self.servers: list[asyncio.AbstractServer] = []
+        self.udp_transports: list[asyncio.DatagramTransport] = []
+        self.listeners: list[str] = []
+        # synthetic source port -> (transport, client address, forward, service, packed vip)
+        self.udp_by_port: OrderedDict[int, tuple[Any, Any, Forward, ServiceState, bytes]] = OrderedDict()
+        self.udp_by_client: dict[tuple[int, Any], int] = {}
+        self._next_port = UDP_PORT_FIRST
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stats = {"tcp_opened": 0, "tcp_failed": 0, "tcp_active": 0, "udp_dropped_too_big": 0,
+                      "udp_dropped_unknown": 0, "socks_failed": 0}
+        session.on_packet = self.on_packet
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for fwd in self.options.forwards:
+            self._resolve(fwd.target)   # fail fast on unknown targets
+            srv = await asyncio.start_server(lambda r, w, f=fwd: self._spawn(self._tcp_forward(r, w, f)),
+                                             fwd.listen_host, fwd.listen_port)
+            self.servers.append(srv)
+            self._listening("tcp", srv.sockets[0].getsockname(), f"{fwd.target}:{fwd.target_port}")
+        for index, fwd in enumerate(self.options.udp_forwards):
+            self._resolve(fwd.target)
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda f=fwd, i=index: _UdpListener(self, f, i), local_addr=(fwd.listen_host, fwd.listen_port))
+            self.udp_transports.append(transport)
+            self._listening("udp", transport.get_extra_info("sockname"), f"{fwd.target}:{fwd.target_port}")
+        if self.options.socks is not None:
+            host, port = self.options.socks
+            srv = await asyncio.start_server(lambda r, w: self._spawn(self._socks(r, w)), host, port)
+            self.servers.append(srv)
+            self._listening("socks5", srv.sockets[0].getsockname(), "any service")
+
+    def _listening(self, kind: str, addr: Any, target: str) -> None:
+        text = f"{kind} {addr[0]}:{addr[1]} -> {target}"
+        self.listeners.append(text)
+        log.info("listening: %s", text)
+
+    def bound_port(self, kind: str, index: int = 0) -> int:
+        """Port actually bound by the index-th listener of a kind (tests use port 0)."""
+        return int([t for t in self.listeners if t.startswith(kind + " ")][index].split(" ")[1].rsplit(":", 1)[1])
+
+    async def stop(self) -> None:
+        for srv in self.servers:
+            srv.close()
+        for tr in self.udp_transports:
+            tr.close()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _resolve(self, target: str) -> tuple[ServiceSpec, IpAddress]:
+        return self.options.service_for_target(target)
+
+    async def _ready(self, svc: ServiceState) -> None:
+        deadline = asyncio.get_running_loop().time() + READY_WAIT
+        while self.session.conn is None or svc.registration != ACKED:
+            if svc.registration == REFUSED:
+                raise StreamFailed(StreamStatus.NOT_AUTHORIZED, f"service {svc.spec.id} refused")
+            if asyncio.get_running_loop().time() > deadline:
+                raise StreamFailed(StreamStatus.UNREACHABLE, "Intermediate not connected")
+            await asyncio.sleep(0.02)
+
+    # ------------------------------------------------------------------ TCP over streams
+    async def _open(self, spec: ServiceSpec, vip: IpAddress, port: int) -> tuple[Any, int, _StreamSink, bytes]:
+        """Open a stream and wait for the Connector's status; returns (conn, sid, sink, early payload)."""
+        svc = self.session.by_id[spec.id]
+        await self._ready(svc)
+        conn = self.session.conn
+        assert conn is not None
+        sid = conn.open_stream()
+        sink = _StreamSink()
+        self.session.stream_handlers[sid] = sink
+        conn.send_stream(sid, encode_stream_open(StreamOpen(service_id=spec.id, dst_ip=str(vip), dst_port=port)))
+        while True:
+            item = await asyncio.wait_for(sink.queue.get(), READY_WAIT)
+            if item is None:
+                raise StreamFailed(None, "stream reset before status")
+            data, end = item
+            if data:
+                break
+            if end:
+                raise StreamFailed(None, "stream closed before status")
+        try:
+            status = StreamStatus(data[0])
+        except ValueError:
+            conn.reset_stream(sid)
+            raise StreamFailed(None, f"bad status byte {data[0]}") from None
+        if status is not StreamStatus.OK:
+            self.session.stream_handlers.pop(sid, None)
+            raise StreamFailed(status, status.name)
+        if end:
+            sink.queue.put_nowait((b"", True))
+        conn.consume_stream(sid, 1)
+        return conn, sid, sink, data[1:]
+
+    async def _splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      conn: Any, sid: int, sink: _StreamSink, early: bytes) -> None:
+        self.stats["tcp_active"] += 1
+        up = asyncio.ensure_future(self._pump_up(reader, conn, sid))
+        try:
+            if early:
+                writer.write(early)
+                await writer.drain()
+                conn.consume_stream(sid, len(early))
+            while True:
+                item = await sink.queue.get()
+                if item is None:        # reset, or the Intermediate connection is gone
+                    writer.transport.abort()
+                    break
+                data, end = item
+                if data:
+                    writer.write(data)
+                    await writer.drain()            # back-pressure: credit after the drain
+                    conn.consume_stream(sid, len(data))
+                if end:
+                    if writer.can_write_eof():
+                        writer.write_eof()
+                    await up
+                    break
+        except (ConnectionError, OSError):
+            conn.reset_stream(sid)
+        finally:
+            self.stats["tcp_active"] -= 1
+            up.cancel()
+            self.session.stream_handlers.pop(sid, None)
+            writer.close()
+
+    async def _pump_up(self, reader: asyncio.StreamReader, conn: Any, sid: int) -> None:
+        try:
+            while True:
+                data = await reader.read(READ_CHUNK)
+                if conn.closed:
+                    return
+                if not data:
+                    conn.send_stream(sid, b"", end=True)
+                    return
+                conn.send_stream(sid, data)
+                while conn.stream_send_backlog(sid) > SEND_BACKLOG_MAX and not conn.closed:
+                    await asyncio.sleep(0.005)
+        except (ConnectionError, OSError):
+            conn.reset_stream(sid)
+
+    async def _tcp_forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fwd: Forward) -> None:
+        spec, vip = self._resolve(fwd.target)
+        try:
+            conn, sid, sink, early = await self._open(spec, vip, fwd.target_port)
+        except (StreamFailed, asyncio.TimeoutError) as exc:
+            self.stats["tcp_failed"] += 1
+            log.warning("forward to %s:%d failed: %s", fwd.target, fwd.target_port, exc or "timeout")
+            writer.close()
+            return
+        self.stats["tcp_opened"] += 1
+        await self._splice(reader, writer, conn, sid, sink, early)
+
+    # ------------------------------------------------------------------ SOCKS5
+    async def _socks(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readexactly(2)
+            if head[0] != 5:
+                raise ValueError("not SOCKS5")
+            methods = await reader.readexactly(head[1])
+            if 0 not in methods:
+                writer.write(b"\x05\xff")
+                raise ValueError("client offers no 'no authentication' method")
+            writer.write(b"\x05\x00")
+            ver, cmd, _, atyp = await reader.readexactly(4)
+            if atyp == 1:
+                host = str(ipaddress.IPv4Address(await reader.readexactly(4)))
+            elif atyp == 4:
+                host = str(ipaddress.IPv6Address(await reader.readexactly(16)))
+            elif atyp == 3:
+                n = (await reader.readexactly(1))[0]
+                host = (await reader.readexactly(n)).decode("ascii", "replace")
+            else:
+                self._socks_reply(writer, 0x08)
+                raise ValueError(f"address type {atyp}")
+            port = struct.unpack("!H", await reader.readexactly(2))[0]
+            if cmd != 1:
+                self._socks_reply(writer, 0x07)
+                raise ValueError(f"command {cmd} not supported")
+            try:
+                spec, vip = self._resolve(host)
+            except UsageError:
+                self._socks_reply(writer, 0x04)
+                raise ValueError(f"{host} is not a service") from None
+            try:
+                conn, sid, sink, early = await self._open(spec, vip, port)
+            except (StreamFailed, asyncio.TimeoutError) as exc:
+                status = getattr(exc, "status", None)
+                self._socks_reply(writer, _SOCKS_REPLY.get(status, 0x01) if status is not None else 0x01)
+                raise ValueError(f"{host}:{port}: {exc or 'timeout'}") from None
+        except (ValueError, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            self.stats["socks_failed"] += 1
+            log.info("socks: %s", exc)
+            writer.close()
+            return
+        self.stats["tcp_opened"] += 1
+        self._socks_reply(writer, 0x00, vip, port)
+        await self._splice(reader, writer, conn, sid, sink, early)
+
+    @staticmethod
+    def _socks_reply(writer: asyncio.StreamWriter, code: int, ip: IpAddress | None = None, port: int = 0) -> None:
+        addr = ip or ipaddress.IPv4Address(0)
+        atyp = 1 if addr.version == 4 else 4
+        writer.write(bytes((5, code, 0, atyp)) + addr.packed + struct.pack("!H", port))
+
+    # ------------------------------------------------------------------ UDP over DATAGRAMs
+    def udp_from_client(self, transport: Any, index: int, fwd: Forward, data: bytes, client: Any) -> None:
+        spec, vip = self._resolve(fwd.target)
+        svc = self.session.by_id[spec.id]
+        key = (index, client)
+        sport = self.udp_by_client.get(key)
+        if sport is None:
+            sport = self._alloc_port()
+            self.udp_by_client[key] = sport
+            self.udp_by_port[sport] = (transport, client, fwd, svc, vip.packed)
+        else:
+            self.udp_by_port.move_to_end(sport)
+        src = self.src_v4 if vip.version == 4 else self.src_v6
+        packet = build_udp_packet(src, vip.packed, sport, fwd.target_port, data)
+        limit = self.session.max_payload() - 7 - len(spec.id)
+        if self.session.max_payload() and len(packet) > limit:
+            self.stats["udp_dropped_too_big"] += 1
+            return
+        self.session.send(svc, svc.prefix + packet)
+
+    def _alloc_port(self) -> int:
+        if len(self.udp_by_port) >= UDP_MAPPINGS_MAX:
+            old, (_, client, _, _, _) = self.udp_by_port.popitem(last=False)
+            self.udp_by_client = {k: v for k, v in self.udp_by_client.items() if v != old}
+        while True:
+            port = self._next_port
+            self._next_port = port + 1 if port < UDP_PORT_LAST else UDP_PORT_FIRST
+            if port not in self.udp_by_port:
+                return port
+
+    def on_packet(self, packet: bytes) -> None:
+        """A bare IP packet from the Intermediate: a UDP reply for one of our clients."""
+        try:
+            ip = parse_ip(packet)
+            if ip.proto != PROTO_UDP or ip.dst not in (self.src_v4, self.src_v6):
+                raise DecodeError("not for a UDP forward")
+            udp = parse_udp(packet, ip)
+        except DecodeError:
+            self.stats["udp_dropped_unknown"] += 1
+            return
+        entry = self.udp_by_port.get(udp.dport)
+        if entry is None or entry[4] != ip.src:
+            self.stats["udp_dropped_unknown"] += 1
+            return
+        transport, client, _, svc, _ = entry
+        svc.rx_packets += 1
+        svc.rx_bytes += len(packet)
+        transport.sendto(bytes(udp.payload), client)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"listeners": list(self.listeners), "udp_mappings": len(self.udp_by_port), **self.stats}
+
+
+class _UdpListener(asyncio.DatagramProtocol):
+    def __init__(self, owner: Userspace, fwd: Forward, index: int) -> None:
+        self.owner, self.fwd, self.index = owner, fwd, index
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.owner.udp_from_client(self.transport, self.index, self.fwd, data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass
+
+
