@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,7 +144,7 @@ class Intermediate:
         try:
             from ztna.intermediate.signaling import Signaling
 
-            self.signaling = Signaling()
+            self.signaling = Signaling(rng=secrets.token_bytes)
         except ImportError:
             self.signaling = None
         try:
