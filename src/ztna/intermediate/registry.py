@@ -164,16 +164,18 @@ class Registry:
         peer = self.peers.get(peer_id)
         return peer is not None and service in peer.agent_services
 
-    def connector_for(self, service: str, flow_key: bytes) -> int | None:
-        """Pick the Connector for a flow: rendezvous hashing over the service's pool."""
+    def connector_for(self, service: str, packet: bytes | memoryview) -> int | None:
+        """Pick the Connector for a packet's flow: rendezvous hashing over the service's
+        pool (the flow key is only computed when there is a choice to make)."""
         pool = self.connectors.get(service)
         if not pool:
             return None
         if len(pool) == 1:
             return pool[0]
+        key = flow_key(packet)
         best, best_score = pool[0], b""
         for connector in pool:
-            score = hashlib.blake2b(flow_key + connector.to_bytes(4, "big"), digest_size=8).digest()
+            score = hashlib.blake2b(key + connector.to_bytes(4, "big"), digest_size=8).digest()
             if score > best_score:
                 best, best_score = connector, score
         return best

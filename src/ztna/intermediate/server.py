@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from ztna import limits
 from ztna.errors import DatagramTooLarge, DecodeError
 from ztna.identity import ChainVerifier, load_ca_file
-from ztna.intermediate.registry import AllowAll, Notify, Registry, flow_key
+from ztna.intermediate.registry import AllowAll, Notify, Registry
 from ztna.observe import MetricsServer, RateLimitedLog, StatsCollector
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
@@ -290,7 +290,7 @@ class Intermediate:
                 stats.dropped_unregistered += 1
                 self._bad.warning("0x2F from a peer not registered as agent", f"{conn.label} → {service}")
                 return
-            target_id = registry.connector_for(service, flow_key(packet))
+            target_id = registry.connector_for(service, packet)
             target = self.conns.get(target_id) if target_id is not None else None
             if target is None:
                 stats.dropped_no_connector += 1
