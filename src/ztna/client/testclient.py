@@ -369,6 +369,7 @@ async def _send_all(o: ClientOptions, conn: ZtnaConnection, handler: _Handler,
         return encode_service_datagram(service, build_udp_packet(src_b, dst_b, inner[1], dst[1], payload))
 
     seq = 0
+    udp_sent = 0
     if o.send_udp is not None or o.payload_size is not None:
         size = _udp_payload_size(o, tunnel_max, service, inner_v6) if o.payload_size else None
         if size is not None and size < 0:
@@ -397,10 +398,11 @@ async def _send_all(o: ClientOptions, conn: ZtnaConnection, handler: _Handler,
                     return False
                 echo.expected[payload] += 1
                 result["sent"] += 1
+                udp_sent += 1
                 result["udp_payload_bytes"] = len(payload)
                 result["datagram_bytes"] = len(dgram)
         if o.verify_echo:
-            total = result["sent"]
+            total = udp_sent
             await handler.wait_for(lambda: (echo.take(handler.packets), echo.matched >= total)[1], o.timeout)
             echo.take(handler.packets)
             result["echoed"] = echo.matched

@@ -1,0 +1,190 @@
+"""Helpers for the Intermediate's process tests: a real `ztna intermediate` subprocess on
+free loopback ports, the `ztna client` CLI as a subprocess (--json), and in-test peers built
+on the QUIC adapter (an echoing Connector that answers 0x30 with 0x31 and swapped
+addresses, plain Agents, raw registrations)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from ztna.netstack.packets import PROTO_UDP, build_udp_packet, parse_ip, parse_udp
+from ztna.quic.config import TlsFiles, make_configuration
+from ztna.quic.connection import ConnectionHandler, ZtnaConnection
+from ztna.quic.endpoint import QuicEndpoint, bind_udp
+from ztna.wire import (
+    TO_CONNECTOR,
+    ControlDecoder,
+    Register,
+    RegistrationAck,
+    RegistrationNack,
+    Role,
+    decode_to_connector,
+    encode_control,
+    encode_from_connector,
+)
+
+ZTNA = [sys.executable, "-m", "ztna"]
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", 0))
+        return int(s.getsockname()[1])
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class IntermediateProc:
+    """`ztna intermediate` in a subprocess; `start()` waits until /healthz answers 200."""
+
+    def __init__(self, args: list[str], log_path: Path) -> None:
+        self.port = free_udp_port()
+        self.metrics_port = free_tcp_port()
+        self.args = args
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> IntermediateProc:
+        cmd = [*ZTNA, "intermediate", "--listen", f"[::]:{self.port}",
+               "--metrics", f"127.0.0.1:{self.metrics_port}", *self.args]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"intermediate exited {self.proc.returncode}: {self.log()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"intermediate not healthy: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$", line)
+            if m:
+                out[m.group(1)] = float(m.group(2))
+        return out
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+async def cli_client(*args: str, timeout: float = 30.0) -> tuple[int, dict[str, Any]]:
+    """Run `ztna client --json ARGS` without blocking the event loop (in-test peers keep running)."""
+    proc = await asyncio.create_subprocess_exec(
+        *ZTNA, "client", "--json", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    text = out.decode().strip()
+    try:
+        result = json.loads(text.splitlines()[-1]) if text else {}
+    except json.JSONDecodeError:
+        result = {}
+    result["_stderr"] = err.decode(errors="replace")
+    assert proc.returncode is not None
+    return proc.returncode, result
+
+
+class Peer(ConnectionHandler):
+    """An in-test client on the adapter. With `echo=True` it answers every 0x30 UDP packet
+    with a 0x31 whose IP addresses and UDP ports are swapped (a minimal echoing Connector)."""
+
+    def __init__(self, echo: bool = False) -> None:
+        self.echo = echo
+        self.decoder = ControlDecoder()
+        self.messages: list[object] = []
+        self.datagrams: list[bytes] = []
+        self.echoed = 0
+        self.closed_reason: str | None = None
+        self.conn: ZtnaConnection | None = None
+        self.ep: QuicEndpoint | None = None
+
+    async def connect(self, host: str, port: int, tls: TlsFiles, timeout: float = 5.0) -> Peer:
+        self.ep = QuicEndpoint(bind_udp("::" if ":" in host else "0.0.0.0", 0))
+        config = make_configuration(is_client=True, tls=tls, server_name="localhost")
+        self.conn = self.ep.connect((host, port), config, self)
+        await asyncio.wait_for(self.conn.wait_handshake(), timeout)
+        return self
+
+    async def register(self, role: Role, service: str, timeout: float = 5.0) -> object:
+        assert self.conn is not None
+        self.conn.send_control(encode_control(Register(role=role, service_id=service)))
+        reply = await self.wait_message(
+            lambda m: isinstance(m, RegistrationAck | RegistrationNack) and m.service_id == service, timeout
+        )
+        return reply
+
+    async def wait_message(self, pred: Any, timeout: float = 5.0) -> object:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            for m in self.messages:
+                if pred(m):
+                    return m
+            await asyncio.sleep(0.01)
+        raise TimeoutError(f"no matching message; got {self.messages}")
+
+    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+        self.messages.extend(self.decoder.feed(data))
+
+    def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
+        if self.echo and data and data[0] == TO_CONNECTOR:
+            agent_id, _service, packet = decode_to_connector(data)
+            ip = parse_ip(packet)
+            if ip.proto == PROTO_UDP:
+                udp = parse_udp(packet, ip)
+                reply = build_udp_packet(ip.dst, ip.src, udp.dport, udp.sport, udp.payload)
+                conn.send_datagram(encode_from_connector(agent_id, reply))
+                self.echoed += 1
+            return
+        self.datagrams.append(bytes(data))
+
+    def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
+        self.closed_reason = reason
+
+    async def close(self) -> None:
+        if self.conn is not None and not self.conn.closed:
+            self.conn.close(0, "test done")
+        if self.ep is not None:
+            self.ep._flush()
+            await asyncio.sleep(0.05)
+            self.ep.shutdown_socket()
