@@ -35,16 +35,20 @@ from ztna.wire import (
     ControlDecoder,
     NackStatus,
     ObservedAddress,
+    Ping,
     Register,
     RegistrationAck,
     RegistrationNack,
     Role,
+    decode_qad,
     decode_service_datagram,
     encode_control,
 )
 
 if TYPE_CHECKING:
     from ztna.connector.service import Connector
+
+QAD_TYPE = 0x01
 
 log = logging.getLogger("ztna.connector")
 
@@ -140,6 +144,13 @@ class _QadHandler(ConnectionHandler):
             if isinstance(msg, ObservedAddress):
                 self.server.set_public_address(msg)
 
+    def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
+        if data and data[0] == QAD_TYPE:
+            try:
+                self.server.set_public_address(decode_qad(data))
+            except DecodeError:
+                pass
+
     def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
         self.closed.set()
 
@@ -221,6 +232,8 @@ class P2PServer:
                                             udp_payload=self.udp_payload)
                 conn = self.endpoint.connect(infos[0][4][:2], config, handler)
                 self._qad_conn = conn
+                # Opening the control stream lets the Intermediate send QAD on it too.
+                conn.send_control(encode_control(Ping(id=1)))
                 await asyncio.wait_for(conn.wait_handshake(), 10.0)
                 attempt = 0
                 while not conn.closed and not self._stopping:
