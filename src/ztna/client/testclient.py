@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import os
 import socket
 import statistics
@@ -183,7 +184,8 @@ def _stats(samples_ms: list[float]) -> dict[str, float] | None:
     s = sorted(samples_ms)
 
     def pct(p: float) -> float:
-        return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
+        # nearest-rank percentile
+        return s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))]
 
     return {"count": len(s), "min": s[0], "avg": statistics.fmean(s), "p50": pct(50),
             "p95": pct(95), "max": s[-1]}
