@@ -83,6 +83,8 @@ class RelayLink(ConnectionHandler):
         self.config_factory = config_factory
         self.services = services
         self.sink = sink
+        # Hole-punch signaling (PunchOffer/PunchStart/..., session errors): ztna.connector.punch
+        self.on_punch: Callable[[ZtnaConnection, object], None] | None = None
         self.rng = rng or random.Random()
         self.conn: ZtnaConnection | None = None
         self.state = "starting"
@@ -210,7 +212,10 @@ class RelayLink(ConnectionHandler):
             self._on_message(conn, msg)
 
     def _on_message(self, conn: ZtnaConnection, msg: object) -> None:
-        if isinstance(msg, RegistrationAck):
+        if self.on_punch is not None and (type(msg).__name__.startswith("Punch") or (
+                type(msg).__name__ == "ErrorMessage" and getattr(msg, "session", None) is not None)):
+            self.on_punch(conn, msg)
+        elif isinstance(msg, RegistrationAck):
             if self.registration.get(msg.service_id) != "registered":
                 log.info("service %r registered with the intermediate", msg.service_id)
             self.registration[msg.service_id] = "registered"

@@ -132,6 +132,7 @@ class Connector:
         self.relay: RelayLink | None = None
         self.relay_endpoint: QuicEndpoint | None = None
         self.p2p: P2PServer | None = None
+        self.punch: Any = None
         self.metrics_server: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.udp: UdpFlows
@@ -177,6 +178,10 @@ class Connector:
                                  server_name=self.cfg.tls_name(),
                                  rng=random.Random(self.rng.random()))
             self.p2p.start()
+            from ztna.connector.punch import ConnectorPunch
+
+            self.punch = ConnectorPunch(self.p2p, relay_address=(inter.host, inter.port))
+            self.relay.on_punch = self.punch.on_message
         if self.cfg.metrics is not None:
             from ztna.connector.metrics import start_metrics
 

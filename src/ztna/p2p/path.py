@@ -200,6 +200,13 @@ class PathManager:
         if rtt is not None:
             self.rtt = rtt
 
+    def heard(self, at: float, *, now: float, rtt: float | None = None) -> None:
+        """Something arrived on the direct connection at `at`: every PING sent before it
+        has been answered (a PING is ack-eliciting; any later packet proves the path)."""
+        for uid, sent in list(self._pings.items()):
+            if sent <= at:
+                self.ping_acked(uid, now=now, rtt=rtt)
+
     def ping_timeout(self) -> float:
         rtt = self.rtt if self.rtt is not None else 0.1
         return min(max(3 * rtt + 0.2, self.config.ping_timeout_min), self.config.ping_timeout_max)

@@ -1,0 +1,150 @@
+"""The Connector's side of hole punching: answer offers, then probe from the P2P socket.
+
+* ``PunchOffer`` (from the Intermediate, on the relay connection's control stream): gather
+  this Connector's candidates for the **P2P socket** — every interface address with the P2P
+  port (never 0.0.0.0, defect 11), the P2P socket's own QAD address as srflx, the
+  Intermediate as relay — and answer ``PunchAnswer``.
+* ``PunchStart``: a controlled `ztna.p2p.punch.PunchSession`; its probes leave from the P2P
+  socket (`P2PServer.send_raw`), and probes arriving there (first byte < 0x40) are routed to
+  the session named in them. Both sides probe (defect 8). The Agent then connects to the
+  P2P QUIC server on that same socket, through the mapping the checks opened.
+* Sessions are bounded and linger a little after they end so late probes are still answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from ztna.p2p.candidates import gather, interface_addresses
+from ztna.p2p.punch import PunchSession, PunchState
+from ztna.quic.connection import ZtnaConnection
+from ztna.wire import encode_control
+from ztna.wire.control_messages import ErrorMessage, PunchAnswer, PunchOffer, PunchResult, PunchStart
+from ztna.wire.probe import probe_session_of
+
+if TYPE_CHECKING:
+    from ztna.connector.p2p_server import P2PServer
+
+log = logging.getLogger("ztna.connector")
+
+MAX_SESSIONS = 256
+LINGER = 10.0          # keep answering late probes this long after a session ends
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class ConnectorPunch:
+    def __init__(self, p2p: P2PServer, *, relay_address: tuple[str, int] | None = None) -> None:
+        self.p2p = p2p
+        self.relay_address = relay_address if relay_address and _is_ip(relay_address[0]) else None
+        self.sessions: dict[int, PunchSession] = {}
+        self.candidates: dict[int, tuple[Any, ...]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self.offers = 0
+        self.direct = 0
+        self.failed = 0
+        self.unknown_probes = 0
+        p2p.raw_handler = self.on_raw
+
+    # ------------------------------------------------------------------ signaling
+    def on_message(self, conn: ZtnaConnection, msg: object) -> None:
+        if isinstance(msg, PunchOffer):
+            self.offers += 1
+            addresses = interface_addresses()
+            pa = self.p2p.public_address
+            cands = gather(self.p2p.local_port, addresses,
+                           observed=(pa.ip, pa.port) if pa is not None else None,
+                           relay=self.relay_address)
+            self.candidates[msg.session] = cands
+            while len(self.candidates) > MAX_SESSIONS:
+                self.candidates.pop(next(iter(self.candidates)))
+            conn.send_control(encode_control(PunchAnswer(session=msg.session, candidates=cands)))
+            log.info("punch offer %016x from agent %d for %s: answered with %d candidates",
+                     msg.session, msg.agent, msg.service, len(cands))
+        elif isinstance(msg, PunchStart):
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            local = self.candidates.pop(msg.session, ())
+            session = PunchSession(session=msg.session, key=msg.key_bytes,
+                                   controlling=msg.role == "controlling", local=local,
+                                   remote=msg.peer_candidates, rng=secrets.token_bytes,
+                                   now=now, start_at=now + msg.start_in_ms / 1000)
+            self.sessions[msg.session] = session
+            while len(self.sessions) > MAX_SESSIONS:
+                self.sessions.pop(next(iter(self.sessions)))
+            self._run(session, now)
+        elif isinstance(msg, PunchResult):
+            log.info("punch %016x: agent reports %s", msg.session,
+                     f"direct via {msg.ip}:{msg.port}" if msg.ok else "failure")
+        elif isinstance(msg, ErrorMessage) and msg.session is not None:
+            self.sessions.pop(msg.session, None)
+
+    # ------------------------------------------------------------------ probes
+    def on_raw(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
+        sid = probe_session_of(data)
+        session = self.sessions.get(sid) if sid is not None else None
+        if session is None:
+            self.unknown_probes += 1   # not ours: dropped unanswered
+            return
+        self._send(session.on_datagram(data, addr, now=now))
+        self._after(session, now)
+
+    def _run(self, session: PunchSession, now: float) -> None:
+        self._send(session.on_timer(now=now))
+        self._after(session, now)
+
+    def _send(self, sends: list[Any]) -> None:
+        for s in sends:
+            self.p2p.send_raw(s.data, s.addr)
+
+    def _after(self, session: PunchSession, now: float) -> None:
+        if session.done and not getattr(session, "_reported", False):
+            session._reported = True  # type: ignore[attr-defined]
+            if session.state is PunchState.NOMINATED:
+                self.direct += 1
+                log.info("punch %016x: agent nominated %s:%d", session.session, *session.selected)
+            else:
+                self.failed += 1
+                log.info("punch %016x: no direct path (staying on relay)", session.session)
+        self._arm()
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = None
+        for sid, s in list(self.sessions.items()):
+            d = s.next_deadline()
+            if d is None:
+                if s.done and now - (s.nominated_at or s.failed_at or now) > LINGER:
+                    del self.sessions[sid]
+                continue
+            deadline = d if deadline is None else min(deadline, d)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = asyncio.get_running_loop().time()
+        for s in list(self.sessions.values()):
+            d = s.next_deadline()
+            if d is not None and d <= now:
+                self._send(s.on_timer(now=now))
+                self._after(s, now)
+        self._arm()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"offers": self.offers, "direct": self.direct, "failed": self.failed,
+                "unknown_probes": self.unknown_probes, "sessions": len(self.sessions)}
