@@ -145,6 +145,7 @@ class Session(ConnectionHandler):
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._max_payload = 0
+        self.direct: Any = None                        # ztna.agent.direct.DirectPaths (P2P)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -154,10 +155,17 @@ class Session(ConnectionHandler):
             sock = bind_udp("0.0.0.0", 0)
         self.endpoint = QuicEndpoint(sock)
         self._task = asyncio.create_task(self._supervise(), name="ztna-agent-session")
+        if getattr(self.options, "p2p", True):
+            from ztna.agent.direct import DirectPaths
+
+            self.direct = DirectPaths(self)
+            self.direct.start()
 
     async def stop(self) -> None:
         self._stopping = True
         self._set_state("stopping")
+        if self.direct is not None:
+            await self.direct.stop()
         if self.conn is not None and not self.conn.closed:
             self.conn.send_control(encode_control(GoAway(reason="agent shutting down")))
             self.conn.close(0, "agent shutting down")
@@ -337,6 +345,9 @@ class Session(ConnectionHandler):
     # ------------------------------------------------------------------ sending (hot path)
     def send(self, svc: ServiceState, datagram: bytes) -> None:
         """Send one 0x2F DATAGRAM for `svc`, or queue it while the service is not ready."""
+        direct = self.direct
+        if direct is not None and svc.path == "direct" and direct.send(svc, datagram):
+            return
         conn = self.conn
         if conn is not None and svc.registration == ACKED:
             try:
@@ -428,6 +439,9 @@ class Session(ConnectionHandler):
                 self.counters.goaways += 1
                 log.info("intermediate says goaway (%s); reconnecting", msg.reason)
                 conn.close(0, "goaway")
+            elif self.direct is not None and (type(msg).__name__.startswith("Punch") or (
+                    isinstance(msg, ErrorMessage) and (msg.session is not None or msg.code == "no_connector"))):
+                self.direct.on_message(msg)
             elif isinstance(msg, ErrorMessage):
                 log.warning("intermediate error %s: %s", msg.code, msg.message)
 
@@ -489,4 +503,11 @@ class Session(ConnectionHandler):
             ],
             "counters": dict(self.counters.__dict__),
             "queued": len(self.queue),
+            **self._p2p_snapshot(),
         }
+
+    def _p2p_snapshot(self) -> dict[str, Any]:
+        if self.direct is None:
+            return {"p2p": None, "warmup_ms": None}
+        p2p = self.direct.snapshot()
+        return {"p2p": p2p, "warmup_ms": p2p["warmup_ms"]}

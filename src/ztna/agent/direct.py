@@ -1,0 +1,408 @@
+"""The Agent's direct paths: hole punching and a direct QUIC connection per service.
+
+Theory of operation
+-------------------
+* **One P2P socket** (`QuicEndpoint` on an ephemeral port, separate from the relay socket)
+  carries the probes (raw datagrams, first byte < 0x40), a small QUIC connection to the
+  Intermediate whose QAD tells us this socket's public address (srflx), and the direct QUIC
+  connections to Connectors — so the NAT mapping the probes validate is the one QUIC uses
+  (defect 8).
+* Per service, a `ztna.p2p.path.PathManager` decides when to punch. Once the service is
+  registered (ACK) and has a Connector, we gather candidates (`ztna.p2p.candidates`) and
+  send `PunchRequest` on the relay's control stream; `PunchStart` starts a controlling
+  `ztna.p2p.punch.PunchSession`. Relay traffic is untouched meanwhile: nothing waits.
+* Nominated: QUIC to the selected address from the P2P socket, mTLS with server name
+  `connector.<service>.ztna` (the Connector's SAN for that service; the Connector checks our
+  certificate allows the service). On handshake the service's 0x2F DATAGRAMs go direct; the
+  Connector answers with bare IP packets on that connection (defect 9).
+* Liveness: the path manager asks for PINGs (fast while traffic flows, every 5 s when idle);
+  any packet heard after a PING answers it; an unanswered PING (≈3·RTT+200 ms, ≤ 1 s) puts
+  the service back on the relay and closes the direct connection; after the cooldown the
+  path manager wants a new punch (defects 14–16). Failed punches back off.
+* Warm-up: phases (QAD → candidates sent → first probe → validated → direct up → first byte
+  received on the direct connection) per attempt, as Prometheus histograms and in status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Histogram
+
+from ztna import limits
+from ztna.errors import DatagramTooLarge, DecodeError
+from ztna.p2p.candidates import gather, interface_addresses
+from ztna.p2p.path import PathConfig, PathManager, PathState
+from ztna.p2p.punch import PunchSession, PunchState
+from ztna.quic.config import make_configuration
+from ztna.quic.connection import ConnectionHandler, ZtnaConnection
+from ztna.quic.endpoint import QuicEndpoint, bind_udp, normalize_address
+from ztna.wire import ControlDecoder, ObservedAddress, Register, Role, encode_control
+from ztna.wire.control_messages import ErrorMessage, PunchRequest, PunchResult, PunchStart
+from ztna.wire.probe import probe_session_of
+
+if TYPE_CHECKING:
+    from ztna.agent.session import ServiceState, Session
+
+log = logging.getLogger("ztna.agent")
+
+TICK = 0.02
+QAD_WAIT = 1.0   # how long a punch waits for the P2P socket's QAD before going without srflx
+_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
+
+
+@dataclass
+class _ServicePath:
+    svc: ServiceState
+    pm: PathManager
+    punch: PunchSession | None = None
+    conn: ZtnaConnection | None = None
+    timer: asyncio.TimerHandle | None = None
+    punch_reported: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _QadHandler(ConnectionHandler):
+    def __init__(self, owner: DirectPaths) -> None:
+        self.owner = owner
+        self.decoder = ControlDecoder()
+
+    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+        try:
+            for msg in self.decoder.feed(data):
+                if isinstance(msg, ObservedAddress):
+                    self.owner.set_observed(msg)
+        except DecodeError:
+            conn.close(0x4, "bad control stream")
+
+
+class _DirectHandler(ConnectionHandler):
+    def __init__(self, owner: DirectPaths, sp: _ServicePath) -> None:
+        self.owner = owner
+        self.sp = sp
+
+    def _heard(self) -> None:
+        sp = self.sp
+        if sp.pm.direct:
+            sp.pm.mark("first_byte", now=self.owner.loop.time())
+            self.owner.observe(sp)
+
+    def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
+        self._heard()
+        first = data[0] if data else 0
+        if 0x45 <= first <= 0x4F or 0x60 <= first <= 0x6F:
+            svc = self.sp.svc
+            svc.rx_packets += 1
+            svc.rx_bytes += len(data)
+            self.owner.session.on_packet(data)
+
+    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+        self._heard()   # QAD / registration ACK from the Connector: bytes over the direct path
+
+    def on_stream_data(self, conn: ZtnaConnection, stream_id: int, data: bytes, end: bool) -> None:
+        if stream_id != 0:
+            conn.reset_stream(stream_id)
+
+    def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
+        self.owner.direct_lost(self.sp, conn, f"direct connection closed: {reason}")
+
+
+class DirectPaths:
+    def __init__(self, session: Session, *, config: PathConfig | None = None) -> None:
+        self.session = session
+        self.options = session.options
+        self.config = config or PathConfig()
+        self.loop = asyncio.get_running_loop()
+        self.endpoint: QuicEndpoint | None = None
+        self.observed: tuple[str, int] | None = None
+        self.observed_at: float | None = None
+        self.started_at = self.loop.time()
+        now = self.loop.time()
+        self.paths = {s.spec.id: _ServicePath(s, PathManager(config=self.config, now=now))
+                      for s in session.services}
+        self.by_session: dict[int, _ServicePath] = {}
+        self.unknown_probes = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.registry = CollectorRegistry()
+        self.hist = Histogram("ztna_agent_time_to_direct_seconds",
+                              "Seconds from the start of a punch attempt to each phase",
+                              ["phase"], buckets=_BUCKETS, registry=self.registry)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        try:
+            sock = bind_udp("::", 0)
+        except OSError:
+            sock = bind_udp("0.0.0.0", 0)
+        self.endpoint = QuicEndpoint(sock, raw_handler=self._raw, loop=self.loop)
+        log.info("P2P socket on udp port %d", self.port)
+        self._tasks.append(self.loop.create_task(self._qad_loop(), name="ztna-agent-p2p-qad"))
+        self._tasks.append(self.loop.create_task(self._tick_loop(), name="ztna-agent-p2p"))
+
+    @property
+    def port(self) -> int:
+        assert self.endpoint is not None
+        return int(self.endpoint.local_address[1])
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for sp in self.paths.values():
+            if sp.timer is not None:
+                sp.timer.cancel()
+        if self.endpoint is not None:
+            self.endpoint.close(reason="agent shutting down")
+            await asyncio.sleep(0.02)
+            self.endpoint.shutdown_socket()
+
+    def set_observed(self, msg: ObservedAddress) -> None:
+        addr = (str(msg.ip), msg.port)
+        if addr != self.observed:
+            log.info("P2P socket public address (QAD): %s:%d", *addr)
+        self.observed = addr
+        if self.observed_at is None:
+            self.observed_at = self.loop.time()
+
+    async def _qad_loop(self) -> None:
+        """A QUIC connection from the P2P socket to the Intermediate, for its QAD (srflx)
+        and to keep this socket's NAT mapping alive. It never registers anything."""
+        assert self.endpoint is not None
+        while not self._stopping:
+            conn = None
+            try:
+                host, port = self.options.intermediate
+                infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+                if self.endpoint.family == socket.AF_INET:
+                    infos = [i for i in infos if i[0] == socket.AF_INET]
+                config = make_configuration(is_client=True, tls=self.options.tls,
+                                            server_name=self.options.server_name,
+                                            udp_payload=self.options.udp_payload)
+                conn = self.endpoint.connect(infos[0][4][:2], config, _QadHandler(self))
+                await asyncio.wait_for(conn.wait_handshake(), 10.0)
+                while not conn.closed:
+                    await asyncio.sleep(limits.NAT_KEEPALIVE_INTERVAL)
+                    conn.ping()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - retry whatever went wrong
+                log.debug("P2P QAD connection failed: %s", exc)
+                if conn is not None:
+                    conn.close(0, "qad retry")
+            await asyncio.sleep(2.0)
+
+    # ------------------------------------------------------------------ hot path hook
+    def send(self, svc: ServiceState, datagram: bytes) -> bool:
+        """Session.send asks us first: True if the datagram went on the direct path."""
+        sp = self.paths.get(svc.spec.id)
+        if sp is None or sp.conn is None or sp.pm.state is not PathState.DIRECT:
+            return False
+        try:
+            sp.conn.send_datagram(datagram)
+        except DatagramTooLarge:
+            return False  # the relay may still carry it
+        sp.pm.traffic_sent(now=self.loop.time())
+        svc.tx_packets += 1
+        svc.tx_bytes += len(datagram) - len(svc.prefix)
+        return True
+
+    # ------------------------------------------------------------------ supervision
+    async def _tick_loop(self) -> None:
+        while not self._stopping:
+            try:
+                self._tick()
+            except Exception:  # a bug here must not kill the relay path
+                log.exception("direct path supervision failed")
+            await asyncio.sleep(TICK)
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        relay = self.session.conn
+        for sp in self.paths.values():
+            svc, pm = sp.svc, sp.pm
+            if relay is None or relay.closed or not svc.ready:
+                if pm.state is not PathState.RELAY:
+                    self._to_relay(sp, "relay connection lost", close=True)
+                    pm.reset(now=now)
+                continue
+            if svc.connector_up is False:
+                continue
+            if pm.direct and sp.conn is not None:
+                pm.heard(sp.conn.last_received, now=now, rtt=sp.conn.rtt())
+            deadline = pm.next_deadline()
+            if deadline is not None and deadline <= now:
+                was = pm.state
+                for action in pm.on_timer(now=now):
+                    if sp.conn is not None:
+                        sp.conn.ping()
+                if was is not pm.state:
+                    self._state_changed(sp, was)
+            if pm.want_punch(now=now):
+                if self.observed is None and now - self.started_at < QAD_WAIT:
+                    continue
+                self._start_punch(sp, relay, now)
+
+    def _state_changed(self, sp: _ServicePath, was: PathState) -> None:
+        pm = sp.pm
+        if was is PathState.DIRECT or pm.state is PathState.COOLDOWN:
+            self._to_relay(sp, pm.last_reason, close=True)
+
+    def _to_relay(self, sp: _ServicePath, reason: str, *, close: bool) -> None:
+        if sp.svc.path != "relay":
+            log.warning("service %s: back on the relay (%s); retrying direct in %.0fs",
+                        sp.svc.spec.id, reason, self.config.cooldown)
+        sp.svc.path = "relay"
+        conn, sp.conn = sp.conn, None
+        if close and conn is not None and not conn.closed:
+            conn.close(0, "direct path abandoned")
+        if sp.timer is not None:
+            sp.timer.cancel()
+            sp.timer = None
+
+    def _start_punch(self, sp: _ServicePath, relay: ZtnaConnection, now: float) -> None:
+        pm = sp.pm
+        pm.punch_started(now=now, qad_at=self.observed_at)
+        try:
+            addresses = interface_addresses()
+        except Exception as exc:  # noqa: BLE001 - netlink trouble: srflx alone may still work
+            log.warning("cannot list interface addresses: %s", exc)
+            addresses = []
+        relay_addr = normalize_address(relay.peer_address)
+        try:
+            cands = gather(self.port, addresses, observed=self.observed, relay=relay_addr)
+        except Exception:  # noqa: BLE001 - e.g. a scoped relay address
+            cands = gather(self.port, addresses, observed=self.observed)
+        relay.send_control(encode_control(PunchRequest(service=sp.svc.spec.id, candidates=cands)))
+        pm.mark("candidates_sent", now=self.loop.time())
+        sp.punch = None
+        sp.punch_reported = False
+        sp.extra["candidates"] = cands
+        log.info("service %s: punch requested with %d candidates", sp.svc.spec.id, len(cands))
+
+    # ------------------------------------------------------------------ signaling
+    def on_message(self, msg: object) -> None:
+        now = self.loop.time()
+        if isinstance(msg, PunchStart):
+            sp = self.paths.get(msg.service)
+            if sp is None or sp.pm.state is not PathState.PUNCHING or sp.punch is not None:
+                return
+            session = PunchSession(session=msg.session, key=msg.key_bytes,
+                                   controlling=msg.role == "controlling",
+                                   local=sp.extra.get("candidates", ()), remote=msg.peer_candidates,
+                                   rng=secrets.token_bytes, now=now,
+                                   start_at=now + msg.start_in_ms / 1000)
+            sp.punch = session
+            self.by_session[msg.session] = sp
+            while len(self.by_session) > 64:
+                self.by_session.pop(next(iter(self.by_session)))
+            self._run_punch(sp, session.on_timer(now=now))
+        elif isinstance(msg, ErrorMessage):
+            for sp in self.paths.values():
+                if sp.pm.state is PathState.PUNCHING and (
+                        msg.session is None or (sp.punch is not None and sp.punch.session == msg.session)
+                        or msg.code == "no_connector"):
+                    sp.pm.punch_failed(now=now, reason=f"{msg.code}: {msg.message}")
+
+    def _raw(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
+        sid = probe_session_of(data)
+        sp = self.by_session.get(sid) if sid is not None else None
+        if sp is None or sp.punch is None or sp.punch.session != sid:
+            self.unknown_probes += 1
+            return
+        self._run_punch(sp, sp.punch.on_datagram(data, addr, now=now))
+
+    def _run_punch(self, sp: _ServicePath, sends: list[Any]) -> None:
+        punch = sp.punch
+        assert punch is not None and self.endpoint is not None
+        for s in sends:
+            self.endpoint.send_raw(s.data, s.addr)
+        now = self.loop.time()
+        if punch.first_probe_at is not None:
+            sp.pm.mark("first_probe", now=punch.first_probe_at)
+        if punch.done and not sp.punch_reported and sp.pm.state is PathState.PUNCHING:
+            sp.punch_reported = True
+            self._punch_done(sp, punch, now)
+        if sp.timer is not None:
+            sp.timer.cancel()
+            sp.timer = None
+        deadline = punch.next_deadline()
+        if deadline is not None:
+            sp.timer = self.loop.call_at(deadline, self._punch_timer, sp, punch)
+
+    def _punch_timer(self, sp: _ServicePath, punch: PunchSession) -> None:
+        sp.timer = None
+        if sp.punch is punch:
+            self._run_punch(sp, punch.on_timer(now=self.loop.time()))
+
+    def _punch_done(self, sp: _ServicePath, punch: PunchSession, now: float) -> None:
+        relay = self.session.conn
+        if punch.state is PunchState.NOMINATED and punch.selected is not None:
+            sp.pm.punch_succeeded(now=punch.nominated_at or now)
+            log.info("service %s: punch succeeded, %s:%d (rtt %.1f ms); connecting direct",
+                     sp.svc.spec.id, *punch.selected, (punch.selected_rtt or 0) * 1000)
+            self.loop.create_task(self._connect(sp, punch.selected))
+        else:
+            sp.pm.punch_failed(now=now, reason="no candidate pair answered (symmetric NAT or firewall)")
+            log.info("service %s: no direct path (%s); staying on the relay, retry in %.0fs",
+                     sp.svc.spec.id, sp.pm.last_reason, (sp.pm.retry_at or now) - now)
+            if relay is not None:
+                relay.send_control(encode_control(PunchResult(session=punch.session, ok=False)))
+
+    async def _connect(self, sp: _ServicePath, addr: tuple[str, int]) -> None:
+        assert self.endpoint is not None
+        service = sp.svc.spec.id
+        config = make_configuration(is_client=True, tls=self.options.tls,
+                                    server_name=f"connector.{service}.ztna",
+                                    udp_payload=self.options.udp_payload)
+        conn = self.endpoint.connect(addr, config, _DirectHandler(self, sp))
+        try:
+            await asyncio.wait_for(conn.wait_handshake(), self.config.connect_timeout)
+        except (asyncio.TimeoutError, ConnectionError) as exc:
+            conn.close(0, "direct handshake failed")
+            sp.pm.direct_failed(now=self.loop.time(), reason=f"direct handshake failed: {exc or 'timeout'}")
+            log.warning("service %s: direct handshake to %s:%d failed", service, *addr)
+            return
+        if sp.pm.state is not PathState.CONNECTING:
+            conn.close(0, "no longer wanted")
+            return
+        conn.send_control(encode_control(Register(role=Role.AGENT, service_id=service)))
+        sp.conn = conn
+        sp.pm.direct_up(now=self.loop.time(), rtt=conn.rtt())
+        sp.svc.path = "direct"
+        log.info("service %s: traffic now direct to %s:%d", service, *addr)
+        relay = self.session.conn
+        if relay is not None and sp.punch is not None:
+            relay.send_control(encode_control(PunchResult(session=sp.punch.session, ok=True,
+                                                          ip=addr[0], port=addr[1])))
+
+    def direct_lost(self, sp: _ServicePath, conn: ZtnaConnection, reason: str) -> None:
+        if sp.conn is not conn and sp.pm.state is not PathState.CONNECTING:
+            return
+        was = sp.pm.state
+        sp.pm.direct_failed(now=self.loop.time(), reason=reason)
+        if was is not sp.pm.state:
+            self._to_relay(sp, reason, close=False)
+
+    def observe(self, sp: _ServicePath) -> None:
+        for phase, seconds in sp.pm.observations:
+            self.hist.labels(phase=phase).observe(seconds)
+        sp.pm.observations.clear()
+
+    # ------------------------------------------------------------------ status
+    def snapshot(self) -> dict[str, Any]:
+        services = {sid: {**sp.pm.snapshot(), "punch": sp.punch.summary() if sp.punch else None}
+                    for sid, sp in self.paths.items()}
+        warm = [s["warmup_ms"] for s in services.values() if s["warmup_ms"] is not None]
+        return {
+            "socket_port": self.port if self.endpoint is not None else None,
+            "observed": f"{self.observed[0]}:{self.observed[1]}" if self.observed else None,
+            "unknown_probes": self.unknown_probes,
+            "warmup_ms": warm[0] if warm else None,
+            "services": services,
+        }
