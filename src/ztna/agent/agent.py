@@ -51,11 +51,14 @@ class Agent:
         try:
             if opts.mode == "tun":
                 await self._start_tun()
-            else:
+            if opts.mode == "userspace" or opts.forwards or opts.udp_forwards or opts.socks:
+                # Forwards and SOCKS work in TUN mode too (same session, own source address).
                 from ztna.agent.userspace import Userspace
 
                 self.userspace = Userspace(self.session, opts)
                 await self.userspace.start()
+                if self.dataplane is not None:
+                    self.session.on_packet = self._dispatch
             await self.session.start()
         except BaseException:
             await self.stop()
@@ -80,6 +83,12 @@ class Agent:
         self.dataplane.set_max_payload(guess + 7 + longest)
         self.dataplane.start()
         self.session.on_mtu.append(self._mtu_changed)
+
+    def _dispatch(self, packet: bytes) -> None:
+        if self.userspace.claims(packet):
+            self.userspace.on_packet(packet)
+        else:
+            self.dataplane.write_packet(packet)
 
     def _mtu_changed(self, max_payload: int) -> None:
         if self.dataplane is not None:

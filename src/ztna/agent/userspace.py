@@ -13,7 +13,7 @@ Theory of operation
   lost Intermediate connection aborts the local socket.
 * **UDP** (`-U 127.0.0.1:5353=dns:53`): every local client address gets a synthetic source
   port; its datagrams become real IPv4/IPv6 UDP packets from the Agent's synthetic address
-  (100.64.0.1 / fd00:64::1) to the service's virtual IP, carried as 0x2F DATAGRAMs. Replies
+  (100.64.0.2 / fd00:64::2) to the service's virtual IP, carried as 0x2F DATAGRAMs. Replies
   arrive as bare IP packets; the destination port finds the client. The mapping is bounded
   (least recently used entry evicted).
 * **SOCKS5** (RFC 1928, no authentication): CONNECT to `web:80`, `web.ztna:80` or a virtual
@@ -72,8 +72,10 @@ class Userspace:
     def __init__(self, session: Session, options: AgentOptions) -> None:
         self.session = session
         self.options = options
-        self.src_v4 = options.tun_v4.packed
-        self.src_v6 = options.tun_v6.packed
+        # One above the TUN's own addresses, so that in TUN mode replies for userspace UDP
+        # forwards are told apart from the kernel's traffic by destination address alone.
+        self.src_v4 = (options.tun_v4 + 1).packed
+        self.src_v6 = (options.tun_v6 + 1).packed
         self.servers: list[asyncio.AbstractServer] = []
         self.udp_transports: list[asyncio.DatagramTransport] = []
         self.listeners: list[str] = []
@@ -85,6 +87,12 @@ class Userspace:
         self.stats = {"tcp_opened": 0, "tcp_failed": 0, "tcp_active": 0, "udp_dropped_too_big": 0,
                       "udp_dropped_unknown": 0, "socks_failed": 0}
         session.on_packet = self.on_packet
+
+    def claims(self, packet: bytes) -> bool:
+        """True if a down-link packet is addressed to our synthetic UDP source."""
+        if packet[0] >> 4 == 4:
+            return packet[16:20] == self.src_v4
+        return packet[24:40] == self.src_v6
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:

@@ -36,7 +36,7 @@ def _render(snap: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(emoji=False, highlight=False)
     a, i = snap["agent"], snap["intermediate"]
     since = i.get("connected_since")
     up = f"{time.time() - since:.0f}s" if since else "-"
