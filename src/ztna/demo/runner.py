@@ -1,0 +1,438 @@
+"""The demo's script: set up, prove the tunnel with real bytes, measure, tear down.
+
+``run_demo(options, emit)`` walks the steps below and returns the result dict (the
+``--json`` output). ``emit(ok, text)`` is told about every step as it finishes
+(ok = True/False, or None for plain information); the CLI renders it with rich.
+
+1. temp dir: throwaway PKI (``init_pki``) and a random file of ``size`` bytes (sha256 kept)
+2. layout up (namespaces / lab), then backends, Intermediate, Connector, each awaited on a
+   real signal: the backends' ready file, the Intermediate's startup line and /healthz,
+   the Connector's /healthz showing the service registered
+3. lab only: the Agent must NOT reach the backends directly (TCP connect from its netns)
+4. Agent, awaited on its control socket (``ztna status --json``): connected, service ACKed
+5. UDP echo (three sizes, compared byte for byte), then (if the Agent runs P2P) up to
+   ``direct_wait`` s for the path to go direct, HTTP download (sha256), ping (TUN only)
+6. reconnect: the Agent process is restarted twice, with its state dir kept (ticket cache,
+   "zero_rtt") and deleted ("full"); time from spawn to the first echoed UDP byte
+Teardown always runs (``finally``): children SIGTERM then SIGKILL, namespaces or lab
+deleted, temp dir removed (unless ``keep``).
+
+``ok`` is true only when every check that ran was byte-exact and nothing failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ztna.demo import probe
+from ztna.demo.layouts import (LabLayout, Layout, LocalLayout, NetnsLayout, can_tun, default_prefix,
+                               require)
+from ztna.demo.procs import DemoError, Supervisor, ztna_argv
+from ztna.errors import UsageError
+
+Emit = Callable[[bool | None, str], None]
+SERVICE = "web"
+VIPS = ("10.100.0.2", "fd00:100::2")
+HTTP_VPORT, UDP_VPORT = 80, 7
+FILE_NAME = "demo.bin"
+ECHO_SIZES = (16, 600, 1200)
+MODE_ENV = "ZTNA_DEMO_MODE"  # "userspace" forces userspace mode (e.g. tests, containers)
+
+
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    size: int = 20_000_000
+    mode: str | None = None          # "userspace" | "tun" | None (auto)
+    lab: bool = False
+    nat_a: str = "none"
+    nat_b: str = "none"
+    ip: str = "4"
+    delay_ms: float = 0.0
+    loss_pct: float = 0.0
+    transport: str = "datagram"
+    reconnect: bool = True
+    direct_wait: float = 10.0
+    startup_timeout: float = 20.0
+    keep: bool = False
+
+    def resolved_mode(self) -> str:
+        if self.lab:
+            if self.mode == "userspace":
+                raise UsageError("--lab runs the Agent in TUN mode; drop --mode userspace")
+            require(can_tun(), "--lab")
+            return "tun"
+        mode = self.mode or os.environ.get(MODE_ENV) or None
+        if mode not in (None, "tun", "userspace"):
+            raise UsageError(f"{MODE_ENV} must be 'tun' or 'userspace', got {mode!r}")
+        if mode == "tun":
+            require(can_tun(), "--mode tun")
+        return mode or ("tun" if can_tun() is None else "userspace")
+
+
+def _free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _find_key(obj: Any, key: str) -> Any:
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        for v in obj.values():
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    elif isinstance(obj, list):
+        for v in obj:
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+class Demo:
+    def __init__(self, options: DemoOptions, emit: Emit) -> None:
+        self.o = options
+        self.emit = emit
+        self.mode = options.resolved_mode()
+        prefix = default_prefix()
+        self.layout: Layout
+        if options.lab:
+            self.layout = LabLayout(prefix, nat_a=options.nat_a, nat_b=options.nat_b, ip=options.ip,
+                                    delay_ms=options.delay_ms, loss_pct=options.loss_pct)
+        elif self.mode == "tun":
+            self.layout = NetnsLayout(prefix)
+        else:
+            self.layout = LocalLayout()
+        self.tmp = Path(tempfile.mkdtemp(prefix="ztna-demo-"))
+        self.sup = Supervisor(self.tmp / "logs")
+        self.state_dir = self.tmp / "agent-state"
+        self.result: dict[str, Any] = {
+            "ok": False, "mode": self.mode, "layout": self.layout.name, "transport": options.transport,
+            "path": None, "http_bytes": 0, "http_expected_bytes": options.size, "http_sha256_ok": False,
+            "http_mbps": None, "http_seconds": None, "udp_echo_ok": False, "icmp_ok": None,
+            "icmp_rtt_ms": None, "rtt_ms": None, "warmup_ms": None, "reconnect_ms": None,
+            "isolated": None, "lab": None, "pids": {}, "errors": [],
+        }
+
+    # ------------------------------------------------------------------ helpers
+    def step(self, ok: bool | None, text: str) -> None:
+        self.emit(ok, text)
+
+    def fail(self, text: str) -> None:
+        self.result["errors"].append(text)
+        self.emit(False, text)
+
+    def _log_match(self, name: str, pattern: str) -> re.Match[str] | None:
+        try:
+            return re.search(pattern, (self.sup.log_dir / f"{name}.log").read_text(errors="replace"))
+        except OSError:
+            return None
+
+    def agent_status(self) -> dict[str, Any]:
+        from ztna.agent.control import query
+
+        return query(self.state_dir / "demo.sock", timeout=2.0)
+
+    # ------------------------------------------------------------------ steps
+    def prepare(self) -> None:
+        from ztna.certs import init_pki
+
+        init_pki(self.tmp / "pki", [SERVICE], days=1)
+        www = self.tmp / "www"
+        www.mkdir()
+        digest = hashlib.sha256()
+        with open(www / FILE_NAME, "wb") as f:
+            left = self.o.size
+            while left > 0:
+                chunk = os.urandom(min(left, 1 << 20))
+                digest.update(chunk)
+                f.write(chunk)
+                left -= len(chunk)
+        os.chmod(self.tmp, 0o755)  # a lab/netns child may run with another uid some day; harmless
+        self.sha256 = digest.hexdigest()
+        self.step(True, f"throwaway certificates and a {self.o.size:,}-byte random file in {self.tmp}")
+
+    def start_layout(self) -> None:
+        self.layout.up()
+        if isinstance(self.layout, LabLayout):
+            self.result["lab"] = self.layout.describe()
+            cfg = self.layout.lab.config
+            self.step(True, f"lab {cfg.prefix} up: NAT A {cfg.nat_a}, NAT B {cfg.nat_b}, IPv{cfg.ip}, "
+                            f"delay {cfg.delay_ms:g} ms, loss {cfg.loss_pct:g}%")
+        elif isinstance(self.layout, NetnsLayout):
+            self.step(True, f"namespaces {self.layout.pub} (Intermediate, Connector, apps) and "
+                            f"{self.layout.agent} (Agent with TUN), joined by a veth")
+
+    def start_backends(self) -> None:
+        ready = self.tmp / "backends.json"
+        argv = ["-m", "ztna.demo.backends", "--host", self.layout.backend_host,
+                "--root", str(self.tmp / "www"), "--ready-file", str(ready)]
+        import sys
+
+        self.sup.spawn("backends", [sys.executable, *argv], runner=self.layout.runner("backends"))
+        import json
+
+        ports = self.sup.wait_for(lambda: json.loads(ready.read_text()) if ready.exists() else None,
+                                  timeout=self.o.startup_timeout, component="backends",
+                                  what="the HTTP and UDP echo servers to bind")
+        self.http_port, self.udp_port = int(ports["http"]), int(ports["udp"])
+        self.step(True, f"private apps: HTTP {self.layout.backend_host}:{self.http_port}, "
+                        f"UDP echo {self.layout.backend_host}:{self.udp_port}")
+
+    def start_intermediate(self) -> None:
+        lp = self.layout.intermediate_port
+        from ztna.demo.layouts import host_port
+
+        self.sup.spawn("intermediate", ztna_argv(
+            "intermediate", "--listen", host_port(self.layout.listen_host, lp), "--pki", str(self.tmp / "pki"),
+            "--metrics", "127.0.0.1:0"), runner=self.layout.runner("intermediate"))
+        m = self.sup.wait_for(
+            lambda: self._log_match("intermediate", r"listening on udp \S*?:(\d+)[;,].*?metrics http://[^ ]*?:(\d+)/"),
+            timeout=self.o.startup_timeout, component="intermediate", what="its 'listening' line")
+        self.int_port, metrics = int(m.group(1)), int(m.group(2))
+        self.sup.wait_for(lambda: self._healthy("intermediate", metrics), timeout=self.o.startup_timeout,
+                          component="intermediate", what="/healthz")
+        self.step(True, f"Intermediate listening on udp {self.layout.listen_host} port {self.int_port}"
+                        f" (pid {self.sup.children['intermediate'].popen.pid}), /healthz ok")
+
+    def _healthy(self, role: str, port: int) -> dict[str, Any] | None:
+        status, body = self.layout.call(role, lambda: probe.http_json("127.0.0.1", port, "/healthz"))
+        return body if status == 200 and body.get("ok") else None
+
+    def start_connector(self) -> None:
+        from ztna.demo.layouts import host_port
+
+        bh = self.layout.backend_host
+        spec = (f"{SERVICE}={','.join(VIPS)};tcp:{HTTP_VPORT}={host_port(bh, self.http_port)};"
+                f"udp:{UDP_VPORT}={host_port(bh, self.udp_port)}")
+        self.sup.spawn("connector", ztna_argv(
+            "connector", "--intermediate", self.layout.intermediate_for("connector", self.int_port),
+            "--server-name", "localhost", "--pki", str(self.tmp / "pki"), "--service", spec,
+            "--p2p-port", self.layout.p2p_port, "--metrics", "127.0.0.1:0"),
+            runner=self.layout.runner("connector"))
+        m = self.sup.wait_for(lambda: self._log_match("connector", r"metrics on http://[^ ]*?:(\d+)/"),
+                              timeout=self.o.startup_timeout, component="connector", what="its metrics line")
+        metrics = int(m.group(1))
+
+        def registered() -> dict[str, Any] | None:
+            body = self._healthy("connector", metrics)
+            return body if body and body.get("services", {}).get(SERVICE) == "registered" else None
+
+        self.sup.wait_for(registered, timeout=self.o.startup_timeout, component="connector",
+                          what=f"service '{SERVICE}' registered with the Intermediate (/healthz)")
+        self.step(True, f"Connector up (pid {self.sup.children['connector'].popen.pid}): service '{SERVICE}' "
+                        f"= {', '.join(VIPS)} -> HTTP :{HTTP_VPORT}, UDP echo :{UDP_VPORT}; registered")
+
+    def check_isolation(self) -> None:
+        if not isinstance(self.layout, LabLayout):
+            return
+        host = self.layout.backend_host
+        reach = self.layout.call("agent", lambda: probe.tcp_reachable(host, self.http_port, timeout=1.5))
+        self.result["isolated"] = not reach
+        if reach:
+            self.fail(f"the Agent's namespace reaches the app {host}:{self.http_port} directly: "
+                      "the lab does not isolate it, the demo would prove nothing")
+        else:
+            self.step(True, f"the Agent cannot reach the app {host}:{self.http_port} directly (as it should)")
+
+    def agent_argv(self) -> list[str]:
+        argv = ["agent", "--intermediate", self.layout.intermediate_for("agent", self.int_port),
+                "--server-name", "localhost", "--pki", str(self.tmp / "pki"),
+                "--service", f"{SERVICE}={','.join(VIPS)}", "--name", "demo",
+                "--state-dir", str(self.state_dir), "--tcp-transport", self.o.transport]
+        if self.mode == "tun":
+            argv += ["--mode", "tun", "--tun-name", "ztna0"]
+        else:
+            argv += ["--mode", "userspace", "-L", f"127.0.0.1:{self.local_tcp}={SERVICE}:{HTTP_VPORT}",
+                     "-U", f"127.0.0.1:{self.local_udp}={SERVICE}:{UDP_VPORT}"]
+        return ztna_argv(*argv)
+
+    def spawn_agent(self) -> None:
+        self.sup.spawn("agent", self.agent_argv(), runner=self.layout.runner("agent"))
+
+    def wait_agent(self) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            snap = self.agent_status()
+            if snap["intermediate"]["state"] != "connected":
+                return None
+            if any(s["registration"] != "acked" for s in snap["services"]):
+                return None
+            if self.mode == "userspace" and len(snap.get("userspace", {}).get("listeners", [])) < 2:
+                return None
+            return snap
+
+        return self.sup.wait_for(ready, timeout=self.o.startup_timeout, component="agent",
+                                 what="connected to the Intermediate with the service registered")
+
+    def start_agent(self) -> None:
+        if self.mode == "userspace":
+            self.local_tcp, self.local_udp = _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_DGRAM)
+        self.spawn_agent()
+        snap = self.wait_agent()
+        i = snap["intermediate"]
+        self.result["rtt_ms"] = i.get("rtt_ms")
+        where = ("TUN ztna0 in its own namespace" if self.mode == "tun" else
+                 f"forwards tcp 127.0.0.1:{self.local_tcp} -> {SERVICE}:{HTTP_VPORT}, "
+                 f"udp 127.0.0.1:{self.local_udp} -> {SERVICE}:{UDP_VPORT}")
+        self.step(True, f"Agent up (pid {snap['agent']['pid']}, {self.mode} mode, {where}): connected to "
+                        f"{i['target']}, RTT {i.get('rtt_ms')} ms, service registered")
+
+    def targets(self) -> tuple[str, int, str, int]:
+        if self.mode == "tun":
+            return VIPS[0], HTTP_VPORT, VIPS[0], UDP_VPORT
+        return "127.0.0.1", self.local_tcp, "127.0.0.1", self.local_udp
+
+    def echo_once(self, payload: bytes, *, timeout: float, attempts: int) -> bool:
+        _, _, uh, up = self.targets()
+        got = self.layout.call("agent", lambda: probe.udp_echo(uh, up, payload, timeout=timeout,
+                                                                 attempts=attempts))
+        return got == payload
+
+    def udp_test(self) -> None:
+        bad = [n for n in ECHO_SIZES if not self.echo_once(os.urandom(n), timeout=2.0, attempts=5)]
+        self.result["udp_echo_ok"] = not bad
+        _, _, uh, up = self.targets()
+        if bad:
+            self.fail(f"UDP echo via {uh}:{up}: no byte-exact reply for payload sizes {bad}")
+        else:
+            self.step(True, f"UDP echo via {uh}:{up}: {len(ECHO_SIZES)} datagrams "
+                            f"({', '.join(map(str, ECHO_SIZES))} bytes) came back byte-exact")
+
+    def wait_direct(self) -> None:
+        snap = self.agent_status()
+        if "p2p" not in snap and _find_key(snap, "warmup_ms") is None and not any(
+                "p2p" in s for s in snap.get("services", [])):
+            self.step(None, "path: relay (this Agent does not report P2P, so no direct path was tried)")
+            self.result["path"] = snap["services"][0]["path"]
+            return
+        deadline = time.monotonic() + self.o.direct_wait
+        while time.monotonic() < deadline:
+            snap = self.agent_status()
+            if snap["services"][0]["path"] == "direct":
+                break
+            time.sleep(0.1)
+        self.result["path"] = snap["services"][0]["path"]
+        warm = _find_key(snap, "warmup_ms")
+        self.result["warmup_ms"] = warm if self.result["path"] == "direct" else None
+        if self.result["path"] == "direct":
+            self.step(True, f"path: direct (P2P), {warm} ms to go direct")
+        else:
+            self.step(None, f"path: relay (no direct path within {self.o.direct_wait:g} s)")
+
+    def http_test(self) -> None:
+        hh, hp, _, _ = self.targets()
+        try:
+            d = self.layout.call("agent", lambda: probe.http_get(hh, hp, "/" + FILE_NAME, timeout=30.0))
+        except OSError as exc:
+            self.fail(f"HTTP GET http://{hh}:{hp}/{FILE_NAME} failed: {exc}")
+            return
+        ok = d.status == 200 and d.nbytes == self.o.size and d.sha256 == self.sha256
+        self.result.update(http_bytes=d.nbytes, http_sha256_ok=d.sha256 == self.sha256,
+                           http_mbps=round(d.mbps, 1), http_seconds=round(d.seconds, 3))
+        text = (f"HTTP GET http://{hh}:{hp}/{FILE_NAME}: {d.nbytes:,} bytes in {d.seconds:.2f} s "
+                f"= {d.mbps:.1f} Mbit/s, sha256 {'matches' if d.sha256 == self.sha256 else 'DIFFERS'}")
+        if ok:
+            self.step(True, text)
+        else:
+            self.fail(text + f" (status {d.status}, expected {self.o.size:,} bytes)")
+
+    def icmp_test(self) -> None:
+        if self.mode != "tun":
+            return
+        ok, rtt, out = probe.ping(VIPS[0], count=3, netns=self.layout.ns("agent"))
+        self.result.update(icmp_ok=ok, icmp_rtt_ms=rtt)
+        if ok:
+            self.step(True, f"ping -c 3 {VIPS[0]}: 3/3 replies, avg RTT {rtt} ms")
+        else:
+            self.fail(f"ping -c 3 {VIPS[0]} failed: {out.splitlines()[-1] if out else 'no output'}")
+
+    def measure_restart(self, keep_state: bool) -> float:
+        self.sup.stop("agent")
+        if not keep_state:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+        payload = os.urandom(32)
+        t0 = time.monotonic()
+        self.spawn_agent()
+        self.sup.wait_for(lambda: True if self.echo_once(payload, timeout=0.1, attempts=1) else None,
+                          timeout=self.o.startup_timeout, component="agent",
+                          what="the first echoed UDP byte after a restart", interval=0.0)
+        return round((time.monotonic() - t0) * 1000, 1)
+
+    def reconnect_test(self) -> None:
+        if not self.o.reconnect:
+            return
+        files = sorted(p.name for p in self.state_dir.glob("*") if p.suffix not in (".sock",))
+        zero = self.measure_restart(keep_state=True)
+        full = self.measure_restart(keep_state=False)
+        self.result["reconnect_ms"] = {
+            "zero_rtt": zero, "full": full,
+            "method": "Agent process restarted with its state dir kept (zero_rtt) and deleted (full); "
+                      "ms from spawn to the first echoed UDP byte, including interpreter start-up",
+            "state_files": files,
+        }
+        self.step(True, f"Agent restart to first echoed byte: {zero:.0f} ms with its state dir kept, "
+                        f"{full:.0f} ms with it deleted (includes Python start-up)")
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict[str, Any]:
+        try:
+            self.prepare()
+            self.start_layout()
+            self.start_backends()
+            self.start_intermediate()
+            self.start_connector()
+            self.check_isolation()
+            self.start_agent()
+            self.result["pids"] = self.sup.pids()
+            self.udp_test()
+            self.wait_direct()
+            self.http_test()
+            self.icmp_test()
+            self.reconnect_test()
+            try:
+                snap = self.agent_status()
+                self.result["path"] = snap["services"][0]["path"]
+            except OSError:
+                pass
+        except (DemoError, UsageError, OSError) as exc:
+            self.fail(str(exc))
+        finally:
+            self.teardown()
+        r = self.result
+        r["ok"] = (not r["errors"] and r["http_sha256_ok"] and r["http_bytes"] == self.o.size
+                   and r["udp_echo_ok"] and r["icmp_ok"] is not False and r["isolated"] is not False)
+        return r
+
+    def teardown(self) -> None:
+        # A second Ctrl-C while cleaning up must not leave namespaces behind.
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self.sup.stop_all()
+            problems = self.layout.down()
+            for p in problems:
+                self.fail(f"teardown: {p}")
+            if self.o.keep:
+                self.step(None, f"kept {self.tmp} (logs in {self.tmp / 'logs'})")
+            else:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+
+def run_demo(options: DemoOptions, emit: Emit | None = None) -> dict[str, Any]:
+    """Run the demo once; raises UsageError for impossible options (e.g. --lab without root)."""
+    demo = Demo(options, emit or (lambda ok, text: None))
+    return demo.run()
