@@ -42,7 +42,17 @@ from ztna.p2p.punch import PunchSession, PunchState
 from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp, normalize_address
-from ztna.wire import ControlDecoder, ObservedAddress, Register, Role, encode_control
+from ztna.wire import (
+    ControlDecoder,
+    DatagramKind,
+    ObservedAddress,
+    Ping,
+    Register,
+    Role,
+    classify_datagram,
+    decode_qad,
+    encode_control,
+)
 from ztna.wire.control_messages import ErrorMessage, PunchRequest, PunchResult, PunchStart
 from ztna.wire.probe import probe_session_of
 
@@ -52,6 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ztna.agent")
 
 TICK = 0.02
+ADDRESS_REFRESH = 10.0
 QAD_WAIT = 1.0   # how long a punch waits for the P2P socket's QAD before going without srflx
 _BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 
@@ -71,6 +82,13 @@ class _QadHandler(ConnectionHandler):
     def __init__(self, owner: DirectPaths) -> None:
         self.owner = owner
         self.decoder = ControlDecoder()
+
+    def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
+        if data and classify_datagram(data[0]) is DatagramKind.QAD:
+            try:
+                self.owner.set_observed(decode_qad(data))
+            except DecodeError:
+                pass
 
     def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
         try:
@@ -127,6 +145,7 @@ class DirectPaths:
                       for s in session.services}
         self.by_session: dict[int, _ServicePath] = {}
         self.unknown_probes = 0
+        self.addresses: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.registry = CollectorRegistry()
@@ -144,6 +163,16 @@ class DirectPaths:
         log.info("P2P socket on udp port %d", self.port)
         self._tasks.append(self.loop.create_task(self._qad_loop(), name="ztna-agent-p2p-qad"))
         self._tasks.append(self.loop.create_task(self._tick_loop(), name="ztna-agent-p2p"))
+        self._tasks.append(self.loop.create_task(self._address_loop(), name="ztna-agent-p2p-addr"))
+
+    async def _address_loop(self) -> None:
+        """Interface addresses (netlink runs its own loop, so in a thread), refreshed."""
+        while not self._stopping:
+            try:
+                self.addresses = await asyncio.to_thread(interface_addresses)
+            except Exception as exc:  # noqa: BLE001 - srflx alone may still work
+                log.warning("cannot list interface addresses: %s", exc)
+            await asyncio.sleep(ADDRESS_REFRESH)
 
     @property
     def port(self) -> int:
@@ -185,6 +214,9 @@ class DirectPaths:
                                             server_name=self.options.server_name,
                                             udp_payload=self.options.udp_payload)
                 conn = self.endpoint.connect(infos[0][4][:2], config, _QadHandler(self))
+                # Open stream 0 (the server may only write it after us) so the QAD control
+                # frame can reach us; the Intermediate ignores pings.
+                conn.send_control(encode_control(Ping(id=0)))
                 await asyncio.wait_for(conn.wait_handshake(), 10.0)
                 while not conn.closed:
                     await asyncio.sleep(limits.NAT_KEEPALIVE_INTERVAL)
@@ -268,11 +300,7 @@ class DirectPaths:
     def _start_punch(self, sp: _ServicePath, relay: ZtnaConnection, now: float) -> None:
         pm = sp.pm
         pm.punch_started(now=now, qad_at=self.observed_at)
-        try:
-            addresses = interface_addresses()
-        except Exception as exc:  # noqa: BLE001 - netlink trouble: srflx alone may still work
-            log.warning("cannot list interface addresses: %s", exc)
-            addresses = []
+        addresses = self.addresses
         relay_addr = normalize_address(relay.peer_address)
         try:
             cands = gather(self.port, addresses, observed=self.observed, relay=relay_addr)

@@ -232,6 +232,9 @@ class P2PServer:
                                             udp_payload=self.udp_payload)
                 conn = self.endpoint.connect(infos[0][4][:2], config, handler)
                 self._qad_conn = conn
+                # The Intermediate may write stream 0 only once we opened it: a Ping (which
+                # it ignores) opens it, so its QAD control frame reaches us.
+                conn.send_control(encode_control(Ping(id=0)))
                 # Opening the control stream lets the Intermediate send QAD on it too.
                 conn.send_control(encode_control(Ping(id=1)))
                 await asyncio.wait_for(conn.wait_handshake(), 10.0)

@@ -54,13 +54,29 @@ class ConnectorPunch:
         self.direct = 0
         self.failed = 0
         self.unknown_probes = 0
+        self.addresses: list[str] = []
         p2p.raw_handler = self.on_raw
+        self._task = asyncio.get_running_loop().create_task(self._address_loop())
+
+    async def _address_loop(self) -> None:
+        """Interface addresses (netlink runs its own loop, so in a thread), refreshed."""
+        while True:
+            try:
+                self.addresses = await asyncio.to_thread(interface_addresses)
+            except Exception as exc:  # noqa: BLE001 - srflx alone may still work
+                log.warning("cannot list interface addresses: %s", exc)
+            await asyncio.sleep(10.0)
+
+    def close(self) -> None:
+        self._task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
 
     # ------------------------------------------------------------------ signaling
     def on_message(self, conn: ZtnaConnection, msg: object) -> None:
         if isinstance(msg, PunchOffer):
             self.offers += 1
-            addresses = interface_addresses()
+            addresses = self.addresses
             pa = self.p2p.public_address
             cands = gather(self.p2p.local_port, addresses,
                            observed=(pa.ip, pa.port) if pa is not None else None,

@@ -206,6 +206,8 @@ class Connector:
         self.udp.close_all()
         if self.p2p is not None:
             self.p2p.close()
+            if self.punch is not None:
+                self.punch.close()
         if self.relay_endpoint is not None:
             self.relay_endpoint.close(reason="connector shutting down")
         await asyncio.sleep(0.1)
