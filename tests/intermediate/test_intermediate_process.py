@@ -129,6 +129,12 @@ def test_max_passes_end_to_end_and_max_plus_one_is_refused(server: IntermediateP
                 assert rc == 0 and r["echo_ok"] is True and r["echoed"] == 1, r
                 want = r["tunnel_max"] - (0 if size == "max" else 1)
                 assert r["datagram_bytes"] == want
+        # A client configured for bigger packets than the Intermediate learns the server's
+        # DATAGRAM limit from the handshake, so its "max" still makes it through the relay.
+        rc, r = await cli_client(*base, "--udp-payload", "1452", "--dst", "10.1.2.3:9999", "--payload-size", "max")
+        assert rc == 0 and r["max_datagram_payload"] == 1308 and r["echo_ok"] is True, r
+        rc, r = await cli_client(*base, "--udp-payload", "1200", "--dst", "10.1.2.3:9999", "--payload-size", "max")
+        assert rc == 0 and r["max_datagram_payload"] == 1158 and r["echo_ok"] is True, r
         rc, r = await cli_client(*base, "--dst", "10.1.2.3:9999", "--payload-size", "max+1")
         assert rc == 5 and r["sent"] == 0 and "exceeds the tunnel maximum" in r["refused_locally"], r
         # Raw DATAGRAM above the live maximum: refused by the adapter, never sent.
@@ -359,6 +365,12 @@ def test_config_file_and_bad_values(pki: Path, tmp_path: Path) -> None:
     cfg.write_text(f'pki = "{pki}"\nlisten = ["127.0.0.1:1"]\nudp_payload = 1250\n')
     srv.start()
     try:
+        import time
+
+        for _ in range(100):  # the startup line follows /healthz by a loop iteration
+            if "ztna intermediate: listening" in srv.log():
+                break
+            time.sleep(0.05)
         assert "udp payload 1400" in srv.log() and f"[::]:{srv.port}" in srv.log()
     finally:
         assert srv.stop() == 0

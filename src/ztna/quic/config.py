@@ -30,6 +30,19 @@ class TlsFiles:
         return cls(cert=d / f"{name}.pem", key=d / f"{name}.key", ca=d / "ca.pem")
 
 
+def _datagram_frame_limit(is_client: bool, udp_payload: int) -> int:
+    """The max_datagram_frame_size we advertise. A server advertises what fits one packet of
+    its OWN size, so a client configured with a larger UDP payload learns (via
+    `ZtnaConnection.max_datagram_payload`) that it must not send DATAGRAMs the server could
+    never relay onwards (measured: client 1452 / server 1350 otherwise lost every max-size
+    datagram to the relay's oversize drop). +1 because aioquic rejects a frame whose size
+    *equals* the limit (`>=`), one stricter than RFC 9221."""
+    if is_client:
+        return 65536
+    payload = limits.max_datagram_payload(udp_payload, limits.CONNECTION_ID_LENGTH)
+    return payload + limits.DATAGRAM_FRAME_OVERHEAD + 1
+
+
 def make_configuration(
     *,
     is_client: bool,
@@ -55,7 +68,7 @@ def make_configuration(
         alpn_protocols=[limits.ALPN],
         connection_id_length=limits.CONNECTION_ID_LENGTH,
         idle_timeout=idle_timeout,
-        max_datagram_frame_size=65536,
+        max_datagram_frame_size=_datagram_frame_limit(is_client, udp_payload),
         max_datagram_size=udp_payload,
         server_name=server_name,
         congestion_control_algorithm="cubic",

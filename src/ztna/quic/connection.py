@@ -148,7 +148,9 @@ class ZtnaConnection:
         size = limits.max_datagram_payload(quic._max_datagram_size, len(quic._peer_cid.cid))
         remote = quic._remote_max_datagram_frame_size
         if remote is not None:
-            size = min(size, remote - limits.DATAGRAM_FRAME_OVERHEAD)
+            # aioquic (every ztna peer) refuses a frame whose size equals the advertised
+            # limit, hence the extra byte.
+            size = min(size, remote - limits.DATAGRAM_FRAME_OVERHEAD - 1)
         return size
 
     def datagram_budget(self) -> int:
