@@ -25,6 +25,11 @@ def _lab_capable() -> str | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("ZTNA_SLOW") != "1":
+        skip_slow = pytest.mark.skip(reason="slow test: set ZTNA_SLOW=1 to run it")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
     reason = _lab_capable()
     if reason is None:
         return
