@@ -57,7 +57,7 @@ def block_direct(scope: RowScope) -> None:
     """NAT B drops all traffic between its LAN and NAT A's side (undone on close)."""
     ruleset = "\n".join([
         "table ip benchblk {",
-        "  chain fwd {",
+        "  chain forward {",
         "    type filter hook forward priority -10;",
         f"    ip saddr {{ {NAT_A_PUB}, {LAN_A} }} drop",
         f"    ip daddr {{ {NAT_A_PUB}, {LAN_A} }} drop",

@@ -234,7 +234,8 @@ def run_sshuttle(ctx: BenchContext, row: Row) -> None:
         ssh_cmd = (f"ssh -i {wd}/client_key -o StrictHostKeyChecking=no "
                    "-o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR")
         client = scope.spawn("agent", ["sshuttle", "--method", "nft", "-e", ssh_cmd,
-                                       "--python", "python3", "-r",
+                                       "--python", "python3",
+                                       *([] if lab.config.v6 else ["--disable-ipv6"]), "-r",
                                        f"root@{NAT_B_PUB}:2222", APP_LAN], "sshuttle")
         scope.on_close("sshuttle nft tables", lambda: _drop_sshuttle_tables(scope))
         try:
