@@ -23,6 +23,8 @@ The connection never does I/O; `ztna.quic.endpoint` owns the socket and the time
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -45,10 +47,31 @@ STREAM_RECEIVE_WINDOW = 1024 * 1024
 DATAGRAM_BURST_SLACK = 32
 
 
+def reset_token(secret: bytes, cid: bytes) -> bytes:
+    """Stateless reset token of a connection ID (RFC 9000 §10.3.2: a keyed function of the
+    CID), so a restarted server can still reset its predecessor's connections."""
+    return hmac.new(secret, cid, hashlib.sha256).digest()[:16]
+
+
 class ZtnaQuic(QuicConnection):
-    """aioquic connection with the two behaviours we must change in the library itself."""
+    """aioquic connection with the behaviours we must change in the library itself."""
 
     request_client_certificate = False
+
+    def __init__(self, *args: Any, reset_secret: bytes | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reset_secret = reset_secret
+        if reset_secret is not None and not self._is_client:
+            for cid in self._host_cids:
+                cid.stateless_reset_token = reset_token(reset_secret, cid.cid)
+
+    def _replenish_connection_ids(self) -> None:
+        super()._replenish_connection_ids()
+        secret = self.reset_secret
+        if secret is not None and not self._is_client:
+            for cid in self._host_cids:
+                if not cid.was_sent:
+                    cid.stateless_reset_token = reset_token(secret, cid.cid)
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)

@@ -82,6 +82,8 @@ class EndpointStats:
     oversize_refused: int = 0
     datagrams_dropped_queue: int = 0
     version_negotiations: int = 0
+    stateless_resets_sent: int = 0
+    stateless_resets_received: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -97,6 +99,7 @@ class ServerOptions:
     handshakes_per_source_per_second: float = limits.HANDSHAKES_PER_SOURCE_PER_SECOND
     ticket_store: Any = None        # ztna.quic.tickets.ServerTicketStore or None (no resumption)
     address_tokens: Any = None      # ztna.quic.tokens.AddressTokens: lets returning clients skip Retry
+    reset_secret: bytes | None = None  # keys stateless-reset tokens; stable across restarts
     connection_factory: Callable[..., ZtnaQuic] = ZtnaQuic
     rate_buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
 
@@ -128,6 +131,7 @@ class QuicEndpoint:
         self._timer_at: float | None = None
         self._retry = QuicRetryTokenHandler() if server and server.retry else None
         self._closed = False
+        self._reset_budget = (100.0, 0.0)
         self.loop.add_reader(sock.fileno(), self._on_readable)
 
     # ------------------------------------------------------------------ public API
@@ -243,6 +247,7 @@ class QuicEndpoint:
             conn = self._cids.get(data[1 : 1 + _CID_LEN])
             if conn is None:
                 self.stats.unknown_cid += 1
+                self._unknown_short_packet(data, addr, now)
                 return
         else:
             try:
@@ -281,6 +286,45 @@ class QuicEndpoint:
             self.stats.handler_errors += 1
             log.exception("handler for %r failed", conn)
         self._dirty.add(conn)
+
+    # ------------------------------------------------------------------ stateless reset
+    def _unknown_short_packet(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
+        """A short-header packet for no connection we know: either a Stateless Reset for
+        one of our client connections (its last 16 bytes are the token the server gave
+        us; aioquic does not check these itself), or — on a server — a packet for a
+        connection a previous process of ours had: answer with a Stateless Reset so the
+        client reconnects now instead of after its idle timeout."""
+        if len(data) >= 21:
+            tail = data[-16:]
+            for conn in list(self.connections):
+                quic = conn.quic
+                if not quic._is_client:
+                    continue
+                tokens = [quic._peer_cid.stateless_reset_token]
+                tokens += [c.stateless_reset_token for c in quic._peer_cid_available]
+                if tail in tokens:
+                    self.stats.stateless_resets_received += 1
+                    log.info("stateless reset from %s: the peer lost our connection", addr[0])
+                    self._abort(conn, "stateless reset (peer restarted)")
+                    return
+        server = self.server
+        if server is None or server.reset_secret is None or len(data) < 1 + _CID_LEN + 18:
+            return
+        budget, last = self._reset_budget
+        budget = min(100.0, budget + (now - last) * 100.0)  # at most ~100 resets per second
+        if budget < 1.0:
+            self._reset_budget = (budget, now)
+            return
+        self._reset_budget = (budget - 1.0, now)
+        from ztna.quic.connection import reset_token
+
+        token = reset_token(server.reset_secret, data[1 : 1 + _CID_LEN])
+        # Shorter than the packet that triggered it (no reset loops, RFC 9000 §10.3.3).
+        size = len(data) - 1
+        filler = os.urandom(size - 16)
+        packet = bytes([0x40 | (filler[0] & 0x3F)]) + filler[1:] + token
+        self.stats.stateless_resets_sent += 1
+        self.send_raw(packet, addr)
 
     # ------------------------------------------------------------------ server side
     def _accept(self, header: Any, data: bytes, addr: tuple[Any, ...], now: float) -> ZtnaConnection | None:
@@ -356,6 +400,7 @@ class QuicEndpoint:
             retry_source_connection_id=retry_scid,
             session_ticket_fetcher=(lambda label: store.take(label, holder)) if store else None,
             session_ticket_handler=(lambda ticket: store.issue(ticket, holder)) if store else None,
+            reset_secret=server.reset_secret,
         )
         quic.request_client_certificate = server.verifier is not None
         try:
