@@ -124,7 +124,7 @@ class Demo:
             "path": None, "http_bytes": 0, "http_expected_bytes": options.size, "http_sha256_ok": False,
             "http_mbps": None, "http_seconds": None, "udp_echo_ok": False, "icmp_ok": None,
             "icmp_rtt_ms": None, "rtt_ms": None, "warmup_ms": None, "reconnect_ms": None,
-            "isolated": None, "lab": None, "pids": {}, "errors": [],
+            "p2p": None, "isolated": None, "namespaces": None, "lab": None, "pids": {}, "workdir": str(self.tmp), "errors": [],
         }
 
     # ------------------------------------------------------------------ helpers
@@ -173,6 +173,7 @@ class Demo:
             self.step(True, f"lab {cfg.prefix} up: NAT A {cfg.nat_a}, NAT B {cfg.nat_b}, IPv{cfg.ip}, "
                             f"delay {cfg.delay_ms:g} ms, loss {cfg.loss_pct:g}%")
         elif isinstance(self.layout, NetnsLayout):
+            self.result["namespaces"] = [self.layout.pub, self.layout.agent]
             self.step(True, f"namespaces {self.layout.pub} (Intermediate, Connector, apps) and "
                             f"{self.layout.agent} (Agent with TUN), joined by a veth")
 
@@ -311,26 +312,54 @@ class Demo:
             self.step(True, f"UDP echo via {uh}:{up}: {len(ECHO_SIZES)} datagrams "
                             f"({', '.join(map(str, ECHO_SIZES))} bytes) came back byte-exact")
 
-    def wait_direct(self) -> None:
+    def _p2p(self, snap: dict[str, Any]) -> dict[str, Any] | None:
+        p2p = snap.get("p2p")
+        if not isinstance(p2p, dict):
+            return None
+        svc = p2p.get("services", {}).get(SERVICE)
+        return svc if isinstance(svc, dict) else None
+
+    def _warm(self) -> dict[str, Any] | None:
         snap = self.agent_status()
-        if "p2p" not in snap and _find_key(snap, "warmup_ms") is None and not any(
-                "p2p" in s for s in snap.get("services", [])):
-            self.step(None, "path: relay (this Agent does not report P2P, so no direct path was tried)")
+        p = self._p2p(snap) or {}
+        return snap if p.get("warmup_ms") is not None or snap["services"][0]["path"] != "direct" else None
+
+    def wait_direct(self) -> None:
+        """Give the Agent's P2P machinery ``direct_wait`` s to reach a verdict."""
+        snap = self.agent_status()
+        if self._p2p(snap) is None:
             self.result["path"] = snap["services"][0]["path"]
+            self.step(None, f"path: {self.result['path']} (this Agent reports no P2P state)")
             return
         deadline = time.monotonic() + self.o.direct_wait
         while time.monotonic() < deadline:
             snap = self.agent_status()
-            if snap["services"][0]["path"] == "direct":
+            p = self._p2p(snap) or {}
+            if snap["services"][0]["path"] == "direct" or p.get("path_state") == "cooldown":
                 break
-            time.sleep(0.1)
+            if p.get("path_state") == "relay" and (p.get("punch_failures") or p.get("direct_failures")):
+                break
+            time.sleep(0.05)
+        if snap["services"][0]["path"] == "direct" and (self._p2p(snap) or {}).get("warmup_ms") is None:
+            # warm-up ends at the first byte received directly: give it one echo to carry
+            self.echo_once(os.urandom(16), timeout=1.0, attempts=2)
+            try:
+                snap = self.sup.wait_for(lambda: self._warm(), timeout=3.0, component="agent",
+                                         what="warmup_ms after the path went direct")
+            except DemoError:  # a missing number is not a broken tunnel: reported as null
+                snap = self.agent_status()
+        p = self._p2p(snap) or {}
         self.result["path"] = snap["services"][0]["path"]
-        warm = _find_key(snap, "warmup_ms")
+        self.result["p2p"] = {k: p.get(k) for k in ("path_state", "phases_ms", "direct_rtt_ms",
+                                                     "punch_failures", "last_reason")}
+        warm = p.get("warmup_ms", _find_key(snap, "warmup_ms"))
         self.result["warmup_ms"] = warm if self.result["path"] == "direct" else None
         if self.result["path"] == "direct":
-            self.step(True, f"path: direct (P2P), {warm} ms to go direct")
+            self.step(True, f"path: direct (P2P): {warm} ms from registration to direct, "
+                            f"direct RTT {p.get('direct_rtt_ms')} ms")
         else:
-            self.step(None, f"path: relay (no direct path within {self.o.direct_wait:g} s)")
+            why = p.get("last_reason") or f"no verdict within {self.o.direct_wait:g} s"
+            self.step(None, f"path: relay (P2P state {p.get('path_state')}: {why})")
 
     def http_test(self) -> None:
         hh, hp, _, _ = self.targets()
@@ -401,12 +430,7 @@ class Demo:
             self.wait_direct()
             self.http_test()
             self.icmp_test()
-            self.reconnect_test()
-            try:
-                snap = self.agent_status()
-                self.result["path"] = snap["services"][0]["path"]
-            except OSError:
-                pass
+            self.reconnect_test()  # last: it restarts the Agent (path and RTT above are the first run's)
         except (DemoError, UsageError, OSError) as exc:
             self.fail(str(exc))
         finally:
