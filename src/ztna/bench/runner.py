@@ -110,7 +110,8 @@ def other_benchmarks(repo_bench: str) -> dict[str, Any]:
     """Warm-up / reconnect figures other benchmarks wrote under ``bench/results``."""
     found: dict[str, Any] = {}
     for pattern in ("p2p_warmup*.json", "*reconnect*.json", "*0rtt*.json"):
-        files = sorted(glob.glob(os.path.join(repo_bench, "results", pattern)))
+        files = sorted(glob.glob(os.path.join(repo_bench, "results", pattern))
+                       + glob.glob(os.path.join(repo_bench, pattern)), key=os.path.getmtime)
         if files:
             try:
                 with open(files[-1]) as f:
@@ -127,11 +128,14 @@ def warmup_summary(rows: list[Row], repo_bench: str) -> dict[str, Any]:
             out[f"{r.key} (this run)"] = r.extra["warmup"]
     others = other_benchmarks(repo_bench)
     if others:
-        out.update({f"from bench/results/{k}": _short(v) for k, v in others.items()})
-    else:
+        out.update({f"from bench/{k}": _short(v) for k, v in others.items()})
+    if not any("reconnect" in k or "0rtt" in k for k in others):
         out["reconnect / 0-RTT"] = None
-        out["note"] = ("no p2p_warmup / reconnect results in bench/results yet "
-                       "(run bench/p2p_warmup.py); left null")
+        out["reconnect note"] = ("no reconnect / 0-RTT results under bench/ yet; left null "
+                                 "(not measured by ztna bench itself)")
+    if not any(k.startswith("p2p_warmup") for k in others):
+        out["p2p_warmup note"] = ("no bench/p2p_warmup*.json yet (python bench/p2p_warmup.py "
+                                  "--json bench/p2p_warmup.json); only this run's figures above")
     return out
 
 

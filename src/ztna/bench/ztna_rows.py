@@ -152,6 +152,10 @@ def run_ztna(ctx: BenchContext, row: Row, *, direct: bool, p2p_timeout: float = 
                 return
             row.extra["warmup"]["time_to_direct_s"] = round(time.monotonic() - info["t0"], 3)
             row.extra["warmup"]["path"] = path
+            snap = _status(info["state_dir"], info["name"]) or {}
+            # the Agent's own figure: punch start -> first byte on the direct path
+            row.extra["warmup"]["agent_warmup_ms"] = snap.get("warmup_ms")
+            row.extra["agent_p2p"] = snap.get("p2p")
         row.setup_s = round(time.monotonic() - t0, 3)
         ctx.measure(scope, row, target=VIP, udp=True)
         seen = row.extra.get("path_seen")
