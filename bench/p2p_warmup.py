@@ -38,12 +38,18 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     runs = []
+    failures = []
     for i in range(a.runs):
         with tempfile.TemporaryDirectory() as tmp, \
                 Lab(LabConfig(prefix=unique_prefix(), nat_a="cone", nat_b="cone", ip=a.ip,
                               delay_ms=a.delay)).up() as lab:
             with ztna_world(lab, Path(tmp)) as world:
-                snap = wait_path(world, "direct", timeout=30)
+                try:
+                    snap = wait_path(world, "direct", timeout=60)
+                except AssertionError as exc:  # reported, not hidden: counted as a failed run
+                    failures.append(str(exc)[:300])
+                    print(f"run {i + 1:2d}: FAILED {str(exc)[:200]}", flush=True)
+                    continue
                 p2p = snap["p2p"]["services"]["web"]
                 runs.append({"warmup_ms": snap["warmup_ms"], "phases_ms": p2p["phases_ms"]})
                 print(f"run {i + 1:2d}: warmup {snap['warmup_ms']:7.1f} ms  {p2p['phases_ms']}",
@@ -58,8 +64,9 @@ def main() -> int:
                          "max": max(vals), "mean": statistics.mean(vals)}
         s = summary[name]
         print(f"{name:28s} {s['p50']:8.1f} {s['p95']:8.1f} {s['min']:8.1f} {s['max']:8.1f}")
+    print(f"runs: {len(runs)} direct, {len(failures)} failed")
     if a.json:
-        a.json.write_text(json.dumps({"runs": runs, "summary": summary, "delay_ms": a.delay,
+        a.json.write_text(json.dumps({"runs": runs, "summary": summary, "failures": failures, "delay_ms": a.delay,
                                       "ip": a.ip}, indent=2))
     return 0
 
