@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import secrets
 import socket
 import time
 from collections import deque
@@ -39,7 +41,10 @@ from ztna.errors import DatagramTooLarge, DecodeError
 from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
+from ztna.quic.tickets import ClientTicketCache
 from ztna.wire import (
+    AddressToken,
+    Hello,
     ControlDecoder,
     DatagramKind,
     ErrorMessage,
@@ -100,6 +105,9 @@ class SessionCounters:
     oversize: int = 0
     dead_paths: int = 0
     goaways: int = 0
+    zero_rtt_attempts: int = 0      # connections started with a session ticket
+    zero_rtt_accepted: int = 0      # ... whose early data the Intermediate accepted
+    resumed: int = 0
 
 
 @dataclass
@@ -110,6 +118,8 @@ class SessionInfo:
     last_change: float = field(default_factory=time.time)
     last_error: str = ""
     observed: str | None = None
+    handshake: str = ""                     # "full", "resumed" or "0-RTT" (last connection)
+    connect_ms: float | None = None         # last connect: start -> first registration ACK
 
 
 class Session(ConnectionHandler):
@@ -146,6 +156,14 @@ class Session(ConnectionHandler):
         self._stopping = False
         self._max_payload = 0
         self.direct: Any = None                        # ztna.agent.direct.DirectPaths (P2P)
+        # 0-RTT (issue 8): tickets and the address token survive Agent restarts in the state
+        # dir (0600); `instance` keeps our agent id stable across reconnects (Hello).
+        self.instance = int.from_bytes(secrets.token_bytes(8), "big")
+        state_dir = getattr(options, "state_dir", None)
+        self.tickets = ClientTicketCache(state_dir / "tickets") if state_dir and getattr(options, "zero_rtt", True) else None
+        self._token_file = state_dir / "tickets" / "address-token" if self.tickets else None
+        self.address_token = self._load_token()
+        self._connect_started = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -248,8 +266,23 @@ class Session(ConnectionHandler):
             svc.registration, svc.nack, svc.attempts, svc.next_retry = PENDING, None, 0, 0.0
             svc.connector_up = None
             svc.retry_delay = self.options.register_retry
-        conn = self.endpoint.connect(address, config, self)
+        if self.tickets is not None:
+            config.session_ticket = self.tickets.pop(self.options.server_name or "")
+            config.token = self.address_token
+        self._connect_started = asyncio.get_running_loop().time()
+        self.info.connect_ms = None
+        conn = self.endpoint.connect(
+            address, config, self,
+            session_ticket_handler=self.tickets.add if self.tickets is not None else None,
+        )
         self.conn = conn
+        # Hello and the registrations go out at once: in 0-RTT when we hold a ticket (they
+        # are idempotent, and a replayed early flight is refused by the single-use ticket).
+        conn.send_control(encode_control(Hello(instance=self.instance)))
+        now = asyncio.get_running_loop().time()
+        self._register_due(conn, now)
+        if config.session_ticket is not None:
+            self.counters.zero_rtt_attempts += 1
         try:
             await asyncio.wait_for(conn.wait_handshake(), HANDSHAKE_TIMEOUT)
         except (asyncio.TimeoutError, ConnectionError) as exc:
@@ -257,7 +290,12 @@ class Session(ConnectionHandler):
             self.conn = None
             raise ConnectionError(f"handshake failed: {exc or 'timeout'}") from None
         self.info.connected_since = time.time()
-        self._set_state("connected")
+        if conn.early_data_accepted:
+            self.counters.zero_rtt_accepted += 1
+        if conn.resumed:
+            self.counters.resumed += 1
+        self.info.handshake = "0-RTT" if conn.early_data_accepted else ("resumed" if conn.resumed else "full")
+        self._set_state("connected", f"{self.info.handshake} handshake")
         self._check_mtu()
         loop = asyncio.get_running_loop()
         useful = False
@@ -302,6 +340,25 @@ class Session(ConnectionHandler):
         for handler in handlers.values():
             handler.on_reset(-1)   # streams die with their connection: abort local sockets
 
+    # ------------------------------------------------------------------ 0-RTT state
+    def _load_token(self) -> bytes:
+        try:
+            return self._token_file.read_bytes() if self._token_file else b""
+        except OSError:
+            return b""
+
+    def _store_token(self, token: bytes) -> None:
+        self.address_token = token
+        if self._token_file is None:
+            return
+        try:
+            self._token_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._token_file, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(token)
+        except OSError as exc:
+            log.debug("cannot store the address token: %s", exc)
+
     # ------------------------------------------------------------------ registration
     def _register_due(self, conn: ZtnaConnection, now: float) -> None:
         for svc in self.services:
@@ -322,6 +379,8 @@ class Session(ConnectionHandler):
                 return
             svc.registration, svc.nack, svc.attempts, svc.next_retry = ACKED, None, 0, 0.0
             svc.retry_delay = self.options.register_retry
+            if self.info.connect_ms is None and self._connect_started:
+                self.info.connect_ms = round((asyncio.get_running_loop().time() - self._connect_started) * 1000, 1)
             log.info("service %s: registered (ACK)", svc.spec.id)
             self._flush_queue()
             for cb in self.on_ready:
@@ -435,6 +494,8 @@ class Session(ConnectionHandler):
                 if svc is not None and svc.connector_up != msg.up:
                     svc.connector_up = msg.up
                     log.info("service %s: connector %s", msg.service, "up" if msg.up else "down (no connector)")
+            elif isinstance(msg, AddressToken):
+                self._store_token(msg.token_bytes)
             elif isinstance(msg, GoAway):
                 self.counters.goaways += 1
                 log.info("intermediate says goaway (%s); reconnecting", msg.reason)
@@ -483,6 +544,12 @@ class Session(ConnectionHandler):
                 "observed_address": self.info.observed,
                 "max_datagram_payload": self._max_payload if conn is not None else None,
                 "reconnects": self.counters.reconnects,
+                "handshake": self.info.handshake,
+                "connect_ms": self.info.connect_ms,
+                "zero_rtt": {
+                    "attempts": self.counters.zero_rtt_attempts,
+                    "accepted": self.counters.zero_rtt_accepted,
+                },
             },
             "services": [
                 {

@@ -46,6 +46,11 @@ def _render(snap: dict[str, Any]) -> None:
                   f" for {up}, RTT {i['rtt_ms'] if i['rtt_ms'] is not None else '-'} ms,"
                   f" seen as {i['observed_address'] or '-'}, max DATAGRAM {i['max_datagram_payload'] or '-'},"
                   f" reconnects {i['reconnects']}")
+    if i.get("handshake"):
+        z = i.get("zero_rtt") or {}
+        took = f", connected and registered in {i['connect_ms']} ms" if i.get("connect_ms") is not None else ""
+        console.print(f"  last handshake: {i['handshake']}{took};"
+                      f" 0-RTT accepted {z.get('accepted', 0)} of {z.get('attempts', 0)} resumptions")
     if i["state"] != "connected" and i.get("last_error"):
         console.print(f"  last error: {i['last_error']}")
     if "tun" in snap:

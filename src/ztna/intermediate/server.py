@@ -32,6 +32,7 @@ from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import CLOSE_AUTH, CLOSE_SHUTDOWN, QuicEndpoint, ServerOptions, bind_udp, normalize_address
 from ztna.wire import (
     AddressToken,
+    Hello,
     FROM_CONNECTOR,
     SERVICE_DATAGRAM,
     ControlDecoder,
@@ -105,6 +106,7 @@ class Intermediate:
         self._server_options: ServerOptions | None = None
         self.started_at = 0.0
         self.address_tokens: Any = None
+        self._instances: dict[int, tuple[str, int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def _build_server_options(self) -> ServerOptions:
@@ -207,7 +209,9 @@ class Intermediate:
     # ------------------------------------------------------------------ peers
     def peer_up(self, conn: ZtnaConnection) -> None:
         peer_id = self._next_peer
-        self._next_peer = (self._next_peer % 0xFFFFFFFF) + 1
+        while peer_id in self.conns:  # stable ids (Hello) live in the same space
+            peer_id = (peer_id % 0xFFFFFFFF) + 1
+        self._next_peer = (peer_id % 0xFFFFFFFF) + 1
         conn.user = peer_id
         identity = conn.identity
         if identity is not None and not identity.scoped:
@@ -236,6 +240,7 @@ class Intermediate:
         if peer_id is None or self.conns.get(peer_id) is not conn:
             return
         del self.conns[peer_id]
+        self._instances.pop(peer_id, None)
         self.execute(self.registry.remove_peer(peer_id))
         if self.signaling is not None:
             self.execute(self.signaling.peer_gone(peer_id))
@@ -261,7 +266,9 @@ class Intermediate:
     # ------------------------------------------------------------------ control
     def on_control_message(self, conn: ZtnaConnection, msg: object) -> None:
         peer_id = conn.user
-        if isinstance(msg, Register):
+        if isinstance(msg, Hello):
+            self.adopt_stable_id(conn, msg.instance)
+        elif isinstance(msg, Register):
             reply, notes = self.registry.register(peer_id, msg)
             self._log_registration(conn, msg, reply)
             conn.send_control(encode_control(reply))
@@ -270,6 +277,39 @@ class Intermediate:
             now = asyncio.get_running_loop().time()
             self.execute(self.signaling.handle(peer_id, msg, self.registry, now=now))
         # Everything else (pings, unknown types) is ignored by design (forward compatible).
+
+    def adopt_stable_id(self, conn: ZtnaConnection, instance: int) -> None:
+        """Re-key a fresh peer to the id derived from its certificate and `Hello.instance`
+        (docs/protocol.md "Peer ids"), so the Connector's flows survive reconnects."""
+        old_id = conn.user
+        peer = self.registry.peers.get(old_id)
+        if peer is None or peer.agent_services or peer.connector_services:
+            return  # only before the first registration
+        fingerprint = conn.identity.fingerprint if conn.identity is not None else "anonymous"
+        key = (fingerprint, instance)
+        digest = hashlib.blake2b(fingerprint.encode() + instance.to_bytes(8, "big"), digest_size=8).digest()
+        new_id = int.from_bytes(digest[:4], "big") or 1
+        if new_id == old_id:
+            return
+        other = self.conns.get(new_id)
+        if other is not None:
+            if self._instances.get(new_id) != key:
+                return  # someone else's id: keep the sequential one
+            # A stale connection of this same Agent process: supersede it quietly (no
+            # AgentGone — the Agent is still here, on this new connection).
+            del self.conns[new_id]
+            self.registry.remove_peer(new_id)
+            if self.signaling is not None:
+                self.execute(self.signaling.peer_gone(new_id))
+            other.close(0, "superseded by a new connection of the same agent")
+            log.info("%s superseded by a new connection", other.label)
+        del self.conns[old_id]
+        self.registry.peers.pop(old_id, None)
+        conn.user = new_id
+        conn.label = conn.label.rsplit("#", 1)[0] + f"#{new_id}"
+        self.conns[new_id] = conn
+        self._instances[new_id] = key
+        self.registry.add_peer(new_id, peer.auth, conn.label)
 
     def _log_registration(self, conn: ZtnaConnection, msg: Register, reply: object) -> None:
         if isinstance(reply, RegistrationNack):

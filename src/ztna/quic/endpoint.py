@@ -349,9 +349,6 @@ class QuicEndpoint:
         if len(self.connections) >= server.max_connections:
             stats.connections_refused_limit += 1
             return None
-        if not self._admit_handshake(addr[0], now):
-            stats.handshakes_rate_limited += 1
-            return None
         original_dcid = header.destination_cid
         retry_scid = None
         if (
@@ -392,6 +389,11 @@ class QuicEndpoint:
             stats.retry_validated += 1
             retry_scid = header.destination_cid
 
+        # Charge the per-source budget only for Initials that will create a connection
+        # (Retry answers are stateless and cheap; counting them halved the real rate).
+        if not self._admit_handshake(addr[0], now):
+            stats.handshakes_rate_limited += 1
+            return None
         holder: list[ZtnaConnection] = []
         store = server.ticket_store
         quic = server.connection_factory(

@@ -36,6 +36,7 @@ __all__ = [
     "Candidate",
     "ErrorMessage",
     "GoAway",
+    "Hello",
     "JsonMessage",
     "Ping",
     "Pong",
@@ -127,6 +128,20 @@ class GoAway:
 
     def __post_init__(self) -> None:
         _str(self.reason, "reason")
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Client -> Intermediate, first control frame: a random 64-bit id of this client
+    *process*. The Intermediate derives the peer id from it and the certificate, so an
+    Agent keeps its id across reconnects and Intermediate restarts and the Connector's
+    flows for it survive (docs/protocol.md "Peer ids")."""
+
+    TYPE: ClassVar[str] = "hello"
+    instance: int
+
+    def __post_init__(self) -> None:
+        check_uint(self.instance, U64_MAX, "instance")
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,11 +318,11 @@ class UnknownMessage:
 
 
 JsonMessage = (
-    ErrorMessage | GoAway | AddressToken | AgentGone | ServiceStatus | Ping | Pong | PunchRequest
+    ErrorMessage | GoAway | Hello | AddressToken | AgentGone | ServiceStatus | Ping | Pong | PunchRequest
     | PunchOffer | PunchAnswer | PunchStart | PunchResult | UnknownMessage
 )
 
-_CLASSES: Final = (ErrorMessage, GoAway, AddressToken, AgentGone, ServiceStatus, Ping, Pong, PunchRequest,
+_CLASSES: Final = (ErrorMessage, GoAway, Hello, AddressToken, AgentGone, ServiceStatus, Ping, Pong, PunchRequest,
                    PunchOffer, PunchAnswer, PunchStart, PunchResult)
 _BY_TYPE: Final[dict[str, Any]] = {cls.TYPE: cls for cls in _CLASSES}
 _CANDIDATE_FIELDS: Final = frozenset({"candidates", "peer_candidates"})
