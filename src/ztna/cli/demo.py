@@ -55,7 +55,10 @@ def demo(size: int, mode: str | None, lab: bool, nat_a: str, nat_b: str, ip: str
     options = DemoOptions(size=size, mode=mode, lab=lab, nat_a=nat_a, nat_b=nat_b,
                           ip="6only" if ip == "6" else ip, delay_ms=delay, loss_pct=loss,
                           transport=transport, reconnect=not no_reconnect, keep=keep)
+    # Both stop the run through the same `finally` (children killed, namespaces and temp dir
+    # removed); SIGINT explicitly, since a shell starts background jobs with it ignored.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
 
     emit = None
     console = None
@@ -78,6 +81,8 @@ def demo(size: int, mode: str | None, lab: bool, nat_a: str, nat_b: str, ip: str
             click.echo(f"ztna demo: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "errors": ["interrupted"]}))
         click.echo("ztna demo: interrupted; everything was stopped and removed", err=True)
         sys.exit(130)
 
