@@ -69,7 +69,7 @@ def test_markdown_keeps_missing_rows_visible() -> None:
               "ztna_warmup": {"reconnect / 0-RTT": None}}
     text = markdown(result, _rows())
     assert "| sshuttle | missing |" in text and "not installed: sshuttle" in text
-    assert "| ztna-direct | nebula-direct | ×0.25 | – | ×4.00 | ×3.00 |" in text
+    assert "| ztna-direct | nebula-direct | ×0.25 | – | ×4 | ×3 |" in text
 
 
 @pytest.mark.root

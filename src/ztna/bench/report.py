@@ -99,7 +99,7 @@ def markdown(result: dict[str, Any], rows: list[Row]) -> str:
         lines.append("| – | – | – | – | – | – |")
     for e in rat:
         lines.append(f"| {e['ztna']} | {e['peer']} | " + " | ".join(
-            "–" if e[k] is None else f"×{e[k]:.2f}"
+            "–" if e[k] is None else f"×{e[k]:.3g}"
             for k in ("tcp_up", "tcp_down", "tcp_rtt_p50", "udp_rtt_p50")) + " |")
     added = added_udp_rtt(rows)
     lines += ["", "## Added UDP RTT vs the underlay (no tunnel, same wires)", ""]
@@ -139,7 +139,7 @@ def print_rich(result: dict[str, Any], rows: list[Row]) -> None:
         for col in ("ztna", "vs", "TCP up", "TCP down", "TCP RTT p50", "UDP RTT p50"):
             t2.add_column(col)
         for e in rat:
-            t2.add_row(e["ztna"], e["peer"], *("–" if e[k] is None else f"×{e[k]:.2f}" for k in
+            t2.add_row(e["ztna"], e["peer"], *("–" if e[k] is None else f"×{e[k]:.3g}" for k in
                                                ("tcp_up", "tcp_down", "tcp_rtt_p50",
                                                 "udp_rtt_p50")))
         console.print(t2)
@@ -160,7 +160,7 @@ def png(path: str, result: dict[str, Any], rows: list[Row]) -> str | None:
         return "no row has numbers; no PNG written"
     names = [r.label for r in shown]
     x = list(range(len(shown)))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(shown) * 2), 5.5))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(9.0, 1.3 * len(shown)), 9.5))
     w = 0.38
     up = [r.tcp_up_mbps or 0 for r in shown]
     down = [r.tcp_down_mbps or 0 for r in shown]
