@@ -7,8 +7,8 @@ Two processes on loopback, so that only the Intermediate is measured:
   It obeys one-line commands on stdin: ``trace-start`` / ``trace-stop`` (tracemalloc
   snapshot diff over the window), ``prof-start`` / ``prof-stop`` (cProfile, top 15 by
   own time), ``stats`` (its RelayStats), ``quit``. Each answer is one JSON line.
-* parent (the load generator, also Python, on the same 2 cores): a Connector client (registers service ``bench``, echoes each ``0x30``
-  DATAGRAM back as ``0x31 01 [agent id][packet]``) and an Agent client (registers,
+* parent (the load generator, also Python, on the same 2 cores): a Connector client
+  (registers service ``bench``, echoes each ``0x30`` DATAGRAM back as ``0x31 01 [agent id][packet]``) and an Agent client (registers,
   then keeps sending ``0x2F [L][bench][packet]`` as fast as the congestion window
   allows, ``datagram_budget()``). It runs three windows of ``--seconds`` each: plain
   (packets/s with no instrumentation), tracemalloc (paced at ``--trace-rate`` packets/s:
@@ -21,7 +21,7 @@ it traces *live* blocks, so the snapshot diff is the net number of blocks retain
 forwarded packet (growth / leaks, ideally ~0), not transient churn; the transient cost
 shows in the profile as Python function calls per forwarded packet.
 
-    sudo-less: /work/venv/bin/python bench/hotpath_alloc.py --seconds 5 --json out.json
+    python bench/hotpath_alloc.py --seconds 5 --json out.json     (no root needed)
 """
 
 from __future__ import annotations
@@ -92,10 +92,10 @@ async def child_main(pki: str) -> None:
             pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(15)
             out["top15_text"] = buf.getvalue()
             rows = []
-            for (fname, lineno, func), (cc, nc, tt, ct, _) in st.stats.items():  # type: ignore[attr-defined]
-                rows.append({"func": f"{os.path.relpath(fname) if fname.startswith('/') else fname}"
-                                     f":{lineno}({func})", "ncalls": nc, "tottime": tt,
-                             "cumtime": ct})
+            raw = st.stats  # type: ignore[attr-defined]
+            for (fname, lineno, func), (_cc, nc, tt, ct, _) in raw.items():
+                rows.append({"func": f"{fname}:{lineno}({func})", "ncalls": nc,
+                             "tottime": tt, "cumtime": ct})
             out["top15"] = sorted(rows, key=lambda r: -r["tottime"])[:15]
         print(json.dumps(out), flush=True)
     await srv.stop()

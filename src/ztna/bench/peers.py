@@ -18,6 +18,7 @@ through the same two NATs:
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 
@@ -212,7 +213,13 @@ StrictModes no
 
 
 def run_sshuttle(ctx: BenchContext, row: Row) -> None:
-    if _missing(row, "sshuttle", "sshd", "ssh", "ssh-keygen", "iperf3"):
+    sshd_bin = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd")
+                                         else None)
+    if sshd_bin is None:
+        row.status = "missing"
+        row.note = f"not installed: sshd ({APT_LINE})"
+        return
+    if _missing(row, "sshuttle", "ssh", "ssh-keygen", "iperf3"):
         return
     lab = ctx.lab
     with ctx.scope(row.key) as scope:
@@ -228,7 +235,7 @@ def run_sshuttle(ctx: BenchContext, row: Row) -> None:
         with open(os.path.join(wd, "sshd_config"), "w") as f:
             f.write(SSHD_CONFIG.format(wd=wd))
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
-        sshd = scope.spawn("conn", ["/usr/sbin/sshd", "-D", "-e", "-f",
+        sshd = scope.spawn("conn", [sshd_bin, "-D", "-e", "-f",
                                     os.path.join(wd, "sshd_config")], "sshd")
         port_forward(scope, "benchssh", [("tcp", 2222, "10.2.0.10:22")])
         ssh_cmd = (f"ssh -i {wd}/client_key -o StrictHostKeyChecking=no "

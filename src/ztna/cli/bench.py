@@ -12,20 +12,29 @@ from ztna.errors import UsageError
 
 
 @click.command(name="bench")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write all numbers + environment here.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Write all numbers + environment here.")
 @click.option("--md", "md_path", type=click.Path(dir_okay=False),
               help="Markdown report (default bench/results/bench-<timestamp>.md).")
-@click.option("--png", "png_path", type=click.Path(dir_okay=False), help="Chart (default next to the Markdown).")
+@click.option("--png", "png_path", type=click.Path(dir_okay=False),
+              help="Chart (default next to the Markdown).")
 @click.option("--quick", is_flag=True, help="3 s per iperf3 direction, 50 echo round trips.")
-@click.option("-t", "--seconds", type=float, help="iperf3 seconds per direction (default 10, --quick 3).")
-@click.option("--count", type=int, help="Echo round trips per latency test (default 200, --quick 50).")
-@click.option("--nat-a", type=click.Choice(["none", "cone", "symmetric"]), default="cone", show_default=True)
-@click.option("--nat-b", type=click.Choice(["none", "cone", "symmetric"]), default="cone", show_default=True)
-@click.option("--delay", type=float, default=0.0, show_default=True, help="One-way ms per WAN link.")
-@click.option("--loss", type=float, default=0.0, show_default=True, help="Loss %% per WAN link direction.")
-@click.option("--rows", help="Comma-separated subset of rows (default all): "
-              "lan,underlay,ztna-direct,ztna-relay,nebula-direct,nebula-relay,wireguard,sshuttle.")
-@click.option("--directions", default="up,down", show_default=True, help="iperf3 directions: up, down or both.")
+@click.option("-t", "--seconds", type=float,
+              help="iperf3 seconds per direction (default 10, --quick 3).")
+@click.option("--count", type=int,
+              help="Echo round trips per latency test (default 200, --quick 50).")
+@click.option("--nat-a", type=click.Choice(["none", "cone", "symmetric"]), default="cone",
+              show_default=True)
+@click.option("--nat-b", type=click.Choice(["none", "cone", "symmetric"]), default="cone",
+              show_default=True)
+@click.option("--delay", type=float, default=0.0, show_default=True,
+              help="One-way ms per WAN link.")
+@click.option("--loss", type=float, default=0.0, show_default=True,
+              help="Loss %% per WAN link direction.")
+@click.option("--rows", help="Comma-separated subset of rows (default all): lan,underlay,"
+              "ztna-direct,ztna-relay,nebula-direct,nebula-relay,wireguard,sshuttle.")
+@click.option("--directions", default="up,down", show_default=True,
+              help="iperf3 directions: up, down or both.")
 @click.option("--prefix", default="ztb", show_default=True, help="Lab namespace prefix.")
 @click.option("--keep-workdir", is_flag=True, help="Keep configs and logs of every row.")
 def bench(json_path: str | None, md_path: str | None, png_path: str | None, quick: bool,
