@@ -25,6 +25,7 @@ class Download:
     sha256: str
     seconds: float
     status: int
+    error: str | None = None  # set when the transfer broke off after the response began
 
     @property
     def mbps(self) -> float:
@@ -40,13 +41,17 @@ def http_get(host: str, port: int, path: str, *, timeout: float = 30.0) -> Downl
     try:
         conn.request("GET", path, headers={"User-Agent": "ztna-demo"})
         resp = conn.getresponse()
-        while True:
-            chunk = resp.read(256 * 1024)
-            if not chunk:
-                break
-            digest.update(chunk)
-            n += len(chunk)
         status = resp.status
+        try:
+            while True:
+                chunk = resp.read1(256 * 1024)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                n += len(chunk)
+        except OSError as exc:  # a stall (timeout) or reset mid-body: report how far it got
+            return Download(n, digest.hexdigest(), time.monotonic() - start, status,
+                            error=f"{type(exc).__name__}: {exc or 'timed out'}")
     finally:
         conn.close()
     return Download(n, digest.hexdigest(), time.monotonic() - start, status)

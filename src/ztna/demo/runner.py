@@ -367,17 +367,22 @@ class Demo:
         try:
             d = self.layout.call("agent", lambda: probe.http_get(hh, hp, "/" + FILE_NAME, timeout=30.0))
         except OSError as exc:
-            self.fail(f"HTTP GET http://{hh}:{hp}/{FILE_NAME} failed: {exc}")
+            self.fail(f"HTTP GET http://{hh}:{hp}/{FILE_NAME} failed before the response: "
+                      f"{type(exc).__name__}: {exc}; last Agent log lines:\n{self.sup.tail('agent', 6)}")
             return
         ok = d.status == 200 and d.nbytes == self.o.size and d.sha256 == self.sha256
         self.result.update(http_bytes=d.nbytes, http_sha256_ok=d.sha256 == self.sha256,
                            http_mbps=round(d.mbps, 1), http_seconds=round(d.seconds, 3))
         text = (f"HTTP GET http://{hh}:{hp}/{FILE_NAME}: {d.nbytes:,} bytes in {d.seconds:.2f} s "
                 f"= {d.mbps:.1f} Mbit/s, sha256 {'matches' if d.sha256 == self.sha256 else 'DIFFERS'}")
+        if d.error:
+            text = (f"HTTP GET http://{hh}:{hp}/{FILE_NAME} broke off after {d.nbytes:,} of "
+                    f"{self.o.size:,} bytes ({d.seconds:.1f} s): {d.error}; last Agent log lines:\n"
+                    f"{self.sup.tail('agent', 6)}\nlast Connector log lines:\n{self.sup.tail('connector', 6)}")
         if ok:
             self.step(True, text)
         else:
-            self.fail(text + f" (status {d.status}, expected {self.o.size:,} bytes)")
+            self.fail(text if d.error else text + f" (status {d.status}, expected {self.o.size:,} bytes)")
 
     def icmp_test(self) -> None:
         if self.mode != "tun":
