@@ -35,6 +35,7 @@ class Agent:
         self.tun: Any = None
         self.dataplane: Any = None
         self.userspace: Any = None
+        self.redirect: Any = None       # TcpRedirect (TUN mode, --tcp-transport stream)
         self.control = ControlServer(options.state_dir / f"{options.name}.sock", self.snapshot)
         self.started_at: float | None = None
         self._stopped = asyncio.Event()
@@ -51,7 +52,8 @@ class Agent:
         try:
             if opts.mode == "tun":
                 await self._start_tun()
-            if opts.mode == "userspace" or opts.forwards or opts.udp_forwards or opts.socks:
+            stream_tun = opts.mode == "tun" and opts.tcp_transport == "stream"
+            if opts.mode == "userspace" or opts.forwards or opts.udp_forwards or opts.socks or stream_tun:
                 # Forwards and SOCKS work in TUN mode too (same session, own source address).
                 from ztna.agent.userspace import Userspace
 
@@ -59,6 +61,11 @@ class Agent:
                 await self.userspace.start()
                 if self.dataplane is not None:
                     self.session.on_packet = self._dispatch
+            if stream_tun:
+                from ztna.agent.tcp_redirect import TcpRedirect
+
+                self.redirect = TcpRedirect(self.userspace, opts, self.tun)
+                await self.redirect.start()
             await self.session.start()
         except BaseException:
             await self.stop()
@@ -101,6 +108,8 @@ class Agent:
             return
         if self.dataplane is not None:
             self.dataplane.stop()
+        if self.redirect is not None:
+            await self.redirect.stop()
         if self.userspace is not None:
             await self.userspace.stop()
         await self.session.stop()
@@ -145,4 +154,6 @@ class Agent:
                            "routes": self.tun.routes, **self.dataplane.snapshot()}
         if self.userspace is not None:
             snap["userspace"] = self.userspace.snapshot()
+        if self.redirect is not None:
+            snap["tcp_redirect"] = self.redirect.snapshot()
         return snap

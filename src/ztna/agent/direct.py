@@ -76,6 +76,7 @@ class _ServicePath:
     timer: asyncio.TimerHandle | None = None
     punch_reported: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    streams: dict[int, Any] = field(default_factory=dict)   # TCP-on-stream handlers on `conn`
 
 
 class _QadHandler(ConnectionHandler):
@@ -123,10 +124,22 @@ class _DirectHandler(ConnectionHandler):
         self._heard()   # QAD / registration ACK from the Connector: bytes over the direct path
 
     def on_stream_data(self, conn: ZtnaConnection, stream_id: int, data: bytes, end: bool) -> None:
-        if stream_id != 0:
+        # TCP on streams (the Agent opened them, see `DirectPaths.stream_conn`); stream 0 is
+        # the control stream, anything else unknown is refused.
+        handler = self.sp.streams.get(stream_id) if conn is self.sp.conn else None
+        if handler is not None:
+            handler.on_data(data, end)
+        elif stream_id != 0:
             conn.reset_stream(stream_id)
 
+    def on_stream_reset(self, conn: ZtnaConnection, stream_id: int, error_code: int) -> None:
+        handler = self.sp.streams.pop(stream_id, None) if conn is self.sp.conn else None
+        if handler is not None:
+            handler.on_reset(error_code)
+
     def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
+        if conn is self.sp.conn:
+            self.owner.abort_streams(self.sp)
         self.owner.direct_lost(self.sp, conn, f"direct connection closed: {reason}")
 
 
@@ -244,6 +257,20 @@ class DirectPaths:
         svc.tx_bytes += len(datagram) - len(svc.prefix)
         return True
 
+    def stream_conn(self, service_id: str) -> tuple[ZtnaConnection, dict[int, Any]] | None:
+        """The live direct connection of a service and its stream-handler table, for TCP on
+        QUIC streams (the opener registers its handler under the new stream id); None when
+        the service is on the relay."""
+        sp = self.paths.get(service_id)
+        if sp is None or sp.conn is None or sp.conn.closed or sp.pm.state is not PathState.DIRECT:
+            return None
+        return sp.conn, sp.streams
+
+    def abort_streams(self, sp: _ServicePath) -> None:
+        handlers, sp.streams = sp.streams, {}
+        for handler in handlers.values():
+            handler.on_reset(-1)
+
     # ------------------------------------------------------------------ supervision
     async def _tick_loop(self) -> None:
         while not self._stopping:
@@ -290,6 +317,7 @@ class DirectPaths:
             log.warning("service %s: back on the relay (%s); retrying direct in %.0fs",
                         sp.svc.spec.id, reason, self.config.cooldown)
         sp.svc.path = "relay"
+        self.abort_streams(sp)   # streams live and die with their connection
         conn, sp.conn = sp.conn, None
         if close and conn is not None and not conn.closed:
             conn.close(0, "direct path abandoned")

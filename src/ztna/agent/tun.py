@@ -12,7 +12,8 @@ Theory of operation
   After SIGKILL the file survives: the next start (`recover_stale`) sees a dead pid and
   removes the routes and the device if they still exist (a device can outlive us when its fd
   leaked into a child process), then proceeds. A live pid means another Agent owns the name:
-  refuse rather than fight over it.
+  refuse rather than fight over it. nftables tables the Agent adds (`--tcp-transport stream`
+  redirect, `record_nft_table`) are listed in the same file and deleted the same way.
 * Everything is netlink on the current network namespace, so it works inside `ip netns exec`.
 * pyroute2 0.9's synchronous `IPRoute` runs its own asyncio loop, so these methods are
   blocking and must be called from a worker thread (`asyncio.to_thread`) by async code; each
@@ -29,6 +30,7 @@ import logging
 import os
 import socket
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,7 @@ class TunDevice:
         self.mtu = 0
         self.addresses: list[str] = []
         self.routes: list[str] = []
+        self.nft_tables: list[str] = []     # "inet <name>" tables to delete after a crash
 
     # ------------------------------------------------------------------ crash recovery
     @staticmethod
@@ -119,9 +122,12 @@ class TunDevice:
                         cleaned = True
                     except NetlinkError as exc:
                         log.warning("could not delete stale device %s: %s", name, exc)
+        for table in state.get("nft_tables", []):
+            if delete_nft_table(table):
+                cleaned = True
         state_file.unlink(missing_ok=True)
         if cleaned:
-            log.warning("removed stale device/routes left by a previous Agent (pid %d)", pid)
+            log.warning("removed stale device/routes/rules left by a previous Agent (pid %d)", pid)
         return cleaned
 
     # ------------------------------------------------------------------ setup
@@ -184,8 +190,15 @@ class TunDevice:
 
     def _write_state(self) -> None:
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "tun": self.name, "routes": self.routes}))
+        tmp.write_text(json.dumps({"pid": os.getpid(), "tun": self.name, "routes": self.routes,
+                                   "nft_tables": self.nft_tables}))
         os.replace(tmp, self.state_file)
+
+    def record_nft_table(self, table: str) -> None:
+        """Note an `inet` nftables table before creating it (crash cleanup deletes it)."""
+        if table not in self.nft_tables:
+            self.nft_tables.append(table)
+            self._write_state()
 
     def set_mtu(self, mtu: int) -> None:
         if self.fd < 0 or mtu == self.mtu:
@@ -224,6 +237,16 @@ class TunDevice:
             ipr.close()
             self.state_file.unlink(missing_ok=True)
         log.info("%s removed with its routes", self.name)
+
+
+def delete_nft_table(table: str) -> bool:
+    """Delete `table inet <table>` if it exists; True if it did (blocking: nft binary)."""
+    try:
+        proc = subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("cannot run nft to delete table %s: %s", table, exc)
+        return False
+    return proc.returncode == 0
 
 
 def _is_tun(ipr: IPRoute, index: int) -> bool:

@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 * **TCP** (`-L 127.0.0.1:8080=web:80`, SOCKS5 CONNECT): each accepted local connection
-  opens one QUIC stream on the Intermediate connection and writes a `StreamOpen` header
+  opens one QUIC stream (on the service's direct P2P connection when it has one, else on
+  the Intermediate connection) and writes a `StreamOpen` header
   (service, virtual IP, port). The Connector's first byte is a `StreamStatus`; OK means the
   backend is connected and raw bytes follow. Then two pumps splice the sockets with
   back-pressure both ways: local→QUIC stops reading while the stream's unacknowledged
@@ -58,8 +59,9 @@ class StreamFailed(Exception):
 class _StreamSink:
     """What the session calls for one QUIC stream: queue the events for the pump task."""
 
-    def __init__(self) -> None:
+    def __init__(self, handlers: dict[int, Any]) -> None:
         self.queue: asyncio.Queue[tuple[bytes, bool] | None] = asyncio.Queue()
+        self.handlers = handlers   # the table this sink is registered in (relay or direct)
 
     def on_data(self, data: bytes, end: bool) -> None:
         self.queue.put_nowait((data, end))
@@ -84,7 +86,7 @@ class Userspace:
         self.udp_by_client: dict[tuple[int, Any], int] = {}
         self._next_port = UDP_PORT_FIRST
         self.tasks: set[asyncio.Task[None]] = set()
-        self.stats = {"tcp_opened": 0, "tcp_failed": 0, "tcp_active": 0, "udp_dropped_too_big": 0,
+        self.stats = {"tcp_opened": 0, "tcp_failed": 0, "tcp_active": 0, "tcp_direct": 0, "udp_dropped_too_big": 0,
                       "udp_dropped_unknown": 0, "socks_failed": 0}
         session.on_packet = self.on_packet
 
@@ -152,15 +154,28 @@ class Userspace:
             await asyncio.sleep(0.02)
 
     # ------------------------------------------------------------------ TCP over streams
+    def _stream_conn(self, svc: ServiceState) -> tuple[Any, dict[int, Any]]:
+        """The connection a new stream for `svc` goes on: the service's live direct P2P
+        connection when it has one (the Connector accepts `StreamOpen` there), else the
+        Intermediate connection. A stream stays on the connection it was opened on."""
+        direct = self.session.direct
+        if direct is not None and svc.path == "direct":
+            picked = direct.stream_conn(svc.spec.id)
+            if picked is not None:
+                self.stats["tcp_direct"] += 1
+                return picked
+        conn = self.session.conn
+        assert conn is not None
+        return conn, self.session.stream_handlers
+
     async def _open(self, spec: ServiceSpec, vip: IpAddress, port: int) -> tuple[Any, int, _StreamSink, bytes]:
         """Open a stream and wait for the Connector's status; returns (conn, sid, sink, early payload)."""
         svc = self.session.by_id[spec.id]
         await self._ready(svc)
-        conn = self.session.conn
-        assert conn is not None
+        conn, handlers = self._stream_conn(svc)
         sid = conn.open_stream()
-        sink = _StreamSink()
-        self.session.stream_handlers[sid] = sink
+        sink = _StreamSink(handlers)
+        handlers[sid] = sink
         conn.send_stream(sid, encode_stream_open(StreamOpen(service_id=spec.id, dst_ip=str(vip), dst_port=port)))
         while True:
             item = await asyncio.wait_for(sink.queue.get(), READY_WAIT)
@@ -177,7 +192,7 @@ class Userspace:
             conn.reset_stream(sid)
             raise StreamFailed(None, f"bad status byte {data[0]}") from None
         if status is not StreamStatus.OK:
-            self.session.stream_handlers.pop(sid, None)
+            handlers.pop(sid, None)
             raise StreamFailed(status, status.name)
         if end:
             sink.queue.put_nowait((b"", True))
@@ -213,7 +228,7 @@ class Userspace:
         finally:
             self.stats["tcp_active"] -= 1
             up.cancel()
-            self.session.stream_handlers.pop(sid, None)
+            sink.handlers.pop(sid, None)
             writer.close()
 
     async def _pump_up(self, reader: asyncio.StreamReader, conn: Any, sid: int) -> None:

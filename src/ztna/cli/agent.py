@@ -63,7 +63,7 @@ def _build_options(**kw: object):  # -> AgentOptions (import kept lazy for --hel
 @click.option("--socks", metavar="HOST:PORT", help="SOCKS5 server (CONNECT, UDP ASSOCIATE).")
 @click.option("--state-dir", type=click.Path(file_okay=False), help="Default /run/ztna-agent (root).")
 @click.option("--tcp-transport", type=click.Choice(["datagram", "stream"]), default="datagram", show_default=True,
-              help="TUN mode TCP carriage ('stream' is not implemented yet).")
+              help="TUN mode TCP carriage: 'datagram' (TCP packets in DATAGRAMs, end-to-end TCP) or 'stream' (local kernel terminates TCP, nftables redirect, one QUIC stream per connection).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def agent(**kw: object) -> None:
@@ -73,8 +73,6 @@ def agent(**kw: object) -> None:
     setup_logging(str(kw.pop("log_level")))
     try:
         options = _build_options(**kw)
-        if options.tcp_transport == "stream" and options.mode == "tun":
-            raise UsageError("--tcp-transport stream is not implemented yet; use datagram")
         from ztna.agent.agent import Agent
 
         asyncio.run(Agent(options).run_forever())

@@ -1,0 +1,169 @@
+"""TUN mode with `--tcp-transport stream`: the kernel terminates TCP, QUIC streams carry it.
+
+Theory of operation
+-------------------
+* An nftables table `inet ztna_<agent name>` in the Agent's network namespace redirects
+  every locally originated TCP connection to a service virtual IP (nat hook `output`,
+  priority -100: nft 1.0.6 refuses `dstnat` there) to our listener on 127.0.0.1 (IPv4) or
+  ::1 (IPv6). The application's TCP therefore ends in our own kernel, as with sshuttle; the
+  redirect happens before routing, so none of it reaches the TUN. UDP and ICMP are not
+  matched and keep flowing through the TUN as DATAGRAMs.
+* Accept → `SO_ORIGINAL_DST` (IPv4) / `IP6T_SO_ORIGINAL_DST` (IPv6) gives the virtual IP
+  and port the application dialled → the service → one QUIC stream with a `StreamOpen`
+  header, exactly like a userspace `-L` forward: we reuse `Userspace._open` / `_splice`
+  (status byte, back-pressure both ways, FIN/RST mapping), which put the stream on the
+  service's direct P2P connection when one is live, else on the Intermediate connection.
+  A refused stream (status byte not OK, or no connection within 10 s) aborts the accepted
+  socket with RST, which is what the application would have seen from the backend.
+* The redirect only needs two separate listeners (one per family, separate sockets, so
+  SO_ORIGINAL_DST is asked with the matching level). The Agent opens no TCP of its own to
+  virtual IPs, so no `meta mark` bypass rule is needed.
+* Crash safety: the table name is recorded in the TUN state file (`TunDevice.
+  record_nft_table`) before the table exists; `stop()` deletes it, and after SIGKILL the
+  next start's `TunDevice.recover_stale` does. Creating the table first adds-and-deletes
+  any same-named leftover in the same nft transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import socket
+import struct
+from typing import Any
+
+from ztna.agent.config import AgentOptions
+from ztna.agent.tun import TunDevice, delete_nft_table
+from ztna.agent.userspace import StreamFailed, Userspace
+from ztna.errors import UsageError
+
+log = logging.getLogger("ztna.agent")
+
+SO_ORIGINAL_DST = 80          # SOL_IP, linux/netfilter_ipv4.h
+IP6T_SO_ORIGINAL_DST = 80     # SOL_IPV6 (Python has no socket.SOL_IPV6: IPPROTO_IPV6 is it)
+
+
+def table_name(agent_name: str) -> str:
+    """`ztna_<name>` with anything but [A-Za-z0-9_] replaced (nft identifiers)."""
+    return "ztna_" + re.sub(r"[^A-Za-z0-9_]", "_", agent_name)
+
+
+def ruleset(table: str, v4: list[str], v6: list[str], port4: int, port6: int) -> str:
+    lines = [
+        f"add table inet {table}",
+        f"delete table inet {table}",
+        f"table inet {table} {{",
+        "  chain output {",
+        "    type nat hook output priority -100; policy accept;",
+    ]
+    if v4:
+        lines.append(f"    ip daddr {{ {', '.join(v4)} }} meta l4proto tcp redirect to :{port4}")
+    if v6:
+        lines.append(f"    ip6 daddr {{ {', '.join(v6)} }} meta l4proto tcp redirect to :{port6}")
+    lines += ["  }", "}", ""]
+    return "\n".join(lines)
+
+
+def original_dst(sock: socket.socket) -> tuple[str, int]:
+    if sock.family == socket.AF_INET:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        port, addr = struct.unpack_from("!H4s", raw, 2)
+        return socket.inet_ntop(socket.AF_INET, addr), port
+    raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+    port, _flow, addr, _scope = struct.unpack_from("!HI16sI", raw, 2)
+    return socket.inet_ntop(socket.AF_INET6, addr), port
+
+
+async def _nft(script: str) -> None:
+    proc = await asyncio.create_subprocess_exec("nft", "-f", "-", stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate(script.encode())
+    if proc.returncode != 0:
+        raise UsageError(f"nft refused the TCP redirect rules: {err.decode(errors='replace').strip()}")
+
+
+class TcpRedirect:
+    def __init__(self, userspace: Userspace, options: AgentOptions, tun: TunDevice) -> None:
+        self.userspace = userspace
+        self.options = options
+        self.tun = tun
+        self.table = table_name(options.name)
+        self.v4 = [str(ip) for s in options.services for ip in s.virtual_ips if ip.version == 4]
+        self.v6 = [str(ip) for s in options.services for ip in s.virtual_ips if ip.version == 6]
+        self.servers: list[asyncio.AbstractServer] = []
+        self.ports: dict[int, int] = {}
+        self.installed = False
+        self.stats = {"accepted": 0, "refused": 0, "not_redirected": 0}
+
+    async def start(self) -> None:
+        for family, host, ips in ((4, "127.0.0.1", self.v4), (6, "::1", self.v6)):
+            if not ips:
+                continue
+            srv = await asyncio.start_server(self._accept, host, 0, reuse_address=True)
+            self.servers.append(srv)
+            self.ports[family] = int(srv.sockets[0].getsockname()[1])
+        await asyncio.to_thread(self.tun.record_nft_table, self.table)
+        await _nft(ruleset(self.table, self.v4, self.v6, self.ports.get(4, 0), self.ports.get(6, 0)))
+        self.installed = True
+        log.info("tcp over QUIC streams: nft table inet %s redirects %s to %s", self.table,
+                 " ".join(self.v4 + self.v6), " ".join(f"{h}:{p}" for h, p in
+                                                       zip(("127.0.0.1", "[::1]"), (self.ports.get(4), self.ports.get(6))) if p))
+
+    async def stop(self) -> None:
+        if self.installed:
+            # Rules first: new connections must not hit a closed listener.
+            await asyncio.to_thread(delete_nft_table, self.table)
+            self.installed = False
+            log.info("nft table inet %s removed", self.table)
+        for srv in self.servers:
+            srv.close()
+        self.servers = []
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        try:
+            ip, port = original_dst(sock)
+            local = sock.getsockname()
+        except OSError as exc:
+            log.debug("no original destination: %s", exc)
+            self.stats["not_redirected"] += 1
+            writer.transport.abort()
+            return
+        if (ip, port) == tuple(local[:2]):   # dialled us directly, not through the redirect
+            self.stats["not_redirected"] += 1
+            writer.transport.abort()
+            return
+        try:
+            spec, vip = self.options.service_for_target(str(ipaddress.ip_address(ip)))
+        except UsageError:
+            self.stats["not_redirected"] += 1
+            writer.transport.abort()
+            return
+        us = self.userspace
+        try:
+            conn, sid, sink, early = await us._open(spec, vip, port)
+        except (StreamFailed, asyncio.TimeoutError) as exc:
+            self.stats["refused"] += 1
+            us.stats["tcp_failed"] += 1
+            log.info("tcp %s:%d via stream refused: %s", vip, port, exc or "timeout")
+            _reset(writer)
+            return
+        self.stats["accepted"] += 1
+        us.stats["tcp_opened"] += 1
+        await us._splice(reader, writer, conn, sid, sink, early)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"nft_table": f"inet {self.table}" if self.installed else None,
+                "listen_ports": {f"ipv{k}": v for k, v in self.ports.items()}, **self.stats}
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with RST (SO_LINGER 0): the application sees 'connection reset'."""
+    sock = writer.get_extra_info("socket")
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    writer.transport.abort()
