@@ -61,8 +61,9 @@ def check_common(code: int, r: dict[str, Any], stderr: str) -> None:
     assert (r["warmup_ms"] is not None) == (r["path"] == "direct")
     assert not Path(r["workdir"]).exists(), "temp dir left behind"
     for name, pid in r["pids"].items():
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], \
-            f"{name} (pid {pid}) still running"
+        stat = Path(f"/proc/{pid}/stat")
+        gone = not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        assert gone, f"{name} (pid {pid}) still running"
     assert set(r["pids"]) == {"backends", "intermediate", "connector", "agent"}
 
 

@@ -17,6 +17,9 @@ from typing import Any
 import click
 
 
+NATS = ["none", "cone", "symmetric"]
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -27,22 +30,26 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 @click.option("--mode", type=click.Choice(["userspace", "tun"]),
               help="Agent mode. Default: tun (in namespaces) as root, userspace otherwise; "
                    "env ZTNA_DEMO_MODE=userspace forces userspace.")
-@click.option("--lab", is_flag=True, help="Run inside the namespace lab: NATs, IPv6, delay, loss (root).")
-@click.option("--nat-a", type=click.Choice(["none", "cone", "symmetric"]), default="none", show_default=True,
+@click.option("--lab", is_flag=True,
+              help="Run inside the namespace lab: NATs, IPv6, delay, loss (root).")
+@click.option("--nat-a", type=click.Choice(NATS), default="none", show_default=True,
               help="--lab: the Agent's NAT.")
-@click.option("--nat-b", type=click.Choice(["none", "cone", "symmetric"]), default="none", show_default=True,
+@click.option("--nat-b", type=click.Choice(NATS), default="none", show_default=True,
               help="--lab: the Connector's NAT.")
-@click.option("--ip", type=click.Choice(["4", "6", "dual", "6only"]), default="4", show_default=True,
+@click.option("--ip", type=click.Choice(["4", "6", "dual", "6only"]), default="4",
+              show_default=True,
               help="--lab: IP families of the lab ('6' = '6only').")
 @click.option("--delay", type=click.FloatRange(min=0), default=0.0, metavar="MS",
               help="--lab: one-way delay per WAN link.")
 @click.option("--loss", type=click.FloatRange(min=0, max=100), default=0.0, metavar="PCT",
               help="--lab: packet loss per WAN link and direction.")
-@click.option("--transport", type=click.Choice(["datagram", "stream"]), default="datagram", show_default=True,
+@click.option("--transport", type=click.Choice(["datagram", "stream"]), default="datagram",
+              show_default=True,
               help="TUN mode TCP carriage (the Agent's --tcp-transport).")
 @click.option("--no-reconnect", is_flag=True, help="Skip the Agent restart measurements.")
 @click.option("--keep", is_flag=True, help="Keep the temp dir (certificates, logs) afterwards.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the step list.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object instead of the step list.")
 def demo(size: int, mode: str | None, lab: bool, nat_a: str, nat_b: str, ip: str, delay: float,
          loss: float, transport: str, no_reconnect: bool, keep: bool, as_json: bool) -> None:
     """Start an Intermediate, a Connector with an HTTP and a UDP echo app, and an Agent as
@@ -68,7 +75,8 @@ def demo(size: int, mode: str | None, lab: bool, nat_a: str, nat_b: str, ip: str
         console = Console(highlight=False, emoji=False)
 
         def emit(ok: bool | None, text: str) -> None:
-            mark = {True: "[green]✓[/green]", False: "[red]✗[/red]", None: "[blue]•[/blue]"}[ok]
+            mark = {True: "[green]✓[/green]", False: "[red]✗[/red]",
+                    None: "[blue]•[/blue]"}[ok]
             console.print(f"{mark} {text}", soft_wrap=True)
 
         console.print("[bold]ztna demo[/bold]: Intermediate + Connector + Agent as real processes")
@@ -103,6 +111,7 @@ def _verdict(console: Any, r: dict[str, Any]) -> None:
         parts.append(f"path {r['path']}")
         console.print(f"\n[bold green]PASS[/bold green] ({r['mode']} mode): " + ", ".join(parts))
     else:
-        console.print(f"\n[bold red]FAIL[/bold red] ({r['mode']} mode): {len(r['errors'])} problem(s)")
+        console.print(f"\n[bold red]FAIL[/bold red] ({r['mode']} mode): "
+                      f"{len(r['errors'])} problem(s)")
         for e in r["errors"]:
             console.print(f"  - {e}", soft_wrap=True)

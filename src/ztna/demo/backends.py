@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(tmp, "w") as f:
         json.dump(ports, f)
     os.replace(tmp, args.ready_file)
-    sys.stderr.write(f"backends: http {args.host}:{ports['http']} udp echo {args.host}:{ports['udp']}\n")
+    sys.stderr.write(f"backends: http {args.host}:{ports['http']} "
+                     f"udp echo {args.host}:{ports['udp']}\n")
     sys.stderr.flush()
 
     def stop(signum: int, frame: Any) -> None:

@@ -57,7 +57,9 @@ def http_get(host: str, port: int, path: str, *, timeout: float = 30.0) -> Downl
     return Download(n, digest.hexdigest(), time.monotonic() - start, status)
 
 
-def http_json(host: str, port: int, path: str, *, timeout: float = 1.0) -> tuple[int, dict[str, Any]]:
+def http_json(
+    host: str, port: int, path: str, *, timeout: float = 1.0
+) -> tuple[int, dict[str, Any]]:
     """GET a small JSON document (the components' /healthz): (status, body)."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
@@ -69,7 +71,9 @@ def http_json(host: str, port: int, path: str, *, timeout: float = 1.0) -> tuple
         conn.close()
 
 
-def udp_echo(host: str, port: int, payload: bytes, *, timeout: float = 1.0, attempts: int = 3) -> bytes | None:
+def udp_echo(
+    host: str, port: int, payload: bytes, *, timeout: float = 1.0, attempts: int = 3
+) -> bytes | None:
     """Send ``payload`` and return the first reply (``None`` if none in any attempt).
 
     Replies that are not our payload (a late answer to an earlier attempt) are returned

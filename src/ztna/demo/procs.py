@@ -61,8 +61,8 @@ class Supervisor:
         log = self.log_dir / f"{name}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(log, "ab") as f:
-            kw: dict[str, Any] = {"stdout": f, "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL,
-                                  "env": env}
+            kw: dict[str, Any] = {"stdout": f, "stderr": subprocess.STDOUT,
+                                  "stdin": subprocess.DEVNULL, "env": env}
             if runner is not None:
                 popen = runner(argv, **kw)
             else:
@@ -107,8 +107,8 @@ class Supervisor:
             self.check_all_alive()
             if time.monotonic() > deadline:
                 detail = f" (last error: {last_exc})" if last_exc else ""
-                raise DemoError(f"{component}: timed out after {timeout:.0f}s waiting for {what}{detail};"
-                                f" last log lines:\n{self.tail(component)}")
+                raise DemoError(f"{component}: timed out after {timeout:.0f}s waiting for "
+                                f"{what}{detail}; last log lines:\n{self.tail(component)}")
             time.sleep(interval)
 
     def stop(self, name: str, *, grace: float = 3.0) -> int | None:

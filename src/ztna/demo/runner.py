@@ -24,11 +24,13 @@ deleted, temp dir removed (unless ``keep``).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from ztna.demo import probe
-from ztna.demo.layouts import (LabLayout, Layout, LocalLayout, NetnsLayout, can_tun, default_prefix,
-                               require)
+from ztna.demo.layouts import (LabLayout, Layout, LocalLayout, NetnsLayout, can_tun,
+                               default_prefix, host_port, require)
 from ztna.demo.procs import DemoError, Supervisor, ztna_argv
 from ztna.errors import UsageError
 
@@ -121,11 +123,13 @@ class Demo:
         self.sup = Supervisor(self.tmp / "logs")
         self.state_dir = self.tmp / "agent-state"
         self.result: dict[str, Any] = {
-            "ok": False, "mode": self.mode, "layout": self.layout.name, "transport": options.transport,
-            "path": None, "http_bytes": 0, "http_expected_bytes": options.size, "http_sha256_ok": False,
+            "ok": False, "mode": self.mode, "layout": self.layout.name,
+            "transport": options.transport, "path": None,
+            "http_bytes": 0, "http_expected_bytes": options.size, "http_sha256_ok": False,
             "http_mbps": None, "http_seconds": None, "udp_echo_ok": False, "icmp_ok": None,
             "icmp_rtt_ms": None, "rtt_ms": None, "warmup_ms": None, "reconnect_ms": None,
-            "p2p": None, "isolated": None, "namespaces": None, "lab": None, "pids": {}, "workdir": str(self.tmp), "errors": [],
+            "p2p": None, "isolated": None, "namespaces": None, "lab": None, "pids": {},
+            "workdir": str(self.tmp), "errors": [],
         }
 
     # ------------------------------------------------------------------ helpers
@@ -138,7 +142,8 @@ class Demo:
 
     def _log_match(self, name: str, pattern: str) -> re.Match[str] | None:
         try:
-            return re.search(pattern, (self.sup.log_dir / f"{name}.log").read_text(errors="replace"))
+            text = (self.sup.log_dir / f"{name}.log").read_text(errors="replace")
+            return re.search(pattern, text)
         except OSError:
             return None
 
@@ -164,15 +169,16 @@ class Demo:
                 left -= len(chunk)
         os.chmod(self.tmp, 0o755)  # a lab/netns child may run with another uid some day; harmless
         self.sha256 = digest.hexdigest()
-        self.step(True, f"throwaway certificates and a {self.o.size:,}-byte random file in {self.tmp}")
+        self.step(True, f"throwaway certificates and a {self.o.size:,}-byte random file "
+                        f"in {self.tmp}")
 
     def start_layout(self) -> None:
         self.layout.up()
         if isinstance(self.layout, LabLayout):
             self.result["lab"] = self.layout.describe()
             cfg = self.layout.lab.config
-            self.step(True, f"lab {cfg.prefix} up: NAT A {cfg.nat_a}, NAT B {cfg.nat_b}, IPv{cfg.ip}, "
-                            f"delay {cfg.delay_ms:g} ms, loss {cfg.loss_pct:g}%")
+            self.step(True, f"lab {cfg.prefix} up: NAT A {cfg.nat_a}, NAT B {cfg.nat_b}, "
+                            f"IPv{cfg.ip}, delay {cfg.delay_ms:g} ms, loss {cfg.loss_pct:g}%")
         elif isinstance(self.layout, NetnsLayout):
             self.result["namespaces"] = [self.layout.pub, self.layout.agent]
             self.step(True, f"namespaces {self.layout.pub} (Intermediate, Connector, apps) and "
@@ -182,11 +188,7 @@ class Demo:
         ready = self.tmp / "backends.json"
         argv = ["-m", "ztna.demo.backends", "--host", self.layout.backend_host,
                 "--root", str(self.tmp / "www"), "--ready-file", str(ready)]
-        import sys
-
         self.sup.spawn("backends", [sys.executable, *argv], runner=self.layout.runner("backends"))
-        import json
-
         ports = self.sup.wait_for(lambda: json.loads(ready.read_text()) if ready.exists() else None,
                                   timeout=self.o.startup_timeout, component="backends",
                                   what="the HTTP and UDP echo servers to bind")
@@ -196,27 +198,28 @@ class Demo:
 
     def start_intermediate(self) -> None:
         lp = self.layout.intermediate_port
-        from ztna.demo.layouts import host_port
-
         self.sup.spawn("intermediate", ztna_argv(
-            "intermediate", "--listen", host_port(self.layout.listen_host, lp), "--pki", str(self.tmp / "pki"),
-            "--metrics", "127.0.0.1:0"), runner=self.layout.runner("intermediate"))
-        m = self.sup.wait_for(
-            lambda: self._log_match("intermediate", r"listening on udp \S*?:(\d+)[;,].*?metrics http://[^ ]*?:(\d+)/"),
-            timeout=self.o.startup_timeout, component="intermediate", what="its 'listening' line")
+            "intermediate", "--listen", host_port(self.layout.listen_host, lp),
+            "--pki", str(self.tmp / "pki"), "--metrics", "127.0.0.1:0"),
+            runner=self.layout.runner("intermediate"))
+        # the startup line is printed once the socket is bound; it names the real ports
+        pattern = r"listening on udp \S*?:(\d+)[;,].*?metrics http://[^ ]*?:(\d+)/"
+        m = self.sup.wait_for(lambda: self._log_match("intermediate", pattern),
+                              timeout=self.o.startup_timeout, component="intermediate",
+                              what="its 'listening' line")
         self.int_port, metrics = int(m.group(1)), int(m.group(2))
-        self.sup.wait_for(lambda: self._healthy("intermediate", metrics), timeout=self.o.startup_timeout,
-                          component="intermediate", what="/healthz")
-        self.step(True, f"Intermediate listening on udp {self.layout.listen_host} port {self.int_port}"
-                        f" (pid {self.sup.children['intermediate'].popen.pid}), /healthz ok")
+        self.sup.wait_for(lambda: self._healthy("intermediate", metrics),
+                          timeout=self.o.startup_timeout, component="intermediate", what="/healthz")
+        self.step(True, f"Intermediate listening on udp {self.layout.listen_host} "
+                        f"port {self.int_port} (pid {self.sup.children['intermediate'].popen.pid}),"
+                        " /healthz ok")
 
     def _healthy(self, role: str, port: int) -> dict[str, Any] | None:
-        status, body = self.layout.call(role, lambda: probe.http_json("127.0.0.1", port, "/healthz"))
+        status, body = self.layout.call(
+            role, lambda: probe.http_json("127.0.0.1", port, "/healthz"))
         return body if status == 200 and body.get("ok") else None
 
     def start_connector(self) -> None:
-        from ztna.demo.layouts import host_port
-
         bh = self.layout.backend_host
         spec = (f"{SERVICE}={','.join(VIPS)};tcp:{HTTP_VPORT}={host_port(bh, self.http_port)};"
                 f"udp:{UDP_VPORT}={host_port(bh, self.udp_port)}")
@@ -225,8 +228,10 @@ class Demo:
             "--server-name", "localhost", "--pki", str(self.tmp / "pki"), "--service", spec,
             "--p2p-port", self.layout.p2p_port, "--metrics", "127.0.0.1:0"),
             runner=self.layout.runner("connector"))
-        m = self.sup.wait_for(lambda: self._log_match("connector", r"metrics on http://[^ ]*?:(\d+)/"),
-                              timeout=self.o.startup_timeout, component="connector", what="its metrics line")
+        pattern = r"metrics on http://[^ ]*?:(\d+)/"
+        m = self.sup.wait_for(lambda: self._log_match("connector", pattern),
+                              timeout=self.o.startup_timeout, component="connector",
+                              what="its metrics line")
         metrics = int(m.group(1))
 
         def registered() -> dict[str, Any] | None:
@@ -235,20 +240,23 @@ class Demo:
 
         self.sup.wait_for(registered, timeout=self.o.startup_timeout, component="connector",
                           what=f"service '{SERVICE}' registered with the Intermediate (/healthz)")
-        self.step(True, f"Connector up (pid {self.sup.children['connector'].popen.pid}): service '{SERVICE}' "
-                        f"= {', '.join(VIPS)} -> HTTP :{HTTP_VPORT}, UDP echo :{UDP_VPORT}; registered")
+        pid = self.sup.children["connector"].popen.pid
+        self.step(True, f"Connector up (pid {pid}): service '{SERVICE}' = {', '.join(VIPS)} -> "
+                        f"HTTP :{HTTP_VPORT}, UDP echo :{UDP_VPORT}; registered")
 
     def check_isolation(self) -> None:
         if not isinstance(self.layout, LabLayout):
             return
         host = self.layout.backend_host
-        reach = self.layout.call("agent", lambda: probe.tcp_reachable(host, self.http_port, timeout=1.5))
+        reach = self.layout.call(
+            "agent", lambda: probe.tcp_reachable(host, self.http_port, timeout=1.5))
         self.result["isolated"] = not reach
         if reach:
             self.fail(f"the Agent's namespace reaches the app {host}:{self.http_port} directly: "
                       "the lab does not isolate it, the demo would prove nothing")
         else:
-            self.step(True, f"the Agent cannot reach the app {host}:{self.http_port} directly (as it should)")
+            self.step(True, f"the Agent cannot reach the app {host}:{self.http_port} directly "
+                            "(as it should)")
 
     def agent_argv(self) -> list[str]:
         argv = ["agent", "--intermediate", self.layout.intermediate_for("agent", self.int_port),
@@ -258,7 +266,8 @@ class Demo:
         if self.mode == "tun":
             argv += ["--mode", "tun", "--tun-name", "ztna0"]
         else:
-            argv += ["--mode", "userspace", "-L", f"127.0.0.1:{self.local_tcp}={SERVICE}:{HTTP_VPORT}",
+            argv += ["--mode", "userspace",
+                     "-L", f"127.0.0.1:{self.local_tcp}={SERVICE}:{HTTP_VPORT}",
                      "-U", f"127.0.0.1:{self.local_udp}={SERVICE}:{UDP_VPORT}"]
         return ztna_argv(*argv)
 
@@ -281,7 +290,8 @@ class Demo:
 
     def start_agent(self) -> None:
         if self.mode == "userspace":
-            self.local_tcp, self.local_udp = _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_DGRAM)
+            self.local_tcp = _free_port(socket.SOCK_STREAM)
+            self.local_udp = _free_port(socket.SOCK_DGRAM)
         self.spawn_agent()
         snap = self.wait_agent()
         i = snap["intermediate"]
@@ -289,8 +299,8 @@ class Demo:
         where = ("TUN ztna0 in its own namespace" if self.mode == "tun" else
                  f"forwards tcp 127.0.0.1:{self.local_tcp} -> {SERVICE}:{HTTP_VPORT}, "
                  f"udp 127.0.0.1:{self.local_udp} -> {SERVICE}:{UDP_VPORT}")
-        self.step(True, f"Agent up (pid {snap['agent']['pid']}, {self.mode} mode, {where}): connected to "
-                        f"{i['target']}, RTT {i.get('rtt_ms')} ms, service registered")
+        self.step(True, f"Agent up (pid {snap['agent']['pid']}, {self.mode} mode, {where}): "
+                        f"connected to {i['target']}, RTT {i.get('rtt_ms')} ms, service registered")
 
     def targets(self) -> tuple[str, int, str, int]:
         if self.mode == "tun":
@@ -323,7 +333,8 @@ class Demo:
     def _warm(self) -> dict[str, Any] | None:
         snap = self.agent_status()
         p = self._p2p(snap) or {}
-        return snap if p.get("warmup_ms") is not None or snap["services"][0]["path"] != "direct" else None
+        done = p.get("warmup_ms") is not None or snap["services"][0]["path"] != "direct"
+        return snap if done else None
 
     def wait_direct(self) -> None:
         """Give the Agent's P2P machinery ``direct_wait`` s to reach a verdict."""
@@ -338,10 +349,12 @@ class Demo:
             p = self._p2p(snap) or {}
             if snap["services"][0]["path"] == "direct" or p.get("path_state") == "cooldown":
                 break
-            if p.get("path_state") == "relay" and (p.get("punch_failures") or p.get("direct_failures")):
+            failed = p.get("punch_failures") or p.get("direct_failures")
+            if p.get("path_state") == "relay" and failed:
                 break
             time.sleep(0.05)
-        if snap["services"][0]["path"] == "direct" and (self._p2p(snap) or {}).get("warmup_ms") is None:
+        direct = snap["services"][0]["path"] == "direct"
+        if direct and (self._p2p(snap) or {}).get("warmup_ms") is None:
             # warm-up ends at the first byte received directly: give it one echo to carry
             self.echo_once(os.urandom(16), timeout=1.0, attempts=2)
             try:
@@ -365,24 +378,29 @@ class Demo:
     def http_test(self) -> None:
         hh, hp, _, _ = self.targets()
         try:
-            d = self.layout.call("agent", lambda: probe.http_get(hh, hp, "/" + FILE_NAME, timeout=30.0))
+            d = self.layout.call(
+                "agent", lambda: probe.http_get(hh, hp, "/" + FILE_NAME, timeout=30.0))
         except OSError as exc:
             self.fail(f"HTTP GET http://{hh}:{hp}/{FILE_NAME} failed before the response: "
-                      f"{type(exc).__name__}: {exc}; last Agent log lines:\n{self.sup.tail('agent', 6)}")
+                      f"{type(exc).__name__}: {exc}; last Agent log lines:\n"
+                      f"{self.sup.tail('agent', 6)}")
             return
         ok = d.status == 200 and d.nbytes == self.o.size and d.sha256 == self.sha256
         self.result.update(http_bytes=d.nbytes, http_sha256_ok=d.sha256 == self.sha256,
                            http_mbps=round(d.mbps, 1), http_seconds=round(d.seconds, 3))
         text = (f"HTTP GET http://{hh}:{hp}/{FILE_NAME}: {d.nbytes:,} bytes in {d.seconds:.2f} s "
-                f"= {d.mbps:.1f} Mbit/s, sha256 {'matches' if d.sha256 == self.sha256 else 'DIFFERS'}")
+                f"= {d.mbps:.1f} Mbit/s, "
+                f"sha256 {'matches' if d.sha256 == self.sha256 else 'DIFFERS'}")
         if d.error:
             text = (f"HTTP GET http://{hh}:{hp}/{FILE_NAME} broke off after {d.nbytes:,} of "
-                    f"{self.o.size:,} bytes ({d.seconds:.1f} s): {d.error}; last Agent log lines:\n"
-                    f"{self.sup.tail('agent', 6)}\nlast Connector log lines:\n{self.sup.tail('connector', 6)}")
+                    f"{self.o.size:,} bytes ({d.seconds:.1f} s): {d.error}; last Agent log "
+                    f"lines:\n{self.sup.tail('agent', 6)}\nlast Connector log lines:\n"
+                    f"{self.sup.tail('connector', 6)}")
         if ok:
             self.step(True, text)
         else:
-            self.fail(text if d.error else text + f" (status {d.status}, expected {self.o.size:,} bytes)")
+            why = f" (status {d.status}, expected {self.o.size:,} bytes)"
+            self.fail(text if d.error else text + why)
 
     def icmp_test(self) -> None:
         if self.mode != "tun":
@@ -402,12 +420,13 @@ class Demo:
         payload = os.urandom(32)
         t0 = time.monotonic()
         self.spawn_agent()
-        self.sup.wait_for(lambda: True if self.echo_once(payload, timeout=0.1, attempts=1) else None,
+        self.sup.wait_for(lambda: self.echo_once(payload, timeout=0.1, attempts=1) or None,
                           timeout=self.o.startup_timeout, component="agent",
                           what="the first echoed UDP byte after a restart", interval=0.0)
         echo_ms = round((time.monotonic() - t0) * 1000, 1)
         i = self.wait_agent()["intermediate"]
-        return {"echo_ms": echo_ms, "connect_ms": i.get("connect_ms"), "handshake": i.get("handshake")}
+        return {"echo_ms": echo_ms, "connect_ms": i.get("connect_ms"),
+                "handshake": i.get("handshake")}
 
     def reconnect_test(self) -> None:
         if not self.o.reconnect:
@@ -419,14 +438,16 @@ class Demo:
             "zero_rtt": kept["echo_ms"], "full": fresh["echo_ms"],
             "connect_ms": {"zero_rtt": kept["connect_ms"], "full": fresh["connect_ms"]},
             "handshake": {"zero_rtt": kept["handshake"], "full": fresh["handshake"]},
-            "method": "Agent process restarted with its ticket cache kept (zero_rtt) and deleted (full). "
-                      "zero_rtt/full: ms from spawn to the first echoed UDP byte, including interpreter "
-                      "start-up; connect_ms: the Agent's own connect start -> registration ACK",
+            "method": "Agent process restarted with its ticket cache kept (zero_rtt) and "
+                      "deleted (full). zero_rtt/full: ms from spawn to the first echoed UDP "
+                      "byte, including interpreter start-up; connect_ms: the Agent's own "
+                      "connect start -> registration ACK",
             "ticket_files": tickets,
         }
-        self.step(True, f"Agent restart with its ticket cache: {kept['handshake'] or '?'} handshake, "
-                        f"connected in {kept['connect_ms']} ms, first echo {kept['echo_ms']:.0f} ms after spawn; "
-                        f"without: {fresh['handshake'] or '?'} handshake, {fresh['connect_ms']} ms, "
+        self.step(True, f"Agent restart with its ticket cache: {kept['handshake'] or '?'} "
+                        f"handshake, connected in {kept['connect_ms']} ms, first echo "
+                        f"{kept['echo_ms']:.0f} ms after spawn; without: "
+                        f"{fresh['handshake'] or '?'} handshake, {fresh['connect_ms']} ms, "
                         f"{fresh['echo_ms']:.0f} ms (spawn times include Python start-up)")
 
     # ------------------------------------------------------------------ run
@@ -444,14 +465,15 @@ class Demo:
             self.wait_direct()
             self.http_test()
             self.icmp_test()
-            self.reconnect_test()  # last: it restarts the Agent (path and RTT above are the first run's)
+            self.reconnect_test()  # last: it restarts the Agent (path, RTT above: first run)
         except (DemoError, UsageError, OSError) as exc:
             self.fail(str(exc))
         finally:
             self.teardown()
         r = self.result
-        r["ok"] = (not r["errors"] and r["http_sha256_ok"] and r["http_bytes"] == self.o.size
-                   and r["udp_echo_ok"] and r["icmp_ok"] is not False and r["isolated"] is not False)
+        r["ok"] = bool(not r["errors"] and r["http_sha256_ok"] and r["http_bytes"] == self.o.size
+                       and r["udp_echo_ok"] and r["icmp_ok"] is not False
+                       and r["isolated"] is not False)
         return r
 
     def teardown(self) -> None:
