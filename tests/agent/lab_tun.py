@@ -120,8 +120,8 @@ class World:
             return None
         return data[0] if isinstance(data, list) else data
 
-    def wait(self, path: str, timeout: float = 20.0) -> dict[str, Any]:
-        """Until the service is registered and on `path` ("relay" or "direct")."""
+    def wait(self, path: str | None, timeout: float = 20.0) -> dict[str, Any]:
+        """Until the service is registered and on `path` ("relay", "direct"; None: either)."""
         deadline = time.monotonic() + timeout
         snap: dict[str, Any] | None = None
         while time.monotonic() < deadline:
@@ -129,7 +129,7 @@ class World:
                 raise AssertionError(f"agent exited {self.agent.returncode}: {self.agent_log()[-2000:]}")
             snap = self.status()
             svc = (snap or {}).get("services") or [{}]
-            if svc[0].get("registration") == "acked" and svc[0].get("path") == path:
+            if svc[0].get("registration") == "acked" and path in (None, svc[0].get("path")):
                 return snap  # type: ignore[return-value]
             time.sleep(0.1)
         raise AssertionError(f"path never became {path}: {json.dumps(snap)[:1500]}")
