@@ -173,7 +173,18 @@ class Demo:
                         f"in {self.tmp}")
 
     def start_layout(self) -> None:
-        self.layout.up()
+        try:
+            self.layout.up()
+        except UsageError as exc:
+            auto = self.o.mode is None and not os.environ.get(MODE_ENV) and not self.o.lab
+            if not (auto and isinstance(self.layout, NetnsLayout)):
+                raise
+            # root without namespace rights (a container): still show the tunnel working
+            self.layout.down()
+            self.step(None, f"no network namespaces here ({exc}); falling back to userspace mode")
+            self.mode, self.layout = "userspace", LocalLayout()
+            self.result.update(mode=self.mode, layout=self.layout.name)
+            return
         if isinstance(self.layout, LabLayout):
             self.result["lab"] = self.layout.describe()
             cfg = self.layout.lab.config
