@@ -41,6 +41,7 @@ cached entry is used only while `now` lies inside that window. The cache is boun
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,16 @@ VERIFY_CACHE_MAX: Final = 1024
 def certificate_fingerprint(cert: x509.Certificate) -> str:
     """sha256 of the DER encoding, lowercase hex (what `ztna certs show` prints)."""
     return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def stable_peer_id(fingerprint: str, instance: int) -> int:
+    """The 32-bit agent id of one client process: blake2b(cert fingerprint + `Hello.instance`).
+
+    The Intermediate assigns it to a connection on `Hello` (the id in 0x30/0x31), and the
+    Connector derives the same id for a direct P2P connection from that connection's `Hello`,
+    so a flow keyed by (agent id, inner 5-tuple) is the same flow on either path."""
+    digest = hashlib.blake2b(fingerprint.encode() + instance.to_bytes(8, "big"), digest_size=8).digest()
+    return int.from_bytes(digest[:4], "big") or 1
 
 
 @dataclass(frozen=True, slots=True)

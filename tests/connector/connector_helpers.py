@@ -11,7 +11,7 @@ from typing import Any
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
-from ztna.wire import ControlDecoder, Ping, Register, Role, encode_control, encode_service_datagram
+from ztna.wire import ControlDecoder, Hello, Ping, Register, Role, encode_control, encode_service_datagram
 
 
 class AgentClient(ConnectionHandler):
@@ -28,13 +28,16 @@ class AgentClient(ConnectionHandler):
         self.ep: QuicEndpoint | None = None
 
     async def connect(self, addr: tuple[str, int], pki: Path, services: list[str], *,
-                      cert: str = "agent", server_name: str = "localhost") -> AgentClient:
+                      cert: str = "agent", server_name: str = "localhost",
+                      instance: int | None = None) -> AgentClient:
         self.ep = QuicEndpoint(bind_udp("0.0.0.0", 0))
         tls = TlsFiles(cert=pki / f"{cert}.pem", key=pki / f"{cert}.key", ca=pki / "ca.pem")
         cfg = make_configuration(is_client=True, tls=tls, server_name=server_name)
         self.conn = self.ep.connect(addr, cfg, self)
-        # Stream 0 is the control stream: open it first so data streams never take it.
-        self.conn.send_control(encode_control(Ping(id=1)))
+        # Stream 0 is the control stream: open it first so data streams never take it. A
+        # direct connection to a Connector must start with Hello (it names our agent id).
+        first = Ping(id=1) if instance is None else Hello(instance=instance)
+        self.conn.send_control(encode_control(first))
         await asyncio.wait_for(self.conn.wait_handshake(), 5)
         for s in services:
             self.conn.send_control(encode_control(Register(role=Role.AGENT, service_id=s)))

@@ -212,7 +212,7 @@ def test_direct_p2p_datagrams_streams_and_authorization(pki: Path) -> None:
     async def body(w: World) -> None:
         port = w.conn.p2p.local_port
         a = await AgentClient().connect(("127.0.0.1", port), pki, [], cert="agentweb",
-                                     server_name="connector.web.ztna")
+                                     server_name="connector.web.ztna", instance=7)
         a.send("web", build_udp_packet(AGENT_IP, WEB, 40000, 53, b"direct"))
         pkt = await a.recv()
         assert pkt[0] >> 4 == 4 and bytes(parse_udp(pkt, parse_ip(pkt)).payload) == b"web:direct"

@@ -11,10 +11,15 @@ Theory of operation
   registered (ACK) and has a Connector, we gather candidates (`ztna.p2p.candidates`) and
   send `PunchRequest` on the relay's control stream; `PunchStart` starts a controlling
   `ztna.p2p.punch.PunchSession`. Relay traffic is untouched meanwhile: nothing waits.
-* Nominated: QUIC to the selected address from the P2P socket, mTLS with server name
-  `connector.<service>.ztna` (the Connector's SAN for that service; the Connector checks our
-  certificate allows the service). On handshake the service's 0x2F DATAGRAMs go direct; the
-  Connector answers with bare IP packets on that connection (defect 9).
+* Nominated (the first validated pair: no settle wait): QUIC to the selected address from
+  the P2P socket, mTLS with server name `connector.<service>.ztna` (the Connector's SAN for
+  that service; the Connector checks our certificate allows the service). The first flight
+  carries `Hello(instance)` (the Connector derives our agent id from it, the same id the
+  Intermediate gives us, so our flows keep going when a service changes path) and the
+  registration; the Connector sends no Retry, and with a session ticket from an earlier
+  direct connection to it (the session's `ClientTicketCache`, state dir) they go in 0-RTT.
+  On handshake the service's 0x2F DATAGRAMs go direct; the Connector answers with bare IP
+  packets on that connection (defect 9).
 * Liveness: the path manager asks for PINGs (fast while traffic flows, every 5 s when idle);
   any packet heard after a PING answers it; an unanswered PING (≈3·RTT+200 ms, ≤ 1 s) puts
   the service back on the relay and closes the direct connection; after the cooldown the
@@ -38,13 +43,14 @@ from ztna import limits
 from ztna.errors import DatagramTooLarge, DecodeError
 from ztna.p2p.candidates import gather, interface_addresses
 from ztna.p2p.path import PathConfig, PathManager, PathState
-from ztna.p2p.punch import PunchSession, PunchState
+from ztna.p2p.punch import PunchConfig, PunchSession, PunchState
 from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp, normalize_address
 from ztna.wire import (
     ControlDecoder,
     DatagramKind,
+    Hello,
     ObservedAddress,
     Ping,
     Register,
@@ -64,6 +70,9 @@ log = logging.getLogger("ztna.agent")
 TICK = 0.02
 ADDRESS_REFRESH = 10.0
 QAD_WAIT = 1.0   # how long a punch waits for the P2P socket's QAD before going without srflx
+# The controlling side nominates the first validated pair at once: a better pair still in
+# flight would save little, the wait costs every warm-up (settle 0).
+PUNCH_CONFIG = PunchConfig(settle_min=0.0, settle_max=0.0)
 _BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -104,12 +113,17 @@ class _DirectHandler(ConnectionHandler):
     def __init__(self, owner: DirectPaths, sp: _ServicePath) -> None:
         self.owner = owner
         self.sp = sp
+        self.heard_at: float | None = None   # first application data, even before direct_up
 
     def _heard(self) -> None:
         sp = self.sp
         if sp.pm.direct:
             sp.pm.mark("first_byte", now=self.owner.loop.time())
             self.owner.observe(sp)
+        elif self.heard_at is None:
+            # The Connector's answer to our early Hello/Register can arrive with the
+            # handshake, before `_connect` resumes: counted once the path is direct.
+            self.heard_at = self.owner.loop.time()
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         self._heard()
@@ -352,7 +366,7 @@ class DirectPaths:
                                    controlling=msg.role == "controlling",
                                    local=sp.extra.get("candidates", ()), remote=msg.peer_candidates,
                                    rng=secrets.token_bytes, now=now,
-                                   start_at=now + msg.start_in_ms / 1000)
+                                   start_at=now + msg.start_in_ms / 1000, config=PUNCH_CONFIG)
             sp.punch = session
             self.by_session[msg.session] = sp
             while len(self.by_session) > 64:
@@ -413,10 +427,20 @@ class DirectPaths:
     async def _connect(self, sp: _ServicePath, addr: tuple[str, int]) -> None:
         assert self.endpoint is not None
         service = sp.svc.spec.id
+        server_name = f"connector.{service}.ztna"
         config = make_configuration(is_client=True, tls=self.options.tls,
-                                    server_name=f"connector.{service}.ztna",
+                                    server_name=server_name,
                                     udp_payload=self.options.udp_payload)
-        conn = self.endpoint.connect(addr, config, _DirectHandler(self, sp))
+        tickets = self.session.tickets
+        if tickets is not None:
+            config.session_ticket = tickets.pop(server_name)
+        handler = _DirectHandler(self, sp)
+        conn = self.endpoint.connect(addr, config, handler, no_retry=True,
+                                     session_ticket_handler=tickets.add if tickets is not None else None)
+        # First flight (0-RTT with a ticket): our agent id, then the registration.
+        conn.send_control(encode_control(Hello(instance=self.session.instance)))
+        conn.send_control(encode_control(Register(role=Role.AGENT, service_id=service)))
+        sp.extra["handshake"] = "0-RTT" if config.session_ticket is not None else "full"
         try:
             await asyncio.wait_for(conn.wait_handshake(), self.config.connect_timeout)
         except (asyncio.TimeoutError, ConnectionError) as exc:
@@ -427,11 +451,16 @@ class DirectPaths:
         if sp.pm.state is not PathState.CONNECTING:
             conn.close(0, "no longer wanted")
             return
-        conn.send_control(encode_control(Register(role=Role.AGENT, service_id=service)))
+        if config.session_ticket is not None:
+            sp.extra["handshake"] = "0-RTT" if conn.early_data_accepted else "resumed" if conn.resumed else "full"
         sp.conn = conn
         sp.pm.direct_up(now=self.loop.time(), rtt=conn.rtt())
         sp.svc.path = "direct"
-        log.info("service %s: traffic now direct to %s:%d", service, *addr)
+        if handler.heard_at is not None:
+            sp.pm.mark("first_byte", now=max(handler.heard_at, self.loop.time()))
+            self.observe(sp)
+        log.info("service %s: traffic now direct to %s:%d (%s handshake)", service, *addr,
+                 sp.extra["handshake"])
         relay = self.session.conn
         if relay is not None and sp.punch is not None:
             relay.send_control(encode_control(PunchResult(session=sp.punch.session, ok=True,
@@ -452,7 +481,8 @@ class DirectPaths:
 
     # ------------------------------------------------------------------ status
     def snapshot(self) -> dict[str, Any]:
-        services = {sid: {**sp.pm.snapshot(), "punch": sp.punch.summary() if sp.punch else None}
+        services = {sid: {**sp.pm.snapshot(), "punch": sp.punch.summary() if sp.punch else None,
+                          "handshake": sp.extra.get("handshake")}
                     for sid, sp in self.paths.items()}
         warm = [s["warmup_ms"] for s in services.values() if s["warmup_ms"] is not None]
         return {

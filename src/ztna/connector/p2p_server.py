@@ -6,6 +6,15 @@
   Agent's certificate (`identity.allows("agent", service)`, defect 5) before a DATAGRAM or a
   stream is served. DATAGRAMs are 0x2F (service id + IP packet); replies are bare IP packets
   on the same connection (a `ReplyPath` without a prefix). Streams start with `StreamOpen`.
+* Agent id: the Agent's first control frame is `Hello(instance)`; the id is derived exactly
+  as the Intermediate does (`ztna.identity.stable_peer_id`), so flows are shared with the
+  relay path (`ztna.connector.paths`). DATAGRAMs that overtake the Hello (other packets,
+  0-RTT) wait in a small buffer; without a Hello a connection gets no flows.
+* No Retry: the Agent's address was already validated by the authenticated probes (and the
+  per-source handshake rate limit stays) — one round trip less to the direct path. Session
+  tickets (`ServerTicketStore`, in memory or `<state_dir>/p2p-tickets.sqlite`) let an Agent
+  that comes back (re-punch after a cooldown, restart) send Hello, registrations and its
+  first packets in 0-RTT.
 * QAD of *this* socket: a QUIC client connection from this same socket to the Intermediate
   is kept open (pinged every `limits.NAT_KEEPALIVE_INTERVAL`, which also keeps the NAT
   mapping alive); the Intermediate's QAD on it gives `public_address`. It never registers.
@@ -25,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from ztna.connector.paths import ReplyPath
 from ztna.connector.relay_link import backoff_delay
 from ztna.errors import DecodeError
-from ztna.identity import ChainVerifier, load_ca_file
+from ztna.identity import ChainVerifier, load_ca_file, stable_peer_id
 from ztna import limits
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
@@ -33,6 +42,7 @@ from ztna.quic.endpoint import CLOSE_NO_ERROR, QuicEndpoint, ServerOptions, bind
 from ztna.wire import (
     SERVICE_DATAGRAM,
     ControlDecoder,
+    Hello,
     NackStatus,
     ObservedAddress,
     Ping,
@@ -49,17 +59,45 @@ if TYPE_CHECKING:
     from ztna.connector.service import Connector
 
 QAD_TYPE = 0x01
+PRE_HELLO_BUFFER = 64     # DATAGRAMs kept while a direct connection's Hello is on its way
 
 log = logging.getLogger("ztna.connector")
 
 
 class _DirectHandler(ConnectionHandler):
-    __slots__ = ("server", "decoder", "allowed")
+    __slots__ = ("server", "decoder", "allowed", "pending", "instance")
 
     def __init__(self, server: P2PServer) -> None:
         self.server = server
         self.decoder = ControlDecoder()
         self.allowed: dict[str, bool] = {}
+        self.pending: list[tuple[str, bytes]] | None = []   # None once the Hello arrived
+        self.instance: int | None = None     # a Hello heard before the peer was verified
+
+    def path(self, conn: ZtnaConnection) -> ReplyPath | None:
+        """The connection's reply path; made on first use (0-RTT data precedes on_handshake),
+        only once the peer is authenticated (a resumed session carries its identity)."""
+        path = conn.user
+        if path is None and conn.identity is not None and not conn.closed:
+            ident = conn.identity.common_name
+            conn.label = f"{ident}@{normalize_address(conn.peer_address)[0]}"
+            path = conn.user = ReplyPath(conn, None, direct=True)
+        return path
+
+    def hello(self, conn: ZtnaConnection, instance: int) -> None:
+        path = self.path(conn)
+        if path is None:
+            self.instance = instance
+            return
+        if path.agent_id is not None:
+            return
+        assert conn.identity is not None
+        path.agent_id = stable_peer_id(conn.identity.fingerprint, instance)
+        path.label = f"direct {conn.label}#{path.agent_id}"
+        self.server.connector.direct_up(path)
+        pending, self.pending = self.pending or [], None
+        for service, packet in pending:
+            self.server.connector.on_packet(path, service, memoryview(packet))
 
     def allows(self, conn: ZtnaConnection, service: str) -> bool:
         ok = self.allowed.get(service)
@@ -72,10 +110,11 @@ class _DirectHandler(ConnectionHandler):
         return ok
 
     def on_handshake(self, conn: ZtnaConnection) -> None:
-        conn.user = ReplyPath(conn, None)
-        ident = conn.identity.common_name if conn.identity is not None else "?"
-        conn.label = f"{ident}@{normalize_address(conn.peer_address)[0]}"
-        log.info("direct connection from agent %s", conn.label)
+        self.path(conn)
+        if self.instance is not None:
+            self.hello(conn, self.instance)
+        log.info("direct connection from agent %s%s", conn.label,
+                 " (resumed, 0-RTT)" if conn.early_data_accepted else " (resumed)" if conn.resumed else "")
         host, port = normalize_address(conn.peer_address)
         conn.send_control(encode_control(ObservedAddress(ip=host.split("%")[0], port=port)))
         self.server.connections += 1
@@ -87,7 +126,9 @@ class _DirectHandler(ConnectionHandler):
             conn.close(0x4, "bad control stream")
             return
         for msg in messages:
-            if isinstance(msg, Register):
+            if isinstance(msg, Hello):
+                self.hello(conn, msg.instance)
+            elif isinstance(msg, Register):
                 if msg.role is Role.AGENT and self.allows(conn, msg.service_id):
                     reply: object = RegistrationAck(service_id=msg.service_id)
                 else:
@@ -96,7 +137,7 @@ class _DirectHandler(ConnectionHandler):
                 conn.send_control(encode_control(reply))
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
-        path = conn.user
+        path = self.path(conn)
         if path is None or not data or data[0] != SERVICE_DATAGRAM:
             self.server.connector.stats.malformed += 1
             return
@@ -108,10 +149,15 @@ class _DirectHandler(ConnectionHandler):
         if not self.allows(conn, service):
             self.server.connector.stats.not_authorized += 1
             return
+        if path.agent_id is None:
+            # Overtook the Hello (no flow may exist without an agent id): keep it briefly.
+            if self.pending is not None and len(self.pending) < PRE_HELLO_BUFFER:
+                self.pending.append((service, bytes(packet)))
+            return
         self.server.connector.on_packet(path, service, packet)
 
     def on_stream_data(self, conn: ZtnaConnection, stream_id: int, data: bytes, end: bool) -> None:
-        if conn.user is None:
+        if self.path(conn) is None:
             conn.reset_stream(stream_id)
             return
         self.server.connector.streams.on_stream_data(
@@ -122,6 +168,7 @@ class _DirectHandler(ConnectionHandler):
 
     def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
         path = conn.user
+        self.pending = None
         if isinstance(path, ReplyPath):
             log.info("direct connection %s closed: %s", conn.label, reason)
             self.server.connector.path_down(path)
@@ -158,7 +205,7 @@ class _QadHandler(ConnectionHandler):
 class P2PServer:
     def __init__(self, connector: Connector, *, host: str, port: int, tls: TlsFiles,
                  udp_payload: int, intermediate: tuple[str, int], server_name: str,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, ticket_path: str | None = None) -> None:
         self.connector = connector
         self.host = host
         self.port = port
@@ -173,6 +220,9 @@ class P2PServer:
         self.raw_handler: Callable[[bytes, tuple[Any, ...], float], None] | None = None
         self.raw_ignored = 0
         self.connections = 0
+        from ztna.quic.tickets import ServerTicketStore
+
+        self.ticket_store = ServerTicketStore(ticket_path)
         self._task: asyncio.Task[None] | None = None
         self._qad_conn: ZtnaConnection | None = None
         self._stopping = False
@@ -183,7 +233,8 @@ class P2PServer:
             configuration=config,
             handler_factory=lambda: _DirectHandler(self),
             verifier=ChainVerifier(load_ca_file(self.tls.ca)),
-            retry=True,
+            retry=False,                       # probes validated the address already
+            ticket_store=self.ticket_store,    # resumption + 0-RTT for returning Agents
         )
         self.endpoint = QuicEndpoint(bind_udp(self.host, self.port), server=options,
                                      raw_handler=self._raw)
@@ -263,3 +314,4 @@ class P2PServer:
     def shutdown_socket(self) -> None:
         if self.endpoint is not None:
             self.endpoint.shutdown_socket()
+        self.ticket_store.close()

@@ -1,10 +1,17 @@
-"""Reply paths: where a flow's packets go back to.
+"""Reply paths: where a flow's packets go back to, and which flows belong to one Agent.
 
 A flow arrives either through the relay (a 0x30 DATAGRAM naming the Agent) or on a direct
-P2P connection (a 0x2F DATAGRAM). Its replies must leave on the same path: 0x31 + agent id
-on the relay connection, the bare IP packet on the direct one. One `ReplyPath` object per
-(connection, agent) is shared by all flows of that Agent, so the flow key can hold the path
-object itself (hashed by identity) and a dead connection kills exactly its flows.
+P2P connection (a 0x2F DATAGRAM). One `ReplyPath` per (connection, agent): 0x31 + agent id
+on the relay connection, the bare IP packet on a direct one.
+
+Flows are keyed by **(agent id, inner 5-tuple)**, not by path: the Agent moves a service
+between the relay and its direct connection at any moment (punch succeeded, direct path
+died), and the same TCP connection must go on. The agent id is the same on both paths: the
+Intermediate derives it from the Agent certificate and its `Hello.instance`
+(`ztna.identity.stable_peer_id`), and the Connector does the same with the `Hello` the Agent
+sends first on each direct connection. A flow answers on the path its most recent packet
+came from (`flow.path`); when that path dies, `AgentPaths.alternate` names the other live
+path of the same Agent, and only a flow with no path left is torn down.
 """
 
 from __future__ import annotations
@@ -16,24 +23,27 @@ from ztna.errors import DatagramTooLarge
 if TYPE_CHECKING:
     from ztna.quic.connection import ZtnaConnection
 
+RELAY_REPLY_OVERHEAD = 6   # 0x31 v1 + agent id (docs/protocol.md §3.5)
+
 
 class ReplyPath:
-    __slots__ = ("conn", "agent_id", "prefix", "overhead", "alive", "label", "flows",
+    __slots__ = ("conn", "agent_id", "direct", "prefix", "overhead", "alive", "label", "flows",
                  "__weakref__")
 
-    def __init__(self, conn: ZtnaConnection, agent_id: int | None) -> None:
+    def __init__(self, conn: ZtnaConnection, agent_id: int | None, *, direct: bool = False) -> None:
         self.conn = conn
+        # None only on a direct connection whose Hello has not arrived yet (no flows then).
         self.agent_id = agent_id
-        # 0x31 v1 + agent id (docs/protocol.md §3.5); a direct path carries bare packets.
-        self.prefix = b"" if agent_id is None else b"\x31\x01" + agent_id.to_bytes(4, "big")
+        self.direct = direct
+        if direct:
+            self.prefix = b""
+        else:
+            assert agent_id is not None
+            self.prefix = b"\x31\x01" + agent_id.to_bytes(4, "big")
         self.overhead = len(self.prefix)
         self.alive = True
-        self.label = f"agent {agent_id} via relay" if agent_id is not None else f"direct {conn.label}"
-        self.flows = 0          # open flows on this path (for cleanup bookkeeping)
-
-    @property
-    def direct(self) -> bool:
-        return self.agent_id is None
+        self.label = f"agent {agent_id} via relay" if not direct else f"direct {conn.label}"
+        self.flows = 0          # open flows whose replies use this path (bookkeeping)
 
     def max_packet(self) -> int:
         """Largest inner IP packet this path carries right now."""
@@ -53,8 +63,66 @@ class ReplyPath:
         return True
 
     def tcp_mss(self, ip_version: int) -> int:
-        """MSS clamping (wave-2 decision): live payload − reply header − IP − TCP − options."""
-        return self.max_packet() - (20 if ip_version == 4 else 40) - 20 - 12
+        """MSS clamping (wave-2 decision): live payload − reply header − IP − TCP − options.
+        Always with the relay's header: a flow that starts direct may move to the relay."""
+        overhead = max(self.overhead, RELAY_REPLY_OVERHEAD)
+        return self.conn.max_datagram_payload() - overhead - (20 if ip_version == 4 else 40) - 20 - 12
 
     def __repr__(self) -> str:
         return f"<ReplyPath {self.label}>"
+
+
+class AgentPaths:
+    """The live paths per agent id: its relay path and its direct connections."""
+
+    def __init__(self) -> None:
+        self.relay: dict[int, ReplyPath] = {}
+        self.direct: dict[int, list[ReplyPath]] = {}
+
+    def relay_path(self, conn: ZtnaConnection, agent_id: int) -> ReplyPath:
+        path = self.relay.get(agent_id)
+        if path is None or path.conn is not conn or not path.alive:
+            path = self.relay[agent_id] = ReplyPath(conn, agent_id)
+        return path
+
+    def add_direct(self, path: ReplyPath) -> None:
+        assert path.agent_id is not None
+        paths = self.direct.setdefault(path.agent_id, [])
+        paths[:] = [p for p in paths if p.alive]
+        paths.append(path)
+
+    def remove(self, path: ReplyPath) -> None:
+        aid = path.agent_id
+        if aid is None:
+            return
+        if path.direct:
+            paths = [p for p in self.direct.get(aid, ()) if p is not path and p.alive]
+            if paths:
+                self.direct[aid] = paths
+            else:
+                self.direct.pop(aid, None)
+        elif self.relay.get(aid) is path:
+            del self.relay[aid]
+
+    def alternate(self, dead: ReplyPath, relay_conn: ZtnaConnection | None) -> ReplyPath | None:
+        """Another live path of the same Agent: its newest direct connection, else the relay
+        (created on demand while the relay connection is up — the Agent falls back to it)."""
+        aid = dead.agent_id
+        if aid is None:
+            return None
+        for p in reversed(self.direct.get(aid, ())):
+            if p is not dead and p.alive and not p.conn.closed:
+                return p
+        if relay_conn is not None and not relay_conn.closed and (dead.direct or dead.conn is not relay_conn):
+            return self.relay_path(relay_conn, aid)
+        return None
+
+    def sweep(self) -> None:
+        for aid in [a for a, p in self.relay.items() if not p.alive]:
+            del self.relay[aid]
+        for aid in list(self.direct):
+            alive = [p for p in self.direct[aid] if p.alive]
+            if alive:
+                self.direct[aid] = alive
+            else:
+                del self.direct[aid]

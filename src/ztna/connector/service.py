@@ -3,8 +3,10 @@
 Packet path (hot, no per-packet logging): a 0x30 DATAGRAM from the Intermediate (or 0x2F on
 a direct connection) → `on_packet(path, service, packet)` → the service's virtual IPs are
 checked (anything else is dropped and counted) → by protocol: `TcpFlows` (TCP-in-DATAGRAM),
-`UdpFlows`, or an ICMP echo reply. Streams go to `StreamTable`. Every reply goes back on the
-`ReplyPath` the flow came from.
+`UdpFlows`, or an ICMP echo reply. Streams go to `StreamTable`. Flows are keyed by (agent
+id, inner 5-tuple) and every reply goes back on the `ReplyPath` the flow's latest packet came
+from; a dead path hands its flows to the same Agent's other live path (`AgentPaths`), so a
+TCP connection survives relay ↔ direct switches.
 
 Sockets: the relay socket (client connection to the Intermediate, ephemeral unless
 `relay_port`) and the P2P socket (server for direct Agents, default 4434) are separate.
@@ -24,7 +26,7 @@ from typing import Any
 from ztna.connector import icmp
 from ztna.connector.config import ConnectorConfig, ServiceConfig
 from ztna.connector.p2p_server import P2PServer
-from ztna.connector.paths import ReplyPath
+from ztna.connector.paths import AgentPaths, ReplyPath
 from ztna.connector.relay_link import RelayLink
 from ztna.connector.streams import StreamTable
 from ztna.connector.tcp_flows import TcpFlows
@@ -128,7 +130,7 @@ class Connector:
         self.stats = ConnectorStats()
         self.services = {s.id: ServiceState(s) for s in cfg.services}
         self.tls = TlsFiles(cert=cfg.cert, key=cfg.key, ca=cfg.ca)
-        self.relay_paths: dict[int, ReplyPath] = {}
+        self.agents = AgentPaths()
         self.relay: RelayLink | None = None
         self.relay_endpoint: QuicEndpoint | None = None
         self.p2p: P2PServer | None = None
@@ -249,8 +251,7 @@ class Connector:
             await asyncio.sleep(SWEEP_INTERVAL)
             now = self.loop.time()
             self.udp.sweep(now)
-            for agent_id in [a for a, p in self.relay_paths.items() if not p.alive]:
-                del self.relay_paths[agent_id]
+            self.agents.sweep()
             if now - last_resolve >= RESOLVE_INTERVAL:
                 last_resolve = now
                 await self._resolve_backends()
@@ -260,20 +261,33 @@ class Connector:
         pass
 
     def relay_down(self, conn: ZtnaConnection) -> None:
-        for path in list(self.relay_paths.values()):
+        for path in list(self.agents.relay.values()):
             self.path_down(path)
-        self.relay_paths.clear()
+        self.agents.relay.clear()
         self.streams.drop_conn(conn)
 
     def agent_gone(self, agent_id: int) -> None:
-        path = self.relay_paths.pop(agent_id, None)
+        path = self.agents.relay.get(agent_id)
         if path is not None:
             self.path_down(path)
 
+    def direct_up(self, path: ReplyPath) -> None:
+        """A direct connection told us its agent id (Hello): its flows may use it."""
+        self.agents.add_direct(path)
+
     def path_down(self, path: ReplyPath) -> None:
+        """A path died: its flows move to the Agent's other live path, or end."""
+        if not path.alive:
+            return
         path.alive = False
-        self.tcp.drop_path(path)
-        self.udp.drop_path(path)
+        self.agents.remove(path)
+        if path.flows <= 0:
+            return
+        alternate = self.agents.alternate(path, self.relay.conn if self.relay is not None else None)
+        moved = self.tcp.drop_path(path, alternate)
+        self.udp.drop_path(path, alternate)
+        if alternate is not None:
+            log.info("%s closed: its flows continue via %s (%d TCP)", path.label, alternate.label, moved)
 
     def relay_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         if not data or data[0] != TO_CONNECTOR:
@@ -285,10 +299,7 @@ class Connector:
         except DecodeError:
             self.stats.malformed += 1
             return
-        path = self.relay_paths.get(agent_id)
-        if path is None or path.conn is not conn:
-            path = self.relay_paths[agent_id] = ReplyPath(conn, agent_id)
-        self.on_packet(path, service, packet)
+        self.on_packet(self.agents.relay_path(conn, agent_id), service, packet)
 
     def relay_stream_data(self, conn: ZtnaConnection, sid: int, data: bytes, end: bool) -> None:
         self.streams.on_stream_data(conn, sid, data, end, authorize=None)

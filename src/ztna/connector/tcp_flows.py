@@ -7,8 +7,12 @@ Theory of operation
   (pure state machine; we pass `now`) plus an asyncio connection to the backend. The
   SYN-ACK leaves only once the backend accepted (`accept()`), a refused/unreachable backend
   becomes a RST (`refuse()`). Segments of unknown flows and SYNs to ports the service does
-  not expose get RST; SYN floods are limited per (path, source IP) by a token bucket, and
+  not expose get RST; SYN floods are limited per (agent, source IP) by a token bucket, and
   concurrent sessions by a total cap.
+* Flows are keyed by (agent id, inner 5-tuple), so a connection survives the Agent moving
+  the service between the relay and the direct path: segments answer on the path the
+  latest segment came from (`ztna.connector.paths`), and a dead path moves its flows to
+  the Agent's other live path (retransmissions cover what was lost on the way).
 * MSS clamping: the MSS we announce is derived from the path's live DATAGRAM payload
   (`ReplyPath.tcp_mss`), so no segment we send ever needs fragmenting.
 * `pump(flow)` is the one place that moves bytes, called after every event:
@@ -139,8 +143,10 @@ class TcpFlows:
     def on_packet(self, path: ReplyPath, service: ServiceState, ip: IpHeader,
                   packet: memoryview, now: float) -> None:
         seg = parse_tcp(packet, ip)
-        key = (path, ip.src, seg.sport, ip.dst, seg.dport)
+        key = (path.agent_id, ip.src, seg.sport, ip.dst, seg.dport)
         flow = self.flows.get(key)
+        if flow is not None and flow.path is not path:
+            self._move(flow, path)        # the Agent switched paths: answer on the new one
         flags = seg.flags
         is_syn = flags & (SYN | ACK | RST) == SYN
         if flow is not None and is_syn and flow.ep.state in (TcpState.TIME_WAIT, TcpState.CLOSED):
@@ -169,7 +175,7 @@ class TcpFlows:
             self.stats.tcp_session_limit += 1
             self._rst(path, seg, ip)
             return None
-        if not self._admit_syn((path, ip.src), now):
+        if not self._admit_syn((path.agent_id, ip.src), now):
             self.stats.tcp_syn_rate_limited += 1
             return None                   # silently: a flood must not cost us replies
         ep = TcpEndpoint(local_ip=ip.dst, local_port=seg.dport, remote_ip=ip.src,
@@ -319,10 +325,25 @@ class TcpFlows:
             flow.connect_task.cancel()
         self.stats.tcp_sessions_closed += 1
 
-    def drop_path(self, path: ReplyPath) -> None:
+    @staticmethod
+    def _move(flow: TcpFlow, path: ReplyPath) -> None:
+        flow.path.flows -= 1
+        path.flows += 1
+        flow.path = path
+
+    def drop_path(self, path: ReplyPath, alternate: ReplyPath | None = None) -> int:
+        """`path` died: its flows continue on `alternate` (the Agent's other live path), or
+        are aborted when there is none. Returns how many moved."""
+        moved = 0
         for flow in [f for f in self.flows.values() if f.path is path]:
-            flow.ep.abort(now=self.loop.time())
-            self._finish(flow)
+            if alternate is not None:
+                self._move(flow, alternate)
+                moved += 1
+                self.pump(flow)
+            else:
+                flow.ep.abort(now=self.loop.time())
+                self._finish(flow)
+        return moved
 
     def close_all(self) -> None:
         now = self.loop.time()

@@ -1,4 +1,4 @@
-"""UDP flows: one connected backend socket per (path, Agent inner source, inner destination).
+"""UDP flows: one connected backend socket per (agent id, inner source, inner destination).
 
 * A flow is created by the first packet of a 5-tuple on a path and owns one non-blocking
   UDP socket `connect()`ed to the service's backend for that virtual port; the loop watches
@@ -8,6 +8,9 @@
   ICMP port unreachable toward the Agent, quoting the flow's last packet.
 * Idle flows expire (`sweep`); per-service and total flow limits refuse new flows (counted,
   never an exception). A reply larger than the path's live size is dropped and counted.
+* The key holds the agent id, not the path: replies go back on the path the flow's latest
+  packet came from, so a flow survives the Agent switching relay ↔ direct; a dead path
+  hands its flows to the Agent's other live path (`drop_path(path, alternate)`).
 """
 
 from __future__ import annotations
@@ -61,8 +64,12 @@ class UdpFlows:
     def on_packet(self, path: ReplyPath, service: ServiceState, ip: IpHeader,
                   packet: memoryview, now: float) -> None:
         udp = parse_udp(packet, ip)
-        key = (path, ip.src, udp.sport, ip.dst, udp.dport)
+        key = (path.agent_id, ip.src, udp.sport, ip.dst, udp.dport)
         flow = self.flows.get(key)
+        if flow is not None and flow.path is not path:
+            flow.path.flows -= 1
+            path.flows += 1
+            flow.path = path
         if flow is None:
             flow = self._open(key, path, service, ip, udp.sport, udp.dport, packet, now)
             if flow is None:
@@ -166,9 +173,14 @@ class UdpFlows:
         self.stats.udp_flows_expired += len(dead)
         return len(dead)
 
-    def drop_path(self, path: ReplyPath) -> None:
+    def drop_path(self, path: ReplyPath, alternate: ReplyPath | None = None) -> None:
         for f in [f for f in self.flows.values() if f.path is path]:
-            self.close_flow(f)
+            if alternate is not None:
+                path.flows -= 1
+                alternate.flows += 1
+                f.path = alternate
+            else:
+                self.close_flow(f)
 
     def close_all(self) -> None:
         for f in list(self.flows.values()):

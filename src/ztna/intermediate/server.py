@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from ztna import limits
 from ztna.errors import DatagramTooLarge, DecodeError
-from ztna.identity import ChainVerifier, load_ca_file
+from ztna.identity import ChainVerifier, load_ca_file, stable_peer_id
 from ztna.intermediate.registry import AllowAll, Notify, Registry
 from ztna.observe import MetricsServer, RateLimitedLog, StatsCollector
 from ztna.quic.config import TlsFiles, make_configuration
@@ -287,8 +287,7 @@ class Intermediate:
             return  # only before the first registration
         fingerprint = conn.identity.fingerprint if conn.identity is not None else "anonymous"
         key = (fingerprint, instance)
-        digest = hashlib.blake2b(fingerprint.encode() + instance.to_bytes(8, "big"), digest_size=8).digest()
-        new_id = int.from_bytes(digest[:4], "big") or 1
+        new_id = stable_peer_id(fingerprint, instance)
         if new_id == old_id:
             return
         other = self.conns.get(new_id)

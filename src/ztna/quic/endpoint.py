@@ -146,12 +146,17 @@ class QuicEndpoint:
         handler: ConnectionHandler,
         *,
         session_ticket_handler: Callable[[Any], None] | None = None,
+        no_retry: bool = False,
     ) -> ZtnaConnection:
-        """Start a client connection; await `conn.wait_handshake()` for the result."""
+        """Start a client connection; await `conn.wait_handshake()` for the result.
+        `no_retry`: the server never sends Retry (the Connector's P2P server), so control
+        frames may go in 0-RTT even without an address token."""
         address = self._sendable(address)
         now = self.loop.time()
         quic = ZtnaQuic(configuration=configuration, session_ticket_handler=session_ticket_handler)
         conn = ZtnaConnection(quic, self, handler, address, now=now)
+        if no_retry:
+            conn._control_open = True
         quic.connect(address, now=now)
         self._add(conn, [quic.host_cid])
         # Client CIDs the library issues later arrive as events; the first ones are
