@@ -88,3 +88,33 @@ def test_redirect_rules_removed_on_exit_and_after_sigkill(lab_factory: Any, tmp_
         assert res["sha256"] == want, res
         world.stop_agent()                                   # SIGTERM: clean exit
         assert "ztna_lab" not in world.nft_tables()
+
+
+def test_without_nftables_falls_back_to_datagrams(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`stream` is the default: a host without nft must still start (TCP then rides the TUN)."""
+    import asyncio
+
+    from ztna.agent import tcp_redirect
+    from ztna.agent.config import AgentOptions, parse_service
+    from ztna.quic.config import TlsFiles
+
+    class FakeTun:
+        recorded: list[str] = []
+
+        def record_nft_table(self, table: str) -> None:
+            self.recorded.append(table)
+
+    opts = AgentOptions(intermediate=("127.0.0.1", 4433), tls=TlsFiles(tmp_path / "c", tmp_path / "k", tmp_path / "a"),
+                        services=(parse_service("web=10.100.0.2,fd00:100::2"),), name="t1", state_dir=tmp_path)
+    monkeypatch.setattr(tcp_redirect.shutil, "which", lambda name: None)
+    tun = FakeTun()
+
+    async def go() -> dict[str, Any]:
+        redirect = tcp_redirect.TcpRedirect(object(), opts, tun)  # type: ignore[arg-type]
+        await redirect.start()
+        assert redirect.servers == [] and not redirect.installed
+        return redirect.snapshot()
+
+    snap = asyncio.run(go())
+    assert tun.recorded == ["ztna_t1"]
+    assert snap["nft_table"] is None and "no nft binary" in snap["fallback"]

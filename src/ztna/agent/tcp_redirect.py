@@ -18,6 +18,9 @@ Theory of operation
 * The redirect only needs two separate listeners (one per family, separate sockets, so
   SO_ORIGINAL_DST is asked with the matching level). The Agent opens no TCP of its own to
   virtual IPs, so no `meta mark` bypass rule is needed.
+* Without nftables (no `nft` binary, or it refuses the rules: no CAP_NET_ADMIN, no nat
+  support in the kernel) we log a warning and leave TCP to the TUN, i.e. the datagram
+  carriage: `stream` is the default, and a default must not stop the Agent from starting.
 * Crash safety: the table name is recorded in the TUN state file (`TunDevice.
   record_nft_table`) before the table exists; `stop()` deletes it, and after SIGKILL the
   next start's `TunDevice.recover_stale` does. Creating the table first adds-and-deletes
@@ -30,6 +33,7 @@ import asyncio
 import ipaddress
 import logging
 import re
+import shutil
 import socket
 import struct
 from typing import Any
@@ -95,6 +99,7 @@ class TcpRedirect:
         self.servers: list[asyncio.AbstractServer] = []
         self.ports: dict[int, int] = {}
         self.installed = False
+        self.fallback: str | None = None   # why TCP rides DATAGRAMs instead (no nftables)
         self.stats = {"accepted": 0, "refused": 0, "not_redirected": 0}
 
     async def start(self) -> None:
@@ -105,7 +110,16 @@ class TcpRedirect:
             self.servers.append(srv)
             self.ports[family] = int(srv.sockets[0].getsockname()[1])
         await asyncio.to_thread(self.tun.record_nft_table, self.table)
-        await _nft(ruleset(self.table, self.v4, self.v6, self.ports.get(4, 0), self.ports.get(6, 0)))
+        try:
+            if shutil.which("nft") is None:
+                raise UsageError("no nft binary (install nftables)")
+            await _nft(ruleset(self.table, self.v4, self.v6, self.ports.get(4, 0), self.ports.get(6, 0)))
+        except UsageError as exc:
+            self.fallback = str(exc)
+            log.warning("tcp over QUIC streams unavailable (%s); TCP goes through the TUN in DATAGRAMs",
+                        exc)
+            await self.stop()
+            return
         self.installed = True
         log.info("tcp over QUIC streams: nft table inet %s redirects %s to %s", self.table,
                  " ".join(self.v4 + self.v6), " ".join(f"{h}:{p}" for h, p in
@@ -155,7 +169,7 @@ class TcpRedirect:
         await us._splice(reader, writer, conn, sid, sink, early)
 
     def snapshot(self) -> dict[str, Any]:
-        return {"nft_table": f"inet {self.table}" if self.installed else None,
+        return {"nft_table": f"inet {self.table}" if self.installed else None, "fallback": self.fallback,
                 "listen_ports": {f"ipv{k}": v for k, v in self.ports.items()}, **self.stats}
 
 
