@@ -36,6 +36,7 @@ class Agent:
         self.dataplane: Any = None
         self.userspace: Any = None
         self.redirect: Any = None       # TcpRedirect (TUN mode, --tcp-transport stream)
+        self.metrics_server: Any = None  # --metrics: direct-path warm-up histograms
         self.control = ControlServer(options.state_dir / f"{options.name}.sock", self.snapshot)
         self.started_at: float | None = None
         self._stopped = asyncio.Event()
@@ -43,6 +44,23 @@ class Agent:
 
     def _drop(self, packet: bytes) -> None:
         self._dropped_no_plane += 1
+
+    async def _start_metrics(self, host: str, port: int) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from ztna.observe import MetricsServer
+
+        direct = self.session.direct
+        registry = direct.registry if direct is not None else CollectorRegistry()
+
+        def health() -> tuple[bool, dict[str, Any]]:
+            conn = self.session.conn
+            ok = conn is not None and not conn.closed
+            return ok, {"services": {s.spec.id: s.path for s in self.session.services}}
+
+        self.metrics_server = MetricsServer(registry, health)
+        await self.metrics_server.start(host, port)
+        log.info("metrics on http://%s:%d/metrics", host, self.metrics_server.port)
 
     async def start(self) -> None:
         opts = self.options
@@ -67,6 +85,8 @@ class Agent:
                 self.redirect = TcpRedirect(self.userspace, opts, self.tun)
                 await self.redirect.start()
             await self.session.start()
+            if opts.metrics is not None:
+                await self._start_metrics(*opts.metrics)
         except BaseException:
             await self.stop()
             raise
@@ -113,6 +133,8 @@ class Agent:
         if self.userspace is not None:
             await self.userspace.stop()
         await self.session.stop()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         if self.tun is not None:
             await asyncio.to_thread(self.tun.close)
         await self.control.stop()

@@ -133,7 +133,7 @@ class AgentOptions(BaseModel):
     udp_forwards: tuple[Forward, ...] = ()
     socks: tuple[str, int] | None = None
     state_dir: Path = Field(default_factory=default_state_dir)
-    tcp_transport: Literal["datagram", "stream"] = "datagram"
+    tcp_transport: Literal["datagram", "stream"] = "stream"   # docs/carriage.md: faster, loss-robust
     udp_payload: int = limits.DEFAULT_QUIC_UDP_PAYLOAD
     keepalive: float = 2.0          # QUIC PING when idle this long (also feeds the RTT)
     dead_after: float = 8.0         # nothing heard for this long: the path is dead, reconnect
@@ -141,7 +141,8 @@ class AgentOptions(BaseModel):
     backoff_initial: float = 0.2
     backoff_cap: float = 10.0
     queue_limit: int = 256          # packets held while (re)connecting
-    metrics: tuple[str, int] | None = None
+    metrics: tuple[str, int] | None = None   # Prometheus /metrics + /healthz (default off)
+    p2p_cooldown: float = 30.0      # after a direct-path failure, before punching again
 
     @model_validator(mode="after")
     def _check(self) -> AgentOptions:

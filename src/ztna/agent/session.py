@@ -176,7 +176,11 @@ class Session(ConnectionHandler):
         if getattr(self.options, "p2p", True):
             from ztna.agent.direct import DirectPaths
 
-            self.direct = DirectPaths(self)
+            from ztna.p2p.path import PathConfig
+
+            cooldown = float(getattr(self.options, "p2p_cooldown", 30.0))
+            self.direct = DirectPaths(self, config=PathConfig(cooldown=cooldown,
+                                                              max_cooldown=max(600.0, cooldown)))
             self.direct.start()
 
     async def stop(self) -> None:

@@ -37,7 +37,10 @@ def _build_options(**kw: object):  # -> AgentOptions (import kept lazy for --hel
         udp_forwards=tuple(parse_forward(f, "-U") for f in kw["udp_forward"]),
         socks=split_host_port(str(kw["socks"]), default_port=1080) if kw["socks"] else None,
         tcp_transport=kw["tcp_transport"],
+        p2p_cooldown=kw["p2p_cooldown"],
     )
+    if kw["metrics"] and kw["metrics"] != "off":
+        values["metrics"] = split_host_port(str(kw["metrics"]), default_port=9092)
     if kw["state_dir"]:
         values["state_dir"] = Path(kw["state_dir"])
     try:
@@ -62,8 +65,12 @@ def _build_options(**kw: object):  # -> AgentOptions (import kept lazy for --hel
 @click.option("-U", "--udp-forward", multiple=True, metavar="[HOST:]PORT=SERVICE:PORT", help="Local UDP forward.")
 @click.option("--socks", metavar="HOST:PORT", help="SOCKS5 server (CONNECT, UDP ASSOCIATE).")
 @click.option("--state-dir", type=click.Path(file_okay=False), help="Default /run/ztna-agent (root).")
-@click.option("--tcp-transport", type=click.Choice(["datagram", "stream"]), default="datagram", show_default=True,
+@click.option("--tcp-transport", type=click.Choice(["datagram", "stream"]), default="stream", show_default=True,
               help="TUN mode TCP carriage: 'datagram' (TCP packets in DATAGRAMs, end-to-end TCP) or 'stream' (local kernel terminates TCP, nftables redirect, one QUIC stream per connection).")
+@click.option("--p2p-cooldown", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds on the relay after a direct-path failure before punching again.")
+@click.option("--metrics", metavar="HOST:PORT|off", default="off", show_default=True,
+              help="Prometheus /metrics (direct-path warm-up histograms) and /healthz.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def agent(**kw: object) -> None:

@@ -64,7 +64,7 @@ def _render(snap: dict[str, Any]) -> None:
         reg_text = {"acked": "[green]yes[/green]", "pending": "[yellow]pending[/yellow]"}.get(
             reg, f"[red]refused ({s['nack']})[/red]")
         conn = {True: "up", False: "[red]down[/red]", None: "-"}[s["connector_up"]]
-        table.add_row(s["id"], " ".join(s["virtual_ips"]), reg_text, conn, s["path"],
+        table.add_row(s["id"], " ".join(s["virtual_ips"]), reg_text, conn, _path_text(snap, s),
                       f"{_human_bytes(s['tx_bytes'])} / {s['tx_packets']} pkts",
                       f"{_human_bytes(s['rx_bytes'])} / {s['rx_packets']} pkts",
                       str(s["max_packet"] or "-"))
@@ -73,6 +73,20 @@ def _render(snap: dict[str, Any]) -> None:
     if us:
         for f in us.get("listeners", []):
             console.print(f"  {f}")
+
+
+def _path_text(snap: dict[str, Any], s: dict[str, Any]) -> str:
+    """`direct (warm-up 120 ms, 0-RTT)` / `relay (cooldown, retry in 12 s)` from the P2P part."""
+    p = ((snap.get("p2p") or {}).get("services") or {}).get(s["id"])
+    if not p:
+        return str(s["path"])
+    if s["path"] == "direct":
+        bits = [f"warm-up {p['warmup_ms']:.0f} ms" if p.get("warmup_ms") is not None else "",
+                p.get("handshake") or ""]
+        detail = ", ".join(b for b in bits if b)
+        return f"[green]direct[/green] ({detail})" if detail else "[green]direct[/green]"
+    state = p.get("path_state") or ""
+    return f"relay ({state})" if state and state != "relay" else "relay"
 
 
 @click.command(name="status")
