@@ -55,7 +55,7 @@ class Agent:
 
         def health() -> tuple[bool, dict[str, Any]]:
             conn = self.session.conn
-            ok = conn is not None and not conn.closed
+            ok = conn is not None and conn.handshake_complete and not conn.closed
             return ok, {"services": {s.spec.id: s.path for s in self.session.services}}
 
         self.metrics_server = MetricsServer(registry, health)
