@@ -194,3 +194,28 @@ def test_restarted_intermediate_resumes_from_its_state_dir(pki, tmp_path):
         await srv2.stop()
 
     asyncio.run(main())
+
+
+def test_stale_address_token_and_ticket_fall_back_to_retry_and_full_handshake(pki, tmp_path):
+    """An Agent's saved token and ticket from a previous Intermediate without a state dir
+    must not wedge the handshake: the new server sends a Retry and does a full handshake."""
+
+    async def main():
+        srv = Intermediate(IntermediateOptions(tls=TlsFiles.from_dir(pki, "intermediate"),
+                                               listen=[("127.0.0.1", 0)], metrics=None))
+        await srv.start()
+        port = srv.ports[0]
+        client = Client(pki, port, ClientTicketCache(tmp_path / "agent"))
+        await client.connect()
+        assert client.token
+        await srv.stop()
+        fresh = Intermediate(IntermediateOptions(tls=TlsFiles.from_dir(pki, "intermediate"),
+                                                 listen=[("127.0.0.1", port)], metrics=None))
+        await fresh.start()
+        ep, conn = await client.connect()
+        assert not conn.resumed
+        stats = fresh.endpoints[0].stats
+        assert stats.address_tokens_invalid == 1 and stats.retry_sent == 1
+        await fresh.stop()
+
+    asyncio.run(main())

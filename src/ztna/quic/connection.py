@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.packet_builder import QuicDeliveryState
 from aioquic.quic.stream import QuicStream
 
 from ztna import limits
@@ -64,6 +65,22 @@ class ZtnaQuic(QuicConnection):
         if reset_secret is not None and not self._is_client:
             for cid in self._host_cids:
                 cid.stateless_reset_token = reset_token(reset_secret, cid.cid)
+
+    def _connect(self, now: float) -> None:
+        # After a Retry, aioquic starts the handshake again with fresh packet spaces and
+        # silently forgets the packets already sent — including 0-RTT packets carrying
+        # stream data, which then never arrives (the stream stalls at that offset). Declare
+        # those packets lost first, so their stream data is sent again.
+        if self._retry_count and getattr(self, "_spaces", None):
+            for space in self._loss.spaces:
+                for packet in list(space.sent_packets.values()):
+                    for handler, args in packet.delivery_handlers:
+                        try:
+                            handler(QuicDeliveryState.LOST, *args)
+                        except Exception:  # a handler of a torn-down crypto stream
+                            pass
+                space.sent_packets.clear()
+        super()._connect(now)
 
     def _replenish_connection_ids(self) -> None:
         super()._replenish_connection_ids()
@@ -149,11 +166,9 @@ class ZtnaConnection:
         self.oversize_refused = 0
         self._pending: deque[bytes] = quic._datagrams_pending
         self._queue_limit = queue_limit
-        # Clients write the control stream at once (0-RTT when resuming), except when
-        # resuming without an address token: the server will answer with Retry, and aioquic
-        # loses 0-RTT stream data across a Retry, so such a client waits for the handshake.
-        cfg = quic.configuration
-        self._control_open = quic._is_client and (cfg.session_ticket is None or bool(cfg.token))
+        # Clients write the control stream at once (in 0-RTT when resuming; data lost to a
+        # Retry is re-sent, see ZtnaQuic._connect).
+        self._control_open = quic._is_client
         self._control_backlog: list[bytes] = []
         self._waiters: list[Any] = []
         self.created_at = now

@@ -43,6 +43,7 @@ from aioquic.quic.retry import QuicRetryTokenHandler
 
 from ztna import limits
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection, ZtnaQuic
+from ztna.quic.tokens import MARKER as ADDRESS_TOKEN_MARKER
 
 log = logging.getLogger("ztna.quic")
 
@@ -54,6 +55,7 @@ CLOSE_LIMIT = 0x3
 CLOSE_PROTOCOL = 0x4
 
 _CID_LEN = limits.CONNECTION_ID_LENGTH
+RETRY_TOKEN_MARKER = b"R"
 
 
 @dataclass
@@ -74,6 +76,7 @@ class EndpointStats:
     retry_validated: int = 0
     retry_failures: int = 0
     address_tokens_validated: int = 0
+    address_tokens_invalid: int = 0
     auth_failures: int = 0
     connection_errors: int = 0
     handler_errors: int = 0
@@ -356,16 +359,20 @@ class QuicEndpoint:
             return None
         original_dcid = header.destination_cid
         retry_scid = None
-        if (
-            header.token
-            and server.address_tokens is not None
-            and server.address_tokens.validate(header.token, addr[0])
-        ):
+        token = header.token
+        address_token = bool(token) and token[0] == ADDRESS_TOKEN_MARKER
+        if address_token and server.address_tokens is not None and server.address_tokens.validate(token, addr[0]):
             stats.address_tokens_validated += 1  # a returning client: no Retry round trip
         elif self._retry is not None:
-            if not header.token:
+            if address_token:
+                # An address token we cannot validate (another or a restarted server, or
+                # expired): RFC 9000 §8.1.3 — carry on as if there were none, i.e. Retry.
+                stats.address_tokens_invalid += 1
+                token = b""
+            if not token:
                 scid = os.urandom(_CID_LEN)
-                token = self._retry.create_token(
+                # Our own first byte, so a Retry token is never mistaken for an address token.
+                token = RETRY_TOKEN_MARKER + self._retry.create_token(
                     address=addr,
                     original_destination_connection_id=header.destination_cid,
                     retry_source_connection_id=scid,
@@ -384,9 +391,11 @@ class QuicEndpoint:
                 stats.retry_sent += 1
                 return None
             try:
+                if token[:1] != RETRY_TOKEN_MARKER:
+                    raise ValueError("not a retry token")
                 original_dcid = self._retry.validate_token(
                     address=addr, destination_cid=header.destination_cid,
-                    token=header.token, now=time.time(),
+                    token=token[1:], now=time.time(),
                 )
             except ValueError:
                 stats.retry_failures += 1
