@@ -152,3 +152,25 @@ def test_block_direct_mid_transfer_falls_back_and_returns(lab_factory: Any, tmp_
         assert p2p(world)["path"] == "direct"
     finally:
         world.close()
+
+
+def test_agent_restart_resumes_direct_in_0rtt(lab_factory: Any, tmp_path: Path,
+                                              www: tuple[Path, str]) -> None:
+    """The second direct connection to the same Connector (Agent restarted, same state dir)
+    resumes with the ticket of the first and sends its Hello/registration in 0-RTT."""
+    lab = lab_factory(nat_a="cone", nat_b="cone", ip="4")
+    world = start(lab, tmp_path, www[0])
+    try:
+        assert wait_p2p(world, "direct")["handshake"] == "full"
+        world.stop_agent()
+        world.agent_runs += 1
+        world.agent = world.spawn("agent", [
+            PY, "-m", "ztna", "agent", "--intermediate", world.inter, "--server-name", "ztna-intermediate",
+            "--pki", str(world.pki), "--service", f"web={VIP4}", "--mode", "tun",
+            "--name", "lab", "--tun-name", "ztna0", "--state-dir", str(world.state)],
+            f"agent-{world.agent_runs}-datagram")
+        assert wait_p2p(world, "direct")["handshake"] == "0-RTT"
+        r = world.curl(url(world), max_time=90)
+        assert r["rc"] == 0 and r["sha256"] == www[1], r
+    finally:
+        world.close()
