@@ -43,7 +43,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
               help="--lab: one-way delay per WAN link.")
 @click.option("--loss", type=click.FloatRange(min=0, max=100), default=0.0, metavar="PCT",
               help="--lab: packet loss per WAN link and direction.")
-@click.option("--transport", type=click.Choice(["datagram", "stream"]), default="datagram",
+@click.option("--transport", type=click.Choice(["datagram", "stream"]), default="stream",
               show_default=True,
               help="TUN mode TCP carriage (the Agent's --tcp-transport).")
 @click.option("--no-reconnect", is_flag=True, help="Skip the Agent restart measurements.")

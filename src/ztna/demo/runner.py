@@ -63,7 +63,7 @@ class DemoOptions:
     ip: str = "4"
     delay_ms: float = 0.0
     loss_pct: float = 0.0
-    transport: str = "datagram"
+    transport: str = "stream"
     reconnect: bool = True
     direct_wait: float = 10.0
     startup_timeout: float = 20.0
