@@ -94,6 +94,11 @@ class ServiceState:
         return self.registration == ACKED
 
 
+# Tunnel packets sent in 0-RTT ahead of the registration ACK (the Intermediate holds up to
+# 32 per connection until the registration in the same flight is processed).
+EARLY_PACKETS = 24
+
+
 @dataclass
 class SessionCounters:
     reconnects: int = 0
@@ -287,6 +292,9 @@ class Session(ConnectionHandler):
         self._register_due(conn, now)
         if config.session_ticket is not None:
             self.counters.zero_rtt_attempts += 1
+            # Resuming: the first queued tunnel packets ride in 0-RTT right behind the
+            # registrations (the Intermediate holds a few until they are processed).
+            self._flush_queue(optimistic=EARLY_PACKETS)
         try:
             await asyncio.wait_for(conn.wait_handshake(), HANDSHAKE_TIMEOUT)
         except (asyncio.TimeoutError, ConnectionError) as exc:
@@ -431,15 +439,19 @@ class Session(ConnectionHandler):
             self.counters.queue_dropped += 1
         queue.append((svc, datagram))
 
-    def _flush_queue(self) -> None:
+    def _flush_queue(self, optimistic: int = 0) -> None:
+        """Send queued packets of registered services; with `optimistic` > 0 also up to
+        that many packets of services whose registration is still pending (0-RTT)."""
         conn = self.conn
         if conn is None or not self.queue:
             return
         keep: deque[tuple[ServiceState, bytes]] = deque()
         for svc, dgram in self.queue:
             if svc.registration != ACKED:
-                keep.append((svc, dgram))
-                continue
+                if optimistic <= 0 or svc.registration != PENDING:
+                    keep.append((svc, dgram))
+                    continue
+                optimistic -= 1
             try:
                 conn.send_datagram(dgram)
             except DatagramTooLarge:

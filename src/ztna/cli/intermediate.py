@@ -50,6 +50,11 @@ _WARN = "\n" + "!" * 78 + "\n"
 @click.option("--keylog", type=click.Path(dir_okay=False, path_type=Path),
               help="Append TLS secrets to FILE (SSLKEYLOGFILE format, for Wireshark).")
 @click.option("--qlog", type=click.Path(file_okay=False, path_type=Path), help="Write qlog traces to DIR.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep session tickets (single-use strike register for 0-RTT) and the address-token"
+                   " key here, so returning clients resume with 0-RTT even after a restart. Several"
+                   " Intermediates sharing this directory share the strike register. Default: memory only.")
+@click.option("--no-0rtt", "no_0rtt", is_flag=True, help="Issue no session tickets (no resumption, no 0-RTT).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Default info.")
 @click.pass_context
 def intermediate(ctx: click.Context, config_path: Path | None, **flags: Any) -> None:
@@ -62,6 +67,8 @@ def intermediate(ctx: click.Context, config_path: Path | None, **flags: Any) -> 
             continue
         if name == "no_retry":
             overrides["retry"] = not value
+        elif name == "no_0rtt":
+            overrides["zero_rtt"] = not value
         else:
             overrides[name] = value
     try:
@@ -106,6 +113,8 @@ def intermediate(ctx: click.Context, config_path: Path | None, **flags: Any) -> 
         max_registrations=cfg.max_registrations,
         keylog=str(cfg.keylog) if cfg.keylog else None,
         qlog_dir=qlog_dir,
+        state_dir=str(cfg.state_dir) if cfg.state_dir else None,
+        enable_0rtt=cfg.zero_rtt,
     )
     server = Intermediate(options)
 

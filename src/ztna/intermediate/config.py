@@ -99,6 +99,8 @@ class IntermediateConfig(BaseModel):
     )
     keylog: Path | None = None
     qlog: Path | None = None
+    state_dir: Path | None = None       # 0-RTT ticket store + address-token key (0600 files)
+    zero_rtt: bool = True
     log_level: str = "info"
 
     @field_validator("listen")

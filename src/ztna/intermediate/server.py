@@ -85,6 +85,7 @@ class RelayStats:
     dropped_oversize: int = 0
     dropped_malformed: int = 0
     dropped_unknown_type: int = 0
+    held_until_registered: int = 0
     control_errors: int = 0
 
 
@@ -107,6 +108,7 @@ class Intermediate:
         self.started_at = 0.0
         self.address_tokens: Any = None
         self._instances: dict[int, tuple[str, int]] = {}
+        self._held: dict[ZtnaConnection, list[bytes]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def _build_server_options(self) -> ServerOptions:
@@ -241,6 +243,7 @@ class Intermediate:
             return
         del self.conns[peer_id]
         self._instances.pop(peer_id, None)
+        self._held.pop(conn, None)
         self.execute(self.registry.remove_peer(peer_id))
         if self.signaling is not None:
             self.execute(self.signaling.peer_gone(peer_id))
@@ -273,10 +276,31 @@ class Intermediate:
             self._log_registration(conn, msg, reply)
             conn.send_control(encode_control(reply))
             self.execute(notes)
+            held = self._held.pop(conn, None)
+            if held:
+                for data in held:  # tunnel packets that overtook this registration
+                    self.on_datagram(conn, data)
         elif isinstance(msg, JsonMessage) and self.signaling is not None and type(msg).__name__.startswith("Punch"):
             now = asyncio.get_running_loop().time()
             self.execute(self.signaling.handle(peer_id, msg, self.registry, now=now))
         # Everything else (pings, unknown types) is ignored by design (forward compatible).
+
+    # An Agent resuming with 0-RTT sends Hello, Register and its first tunnel packets in
+    # one flight; aioquic puts DATAGRAM frames before STREAM frames, so those packets
+    # arrive just before the registration they depend on. Hold a few (bounded, only in the
+    # first seconds of a connection) instead of dropping them.
+    EARLY_HOLD_PACKETS = 32
+    EARLY_HOLD_SECONDS = 2.0
+
+    def _hold_early(self, conn: ZtnaConnection, data: bytes) -> bool:
+        if asyncio.get_running_loop().time() - conn.created_at > self.EARLY_HOLD_SECONDS:
+            return False
+        held = self._held.setdefault(conn, [])
+        if len(held) >= self.EARLY_HOLD_PACKETS:
+            return False
+        held.append(bytes(data))
+        self.stats.held_until_registered += 1
+        return True
 
     def adopt_stable_id(self, conn: ZtnaConnection, instance: int) -> None:
         """Re-key a fresh peer to the id derived from its certificate and `Hello.instance`
@@ -330,6 +354,8 @@ class Intermediate:
             peer_id = conn.user
             registry = self.registry
             if not registry.is_agent_of(peer_id, service):
+                if self._hold_early(conn, data):
+                    return
                 stats.dropped_unregistered += 1
                 self._bad.warning("0x2F from a peer not registered as agent", f"{conn.label} → {service}")
                 return
