@@ -106,7 +106,18 @@ class TcpRedirect:
         for family, host, ips in ((4, "127.0.0.1", self.v4), (6, "::1", self.v6)):
             if not ips:
                 continue
-            srv = await asyncio.start_server(self._accept, host, 0, reuse_address=True)
+            try:
+                srv = await asyncio.start_server(self._accept, host, 0, reuse_address=True)
+            except OSError as exc:
+                # e.g. IPv6 disabled in this namespace: those addresses keep going through
+                # the TUN as DATAGRAMs.
+                log.warning("no IPv%d listener on %s (%s): IPv%d TCP rides DATAGRAMs", family, host,
+                            exc.strerror or exc, family)
+                if family == 6:
+                    self.v6 = []
+                else:
+                    self.v4 = []
+                continue
             self.servers.append(srv)
             self.ports[family] = int(srv.sockets[0].getsockname()[1])
         await asyncio.to_thread(self.tun.record_nft_table, self.table)
