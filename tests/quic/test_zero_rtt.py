@@ -103,6 +103,10 @@ def test_reconnect_uses_0rtt_and_tickets_are_private(pki, tmp_path):
         assert second.resumed and second.early_data_accepted
         assert store.stats.resumed == 1
         assert ep2.stats.retry_sent == 0
+        from prometheus_client import generate_latest
+
+        metrics = generate_latest(srv._metrics_registry()).decode()
+        assert "ztna_zero_rtt_resumptions_total 1.0" in metrics
         await srv.stop()
 
     asyncio.run(main())

@@ -48,7 +48,7 @@ class Agent:
     async def _start_metrics(self, host: str, port: int) -> None:
         from prometheus_client import CollectorRegistry
 
-        from ztna.observe import MetricsServer
+        from ztna.observe import MetricsServer, StatsCollector
 
         direct = self.session.direct
         registry = direct.registry if direct is not None else CollectorRegistry()
@@ -58,6 +58,26 @@ class Agent:
             ok = conn is not None and conn.handshake_complete and not conn.closed
             return ok, {"services": {s.spec.id: s.path for s in self.session.services}}
 
+        session = self.session
+
+        def session_stats() -> list[tuple[str, str, str, float, dict[str, str] | None]]:
+            c = session.counters
+            out: list[tuple[str, str, str, float, dict[str, str] | None]] = [
+                ("ztna_agent_reconnects_total", "counter", "Reconnects to the Intermediate", c.reconnects, None),
+                ("ztna_agent_zero_rtt_attempts_total", "counter", "Connections started with a session ticket",
+                 c.zero_rtt_attempts, None),
+                ("ztna_agent_zero_rtt_accepted_total", "counter", "Connections whose 0-RTT data was accepted",
+                 c.zero_rtt_accepted, None),
+                ("ztna_agent_queue_dropped_total", "counter", "Packets dropped while waiting for a connection",
+                 c.queue_dropped, None),
+            ]
+            for svc in session.services:
+                labels = {"service": svc.spec.id}
+                out.append(("ztna_agent_tx_bytes_total", "counter", "Tunnel bytes sent", svc.tx_bytes, labels))
+                out.append(("ztna_agent_rx_bytes_total", "counter", "Tunnel bytes received", svc.rx_bytes, labels))
+            return out
+
+        registry.register(StatsCollector(session_stats))  # type: ignore[arg-type]
         self.metrics_server = MetricsServer(registry, health)
         await self.metrics_server.start(host, port)
         log.info("metrics on http://%s:%d/metrics", host, self.metrics_server.port)

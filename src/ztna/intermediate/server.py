@@ -433,6 +433,19 @@ class Intermediate:
             out.append((f"ztna_quic_{k}_total", "counter", f"QUIC endpoint: {k.replace('_', ' ')}", v, None))
         out.append(("ztna_retry_tokens_validated", "counter", "Valid retry tokens", totals.get("retry_validated", 0), None))
         out.append(("ztna_retry_token_failures", "counter", "Invalid retry tokens", totals.get("retry_failures", 0), None))
+        store = self.options.ticket_store
+        if store is not None:
+            t = store.stats
+            out.append(("ztna_session_tickets_issued_total", "counter", "Session tickets issued", t.issued, None))
+            out.append(("ztna_zero_rtt_resumptions_total", "counter",
+                        "Resumptions (0-RTT) accepted with a single-use ticket", t.resumed, None))
+            for reason in ("unknown", "expired", "rotated"):
+                out.append(("ztna_session_tickets_refused_total", "counter",
+                            "Tickets refused (unknown = already used or never issued: replay protection)",
+                            getattr(t, f"refused_{reason}"), {"reason": reason}))
+        out.append(("ztna_relay_held_until_registered_total", "counter",
+                    "Tunnel packets held until the registration in the same flight",
+                    s.held_until_registered, None))
         if self.signaling is not None:
             for name, kind, help_text, value, labels in self.signaling.metrics():
                 out.append((name, kind, help_text, value, labels))
