@@ -42,6 +42,7 @@ log = logging.getLogger("ztna.connector")
 
 SWEEP_INTERVAL = 1.0
 RESOLVE_INTERVAL = 30.0
+RELAY_GRACE = 20.0       # how long relay flows wait for the Intermediate to come back
 
 
 @dataclass
@@ -131,6 +132,7 @@ class Connector:
         self.services = {s.id: ServiceState(s) for s in cfg.services}
         self.tls = TlsFiles(cert=cfg.cert, key=cfg.key, ca=cfg.ca)
         self.agents = AgentPaths()
+        self._parked: dict[int, tuple[ReplyPath, float]] = {}   # agent id -> (dead relay path, since)
         self.relay: RelayLink | None = None
         self.relay_endpoint: QuicEndpoint | None = None
         self.p2p: P2PServer | None = None
@@ -252,19 +254,35 @@ class Connector:
             now = self.loop.time()
             self.udp.sweep(now)
             self.agents.sweep()
+            self._expire_parked(now)
             if now - last_resolve >= RESOLVE_INTERVAL:
                 last_resolve = now
                 await self._resolve_backends()
 
     # ------------------------------------------------------------------ relay sink
     def relay_up(self, conn: ZtnaConnection) -> None:
-        pass
+        """Back on the Intermediate: flows parked by the outage continue on the new relay
+        connection (agent ids are stable across reconnects and Intermediate restarts)."""
+        parked, self._parked = self._parked, {}
+        for agent_id, (old, _) in parked.items():
+            new = self.agents.relay_path(conn, agent_id)
+            moved = self.tcp.drop_path(old, new)
+            self.udp.drop_path(old, new)
+            if moved:
+                log.info("agent %d: %d TCP flows resumed on the new relay connection", agent_id, moved)
 
     def relay_down(self, conn: ZtnaConnection) -> None:
         for path in list(self.agents.relay.values()):
-            self.path_down(path)
+            self.path_down(path, park=True)
         self.agents.relay.clear()
         self.streams.drop_conn(conn)
+
+    def _expire_parked(self, now: float) -> None:
+        for agent_id, (old, since) in list(self._parked.items()):
+            if now - since > RELAY_GRACE:
+                del self._parked[agent_id]
+                self.tcp.drop_path(old, None)
+                self.udp.drop_path(old, None)
 
     def agent_gone(self, agent_id: int) -> None:
         path = self.agents.relay.get(agent_id)
@@ -275,8 +293,10 @@ class Connector:
         """A direct connection told us its agent id (Hello): its flows may use it."""
         self.agents.add_direct(path)
 
-    def path_down(self, path: ReplyPath) -> None:
-        """A path died: its flows move to the Agent's other live path, or end."""
+    def path_down(self, path: ReplyPath, *, park: bool = False) -> None:
+        """A path died: its flows move to the Agent's other live path, or end — unless the
+        relay connection itself dropped (`park`): then they wait up to RELAY_GRACE for the
+        relay to come back (an Intermediate restart must not end every transfer)."""
         if not path.alive:
             return
         path.alive = False
@@ -284,6 +304,9 @@ class Connector:
         if path.flows <= 0:
             return
         alternate = self.agents.alternate(path, self.relay.conn if self.relay is not None else None)
+        if alternate is None and park and path.agent_id is not None:
+            self._parked[path.agent_id] = (path, self.loop.time())  # type: ignore[union-attr]
+            return
         moved = self.tcp.drop_path(path, alternate)
         self.udp.drop_path(path, alternate)
         if alternate is not None:
