@@ -53,3 +53,9 @@ SERVICE_ID_MAX: Final = 63
 def max_datagram_payload(udp_payload: int, dcid_len: int) -> int:
     """Largest DATAGRAM frame payload aioquic can put in one short-header packet."""
     return udp_payload - (SHORT_HEADER_FIXED_OVERHEAD + dcid_len) - DATAGRAM_FRAME_OVERHEAD
+
+# Resumable TCP streams (docs/protocol.md §5.1): how long the Connector keeps a stream whose
+# direct connection died, waiting for the Agent's StreamResume on the relay, and how many
+# such streams one Agent may hold (beyond it, streams are opened without a token).
+STREAM_RESUME_GRACE = 15.0
+STREAM_RESUME_PER_AGENT = 256

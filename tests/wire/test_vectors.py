@@ -38,9 +38,11 @@ from ztna.wire import (
     RegistrationAck,
     RegistrationNack,
     RelayedStreamOpen,
+    RelayedStreamResume,
     Role,
     ServiceStatus,
     StreamOpen,
+    StreamResume,
     UnknownMessage,
     decode_control_frame,
     decode_from_connector,
@@ -49,6 +51,7 @@ from ztna.wire import (
     decode_registration,
     decode_service_datagram,
     decode_stream_header,
+    decode_stream_reply,
     decode_to_connector,
     encode_control,
     encode_from_connector,
@@ -57,6 +60,7 @@ from ztna.wire import (
     encode_registration,
     encode_service_datagram,
     encode_stream_open,
+    encode_stream_reply,
     encode_to_connector,
 )
 
@@ -72,6 +76,16 @@ def _blocks() -> list[tuple[str, str, bytes]]:
 
 
 BLOCKS = _blocks()
+
+
+def _decode_reply(data: bytes) -> Any:
+    result = decode_stream_reply(data)
+    if result is None:
+        raise DecodeError("incomplete")
+    status, extra, used = result
+    if used != len(data):
+        raise DecodeError("trailing bytes after the status")
+    return status, extra
 
 
 def _decode_stream(data: bytes) -> Any:
@@ -109,6 +123,7 @@ CODECS: dict[str, tuple[Callable[[bytes], Any], Callable[[Any], bytes]]] = {
     "from_connector": (_decode_from, lambda v: encode_from_connector(*v)),
     "control": (decode_control_frame, encode_control),
     "stream_header": (_decode_stream, encode_stream_open),
+    "stream_reply": (_decode_reply, lambda v: encode_stream_reply(*v)),
     "probe": (lambda d: decode_probe(d, KEY), lambda m: encode_probe(m, KEY)),
 }
 
@@ -142,6 +157,8 @@ INVALID_REASONS: dict[str, str] = {
     "stream_header/bad-version": "unknown stream header version",
     "stream_header/port-zero": "port 0",
     "stream_header/bad-family": "unknown address family",
+    "stream_header/resume-empty-id": "service id length",
+    "stream_reply/unknown-status": "unknown stream status",
     "probe/bad-mac": "bad mac",
     "probe/unknown-flag": "unknown flags",
 }
@@ -150,7 +167,7 @@ INVALID_REASONS: dict[str, str] = {
 REQUIRED_TYPES = {
     ObservedAddress, Register, RegistrationAck, RegistrationNack, ErrorMessage, GoAway,
     AgentGone, ServiceStatus, Ping, Pong, PunchRequest, PunchOffer, PunchAnswer, PunchStart,
-    PunchResult, UnknownMessage, StreamOpen, RelayedStreamOpen, ProbeRequest, ProbeResponse,
+    PunchResult, UnknownMessage, StreamOpen, RelayedStreamOpen, StreamResume, RelayedStreamResume, ProbeRequest, ProbeResponse,
 }
 
 

@@ -303,7 +303,7 @@ def test_stream_header_longest_is_89_bytes() -> None:
 
 def test_stream_header_fails_fast() -> None:
     with pytest.raises(DecodeError):
-        decode_stream_header(b"\x55")
+        decode_stream_header(b"\x58")
     with pytest.raises(DecodeError):
         decode_stream_header(b"\x53\x01\x00")  # empty id
     with pytest.raises(DecodeError):
@@ -318,7 +318,7 @@ def test_stream_status() -> None:
     assert decode_stream_status(0) is StreamStatus.OK
     assert decode_stream_status(5) is StreamStatus.LIMIT
     with pytest.raises(DecodeError):
-        decode_stream_status(6)
+        decode_stream_status(9)
 
 
 # ---- probes -----------------------------------------------------------------------------
@@ -356,3 +356,21 @@ def test_probe_helpers() -> None:
         encode_probe(ProbeRequest(1, TXID, True, True), b"short")
     with pytest.raises(UsageError):
         ProbeRequest(1, b"\x00" * 11, True, True)
+
+
+def test_stream_reply_incremental_and_resume_checks() -> None:
+    from ztna.wire import StreamResume, decode_stream_reply, encode_stream_reply
+    data = encode_stream_reply(StreamStatus.OK_RESUMABLE, bytes(range(16))) + b"payload"
+    for cut in range(17):
+        assert decode_stream_reply(data[:cut]) is None
+    assert decode_stream_reply(data) == (StreamStatus.OK_RESUMABLE, bytes(range(16)), 17)
+    assert decode_stream_reply(b"\x07" + (2**40).to_bytes(8, "big")) == (StreamStatus.RESUMED, 2**40, 9)
+    assert decode_stream_reply(b"\x00abc") == (StreamStatus.OK, None, 1)
+    with pytest.raises(UsageError):
+        encode_stream_reply(StreamStatus.OK_RESUMABLE, b"short")
+    with pytest.raises(UsageError):
+        encode_stream_reply(StreamStatus.OK, 5)
+    with pytest.raises(UsageError):
+        StreamResume("web", bytes(15), 0)
+    with pytest.raises(UsageError):
+        StreamResume("web", bytes(16), -1)
