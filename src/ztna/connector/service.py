@@ -89,6 +89,8 @@ class ConnectorStats:
     stream_backend_failures: int = 0
     stream_bytes_to_backend: int = 0
     stream_bytes_to_agent: int = 0
+    stream_resumed: int = 0
+    stream_resume_refused: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -186,6 +188,7 @@ class Connector:
 
             self.punch = ConnectorPunch(self.p2p, relay_address=(inter.host, inter.port))
             self.relay.on_punch = self.punch.on_message
+            self.relay.on_registered = self.punch.on_registered
         if self.cfg.metrics is not None:
             from ztna.connector.metrics import start_metrics
 

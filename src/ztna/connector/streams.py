@@ -14,6 +14,18 @@ Back-pressure both ways, no unbounded buffers:
   backlog is above `SEND_HIGH` and re-check every `RECHECK` seconds (aioquic reports no
   "acked" event).
 FIN ↔ half-close (write_eof / EOF), reset ↔ RST (abort / connection lost with an error).
+
+Resumable streams (docs/protocol.md §5.1): an Agent that opens with 0x55 on a direct
+connection (Hello heard, so we know its agent id) gets `OK_RESUMABLE` + a random token,
+bound to the agent id and certificate fingerprint. We count the payload bytes we took
+(`rx`) and sent (`tx`). When that connection dies (`drop_conn`), or a `StreamResume` for
+the token arrives while it still looks alive, the flow is *parked*: we copy the stream's
+unacknowledged send buffer (`stream_unacked`: an ACK on a direct connection means the Agent
+process has the bytes), pause the backend and wait up to `STREAM_RESUME_GRACE`. A resume
+with the same agent id (and fingerprint on a direct connection) whose `received` lies in the
+retained range gets `RESUMED` + our `rx`; we resend from the Agent's count and carry on on
+the new stream (not resumable again). A flow whose backend finished lingers with its token
+until its stream data is acknowledged, so a transfer whose tail is still in flight survives.
 """
 
 from __future__ import annotations
@@ -21,16 +33,22 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import secrets
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ztna.errors import DecodeError
+from ztna.limits import STREAM_RESUME_GRACE, STREAM_RESUME_PER_AGENT
 from ztna.wire.stream_header import (
+    RESUME_TOKEN_LEN,
     RelayedStreamOpen,
+    RelayedStreamResume,
     StreamOpen,
+    StreamResume,
     StreamStatus,
     decode_stream_header,
+    encode_stream_reply,
     encode_stream_status,
 )
 
@@ -46,13 +64,23 @@ WRITE_HIGH = 256 * 1024
 WRITE_LOW = 64 * 1024
 RECHECK = 0.005
 HEADER_LIMIT = 128
+LINGER_SWEEP = 1.0
 
 
 class StreamFlow(asyncio.Protocol):
     def __init__(self, table: StreamTable, conn: ZtnaConnection, sid: int) -> None:
         self.table = table
-        self.conn = conn
+        self.conn: ZtnaConnection | None = conn    # None while parked
         self.sid = sid
+        # resumption state (docs/protocol.md §5.1)
+        self.token: bytes | None = None
+        self.owner: tuple[int, str] | None = None   # (agent id, certificate fingerprint)
+        self.rx = 0                       # payload bytes taken from the stream(s)
+        self.tx = 0                       # payload bytes written to the stream(s)
+        self.base = 1                     # stream offset of the first payload byte we sent
+        self.retained: tuple[int, bytes] = (0, b"")   # (payload offset, unacked bytes) when parked
+        self.pending: list[bytes] = []    # backend bytes that arrived while parked
+        self.grace: asyncio.TimerHandle | None = None
         self.head = b""
         self.header: StreamOpen | RelayedStreamOpen | None = None
         self.transport: asyncio.Transport | None = None
@@ -76,15 +104,31 @@ class StreamFlow(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        if self.done:
+        if self.done or self.conn is None:
             transport.abort()
             return
-        self.conn.send_stream(self.sid, encode_stream_status(StreamStatus.OK))
+        if self.token is not None:
+            reply = encode_stream_reply(StreamStatus.OK_RESUMABLE, self.token)
+        else:
+            reply = encode_stream_status(StreamStatus.OK)
+        self.base = len(reply)
+        self.conn.send_stream(self.sid, reply)
         self.table.flush(self)
 
+    def send(self, data: bytes, end: bool = False) -> None:
+        """Payload towards the Agent; held while parked (sent again on resume)."""
+        if self.conn is None:
+            if data:
+                self.pending.append(data)
+            return
+        self.conn.send_stream(self.sid, data, end=end)
+        self.tx += len(data)
+
     def data_received(self, data: bytes) -> None:
-        self.conn.send_stream(self.sid, data)
+        self.send(data)
         self.table.stats.stream_bytes_to_agent += len(data)
+        if self.conn is None:
+            return
         if self.conn.stream_send_backlog(self.sid) > SEND_HIGH and self.transport is not None:
             self.read_paused = True
             self.transport.pause_reading()
@@ -92,7 +136,7 @@ class StreamFlow(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.backend_eof = True
-        self.conn.send_stream(self.sid, b"", end=True)
+        self.send(b"", end=True)
         self.table.maybe_done(self)
         return True
 
@@ -102,11 +146,12 @@ class StreamFlow(asyncio.Protocol):
             return
         if exc is not None or not self.backend_eof:
             if exc is not None:
-                self.conn.reset_stream(self.sid)
-                self.table.finish(self)
+                if self.conn is not None:
+                    self.conn.reset_stream(self.sid)
+                self.table.finish(self, forget=True)
                 return
             self.backend_eof = True
-            self.conn.send_stream(self.sid, b"", end=True)
+            self.send(b"", end=True)
         self.table.finish(self)
 
     def pause_writing(self) -> None:
@@ -132,6 +177,12 @@ class StreamTable:
         # Highest stream id seen per (connection, stream kind): late bytes of a stream we
         # already finished are ignored instead of being parsed as a new header.
         self._highest: dict[tuple[ZtnaConnection, int], int] = {}
+        # token -> flow, for resumable flows (live, lingering after the backend finished,
+        # or parked); per agent id count for the limit.
+        self.resumable: dict[bytes, StreamFlow] = {}
+        self._per_agent: dict[int, int] = {}
+        self._sweep: asyncio.TimerHandle | None = None
+        self.token_source: Callable[[int], bytes] = secrets.token_bytes
 
     def __len__(self) -> int:
         return len(self.flows)
@@ -169,6 +220,12 @@ class StreamTable:
             header, used = parsed
             conn.consume_stream(sid, used)
             data, flow.head = flow.head[used:], b""
+            if isinstance(header, (StreamResume, RelayedStreamResume)):
+                self._drop(flow)
+                self._resume(conn, sid, header, authorize)
+                if data or end:
+                    self.on_stream_data(conn, sid, data, end, authorize=authorize)
+                return
             flow.header = header
             status = self._check(header, authorize)
             if status is not StreamStatus.OK:
@@ -176,13 +233,143 @@ class StreamTable:
                 self._refuse(conn, sid, status)
                 return
             self.stats.streams_opened += 1
+            if isinstance(header, StreamOpen) and header.resumable:
+                self._make_resumable(flow)
             svc = self.services[header.service_id]
             backend = svc.tcp_backends[header.dst_port]
             flow.task = self.loop.create_task(self._connect(flow, backend.host, backend.port))
         if data:
             flow.inbox.append(data)
+            flow.rx += len(data)
         if end:
             flow.peer_fin = True
+        self.flush(flow)
+
+    # ------------------------------------------------------------------ resumption
+    def _make_resumable(self, flow: StreamFlow) -> None:
+        conn = flow.conn
+        assert conn is not None
+        agent_id = getattr(conn.user, "agent_id", None)
+        ident = conn.identity
+        if agent_id is None or ident is None:
+            return                          # no Hello yet: a plain stream
+        if self._per_agent.get(agent_id, 0) >= STREAM_RESUME_PER_AGENT:
+            return
+        token = self.token_source(RESUME_TOKEN_LEN)
+        if len(token) != RESUME_TOKEN_LEN or token in self.resumable:
+            return
+        flow.token = token
+        flow.owner = (agent_id, ident.fingerprint)
+        self.resumable[token] = flow
+        self._per_agent[agent_id] = self._per_agent.get(agent_id, 0) + 1
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(LINGER_SWEEP, self._sweep_lingering)
+
+    def _forget_token(self, flow: StreamFlow) -> None:
+        token, flow.token = flow.token, None
+        if token is None or self.resumable.pop(token, None) is None:
+            return
+        assert flow.owner is not None
+        n = self._per_agent.get(flow.owner[0], 0) - 1
+        if n > 0:
+            self._per_agent[flow.owner[0]] = n
+        else:
+            self._per_agent.pop(flow.owner[0], None)
+        if flow.grace is not None:
+            flow.grace.cancel()
+            flow.grace = None
+
+    def _sweep_lingering(self) -> None:
+        """Finished flows keep their token until the Agent acknowledged all we sent."""
+        self._sweep = None
+        for flow in list(self.resumable.values()):
+            if flow.done and flow.conn is not None and flow.conn.stream_send_backlog(flow.sid) == 0:
+                self._forget_token(flow)
+        if self.resumable:
+            self._sweep = self.loop.call_later(LINGER_SWEEP, self._sweep_lingering)
+
+    def _park(self, flow: StreamFlow) -> None:
+        """Detach a resumable flow from its (dead or abandoned) connection."""
+        conn = flow.conn
+        if conn is None:
+            return
+        unacked = conn.stream_unacked(flow.sid)
+        offset, data = unacked if unacked is not None else (flow.tx + flow.base, b"")
+        if offset < flow.base:              # the status/token itself was not acknowledged
+            data, offset = data[flow.base - offset:], flow.base
+        flow.retained = (offset - flow.base, data)
+        if self.flows.get((conn, flow.sid)) is flow:
+            del self.flows[(conn, flow.sid)]
+        if not conn.closed:
+            conn.reset_stream(flow.sid)
+        flow.conn = None
+        self._watched.discard(flow)
+        if flow.transport is not None and not flow.read_paused:
+            flow.read_paused = True
+            flow.transport.pause_reading()
+        flow.grace = self.loop.call_later(STREAM_RESUME_GRACE, self._expire, flow)
+        log.info("stream %d of agent %s parked (%d bytes retained), waiting %.0fs for a resume",
+                 flow.sid, flow.owner[0] if flow.owner else "?", len(data), STREAM_RESUME_GRACE)
+
+    def _expire(self, flow: StreamFlow) -> None:
+        flow.grace = None
+        if flow.conn is None:
+            log.info("stream of agent %s: no resume within %.0fs", flow.owner[0] if flow.owner else "?",
+                     STREAM_RESUME_GRACE)
+            self._forget_token(flow)
+            if flow.transport is not None:
+                flow.transport.abort()
+            self.finish(flow, forget=True)
+
+    def _resume(self, conn: ZtnaConnection, sid: int, header: Any,
+                authorize: Callable[[str], bool] | None) -> None:
+        flow = self.resumable.get(header.token)
+        relayed = isinstance(header, RelayedStreamResume)
+        ok = flow is not None and flow.owner is not None and relayed == (authorize is None)
+        if ok and flow is not None and flow.owner is not None:
+            if relayed:
+                ok = header.agent_id == flow.owner[0]
+            else:
+                ident = conn.identity
+                ok = (getattr(conn.user, "agent_id", None) == flow.owner[0] and ident is not None
+                      and ident.fingerprint == flow.owner[1])
+            ok = ok and flow.header is not None and flow.header.service_id == header.service_id
+        if not ok or flow is None:
+            self.stats.stream_resume_refused += 1
+            self._refuse(conn, sid, StreamStatus.NO_SUCH_STREAM)
+            return
+        self._forget_token(flow)            # single use, from here on
+        self._park(flow)
+        start, data = flow.retained
+        if not start <= header.received <= start + len(data):
+            log.warning("stream resume of agent %d refused: agent has %d, we retain %d..%d",
+                        flow.owner[0] if flow.owner else -1, header.received, start, start + len(data))
+            self.stats.stream_resume_refused += 1
+            self._refuse(conn, sid, StreamStatus.NO_SUCH_STREAM)
+            if flow.transport is not None:
+                flow.transport.abort()
+            self.finish(flow, forget=True)
+            return
+        self.stats.stream_resumed += 1
+        flow.conn, flow.sid = conn, sid
+        self.flows[(conn, sid)] = flow
+        reply = encode_stream_reply(StreamStatus.RESUMED, flow.rx)
+        conn.send_stream(sid, reply)
+        flow.base = len(reply) - header.received     # payload offset p is at stream offset base + p
+        flow.tx = header.received
+        flow.unconsumed = 0
+        pending, flow.pending = flow.pending, []
+        flow.send(data[header.received - start:] + b"".join(pending), end=flow.backend_eof)
+        flow.retained = (0, b"")
+        log.info("stream of agent %d resumed on %s (%s): resent %d bytes, agent resends from %d",
+                 flow.owner[0] if flow.owner else -1, "relay" if relayed else "direct",
+                 conn.label or conn.peer_address, flow.tx - header.received, flow.rx)
+        if flow.done:                       # the backend had finished: only the tail to deliver
+            self.flows.pop((conn, sid), None)
+            return
+        if flow.transport is not None and flow.read_paused:
+            flow.read_paused = False
+            flow.transport.resume_reading()
         self.flush(flow)
 
     def _check(self, header: Any, authorize: Callable[[str], bool] | None) -> StreamStatus:
@@ -209,9 +396,9 @@ class StreamTable:
 
     def _fail(self, flow: StreamFlow, status: StreamStatus) -> None:
         self.stats.stream_backend_failures += 1
-        if not flow.done:
+        if not flow.done and flow.conn is not None:
             self._refuse(flow.conn, flow.sid, status)
-            self.finish(flow)
+            self.finish(flow, forget=True)
 
     def _refuse(self, conn: ZtnaConnection, sid: int, status: StreamStatus) -> None:
         self.stats.streams_refused += 1
@@ -227,7 +414,7 @@ class StreamTable:
             t.write(chunk)
             flow.unconsumed += len(chunk)
             self.stats.stream_bytes_to_backend += len(chunk)
-        if flow.unconsumed and t.get_write_buffer_size() < WRITE_HIGH:
+        if flow.unconsumed and flow.conn is not None and t.get_write_buffer_size() < WRITE_HIGH:
             flow.conn.consume_stream(flow.sid, flow.unconsumed)
             flow.unconsumed = 0
         if flow.peer_fin and not flow.inbox and not flow.backend_shut:
@@ -248,7 +435,7 @@ class StreamTable:
     def _recheck(self) -> None:
         self._timer = None
         for flow in list(self._watched):
-            if flow.done or flow.transport is None:
+            if flow.done or flow.transport is None or flow.conn is None:
                 self._watched.discard(flow)
             elif flow.conn.stream_send_backlog(flow.sid) < SEND_LOW:
                 self._watched.discard(flow)
@@ -263,13 +450,17 @@ class StreamTable:
             self.stats.stream_resets += 1
             if flow.transport is not None:
                 flow.transport.abort()
-            self.finish(flow)
+            self.finish(flow, forget=True)
 
     def _drop(self, flow: StreamFlow) -> None:
         flow.done = True
         self.flows.pop((flow.conn, flow.sid), None)
 
-    def finish(self, flow: StreamFlow) -> None:
+    def finish(self, flow: StreamFlow, *, forget: bool = False) -> None:
+        """The backend side is over. A resumable flow keeps its token (lingers) unless
+        `forget`: its last bytes may still be in flight on a direct path that can die."""
+        if forget:
+            self._forget_token(flow)
         if flow.done:
             return
         flow.done = True
@@ -284,14 +475,26 @@ class StreamTable:
     def drop_conn(self, conn: ZtnaConnection) -> None:
         for kind in [k for k in self._highest if k[0] is conn]:
             del self._highest[kind]
+        for flow in [f for f in self.resumable.values() if f.conn is conn]:
+            self._park(flow)                # resumable: wait for the Agent on another path
         for flow in [f for f in self.flows.values() if f.conn is conn]:
             if flow.transport is not None:
                 flow.transport.abort()
-            self.finish(flow)
+            self.finish(flow, forget=True)
 
     def close_all(self) -> None:
+        for flow in list(self.resumable.values()):
+            self._forget_token(flow)
+            if flow.conn is None:
+                if flow.transport is not None:
+                    flow.transport.abort()
+                self.finish(flow)
         for flow in list(self.flows.values()):
-            flow.conn.reset_stream(flow.sid)
+            if flow.conn is not None:
+                flow.conn.reset_stream(flow.sid)
             if flow.transport is not None:
                 flow.transport.abort()
             self.finish(flow)
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
