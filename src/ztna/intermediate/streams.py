@@ -12,6 +12,10 @@ only while the other leg's unacknowledged send backlog is below `BACKLOG_LIMIT`.
 on every stream event and, while any leg holds uncredited bytes, every `RECHECK` seconds
 (aioquic has no "acked" event). FIN ↔ FIN, reset ↔ reset; a peer that goes away resets the
 other leg of each of its splices. At most `MAX_SPLICES_PER_PEER` per Agent.
+
+`StreamResume` (docs/protocol.md §5.1: a stream that was on a direct connection continues
+here) is spliced the same way, as `RelayedStreamResume(agent_id, ...)`; the Connector checks
+the token against the agent id we vouch for.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 from ztna.errors import DecodeError
 from ztna.wire.stream_header import (
     RelayedStreamOpen,
+    RelayedStreamResume,
     StreamOpen,
+    StreamResume,
     StreamStatus,
     decode_stream_header,
     encode_stream_open,
@@ -125,10 +131,14 @@ class StreamSplicer:
 
     def _open(self, leg: _Leg, header: Any, rest: bytes) -> bool:
         srv = self.srv
-        if not isinstance(header, StreamOpen) or not srv.registry.is_agent_of(leg.peer, header.service_id):
+        if (not isinstance(header, (StreamOpen, StreamResume))
+                or not srv.registry.is_agent_of(leg.peer, header.service_id)):
             self._refuse(leg, StreamStatus.NOT_AUTHORIZED)
             return False
-        key = leg.peer.to_bytes(4, "big") + leg.sid.to_bytes(8, "big")
+        if isinstance(header, StreamResume):
+            key = header.token    # one Connector per service holds it; with several, a guess
+        else:
+            key = leg.peer.to_bytes(4, "big") + leg.sid.to_bytes(8, "big")
         target_id = srv.registry.connector_for(header.service_id, key)
         target = srv.conns.get(target_id) if target_id is not None else None
         if target is None:
@@ -140,8 +150,13 @@ class StreamSplicer:
         leg.splice.connector = other
         self.legs[(target_id, tsid)] = other
         self.per_peer[target_id] = self.per_peer.get(target_id, 0) + 1
-        relayed = RelayedStreamOpen(agent_id=leg.peer, service_id=header.service_id,
-                                    dst_ip=header.dst_ip, dst_port=header.dst_port)
+        relayed: RelayedStreamOpen | RelayedStreamResume
+        if isinstance(header, StreamResume):
+            relayed = RelayedStreamResume(agent_id=leg.peer, service_id=header.service_id,
+                                          token=header.token, received=header.received)
+        else:
+            relayed = RelayedStreamOpen(agent_id=leg.peer, service_id=header.service_id,
+                                        dst_ip=header.dst_ip, dst_port=header.dst_port)
         target.send_stream(tsid, encode_stream_open(relayed) + rest)
         leg.owed += len(rest)
         self.spliced += 1
