@@ -281,9 +281,13 @@ class DirectPaths:
         return sp.conn, sp.streams
 
     def abort_streams(self, sp: _ServicePath) -> None:
+        """The direct connection is gone: resumable streams move to the relay (their
+        `on_lost` copies what the Connector has not acknowledged), the others are reset."""
         handlers, sp.streams = sp.streams, {}
         for handler in handlers.values():
-            handler.on_reset(-1)
+            lost = getattr(handler, "on_lost", None)
+            if lost is None or not lost():
+                handler.on_reset(-1)
 
     # ------------------------------------------------------------------ supervision
     async def _tick_loop(self) -> None:
@@ -331,10 +335,12 @@ class DirectPaths:
             log.warning("service %s: back on the relay (%s); retrying direct in %.0fs",
                         sp.svc.spec.id, reason, self.config.cooldown)
         sp.svc.path = "relay"
-        self.abort_streams(sp)   # streams live and die with their connection
         conn, sp.conn = sp.conn, None
         if close and conn is not None and not conn.closed:
             conn.close(0, "direct path abandoned")
+        # After the close: we acknowledge nothing more on it, so what the Connector sees as
+        # unacknowledged is exactly what resumable streams have not taken yet.
+        self.abort_streams(sp)
         if sp.timer is not None:
             sp.timer.cancel()
             sp.timer = None

@@ -12,6 +12,13 @@ Theory of operation
   (`consume_stream`) only after the local socket's write buffer drained, so a slow local
   reader slows the backend instead of growing our memory. FIN is a half-close, a reset or a
   lost Intermediate connection aborts the local socket.
+* **Resumable streams** (docs/protocol.md §5.1): on a direct connection we open with 0x55 and
+  the Connector answers `OK_RESUMABLE` + a token. We count the payload bytes taken from the
+  stream (`rx`) and sent (`tx`). When the direct connection is abandoned, `DirectPaths`
+  calls the sink's `on_lost()`: we copy the stream's unacknowledged send buffer, keep the
+  local socket, and open a `StreamResume(token, rx)` stream on the Intermediate connection;
+  the Connector answers `RESUMED` + its count, we resend from there and splice on. Anything
+  else (refusal, no relay within `READY_WAIT`) aborts the local socket as before.
 * **UDP** (`-U 127.0.0.1:5353=dns:53`): every local client address gets a synthetic source
   port; its datagrams become real IPv4/IPv6 UDP packets from the Agent's synthetic address
   (100.64.0.2 / fd00:64::2) to the service's virtual IP, carried as 0x2F DATAGRAMs. Replies
@@ -34,7 +41,7 @@ from ztna.agent.config import AgentOptions, Forward, IpAddress, ServiceSpec
 from ztna.agent.session import ACKED, REFUSED, ServiceState, Session
 from ztna.errors import DecodeError, UsageError
 from ztna.netstack.packets import PROTO_UDP, build_udp_packet, parse_ip, parse_udp
-from ztna.wire import StreamOpen, StreamStatus, encode_stream_open
+from ztna.wire import StreamOpen, StreamResume, StreamStatus, decode_stream_reply, encode_stream_open
 
 log = logging.getLogger("ztna.agent")
 
@@ -56,18 +63,51 @@ class StreamFailed(Exception):
         self.status = status
 
 
-class _StreamSink:
-    """What the session calls for one QUIC stream: queue the events for the pump task."""
+_LOST = (b"", False)   # queue marker: the direct connection is gone, resume on the relay
 
-    def __init__(self, handlers: dict[int, Any]) -> None:
+
+class _StreamSink:
+    """What the session calls for one QUIC stream: queue the events for the pump task.
+    Also the stream's place (conn, sid), which changes when a resumable stream moves."""
+
+    def __init__(self, handlers: dict[int, Any], conn: Any, sid: int, spec: ServiceSpec) -> None:
         self.queue: asyncio.Queue[tuple[bytes, bool] | None] = asyncio.Queue()
         self.handlers = handlers   # the table this sink is registered in (relay or direct)
+        self.conn: Any = conn      # None while a resume is under way
+        self.sid = sid
+        self.spec = spec
+        self.token: bytes | None = None
+        self.base = 0              # stream offset of our first payload byte (header length)
+        self.rx = 0                # payload bytes taken from the stream (+ reply bytes until parsed)
+        self.tx = 0                # payload bytes handed to QUIC
+        self.fin_sent = False
+        self.retained: tuple[int, bytes] = (0, b"")
+        self.attached = asyncio.Event()
+        self.attached.set()
+        self.failed = False
 
     def on_data(self, data: bytes, end: bool) -> None:
+        self.rx += len(data)
         self.queue.put_nowait((data, end))
 
     def on_reset(self, error_code: int) -> None:
         self.queue.put_nowait(None)
+
+    def on_lost(self) -> bool:
+        """The direct connection is abandoned (already closed, so no more ACKs from us).
+        True if this stream will resume on the relay, False: treat as reset."""
+        conn = self.conn
+        if self.token is None or conn is None:
+            return False
+        unacked = conn.stream_unacked(self.sid)
+        offset, data = unacked if unacked is not None else (self.base + self.tx, b"")
+        if offset < self.base:
+            data, offset = data[self.base - offset:], self.base
+        self.retained = (offset - self.base, data)
+        self.conn = None
+        self.attached.clear()
+        self.queue.put_nowait(_LOST)
+        return True
 
 
 class Userspace:
@@ -86,7 +126,7 @@ class Userspace:
         self.udp_by_client: dict[tuple[int, Any], int] = {}
         self._next_port = UDP_PORT_FIRST
         self.tasks: set[asyncio.Task[None]] = set()
-        self.stats = {"tcp_opened": 0, "tcp_failed": 0, "tcp_active": 0, "tcp_direct": 0, "udp_dropped_too_big": 0,
+        self.stats = {"tcp_opened": 0, "tcp_failed": 0, "tcp_active": 0, "tcp_direct": 0, "tcp_resumed": 0, "tcp_resume_failed": 0, "udp_dropped_too_big": 0,
                       "udp_dropped_unknown": 0, "socks_failed": 0}
         session.on_packet = self.on_packet
 
@@ -145,7 +185,7 @@ class Userspace:
         return self.options.service_for_target(target)
 
     async def _ready(self, svc: ServiceState) -> None:
-        deadline = asyncio.get_running_loop().time() + READY_WAIT
+        deadline = asyncio.get_running_loop().time() + 3 * READY_WAIT   # > a whole _resume
         while self.session.conn is None or svc.registration != ACKED:
             if svc.registration == REFUSED:
                 raise StreamFailed(StreamStatus.NOT_AUTHORIZED, f"service {svc.spec.id} refused")
@@ -154,7 +194,7 @@ class Userspace:
             await asyncio.sleep(0.02)
 
     # ------------------------------------------------------------------ TCP over streams
-    def _stream_conn(self, svc: ServiceState) -> tuple[Any, dict[int, Any]]:
+    def _stream_conn(self, svc: ServiceState) -> tuple[Any, dict[int, Any], bool]:
         """The connection a new stream for `svc` goes on: the service's live direct P2P
         connection when it has one (the Connector accepts `StreamOpen` there), else the
         Intermediate connection. A stream stays on the connection it was opened on."""
@@ -163,53 +203,113 @@ class Userspace:
             picked = direct.stream_conn(svc.spec.id)
             if picked is not None:
                 self.stats["tcp_direct"] += 1
-                return picked
+                return picked[0], picked[1], True
         conn = self.session.conn
         assert conn is not None
-        return conn, self.session.stream_handlers
+        return conn, self.session.stream_handlers, False
+
+    async def _reply(self, sink: _StreamSink, conn: Any) -> tuple[StreamStatus, Any, bytes, bool]:
+        """Wait for the Connector's status (+ its tail); returns (status, extra, rest, end)."""
+        buf = b""
+        while True:
+            item = await asyncio.wait_for(sink.queue.get(), READY_WAIT)
+            if item is None or item is _LOST:
+                raise StreamFailed(None, "stream reset before status")
+            data, end = item
+            buf += data
+            try:
+                parsed = decode_stream_reply(buf)
+            except DecodeError:
+                conn.reset_stream(sink.sid)
+                raise StreamFailed(None, f"bad status byte {buf[0]}") from None
+            if parsed is not None:
+                status, extra, used = parsed
+                sink.rx -= used
+                conn.consume_stream(sink.sid, used)
+                return status, extra, buf[used:], end
+            if end:
+                raise StreamFailed(None, "stream closed before status")
 
     async def _open(self, spec: ServiceSpec, vip: IpAddress, port: int) -> tuple[Any, int, _StreamSink, bytes]:
         """Open a stream and wait for the Connector's status; returns (conn, sid, sink, early payload)."""
         svc = self.session.by_id[spec.id]
         await self._ready(svc)
-        conn, handlers = self._stream_conn(svc)
+        conn, handlers, direct = self._stream_conn(svc)
         sid = conn.open_stream()
-        sink = _StreamSink(handlers)
+        sink = _StreamSink(handlers, conn, sid, spec)
         handlers[sid] = sink
-        conn.send_stream(sid, encode_stream_open(StreamOpen(service_id=spec.id, dst_ip=str(vip), dst_port=port)))
-        while True:
-            item = await asyncio.wait_for(sink.queue.get(), READY_WAIT)
-            if item is None:
-                raise StreamFailed(None, "stream reset before status")
-            data, end = item
-            if data:
-                break
-            if end:
-                raise StreamFailed(None, "stream closed before status")
-        try:
-            status = StreamStatus(data[0])
-        except ValueError:
-            conn.reset_stream(sid)
-            raise StreamFailed(None, f"bad status byte {data[0]}") from None
-        if status is not StreamStatus.OK:
+        header = encode_stream_open(StreamOpen(service_id=spec.id, dst_ip=str(vip), dst_port=port,
+                                               resumable=direct))
+        sink.base = len(header)
+        conn.send_stream(sid, header)
+        status, extra, rest, end = await self._reply(sink, conn)
+        if status is StreamStatus.OK_RESUMABLE and direct:
+            sink.token = extra
+        elif status is not StreamStatus.OK:
             handlers.pop(sid, None)
             raise StreamFailed(status, status.name)
         if end:
             sink.queue.put_nowait((b"", True))
-        conn.consume_stream(sid, 1)
-        return conn, sid, sink, data[1:]
+        return conn, sid, sink, rest
+
+    async def _resume(self, sink: _StreamSink) -> bytes | None:
+        """Continue a stream whose direct connection died on the Intermediate connection.
+        Returns the first payload bytes, or None if the resume failed."""
+        token, sink.token = sink.token, None       # single use
+        start, data = sink.retained
+        svc = self.session.by_id[sink.spec.id]
+        try:
+            assert token is not None
+            await self._ready(svc)
+            conn = self.session.conn
+            assert conn is not None
+            sid = conn.open_stream()
+            sink.handlers = self.session.stream_handlers
+            sink.handlers[sid] = sink
+            sink.sid = sid
+            received = sink.rx
+            conn.send_stream(sid, encode_stream_open(StreamResume(sink.spec.id, token, received)))
+            status, peer_rx, rest, end = await self._reply(sink, conn)
+            if status is not StreamStatus.RESUMED:
+                raise StreamFailed(status, status.name)
+            if not start <= peer_rx <= start + len(data):
+                conn.reset_stream(sid)
+                raise StreamFailed(None, f"connector has {peer_rx}, we retain {start}..{start + len(data)}")
+        except (StreamFailed, asyncio.TimeoutError) as exc:
+            self.stats["tcp_resume_failed"] += 1
+            log.warning("tcp stream to %s could not resume on the relay: %s", sink.spec.id, exc or "timeout")
+            sink.failed = True
+            sink.attached.set()
+            return None
+        conn.send_stream(sid, data[peer_rx - start:], end=sink.fin_sent)
+        sink.conn = conn
+        sink.retained = (0, b"")
+        sink.attached.set()
+        self.stats["tcp_resumed"] += 1
+        log.info("tcp stream to %s resumed on the relay: resent %d bytes, connector resends from %d",
+                 sink.spec.id, start + len(data) - peer_rx, received)
+        if end:
+            sink.queue.put_nowait((b"", True))
+        return rest
 
     async def _splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       conn: Any, sid: int, sink: _StreamSink, early: bytes) -> None:
         self.stats["tcp_active"] += 1
-        up = asyncio.ensure_future(self._pump_up(reader, conn, sid))
+        up = asyncio.ensure_future(self._pump_up(reader, sink))
         try:
             if early:
                 writer.write(early)
                 await writer.drain()
-                conn.consume_stream(sid, len(early))
+                if sink.conn is not None:
+                    sink.conn.consume_stream(sink.sid, len(early))
             while True:
                 item = await sink.queue.get()
+                if item is _LOST:       # the direct connection died: continue on the relay
+                    early = await self._resume(sink) if not sink.failed else None
+                    if early is None:
+                        writer.transport.abort()
+                        break
+                    item = (early, False)
                 if item is None:        # reset, or the Intermediate connection is gone
                     writer.transport.abort()
                     break
@@ -217,34 +317,61 @@ class Userspace:
                 if data:
                     writer.write(data)
                     await writer.drain()            # back-pressure: credit after the drain
-                    conn.consume_stream(sid, len(data))
+                    if sink.conn is not None:
+                        sink.conn.consume_stream(sink.sid, len(data))
                 if end:
                     if writer.can_write_eof():
                         writer.write_eof()
                     await up
                     break
         except (ConnectionError, OSError):
-            conn.reset_stream(sid)
+            if sink.conn is not None:
+                sink.conn.reset_stream(sink.sid)
         finally:
             self.stats["tcp_active"] -= 1
             up.cancel()
-            sink.handlers.pop(sid, None)
+            sink.handlers.pop(sink.sid, None)
             writer.close()
 
-    async def _pump_up(self, reader: asyncio.StreamReader, conn: Any, sid: int) -> None:
+    async def _attached(self, sink: _StreamSink) -> Any:
+        """The stream's live connection, waiting out a resume; None when it is over."""
+        deadline = asyncio.get_running_loop().time() + 3 * READY_WAIT   # > a whole _resume
+        while True:
+            conn = sink.conn
+            if conn is not None and not conn.closed:
+                return conn
+            if asyncio.get_running_loop().time() > deadline:
+                return None
+            if sink.failed:
+                return None
+            if conn is not None and sink.token is None:
+                return None             # not resumable: the stream died with its connection
+            try:
+                await asyncio.wait_for(sink.attached.wait(), 0.05)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _pump_up(self, reader: asyncio.StreamReader, sink: _StreamSink) -> None:
         try:
             while True:
                 data = await reader.read(READ_CHUNK)
-                if conn.closed:
+                conn = await self._attached(sink)
+                if conn is None:
                     return
                 if not data:
-                    conn.send_stream(sid, b"", end=True)
+                    sink.fin_sent = True
+                    conn.send_stream(sink.sid, b"", end=True)
                     return
-                conn.send_stream(sid, data)
-                while conn.stream_send_backlog(sid) > SEND_BACKLOG_MAX and not conn.closed:
+                conn.send_stream(sink.sid, data)
+                sink.tx += len(data)
+                while True:
+                    conn = sink.conn
+                    if conn is None or conn.closed or conn.stream_send_backlog(sink.sid) <= SEND_BACKLOG_MAX:
+                        break
                     await asyncio.sleep(0.005)
         except (ConnectionError, OSError):
-            conn.reset_stream(sid)
+            if sink.conn is not None:
+                sink.conn.reset_stream(sink.sid)
 
     async def _tcp_forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fwd: Forward) -> None:
         spec, vip = self._resolve(fwd.target)
