@@ -95,7 +95,9 @@ class DataWorld(World):
     def spawn(self, node: str, argv: list[str], name: str) -> subprocess.Popen[bytes]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(PROBE),
                "ZTNA_PROBE_DIR": str(self.probe_dir)}
-        if self.client != "aioquic" and name.split("-")[0] in ("agent", "connector"):
+        if self.client == "aioquic-pacer":  # every process: aioquic's own pacer (A/B)
+            env["ZTNA_BENCH_AIOQUIC_PACER"] = "1"
+        elif self.client != "aioquic" and name.split("-")[0] in ("agent", "connector"):
             env["ZTNA_QUIC_CLIENT"] = self.client
         fh = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         p = self.lab.spawn(node, argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -348,7 +350,9 @@ def main() -> int:
     ap.add_argument("--modes", default="tcp,udp")
     ap.add_argument("--flood-pps", type=float, default=10000.0,
                     help="UDP datagrams/s offered (0 = as fast as Python sends: mostly measures drops)")
-    ap.add_argument("--clients", default="aioquic", help="comma list: aioquic,qh3")
+    ap.add_argument("--clients", default="aioquic",
+                    help="comma list of worlds, run one after the other: aioquic, "
+                         "aioquic-pacer (aioquic's own pacer, for A/B), qh3")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--rss-seconds", type=float, default=0.0)

@@ -44,3 +44,11 @@ if os.environ.get("ZTNA_PROBE_DIR"):
 
     signal.signal(signal.SIGUSR1, _start)
     signal.signal(signal.SIGUSR2, _stop)
+
+if os.environ.get("ZTNA_BENCH_AIOQUIC_PACER"):
+    # A/B in one run (bench/datapath.py --clients aioquic-pacer): aioquic's own pacing.
+    from aioquic.quic.recovery import QuicPacketPacer as _Pacer
+
+    import ztna.quic.connection as _zc
+
+    _zc.ZtnaPacer.update_rate = _Pacer.update_rate  # type: ignore[method-assign]
