@@ -91,8 +91,9 @@ async def main() -> None:
                 sid = next((s for n, s in routes if n.version == 6 and d6 in n), None)
             if sid is None:
                 continue
-            if conn.datagram_budget() <= 0:
-                continue   # like a full NIC queue: the kernel's TCP retransmits
+            # Like the real Agent (ztna.agent.session.send): hand every packet to the
+            # connection's bounded DATAGRAM queue (drop-oldest); dropping whenever the
+            # budget is 0 turned every burst of the kernel's TCP into losses.
             try:
                 conn.send_datagram(headers[sid] + pkt)
             except Exception:

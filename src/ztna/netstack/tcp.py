@@ -180,6 +180,11 @@ class TcpEndpoint:
         return self._rcv.fin_received and self._rcv.unread == 0
 
     @property
+    def readable(self) -> int:
+        """In-order peer bytes waiting for `read()`."""
+        return self._rcv.unread
+
+    @property
     def rto(self) -> float:
         return self._rtt.rto
 
