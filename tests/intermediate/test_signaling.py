@@ -18,6 +18,7 @@ from ztna.wire.control_messages import (
     PunchRequest,
     PunchResult,
     PunchStart,
+    StandingCandidates,
 )
 from ztna.wire.registration import Register, Role
 
@@ -157,3 +158,21 @@ def _metric(sig: Signaling, name: str, labels: dict[str, str] | None = None) -> 
         if n == name and lab == labels:
             return value
     pytest.fail(f"no metric {name} {labels}")
+
+
+def test_standing_candidates_start_both_sides_at_once() -> None:
+    reg, sig = _world()
+    # Only a registered Connector may publish standing candidates.
+    assert sig.handle(INTRUDER, StandingCandidates(C_CANDS), reg, now=0.0) == []
+    assert sig.standing == {}
+    assert sig.handle(CONNECTOR, StandingCandidates(C_CANDS), reg, now=0.0) == []
+    notes = _roundtrip(sig.handle(AGENT, PunchRequest("web", A_CANDS), reg, now=0.1))
+    by_peer = {n.peer: n.message for n in notes}
+    a, c = by_peer[AGENT], by_peer[CONNECTOR]   # no offer/answer round trip
+    assert isinstance(a, PunchStart) and isinstance(c, PunchStart)
+    assert a.peer_candidates == C_CANDS and c.peer_candidates == A_CANDS and a.key == c.key
+    assert _metric(sig, "ztna_signaling_fast_starts_total", None) == 1
+    # A late answer for a started session changes nothing.
+    assert sig.handle(CONNECTOR, PunchAnswer(a.session, C_CANDS), reg, now=0.2) == []
+    sig.peer_gone(CONNECTOR)
+    assert sig.standing == {}

@@ -23,7 +23,14 @@ from ztna.p2p.candidates import gather, interface_addresses
 from ztna.p2p.punch import PunchSession, PunchState
 from ztna.quic.connection import ZtnaConnection
 from ztna.wire import encode_control
-from ztna.wire.control_messages import ErrorMessage, PunchAnswer, PunchOffer, PunchResult, PunchStart
+from ztna.wire.control_messages import (
+    ErrorMessage,
+    PunchAnswer,
+    PunchOffer,
+    PunchResult,
+    PunchStart,
+    StandingCandidates,
+)
 from ztna.wire.probe import probe_session_of
 
 if TYPE_CHECKING:
@@ -56,6 +63,16 @@ class ConnectorPunch:
         self.unknown_probes = 0
         self.addresses: list[str] = []
         p2p.raw_handler = self.on_raw
+        self.relay_conn: ZtnaConnection | None = None   # where StandingCandidates go
+        self._published: tuple[Any, ...] | None = None
+        chained = p2p.on_public_address
+
+        def public_address_changed(addr: Any) -> None:
+            if chained is not None:
+                chained(addr)
+            self.publish()
+
+        p2p.on_public_address = public_address_changed
         self._task = asyncio.get_running_loop().create_task(self._address_loop())
 
     async def _address_loop(self) -> None:
@@ -65,6 +82,7 @@ class ConnectorPunch:
                 self.addresses = await asyncio.to_thread(interface_addresses)
             except Exception as exc:  # noqa: BLE001 - srflx alone may still work
                 log.warning("cannot list interface addresses: %s", exc)
+            self.publish()
             await asyncio.sleep(10.0)
 
     def close(self) -> None:
@@ -73,14 +91,33 @@ class ConnectorPunch:
             self._timer.cancel()
 
     # ------------------------------------------------------------------ signaling
+    def _gather(self) -> tuple[Any, ...]:
+        pa = self.p2p.public_address
+        return gather(self.p2p.local_port, self.addresses,
+                      observed=(pa.ip, pa.port) if pa is not None else None,
+                      relay=self.relay_address)
+
+    def on_registered(self, conn: ZtnaConnection) -> None:
+        self.relay_conn = conn
+        self._published = None
+        self.publish()
+
+    def publish(self) -> None:
+        """Tell the Intermediate our P2P candidates ahead of any punch (StandingCandidates),
+        so a punch starts without the offer/answer round trip. Only when they changed."""
+        conn = self.relay_conn
+        if conn is None or conn.closed:
+            return
+        cands = self._gather()
+        if not cands or cands == self._published:
+            return
+        self._published = cands
+        conn.send_control(encode_control(StandingCandidates(candidates=cands)))
+
     def on_message(self, conn: ZtnaConnection, msg: object) -> None:
         if isinstance(msg, PunchOffer):
             self.offers += 1
-            addresses = self.addresses
-            pa = self.p2p.public_address
-            cands = gather(self.p2p.local_port, addresses,
-                           observed=(pa.ip, pa.port) if pa is not None else None,
-                           relay=self.relay_address)
+            cands = self._gather()
             self.candidates[msg.session] = cands
             while len(self.candidates) > MAX_SESSIONS:
                 self.candidates.pop(next(iter(self.candidates)))
@@ -90,7 +127,8 @@ class ConnectorPunch:
         elif isinstance(msg, PunchStart):
             loop = asyncio.get_running_loop()
             now = loop.time()
-            local = self.candidates.pop(msg.session, ())
+            # Without an offer (the Intermediate used our StandingCandidates), gather now.
+            local = self.candidates.pop(msg.session, None) or self._gather()
             session = PunchSession(session=msg.session, key=msg.key_bytes,
                                    controlling=msg.role == "controlling", local=local,
                                    remote=msg.peer_candidates, rng=secrets.token_bytes,

@@ -85,6 +85,7 @@ class RelayLink(ConnectionHandler):
         self.sink = sink
         # Hole-punch signaling (PunchOffer/PunchStart/..., session errors): ztna.connector.punch
         self.on_punch: Callable[[ZtnaConnection, object], None] | None = None
+        self.on_registered: Callable[[ZtnaConnection], None] | None = None
         self.rng = rng or random.Random()
         self.conn: ZtnaConnection | None = None
         self.state = "starting"
@@ -219,6 +220,8 @@ class RelayLink(ConnectionHandler):
             if self.registration.get(msg.service_id) != "registered":
                 log.info("service %r registered with the intermediate", msg.service_id)
             self.registration[msg.service_id] = "registered"
+            if self.on_registered is not None:
+                self.on_registered(conn)
         elif isinstance(msg, RegistrationNack):
             if msg.status in _FINAL_NACKS:
                 self.registration[msg.service_id] = f"refused: {msg.status.name}"

@@ -33,11 +33,11 @@ from ztna.quic.endpoint import CLOSE_AUTH, CLOSE_SHUTDOWN, QuicEndpoint, ServerO
 from ztna.wire import (
     AddressToken,
     Hello,
+    StandingCandidates,
     FROM_CONNECTOR,
     SERVICE_DATAGRAM,
     ControlDecoder,
     GoAway,
-    JsonMessage,
     ObservedAddress,
     Register,
     RegistrationAck,
@@ -280,7 +280,7 @@ class Intermediate:
             if held:
                 for data in held:  # tunnel packets that overtook this registration
                     self.on_datagram(conn, data)
-        elif isinstance(msg, JsonMessage) and self.signaling is not None and type(msg).__name__.startswith("Punch"):
+        elif self.signaling is not None and (type(msg).__name__.startswith("Punch") or isinstance(msg, StandingCandidates)):
             now = asyncio.get_running_loop().time()
             self.execute(self.signaling.handle(peer_id, msg, self.registry, now=now))
         # Everything else (pings, unknown types) is ignored by design (forward compatible).

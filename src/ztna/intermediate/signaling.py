@@ -39,6 +39,7 @@ from ztna.wire.control_messages import (
     PunchRequest,
     PunchResult,
     PunchStart,
+    StandingCandidates,
 )
 
 __all__ = ["Signaling"]
@@ -71,6 +72,7 @@ class _Counters:
     expired: int = 0
     no_connector: int = 0
     busy: int = 0
+    fast_starts: int = 0       # started from standing candidates (no offer/answer)
     results: dict[bool, int] = field(default_factory=lambda: {True: 0, False: 0})
     ignored: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_IGNORE_REASONS, 0))
 
@@ -90,6 +92,8 @@ class Signaling:
         self.max_sessions = max_sessions
         self.sessions: dict[int, _Session] = {}   # insertion order = creation order
         self.counters = _Counters()
+        # Connector peer -> the candidates of its P2P socket (StandingCandidates).
+        self.standing: dict[int, tuple[Candidate, ...]] = {}
 
     # ------------------------------------------------------------------ entry points
     def handle(self, peer_id: int, msg: object, registry: Registry, *, now: float) -> list[Notify]:
@@ -100,10 +104,17 @@ class Signaling:
             return self._answer(peer_id, msg)
         if isinstance(msg, PunchResult):
             return self._result(peer_id, msg)
+        if isinstance(msg, StandingCandidates):
+            if registry.peers.get(peer_id) is not None and registry.peers[peer_id].connector_services:
+                self.standing[peer_id] = msg.candidates
+            else:
+                self.counters.ignored["not_bound"] += 1   # only registered Connectors publish
+            return []
         self.counters.ignored["unexpected_type"] += 1  # PunchOffer/PunchStart from a client
         return []
 
     def peer_gone(self, peer_id: int) -> list[Notify]:
+        self.standing.pop(peer_id, None)
         notes: list[Notify] = []
         for sid, s in list(self.sessions.items()):
             if peer_id not in (s.agent, s.connector):
@@ -142,8 +153,13 @@ class Signaling:
         key = self.rng(32)
         if len(key) != 32:
             raise ValueError("rng returned the wrong number of bytes")
-        self.sessions[sid] = _Session(sid, service, peer_id, connector, key, msg.candidates, now)
+        session = self.sessions[sid] = _Session(sid, service, peer_id, connector, key, msg.candidates, now)
         self.counters.sessions += 1
+        standing = self.standing.get(connector)
+        if standing:
+            # The Connector published its candidates already: start both sides now.
+            self.counters.fast_starts += 1
+            return self._start(session, standing)
         return [Notify(connector, PunchOffer(session=sid, agent=peer_id, service=service,
                                              candidates=msg.candidates))]
 
@@ -158,12 +174,15 @@ class Signaling:
         if s.started:
             self.counters.ignored["duplicate_answer"] += 1
             return []
+        return self._start(s, msg.candidates)
+
+    def _start(self, s: _Session, connector_candidates: tuple[Candidate, ...]) -> list[Notify]:
         s.started = True
         self.counters.started += 1
         key = s.key.hex()
         return [
             Notify(s.agent, PunchStart(session=s.session, service=s.service, role="controlling",
-                                       key=key, peer_candidates=msg.candidates,
+                                       key=key, peer_candidates=connector_candidates,
                                        start_in_ms=START_IN_MS)),
             Notify(s.connector, PunchStart(session=s.session, service=s.service, role="controlled",
                                            key=key, peer_candidates=s.agent_candidates,
@@ -207,6 +226,8 @@ class Signaling:
             ("ztna_signaling_sessions_expired_total", "counter", "Punch sessions expired", c.expired, None),
             ("ztna_signaling_no_connector_total", "counter", "Punch requests without a connector", c.no_connector, None),
             ("ztna_signaling_busy_total", "counter", "Punch requests refused at the session limit", c.busy, None),
+            ("ztna_signaling_fast_starts_total", "counter",
+             "Punch sessions started from the Connector's standing candidates", c.fast_starts, None),
         ]
         for ok, n in c.results.items():
             out.append(("ztna_signaling_results_total", "counter", "Punch results reported",
