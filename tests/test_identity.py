@@ -24,6 +24,14 @@ from ztna.identity import (
 NOW = dt.datetime.now(dt.timezone.utc)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_now() -> None:
+    """`NOW` is "now" for each test, not for collection time: in a long suite the PKI is
+    made minutes after collection and is only backdated 5 minutes."""
+    global NOW
+    NOW = dt.datetime.now(dt.timezone.utc)
+
+
 def _load(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
