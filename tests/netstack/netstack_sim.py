@@ -3,6 +3,9 @@
 The peer is deliberately simple and independent of ztna.netstack.tcp: go-back-N sending
 with a fixed 0.3 s retransmission timer and fast go-back on 3 duplicate ACKs, and an
 in-order-only receiver that ACKs every segment (duplicate ACKs for anything out of order).
+With `sack=True` it offers SACK-permitted, keeps out-of-order segments and reports them in
+SACK blocks (most recent first, up to 3), skips what the endpoint SACKed when it goes back,
+and counts `spurious` payload bytes: retransmissions of data it already held.
 """
 
 from __future__ import annotations
@@ -21,7 +24,12 @@ M = 0xFFFFFFFF
 class Peer:
     def __init__(self, *, ip: bytes, port: int, server_ip: bytes, server_port: int,
                  isn: int = 1000, mss: int = 1200, wscale: int | None = 7,
-                 rcv_wnd: int = 1 << 20, data: bytes = b"") -> None:
+                 rcv_wnd: int = 1 << 20, data: bytes = b"", sack: bool = False) -> None:
+        self.sack = sack
+        self.ooo: dict[int, bytes] = {}
+        self.latest_ooo: int | None = None
+        self.spurious = 0
+        self.sacked: set[int] = set()    # our segment starts the endpoint SACKed
         self.ip, self.port, self.sip, self.sport = ip, port, server_ip, server_port
         self.iss, self.mss, self.wscale, self.rcv_wnd = isn, mss, wscale, rcv_wnd
         self.data = data                 # everything we will send
@@ -46,7 +54,24 @@ class Peer:
     def fin_seq(self) -> int:
         return self.iss + 1 + len(self.data)
 
+    def _blocks(self) -> tuple[tuple[int, int], ...]:
+        if not (self.sack and self.ooo):
+            return ()
+        ranges: list[list[int]] = []
+        for start in sorted(self.ooo):
+            end = start + len(self.ooo[start])
+            if ranges and ranges[-1][1] >= start:
+                ranges[-1][1] = max(ranges[-1][1], end)
+            else:
+                ranges.append([start, end])
+        first = [r for r in ranges if self.latest_ooo is not None
+                 and r[0] <= self.latest_ooo < r[1]]
+        rest = [r for r in reversed(ranges) if r not in first]
+        return tuple((a & M, b & M) for a, b in (first + rest)[:3])
+
     def _pkt(self, seq: int, flags: int, payload: bytes = b"", **opts: object) -> bytes:
+        if "mss" not in opts and not payload:
+            opts["sack_blocks"] = self._blocks()
         wnd = self.rcv_wnd if "mss" in opts else self.rcv_wnd >> (self.wscale or 0)
         return build_tcp_packet(self.ip, self.sip, self.port, self.sport, seq=seq & M,
                                 ack=self.rcv_nxt & M, flags=flags,
@@ -87,18 +112,39 @@ class Peer:
             self.dupacks += 1
             if self.dupacks == 3:
                 self.snd_nxt = self.snd_una
+        if self.sack and seg.sack_blocks:
+            base = self.iss + 1
+            for left, right in seg.sack_blocks:
+                lo, hi = base + ((left - base) & M), base + ((right - base) & M)
+                assert lo < hi <= self.fin_seq, "SACK of data never sent"
+                for start in range(lo, hi, self.peer_mss):
+                    if start + self.peer_mss <= hi or hi == self.fin_seq:
+                        self.sacked.add(start)
         self.snd_wnd = seg.window << self.shift
         seq = self.rcv_nxt + (((seg.seq - self.rcv_nxt + (1 << 31)) & M) - (1 << 31))
         if seg.payload or seg.flags & FIN:
             self.ack_due = min(self.ack_due + 1, 3)
+            if seg.payload and (seq + len(seg.payload) <= self.rcv_nxt or seq in self.ooo):
+                self.spurious += len(seg.payload)
             if seq <= self.rcv_nxt < seq + len(seg.payload) or (
                     seq == self.rcv_nxt and not seg.payload):
                 off = self.rcv_nxt - seq
                 self.received += seg.payload[off:]
                 self.rcv_nxt = seq + len(seg.payload)
+                while self.rcv_nxt in self.ooo or any(
+                        s < self.rcv_nxt < s + len(p) for s, p in self.ooo.items()):
+                    start = min(s for s in self.ooo if s <= self.rcv_nxt)
+                    data = self.ooo.pop(start)
+                    self.received += data[self.rcv_nxt - start:]
+                    self.rcv_nxt = max(self.rcv_nxt, start + len(data))
+                for start in [s for s, p in self.ooo.items() if s + len(p) <= self.rcv_nxt]:
+                    del self.ooo[start]
                 if seg.flags & FIN and not self.fin_received:
                     self.fin_received = True
                     self.rcv_nxt += 1
+            elif self.sack and seq > self.rcv_nxt and seg.payload and not seg.flags & FIN:
+                self.ooo[seq] = bytes(seg.payload)
+                self.latest_ooo = seq
 
     def poll(self, now: float) -> list[bytes]:
         out: list[bytes] = []
@@ -107,7 +153,8 @@ class Peer:
         if self.state == "SYN_SENT":
             if self.syn_sent_at is None or now - self.syn_sent_at >= 0.5:
                 self.syn_sent_at = now
-                out.append(self._pkt(self.iss, SYN, mss=self.mss, wscale=self.wscale))
+                out.append(self._pkt(self.iss, SYN, mss=self.mss, wscale=self.wscale,
+                                 sack_permitted=self.sack))
             return out
         if self.snd_nxt > self.snd_una and now - self.last_progress > 0.3:
             self.snd_nxt = self.snd_una      # go-back-N timeout
@@ -115,6 +162,9 @@ class Peer:
         end = self.iss + 1 + len(self.data)
         limit = self.snd_una + max(self.snd_wnd, 0)
         while self.snd_nxt < end and self.snd_nxt < limit:
+            if self.snd_nxt in self.sacked and self.snd_nxt + self.peer_mss < end:
+                self.snd_nxt += self.peer_mss
+                continue
             n = min(self.peer_mss, end - self.snd_nxt, limit - self.snd_nxt)
             off = self.snd_nxt - self.iss - 1
             fin = FIN if self.want_fin and self.snd_nxt + n == end else 0

@@ -58,6 +58,7 @@ _IPV6 = struct.Struct("!IHBB16s16s")
 _UDP = struct.Struct("!HHHH")
 _TCP = struct.Struct("!HHIIBBHHH")
 _ICMP_HDR = struct.Struct("!BBH")
+_SACK_BLOCK = struct.Struct("!II")
 _V6_EXT_SKIP: Final = frozenset({0, 43, 60, 51})
 _V6_FRAGMENT: Final = 44
 
@@ -92,6 +93,7 @@ class TcpSegment:
     wscale: int | None
     sack_permitted: bool
     payload: memoryview
+    sack_blocks: tuple[tuple[int, int], ...] = ()   # RFC 2018 (left, right) 32-bit edges
 
     @property
     def seg_len(self) -> int:
@@ -182,6 +184,7 @@ def parse_tcp(data: bytes | bytearray | memoryview, ip: IpHeader) -> TcpSegment:
         raise DecodeError("bad TCP data offset")
     mss = wscale = None
     sack_ok = False
+    blocks: tuple[tuple[int, int], ...] = ()
     i = 20
     while i < doff:
         kind = l4[i]
@@ -199,9 +202,11 @@ def parse_tcp(data: bytes | bytearray | memoryview, ip: IpHeader) -> TcpSegment:
             wscale = min(l4[i + 2], 14)     # RFC 7323 §2.3: treat >14 as 14
         elif kind == 4 and olen == 2:
             sack_ok = True
+        elif kind == 5 and olen in (10, 18, 26, 34):
+            blocks = tuple(_SACK_BLOCK.unpack_from(l4, j) for j in range(i + 2, i + olen, 8))
         i += olen
     return TcpSegment(sport, dport, seq, ack, flags & 0x3F, window, mss, wscale, sack_ok,
-                      l4[doff:])
+                      l4[doff:], blocks)
 
 
 def parse_icmp(data: bytes | bytearray | memoryview, ip: IpHeader) -> IcmpMessage:
@@ -257,7 +262,8 @@ def build_udp_packet(src: bytes, dst: bytes, sport: int, dport: int,
     return _ip_header(src, dst, PROTO_UDP, length, ttl) + l4
 
 
-def _tcp_options(mss: int | None, wscale: int | None, sack_permitted: bool) -> bytes:
+def _tcp_options(mss: int | None, wscale: int | None, sack_permitted: bool,
+                 sack_blocks: tuple[tuple[int, int], ...] = ()) -> bytes:
     opts = b""
     if mss is not None:
         opts += b"\x02\x04" + mss.to_bytes(2, "big")
@@ -265,15 +271,22 @@ def _tcp_options(mss: int | None, wscale: int | None, sack_permitted: bool) -> b
         opts += b"\x01\x03\x03" + bytes((wscale,))
     if sack_permitted:
         opts += b"\x01\x01\x04\x02"
+    if sack_blocks:
+        opts += b"\x01\x01\x05" + bytes((2 + 8 * len(sack_blocks),)) + b"".join(
+            _SACK_BLOCK.pack(left & 0xFFFFFFFF, right & 0xFFFFFFFF) for left, right in sack_blocks)
     return opts
 
 
 def build_tcp_packet(src: bytes, dst: bytes, sport: int, dport: int, *, seq: int, ack: int,
                      flags: int, window: int, payload: bytes | bytearray | memoryview = b"",
                      mss: int | None = None, wscale: int | None = None,
-                     sack_permitted: bool = False, ttl: int = DEFAULT_TTL) -> bytes:
-    opts = _tcp_options(mss, wscale, sack_permitted) if (mss or wscale is not None
-                                                          or sack_permitted) else b""
+                     sack_permitted: bool = False,
+                     sack_blocks: tuple[tuple[int, int], ...] = (),
+                     ttl: int = DEFAULT_TTL) -> bytes:
+    if len(sack_blocks) > 4:
+        raise UsageError("at most 4 SACK blocks fit the TCP options")
+    opts = _tcp_options(mss, wscale, sack_permitted, sack_blocks) if (
+        mss or wscale is not None or sack_permitted or sack_blocks) else b""
     doff = 20 + len(opts)
     l4 = bytearray(_TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, doff << 2,
                              flags, window, 0, 0))

@@ -46,6 +46,17 @@ class ReceiveBuffer:
     def has_gaps(self) -> bool:
         return bool(self._ooo)
 
+    def ooo_ranges(self) -> list[tuple[int, int]]:
+        """The out-of-order data held, as merged [start, end) ranges (for SACK blocks)."""
+        out: list[tuple[int, int]] = []
+        for start, data in self._ooo:
+            end = start + len(data)
+            if out and out[-1][1] == start:
+                out[-1] = (out[-1][0], end)
+            else:
+                out.append((start, end))
+        return out
+
     def window(self) -> int:
         return self.capacity - len(self._ready)
 

@@ -24,7 +24,15 @@ delayed ≤ 40 ms for a single full-sized segment.
 
 Sending: within min(peer window, cwnd), MSS = min(ours, peer's). RFC 6298 RTO with Karn,
 backoff, go-back to SND.UNA on timeout; fast retransmit on 3 duplicate ACKs with NewReno
-recovery (RFC 6582); initial cwnd 10 segments (RFC 6928). A persist timer probes a zero
+recovery (RFC 6582), limited transmit (RFC 3042); initial cwnd 10 segments (RFC 6928).
+SACK (RFC 2018) when the peer's SYN offers it: its blocks feed a scoreboard
+(`ztna.netstack.sack`); recovery starts on 3 duplicate ACKs or > 2 segments SACKed, and
+then retransmits every hole once, in order, while the estimated flight ("pipe",
+RFC 6675) is below cwnd = ssthresh — so a window with several losses recovers in one
+round trip instead of one hole per RTT. After a timeout the go-back resend skips SACKed
+ranges (a second timeout in a row forgets them: the peer may have reneged). We send SACK
+blocks ourselves while holding out-of-order data (3 on a bare ACK, 1 on a data segment,
+which fits the 12-byte options margin of the MSS). A persist timer probes a zero
 window (and forces out a small window that SWS avoidance held back). After
 `MAX_RETRIES` timeouts without progress the flow is reset.
 
@@ -44,6 +52,7 @@ from ztna.netstack.packets import (
 )
 from ztna.netstack.reassembly import ReceiveBuffer
 from ztna.netstack.rtt import RttEstimator
+from ztna.netstack.sack import SackScoreboard, receiver_blocks
 
 __all__ = ["TcpEndpoint", "TcpState", "rst_for_unexpected", "MAX_RETRIES", "TIME_WAIT"]
 
@@ -151,6 +160,10 @@ class TcpEndpoint:
         self._rtx_at: int | None = None      # one fast retransmission pending from here
         self._retries = 0
         self._persist_probes = 0
+        self._sack_ok = False                # both sides offered SACK-permitted
+        self._sb = SackScoreboard()
+        self._rtx_high = self._iss           # HighRxt: holes below it were resent this recovery
+        self._last_ooo: int | None = None    # seq of the latest out-of-order segment received
         # receive side
         self._irs = 0
         self._rcv = ReceiveBuffer(0, recv_buffer)
@@ -296,6 +309,8 @@ class TcpEndpoint:
             self._recover = self._snd_max
             self._rtx_at = None
             self._snd_nxt = self._snd_una    # go back: resend from the oldest unacked byte
+            if self._retries > 1:
+                self._sb.clear()             # RFC 2018 §8: the peer may have reneged
         self._rto_deadline = now + self._rtt.rto
 
     # ------------------------------------------------------------------ input
@@ -370,6 +385,7 @@ class TcpEndpoint:
             while (self._recv_capacity >> shift) > 0xFFFF and shift < 14:
                 shift += 1
             self._rcv_shift = shift
+        self._sack_ok = seg.sack_permitted
         self._snd_wnd = self._max_snd_wnd = seg.window   # never scaled in a SYN
         self._snd_wl1, self._snd_wl2 = seg.seq, self._iss
         self.state = TcpState.SYN_RECEIVED
@@ -403,6 +419,10 @@ class TcpEndpoint:
             self._max_snd_wnd = max(self._max_snd_wnd, wnd)
             if wnd and window_changed:
                 self._persist_deadline = None
+        if self._sack_ok and seg.sack_blocks:
+            una = self._snd_una
+            self._sb.update(((_unwrap(left, una), _unwrap(right, una))
+                             for left, right in seg.sack_blocks), max(ack, una), self._snd_max)
         if ack > self._snd_una:
             self._on_new_ack(ack, now)
         elif (ack == self._snd_una and not seg.payload and not seg.flags & (SYN | FIN)
@@ -422,13 +442,15 @@ class TcpEndpoint:
             self._sndbuf_seq += n
         self._snd_una = ack
         self._snd_nxt = max(self._snd_nxt, ack)
+        self._sb.advance(ack)
+        self._rtx_high = max(self._rtx_high, ack)
         if self._rtx_at is not None and self._rtx_at < ack:
             self._rtx_at = None
         if self._in_recovery:
             if ack >= self._recover:         # full ACK: leave recovery (RFC 6582 §3.2 step 3)
                 self._in_recovery = False
                 self._cwnd = min(self._ssthresh, self._snd_max - ack + self._smss)
-            else:                            # partial ACK: retransmit the next hole, deflate
+            elif not self._sack_ok:          # partial ACK: retransmit the next hole, deflate
                 self._rtx_at = ack
                 self._cwnd = max(self._cwnd - acked + self._smss, self._smss)
         elif self._cwnd < self._ssthresh:
@@ -445,20 +467,37 @@ class TcpEndpoint:
     def _on_dupack(self) -> None:
         self._dupacks += 1
         if self._in_recovery:
-            self._cwnd += self._smss         # each dup ACK: a segment left the network
-        elif self._dupacks == 3 and self._snd_una >= self._recover:
+            if not self._sack_ok:
+                self._cwnd += self._smss     # each dup ACK: a segment left the network
+        elif (self._dupacks == 3 or (self._sack_ok and self._sb.sacked > 2 * self._smss)) \
+                and self._snd_una >= self._recover:
             flight = self._snd_max - self._snd_una
             self._ssthresh = max(flight // 2, 2 * self._smss)
-            self._cwnd = self._ssthresh + 3 * self._smss
             self._in_recovery = True
             self._recover = self._snd_max
-            self._rtx_at = self._snd_una
             self._rtt_seq = None
+            if self._sack_ok:                # the pipe estimate replaces window inflation
+                self._cwnd = self._ssthresh
+                self._rtx_high = self._snd_una
+            else:
+                self._cwnd = self._ssthresh + 3 * self._smss
+                self._rtx_at = self._snd_una
+
+    def _pipe(self) -> int:
+        """RFC 6675 §4 estimate of the bytes in flight during SACK recovery: everything
+        above the highest SACK, plus the holes below it that were already resent."""
+        una = self._snd_una
+        high = max(self._sb.high, una)
+        resent_to = min(self._rtx_high, high)
+        resent = resent_to - una - self._sb.sacked_between(una, resent_to) if resent_to > una else 0
+        return self._snd_max - high + resent
 
     def _receive(self, seq: int, seg: TcpSegment, now: float) -> None:
         rcv = self._rcv
         had_gaps = rcv.has_gaps
         advanced = rcv.insert(seq, seg.payload, bool(seg.flags & FIN))
+        if seq > rcv.rcv_nxt and seg.payload:
+            self._last_ooo = seq
         if had_gaps or rcv.has_gaps or advanced == 0:
             # Out of order, filling a gap, or a duplicate: ACK now, one per segment (≤ 3),
             # so the peer sees the duplicate ACKs fast retransmit needs (RFC 5681 §4.2).
@@ -523,7 +562,10 @@ class TcpEndpoint:
             if self._rtx_at is not None and len(out) < budget:
                 out.append(self._retransmit_one(now))
             while len(out) < budget:
-                pkt = self._next_segment(now)
+                pkt = self._sack_retransmit(now) if self._in_recovery and self._sack_ok \
+                    else None
+                if pkt is None:
+                    pkt = self._next_segment(now)
                 if pkt is None:
                     break
                 out.append(pkt)
@@ -552,15 +594,19 @@ class TcpEndpoint:
         local_ip, remote_ip = self._ips
         return build_tcp_packet(local_ip, remote_ip, *self._ports, seq=self._iss,
                                 ack=self._rcv.rcv_nxt, flags=SYN | ACK, window=window,
-                                mss=self._mss, wscale=wscale)
+                                mss=self._mss, wscale=wscale, sack_permitted=self._sack_ok)
 
     def _segment(self, seq: int, flags: int, payload: bytes | bytearray | memoryview) -> bytes:
         window = min(self._rcv.window() >> self._rcv_shift, 0xFFFF)
         self._adv_edge = self._rcv.rcv_nxt + (window << self._rcv_shift)
         local_ip, remote_ip = self._ips
+        blocks: tuple[tuple[int, int], ...] = ()
+        if self._sack_ok and self._rcv.has_gaps:
+            blocks = receiver_blocks(self._rcv.ooo_ranges(), self._last_ooo,
+                                     1 if payload else 3)
         return build_tcp_packet(local_ip, remote_ip, *self._ports, seq=seq,
                                 ack=self._rcv.rcv_nxt, flags=flags | ACK, window=window,
-                                payload=payload)
+                                payload=payload, sack_blocks=blocks)
 
     def _payload_at(self, seq: int, length: int) -> memoryview:
         off = seq - self._sndbuf_seq
@@ -581,11 +627,49 @@ class TcpEndpoint:
         with self._payload_at(seq, length) as payload:
             return self._segment(seq, flags, payload)
 
+    def _sack_retransmit(self, now: float) -> bytes | None:
+        """During SACK recovery: the next hole not yet resent, if the pipe has room."""
+        if self._pipe() + self._smss > self._cwnd:
+            return None
+        hole = self._sb.hole_at(max(self._rtx_high, self._snd_una))
+        if hole is None:
+            return None
+        start = hole[0]
+        length = min(self._smss, hole[1] - start, self._data_end() - start)
+        if length <= 0:
+            return None
+        self._rtx_high = start + length
+        self._rtt_seq = None                 # Karn
+        if self._rto_deadline is None:
+            self._rto_deadline = now + self._rtt.rto
+        with self._payload_at(start, length) as payload:
+            return self._segment(start, 0, payload)
+
     def _next_segment(self, now: float) -> bytes | None:
         nxt = self._snd_nxt
+        sb = self._sb
+        hole_end = None
+        if sb and nxt < sb.high:             # go-back after a timeout: skip what was SACKed
+            hole = sb.hole_at(nxt)
+            if hole is not None:
+                nxt, hole_end = hole
+            else:
+                nxt = sb.high
+            self._snd_nxt = nxt
         avail = self._data_end() - nxt
         fin_due = self._fin_seq is not None and nxt + max(avail, 0) == self._fin_seq
-        limit = self._snd_una + min(self._snd_wnd, self._cwnd) - nxt
+        wnd_room = self._snd_una + self._snd_wnd - nxt
+        if self._in_recovery and self._sack_ok:
+            cwnd_room = self._cwnd - self._pipe()
+        elif self._sack_ok:
+            cwnd_room = self._cwnd - (nxt - self._snd_una - sb.sacked_between(self._snd_una, nxt))
+        else:                                # + limited transmit (RFC 3042)
+            cwnd_room = self._snd_una + self._cwnd - nxt
+            if not self._in_recovery:
+                cwnd_room += min(self._dupacks, 2) * self._smss
+        limit = min(wnd_room, cwnd_room)
+        if hole_end is not None:
+            limit = min(limit, hole_end - nxt)
         length = max(0, min(avail, self._smss, limit))
         if self._force_send and length == 0 and avail > 0:
             # Persist timer: probe a zero window with an old sequence number (as Linux
