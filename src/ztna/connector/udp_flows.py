@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ztna.connector.service import ConnectorStats, ServiceState
 
 RECV_BURST = 64
+BACKEND_RCVBUF = 1024 * 1024   # bytes, per flow socket (the kernel caps it at rmem_max)
 
 
 class UdpFlow:
@@ -104,6 +105,12 @@ class UdpFlows:
             return None
         family, addr = resolved
         sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            # Replies arrive in bursts while the loop is busy elsewhere: the default ~200 KB
+            # receive buffer (a few hundred small datagrams) overflowed at 5k packets/s.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BACKEND_RCVBUF)
+        except OSError:
+            pass
         try:
             sock.setblocking(False)
             sock.connect(addr)
