@@ -120,12 +120,12 @@ class MetricsServer:
 
 
 def setup_logging(level: str = "info", json_lines: bool = False) -> None:
-    from rich.logging import RichHandler
-
-    lvl = getattr(logging, level.upper(), logging.INFO)
     import sys
 
+    lvl = getattr(logging, level.upper(), logging.INFO)
     if sys.stderr.isatty() and not json_lines:
+        from rich.logging import RichHandler  # only for people watching: ~1 MB we can skip
+
         handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=True)
         fmt = "%(name)s: %(message)s"
     else:
