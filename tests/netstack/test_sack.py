@@ -118,8 +118,7 @@ def test_timeout_go_back_skips_sacked_ranges() -> None:
                       sack_blocks=(((S1 + 3000) & M, (S1 + 4000) & M),
                                    ((S1 + 1000) & M, (S1 + 2000) & M))), now=0.05)
     assert out(ep, 0.05) == []
-    deadline = ep.next_deadline()
-    assert deadline is not None
+    deadline = 0.05 + ep.rto                          # past the tail-loss probe too
     ep.on_timer(now=deadline)
     sent = []
     t = deadline
@@ -132,3 +131,21 @@ def test_timeout_go_back_skips_sacked_ranges() -> None:
         ep.on_segment(seg(PISN + 1, (S1 + top) & M, window=1000), now=t + 0.01)
         t += 0.01
     assert sorted((s.seq - S1) & M for s in sent) == [0, 2000, 4000]
+
+
+def test_tail_loss_probe_then_early_retransmit_before_the_rto() -> None:
+    ep = sack_established()
+    ep.send(b"z" * 3000)
+    assert len(out(ep, 0.02)) == 3
+    # The first ACK gives an RTT sample of 10 ms; the last two segments are lost.
+    ep.on_segment(seg(PISN + 1, (S1 + 1000) & M, window=1000), now=0.03)
+    deadline = ep.next_deadline()
+    assert deadline is not None and deadline < 0.03 + ep.rto
+    ep.on_timer(now=deadline)
+    (probe,) = out(ep, deadline)
+    assert (probe.seq - S1) & M == 2000 and len(probe.payload) == 1000   # the last segment
+    # Its SACK (one of two outstanding) is enough to resend the hole at once.
+    ep.on_segment(seg(PISN + 1, (S1 + 1000) & M, window=1000,
+                      sack_blocks=(((S1 + 2000) & M, (S1 + 3000) & M),)), now=deadline + 0.01)
+    (rtx,) = [s for s in out(ep, deadline + 0.01) if s.payload]
+    assert (rtx.seq - S1) & M == 1000

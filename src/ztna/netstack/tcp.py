@@ -30,7 +30,10 @@ SACK (RFC 2018) when the peer's SYN offers it: its blocks feed a scoreboard
 then retransmits every hole once, in order, while the estimated flight ("pipe",
 RFC 6675) is below cwnd = ssthresh — so a window with several losses recovers in one
 round trip instead of one hole per RTT. After a timeout the go-back resend skips SACKed
-ranges (a second timeout in a row forgets them: the peer may have reneged). We send SACK
+ranges (a second timeout in a row forgets them: the peer may have reneged). A hole whose
+retransmission is overtaken by SACKed later data is resent again (RACK idea); a small
+flight uses a lower threshold (early retransmit, RFC 5827); a tail loss probe (RFC 8985
+§7: the last segment again after 2·SRTT) turns a lost tail into a fast recovery. We send SACK
 blocks ourselves while holding out-of-order data (3 on a bare ACK, 1 on a data segment,
 which fits the 12-byte options margin of the MSS). A persist timer probes a zero
 window (and forces out a small window that SWS avoidance held back). After
@@ -163,6 +166,7 @@ class TcpEndpoint:
         self._sack_ok = False                # both sides offered SACK-permitted
         self._sb = SackScoreboard()
         self._rtx_high = self._iss           # HighRxt: holes below it were resent this recovery
+        self._rtx_log: list[tuple[int, int]] = []   # (hole start, SND.MAX when resent)
         self._last_ooo: int | None = None    # seq of the latest out-of-order segment received
         # receive side
         self._irs = 0
@@ -178,6 +182,7 @@ class TcpEndpoint:
         self._rst_closes = False
         self._ack_deadline: float | None = None
         self._rto_deadline: float | None = None
+        self._tlp_deadline: float | None = None   # tail loss probe (RFC 8985 §7), once per flight
         self._persist_deadline: float | None = None
         self._timewait_deadline: float | None = None
 
@@ -270,7 +275,8 @@ class TcpEndpoint:
 
     # ------------------------------------------------------------------ timers
     def next_deadline(self) -> float | None:
-        times = [t for t in (self._ack_deadline, self._rto_deadline, self._persist_deadline,
+        times = [t for t in (self._ack_deadline, self._rto_deadline, self._tlp_deadline,
+                             self._persist_deadline,
                              self._timewait_deadline) if t is not None]
         return min(times) if times else None
 
@@ -281,6 +287,14 @@ class TcpEndpoint:
         if self._timewait_deadline is not None and now >= self._timewait_deadline:
             self._enter_closed(reset=False)
             return
+        if self._tlp_deadline is not None and now >= self._tlp_deadline:
+            self._tlp_deadline = None
+            if self._snd_max > self._snd_una and not self._in_recovery \
+                    and self.state in _SENDING_STATES and self._rtx_at is None:
+                # Resend the last segment: its SACK / duplicate ACK starts a fast recovery
+                # where a lost tail would otherwise wait for the RTO.
+                self._rtx_at = max(self._snd_una, self._snd_max - self._smss)
+                self._rtt_seq = None
         if self._rto_deadline is not None and now >= self._rto_deadline:
             self._on_rto(now)
         if self._persist_deadline is not None and now >= self._persist_deadline:
@@ -423,6 +437,8 @@ class TcpEndpoint:
             una = self._snd_una
             self._sb.update(((_unwrap(left, una), _unwrap(right, una))
                              for left, right in seg.sack_blocks), max(ack, una), self._snd_max)
+            if self._rtx_log:
+                self._detect_lost_retransmissions(max(ack, una))
         if ack > self._snd_una:
             self._on_new_ack(ack, now)
         elif (ack == self._snd_una and not seg.payload and not seg.flags & (SYN | FIN)
@@ -461,6 +477,7 @@ class TcpEndpoint:
         self._retries = 0
         self._rtt.progress()
         self._rto_deadline = now + self._rtt.rto if self._snd_max > ack else None
+        self._arm_tlp(now)
         if self._fin_seq is not None and ack > self._fin_seq:
             self._transition(_Input.FIN_ACKED, now)
 
@@ -469,7 +486,7 @@ class TcpEndpoint:
         if self._in_recovery:
             if not self._sack_ok:
                 self._cwnd += self._smss     # each dup ACK: a segment left the network
-        elif (self._dupacks == 3 or (self._sack_ok and self._sb.sacked > 2 * self._smss)) \
+        elif (self._dupacks == 3 or (self._sack_ok and self._sb.sacked >= self._dupthresh())) \
                 and self._snd_una >= self._recover:
             flight = self._snd_max - self._snd_una
             self._ssthresh = max(flight // 2, 2 * self._smss)
@@ -479,9 +496,33 @@ class TcpEndpoint:
             if self._sack_ok:                # the pipe estimate replaces window inflation
                 self._cwnd = self._ssthresh
                 self._rtx_high = self._snd_una
+                self._rtx_log.clear()
             else:
                 self._cwnd = self._ssthresh + 3 * self._smss
                 self._rtx_at = self._snd_una
+
+    def _dupthresh(self) -> int:
+        """SACKed bytes that declare the first hole lost: 3 segments, fewer when fewer are
+        outstanding (early retransmit, RFC 5827) — a small window has no 3 to report."""
+        smss = self._smss
+        outstanding = -(-(self._snd_max - self._snd_una) // smss)
+        return min(2 * smss + 1, max(1, (outstanding - 1) * smss - smss + 1))
+
+    def _detect_lost_retransmissions(self, una: int) -> None:
+        """A hole still open although data sent *after* its retransmission was SACKed:
+        the retransmission was lost too (no reordering inside the tunnel) — resend it now
+        instead of waiting for the RTO (the idea of RACK, RFC 8985, by sequence order)."""
+        high = self._sb.high
+        keep = []
+        for start, mark in self._rtx_log:
+            if start < una:
+                continue
+            if high > mark and self._sb.hole_at(start) is not None \
+                    and self._sb.hole_at(start)[0] == start:
+                self._rtx_high = min(self._rtx_high, start)
+            else:
+                keep.append((start, mark))
+        self._rtx_log = keep
 
     def _pipe(self) -> int:
         """RFC 6675 §4 estimate of the bytes in flight during SACK recovery: everything
@@ -521,7 +562,7 @@ class TcpEndpoint:
             return
         self.state = new
         if new is TcpState.TIME_WAIT:
-            self._rto_deadline = self._persist_deadline = None
+            self._rto_deadline = self._persist_deadline = self._tlp_deadline = None
             self._timewait_deadline = now + TIME_WAIT
         elif new is TcpState.CLOSED:
             self._enter_closed(reset=False)
@@ -529,7 +570,7 @@ class TcpEndpoint:
     def _enter_closed(self, *, reset: bool) -> None:
         self.state = TcpState.CLOSED
         self.reset = self.reset or reset
-        self._ack_deadline = self._rto_deadline = None
+        self._ack_deadline = self._rto_deadline = self._tlp_deadline = None
         self._persist_deadline = self._timewait_deadline = None
         self._acks_due = 0
         self._synack_pending = False
@@ -589,6 +630,7 @@ class TcpEndpoint:
         wscale = self._rcv_shift if self._wscale_ok else None
         if self._rto_deadline is None:
             self._rto_deadline = now + self._rtt.rto
+            self._arm_tlp(now)
         window = min(self._rcv.window(), 0xFFFF)      # a SYN's window is never scaled
         self._adv_edge = self._rcv.rcv_nxt + window
         local_ip, remote_ip = self._ips
@@ -624,6 +666,7 @@ class TcpEndpoint:
             and self._snd_max > self._fin_seq else 0
         if self._rto_deadline is None:
             self._rto_deadline = now + self._rtt.rto
+            self._arm_tlp(now)
         with self._payload_at(seq, length) as payload:
             return self._segment(seq, flags, payload)
 
@@ -639,9 +682,12 @@ class TcpEndpoint:
         if length <= 0:
             return None
         self._rtx_high = start + length
+        if len(self._rtx_log) < 256:
+            self._rtx_log.append((start, self._snd_max))
         self._rtt_seq = None                 # Karn
         if self._rto_deadline is None:
             self._rto_deadline = now + self._rtt.rto
+            self._arm_tlp(now)
         with self._payload_at(start, length) as payload:
             return self._segment(start, 0, payload)
 
@@ -693,7 +739,21 @@ class TcpEndpoint:
         self._snd_max = max(self._snd_max, end)
         if self._rto_deadline is None:
             self._rto_deadline = now + self._rtt.rto
+            self._arm_tlp(now)
         return pkt
+
+    def _arm_tlp(self, now: float) -> None:
+        srtt = self._rtt.srtt
+        if srtt is None or not self._sack_ok or self._in_recovery or \
+                self._snd_max <= self._snd_una or \
+                self._rto_deadline is None:
+            self._tlp_deadline = None
+            return
+        # 2·SRTT, plus the peer's delayed-ACK allowance when one segment is in flight.
+        pto = max(2 * srtt, 0.01) + (DELAYED_ACK if self._snd_max - self._snd_una <= self._smss
+                                     else 0.0)
+        at = now + pto
+        self._tlp_deadline = at if at < self._rto_deadline else None
 
     def _arm_persist(self, now: float) -> None:
         pending = self._data_end() > self._snd_nxt
