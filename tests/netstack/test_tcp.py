@@ -149,8 +149,8 @@ def test_sending_honours_mss_window_and_cwnd() -> None:
     assert [len(s.payload) for s in segs] == [1000] * 5
     assert segs[0].seq == S1 and segs[1].seq == (S1 + 1000) & 0xFFFFFFFF
     ep.on_segment(seg(PISN + 1, (S1 + 5000) & 0xFFFFFFFF, window=1000), now=0.2)
-    segs = out(ep, 0.2)                  # slow start: cwnd 10 → 11 segments
-    assert [len(s.payload) for s in segs] == [1000] * 11
+    segs = out(ep, 0.2)                  # slow start, RFC 3465 L = 2·SMSS: cwnd 10 → 12
+    assert [len(s.payload) for s in segs] == [1000] * 12
 
 
 def test_send_buffer_backpressure_and_budget_zero_keeps_data() -> None:

@@ -470,7 +470,7 @@ class TcpEndpoint:
                 self._rtx_at = ack
                 self._cwnd = max(self._cwnd - acked + self._smss, self._smss)
         elif self._cwnd < self._ssthresh:
-            self._cwnd += min(acked, self._smss)
+            self._cwnd += min(acked, 2 * self._smss)     # RFC 3465, L = 2·SMSS
         else:
             self._cwnd += max(1, self._smss * self._smss // self._cwnd)
         self._dupacks = 0
@@ -489,7 +489,9 @@ class TcpEndpoint:
         elif (self._dupacks == 3 or (self._sack_ok and self._sb.sacked >= self._dupthresh())) \
                 and self._snd_una >= self._recover:
             flight = self._snd_max - self._snd_una
-            self._ssthresh = max(flight // 2, 2 * self._smss)
+            # SACK peers: CUBIC's β = 0.7 (RFC 9438 §4.6) — the QUIC connection underneath
+            # already backs off on the same losses; halving twice starved lossy paths.
+            self._ssthresh = max((flight * 7 // 10 if self._sack_ok else flight // 2), 2 * self._smss)
             self._in_recovery = True
             self._recover = self._snd_max
             self._rtt_seq = None
