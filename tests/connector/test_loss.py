@@ -37,6 +37,7 @@ def test_5mb_each_way_at_3_percent_loss(world: Ns) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("loss", [0, 3])
 @pytest.mark.parametrize("carriage", ["datagram", "stream"])
 def test_100mb_each_way(world: Ns, carriage: str, loss: int) -> None:
