@@ -54,22 +54,26 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--loss", type=int, default=0, help="percent, each way, relay UDP port")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--only", default="", help="run the variants whose name contains this")
     args = ap.parse_args()
+    variants = [v for v in VARIANTS if args.only in v[0]]
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces, TUN, nftables)")
     size = args.mb << 20
     tmp = Path(tempfile.mkdtemp(prefix="ztna-conn-bench-"))
     worlds: dict[str, Ns] = {}
-    samples: dict[str, list[float]] = {name: [] for name, *_ in VARIANTS}
+    samples: dict[str, list[float]] = {name: [] for name, *_ in variants}
     load = [os.getloadavg()[0]]
     try:
         for key, extra in (("fc", ()), ("nofc", ("--no-flow-control",))):
+            if not any(v[1] == key for v in variants):
+                continue
             (tmp / key).mkdir()
             worlds[key] = start_world(tmp / key, f"ztb{key}{os.getpid()}", extra)
             worlds[key].loss(args.loss)
         for r in range(args.rounds):
-            shift = r % len(VARIANTS)
-            for name, world, carriage, direction in VARIANTS[shift:] + VARIANTS[:shift]:
+            shift = r % len(variants)
+            for name, world, carriage, direction in variants[shift:] + variants[:shift]:
                 dt = one(worlds[world], carriage, direction, size)
                 samples[name].append(dt)
                 print(f"round {r + 1}: {name}: {size / dt / 1e6:.2f} MB/s ({dt:.1f} s)",
@@ -79,7 +83,7 @@ def main() -> None:
         for ns in worlds.values():
             stop_world(ns)
     rows: list[dict[str, Any]] = []
-    for name, world, carriage, direction in VARIANTS:
+    for name, world, carriage, direction in variants:
         rates = [size / dt / 1e6 for dt in samples[name]]
         rows.append({"variant": name, "carriage": carriage, "direction": direction,
                      "flow_control": world == "fc", "median_mb_s": statistics.median(rates),
