@@ -34,7 +34,6 @@ import asyncio
 import ipaddress
 import logging
 import secrets
-import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +50,7 @@ from ztna.wire.stream_header import (
     encode_stream_reply,
     encode_stream_status,
 )
+from ztna.connector.backend import WRITE_HIGH, tune_backend_transport
 
 if TYPE_CHECKING:
     from ztna.connector.service import ConnectorStats, ServiceState
@@ -60,8 +60,6 @@ log = logging.getLogger("ztna.connector")
 
 SEND_HIGH = 512 * 1024
 SEND_LOW = 256 * 1024
-WRITE_HIGH = 256 * 1024
-WRITE_LOW = 64 * 1024
 RECHECK = 0.005
 HEADER_LIMIT = 128
 LINGER_SWEEP = 1.0
@@ -97,13 +95,7 @@ class StreamFlow(asyncio.Protocol):
     # backend protocol
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        tune_backend_transport(transport)
         if self.done or self.conn is None:
             transport.abort()
             return

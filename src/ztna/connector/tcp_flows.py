@@ -31,11 +31,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import socket
 from typing import TYPE_CHECKING, Any
 
 from ztna.netstack.packets import ACK, RST, SYN, IpHeader, parse_tcp
 from ztna.netstack.tcp import TcpEndpoint, TcpState, rst_for_unexpected
+from ztna.connector.backend import WRITE_HIGH, tune_backend_transport
 
 if TYPE_CHECKING:
     from ztna.connector.paths import ReplyPath
@@ -43,8 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ztna.connector")
 
-WRITE_HIGH = 256 * 1024      # backend transport write buffer high-water mark
-WRITE_LOW = 64 * 1024
 STARVED_RETRY = 0.001        # seconds: re-poll flows that ran out of DATAGRAM budget
 BACKEND_BATCH = 64 * 1024    # bytes for the backend written at once, without waiting
 UNLIMITED = 1 << 30
@@ -74,13 +72,7 @@ class TcpFlow(asyncio.Protocol):
     # ------------------------------------------------------------------ backend protocol
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        tune_backend_transport(transport)
         if self.done:
             transport.abort()
             return
