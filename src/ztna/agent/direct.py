@@ -101,12 +101,9 @@ class _QadHandler(ConnectionHandler):
                 pass
 
     def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        try:
-            for msg in self.decoder.feed(data):
-                if isinstance(msg, ObservedAddress):
-                    self.owner.set_observed(msg)
-        except DecodeError:
-            conn.close(0x4, "bad control stream")
+        for msg in conn.read_control(self.decoder, data) or ():
+            if isinstance(msg, ObservedAddress):
+                self.owner.set_observed(msg)
 
 
 class _DirectHandler(ConnectionHandler):

@@ -494,13 +494,7 @@ class Session(ConnectionHandler):
             self.counters.rx_malformed += 1
 
     def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        try:
-            messages = self._decoder.feed(data)
-        except DecodeError as exc:
-            log.error("control stream from the Intermediate is corrupt (%s); reconnecting", exc)
-            conn.close(0x4, "bad control frame")
-            return
-        for msg in messages:
+        for msg in conn.read_control(self._decoder, data) or ():  # corrupt: closed, we reconnect
             if isinstance(msg, (RegistrationAck, RegistrationNack)):
                 self._registration_reply(msg)
             elif isinstance(msg, ObservedAddress):

@@ -120,12 +120,7 @@ class _DirectHandler(ConnectionHandler):
         self.server.connections += 1
 
     def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        try:
-            messages = self.decoder.feed(data)
-        except DecodeError:
-            conn.close(0x4, "bad control stream")
-            return
-        for msg in messages:
+        for msg in conn.read_control(self.decoder, data) or ():
             if isinstance(msg, Hello):
                 self.hello(conn, msg.instance)
             elif isinstance(msg, Register):
@@ -182,12 +177,7 @@ class _QadHandler(ConnectionHandler):
         self.closed = asyncio.Event()
 
     def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        try:
-            messages = self.decoder.feed(data)
-        except DecodeError:
-            conn.close(0x4, "bad control stream")
-            return
-        for msg in messages:
+        for msg in conn.read_control(self.decoder, data) or ():
             if isinstance(msg, ObservedAddress):
                 self.server.set_public_address(msg)
 

@@ -29,7 +29,6 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ztna import limits
-from ztna.errors import DecodeError
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import CLOSE_NO_ERROR, QuicEndpoint
 from ztna.wire import (
@@ -203,13 +202,7 @@ class RelayLink(ConnectionHandler):
 
     # ------------------------------------------------------------------ connection events
     def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        try:
-            messages = self._decoder.feed(data)
-        except DecodeError as exc:
-            log.warning("bad control stream from the intermediate (%s); reconnecting", exc)
-            conn.close(0x4, "bad control stream")
-            return
-        for msg in messages:
+        for msg in conn.read_control(self._decoder, data) or ():  # corrupt: closed, we reconnect
             self._on_message(conn, msg)
 
     def _on_message(self, conn: ZtnaConnection, msg: object) -> None:

@@ -503,12 +503,9 @@ class _PeerHandler(ConnectionHandler):
         if conn.user is None and not self._ready(conn):
             self._hold("c", data)
             return
-        try:
-            messages = self.decoder.feed(data)
-        except DecodeError as exc:
+        messages = conn.read_control(self.decoder, data)
+        if messages is None:
             self.server.stats.control_errors += 1
-            log.warning("%s: bad control stream (%s); closing the connection", conn.label, exc)
-            conn.close(0x4, "bad control stream")
             return
         for msg in messages:
             self.server.on_control_message(conn, msg)

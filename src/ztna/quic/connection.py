@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,15 @@ if TYPE_CHECKING:
     from ztna.quic.endpoint import QuicEndpoint
 
 CONTROL_STREAM_ID = 0
+
+# Application close codes (docs/protocol.md, "Connection close codes").
+CLOSE_NO_ERROR = 0x0
+CLOSE_SHUTDOWN = 0x1
+CLOSE_AUTH = 0x2
+CLOSE_LIMIT = 0x3
+CLOSE_PROTOCOL = 0x4
+
+log = logging.getLogger("ztna.quic")
 # Per-stream receive window granted beyond what the application consumed.
 STREAM_RECEIVE_WINDOW = 1024 * 1024
 # Datagrams allowed to wait beyond what the congestion window can take right now, so the
@@ -273,6 +283,18 @@ class ZtnaConnection:
             return
         self.quic.send_stream_data(CONTROL_STREAM_ID, frame)
         self.endpoint.mark_dirty(self)
+
+    def read_control(self, decoder: Any, data: bytes) -> list[Any] | None:
+        """Feed control-stream bytes to `decoder` (a `ztna.wire.ControlDecoder`). A corrupt
+        control stream cannot be resynchronised: it closes the connection (CLOSE_PROTOCOL),
+        logs one line and returns None."""
+        try:
+            return decoder.feed(data)  # type: ignore[no-any-return]
+        except ProtocolError as exc:
+            log.warning("%s: corrupt control stream (%s); closing the connection",
+                        self.label or self.peer_address[0], exc)
+            self.close(CLOSE_PROTOCOL, "bad control stream")
+            return None
 
     def open_stream(self) -> int:
         stream_id = self.quic.get_next_available_stream_id()

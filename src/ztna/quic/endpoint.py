@@ -42,17 +42,20 @@ from aioquic.quic.packet import (
 from aioquic.quic.retry import QuicRetryTokenHandler
 
 from ztna import limits
-from ztna.quic.connection import ConnectionHandler, ZtnaConnection, ZtnaQuic
+from ztna.quic.connection import (  # noqa: F401 - close codes re-exported for the drivers
+    CLOSE_AUTH,
+    CLOSE_LIMIT,
+    CLOSE_NO_ERROR,
+    CLOSE_PROTOCOL,
+    CLOSE_SHUTDOWN,
+    ConnectionHandler,
+    ZtnaConnection,
+    ZtnaQuic,
+)
 from ztna.quic.tokens import MARKER as ADDRESS_TOKEN_MARKER
 
 log = logging.getLogger("ztna.quic")
 
-# Application close codes (docs/protocol.md, "Connection close codes").
-CLOSE_NO_ERROR = 0x0
-CLOSE_SHUTDOWN = 0x1
-CLOSE_AUTH = 0x2
-CLOSE_LIMIT = 0x3
-CLOSE_PROTOCOL = 0x4
 
 _CID_LEN = limits.CONNECTION_ID_LENGTH
 RETRY_TOKEN_MARKER = b"R"
