@@ -1,1 +1,25 @@
-pub fn hello() -> u32 { 1 }
+//! ztna's native data plane: QUIC endpoints on quinn-proto, quinn-udp and rustls (ring),
+//! driven from Python through PyO3 (`ztna._native`).
+
+pub mod config;
+pub mod core;
+pub mod tls;
+
+#[cfg(feature = "python")]
+mod py;
+
+#[cfg(feature = "python")]
+use pyo3::prelude::*;
+
+#[cfg(feature = "python")]
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    py::install_panic_hook();
+    m.add_class::<py::Endpoint>()?;
+    m.add_class::<py::ClientTls>()?;
+    m.add_class::<py::ServerTls>()?;
+    m.add_function(wrap_pyfunction!(py::check_identity, m)?)?;
+    m.add("PY_WINDOW", core::PY_WINDOW)?;
+    m.add("CID_LEN", config::CID_LEN)?;
+    Ok(())
+}

@@ -8,17 +8,17 @@ from typing import Final
 
 ALPN: Final = "ztna-v1"
 
-# UDP payload size we configure for QUIC packets (aioquic `max_datagram_size`).
-# 1350 as in the original; with 20-byte CIDs this leaves 1308 bytes of DATAGRAM payload.
+# UDP payload size we configure for QUIC packets (the native core's fixed MTU).
+# 1350 as in the original; with 20-byte CIDs this leaves 1300 bytes of DATAGRAM payload.
 DEFAULT_QUIC_UDP_PAYLOAD: Final = 1350
 MIN_QUIC_UDP_PAYLOAD: Final = 1200   # RFC 9000 §14: every QUIC path carries 1200
 MAX_QUIC_UDP_PAYLOAD: Final = 1452   # 1500-byte Ethernet MTU minus IPv6 (40) and UDP (8)
 
-# aioquic's short-header overhead for a DATAGRAM frame:
-#   1 (flags) + DCID + 2 (packet number, aioquic always uses 2) + 16 (AEAD tag)
-#   + 1 (frame type) + up to 2 (length varint for payloads < 16384)
-SHORT_HEADER_FIXED_OVERHEAD: Final = 1 + 2 + 16
-DATAGRAM_FRAME_OVERHEAD: Final = 3
+# The short-header overhead the native core (quinn-proto) budgets for a DATAGRAM frame:
+#   1 (flags) + DCID + 4 (the longest packet number, so the size never flickers) + 16 (AEAD tag)
+#   + 9 (frame type + the longest length varint)
+SHORT_HEADER_FIXED_OVERHEAD: Final = 1 + 4 + 16
+DATAGRAM_FRAME_OVERHEAD: Final = 9
 
 CONNECTION_ID_LENGTH: Final = 20
 IDLE_TIMEOUT: Final = 30.0
@@ -51,7 +51,7 @@ SERVICE_ID_MAX: Final = 63
 
 
 def max_datagram_payload(udp_payload: int, dcid_len: int) -> int:
-    """Largest DATAGRAM frame payload aioquic can put in one short-header packet."""
+    """Largest DATAGRAM payload the native core puts in one short-header packet."""
     return udp_payload - (SHORT_HEADER_FIXED_OVERHEAD + dcid_len) - DATAGRAM_FRAME_OVERHEAD
 
 # Resumable TCP streams (docs/protocol.md §5.1): how long the Connector keeps a stream whose

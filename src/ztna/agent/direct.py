@@ -183,7 +183,7 @@ class DirectPaths:
             sock = bind_udp("::", 0)
         except OSError:
             sock = bind_udp("0.0.0.0", 0)
-        self.endpoint = QuicEndpoint(sock, raw_handler=self._raw, loop=self.loop)
+        self.endpoint = QuicEndpoint(sock, raw_handler=self._raw, loop=self.loop, retain_streams=True)
         log.info("P2P socket on udp port %d", self.port)
         self._tasks.append(self.loop.create_task(self._qad_loop(), name="ztna-agent-p2p-qad"))
         self._tasks.append(self.loop.create_task(self._tick_loop(), name="ztna-agent-p2p"))
@@ -434,16 +434,13 @@ class DirectPaths:
         config = make_configuration(is_client=True, tls=self.options.tls,
                                     server_name=server_name,
                                     udp_payload=self.options.udp_payload)
-        tickets = self.session.tickets
-        if tickets is not None:
-            config.session_ticket = tickets.pop(server_name)
+        config.resumption = self.session.zero_rtt
         handler = _DirectHandler(self, sp)
-        conn = self.endpoint.connect(addr, config, handler, no_retry=True,
-                                     session_ticket_handler=tickets.add if tickets is not None else None)
+        conn = self.endpoint.connect(addr, config, handler)
         # First flight (0-RTT with a ticket): our agent id, then the registration.
         conn.send_control(encode_control(Hello(instance=self.session.instance)))
         conn.send_control(encode_control(Register(role=Role.AGENT, service_id=service)))
-        sp.extra["handshake"] = "0-RTT" if config.session_ticket is not None else "full"
+        sp.extra["handshake"] = "0-RTT" if conn.zero_rtt_attempted else "full"
         try:
             await asyncio.wait_for(conn.wait_handshake(), self.config.connect_timeout)
         except (asyncio.TimeoutError, ConnectionError) as exc:
@@ -454,7 +451,7 @@ class DirectPaths:
         if sp.pm.state is not PathState.CONNECTING:
             conn.close(0, "no longer wanted")
             return
-        if config.session_ticket is not None:
+        if conn.zero_rtt_attempted:
             sp.extra["handshake"] = "0-RTT" if conn.early_data_accepted else "resumed" if conn.resumed else "full"
         sp.conn = conn
         sp.pm.direct_up(now=self.loop.time(), rtt=conn.rtt())

@@ -41,7 +41,6 @@ from ztna.errors import DatagramTooLarge, DecodeError
 from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
-from ztna.quic.tickets import ClientTicketCache
 from ztna.wire import (
     AddressToken,
     Hello,
@@ -161,12 +160,12 @@ class Session(ConnectionHandler):
         self._stopping = False
         self._max_payload = 0
         self.direct: Any = None                        # ztna.agent.direct.DirectPaths (P2P)
-        # 0-RTT (issue 8): tickets and the address token survive Agent restarts in the state
-        # dir (0600); `instance` keeps our agent id stable across reconnects (Hello).
+        # 0-RTT: session tickets and address tokens live in the process's native TLS
+        # configuration (in memory); `instance` keeps our agent id stable across reconnects.
         self.instance = int.from_bytes(secrets.token_bytes(8), "big")
         state_dir = getattr(options, "state_dir", None)
-        self.tickets = ClientTicketCache(state_dir / "tickets") if state_dir and getattr(options, "zero_rtt", True) else None
-        self._token_file = state_dir / "tickets" / "address-token" if self.tickets else None
+        self.zero_rtt = bool(getattr(options, "zero_rtt", True))
+        self._token_file = state_dir / "tickets" / "address-token" if state_dir and self.zero_rtt else None
         self.address_token = self._load_token()
         self._connect_started = 0.0
 
@@ -275,22 +274,18 @@ class Session(ConnectionHandler):
             svc.registration, svc.nack, svc.attempts, svc.next_retry = PENDING, None, 0, 0.0
             svc.connector_up = None
             svc.retry_delay = self.options.register_retry
-        if self.tickets is not None:
-            config.session_ticket = self.tickets.pop(self.options.server_name or "")
-            config.token = self.address_token
+        config.resumption = self.zero_rtt
+        config.token = self.address_token
         self._connect_started = asyncio.get_running_loop().time()
         self.info.connect_ms = None
-        conn = self.endpoint.connect(
-            address, config, self,
-            session_ticket_handler=self.tickets.add if self.tickets is not None else None,
-        )
+        conn = self.endpoint.connect(address, config, self)
         self.conn = conn
         # Hello and the registrations go out at once: in 0-RTT when we hold a ticket (they
         # are idempotent, and a replayed early flight is refused by the single-use ticket).
         conn.send_control(encode_control(Hello(instance=self.instance)))
         now = asyncio.get_running_loop().time()
         self._register_due(conn, now)
-        if config.session_ticket is not None:
+        if conn.zero_rtt_attempted:
             self.counters.zero_rtt_attempts += 1
             # Resuming: the first queued tunnel packets ride in 0-RTT right behind the
             # registrations (the Intermediate holds a few until they are processed).

@@ -227,7 +227,7 @@ class P2PServer:
             ticket_store=self.ticket_store,    # resumption + 0-RTT for returning Agents
         )
         self.endpoint = QuicEndpoint(bind_udp(self.host, self.port), server=options,
-                                     raw_handler=self._raw)
+                                     raw_handler=self._raw, retain_streams=True)
         log.info("P2P QUIC server on udp [%s]:%d", self.host, self.local_port)
         self._task = asyncio.get_running_loop().create_task(self._qad_loop())
 

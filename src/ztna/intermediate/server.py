@@ -180,6 +180,9 @@ class Intermediate:
         assert self._server_options is not None
         self._server_options.configuration = new.configuration
         self._server_options.verifier = new.verifier
+        self._server_options.reload_tls()
+        for ep in self.endpoints:
+            ep.server_config_changed()
         log.info("certificates reloaded (new connections use them)")
 
     async def stop(self) -> None:

@@ -1,22 +1,20 @@
-"""One QUIC connection: aioquic's sans-IO `QuicConnection` plus the guard rails ztna needs.
+"""One QUIC connection of a `QuicEndpoint`, as the drivers see it.
 
-What this adds on top of aioquic (traps measured in the shared quic-libraries notes):
+The packets, TLS, loss recovery and congestion control are native (`ztna._native`: quinn-proto
+with rustls); this object is the connection's Python face: it holds the identity Python
+verified, the control-stream plumbing, and forwards every operation to the native endpoint by
+handle. What the native core guarantees underneath (see native/src/core.rs):
 
-* **DATAGRAM size is computed from the live connection** (`max_datagram_payload()`) and
-  enforced *before* enqueueing: aioquic accepts any size and an oversized frame then blocks
-  its whole DATAGRAM queue forever.
-* **Bounded DATAGRAM queue gated on the congestion window**: aioquic only writes DATAGRAM
-  frames while the congestion window has room, so its pending deque *is* the "waiting for
-  cwnd" queue. We bound it (drop-oldest: tunnel traffic is unreliable and the newest packet
-  is the most useful) and expose `datagram_budget()` so TCP-in-DATAGRAM can apply
-  back-pressure instead of being dropped.
-* **Server-side mTLS**: aioquic only requests a client certificate behind a private flag
-  and never checks the chain; the endpoint checks it with `ztna.identity` after the
-  handshake and closes the connection otherwise.
-* **Stream receive back-pressure**: aioquic raises MAX_STREAM_DATA as data *arrives*; we
-  raise it as the application *consumes* (`consume_stream()`), so a slow backend slows the
-  sender down instead of growing our buffers.
-* **The control stream** (docs/protocol.md): the client's first bidirectional stream.
+* **DATAGRAM size comes from the live connection** (`max_datagram_payload()`, which honours the
+  peer's limit) and is enforced *before* anything is queued: an oversized DATAGRAM raises
+  `DatagramTooLarge` and is counted.
+* **A bounded DATAGRAM queue that drops the oldest** (tunnel traffic is unreliable and the
+  newest packet is the most useful), every drop counted, and `datagram_budget()` so that
+  TCP-in-DATAGRAM applies back-pressure instead of being dropped.
+* **Stream receive credit follows consumption**: the native side reads a stream only while the
+  application has consumed all but a window of what it was handed (`consume_stream()`), so a
+  slow backend slows the sender instead of growing our buffers.
+* **The control stream** (docs/protocol.md): the client's first bidirectional stream, id 0.
 
 The connection never does I/O; `ztna.quic.endpoint` owns the socket and the timer.
 """
@@ -26,16 +24,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from aioquic.quic import events
-from aioquic.quic.connection import QuicConnection, QuicConnectionState
-from aioquic.quic.packet_builder import QuicDeliveryState
-from aioquic.quic.recovery import K_MICRO_SECOND, K_SECOND, QuicPacketPacer
-from aioquic.quic.stream import QuicStream
-
-from ztna import limits
 from ztna.errors import DatagramTooLarge, ProtocolError
 
 if TYPE_CHECKING:
@@ -52,104 +42,11 @@ CLOSE_LIMIT = 0x3
 CLOSE_PROTOCOL = 0x4
 
 log = logging.getLogger("ztna.quic")
-# Per-stream receive window granted beyond what the application consumed.
-STREAM_RECEIVE_WINDOW = 1024 * 1024
-# Datagrams allowed to wait beyond what the congestion window can take right now, so the
-# pipe does not run dry between two flushes.
-DATAGRAM_BURST_SLACK = 32
 
 
 def reset_token(secret: bytes, cid: bytes) -> bytes:
-    """Stateless reset token of a connection ID (RFC 9000 §10.3.2: a keyed function of the
-    CID), so a restarted server can still reset its predecessor's connections."""
+    """A keyed function of a connection ID (kept for the wire tests of earlier tokens)."""
     return hmac.new(secret, cid, hashlib.sha256).digest()[:16]
-
-
-# Pacing (see ZtnaPacer): rate = PACING_GAIN x cwnd / srtt, and the bucket may hold up to
-# PACING_BURST_SECONDS of sending (at most half the window).
-PACING_GAIN = 1.25
-PACING_BURST_SECONDS = 0.002
-
-
-class ZtnaPacer(QuicPacketPacer):
-    """aioquic's pacer with a gain and a bucket sized for an asyncio loop.
-
-    aioquic paces at exactly cwnd/srtt and lets at most 16 packets (or a quarter of the
-    window) go in one burst. Our socket loop waits for the next pacing slot in epoll, whose
-    timeout asyncio rounds *up* to whole milliseconds, so every pacing wait costs >= 1 ms
-    plus one trip through the timer path (handle_timer, a flush, call_at): a connection
-    then moves at most one bucket per millisecond and burns CPU per bucket. Measured with
-    bench/datapath.py this, not CPU, capped relay TCP (no process saturated). We pace at
-    1.25 x cwnd/srtt (RFC 9002 §7.7: N > 1 so pacing alone never keeps the window from
-    filling) and size the bucket for 2 ms of sending (so one wake-up refills what the
-    rounding cost), never more than half the window nor less than aioquic's own."""
-
-    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
-        mds = self._max_datagram_size
-        rate = PACING_GAIN * congestion_window / max(smoothed_rtt, K_MICRO_SECOND)
-        self.packet_time = max(K_MICRO_SECOND, min(mds / rate, K_SECOND))
-        aioquic_burst = max(2 * mds, min(congestion_window // 4, 16 * mds))
-        burst = max(aioquic_burst, min(congestion_window // 2, rate * PACING_BURST_SECONDS))
-        self.bucket_max = burst / rate
-        if self.bucket_time > self.bucket_max:
-            self.bucket_time = self.bucket_max
-
-
-class ZtnaQuic(QuicConnection):
-    """aioquic connection with the behaviours we must change in the library itself."""
-
-    request_client_certificate = False
-
-    def __init__(self, *args: Any, reset_secret: bytes | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._loss._pacer = ZtnaPacer(max_datagram_size=self._max_datagram_size)
-        self.reset_secret = reset_secret
-        if reset_secret is not None and not self._is_client:
-            for cid in self._host_cids:
-                cid.stateless_reset_token = reset_token(reset_secret, cid.cid)
-
-    def _connect(self, now: float) -> None:
-        # After a Retry, aioquic starts the handshake again with fresh packet spaces and
-        # silently forgets the packets already sent — including 0-RTT packets carrying
-        # stream data, which then never arrives (the stream stalls at that offset). Declare
-        # those packets lost first, so their stream data is sent again.
-        if self._retry_count and getattr(self, "_spaces", None):
-            for space in self._loss.spaces:
-                for packet in list(space.sent_packets.values()):
-                    for handler, args in packet.delivery_handlers:
-                        try:
-                            handler(QuicDeliveryState.LOST, *args)
-                        except Exception:  # a handler of a torn-down crypto stream
-                            pass
-                space.sent_packets.clear()
-        super()._connect(now)
-
-    def _replenish_connection_ids(self) -> None:
-        super()._replenish_connection_ids()
-        secret = self.reset_secret
-        if secret is not None and not self._is_client:
-            for cid in self._host_cids:
-                if not cid.was_sent:
-                    cid.stateless_reset_token = reset_token(secret, cid.cid)
-
-    def _initialize(self, peer_cid: bytes) -> None:
-        super()._initialize(peer_cid)
-        if not self._is_client and self.request_client_certificate:
-            # aioquic only sends a CertificateRequest behind this "test" flag; the chain
-            # itself is verified by ztna.identity once the handshake completes.
-            self.tls._request_client_certificate = True
-
-    def _write_stream_limits(self, builder: Any, space: Any, stream: QuicStream) -> None:
-        consumed = getattr(stream, "ztna_consumed", None)
-        if consumed is not None and stream.max_stream_data_local:
-            # Credit what the application consumed, not what merely arrived.
-            wanted = consumed + STREAM_RECEIVE_WINDOW
-            if wanted > stream.max_stream_data_local:
-                stream.max_stream_data_local = wanted
-            if stream.max_stream_data_local_sent != stream.max_stream_data_local:
-                super()._write_stream_limits(builder, space, stream)
-            return
-        super()._write_stream_limits(builder, space, stream)
 
 
 class ConnectionHandler:
@@ -175,103 +72,124 @@ class ConnectionHandler:
 
 
 class ZtnaConnection:
-    """A live QUIC connection owned by a `QuicEndpoint`."""
+    """A live QUIC connection owned by a `QuicEndpoint` (native handle `handle`)."""
 
     __slots__ = (
-        "quic", "endpoint", "handler", "peer_address", "identity", "handshake_complete",
-        "closed", "close_reason", "resumed", "early_data_accepted", "dropped_oldest",
-        "oversize_refused", "_pending", "_queue_limit", "_control_open", "_control_backlog",
-        "_waiters", "created_at", "label", "user", "_timer_at", "last_received",
-        "_payload_key", "_payload_max",
+        "endpoint", "handle", "handler", "peer_address", "identity", "handshake_complete",
+        "closed", "close_reason", "close_code", "resumed", "early_data_accepted",
+        "zero_rtt_attempted", "is_client", "_control_open", "_control_backlog", "_waiters",
+        "created_at", "label", "user", "last_received", "_held", "_authorized", "_retain",
+        "_retained", "server_name",
     )
 
     def __init__(
         self,
-        quic: ZtnaQuic,
         endpoint: QuicEndpoint,
+        handle: int,
         handler: ConnectionHandler,
         peer_address: tuple[Any, ...],
         *,
         now: float,
-        queue_limit: int = limits.DATAGRAM_QUEUE_LIMIT,
+        is_client: bool,
+        retain_streams: bool = False,
     ) -> None:
-        self.quic = quic
         self.endpoint = endpoint
+        self.handle = handle
         self.handler = handler
         self.peer_address = peer_address
         self.identity: Identity | None = None
         self.handshake_complete = False
         self.closed = False
         self.close_reason = ""
+        self.close_code: int | None = None
         self.resumed = False
         self.early_data_accepted = False
-        self.dropped_oldest = 0
-        self.oversize_refused = 0
-        self._pending: deque[bytes] = quic._datagrams_pending
-        self._queue_limit = queue_limit
-        # Clients write the control stream at once (in 0-RTT when resuming; data lost to a
-        # Retry is re-sent, see ZtnaQuic._connect).
-        self._control_open = quic._is_client
+        self.zero_rtt_attempted = False
+        self.is_client = is_client
+        self.server_name: str | None = None
+        # Clients write the control stream at once (in 0-RTT when resuming).
+        self._control_open = is_client
         self._control_backlog: list[bytes] = []
         self._waiters: list[Any] = []
         self.created_at = now
-        # Loop time of the last datagram from the peer (liveness checks: a client that
-        # hears nothing, not even ACKs of its pings, declares the path dead early).
+        # Loop time of the last packet from the peer (liveness checks: a client that hears
+        # nothing, not even ACKs of its pings, declares the path dead early).
         self.last_received = now
         self.label = ""
         self.user: Any = None  # the driver's per-connection state
-        self._timer_at: float | None = None
-        self._payload_key: tuple[int, int, int | None] | None = None
-        self._payload_max = 0
+        # Server side: events that arrive before the peer's certificate was checked wait here.
+        self._held: list[tuple[Any, ...]] | None = None if is_client else []
+        self._authorized = is_client
+        # Streams of direct connections keep their unacknowledged tail (resumable streams).
+        self._retain = retain_streams
+        self._retained: set[int] = set()
+
+    @property
+    def _native(self) -> Any:
+        return self.endpoint.native
 
     # ------------------------------------------------------------------ sizes
     def max_datagram_payload(self) -> int:
         """Largest DATAGRAM payload that fits one packet on this connection right now."""
-        quic = self.quic
-        # Called for every tunnelled packet (sometimes twice): cached, keyed by the three
-        # inputs, which only change on a CID switch or when transport parameters arrive.
-        key = (quic._max_datagram_size, len(quic._peer_cid.cid), quic._remote_max_datagram_frame_size)
-        if key == self._payload_key:
-            return self._payload_max
-        size = limits.max_datagram_payload(key[0], key[1])
-        remote = key[2]
-        if remote is not None:
-            # aioquic (every ztna peer) refuses a frame whose size equals the advertised
-            # limit, hence the extra byte.
-            size = min(size, remote - limits.DATAGRAM_FRAME_OVERHEAD - 1)
-        self._payload_key = key
-        self._payload_max = size
-        return size
+        if self.closed:
+            return 0
+        return int(self._native.max_datagram_payload(self.handle))
 
     def datagram_budget(self) -> int:
         """How many more DATAGRAMs can be queued without waiting behind a full congestion
         window. Zero means: hold back (back-pressure), don't drop."""
-        loss = self.quic._loss
-        free = loss.congestion_window - loss.bytes_in_flight
-        room = max(0, free) // max(1, self.quic._max_datagram_size) + DATAGRAM_BURST_SLACK
-        return max(0, room - len(self._pending))
+        if self.closed:
+            return 0
+        return int(self._native.datagram_budget(self.handle))
+
+    @property
+    def dropped_oldest(self) -> int:
+        return int(self._conn_stat("dropped_oldest"))
+
+    @property
+    def oversize_refused(self) -> int:
+        return int(self._conn_stat("oversize_refused"))
+
+    def _conn_stat(self, name: str) -> Any:
+        if self.closed:
+            return 0
+        try:
+            return self._native.connection_stats(self.handle)[name]
+        except ValueError:
+            return 0
+
+    def stats(self) -> dict[str, Any]:
+        """Live transport numbers (rtt, cwnd, mtu, packets, losses, bytes)."""
+        if self.closed:
+            return {}
+        try:
+            return dict(self._native.connection_stats(self.handle))
+        except ValueError:
+            return {}
 
     # ------------------------------------------------------------------ sending
     def send_datagram(self, data: bytes) -> bool:
         """Queue one DATAGRAM. Raises `DatagramTooLarge` (never enqueued) when it cannot fit.
-        Returns False when an older queued DATAGRAM had to be dropped to make room."""
-        limit = self.max_datagram_payload()
-        if len(data) > limit:
-            self.oversize_refused += 1
-            self.endpoint.stats.oversize_refused += 1
-            raise DatagramTooLarge(len(data), limit)
+        Returns False when an older queued DATAGRAM had to be dropped to make room (or the
+        connection is closed)."""
         if self.closed:
             return False
-        pending = self._pending
-        dropped = False
-        if len(pending) >= self._queue_limit:
-            pending.popleft()
-            self.dropped_oldest += 1
+        status = self._native.send_datagram(self.handle, data)
+        if status == 3:
+            self.endpoint.stats.oversize_refused += 1
+            raise DatagramTooLarge(len(data), self.max_datagram_payload())
+        if status == 1:
             self.endpoint.stats.datagrams_dropped_queue += 1
-            dropped = True
-        pending.append(data)
         self.endpoint.mark_dirty(self)
-        return not dropped
+        return status == 0
+
+    def send_datagrams(self, items: list[bytes]) -> int:
+        """Queue several DATAGRAMs in one native call; how many were queued."""
+        if self.closed:
+            return 0
+        n = int(self._native.send_datagrams(self.handle, items))
+        self.endpoint.mark_dirty(self)
+        return n
 
     def send_control(self, frame: bytes) -> None:
         """Send an already-encoded control frame (ztna.wire.encode_control) reliably."""
@@ -281,7 +199,7 @@ class ZtnaConnection:
             # A server may only write on stream 0 once the client opened it.
             self._control_backlog.append(frame)
             return
-        self.quic.send_stream_data(CONTROL_STREAM_ID, frame)
+        self._native.stream_write(self.handle, CONTROL_STREAM_ID, frame, False)
         self.endpoint.mark_dirty(self)
 
     def read_control(self, decoder: Any, data: bytes) -> list[Any] | None:
@@ -297,70 +215,62 @@ class ZtnaConnection:
             return None
 
     def open_stream(self) -> int:
-        stream_id = self.quic.get_next_available_stream_id()
-        self._stream_for_receive(stream_id)
-        return stream_id
+        if self.closed:
+            raise ConnectionError("connection closed")
+        sid = self._native.open_bi(self.handle)
+        if sid is None:
+            raise ConnectionError("no stream credit left on this connection")
+        return int(sid)
 
     def send_stream(self, stream_id: int, data: bytes, end: bool = False) -> None:
         if self.closed:
             return
-        self.quic.send_stream_data(stream_id, data, end_stream=end)
+        if self._retain and stream_id not in self._retained:
+            self._retained.add(stream_id)
+            self._native.set_retain(self.handle, stream_id, True)
+        self._native.stream_write(self.handle, stream_id, data, end)
         self.endpoint.mark_dirty(self)
 
     def stream_send_backlog(self, stream_id: int) -> int:
-        """Bytes written to a stream but not yet acknowledged by the peer (back-pressure)."""
-        stream = self.quic._streams.get(stream_id)
-        if stream is None:
+        """Bytes written to a stream that QUIC flow control has not let out yet
+        (back-pressure: stop reading the source while this is high)."""
+        if self.closed:
             return 0
-        sender = stream.sender
-        return sender._buffer_stop - sender._buffer_start
+        return int(self._native.stream_backlog(self.handle, stream_id))
 
     def stream_unacked(self, stream_id: int) -> tuple[int, bytes] | None:
-        """(stream offset, bytes) written but not yet acknowledged by the peer, i.e. what a
-        resumed stream may have to send again; None if the stream is gone."""
-        stream = self.quic._streams.get(stream_id)
-        if stream is None:
+        """(stream offset, bytes): the stream's tail the peer may not have received yet (at
+        least what it has not acknowledged), for resuming the stream elsewhere; None if the
+        stream keeps no tail."""
+        result = self._native.stream_unacked(self.handle, stream_id)
+        if result is None:
             return None
-        sender = stream.sender
-        return sender._buffer_start, bytes(sender._buffer)
+        offset, data = result
+        return int(offset), bytes(data)
 
     def consume_stream(self, stream_id: int, nbytes: int) -> None:
         """The application has taken `nbytes` more from this stream: grant more credit."""
-        stream = self.quic._streams.get(stream_id)
-        if stream is None:
-            return
-        before = getattr(stream, "ztna_consumed", 0)
-        stream.ztna_consumed = before + nbytes
-        # Only bother flushing when the grant moved by a meaningful amount.
-        if stream.ztna_consumed + STREAM_RECEIVE_WINDOW - stream.max_stream_data_local > STREAM_RECEIVE_WINDOW // 4:
+        if not self.closed and nbytes > 0:
+            self._native.consume(self.handle, stream_id, nbytes)
             self.endpoint.mark_dirty(self)
 
     def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
         if self.closed:
             return
-        try:
-            self.quic.reset_stream(stream_id, error_code)
-            self.quic.stop_stream(stream_id, error_code)
-        except (ValueError, AssertionError):
-            pass
+        self._native.reset_stream(self.handle, stream_id, error_code)
         self.endpoint.mark_dirty(self)
 
     def ping(self) -> None:
         if not self.closed:
-            self.quic.send_ping(0)
+            self._native.ping(self.handle)
             self.endpoint.mark_dirty(self)
 
     def close(self, error_code: int = 0, reason: str = "") -> None:
         if not self.closed:
-            self.quic.close(error_code=error_code, reason_phrase=reason)
+            self._native.close(self.handle, self.endpoint.loop.time(), error_code, reason)
             self.endpoint.mark_dirty(self)
 
-    # ------------------------------------------------------------------ internals
-    def _stream_for_receive(self, stream_id: int) -> None:
-        stream = self.quic._get_or_create_stream_for_send(stream_id)
-        if stream_id != CONTROL_STREAM_ID:
-            stream.ztna_consumed = 0
-
+    # ------------------------------------------------------------------ handshake
     def wait_handshake(self) -> Any:
         """Future resolved when the handshake completes (or fails with ConnectionError)."""
         fut = self.endpoint.loop.create_future()
@@ -382,60 +292,51 @@ class ZtnaConnection:
             else:
                 fut.set_exception(ConnectionError(error))
 
-    def process_events(self) -> None:
-        """Drain aioquic's events and hand them to the handler."""
-        quic = self.quic
+    # ------------------------------------------------------------------ events
+    def _event(self, ev: tuple[Any, ...]) -> None:
+        """One native event for this connection (see QuicEndpoint._dispatch)."""
+        kind = ev[0]
+        if self._held is not None and kind in (3, 4, 5):
+            self._held.append(ev)  # not yet authorized: wait for the certificate check
+            return
         handler = self.handler
-        while True:
-            event = quic.next_event()
-            if event is None:
-                return
-            kind = type(event)
-            if kind is events.DatagramFrameReceived:
-                handler.on_datagram(self, event.data)
-            elif kind is events.StreamDataReceived:
-                sid = event.stream_id
-                if sid == CONTROL_STREAM_ID:
-                    if not self._control_open:
-                        self._control_open = True
-                        for frame in self._control_backlog:
-                            quic.send_stream_data(CONTROL_STREAM_ID, frame)
-                        self._control_backlog.clear()
-                        self.endpoint.mark_dirty(self)
-                    if event.data:
-                        handler.on_control(self, event.data)
-                else:
-                    stream = quic._streams.get(sid)
-                    if stream is not None and not hasattr(stream, "ztna_consumed"):
-                        stream.ztna_consumed = 0
-                    handler.on_stream_data(self, sid, event.data, event.end_stream)
-            elif kind is events.HandshakeCompleted:
-                self.resumed = event.session_resumed
-                self.early_data_accepted = event.early_data_accepted
-                if quic._is_client and not self._control_open:
-                    self._control_open = True
-                    for frame in self._control_backlog:
-                        quic.send_stream_data(CONTROL_STREAM_ID, frame)
-                    self._control_backlog.clear()
-                    self.endpoint.mark_dirty(self)
-                if self.endpoint.on_handshake_completed(self):
-                    self.handshake_complete = True
-                    self._resolve_waiters(None)
-                    handler.on_handshake(self)
-            elif kind is events.StreamReset:
-                handler.on_stream_reset(self, event.stream_id, event.error_code)
-            elif kind is events.ConnectionIdIssued:
-                self.endpoint.route_cid(event.connection_id, self)
-            elif kind is events.ConnectionIdRetired:
-                self.endpoint.unroute_cid(event.connection_id, self)
-            elif kind is events.ConnectionTerminated:
-                self._terminated(event.reason_phrase or f"error 0x{event.error_code:x}")
+        if kind == 3:
+            on_datagram = handler.on_datagram
+            for data in ev[2]:
+                on_datagram(self, data)
+        elif kind == 4:
+            sid, data, end = ev[2], ev[3], ev[4]
+            if sid == CONTROL_STREAM_ID:
+                if not self._control_open:
+                    self._open_control()
+                if data:
+                    handler.on_control(self, data)
+            else:
+                handler.on_stream_data(self, sid, data, end)
+        elif kind == 5:
+            handler.on_stream_reset(self, ev[2], ev[3])
 
-    def _terminated(self, reason: str) -> None:
+    def _open_control(self) -> None:
+        self._control_open = True
+        for frame in self._control_backlog:
+            self._native.stream_write(self.handle, CONTROL_STREAM_ID, frame, False)
+        self._control_backlog.clear()
+        self.endpoint.mark_dirty(self)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        for ev in held or ():
+            if self.closed:
+                return
+            self._event(ev)
+
+    def _terminated(self, reason: str, code: int | None = None) -> None:
         if self.closed:
             return
         self.closed = True
         self.close_reason = reason
+        self.close_code = code
+        self._held = None
         self._resolve_waiters(reason)
         try:
             self.handler.on_closed(self, reason)
@@ -448,12 +349,21 @@ class ZtnaConnection:
 
     @property
     def state_name(self) -> str:
-        state = self.quic._state
-        return state.name if isinstance(state, QuicConnectionState) else str(state)
+        if self.closed:
+            return "TERMINATED"
+        return "CONNECTED" if self.handshake_complete else "HANDSHAKE"
+
+    def current_dcid(self) -> bytes:
+        """The destination connection ID our packets carry now (b"" before the first one)."""
+        if self.closed:
+            return b""
+        return bytes(self._native.current_dcid(self.handle) or b"")
 
     def rtt(self) -> float | None:
-        loss = self.quic._loss
-        return loss._rtt_smoothed if loss._rtt_initialized else None
+        if self.closed:
+            return None
+        value = self._native.rtt(self.handle)
+        return float(value) if value is not None else None
 
     def __repr__(self) -> str:
         return f"<ZtnaConnection {self.label or self.peer_address} {self.state_name}>"

@@ -1,22 +1,24 @@
-"""One UDP socket, many QUIC connections: the canonical socket loop of every ztna program.
+"""One UDP socket, many QUIC connections: the socket loop of every ztna program.
 
 Theory of operation
 -------------------
-* The socket is non-blocking and registered with `loop.add_reader`. When it is readable we
-  read a **batch** (up to `limits.RECV_BATCH` datagrams), feed each to its connection, let
-  the handlers react, and only then **flush once**: every connection touched in the batch
-  is asked for its outgoing packets. The library's own asyncio protocol flushes after every
-  datagram, which measured 2.5–4× slower.
-* Work that starts elsewhere (a TUN read, a backend socket) calls `mark_dirty(conn)`; the
-  flush then runs once at the end of the current loop iteration (`call_soon`), so a burst
-  of packets from a TUN read becomes one flush too.
-* Routing is by destination connection ID. Every CID a connection issues is routed
-  (`ConnectionIdIssued`/`Retired`), and the client's original DCID stays routed until the
-  connection ends, so a retransmitted Initial never creates a second connection (defect 30).
-* First byte below 0x40 is not QUIC (QUIC always sets the fixed bit; RFC 9443): such
-  datagrams go to `raw_handler` (P2P probes) or are counted and dropped.
-* Nothing a peer sends and no socket error ends the loop (defect 32): every failure is
-  counted in `stats` and the loop goes on serving everyone else.
+* The packets are native: `ztna._native.Endpoint` (quinn-proto, quinn-udp, rustls) owns a
+  duplicate of the socket. When the socket is readable asyncio calls us once; the native side
+  reads a whole batch (recvmmsg, GRO), runs every connection it touched, sends what they
+  produced (GSO) and returns the batch's events as one list. Python runs once per batch,
+  never once per packet in the QUIC machinery.
+* Work that starts elsewhere (a TUN read, a backend socket) queues into a connection and calls
+  `mark_dirty(conn)`; one native `drive()` then runs at the end of the current loop iteration
+  (`call_soon`), so a burst of packets from a TUN read becomes one flush.
+* Routing by connection ID, Retry tokens, NEW_TOKEN address tokens, stateless resets (keyed by
+  a stable secret, so a restarted server resets its predecessor's connections at once) and
+  version negotiation are quinn's. Admission is ours: every new connection attempt is an
+  event, and `_on_incoming` answers accept / Retry / refuse / ignore (limits, per-source rate).
+* First byte below 0x40 is not QUIC (QUIC always sets the fixed bit; RFC 9443): such datagrams
+  go to `raw_handler` (P2P probes share the socket) or are counted and dropped.
+* Nothing a peer sends and no socket error ends the loop: every failure is counted in `stats`,
+  a native panic aborts at most the connection it happened in (counted, one log line), and the
+  endpoint goes on serving everyone else.
 """
 
 from __future__ import annotations
@@ -25,23 +27,13 @@ import asyncio
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
-from aioquic.buffer import Buffer
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.packet import (
-    QuicPacketType,
-    encode_quic_retry,
-    encode_quic_version_negotiation,
-    pull_quic_header,
-)
-from aioquic.quic.retry import QuicRetryTokenHandler
-
-from ztna import limits
+from ztna import _native, limits
+from ztna.quic.config import QuicConfiguration
 from ztna.quic.connection import (  # noqa: F401 - close codes re-exported for the drivers
     CLOSE_AUTH,
     CLOSE_LIMIT,
@@ -50,15 +42,21 @@ from ztna.quic.connection import (  # noqa: F401 - close codes re-exported for t
     CLOSE_SHUTDOWN,
     ConnectionHandler,
     ZtnaConnection,
-    ZtnaQuic,
 )
-from ztna.quic.tokens import MARKER as ADDRESS_TOKEN_MARKER
 
 log = logging.getLogger("ztna.quic")
 
+# Native event kinds (native/src/py.rs, Endpoint.events).
+EV_INCOMING, EV_HANDSHAKE_DATA, EV_CONNECTED, EV_DATAGRAMS, EV_STREAM, EV_RESET, EV_CLOSED, \
+    EV_PATH, EV_RAW = range(9)
 
-_CID_LEN = limits.CONNECTION_ID_LENGTH
-RETRY_TOKEN_MARKER = b"R"
+# Counters the native endpoint keeps, copied into EndpointStats on every read.
+_NATIVE_COUNTERS = (
+    "datagrams_received", "bytes_received", "datagrams_sent", "bytes_sent", "retry_sent",
+    "stateless_resets_received", "socket_send_errors", "socket_recv_errors", "panics",
+    "endpoint_responses", "accept_errors", "malformed", "unknown_cid",
+    "stateless_resets_sent", "version_negotiations",
+)
 
 
 @dataclass
@@ -90,6 +88,9 @@ class EndpointStats:
     version_negotiations: int = 0
     stateless_resets_sent: int = 0
     stateless_resets_received: int = 0
+    endpoint_responses: int = 0
+    accept_errors: int = 0
+    panics: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -104,10 +105,24 @@ class ServerOptions:
     max_connections: int = limits.MAX_CONNECTIONS
     handshakes_per_source_per_second: float = limits.HANDSHAKES_PER_SOURCE_PER_SECOND
     ticket_store: Any = None        # ztna.quic.tickets.ServerTicketStore or None (no resumption)
-    address_tokens: Any = None      # ztna.quic.tokens.AddressTokens: lets returning clients skip Retry
+    address_tokens: Any = None      # ztna.quic.tokens.AddressTokens: its key keys Retry/NEW_TOKEN
     reset_secret: bytes | None = None  # keys stateless-reset tokens; stable across restarts
-    connection_factory: Callable[..., ZtnaQuic] = ZtnaQuic
     rate_buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _tls: Any = None                # the native ServerTls built from the above (shared)
+
+    def reload_tls(self) -> None:
+        """Build the native TLS again from `configuration` (new certificate files)."""
+        self._tls = None
+        self.native_tls()
+
+    def native_tls(self) -> Any:
+        if self._tls is None:
+            key = getattr(self.address_tokens, "key", None) or os.urandom(32)
+            self._tls = self.configuration.server_tls(
+                token_key=key, tickets=self.ticket_store,
+                request_client_cert=self.verifier is not None,
+            )
+        return self._tls
 
 
 class QuicEndpoint:
@@ -120,6 +135,8 @@ class QuicEndpoint:
         server: ServerOptions | None = None,
         raw_handler: Callable[[bytes, tuple[Any, ...], float], None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        retain_streams: bool = False,
+        udp_payload: int | None = None,
     ) -> None:
         sock.setblocking(False)
         self.sock = sock
@@ -127,20 +144,34 @@ class QuicEndpoint:
         self.loop = loop or asyncio.get_running_loop()
         self.server = server
         self.raw_handler = raw_handler
-        self.stats = EndpointStats()
+        self.retain_streams = retain_streams
+        self._stats = EndpointStats()
         self.connections: set[ZtnaConnection] = set()
-        self._cids: dict[bytes, ZtnaConnection] = {}
-        self._conn_cids: dict[ZtnaConnection, set[bytes]] = {}
-        self._dirty: set[ZtnaConnection] = set()
+        self._by_handle: dict[int, ZtnaConnection] = {}
+        if udp_payload is None:
+            udp_payload = server.configuration.udp_payload if server else limits.DEFAULT_QUIC_UDP_PAYLOAD
+        reset_key = (server.reset_secret if server and server.reset_secret else None) or os.urandom(32)
+        self.native = _native.Endpoint(
+            sock.fileno(), self.loop.time(), reset_key=reset_key,
+            server=server.native_tls() if server else None,
+            udp_payload=udp_payload, recv_batch=limits.RECV_BATCH,
+        )
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._retry = QuicRetryTokenHandler() if server and server.retry else None
         self._closed = False
-        self._reset_budget = (100.0, 0.0)
         self.loop.add_reader(sock.fileno(), self._on_readable)
 
     # ------------------------------------------------------------------ public API
+    @property
+    def stats(self) -> EndpointStats:
+        native = self.native.stats()
+        s = self._stats
+        for name in _NATIVE_COUNTERS:
+            if name in native:
+                setattr(s, name, int(native[name]))
+        return s
+
     @property
     def local_address(self) -> tuple[Any, ...]:
         return self.sock.getsockname()
@@ -154,53 +185,48 @@ class QuicEndpoint:
         session_ticket_handler: Callable[[Any], None] | None = None,
         no_retry: bool = False,
     ) -> ZtnaConnection:
-        """Start a client connection; await `conn.wait_handshake()` for the result.
-        `no_retry`: the server never sends Retry (the Connector's P2P server), so control
-        frames may go in 0-RTT even without an address token."""
-        address = self._sendable(address)
+        """Start a client connection; await `conn.wait_handshake()` for the result. The
+        control stream is writable at once (0-RTT when the native TLS holds a ticket for this
+        server; `conn.zero_rtt_attempted` says so). `no_retry` and `session_ticket_handler`
+        are accepted for compatibility: tickets and address tokens live in the native client
+        configuration (one per identity and process)."""
+        del session_ticket_handler, no_retry
+        host, port = normalize_address(address)
         now = self.loop.time()
-        quic = ZtnaQuic(configuration=configuration, session_ticket_handler=session_ticket_handler)
-        conn = ZtnaConnection(quic, self, handler, address, now=now)
-        if no_retry:
-            conn._control_open = True
-        quic.connect(address, now=now)
-        self._add(conn, [quic.host_cid])
-        # Client CIDs the library issues later arrive as events; the first ones are
-        # already in its table.
-        for cid in quic._host_cids:
-            self.route_cid(cid.cid, conn)
-        self.stats.handshakes_started += 1
+        server_name = configuration.server_name or host
+        handle, zero_rtt = self.native.connect(configuration.client_tls(), host, int(port), server_name, now)
+        conn = ZtnaConnection(self, handle, handler, (host, int(port)), now=now, is_client=True,
+                              retain_streams=self.retain_streams)
+        conn.zero_rtt_attempted = bool(zero_rtt)
+        conn.server_name = server_name
+        configuration.session_ticket = True if zero_rtt else None
+        self._add(conn)
+        self._stats.handshakes_started += 1
         self.mark_dirty(conn)
         return conn
 
+    def server_config_changed(self) -> None:
+        """New connections use the server options' current TLS; live ones keep theirs."""
+        if self.server is not None:
+            self.native.set_server_config(self.server.native_tls())
+
     def send_raw(self, data: bytes, address: tuple[Any, ...]) -> bool:
+        host, port = normalize_address(address)
         try:
-            self.sock.sendto(data, self._sendable(address))
-            return True
-        except OSError:
-            self.stats.socket_send_errors += 1
+            return bool(self.native.send_raw(data, host, int(port)))
+        except ValueError:
+            self._stats.socket_send_errors += 1
             return False
 
-    def mark_dirty(self, conn: ZtnaConnection) -> None:
-        self._dirty.add(conn)
-        if not self._flush_scheduled:
+    def mark_dirty(self, conn: ZtnaConnection | None = None) -> None:
+        if not self._flush_scheduled and not self._closed:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
-    def route_cid(self, cid: bytes, conn: ZtnaConnection) -> None:
-        self._cids[cid] = conn
-        self._conn_cids.setdefault(conn, set()).add(cid)
-
-    def unroute_cid(self, cid: bytes, conn: ZtnaConnection) -> None:
-        if self._cids.get(cid) is conn:
-            del self._cids[cid]
-        self._conn_cids.get(conn, set()).discard(cid)
-
     def forget(self, conn: ZtnaConnection) -> None:
-        for cid in self._conn_cids.pop(conn, ()):
-            if self._cids.get(cid) is conn:
-                del self._cids[cid]
         self.connections.discard(conn)
+        if self._by_handle.get(conn.handle) is conn:
+            del self._by_handle[conn.handle]
 
     def close(self, *, error_code: int = CLOSE_SHUTDOWN, reason: str = "shutting down") -> None:
         for conn in list(self.connections):
@@ -218,221 +244,141 @@ class QuicEndpoint:
             pass
         if self._timer:
             self._timer.cancel()
+        self.native.shutdown()
         self.sock.close()
 
-    # ------------------------------------------------------------------ receive
+    # ------------------------------------------------------------------ loop
     def _on_readable(self) -> None:
-        sock = self.sock
-        now = self.loop.time()
-        stats = self.stats
-        for _ in range(limits.RECV_BATCH):
-            try:
-                data, addr = sock.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                # ICMP errors surface here on Linux (ECONNREFUSED ...): count, go on.
-                stats.socket_recv_errors += 1
-                continue
-            stats.datagrams_received += 1
-            stats.bytes_received += len(data)
-            self._datagram_received(data, addr, now)
+        if self._closed:
+            return
+        self._dispatch(self.native.recv(self.loop.time()))
         self._flush()
 
-    def _datagram_received(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
-        if not data:
-            self.stats.malformed += 1
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._closed:
             return
-        first = data[0]
-        if first < 0x40:
-            if self.raw_handler is not None:
-                try:
-                    self.raw_handler(data, addr, now)
-                except Exception:  # a handler bug must not stop the socket loop
-                    self.stats.handler_errors += 1
-                    log.exception("raw datagram handler failed")
-            else:
-                self.stats.non_quic += 1
+        # Handlers may queue more work while we dispatch: a few rounds settle it.
+        for _ in range(4):
+            events = self.native.drive(self.loop.time())
+            if not events:
+                break
+            self._dispatch(events)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        deadline = self.native.next_timeout()
+        if deadline == self._timer_at and self._timer is not None:
             return
-        if first & 0x80 == 0:
-            conn = self._cids.get(data[1 : 1 + _CID_LEN])
-            if conn is None:
-                self.stats.unknown_cid += 1
-                self._unknown_short_packet(data, addr, now)
-                return
-        else:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self._closed:
+            return
+        self._dispatch(self.native.timeout(self.loop.time()))
+        self._flush()
+
+    def _dispatch(self, events: list[tuple[Any, ...]]) -> None:
+        now = self.loop.time()
+        by_handle = self._by_handle
+        for ev in events:
+            kind = ev[0]
             try:
-                header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LEN)
-            except Exception:
-                self.stats.malformed += 1
-                return
-            conn = self._cids.get(header.destination_cid)
-            if conn is None:
-                if self.server is None or header.packet_type != QuicPacketType.INITIAL:
-                    self.stats.unknown_cid += 1
-                    return
-                conn = self._accept(header, data, addr, now)
-                if conn is None:
-                    return
-        self._feed(conn, data, addr, now)
-
-    def _feed(self, conn: ZtnaConnection, data: bytes, addr: tuple[Any, ...], now: float) -> None:
-        quic = conn.quic
-        conn.last_received = now
-        try:
-            quic.receive_datagram(data, addr, now)
-        except Exception:
-            self.stats.connection_errors += 1
-            log.exception("connection %r failed on receive; closing it", conn)
-            self._abort(conn, "internal error on receive")
-            return
-        if not quic._is_client and quic._network_paths:
-            active = quic._network_paths[0].addr
-            if active != conn.peer_address:
-                conn.peer_address = active
-                self._safe(conn.handler.on_path_changed, conn)
-        try:
-            conn.process_events()
-        except Exception:
-            self.stats.handler_errors += 1
-            log.exception("handler for %r failed", conn)
-        self._dirty.add(conn)
-
-    # ------------------------------------------------------------------ stateless reset
-    def _unknown_short_packet(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
-        """A short-header packet for no connection we know: either a Stateless Reset for
-        one of our client connections (its last 16 bytes are the token the server gave
-        us; aioquic does not check these itself), or — on a server — a packet for a
-        connection a previous process of ours had: answer with a Stateless Reset so the
-        client reconnects now instead of after its idle timeout."""
-        if len(data) >= 21:
-            tail = data[-16:]
-            for conn in list(self.connections):
-                quic = conn.quic
-                if not quic._is_client:
+                if kind == EV_RAW:
+                    self._raw(ev[1], ev[2], now)
                     continue
-                tokens = [quic._peer_cid.stateless_reset_token]
-                tokens += [c.stateless_reset_token for c in quic._peer_cid_available]
-                if tail in tokens:
-                    self.stats.stateless_resets_received += 1
-                    log.info("stateless reset from %s: the peer lost our connection", addr[0])
-                    self._abort(conn, "stateless reset (peer restarted)")
-                    return
-        server = self.server
-        if server is None or server.reset_secret is None or len(data) < 1 + _CID_LEN + 18:
-            return
-        budget, last = self._reset_budget
-        budget = min(100.0, budget + (now - last) * 100.0)  # at most ~100 resets per second
-        if budget < 1.0:
-            self._reset_budget = (budget, now)
-            return
-        self._reset_budget = (budget - 1.0, now)
-        from ztna.quic.connection import reset_token
+                if kind == EV_INCOMING:
+                    self._on_incoming(ev[1], ev[2], ev[3], ev[4], now)
+                    continue
+                conn = by_handle.get(ev[1])
+                if conn is None:
+                    continue
+                if kind in (EV_DATAGRAMS, EV_STREAM, EV_RESET):
+                    conn.last_received = now
+                    conn._event(ev)
+                elif kind == EV_CONNECTED:
+                    conn.last_received = now
+                    self._on_connected(conn, ev[2], ev[3])
+                elif kind == EV_HANDSHAKE_DATA:
+                    conn.last_received = now
+                    conn.server_name = ev[3]
+                    if ev[2] is not None and not conn.is_client:
+                        # A resumed session: the chain bound to its ticket is known now, so
+                        # its early data is authorized without waiting for the handshake.
+                        conn.resumed = True
+                        self._authorize(conn, ev[2])
+                elif kind == EV_CLOSED:
+                    conn._terminated(ev[2], ev[3])
+                elif kind == EV_PATH:
+                    conn.peer_address = ev[2]
+                    conn.last_received = now
+                    conn.handler.on_path_changed(conn)
+            except Exception:
+                self._stats.handler_errors += 1
+                log.exception("handler failed on event %d", kind)
 
-        token = reset_token(server.reset_secret, data[1 : 1 + _CID_LEN])
-        # Shorter than the packet that triggered it (no reset loops, RFC 9000 §10.3.3).
-        size = len(data) - 1
-        filler = os.urandom(size - 16)
-        packet = bytes([0x40 | (filler[0] & 0x3F)]) + filler[1:] + token
-        self.stats.stateless_resets_sent += 1
-        self.send_raw(packet, addr)
+    def _raw(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
+        if self.raw_handler is None:
+            self._stats.non_quic += 1
+            return
+        try:
+            self.raw_handler(data, addr, now)
+        except Exception:  # a handler bug must not stop the socket loop
+            self._stats.handler_errors += 1
+            log.exception("raw datagram handler failed")
 
     # ------------------------------------------------------------------ server side
-    def _accept(self, header: Any, data: bytes, addr: tuple[Any, ...], now: float) -> ZtnaConnection | None:
+    def _on_incoming(self, incoming: int, addr: tuple[str, int], validated: bool, may_retry: bool,
+                     now: float) -> None:
         server = self.server
-        assert server is not None
-        stats = self.stats
-        if len(data) < 1200:
-            stats.malformed += 1  # RFC 9000 §14.1: client Initials are padded to 1200
-            return None
-        config = server.configuration
-        if header.version not in config.supported_versions:
-            stats.version_negotiations += 1
-            self.send_raw(
-                encode_quic_version_negotiation(
-                    source_cid=header.destination_cid,
-                    destination_cid=header.source_cid,
-                    supported_versions=config.supported_versions,
-                ),
-                addr,
-            )
-            return None
+        native = self.native
+        if server is None:
+            native.ignore(incoming)
+            return
+        stats = self._stats
         if len(self.connections) >= server.max_connections:
             stats.connections_refused_limit += 1
-            return None
-        original_dcid = header.destination_cid
-        retry_scid = None
-        token = header.token
-        address_token = bool(token) and token[0] == ADDRESS_TOKEN_MARKER
-        if address_token and server.address_tokens is not None and server.address_tokens.validate(token, addr[0]):
-            stats.address_tokens_validated += 1  # a returning client: no Retry round trip
-        elif self._retry is not None:
-            if address_token:
-                # An address token we cannot validate (another or a restarted server, or
-                # expired): RFC 9000 §8.1.3 — carry on as if there were none, i.e. Retry.
-                stats.address_tokens_invalid += 1
-                token = b""
-            if not token:
-                scid = os.urandom(_CID_LEN)
-                # Our own first byte, so a Retry token is never mistaken for an address token.
-                token = RETRY_TOKEN_MARKER + self._retry.create_token(
-                    address=addr,
-                    original_destination_connection_id=header.destination_cid,
-                    retry_source_connection_id=scid,
-                    now=time.time(),
-                )
-                self.send_raw(
-                    encode_quic_retry(
-                        version=header.version,
-                        source_cid=scid,
-                        destination_cid=header.source_cid,
-                        original_destination_cid=header.destination_cid,
-                        retry_token=token,
-                    ),
-                    addr,
-                )
-                stats.retry_sent += 1
-                return None
-            try:
-                if token[:1] != RETRY_TOKEN_MARKER:
-                    raise ValueError("not a retry token")
-                original_dcid = self._retry.validate_token(
-                    address=addr, destination_cid=header.destination_cid,
-                    token=token[1:], now=time.time(),
-                )
-            except ValueError:
-                stats.retry_failures += 1
-                return None
-            stats.retry_validated += 1
-            retry_scid = header.destination_cid
-
-        # Charge the per-source budget only for Initials that will create a connection
+            native.refuse(incoming)
+            return
+        if validated:
+            if may_retry:
+                stats.address_tokens_validated += 1   # a returning client: no Retry round trip
+            else:
+                stats.retry_validated += 1
+        elif server.retry and may_retry:
+            native.retry(incoming)                    # stateless: costs us no state
+            return
+        # Charge the per-source budget only for attempts that will create a connection
         # (Retry answers are stateless and cheap; counting them halved the real rate).
         if not self._admit_handshake(addr[0], now):
             stats.handshakes_rate_limited += 1
-            return None
-        holder: list[ZtnaConnection] = []
-        store = server.ticket_store
-        quic = server.connection_factory(
-            configuration=config,
-            original_destination_connection_id=original_dcid,
-            retry_source_connection_id=retry_scid,
-            session_ticket_fetcher=(lambda label: store.take(label, holder)) if store else None,
-            session_ticket_handler=(lambda ticket: store.issue(ticket, holder)) if store else None,
-            reset_secret=server.reset_secret,
-        )
-        quic.request_client_certificate = server.verifier is not None
+            native.ignore(incoming)
+            return
         try:
             handler = server.handler_factory()
         except Exception:
             stats.handler_errors += 1
             log.exception("handler factory failed")
-            return None
-        conn = ZtnaConnection(quic, self, handler, addr, now=now)
-        holder.append(conn)
-        self._add(conn, [header.destination_cid, quic.host_cid])
+            native.refuse(incoming)
+            return
+        handle = native.accept(incoming, now)
+        if handle is None:
+            stats.connection_errors += 1
+            return
+        conn = ZtnaConnection(self, handle, handler, addr, now=now, is_client=False,
+                              retain_streams=self.retain_streams)
+        if server.verifier is None:
+            conn._authorized = True
+            conn._held = None
+        self._add(conn)
         stats.handshakes_started += 1
-        return conn
 
     def _admit_handshake(self, source: str, now: float) -> bool:
         """Token bucket per source IP (bounded table: oldest entries are evicted)."""
@@ -451,133 +397,59 @@ class QuicEndpoint:
                 del buckets[key]
         return True
 
-    def on_handshake_completed(self, conn: ZtnaConnection) -> bool:
+    def _authorize(self, conn: ZtnaConnection, chain: list[bytes] | None) -> bool:
         """Check the client's certificate chain (server side). False = connection closed."""
+        if conn._authorized:
+            return True
         server = self.server
-        if conn.quic._is_client or server is None or server.verifier is None:
+        if server is None or server.verifier is None:
+            conn._authorized = True
+            conn._release_held()
             return True
         from ztna.identity import CertificateRejected
 
-        if conn.resumed:
-            # A resumed session presents no certificate: the identity was bound to the
-            # ticket when it was issued (ztna.quic.tickets).
-            if conn.identity is None:
-                self.stats.auth_failures += 1
-                conn.close(CLOSE_AUTH, "resumed session without identity")
-                return False
-            return True
-        tls = conn.quic.tls
+        if not chain:
+            self._stats.auth_failures += 1
+            log.warning("refusing %s: no client certificate", format_address(conn.peer_address))
+            conn.close(CLOSE_AUTH, "no client certificate")
+            return False
         try:
+            from cryptography import x509
+
+            certs = [x509.load_der_x509_certificate(bytes(der)) for der in chain]
             conn.identity = server.verifier.verify_client(
-                tls._peer_certificate,
-                list(tls._peer_certificate_chain),
-                now=datetime.now(timezone.utc),
+                certs[0], certs[1:], now=datetime.now(timezone.utc),
             )
+        except ValueError:
+            self._stats.auth_failures += 1
+            log.warning("refusing %s: unreadable client certificate", format_address(conn.peer_address))
+            conn.close(CLOSE_AUTH, "unreadable client certificate")
+            return False
         except CertificateRejected as exc:
-            self.stats.auth_failures += 1
-            log.warning("refusing %s: %s", conn.peer_address, exc.reason)
+            self._stats.auth_failures += 1
+            log.warning("refusing %s: %s", format_address(conn.peer_address), exc.reason)
             conn.close(CLOSE_AUTH, exc.reason)
             return False
-        if server.ticket_store is not None:
-            server.ticket_store.bind_identity(conn)
+        conn._authorized = True
+        conn._release_held()
         return True
 
-    # ------------------------------------------------------------------ send side
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._closed:
+    def _on_connected(self, conn: ZtnaConnection, chain: list[bytes] | None, zero_rtt: bool) -> None:
+        conn.early_data_accepted = bool(zero_rtt)
+        if conn.is_client:
+            conn.resumed = bool(zero_rtt) or conn.resumed
+            if not conn._control_open:
+                conn._open_control()
+        elif not self._authorize(conn, chain):
             return
-        now = self.loop.time()
-        dirty, self._dirty = self._dirty, set()
-        sock = self.sock
-        stats = self.stats
-        for conn in dirty:
-            try:
-                datagrams = conn.quic.datagrams_to_send(now)
-            except Exception:
-                stats.connection_errors += 1
-                log.exception("connection %r failed while sending; closing it", conn)
-                self._abort(conn, "internal error on send")
-                continue
-            for data, addr in datagrams:
-                try:
-                    sock.sendto(data, self._sendable(addr))
-                except (BlockingIOError, InterruptedError):
-                    stats.socket_send_errors += 1  # QUIC recovers the loss
-                    continue
-                except OSError:
-                    stats.socket_send_errors += 1
-                    continue
-                stats.datagrams_sent += 1
-                stats.bytes_sent += len(data)
-            if conn.quic._close_event is not None or conn.quic._state.name in ("CLOSING", "DRAINING", "TERMINATED"):
-                self._safe(conn.process_events)
-            conn._timer_at = conn.quic.get_timer()
-        self._arm_timer()
-
-    def _arm_timer(self) -> None:
-        deadline = None
-        for conn in self.connections:
-            at = conn._timer_at
-            if at is not None and (deadline is None or at < deadline):
-                deadline = at
-        if deadline == self._timer_at and self._timer is not None:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = deadline
-        if deadline is not None:
-            self._timer = self.loop.call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        now = self.loop.time()
-        for conn in list(self.connections):
-            at = conn._timer_at
-            if at is not None and at <= now:
-                try:
-                    conn.quic.handle_timer(now)
-                    conn.process_events()
-                except Exception:
-                    self.stats.connection_errors += 1
-                    log.exception("timer of %r failed", conn)
-                    self._abort(conn, "internal error on timer")
-                    continue
-                self._dirty.add(conn)
-        self._flush()
+        conn.handshake_complete = True
+        conn._resolve_waiters(None)
+        conn.handler.on_handshake(conn)
 
     # ------------------------------------------------------------------ helpers
-    def _add(self, conn: ZtnaConnection, cids: list[bytes]) -> None:
+    def _add(self, conn: ZtnaConnection) -> None:
         self.connections.add(conn)
-        for cid in cids:
-            self.route_cid(cid, conn)
-
-    def _abort(self, conn: ZtnaConnection, reason: str) -> None:
-        self._dirty.discard(conn)
-        try:
-            conn._terminated(reason)
-        except Exception:
-            log.exception("on_closed handler failed")
-        self.forget(conn)
-
-    def _safe(self, fn: Callable[..., Any], *args: Any) -> None:
-        try:
-            fn(*args)
-        except Exception:
-            self.stats.handler_errors += 1
-            log.exception("handler failed")
-
-    def _sendable(self, address: tuple[Any, ...]) -> tuple[Any, ...]:
-        """A dual-stack IPv6 socket needs IPv4 destinations in ::ffff: form."""
-        if self.family == socket.AF_INET6:
-            host = address[0]
-            if ":" not in host:
-                return ("::ffff:" + host, address[1], 0, 0)
-            if len(address) == 2:
-                return (host, address[1], 0, 0)
-        return address
+        self._by_handle[conn.handle] = conn
 
 
 def bind_udp(host: str, port: int, *, dual_stack: bool = True) -> socket.socket:
@@ -591,7 +463,11 @@ def bind_udp(host: str, port: int, *, dual_stack: bool = True) -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
         except OSError:
             pass
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot bind udp {format_address((host, port))}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
 
@@ -602,3 +478,9 @@ def normalize_address(address: tuple[Any, ...]) -> tuple[str, int]:
     if host.startswith("::ffff:") and "." in host:
         host = host[7:]
     return host, address[1]
+
+
+def format_address(address: tuple[Any, ...]) -> str:
+    """`1.2.3.4:443`, `[fd00::1]:443` (v4-mapped shown as IPv4)."""
+    host, port = normalize_address(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -26,12 +26,12 @@ log = logging.getLogger("ztna.quic")
 def rotate_connection_id(conn: ZtnaConnection) -> bool:
     """Switch the connection to the next destination CID the peer issued.
     False when the peer has issued none to spare (nothing changes then)."""
-    quic = conn.quic
-    if conn.closed or not conn.handshake_complete or not quic._peer_cid_available:
+    if conn.closed or not conn.handshake_complete:
         return False
-    quic.change_connection_id()
-    conn.endpoint.mark_dirty(conn)
-    return True
+    before = conn.current_dcid()
+    conn.endpoint.native.rotate_cid(conn.handle)
+    conn.endpoint._flush()          # the PING goes out now, on the new connection ID
+    return conn.current_dcid() != before
 
 
 class ConnectionUpkeep:

@@ -1,9 +1,10 @@
-"""Session tickets for resumption and 0-RTT, with replay protection (issue 8).
+"""Session tickets for resumption and 0-RTT, with replay protection.
 
 Server side — `ServerTicketStore`
 ---------------------------------
-aioquic's tickets are *stateful*: the ticket on the wire is a random 64-byte label and the
-server keeps the resumption secret. We keep them in SQLite (file mode 0600), which gives:
+rustls' TLS 1.3 tickets are *stateful* here: the ticket on the wire is a random label and the
+server keeps the resumption state. rustls hands both to this store (`put`), and asks for them
+back with `take` when a client resumes. We keep them in SQLite (file mode 0600), which gives:
 
 * **Single use (strike register)**: `take()` deletes the row it returns (`DELETE …
   RETURNING` in one statement), so a captured early flight replayed later finds no ticket,
@@ -16,22 +17,20 @@ server keeps the resumption secret. We keep them in SQLite (file mode 0600), whi
 * **Several Intermediate processes** get 0-RTT only if they share the same database file
   (the same strike register); with separate stores a ticket from another process is simply
   unknown, so 0-RTT is refused, never accepted twice.
-* **Identity**: a resumed session presents no certificate. The identity verified when the
-  ticket was issued is stored with it and restored on `take()`.
+* **Identity**: the resumption state holds the client's certificate chain from the full
+  handshake; the endpoint verifies it again (`ztna.identity`) before any early data is used.
 
-Client side — `ClientTicketCache`
----------------------------------
-One file per server name in the program's state directory (mode 0600), newest tickets
-first, bounded count, expired ones dropped. Each ticket is used once (the server would
-refuse it the second time anyway).
+Client side
+-----------
+Tickets a client receives stay in its native TLS configuration, in memory, one per identity
+for the life of the process (`ztna.quic.config`): a reconnect after a server restart or a
+path change resumes in 0-RTT; a new process starts with a full handshake.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import pickle
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -48,37 +47,6 @@ class TicketStats:
     refused_unknown: int = 0
     refused_expired: int = 0
     refused_rotated: int = 0
-
-
-def _identity_to_json(identity: Any) -> str:
-    if identity is None:
-        return "null"
-    return json.dumps(
-        {
-            "common_name": identity.common_name,
-            "agent_services": sorted(identity.agent_services),
-            "connector_services": sorted(identity.connector_services),
-            "agent_wildcard": identity.agent_wildcard,
-            "connector_wildcard": identity.connector_wildcard,
-            "fingerprint": identity.fingerprint,
-        }
-    )
-
-
-def _identity_from_json(text: str) -> Any:
-    data = json.loads(text)
-    if data is None:
-        return None
-    from ztna.identity import Identity
-
-    return Identity(
-        common_name=data["common_name"],
-        agent_services=frozenset(data["agent_services"]),
-        connector_services=frozenset(data["connector_services"]),
-        agent_wildcard=data["agent_wildcard"],
-        connector_wildcard=data["connector_wildcard"],
-        fingerprint=data["fingerprint"],
-    )
 
 
 class ServerTicketStore:
@@ -108,7 +76,6 @@ class ServerTicketStore:
         self.max_tickets = max_tickets
         self.clock = clock
         self.stats = TicketStats()
-        self._pending: dict[Any, Any] = {}
 
     @property
     def epoch(self) -> int:
@@ -122,33 +89,27 @@ class ServerTicketStore:
         log.info("session ticket epoch rotated to %d", epoch)
         return epoch
 
-    # -- called by aioquic (through the endpoint) -------------------------------------
-    def issue(self, ticket: Any, holder: list[Any]) -> None:
-        """A ticket was issued on a connection; it is stored once the peer's identity is
-        verified (`bind_identity`)."""
-        if holder:
-            self._pending[holder[0]] = ticket
-
-    def bind_identity(self, conn: Any) -> None:
-        ticket = self._pending.pop(conn, None)
-        if ticket is None:
-            return
+    # -- called by rustls (through the native endpoint) -------------------------------
+    def put(self, label: bytes, value: bytes) -> bool:
+        """A ticket was issued: keep its resumption state under its label."""
         self.db.execute(
             "INSERT OR REPLACE INTO tickets VALUES (?, ?, ?, ?, ?)",
-            (ticket.ticket, pickle.dumps(ticket), _identity_to_json(conn.identity), self.clock(), self.epoch),
+            (bytes(label), bytes(value), "null", self.clock(), self.epoch),
         )
         self.stats.issued += 1
         if self.stats.issued % 1000 == 0:
             self._purge()
+        return True
 
-    def take(self, label: bytes, holder: list[Any]) -> Any:
+    def take(self, label: bytes) -> bytes | None:
+        """The resumption state of a ticket, deleted as it is returned (single use)."""
         row = self.db.execute(
-            "DELETE FROM tickets WHERE label = ? RETURNING ticket, identity, issued, epoch", (label,)
+            "DELETE FROM tickets WHERE label = ? RETURNING ticket, issued, epoch", (bytes(label),)
         ).fetchone()
         if row is None:
             self.stats.refused_unknown += 1
             return None
-        blob, identity_json, issued, epoch = row
+        blob, issued, epoch = row
         if self.clock() - issued > self.max_age:
             self.stats.refused_expired += 1
             return None
@@ -156,16 +117,7 @@ class ServerTicketStore:
             self.stats.refused_rotated += 1
             return None
         self.stats.resumed += 1
-        if holder:
-            conn = holder[0]
-            conn.identity = _identity_from_json(identity_json)
-            # RFC 8446 §4.3.2: no CertificateRequest with a PSK. aioquic would still wait
-            # for a client Certificate after a resumed ClientHello, so clear its flag.
-            conn.quic.tls._request_client_certificate = False
-        return pickle.loads(blob)  # noqa: S301 - our own 0600 database
-
-    def forget_connection(self, conn: Any) -> None:
-        self._pending.pop(conn, None)
+        return bytes(blob)
 
     def _purge(self) -> None:
         self.db.execute("DELETE FROM tickets WHERE issued < ?", (self.clock() - self.max_age,))
@@ -178,47 +130,3 @@ class ServerTicketStore:
 
     def close(self) -> None:
         self.db.close()
-
-
-class ClientTicketCache:
-    """Tickets a client received, per server name, in `directory` (0600 files)."""
-
-    def __init__(self, directory: str | Path, *, max_tickets: int = 4) -> None:
-        self.directory = Path(directory)
-        self.max_tickets = max_tickets
-
-    def _file(self, server_name: str) -> Path:
-        safe = "".join(c if c.isalnum() or c in ".-_" else "_" for c in server_name)
-        return self.directory / f"tickets-{safe}.pickle"
-
-    def _load(self, server_name: str) -> list[Any]:
-        try:
-            with open(self._file(server_name), "rb") as fh:
-                tickets = pickle.load(fh)  # noqa: S301 - our own 0600 file
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError):
-            return []
-        return [t for t in tickets if getattr(t, "is_valid", False)]
-
-    def _save(self, server_name: str, tickets: list[Any]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self._file(server_name)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(tickets[: self.max_tickets], fh)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-
-    def add(self, ticket: Any) -> None:
-        name = ticket.server_name or ""
-        tickets = [t for t in self._load(name) if t.ticket != ticket.ticket]
-        self._save(name, [ticket, *tickets])
-
-    def pop(self, server_name: str) -> Any:
-        """The newest valid ticket for this server, removed from the cache (single use)."""
-        tickets = self._load(server_name)
-        if not tickets:
-            return None
-        ticket, rest = tickets[0], tickets[1:]
-        self._save(server_name, rest)
-        return ticket

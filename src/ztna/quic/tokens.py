@@ -28,7 +28,8 @@ _TIME = struct.Struct(">Q")
 
 class AddressTokens:
     def __init__(self, key: bytes | None = None, *, lifetime: float = 86400.0) -> None:
-        self.aead = AESGCM(key or AESGCM.generate_key(bit_length=128))
+        self.key = key or AESGCM.generate_key(bit_length=128)
+        self.aead = AESGCM(self.key)
         self.lifetime = lifetime
 
     @classmethod
