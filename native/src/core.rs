@@ -125,6 +125,8 @@ pub struct Conn {
     copy_early: bool,
     /// The destination connection ID of our latest short-header packet.
     pub last_dcid: Vec<u8>,
+    /// When the peer's latest packet arrived (ACK-only ones included): liveness.
+    pub last_rx: Option<Instant>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -253,6 +255,7 @@ impl Core {
         match self.ep.handle(now, remote, local_ip, ecn, BytesMut::from(data), &mut self.buf) {
             Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
                 if let Some(conn) = self.conns.get_mut(&ch.0) {
+                    conn.last_rx = Some(now);
                     conn.qc.handle_event(ev);
                     self.dirty.insert(ch.0);
                 }
@@ -747,6 +750,7 @@ impl Conn {
             control_opened: !is_client,
             copy_early: false,
             last_dcid: Vec::new(),
+            last_rx: None,
         }
     }
 

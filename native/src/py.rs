@@ -195,6 +195,7 @@ pub struct Endpoint {
     rx: Vec<Vec<u8>>,
     recv_batch: usize,
     closed: bool,
+    blackhole: bool,
 }
 
 const RX_BUF: usize = 65536;
@@ -211,6 +212,9 @@ impl Endpoint {
     fn transmit(&mut self) {
         let outs = std::mem::take(&mut self.core.out);
         let Some(sock) = self.sock.as_ref() else { return };
+        if self.blackhole {
+            return;
+        }
         for o in outs {
             let t = quinn_udp::Transmit {
                 destination: o.dst,
@@ -306,7 +310,7 @@ impl Endpoint {
         let mut core = Core::new(Arc::new(ep_cfg), server.map(|s| s.cfg.clone()), v6);
         core.max_gso_segments = udp.max_gso_segments().clamp(1, 64);
         let rx = (0..quinn_udp::BATCH_SIZE).map(|_| vec![0u8; RX_BUF]).collect();
-        Ok(Self { core, sock: Some(sock), udp, anchor: (Instant::now(), now), rx, recv_batch, closed: false })
+        Ok(Self { core, sock: Some(sock), udp, anchor: (Instant::now(), now), rx, recv_batch, closed: false, blackhole: false })
     }
 
     /// Read everything the socket has (up to `recv_batch` datagrams), process it, send what
@@ -337,6 +341,9 @@ impl Endpoint {
                             }
                         }
                     };
+                    if s.blackhole {
+                        continue;
+                    }
                     for (i, meta) in metas.iter().enumerate().take(n) {
                         let ecn = meta.ecn.and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
                         let stride = meta.stride.max(1);
@@ -529,6 +536,12 @@ impl Endpoint {
         self.core.conn(h).map(|c| c.rtt().as_secs_f64())
     }
 
+    /// The caller's clock time of the peer's latest packet (any packet, ACKs included).
+    fn last_received(&self, h: usize) -> Option<f64> {
+        let at = self.core.conn(h)?.last_rx?;
+        Some(self.seconds(at))
+    }
+
     fn remote(&self, h: usize) -> Option<(String, u16)> {
         self.core.conn(h).map(|c| addr_tuple(crate::core::normalize(c.remote)))
     }
@@ -591,6 +604,12 @@ impl Endpoint {
 
     fn max_gso_segments(&self) -> usize {
         self.core.max_gso_segments
+    }
+
+    /// Fault injection: while on, nothing is sent and what arrives is discarded (a path that
+    /// went silent), so tests can kill a path without touching the network.
+    fn set_blackhole(&mut self, on: bool) {
+        self.blackhole = on;
     }
 
     /// Stop using the socket (the caller closes its own descriptor).

@@ -33,19 +33,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-class _Mute:
-    """A socket that swallows what is sent (the direct path is blackholed)."""
-
-    def __init__(self, sock: Any) -> None:
-        self._sock = sock
-
-    def sendto(self, data: bytes, *args: Any) -> int:
-        return len(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
-
-
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     while data := await reader.read(65536):
         writer.write(data)
@@ -105,9 +92,7 @@ async def _case(pki: Path, tmp: Path) -> None:
                 assert agent.userspace.stats["tcp_direct"] == 1   # the stream is on the direct path
                 # the Connector still has to send data after the cut
                 assert conn.stats.stream_bytes_to_agent < SIZE
-                ep = conn.p2p.endpoint                            # type: ignore[union-attr]
-                loop.remove_reader(ep.sock.fileno())
-                ep.sock = _Mute(ep.sock)
+                conn.p2p.endpoint.blackhole()                     # type: ignore[union-attr]
         await up
         w.close()
         assert cut

@@ -78,7 +78,7 @@ class ZtnaConnection:
         "endpoint", "handle", "handler", "peer_address", "identity", "handshake_complete",
         "closed", "close_reason", "close_code", "resumed", "early_data_accepted",
         "zero_rtt_attempted", "is_client", "_control_open", "_control_backlog", "_waiters",
-        "created_at", "label", "user", "last_received", "_held", "_authorized", "_retain",
+        "created_at", "label", "user", "_last_received", "_held", "_authorized", "_retain",
         "_retained", "server_name",
     )
 
@@ -114,7 +114,7 @@ class ZtnaConnection:
         self.created_at = now
         # Loop time of the last packet from the peer (liveness checks: a client that hears
         # nothing, not even ACKs of its pings, declares the path dead early).
-        self.last_received = now
+        self._last_received = now
         self.label = ""
         self.user: Any = None  # the driver's per-connection state
         # Server side: events that arrive before the peer's certificate was checked wait here.
@@ -127,6 +127,19 @@ class ZtnaConnection:
     @property
     def _native(self) -> Any:
         return self.endpoint.native
+
+    @property
+    def last_received(self) -> float:
+        """Loop time of the peer's latest packet, ACK-only packets included."""
+        if not self.closed:
+            at = self._native.last_received(self.handle)
+            if at is not None and at > self._last_received:
+                self._last_received = at
+        return self._last_received
+
+    @last_received.setter
+    def last_received(self, value: float) -> None:
+        self._last_received = value
 
     # ------------------------------------------------------------------ sizes
     def max_datagram_payload(self) -> int:

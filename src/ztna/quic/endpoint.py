@@ -205,6 +205,10 @@ class QuicEndpoint:
         self.mark_dirty(conn)
         return conn
 
+    def blackhole(self, on: bool = True) -> None:
+        """Fault injection: send nothing and discard what arrives (the path goes silent)."""
+        self.native.set_blackhole(on)
+
     def server_config_changed(self) -> None:
         """New connections use the server options' current TLS; live ones keep theirs."""
         if self.server is not None:
