@@ -113,6 +113,7 @@ class SessionCounters:
     zero_rtt_attempts: int = 0      # connections started with a session ticket
     zero_rtt_accepted: int = 0      # ... whose early data the Intermediate accepted
     resumed: int = 0
+    certificate_refusals: int = 0   # connections refused over a certificate (ours or theirs)
 
 
 @dataclass
@@ -148,6 +149,8 @@ class Session(ConnectionHandler):
         self.by_id = {s.spec.id: s for s in self.services}
         self.counters = SessionCounters()
         self.info = SessionInfo()
+        self._handshaken = False   # this connection's TLS handshake completed
+        self._accepted = False     # ... and the Intermediate has sent us something since
         self.conn: ZtnaConnection | None = None
         self.endpoint: QuicEndpoint | None = None
         self.queue: deque[tuple[ServiceState, bytes]] = deque()
@@ -280,6 +283,7 @@ class Session(ConnectionHandler):
             config.token = self.address_token
         self._connect_started = asyncio.get_running_loop().time()
         self.info.connect_ms = None
+        self._handshaken = self._accepted = False
         conn = self.endpoint.connect(
             address, config, self,
             session_ticket_handler=self.tickets.add if self.tickets is not None else None,
@@ -300,6 +304,7 @@ class Session(ConnectionHandler):
         except (asyncio.TimeoutError, ConnectionError) as exc:
             conn.close(0, "handshake failed")
             self.conn = None
+            # (a refused certificate was already reported by on_closed -> _lost)
             raise ConnectionError(f"handshake failed: {exc or 'timeout'}") from None
         self.info.connected_since = time.time()
         if conn.early_data_accepted:
@@ -307,7 +312,12 @@ class Session(ConnectionHandler):
         if conn.resumed:
             self.counters.resumed += 1
         self.info.handshake = "0-RTT" if conn.early_data_accepted else ("resumed" if conn.resumed else "full")
-        self._set_state("connected", f"{self.info.handshake} handshake")
+        # Our handshake completes before the Intermediate has checked our certificate (TLS
+        # 1.3: the client's certificate travels in its last flight), so "connected" waits
+        # for the first thing the Intermediate sends once it has accepted us.
+        self._handshaken = True
+        if self._accepted:
+            self._announce_connected()
         self._check_mtu()
         loop = asyncio.get_running_loop()
         useful = False
@@ -335,9 +345,35 @@ class Session(ConnectionHandler):
                 self._lost(conn, conn.close_reason or "closed")
         return useful
 
+    def _heard_from(self, conn: ZtnaConnection) -> None:
+        if conn is self.conn and not self._accepted:
+            self._accepted = True
+            if self._handshaken:
+                self._announce_connected()
+
+    def _announce_connected(self) -> None:
+        self._set_state("connected", f"{self.info.handshake} handshake")
+
+    def _certificate_refused(self, reason: str) -> bool:
+        """Log a refusal of our certificate (or of the Intermediate's) at ERROR with a hint:
+        retrying cannot help until the operator fixes the files, so it must stand out."""
+        from ztna.identity import certificate_problem_hint, is_own_verification_failure
+
+        hint = certificate_problem_hint(reason)
+        if hint is None:
+            return False
+        self.counters.certificate_refusals += 1
+        what = ("cannot verify the Intermediate's certificate" if is_own_verification_failure(reason)
+                else "the Intermediate refused our certificate")
+        log.error("intermediate %s: %s: %s; %s", self.info.address or self._target(), what,
+                  reason, hint)
+        return True
+
     def _lost(self, conn: ZtnaConnection, reason: str) -> None:
         if self.conn is not conn:
             return
+        if not self._accepted:
+            self._certificate_refused(reason)
         self.conn = None
         self.info.connected_since = None
         self.info.last_error = reason
@@ -478,6 +514,7 @@ class Session(ConnectionHandler):
 
     # ------------------------------------------------------------------ events
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
+        self._heard_from(conn)
         first = data[0] if data else 0
         if 0x45 <= first <= 0x4F or 0x60 <= first <= 0x6F:
             self.on_packet(data)
@@ -494,6 +531,7 @@ class Session(ConnectionHandler):
             self.counters.rx_malformed += 1
 
     def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+        self._heard_from(conn)
         for msg in conn.read_control(self._decoder, data) or ():  # corrupt: closed, we reconnect
             if isinstance(msg, (RegistrationAck, RegistrationNack)):
                 self._registration_reply(msg)

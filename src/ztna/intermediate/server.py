@@ -26,7 +26,8 @@ from ztna import limits
 from ztna.errors import DatagramTooLarge, DecodeError
 from ztna.identity import ChainVerifier, load_ca_file, stable_peer_id
 from ztna.intermediate.registry import AllowAll, Notify, Registry
-from ztna.observe import MetricsServer, RateLimitedLog, StatsCollector
+from ztna.observe import MetricsServer, RateLimitedLog, StatsCollector, format_address
+from ztna.startup import bind_error
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import CLOSE_AUTH, CLOSE_SHUTDOWN, QuicEndpoint, ServerOptions, bind_udp, normalize_address
@@ -146,9 +147,12 @@ class Intermediate:
         self.started_at = loop.time()
         self._server_options = self._build_server_options()
         for host, port in self.options.listen:
-            sock = bind_udp(host, port)
+            try:
+                sock = bind_udp(host, port)
+            except OSError as exc:
+                raise bind_error("Intermediate listen address", "udp", host, port, exc) from None
             self.endpoints.append(QuicEndpoint(sock, server=self._server_options, loop=loop))
-            log.info("listening on udp [%s]:%d", host, sock.getsockname()[1])
+            log.info("listening on udp %s", format_address((host, sock.getsockname()[1])))
         try:
             from ztna.intermediate.signaling import Signaling
 
