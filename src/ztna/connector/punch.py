@@ -36,6 +36,10 @@ from ztna.wire.probe import probe_session_of
 if TYPE_CHECKING:
     from ztna.connector.p2p_server import P2PServer
 
+# PunchStats counters that each mean "this probe was dropped", for the Connector's totals.
+_SESSION_DROPS = ("bad_mac", "malformed", "wrong_session", "unknown_txid", "wrong_source",
+                  "role_conflicts")
+
 log = logging.getLogger("ztna.connector")
 
 MAX_SESSIONS = 256
@@ -61,6 +65,10 @@ class ConnectorPunch:
         self.direct = 0
         self.failed = 0
         self.unknown_probes = 0
+        # Non-QUIC datagrams on the P2P socket that were dropped, by reason (all start at 0,
+        # so /metrics shows every reason).
+        self.drops: dict[str, int] = dict.fromkeys(
+            ["not_a_probe", "probe_unknown_session", *(f"probe_{n}" for n in _SESSION_DROPS)], 0)
         self.addresses: list[str] = []
         p2p.raw_handler = self.on_raw
         self.relay_conn: ZtnaConnection | None = None   # where StandingCandidates go
@@ -146,11 +154,21 @@ class ConnectorPunch:
     # ------------------------------------------------------------------ probes
     def on_raw(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
         sid = probe_session_of(data)
-        session = self.sessions.get(sid) if sid is not None else None
+        if sid is None:
+            self.drops["not_a_probe"] += 1   # first byte < 0x40 but no probe header
+            return
+        session = self.sessions.get(sid)
         if session is None:
             self.unknown_probes += 1   # not ours: dropped unanswered
+            self.drops["probe_unknown_session"] += 1
             return
+        st = session.stats
+        before = [getattr(st, name) for name in _SESSION_DROPS]
         self._send(session.on_datagram(data, addr, now=now))
+        # The session keeps its own counters and is forgotten after LINGER; carry what it
+        # dropped (bad MAC, undecodable, stale txid, ...) into our totals for /metrics.
+        for name, old in zip(_SESSION_DROPS, before, strict=True):
+            self.drops[f"probe_{name}"] += getattr(st, name) - old
         self._after(session, now)
 
     def _run(self, session: PunchSession, now: float) -> None:
