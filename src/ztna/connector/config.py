@@ -193,6 +193,8 @@ class ConnectorConfig(BaseModel):
     @field_validator("cert", "key", "ca")
     @classmethod
     def _exists(cls, v: Path) -> Path:
+        if v.is_dir():
+            raise ValueError(f"{str(v)!r} is a directory, not a file")
         if not v.is_file():
             raise ValueError(f"file not found: {str(v)!r}")
         return v
