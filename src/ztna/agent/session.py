@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ztna.observe import format_address
 from ztna.agent.config import AgentOptions, ServiceSpec
 from ztna.errors import DatagramTooLarge, DecodeError
 from ztna.quic.config import make_configuration
@@ -223,7 +224,7 @@ class Session(ConnectionHandler):
 
     def _target(self) -> str:
         host, port = self.options.intermediate
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_address((host, port))
 
     async def _resolve(self) -> tuple[str, int]:
         host, port = self.options.intermediate
@@ -266,7 +267,7 @@ class Session(ConnectionHandler):
         assert self.endpoint is not None
         self._set_state("connecting")
         address = await self._resolve()
-        self.info.address = f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
+        self.info.address = format_address(address)
         config = make_configuration(is_client=True, tls=self.options.tls,
                                     server_name=self.options.server_name,
                                     udp_payload=self.options.udp_payload)
@@ -555,7 +556,7 @@ class Session(ConnectionHandler):
                 log.warning("intermediate error %s: %s", msg.code, msg.message)
 
     def _observed(self, addr: ObservedAddress) -> None:
-        text = f"[{addr.ip}]:{addr.port}" if ":" in str(addr.ip) else f"{addr.ip}:{addr.port}"
+        text = format_address((str(addr.ip), addr.port))
         if text != self.info.observed:
             self.info.observed = text
             log.info("intermediate sees us as %s", text)

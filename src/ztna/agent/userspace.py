@@ -395,7 +395,7 @@ class Userspace:
             conn, sid, sink, early = await self._open(spec, vip, fwd.target_port)
         except (StreamFailed, asyncio.TimeoutError) as exc:
             self.stats["tcp_failed"] += 1
-            log.warning("forward to %s:%d failed: %s", fwd.target, fwd.target_port, exc or "timeout")
+            log.warning("forward to %s failed: %s", format_address((fwd.target, fwd.target_port)), exc or "timeout")
             writer.close()
             return
         self.stats["tcp_opened"] += 1

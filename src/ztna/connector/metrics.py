@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from ztna.observe import MetricsServer, StatsCollector
+from ztna.observe import MetricsServer, StatsCollector, format_address
 
 if TYPE_CHECKING:
     from ztna.connector.service import Connector
@@ -88,5 +88,6 @@ async def start_metrics(c: Connector, host: str, port: int) -> MetricsServer:
     await server.start(host, port)
     import logging
 
-    logging.getLogger("ztna.connector").info("metrics on http://%s:%d/metrics", host, server.port)
+    logging.getLogger("ztna.connector").info("metrics on http://%s/metrics",
+                                             format_address((host, server.port)))
     return server

@@ -253,7 +253,7 @@ class P2PServer:
 
     def set_public_address(self, addr: ObservedAddress) -> None:
         if addr != self.public_address:
-            log.info("P2P socket public address (QAD): %s:%d", addr.ip, addr.port)
+            log.info("P2P socket public address (QAD): %s", format_address((addr.ip, addr.port)))
         self.public_address = addr
         if self.on_public_address is not None:
             self.on_public_address(addr)

@@ -19,6 +19,7 @@ import logging
 import secrets
 from typing import TYPE_CHECKING, Any
 
+from ztna.observe import format_address
 from ztna.p2p.candidates import gather, interface_addresses
 from ztna.p2p.punch import PunchSession, PunchState
 from ztna.quic.connection import ZtnaConnection
@@ -147,7 +148,7 @@ class ConnectorPunch:
             self._run(session, now)
         elif isinstance(msg, PunchResult):
             log.info("punch %016x: agent reports %s", msg.session,
-                     f"direct via {msg.ip}:{msg.port}" if msg.ok else "failure")
+                     f"direct via {format_address((msg.ip, msg.port))}" if msg.ok else "failure")
         elif isinstance(msg, ErrorMessage) and msg.session is not None:
             self.sessions.pop(msg.session, None)
 
@@ -184,7 +185,7 @@ class ConnectorPunch:
             session._reported = True  # type: ignore[attr-defined]
             if session.state is PunchState.NOMINATED:
                 self.direct += 1
-                log.info("punch %016x: agent nominated %s:%d", session.session, *session.selected)
+                log.info("punch %016x: agent nominated %s", session.session, format_address(session.selected))
             else:
                 self.failed += 1
                 log.info("punch %016x: no direct path (staying on relay)", session.session)

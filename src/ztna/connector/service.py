@@ -262,7 +262,7 @@ class Connector:
                     infos = await self.loop.getaddrinfo(b.host, b.port, type=socket.SOCK_DGRAM)
                     b.resolved = (infos[0][0], infos[0][4][:2])
                 except (OSError, IndexError) as exc:
-                    log.warning("cannot resolve UDP backend %s:%d of %r: %s", b.host, b.port,
+                    log.warning("cannot resolve UDP backend %s of %r: %s", format_address((b.host, b.port)),
                                 svc.id, exc)
 
     async def _sweeper(self) -> None:

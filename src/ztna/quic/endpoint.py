@@ -41,6 +41,7 @@ from aioquic.quic.packet import (
 )
 from aioquic.quic.retry import QuicRetryTokenHandler
 
+from ztna.observe import format_address
 from ztna import limits
 from ztna.quic.connection import (  # noqa: F401 - close codes re-exported for the drivers
     CLOSE_AUTH,
@@ -315,7 +316,7 @@ class QuicEndpoint:
                 tokens += [c.stateless_reset_token for c in quic._peer_cid_available]
                 if tail in tokens:
                     self.stats.stateless_resets_received += 1
-                    log.info("stateless reset from %s: the peer lost our connection", addr[0])
+                    log.info("stateless reset from %s: the peer lost our connection", format_address(addr))
                     self._abort(conn, "stateless reset (peer restarted)")
                     return
         server = self.server
@@ -475,7 +476,7 @@ class QuicEndpoint:
             )
         except CertificateRejected as exc:
             self.stats.auth_failures += 1
-            log.warning("refusing %s: %s", conn.peer_address, exc.reason)
+            log.warning("refusing %s: %s", format_address(conn.peer_address), exc.reason)
             conn.close(CLOSE_AUTH, exc.reason)
             return False
         if server.ticket_store is not None:
