@@ -250,3 +250,36 @@ def test_second_agent_with_the_same_name_exits_2_with_a_hint(pki: Path, tmp_path
         first.send_signal(signal.SIGTERM)
         first.wait(10)
     assert os.path.exists(st)
+
+
+def test_agent_with_a_certificate_from_another_ca_logs_error_not_connected(pki: Path,
+                                                                           tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent / "intermediate"))
+    from intermediate_helpers import IntermediateProc
+
+    other = tmp_path / "other"
+    init_pki(other, ["web"])
+    mixed = tmp_path / "mixed"   # the right CA, but our certificate comes from another one
+    mixed.mkdir()
+    shutil.copy(pki / "ca.pem", mixed / "ca.pem")
+    shutil.copy(other / "agent.pem", mixed / "agent.pem")
+    shutil.copy(other / "agent.key", mixed / "agent.key")
+    inter = IntermediateProc(["--pki", str(pki)], tmp_path / "intermediate.log").start()
+    argv = ["agent", "--intermediate", f"127.0.0.1:{inter.port}", "--server-name", "localhost",
+            "--pki", str(mixed), "--service", "web=10.100.0.2", "--mode", "userspace",
+            "--state-dir", str(tmp_path / "state")]
+    proc = subprocess.Popen([*ZTNA, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(4)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=10)[0].decode()
+        assert inter.stop() == 0
+    errors = [ln for ln in out.splitlines() if " ERROR " in ln]
+    assert errors, out
+    assert all("refused our certificate" in ln and "same CA" in ln and "ztna certs show" in ln
+               for ln in errors), errors
+    assert not re.search(r": connected \(", out), out   # never announced when refused
+    reconnects = [ln for ln in out.splitlines() if "reconnecting in" in ln]
+    delays = [float(ln.rsplit(" ", 1)[1].rstrip("s")) for ln in reconnects]
+    assert 1 <= len(delays) < 15, out             # backs off instead of spinning
