@@ -1,7 +1,7 @@
 """TCP carriage in TUN mode: DATAGRAMs vs QUIC streams, over relay and direct, with loss.
 
-    sudo /work/venv/bin/python bench/carriage.py            # full run (about 15 min)
-    sudo /work/venv/bin/python bench/carriage.py --quick    # 1 MB + latency only
+    sudo .venv/bin/python bench/carriage.py            # full run (about 15 min)
+    sudo .venv/bin/python bench/carriage.py --quick    # 1 MB + latency only
 
 One `ztna.lab` (cone/cone NATs, IPv4, `delay_ms=10` on each NAT's WAN wire: 10 ms one way
 Agent↔Intermediate and Intermediate↔Connector, 20 ms one way Agent↔Connector either way),
@@ -190,6 +190,16 @@ def chart(result: dict[str, Any], out: Path) -> bool:
     return True
 
 
+def _shown_python() -> str:
+    """The interpreter running this benchmark, as the reader would type it: relative to the
+    working directory when it lives below it (a clone's `.venv`), else its plain name."""
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return exe.name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 MB + latency only")
@@ -203,7 +213,7 @@ def main() -> None:
     result = run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "sudo /work/venv/bin/python " + " ".join(["bench/carriage.py", *sys.argv[1:]])
+    command = " ".join(["sudo", _shown_python(), "bench/carriage.py", *sys.argv[1:]])
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(markdown(result, command))
     png = chart(result, out.with_suffix(".png"))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Data-path cost of the real programs: Mbit/s, packets/s, CPU µs per packet per process.
 
-    sudo /work/venv/bin/python bench/datapath.py --seconds 10 --json bench/results/datapath.json
+    sudo .venv/bin/python bench/datapath.py --seconds 10 --json bench/results/datapath.json
     ... --profile           # also py-spy (raw, --idle) of each process during a TCP window
     ... --trace             # also tracemalloc: net live blocks per forwarded packet per process
     ... --rss-seconds 180   # Agent RSS sampled every 5 s under sustained TCP traffic

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """qh3 vs aioquic for the client roles: DATAGRAM relay throughput through a real Intermediate.
 
-    /work/venv/bin/python bench/qh3_clients.py --seconds 6 --json bench/results/qh3_clients.json
+    .venv/bin/python bench/qh3_clients.py --seconds 6 --json bench/results/qh3_clients.json
 
 Needs `pip install qh3` (trial only; not a project dependency). One real Intermediate
 (aioquic, the server role stays aioquic: qh3 has no server mTLS) in a child process on

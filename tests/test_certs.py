@@ -7,6 +7,7 @@ import ipaddress
 import os
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from ztna.cli.certs import certs as certs_cli
 from ztna.errors import UsageError
 from ztna.identity import ChainVerifier, load_ca_file
 
-ZTNA = Path("/work/venv/bin/ztna")
+# The `ztna` of the interpreter running the tests (whatever venv or clone that is).
+ZTNA = [sys.executable, "-m", "ztna"]
 FILES = ["ca", "intermediate", "agent", "connector"]
 
 
@@ -221,7 +223,7 @@ def test_cli_init_show_issue(tmp_path: Path) -> None:
 def test_installed_command_init(tmp_path: Path) -> None:
     d = tmp_path / "pki"
     proc = subprocess.run(
-        [str(ZTNA), "certs", "init", str(d), "--service", "web", "--host", "127.0.0.1"],
+        [*ZTNA, "certs", "init", str(d), "--service", "web", "--host", "127.0.0.1"],
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr

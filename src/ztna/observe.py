@@ -7,6 +7,8 @@
   the whole request line before answering (the original dropped slow clients: defect 33).
 * `StatsCollector`: exposes plain-int counters (kept on hot paths without locks) as
   Prometheus metrics at scrape time.
+* `format_address`: the one spelling of a socket address in every log line and message:
+  `[fd00::1]:4433` for IPv6, `1.2.3.4:4433` for IPv4 and for IPv4-mapped IPv6.
 """
 
 from __future__ import annotations
@@ -20,6 +22,24 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+def format_address(address: Any) -> str:
+    """`host:port` for logs: IPv6 in brackets (the port is unambiguous then), an IPv4-mapped
+    address (`::ffff:1.2.3.4`, what a dual-stack socket reports for IPv4 peers) as plain IPv4,
+    a zone id (`fe80::1%eth0`) kept. Accepts a socket address tuple of any length, a
+    (host, port) pair, or a bare host (printed without a port)."""
+    if isinstance(address, (tuple, list)):
+        host, port = str(address[0]), (address[1] if len(address) > 1 else None)
+    else:
+        host, port = str(address), None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower().startswith("::ffff:") and "." in host:
+        host = host[7:]
+    if port is None:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class RateLimitedLog:
@@ -75,7 +95,12 @@ class MetricsServer:
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._serve, host, port)
+        try:
+            self.server = await asyncio.start_server(self._serve, host, port)
+        except OSError as exc:
+            from ztna.startup import bind_error
+
+            raise bind_error("metrics and /healthz", "tcp", host, port, exc) from None
 
     @property
     def port(self) -> int:

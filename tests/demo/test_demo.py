@@ -88,6 +88,39 @@ def test_demo_tun_in_namespaces() -> None:
     assert r["icmp_ok"] is True and r["icmp_rtt_ms"] > 0
     assert r["reconnect_ms"] is None
     assert len(r["namespaces"]) == 2
+    if shutil.which("nft"):
+        assert r["tcp_carriage"] == "stream"
+    assert not set(r["namespaces"]) & _netns_names(), "namespaces left behind"
+
+
+def _path_without(tmp: Path, *hidden: str) -> str:
+    """A PATH of symlinks to every program on the current PATH except ``hidden``: a fresh
+    system where those packages are not installed."""
+    bindir = tmp / "bin"
+    bindir.mkdir()
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        if not d or not os.path.isdir(d):
+            continue
+        for name in os.listdir(d):
+            target = bindir / name
+            if name in hidden or name.startswith("ping") or target.exists():
+                continue
+            target.symlink_to(os.path.join(d, name))
+    return str(bindir)
+
+
+@pytest.mark.root
+def test_demo_tun_without_ping_or_nft(tmp_path: Path) -> None:
+    path = _path_without(tmp_path, "nft", "ping", "ping4", "ping6")
+    assert shutil.which("ping", path=path) is None and shutil.which("nft", path=path) is None
+    code, r, err = run_demo("--no-reconnect", env={"PATH": path})
+    check_common(code, r, err)
+    assert r["mode"] == "tun" and r["layout"] == "netns"
+    # the echo is sent from the Agent's namespace with our own ICMP socket, payload checked
+    assert r["icmp_ok"] is True and r["icmp_rtt_ms"] > 0
+    assert r["tcp_carriage"] == "datagram"
+    notes = "\n".join(r["notes"])
+    assert "install nftables" in notes and "TCP carriage: datagram" in notes, notes
     assert not set(r["namespaces"]) & _netns_names(), "namespaces left behind"
 
 

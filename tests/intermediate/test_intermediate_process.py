@@ -91,6 +91,18 @@ def test_no_client_cert_and_wrong_alpn_are_refused(server: IntermediateProc, pki
     assert rc == 1  # a working connection is not an expected failure
 
 
+def test_certificate_from_another_ca_is_not_reported_connected(server: IntermediateProc, pki: Path,
+                                                               tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    init_pki(other, ["echo"])
+    args = ["--server", f"127.0.0.1:{server.port}", "--ca-cert", str(pki / "ca.pem"),
+            "--client-cert", str(other / "agent.pem"), "--client-key", str(other / "agent.key")]
+    rc, r = run(cli_client(*args, "--service", "echo"))
+    assert rc == 1, r
+    assert r["connected"] is False and r["ok"] is False, r
+    assert "invalid client certificate" in (r["close_reason"] or ""), r
+
+
 def test_unscoped_cert_refused_by_default_allowed_with_flag(pki: Path, server: IntermediateProc,
                                                             tmp_path: Path) -> None:
     rc, r = run(cli_client(*client_args(server, pki, ident="unscoped-agent"), "--service", "echo"))

@@ -20,6 +20,7 @@ import signal
 import time
 from typing import Any
 
+from ztna.observe import format_address
 from ztna import limits
 from ztna.agent.config import AgentOptions
 from ztna.agent.control import ControlServer
@@ -80,7 +81,7 @@ class Agent:
         registry.register(StatsCollector(session_stats))  # type: ignore[arg-type]
         self.metrics_server = MetricsServer(registry, health)
         await self.metrics_server.start(host, port)
-        log.info("metrics on http://%s:%d/metrics", host, self.metrics_server.port)
+        log.info("metrics on http://%s/metrics", format_address((host, self.metrics_server.port)))
 
     async def start(self) -> None:
         opts = self.options

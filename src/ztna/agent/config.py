@@ -175,3 +175,70 @@ class AgentOptions(BaseModel):
             if ip in svc.virtual_ips:
                 return svc, ip
         raise UsageError(f"{target} is not a virtual IP of any service")
+
+
+class _ServiceTable(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    virtual_ips: list[str] = Field(min_length=1)
+
+
+class AgentFile(BaseModel):
+    """The Agent's TOML file: the same settings as the flags, under the same names
+    (`services`, `forwards`, `udp_forwards` for the repeatable ones). Unknown keys are an
+    error, so a typo cannot silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid")
+    intermediate: str | None = None
+    pki: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    server_name: str | None = None
+    services: list[str | _ServiceTable] | None = None
+    mode: Literal["tun", "userspace"] | None = None
+    tun_name: str | None = None
+    name: str | None = None
+    forwards: list[str] | None = None
+    udp_forwards: list[str] | None = None
+    socks: str | None = None
+    state_dir: str | None = None
+    tcp_transport: Literal["datagram", "stream"] | None = None
+    p2p_cooldown: float | None = Field(default=None, ge=0.1)
+    metrics: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] | None = None
+
+
+# file key -> the click parameter it stands for
+_FILE_TO_FLAG = {"services": "service", "forwards": "forward", "udp_forwards": "udp_forward"}
+
+
+def load_agent_file(path: str | Path) -> dict[str, object]:
+    """The settings in an Agent TOML file, keyed like the `ztna agent` flags' parameters
+    (`service`, `forward`, ... as tuples of their flag spellings). UsageError with one line
+    naming the file, the key and the value otherwise."""
+    from pydantic import ValidationError
+
+    from ztna.startup import read_toml
+
+    data = {k.replace("-", "_"): v for k, v in read_toml(path).items()}
+    try:
+        cfg = AgentFile.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not an Agent setting)"
+        shown = err.get("input")
+        value = "" if isinstance(shown, dict | list) else f" = {shown!r}"
+        raise UsageError(f"config file {str(path)!r}: invalid {loc}{value}: {msg}") from None
+    out: dict[str, object] = {}
+    for key, value in cfg.model_dump(exclude_none=True).items():
+        if key == "services":
+            value = tuple(v if isinstance(v, str) else f"{v['id']}={','.join(v['virtual_ips'])}"
+                          for v in value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        out[_FILE_TO_FLAG.get(key, key)] = value
+    return out

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ztna.errors import UsageError
+
 log = logging.getLogger("ztna.agent")
 
 
@@ -39,7 +41,10 @@ class ControlServer:
             except OSError:
                 self.path.unlink()
             else:
-                raise OSError(f"another Agent is answering on {self.path}")
+                raise UsageError(
+                    f"another Agent named {self.path.stem!r} is already running (its status socket "
+                    f"{self.path} answers): stop it, or start this one with another --name or "
+                    f"--state-dir")
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
         os.chmod(self.path, 0o666)
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram
 
+from ztna.observe import format_address
 from ztna import limits
 from ztna.errors import DatagramTooLarge, DecodeError
 from ztna.p2p.candidates import gather, interface_addresses
@@ -218,7 +219,7 @@ class DirectPaths:
     def set_observed(self, msg: ObservedAddress) -> None:
         addr = (str(msg.ip), msg.port)
         if addr != self.observed:
-            log.info("P2P socket public address (QAD): %s:%d", *addr)
+            log.info("P2P socket public address (QAD): %s", format_address(addr))
         self.observed = addr
         if self.observed_at is None:
             self.observed_at = self.loop.time()
@@ -417,8 +418,8 @@ class DirectPaths:
         relay = self.session.conn
         if punch.state is PunchState.NOMINATED and punch.selected is not None:
             sp.pm.punch_succeeded(now=punch.nominated_at or now)
-            log.info("service %s: punch succeeded, %s:%d (rtt %.1f ms); connecting direct",
-                     sp.svc.spec.id, *punch.selected, (punch.selected_rtt or 0) * 1000)
+            log.info("service %s: punch succeeded, %s (rtt %.1f ms); connecting direct",
+                     sp.svc.spec.id, format_address(punch.selected), (punch.selected_rtt or 0) * 1000)
             self.loop.create_task(self._connect(sp, punch.selected))
         else:
             sp.pm.punch_failed(now=now, reason="no candidate pair answered (symmetric NAT or firewall)")
@@ -446,7 +447,7 @@ class DirectPaths:
         except (asyncio.TimeoutError, ConnectionError) as exc:
             conn.close(0, "direct handshake failed")
             sp.pm.direct_failed(now=self.loop.time(), reason=f"direct handshake failed: {exc or 'timeout'}")
-            log.warning("service %s: direct handshake to %s:%d failed", service, *addr)
+            log.warning("service %s: direct handshake to %s failed", service, format_address(addr))
             return
         if sp.pm.state is not PathState.CONNECTING:
             conn.close(0, "no longer wanted")
@@ -459,7 +460,7 @@ class DirectPaths:
         if handler.heard_at is not None:
             sp.pm.mark("first_byte", now=max(handler.heard_at, self.loop.time()))
             self.observe(sp)
-        log.info("service %s: traffic now direct to %s:%d (%s handshake)", service, *addr,
+        log.info("service %s: traffic now direct to %s (%s handshake)", service, format_address(addr),
                  sp.extra["handshake"])
         relay = self.session.conn
         if relay is not None and sp.punch is not None:

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ztna.observe import format_address
 from ztna.agent.config import AgentOptions, ServiceSpec
 from ztna.errors import DatagramTooLarge, DecodeError
 from ztna.quic.config import make_configuration
@@ -112,6 +113,7 @@ class SessionCounters:
     zero_rtt_attempts: int = 0      # connections started with a session ticket
     zero_rtt_accepted: int = 0      # ... whose early data the Intermediate accepted
     resumed: int = 0
+    certificate_refusals: int = 0   # connections refused over a certificate (ours or theirs)
 
 
 @dataclass
@@ -147,6 +149,8 @@ class Session(ConnectionHandler):
         self.by_id = {s.spec.id: s for s in self.services}
         self.counters = SessionCounters()
         self.info = SessionInfo()
+        self._handshaken = False   # this connection's TLS handshake completed
+        self._accepted = False     # ... and the Intermediate has sent us something since
         self.conn: ZtnaConnection | None = None
         self.endpoint: QuicEndpoint | None = None
         self.queue: deque[tuple[ServiceState, bytes]] = deque()
@@ -219,7 +223,7 @@ class Session(ConnectionHandler):
 
     def _target(self) -> str:
         host, port = self.options.intermediate
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_address((host, port))
 
     async def _resolve(self) -> tuple[str, int]:
         host, port = self.options.intermediate
@@ -262,7 +266,7 @@ class Session(ConnectionHandler):
         assert self.endpoint is not None
         self._set_state("connecting")
         address = await self._resolve()
-        self.info.address = f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
+        self.info.address = format_address(address)
         config = make_configuration(is_client=True, tls=self.options.tls,
                                     server_name=self.options.server_name,
                                     udp_payload=self.options.udp_payload)
@@ -278,6 +282,7 @@ class Session(ConnectionHandler):
         config.token = self.address_token
         self._connect_started = asyncio.get_running_loop().time()
         self.info.connect_ms = None
+        self._handshaken = self._accepted = False
         conn = self.endpoint.connect(address, config, self)
         self.conn = conn
         # Hello and the registrations go out at once: in 0-RTT when we hold a ticket (they
@@ -295,6 +300,7 @@ class Session(ConnectionHandler):
         except (asyncio.TimeoutError, ConnectionError) as exc:
             conn.close(0, "handshake failed")
             self.conn = None
+            # (a refused certificate was already reported by on_closed -> _lost)
             raise ConnectionError(f"handshake failed: {exc or 'timeout'}") from None
         self.info.connected_since = time.time()
         if conn.early_data_accepted:
@@ -302,7 +308,12 @@ class Session(ConnectionHandler):
         if conn.resumed:
             self.counters.resumed += 1
         self.info.handshake = "0-RTT" if conn.early_data_accepted else ("resumed" if conn.resumed else "full")
-        self._set_state("connected", f"{self.info.handshake} handshake")
+        # Our handshake completes before the Intermediate has checked our certificate (TLS
+        # 1.3: the client's certificate travels in its last flight), so "connected" waits
+        # for the first thing the Intermediate sends once it has accepted us.
+        self._handshaken = True
+        if self._accepted:
+            self._announce_connected()
         self._check_mtu()
         loop = asyncio.get_running_loop()
         useful = False
@@ -330,9 +341,35 @@ class Session(ConnectionHandler):
                 self._lost(conn, conn.close_reason or "closed")
         return useful
 
+    def _heard_from(self, conn: ZtnaConnection) -> None:
+        if conn is self.conn and not self._accepted:
+            self._accepted = True
+            if self._handshaken:
+                self._announce_connected()
+
+    def _announce_connected(self) -> None:
+        self._set_state("connected", f"{self.info.handshake} handshake")
+
+    def _certificate_refused(self, reason: str) -> bool:
+        """Log a refusal of our certificate (or of the Intermediate's) at ERROR with a hint:
+        retrying cannot help until the operator fixes the files, so it must stand out."""
+        from ztna.identity import certificate_problem_hint, is_own_verification_failure
+
+        hint = certificate_problem_hint(reason)
+        if hint is None:
+            return False
+        self.counters.certificate_refusals += 1
+        what = ("cannot verify the Intermediate's certificate" if is_own_verification_failure(reason)
+                else "the Intermediate refused our certificate")
+        log.error("intermediate %s: %s: %s; %s", self.info.address or self._target(), what,
+                  reason, hint)
+        return True
+
     def _lost(self, conn: ZtnaConnection, reason: str) -> None:
         if self.conn is not conn:
             return
+        if not self._accepted:
+            self._certificate_refused(reason)
         self.conn = None
         self.info.connected_since = None
         self.info.last_error = reason
@@ -473,6 +510,7 @@ class Session(ConnectionHandler):
 
     # ------------------------------------------------------------------ events
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
+        self._heard_from(conn)
         first = data[0] if data else 0
         if 0x45 <= first <= 0x4F or 0x60 <= first <= 0x6F:
             self.on_packet(data)
@@ -489,6 +527,7 @@ class Session(ConnectionHandler):
             self.counters.rx_malformed += 1
 
     def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+        self._heard_from(conn)
         for msg in conn.read_control(self._decoder, data) or ():  # corrupt: closed, we reconnect
             if isinstance(msg, (RegistrationAck, RegistrationNack)):
                 self._registration_reply(msg)
@@ -512,7 +551,7 @@ class Session(ConnectionHandler):
                 log.warning("intermediate error %s: %s", msg.code, msg.message)
 
     def _observed(self, addr: ObservedAddress) -> None:
-        text = f"[{addr.ip}]:{addr.port}" if ":" in str(addr.ip) else f"{addr.ip}:{addr.port}"
+        text = format_address((str(addr.ip), addr.port))
         if text != self.info.observed:
             self.info.observed = text
             log.info("intermediate sees us as %s", text)

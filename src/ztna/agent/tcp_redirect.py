@@ -38,6 +38,7 @@ import socket
 import struct
 from typing import Any
 
+from ztna.observe import format_address
 from ztna.agent.config import AgentOptions
 from ztna.agent.tun import TunDevice, delete_nft_table
 from ztna.agent.userspace import StreamFailed, Userspace
@@ -172,7 +173,7 @@ class TcpRedirect:
         except (StreamFailed, asyncio.TimeoutError) as exc:
             self.stats["refused"] += 1
             us.stats["tcp_failed"] += 1
-            log.info("tcp %s:%d via stream refused: %s", vip, port, exc or "timeout")
+            log.info("tcp %s via stream refused: %s", format_address((str(vip), port)), exc or "timeout")
             _reset(writer)
             return
         self.stats["accepted"] += 1

@@ -40,6 +40,8 @@ from typing import Any
 from ztna.agent.config import AgentOptions, Forward, IpAddress, ServiceSpec
 from ztna.agent.session import ACKED, REFUSED, ServiceState, Session
 from ztna.errors import DecodeError, UsageError
+from ztna.observe import format_address
+from ztna.startup import bind_error
 from ztna.netstack.packets import PROTO_UDP, build_udp_packet, parse_ip, parse_udp
 from ztna.wire import StreamOpen, StreamResume, StreamStatus, decode_stream_reply, encode_stream_open
 
@@ -141,24 +143,38 @@ class Userspace:
         loop = asyncio.get_running_loop()
         for fwd in self.options.forwards:
             self._resolve(fwd.target)   # fail fast on unknown targets
-            srv = await asyncio.start_server(lambda r, w, f=fwd: self._spawn(self._tcp_forward(r, w, f)),
-                                             fwd.listen_host, fwd.listen_port)
+            try:
+                srv = await asyncio.start_server(
+                    lambda r, w, f=fwd: self._spawn(self._tcp_forward(r, w, f)),
+                    fwd.listen_host, fwd.listen_port)
+            except OSError as exc:
+                raise bind_error(f"-L forward to {fwd.target}:{fwd.target_port}", "tcp",
+                                 fwd.listen_host, fwd.listen_port, exc) from None
             self.servers.append(srv)
             self._listening("tcp", srv.sockets[0].getsockname(), f"{fwd.target}:{fwd.target_port}")
         for index, fwd in enumerate(self.options.udp_forwards):
             self._resolve(fwd.target)
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda f=fwd, i=index: _UdpListener(self, f, i), local_addr=(fwd.listen_host, fwd.listen_port))
+            try:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda f=fwd, i=index: _UdpListener(self, f, i),
+                    local_addr=(fwd.listen_host, fwd.listen_port))
+            except OSError as exc:
+                raise bind_error(f"-U forward to {fwd.target}:{fwd.target_port}", "udp",
+                                 fwd.listen_host, fwd.listen_port, exc) from None
             self.udp_transports.append(transport)
             self._listening("udp", transport.get_extra_info("sockname"), f"{fwd.target}:{fwd.target_port}")
         if self.options.socks is not None:
             host, port = self.options.socks
-            srv = await asyncio.start_server(lambda r, w: self._spawn(self._socks(r, w)), host, port)
+            try:
+                srv = await asyncio.start_server(lambda r, w: self._spawn(self._socks(r, w)),
+                                                 host, port)
+            except OSError as exc:
+                raise bind_error("SOCKS5 server", "tcp", host, port, exc) from None
             self.servers.append(srv)
             self._listening("socks5", srv.sockets[0].getsockname(), "any service")
 
     def _listening(self, kind: str, addr: Any, target: str) -> None:
-        text = f"{kind} {addr[0]}:{addr[1]} -> {target}"
+        text = f"{kind} {format_address(addr)} -> {target}"
         self.listeners.append(text)
         log.info("listening: %s", text)
 
@@ -379,7 +395,7 @@ class Userspace:
             conn, sid, sink, early = await self._open(spec, vip, fwd.target_port)
         except (StreamFailed, asyncio.TimeoutError) as exc:
             self.stats["tcp_failed"] += 1
-            log.warning("forward to %s:%d failed: %s", fwd.target, fwd.target_port, exc or "timeout")
+            log.warning("forward to %s failed: %s", format_address((fwd.target, fwd.target_port)), exc or "timeout")
             writer.close()
             return
         self.stats["tcp_opened"] += 1

@@ -1,12 +1,22 @@
-"""`ztna agent`: run the Agent (TUN split tunnel as root, userspace forwards otherwise)."""
+"""`ztna agent`: run the Agent (TUN split tunnel as root, userspace forwards otherwise).
+
+    ztna agent --intermediate relay.example.com:4433 --pki ./pki --service web=10.100.0.2
+    ztna agent --config /etc/ztna/agent.toml --log-level debug
+
+Flags override the TOML file (`ztna.agent.config.load_agent_file`). Exit codes: 0 after
+SIGINT/SIGTERM, 2 for a bad configuration (a bad flag or file, an unreadable or mismatched
+certificate/key/CA, a port that cannot be bound, another Agent with the same name).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ztna.errors import UsageError
 
@@ -16,16 +26,21 @@ def _build_options(**kw: object):  # -> AgentOptions (import kept lazy for --hel
 
     from ztna.agent.config import AgentOptions, parse_forward, parse_service, split_host_port
     from ztna.quic.config import TlsFiles
+    from ztna.startup import check_tls_files
 
+    if not kw["intermediate"]:
+        raise UsageError("no Intermediate: give --intermediate HOST:PORT (or `intermediate` in"
+                         " the --config file)")
+    if not kw["service"]:
+        raise UsageError("no service: give --service ID=IP[,IP] (or `services` in the --config"
+                         " file)")
     if kw["pki"]:
         tls = TlsFiles.from_dir(kw["pki"], "agent")
     elif kw["cert"] and kw["key"] and kw["ca"]:
         tls = TlsFiles(Path(kw["cert"]), Path(kw["key"]), Path(kw["ca"]))
     else:
         raise UsageError("give --pki DIR or all of --cert, --key and --ca")
-    for path in (tls.cert, tls.key, tls.ca):
-        if not Path(path).is_file():
-            raise UsageError(f"missing TLS file {path}")
+    check_tls_files(tls.cert, tls.key, tls.ca)
     host, port = split_host_port(str(kw["intermediate"]), default_port=4433)
     mode = kw["mode"] or ("tun" if os.geteuid() == 0 else "userspace")
     server_name = kw["server_name"] or (host if host and not host.replace(".", "").isdigit() and ":" not in host else "localhost")
@@ -46,18 +61,33 @@ def _build_options(**kw: object):  # -> AgentOptions (import kept lazy for --hel
     try:
         return AgentOptions(**values)
     except ValidationError as exc:
-        raise UsageError("; ".join(e["msg"] for e in exc.errors())) from None
+        raise UsageError("; ".join(e["msg"].removeprefix("Value error, ")
+                                   for e in exc.errors())) from None
+
+
+def _merge_config(ctx: click.Context, config_path: Path | None, kw: dict[str, object]) -> None:
+    """Fill `kw` (the flags) from the TOML file where a flag was not given on the command
+    line: a flag always beats the file, the file beats the defaults."""
+    if config_path is None:
+        return
+    from ztna.agent.config import load_agent_file
+
+    for name, value in load_agent_file(config_path).items():
+        if ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
+            kw[name] = value
 
 
 @click.command(name="agent")
-@click.option("--intermediate", required=True, metavar="HOST:PORT", help="The Intermediate (port defaults to 4433).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML config file (flags override it; see docs/agent.md).")
+@click.option("--intermediate", metavar="HOST:PORT", help="The Intermediate (port defaults to 4433).")
 @click.option("--pki", type=click.Path(file_okay=False), help="Directory with agent.pem, agent.key, ca.pem.")
 @click.option("--cert", type=click.Path(dir_okay=False))
 @click.option("--key", type=click.Path(dir_okay=False))
 @click.option("--ca", type=click.Path(dir_okay=False))
 @click.option("--server-name", help="TLS name of the Intermediate (default: its host name, or 'localhost').")
-@click.option("--service", "service", multiple=True, required=True, metavar="ID=IP[,IP]",
-              help="A service and its virtual IPs, e.g. web=10.100.0.2,fd00:100::2 (repeatable).")
+@click.option("--service", "service", multiple=True, metavar="ID=IP[,IP]",
+              help="A service and its virtual IPs, e.g. web=10.100.0.2,fd00:100::2 (repeatable; required here or in --config).")
 @click.option("--mode", type=click.Choice(["tun", "userspace"]), help="Default: tun as root, else userspace.")
 @click.option("--tun-name", default="ztna0", show_default=True)
 @click.option("--name", help="Agent name (state file and status socket); default: the TUN name.")
@@ -73,17 +103,21 @@ def _build_options(**kw: object):  # -> AgentOptions (import kept lazy for --hel
               help="Prometheus /metrics (direct-path warm-up histograms) and /healthz.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def agent(**kw: object) -> None:
+@click.pass_context
+def agent(ctx: click.Context, config_path: Path | None, **kw: object) -> None:
     """Run the Agent until SIGINT/SIGTERM."""
     from ztna.observe import setup_logging
 
-    setup_logging(str(kw.pop("log_level")))
     try:
+        _merge_config(ctx, config_path, kw)
+        setup_logging(str(kw.pop("log_level")))
         options = _build_options(**kw)
         from ztna.agent.agent import Agent
 
         asyncio.run(Agent(options).run_forever())
     except UsageError as exc:
-        raise click.ClickException(str(exc)) from None
+        # One line and status 2, like click's own usage errors and the other two programs.
+        click.echo(f"ztna agent: {exc}", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         pass

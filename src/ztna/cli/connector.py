@@ -59,12 +59,22 @@ def connector(config_path: str | None, intermediate: str | None, server_name: st
     except UsageError as exc:
         click.echo(f"ztna connector: config error: {exc}", err=True)
         sys.exit(2)
+    from ztna.startup import check_tls_files
+
+    try:
+        check_tls_files(cfg.cert, cfg.key, cfg.ca)
+    except UsageError as exc:
+        click.echo(f"ztna connector: {exc}", err=True)
+        sys.exit(2)
     from ztna.connector.service import Connector
     from ztna.observe import setup_logging
 
     setup_logging(cfg.log_level)
     try:
         asyncio.run(Connector(cfg).run_forever())
+    except UsageError as exc:   # e.g. a port that cannot be bound
+        click.echo(f"ztna connector: {exc}", err=True)
+        sys.exit(2)
     except OSError as exc:
         click.echo(f"ztna connector: {exc}", err=True)
         sys.exit(1)

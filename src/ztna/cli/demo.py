@@ -107,7 +107,9 @@ def _verdict(console: Any, r: dict[str, Any]) -> None:
         parts = [f"{r['http_bytes']:,} bytes over HTTP at {r['http_mbps']} Mbit/s (sha256 ok)",
                  "UDP echo byte-exact"]
         if r["icmp_ok"]:
-            parts.append("ping ok")
+            parts.append("ICMP echo ok")
+        if r.get("tcp_carriage"):
+            parts.append(f"TCP carriage {r['tcp_carriage']}")
         parts.append(f"path {r['path']}")
         console.print(f"\n[bold green]PASS[/bold green] ({r['mode']} mode): " + ", ".join(parts))
     else:

@@ -4,8 +4,9 @@
     ztna intermediate --config /etc/ztna/intermediate.toml --listen 0.0.0.0:4433
 
 Flags override the TOML file (`ztna.intermediate.config`). Exit codes: 0 after a graceful
-drain (SIGTERM/SIGINT), 1 when a socket cannot be bound or certificates cannot be loaded,
-2 for a bad configuration. SIGHUP reloads the certificate files.
+drain (SIGTERM/SIGINT), 2 for a bad configuration (a bad flag or file, an unreadable or
+mismatched certificate/key/CA, an address that cannot be bound), 1 for any other failure
+to start. SIGHUP reloads the certificate files.
 """
 
 from __future__ import annotations
@@ -81,10 +82,13 @@ def intermediate(ctx: click.Context, config_path: Path | None, **flags: Any) -> 
 
     setup_logging(cfg.log_level)
     cert, key, ca = cfg.tls_paths()
-    for label, path in (("cert", cert), ("key", key), ("ca", ca)):
-        if not path.is_file():
-            click.echo(f"ztna intermediate: invalid {label} = '{path}': file does not exist", err=True)
-            sys.exit(2)
+    from ztna.startup import check_tls_files
+
+    try:
+        check_tls_files(cert, key, ca)
+    except UsageError as exc:
+        click.echo(f"ztna intermediate: {exc}", err=True)
+        sys.exit(2)
     if cfg.insecure_no_client_auth:
         click.echo(f"{_WARN}WARNING: --insecure-no-client-auth: client certificates are NOT checked;"
                    f"\nanyone who can reach this port may register as any Agent or Connector.{_WARN}",

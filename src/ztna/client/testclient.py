@@ -99,6 +99,7 @@ class _Handler(ConnectionHandler):
         self.unrelated = 0
         self.goaway = False
         self.closed_reason: str | None = None
+        self.heard = False          # anything at all arrived from the server
         self._changed: asyncio.Future[None] | None = None
 
     def _poke(self) -> None:
@@ -120,6 +121,7 @@ class _Handler(ConnectionHandler):
         return True
 
     def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+        self.heard = True
         try:
             messages = self.decoder.feed(data)
         except DecodeError:
@@ -140,6 +142,7 @@ class _Handler(ConnectionHandler):
             self.messages.append(msg)
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
+        self.heard = True
         first = data[0] if data else 0
         try:
             if first == 0x01:
@@ -235,7 +238,8 @@ async def run_client(o: ClientOptions) -> dict[str, Any]:
         "handshake_ms": None, "qad": None, "registrations": {}, "max_datagram_payload": None,
         "tunnel_max": None, "udp_payload": o.udp_payload, "sent": 0, "echoed": 0,
         "echo_ok": None, "rtt_ms": None, "unrelated": 0, "messages": [], "errors": [],
-        "refused_locally": None, "closed": None, "goaway": False, "cid_rotations": 0,
+        "refused_locally": None, "closed": None, "close_reason": None, "goaway": False,
+        "cid_rotations": 0,
     }
     errors: list[str] = result["errors"]
     try:
@@ -257,8 +261,18 @@ async def run_client(o: ClientOptions) -> dict[str, Any]:
             await asyncio.wait_for(conn.wait_handshake(), o.timeout)
         except (ConnectionError, asyncio.TimeoutError) as exc:
             errors.append(f"handshake failed: {exc or 'timeout'}")
+            result["close_reason"] = handler.closed_reason
             return result
         result["handshake_ms"] = round((loop.time() - start) * 1000, 3)
+        # Our handshake completes before the server has checked our certificate (it comes in
+        # our last flight), so a refusal arrives as a close right after it. Connected means
+        # the server spoke to us (QAD first) or at least did not close on us meanwhile.
+        await handler.wait_for(lambda: handler.qad is not None or handler.heard,
+                               min(1.0, o.timeout))
+        if handler.closed_reason is not None and not handler.heard:
+            errors.append(f"connection closed by server: {handler.closed_reason}")
+            result["close_reason"] = handler.closed_reason
+            return result
         result["connected"] = True
         result["max_datagram_payload"] = conn.max_datagram_payload()
         if o.cid_rotation:
@@ -306,6 +320,8 @@ async def run_client(o: ClientOptions) -> dict[str, Any]:
         result["unrelated"] += handler.unrelated
         result["goaway"] = handler.goaway
         result["closed"] = handler.closed_reason
+        if handler.closed_reason is not None and not handler.goaway:
+            result["close_reason"] = handler.closed_reason
         result["messages"] = [_describe(m) for m in handler.messages]
         for conn in list(ep.connections):
             conn.close(0, "client done")

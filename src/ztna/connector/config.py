@@ -12,7 +12,6 @@ Hosts may be IPs (IPv6 in brackets) or names; names are resolved when the backen
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +193,8 @@ class ConnectorConfig(BaseModel):
     @field_validator("cert", "key", "ca")
     @classmethod
     def _exists(cls, v: Path) -> Path:
+        if v.is_dir():
+            raise ValueError(f"{str(v)!r} is a directory, not a file")
         if not v.is_file():
             raise ValueError(f"file not found: {str(v)!r}")
         return v
@@ -247,13 +248,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     Raises UsageError with one line naming the field and the value."""
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except OSError as exc:
-            raise UsageError(f"cannot read config {str(path)!r}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise UsageError(f"config {str(path)!r}: {exc}") from None
+        from ztna.startup import read_toml
+
+        data = read_toml(path)
         if "service" in data and "services" not in data:
             data["services"] = data.pop("service")
     for k, v in (overrides or {}).items():

@@ -10,12 +10,43 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from ztna.observe import MetricsServer, StatsCollector
+from ztna.observe import MetricsServer, StatsCollector, format_address
 
 if TYPE_CHECKING:
     from ztna.connector.service import Connector
 
 Row = tuple[str, str, str, float, "dict[str, str] | None"]
+
+
+# EndpointStats counters that each count a datagram the P2P socket received and dropped
+# (the datagram went no further: not QUIC we can use, no connection for it, or refused
+# before a connection existed), exported under the reason on the right.
+_ENDPOINT_DROPS = {
+    "malformed": "malformed",                       # empty, bad long header, short Initial
+    "non_quic": "non_quic",                         # first byte < 0x40 with no probe handler
+    "unknown_cid": "unknown_connection_id",         # short or long header for no connection
+    "version_negotiations": "unsupported_version",  # answered with Version Negotiation
+    "connections_refused_limit": "connection_limit",
+    "handshakes_rate_limited": "handshake_rate_limited",
+    "retry_failures": "bad_retry_token",
+}
+
+
+def p2p_drops(c: Connector) -> dict[str, int]:
+    """Every datagram the P2P socket received and dropped, by reason. Together with the
+    datagrams that reached a connection or a live punch session this accounts for all of
+    `datagrams_received`, so garbage never disappears without a trace."""
+    out: dict[str, int] = {}
+    p2p = c.p2p
+    if p2p is None or p2p.endpoint is None:
+        return out
+    stats = p2p.endpoint.stats
+    for field, reason in _ENDPOINT_DROPS.items():
+        out[reason] = getattr(stats, field)
+    out["no_probe_handler"] = p2p.raw_ignored
+    if c.punch is not None:
+        out.update(c.punch.drops)
+    return out
 
 
 def collect(c: Connector) -> list[Any]:
@@ -37,6 +68,10 @@ def collect(c: Connector) -> list[Any]:
                 c.loop.time() - c.started_at if c.loop else 0, None))
     for name, value in c.stats.as_dict().items():
         out.append((f"ztna_connector_{name}_total", "counter", name.replace("_", " "), value, None))
+    for reason, value in p2p_drops(c).items():
+        out.append(("ztna_connector_p2p_dropped_datagrams_total", "counter",
+                    "Datagrams received on the P2P socket and dropped, by reason", value,
+                    {"reason": reason}))
     for label, ep in (("relay", c.relay_endpoint), ("p2p", c.p2p.endpoint if c.p2p else None)):
         if ep is None:
             continue
@@ -53,5 +88,6 @@ async def start_metrics(c: Connector, host: str, port: int) -> MetricsServer:
     await server.start(host, port)
     import logging
 
-    logging.getLogger("ztna.connector").info("metrics on http://%s:%d/metrics", host, server.port)
+    logging.getLogger("ztna.connector").info("metrics on http://%s/metrics",
+                                             format_address((host, server.port)))
     return server

@@ -36,9 +36,11 @@ from ztna.connector.relay_link import backoff_delay
 from ztna.errors import DecodeError
 from ztna.identity import ChainVerifier, load_ca_file, stable_peer_id
 from ztna import limits
+from ztna.observe import format_address
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import CLOSE_NO_ERROR, QuicEndpoint, ServerOptions, bind_udp, normalize_address
+from ztna.startup import bind_error
 from ztna.wire import (
     SERVICE_DATAGRAM,
     ControlDecoder,
@@ -226,9 +228,12 @@ class P2PServer:
             retry=False,                       # probes validated the address already
             ticket_store=self.ticket_store,    # resumption + 0-RTT for returning Agents
         )
-        self.endpoint = QuicEndpoint(bind_udp(self.host, self.port), server=options,
-                                     raw_handler=self._raw, retain_streams=True)
-        log.info("P2P QUIC server on udp [%s]:%d", self.host, self.local_port)
+        try:
+            sock = bind_udp(self.host, self.port)
+        except OSError as exc:
+            raise bind_error("Connector P2P port", "udp", self.host, self.port, exc) from None
+        self.endpoint = QuicEndpoint(sock, server=options, raw_handler=self._raw, retain_streams=True)
+        log.info("P2P QUIC server on udp %s", format_address((self.host, self.local_port)))
         self._task = asyncio.get_running_loop().create_task(self._qad_loop())
 
     @property
@@ -248,7 +253,7 @@ class P2PServer:
 
     def set_public_address(self, addr: ObservedAddress) -> None:
         if addr != self.public_address:
-            log.info("P2P socket public address (QAD): %s:%d", addr.ip, addr.port)
+            log.info("P2P socket public address (QAD): %s", format_address((addr.ip, addr.port)))
         self.public_address = addr
         if self.on_public_address is not None:
             self.on_public_address(addr)

@@ -19,6 +19,7 @@ import logging
 import secrets
 from typing import TYPE_CHECKING, Any
 
+from ztna.observe import format_address
 from ztna.p2p.candidates import gather, interface_addresses
 from ztna.p2p.punch import PunchSession, PunchState
 from ztna.quic.connection import ZtnaConnection
@@ -35,6 +36,10 @@ from ztna.wire.probe import probe_session_of
 
 if TYPE_CHECKING:
     from ztna.connector.p2p_server import P2PServer
+
+# PunchStats counters that each mean "this probe was dropped", for the Connector's totals.
+_SESSION_DROPS = ("bad_mac", "malformed", "wrong_session", "unknown_txid", "wrong_source",
+                  "role_conflicts")
 
 log = logging.getLogger("ztna.connector")
 
@@ -61,6 +66,10 @@ class ConnectorPunch:
         self.direct = 0
         self.failed = 0
         self.unknown_probes = 0
+        # Non-QUIC datagrams on the P2P socket that were dropped, by reason (all start at 0,
+        # so /metrics shows every reason).
+        self.drops: dict[str, int] = dict.fromkeys(
+            ["not_a_probe", "probe_unknown_session", *(f"probe_{n}" for n in _SESSION_DROPS)], 0)
         self.addresses: list[str] = []
         p2p.raw_handler = self.on_raw
         self.relay_conn: ZtnaConnection | None = None   # where StandingCandidates go
@@ -139,18 +148,28 @@ class ConnectorPunch:
             self._run(session, now)
         elif isinstance(msg, PunchResult):
             log.info("punch %016x: agent reports %s", msg.session,
-                     f"direct via {msg.ip}:{msg.port}" if msg.ok else "failure")
+                     f"direct via {format_address((msg.ip, msg.port))}" if msg.ok else "failure")
         elif isinstance(msg, ErrorMessage) and msg.session is not None:
             self.sessions.pop(msg.session, None)
 
     # ------------------------------------------------------------------ probes
     def on_raw(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
         sid = probe_session_of(data)
-        session = self.sessions.get(sid) if sid is not None else None
+        if sid is None:
+            self.drops["not_a_probe"] += 1   # first byte < 0x40 but no probe header
+            return
+        session = self.sessions.get(sid)
         if session is None:
             self.unknown_probes += 1   # not ours: dropped unanswered
+            self.drops["probe_unknown_session"] += 1
             return
+        st = session.stats
+        before = [getattr(st, name) for name in _SESSION_DROPS]
         self._send(session.on_datagram(data, addr, now=now))
+        # The session keeps its own counters and is forgotten after LINGER; carry what it
+        # dropped (bad MAC, undecodable, stale txid, ...) into our totals for /metrics.
+        for name, old in zip(_SESSION_DROPS, before, strict=True):
+            self.drops[f"probe_{name}"] += getattr(st, name) - old
         self._after(session, now)
 
     def _run(self, session: PunchSession, now: float) -> None:
@@ -166,7 +185,7 @@ class ConnectorPunch:
             session._reported = True  # type: ignore[attr-defined]
             if session.state is PunchState.NOMINATED:
                 self.direct += 1
-                log.info("punch %016x: agent nominated %s:%d", session.session, *session.selected)
+                log.info("punch %016x: agent nominated %s", session.session, format_address(session.selected))
             else:
                 self.failed += 1
                 log.info("punch %016x: no direct path (staying on relay)", session.session)

@@ -28,6 +28,7 @@ import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ztna.observe import format_address
 from ztna import limits
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import CLOSE_NO_ERROR, QuicEndpoint
@@ -148,7 +149,7 @@ class RelayLink(ConnectionHandler):
             await asyncio.wait_for(conn.wait_handshake(), HANDSHAKE_TIMEOUT)
         except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
             self.last_error = str(exc) or type(exc).__name__
-            log.warning("cannot connect to the intermediate %s:%d: %s", self.host, self.port,
+            log.warning("cannot connect to the intermediate %s: %s", format_address((self.host, self.port)),
                         self.last_error)
             if conn is not None:
                 conn.close(CLOSE_NO_ERROR, "handshake timeout")
@@ -162,7 +163,7 @@ class RelayLink(ConnectionHandler):
         self.state = "connected"
         self.registration = {s: "pending" for s in self.services}
         self._sent_at = {}
-        log.info("connected to the intermediate %s (%s)", conn.peer_address[0], self.host)
+        log.info("connected to the intermediate %s (%s)", format_address(conn.peer_address), self.host)
         self.sink.relay_up(conn)
         last_ping = loop.time()
         try:
@@ -226,7 +227,7 @@ class RelayLink(ConnectionHandler):
                             msg.service_id, msg.status.name, NACK_RETRY)
         elif isinstance(msg, ObservedAddress):
             if msg != self.public_address:
-                log.info("relay socket public address (QAD): %s:%d", msg.ip, msg.port)
+                log.info("relay socket public address (QAD): %s", format_address((msg.ip, msg.port)))
             self.public_address = msg
         elif isinstance(msg, AgentGone):
             self.sink.agent_gone(msg.agent)

@@ -33,9 +33,11 @@ from ztna.connector.tcp_flows import TcpFlows
 from ztna.connector.udp_flows import UdpFlows
 from ztna.errors import DecodeError
 from ztna.netstack.packets import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, parse_ip
+from ztna.observe import format_address
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
+from ztna.startup import bind_error
 from ztna.wire import TO_CONNECTOR, decode_to_connector
 
 log = logging.getLogger("ztna.connector")
@@ -167,9 +169,14 @@ class Connector:
         await self._resolve_backends()
         inter = self.cfg.intermediate
         # Relay socket: its own UDP socket (ephemeral by default).
-        self.relay_endpoint = QuicEndpoint(bind_udp(self.cfg.relay_host, self.cfg.relay_port))
-        log.info("relay socket on udp [%s]:%d", self.cfg.relay_host,
-                 self.relay_endpoint.local_address[1])
+        try:
+            relay_sock = bind_udp(self.cfg.relay_host, self.cfg.relay_port)
+        except OSError as exc:
+            raise bind_error("Connector relay socket", "udp", self.cfg.relay_host,
+                             self.cfg.relay_port, exc) from None
+        self.relay_endpoint = QuicEndpoint(relay_sock)
+        log.info("relay socket on udp %s",
+                 format_address((self.cfg.relay_host, self.relay_endpoint.local_address[1])))
         self.relay = RelayLink(
             self.relay_endpoint, host=inter.host, port=inter.port,
             config_factory=lambda: make_configuration(
@@ -233,7 +240,16 @@ class Connector:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # e.g. the P2P or metrics port is taken: release what did start (the relay
+            # connection, sockets) before the error reaches the operator.
+            try:
+                await self.stop()
+            except Exception:  # noqa: BLE001 - the start-up error is the one to report
+                log.debug("cleanup after a failed start", exc_info=True)
+            raise
         await self._stopped.wait()
 
     async def _resolve_backends(self) -> None:
@@ -246,7 +262,7 @@ class Connector:
                     infos = await self.loop.getaddrinfo(b.host, b.port, type=socket.SOCK_DGRAM)
                     b.resolved = (infos[0][0], infos[0][4][:2])
                 except (OSError, IndexError) as exc:
-                    log.warning("cannot resolve UDP backend %s:%d of %r: %s", b.host, b.port,
+                    log.warning("cannot resolve UDP backend %s of %r: %s", format_address((b.host, b.port)),
                                 svc.id, exc)
 
     async def _sweeper(self) -> None:

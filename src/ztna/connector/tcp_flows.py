@@ -33,6 +33,7 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any
 
+from ztna.observe import format_address
 from ztna.netstack.packets import ACK, RST, SYN, IpHeader, parse_tcp
 from ztna.netstack.tcp import TcpEndpoint, TcpState, rst_for_unexpected
 from ztna.connector.backend import WRITE_HIGH, tune_backend_transport
@@ -190,7 +191,7 @@ class TcpFlows:
                                    self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             self.stats.tcp_backend_failures += 1
-            log.debug("backend %s:%d refused/unreachable: %s", host, port, exc)
+            log.debug("backend %s refused/unreachable: %s", format_address((host, port)), exc)
             if not flow.done:
                 flow.ep.refuse(now=self.loop.time())
                 self.pump(flow)

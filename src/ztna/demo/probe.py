@@ -1,4 +1,5 @@
-"""The demo's traffic: what a user would do with curl, an echo client and ping.
+"""The demo's traffic: what a user would do with curl, an echo client and ping (sent with
+our own ICMP socket, so the demo needs no ping binary).
 
 Plain blocking sockets. Each function opens its sockets in the calling thread's network
 namespace, so the runner calls them through ``ztna.lab.netns.in_netns`` to act "from the
@@ -10,10 +11,9 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import re
-import shutil
+import os
 import socket
-import subprocess
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -102,21 +102,83 @@ def tcp_reachable(host: str, port: int, *, timeout: float = 1.5) -> bool:
         return False
 
 
-_RTT_RE = re.compile(r"= [\d.]+/([\d.]+)/")
-_RECV_RE = re.compile(r"(\d+) (?:packets )?received")
+def _icmp_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
 
 
-def ping(host: str, *, count: int = 3, netns: str | None = None) -> tuple[bool, float | None, str]:
-    """``ping -c COUNT host`` (in ``netns``): (all answered, avg RTT ms, output)."""
-    tool = shutil.which("ping")
-    if tool is None:
-        return False, None, "ping is not installed"
-    argv = [tool, "-c", str(count), "-i", "0.2", "-W", "2", host]
-    if netns:
-        argv = ["ip", "netns", "exec", netns, *argv]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=count * 3 + 5)
-    out = proc.stdout + proc.stderr
-    got = _RECV_RE.search(out)
-    rtt = _RTT_RE.search(out)
-    ok = proc.returncode == 0 and got is not None and int(got.group(1)) == count
-    return ok, float(rtt.group(1)) if rtt else None, out.strip()
+def _icmp_socket(v6: bool) -> tuple[socket.socket, bool]:
+    """(socket, raw?): an ICMP datagram ("ping") socket where ping_group_range allows it, else
+    a raw socket (root). Either way no external tool is needed: a fresh system may lack ping."""
+    family, proto = ((socket.AF_INET6, socket.IPPROTO_ICMPV6) if v6
+                     else (socket.AF_INET, socket.IPPROTO_ICMP))
+    try:
+        return socket.socket(family, socket.SOCK_DGRAM, proto), False
+    except OSError:  # EACCES: our group is outside net.ipv4.ping_group_range
+        return socket.socket(family, socket.SOCK_RAW, proto), True
+
+
+def icmp_echo(host: str, *, count: int = 3, timeout: float = 2.0,
+              interval: float = 0.2) -> tuple[int, float | None, str]:
+    """Send ``count`` ICMP echo requests to ``host`` from this thread's namespace and check
+    that each reply carries our payload back byte for byte.
+
+    Returns (replies that matched, average RTT in ms or None, one line saying what happened).
+    """
+    v6 = ":" in host
+    request, reply = (128, 129) if v6 else (8, 0)
+    try:
+        sock, raw = _icmp_socket(v6)
+    except OSError as exc:
+        return 0, None, f"cannot open an ICMP socket: {exc.strerror or exc}"
+    ident = os.getpid() & 0xFFFF
+    rtts: list[float] = []
+    problems: list[str] = []
+    with sock:
+        for seq in range(1, count + 1):
+            payload = os.urandom(32) + seq.to_bytes(2, "big")
+            header = struct.pack("!BBHHH", request, 0, 0, ident, seq)
+            packet = header + payload
+            if not v6:  # the kernel fills in the ICMPv6 checksum (it covers a pseudo-header)
+                packet = header[:2] + _icmp_checksum(packet).to_bytes(2, "big") + packet[4:]
+            sent = time.monotonic()
+            try:
+                sock.sendto(packet, (host, 0))
+            except OSError as exc:
+                problems.append(f"seq {seq}: send failed: {exc.strerror or exc}")
+                time.sleep(interval)
+                continue
+            deadline = sent + timeout
+            got = False
+            while not got and (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                try:
+                    data, _addr = sock.recvfrom(65535)
+                except (TimeoutError, socket.timeout):
+                    break
+                if raw and not v6:  # a raw IPv4 socket hands us the IP header too
+                    data = data[(data[0] & 0x0F) * 4:]
+                if len(data) < 8 or data[0] != reply:
+                    continue  # our own request seen on a raw socket, or unrelated ICMP
+                r_ident, r_seq = struct.unpack("!HH", data[4:8])
+                # A datagram socket's identifier is chosen by the kernel; a raw one is ours.
+                if r_seq != seq or (raw and r_ident != ident):
+                    continue
+                if data[8:] != payload:
+                    problems.append(f"seq {seq}: reply payload differs from the request")
+                    got = True
+                    continue
+                rtts.append((time.monotonic() - sent) * 1000)
+                got = True
+            if not got:
+                problems.append(f"seq {seq}: no reply within {timeout:g} s")
+            time.sleep(interval)
+    avg = round(sum(rtts) / len(rtts), 3) if rtts else None
+    summary = f"{len(rtts)}/{count} echo replies with the request's payload"
+    if problems:
+        summary += " (" + "; ".join(problems) + ")"
+    return len(rtts), avg, summary

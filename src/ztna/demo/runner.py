@@ -11,7 +11,7 @@
 3. lab only: the Agent must NOT reach the backends directly (TCP connect from its netns)
 4. Agent, awaited on its control socket (``ztna status --json``): connected, service ACKed
 5. UDP echo (three sizes, compared byte for byte), then (if the Agent runs P2P) up to
-   ``direct_wait`` s for the path to go direct, HTTP download (sha256), ping (TUN only)
+   ``direct_wait`` s for the path to go direct, HTTP download (sha256), ICMP echo (TUN only, our own ICMP socket)
 6. reconnect: the Agent process is restarted twice, with its ticket cache kept ("zero_rtt")
    and deleted ("full"); time from spawn to the first echoed UDP byte, plus the Agent's
    own connect time and handshake kind from its status
@@ -122,18 +122,21 @@ class Demo:
         self.tmp = Path(tempfile.mkdtemp(prefix="ztna-demo-"))
         self.sup = Supervisor(self.tmp / "logs")
         self.state_dir = self.tmp / "agent-state"
+        self.transport = options.transport
         self.result: dict[str, Any] = {
             "ok": False, "mode": self.mode, "layout": self.layout.name,
-            "transport": options.transport, "path": None,
+            "transport": options.transport, "tcp_carriage": None, "path": None,
             "http_bytes": 0, "http_expected_bytes": options.size, "http_sha256_ok": False,
             "http_mbps": None, "http_seconds": None, "udp_echo_ok": False, "icmp_ok": None,
             "icmp_rtt_ms": None, "rtt_ms": None, "warmup_ms": None, "reconnect_ms": None,
             "p2p": None, "isolated": None, "namespaces": None, "lab": None, "pids": {},
-            "workdir": str(self.tmp), "errors": [],
+            "workdir": str(self.tmp), "errors": [], "notes": [],
         }
 
     # ------------------------------------------------------------------ helpers
     def step(self, ok: bool | None, text: str) -> None:
+        if ok is None:  # information (fallbacks, hints) also reaches --json readers
+            self.result["notes"].append(text)
         self.emit(ok, text)
 
     def fail(self, text: str) -> None:
@@ -273,7 +276,7 @@ class Demo:
         argv = ["agent", "--intermediate", self.layout.intermediate_for("agent", self.int_port),
                 "--server-name", "localhost", "--pki", str(self.tmp / "pki"),
                 "--service", f"{SERVICE}={','.join(VIPS)}", "--name", "demo",
-                "--state-dir", str(self.state_dir), "--tcp-transport", self.o.transport]
+                "--state-dir", str(self.state_dir), "--tcp-transport", self.transport]
         if self.mode == "tun":
             argv += ["--mode", "tun", "--tun-name", "ztna0"]
         else:
@@ -299,7 +302,32 @@ class Demo:
         return self.sup.wait_for(ready, timeout=self.o.startup_timeout, component="agent",
                                  what="connected to the Intermediate with the service registered")
 
+    def choose_carriage(self) -> None:
+        """TCP over QUIC streams in TUN mode needs an nftables redirect; without `nft` the
+        demo says so and uses the datagram carriage, which needs nothing but the TUN."""
+        if self.mode == "tun" and self.transport == "stream" and shutil.which("nft") is None:
+            self.transport = "datagram"
+            self.step(None, "nft not found: TCP will ride the datagram carriage (IP packets in "
+                            "QUIC DATAGRAMs); install nftables (apt-get install nftables) for "
+                            "TCP over QUIC streams")
+
+    def report_carriage(self, snap: dict[str, Any]) -> None:
+        if self.mode != "tun":
+            carriage = "stream"  # userspace forwards always open one QUIC stream per connection
+        else:
+            redirect = snap.get("tcp_redirect") or {}
+            carriage = "stream" if redirect.get("nft_table") else "datagram"
+            if self.transport == "stream" and carriage == "datagram":
+                self.step(None, f"the Agent could not set up TCP over QUIC streams "
+                                f"({redirect.get('fallback') or 'no nft table'}); install "
+                                f"nftables (apt-get install nftables) to get them")
+        self.result["tcp_carriage"] = carriage
+        how = ("QUIC streams, one per connection" if carriage == "stream"
+               else "IP packets in QUIC DATAGRAMs")
+        self.step(None, f"TCP carriage: {carriage} ({how})")
+
     def start_agent(self) -> None:
+        self.choose_carriage()
         if self.mode == "userspace":
             self.local_tcp = _free_port(socket.SOCK_STREAM)
             self.local_udp = _free_port(socket.SOCK_DGRAM)
@@ -312,6 +340,7 @@ class Demo:
                  f"udp 127.0.0.1:{self.local_udp} -> {SERVICE}:{UDP_VPORT}")
         self.step(True, f"Agent up (pid {snap['agent']['pid']}, {self.mode} mode, {where}): "
                         f"connected to {i['target']}, RTT {i.get('rtt_ms')} ms, service registered")
+        self.report_carriage(snap)
 
     def targets(self) -> tuple[str, int, str, int]:
         if self.mode == "tun":
@@ -416,12 +445,15 @@ class Demo:
     def icmp_test(self) -> None:
         if self.mode != "tun":
             return
-        ok, rtt, out = probe.ping(VIPS[0], count=3, netns=self.layout.ns("agent"))
+        count = 3
+        got, rtt, text = self.layout.call("agent", lambda: probe.icmp_echo(VIPS[0], count=count))
+        ok = got == count
         self.result.update(icmp_ok=ok, icmp_rtt_ms=rtt)
         if ok:
-            self.step(True, f"ping -c 3 {VIPS[0]}: 3/3 replies, avg RTT {rtt} ms")
+            self.step(True, f"ICMP echo to {VIPS[0]} from the Agent's namespace: {text}, "
+                            f"avg RTT {rtt} ms")
         else:
-            self.fail(f"ping -c 3 {VIPS[0]} failed: {out.splitlines()[-1] if out else 'no output'}")
+            self.fail(f"ICMP echo to {VIPS[0]} from the Agent's namespace failed: {text}")
 
     def measure_restart(self, keep_tickets: bool) -> dict[str, Any]:
         """Restart the Agent process (ticket cache kept or deleted); spawn -> first echo."""

@@ -22,7 +22,6 @@ Example file (all keys optional)::
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -171,15 +170,12 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Intermedi
     """Build the config from an optional TOML file plus flag overrides (None = not given)."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        from ztna.startup import read_toml
+
         try:
-            data = tomllib.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {p} does not exist") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+            data = read_toml(path)
+        except UsageError as exc:
+            raise ConfigError(str(exc)) from None
         data = {k.replace("-", "_"): v for k, v in data.items()}
     for key, value in overrides.items():
         if value is None or value == ():

@@ -26,7 +26,8 @@ from ztna import limits
 from ztna.errors import DatagramTooLarge, DecodeError
 from ztna.identity import ChainVerifier, load_ca_file, stable_peer_id
 from ztna.intermediate.registry import AllowAll, Notify, Registry
-from ztna.observe import MetricsServer, RateLimitedLog, StatsCollector
+from ztna.observe import MetricsServer, RateLimitedLog, StatsCollector, format_address
+from ztna.startup import bind_error
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import CLOSE_AUTH, CLOSE_SHUTDOWN, QuicEndpoint, ServerOptions, bind_udp, normalize_address
@@ -146,9 +147,12 @@ class Intermediate:
         self.started_at = loop.time()
         self._server_options = self._build_server_options()
         for host, port in self.options.listen:
-            sock = bind_udp(host, port)
+            try:
+                sock = bind_udp(host, port)
+            except OSError as exc:
+                raise bind_error("Intermediate listen address", "udp", host, port, exc) from None
             self.endpoints.append(QuicEndpoint(sock, server=self._server_options, loop=loop))
-            log.info("listening on udp [%s]:%d", host, sock.getsockname()[1])
+            log.info("listening on udp %s", format_address((host, sock.getsockname()[1])))
         try:
             from ztna.intermediate.signaling import Signaling
 
@@ -164,7 +168,7 @@ class Intermediate:
         if self.options.metrics is not None:
             self.metrics_server = MetricsServer(self._metrics_registry(), self._health)
             await self.metrics_server.start(*self.options.metrics)
-            log.info("metrics on http://%s:%d/metrics", self.options.metrics[0], self.metrics_server.port)
+            log.info("metrics on http://%s/metrics", format_address((self.options.metrics[0], self.metrics_server.port)))
         self.ready = True
 
     @property
@@ -221,7 +225,7 @@ class Intermediate:
         identity = conn.identity
         if identity is not None and not identity.scoped:
             if not self.options.insecure_allow_unscoped:
-                log.warning("refusing %s: certificate %r has no ztna service SAN", conn.peer_address[0], identity.common_name)
+                log.warning("refusing %s: certificate %r has no ztna service SAN", format_address(conn.peer_address), identity.common_name)
                 conn.close(CLOSE_AUTH, "certificate has no ztna service SAN")
                 return
             log.warning("%s: unscoped certificate allowed everything (--insecure-allow-unscoped-certs)", identity.common_name)
@@ -234,7 +238,7 @@ class Intermediate:
         self.registry.add_peer(peer_id, auth, conn.label)
         self.conns[peer_id] = conn
         host = normalize_address(conn.peer_address)[0]
-        log.info("peer %s connected from %s%s", conn.label, host, " (resumed, 0-RTT)" if conn.early_data_accepted or conn.resumed else "")
+        log.info("peer %s connected from %s%s", conn.label, format_address(conn.peer_address), " (resumed, 0-RTT)" if conn.early_data_accepted or conn.resumed else "")
         self.send_qad(conn)
         if self.address_tokens is not None:
             token = self.address_tokens.issue(host)
@@ -492,7 +496,7 @@ class _PeerHandler(ConnectionHandler):
 
     def on_path_changed(self, conn: ZtnaConnection) -> None:
         if conn.user is not None:
-            log.info("%s moved to %s (NAT rebinding); re-sending QAD", conn.label, conn.peer_address[0])
+            log.info("%s moved to %s (NAT rebinding); re-sending QAD", conn.label, format_address(conn.peer_address))
             self.server.send_qad(conn)
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:

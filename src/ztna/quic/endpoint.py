@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ztna import _native, limits
+from ztna.observe import format_address
 from ztna.quic.config import QuicConfiguration
 from ztna.quic.connection import (  # noqa: F401 - close codes re-exported for the drivers
     CLOSE_AUTH,
@@ -469,9 +470,9 @@ def bind_udp(host: str, port: int, *, dual_stack: bool = True) -> socket.socket:
             pass
     try:
         sock.bind((host, port))
-    except OSError as exc:
+    except OSError:
         sock.close()
-        raise OSError(exc.errno, f"cannot bind udp {format_address((host, port))}: {exc.strerror}") from None
+        raise
     sock.setblocking(False)
     return sock
 
@@ -484,7 +485,3 @@ def normalize_address(address: tuple[Any, ...]) -> tuple[str, int]:
     return host, address[1]
 
 
-def format_address(address: tuple[Any, ...]) -> str:
-    """`1.2.3.4:443`, `[fd00::1]:443` (v4-mapped shown as IPv4)."""
-    host, port = normalize_address(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
