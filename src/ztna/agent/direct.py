@@ -235,7 +235,7 @@ class DirectPaths:
                 if self.endpoint.family == socket.AF_INET:
                     infos = [i for i in infos if i[0] == socket.AF_INET]
                 config = make_configuration(is_client=True, tls=self.options.tls,
-                                            server_name=self.options.server_name,
+                                            server_name=self.options.tls_name(),
                                             udp_payload=self.options.udp_payload)
                 conn = self.endpoint.connect(infos[0][4][:2], config, _QadHandler(self))
                 # Open stream 0 (the server may only write it after us) so the QAD control

@@ -38,6 +38,7 @@ from typing import Any
 
 from ztna.agent.config import AgentOptions, ServiceSpec
 from ztna.errors import DatagramTooLarge, DecodeError
+from ztna.identity import server_name_mismatch
 from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
@@ -149,6 +150,7 @@ class Session(ConnectionHandler):
         self.counters = SessionCounters()
         self.info = SessionInfo()
         self.conn: ZtnaConnection | None = None
+        self._name_error: str | None = None   # the last certificate-name mismatch logged
         self.endpoint: QuicEndpoint | None = None
         self.queue: deque[tuple[ServiceState, bytes]] = deque()
         self.stream_handlers: dict[int, Any] = {}     # stream id -> userspace splice
@@ -258,6 +260,17 @@ class Session(ConnectionHandler):
             await asyncio.sleep(sleep_for)
             delay = min(delay * 2, self.options.backoff_cap)
 
+    def _explain_name_mismatch(self, conn: ZtnaConnection) -> None:
+        """A certificate without the name we verify never starts working by retrying:
+        say once, as an ERROR, what we expected and what the certificate holds."""
+        why = server_name_mismatch(conn.peer_certificate, self.options.tls_name())
+        if why is None or why == self._name_error:
+            return
+        self._name_error = why
+        log.error("Intermediate %s:%d: certificate name mismatch: %s (give --server-name, or "
+                  "issue its certificate with `ztna certs init --host`)",
+                  *self.options.intermediate, why)
+
     async def _one_connection(self) -> bool:
         """Run one connection until it dies; True if it was ever registered (reset backoff)."""
         assert self.endpoint is not None
@@ -265,7 +278,7 @@ class Session(ConnectionHandler):
         address = await self._resolve()
         self.info.address = f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
         config = make_configuration(is_client=True, tls=self.options.tls,
-                                    server_name=self.options.server_name,
+                                    server_name=self.options.tls_name(),
                                     udp_payload=self.options.udp_payload)
         self._decoder = ControlDecoder()
         self._closed_event = asyncio.Event()
@@ -276,7 +289,7 @@ class Session(ConnectionHandler):
             svc.connector_up = None
             svc.retry_delay = self.options.register_retry
         if self.tickets is not None:
-            config.session_ticket = self.tickets.pop(self.options.server_name or "")
+            config.session_ticket = self.tickets.pop(self.options.tls_name())
             config.token = self.address_token
         self._connect_started = asyncio.get_running_loop().time()
         self.info.connect_ms = None
@@ -298,6 +311,7 @@ class Session(ConnectionHandler):
         try:
             await asyncio.wait_for(conn.wait_handshake(), HANDSHAKE_TIMEOUT)
         except (asyncio.TimeoutError, ConnectionError) as exc:
+            self._explain_name_mismatch(conn)
             conn.close(0, "handshake failed")
             self.conn = None
             raise ConnectionError(f"handshake failed: {exc or 'timeout'}") from None

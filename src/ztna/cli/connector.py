@@ -13,7 +13,7 @@ from ztna.errors import UsageError
 
 @click.command(name="connector")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
-@click.option("--intermediate", help="Intermediate HOST:PORT (IPv6 in brackets).")
+@click.option("--intermediate", help="Intermediate HOST[:PORT] (port defaults to 4433; IPv6 in brackets).")
 @click.option("--server-name", help="TLS name to verify on the Intermediate (default: its host).")
 @click.option("--pki", type=click.Path(file_okay=False), help="Directory with connector.pem, connector.key, ca.pem.")
 @click.option("--cert", type=click.Path(dir_okay=False))

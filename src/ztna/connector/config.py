@@ -28,18 +28,22 @@ __all__ = [
 ]
 
 
-def parse_host_port(text: str, *, allow_port_zero: bool = False) -> tuple[str, int]:
-    """`host:port`, `[v6]:port` or `v4:port` → (host, port). Raises ValueError."""
+def parse_host_port(text: str, *, allow_port_zero: bool = False,
+                    default_port: int | None = None) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or `v4:port` → (host, port); with `default_port`, a bare
+    `host` / `[v6]` too (the Agent accepts the same spellings). Raises ValueError."""
     text = text.strip()
     if text.startswith("["):
         end = text.find("]")
-        if end < 0 or text[end + 1 : end + 2] != ":":
+        if end < 0 or (text[end + 1 : end + 2] != ":" and not (default_port and end == len(text) - 1)):
             raise ValueError(f"expected [IPv6]:port, got {text!r}")
-        host, port_s = text[1:end], text[end + 2 :]
+        host, port_s = text[1:end], text[end + 2 :] or str(default_port)
         ipaddress.IPv6Address(host.split("%")[0])
     else:
         host, sep, port_s = text.rpartition(":")
-        if not sep or not host:
+        if not sep and default_port and port_s:
+            host, port_s = port_s, str(default_port)
+        elif not sep or not host:
             raise ValueError(f"expected HOST:PORT, got {text!r}")
         if ":" in host:
             raise ValueError(f"IPv6 addresses need brackets: [{host}]:{port_s}")
@@ -75,9 +79,9 @@ class HostPort(BaseModel):
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def _to_host_port(value: Any, *, allow_zero: bool = False) -> Any:
+def _to_host_port(value: Any, *, allow_zero: bool = False, default_port: int | None = None) -> Any:
     if isinstance(value, str):
-        host, port = parse_host_port(value, allow_port_zero=allow_zero)
+        host, port = parse_host_port(value, allow_port_zero=allow_zero, default_port=default_port)
         return {"host": host, "port": port}
     return value
 
@@ -175,7 +179,7 @@ class ConnectorConfig(BaseModel):
     @field_validator("intermediate", mode="before")
     @classmethod
     def _inter(cls, v: Any) -> Any:
-        return _to_host_port(v)
+        return _to_host_port(v, default_port=limits.INTERMEDIATE_PORT)
 
     @field_validator("metrics", mode="before")
     @classmethod

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ztna import limits
+from ztna.identity import server_name_mismatch
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import CLOSE_NO_ERROR, QuicEndpoint
 from ztna.wire import (
@@ -93,6 +94,7 @@ class RelayLink(ConnectionHandler):
         self.connects = 0
         self.reconnects = 0
         self.last_error = ""
+        self._name_error: str | None = None
         self._decoder = ControlDecoder()
         self._sent_at: dict[str, float] = {}
         self._closed = asyncio.Event()
@@ -151,9 +153,22 @@ class RelayLink(ConnectionHandler):
             log.warning("cannot connect to the intermediate %s:%d: %s", self.host, self.port,
                         self.last_error)
             if conn is not None:
+                self._explain_name_mismatch(conn)
+            if conn is not None:
                 conn.close(CLOSE_NO_ERROR, "handshake timeout")
             return None
         return conn
+
+    def _explain_name_mismatch(self, conn: ZtnaConnection) -> None:
+        # Retrying never fixes a certificate without the name we verify: one ERROR line
+        # (again only if the mismatch changes) naming the expected and the held names.
+        config = self.config_factory()
+        why = server_name_mismatch(conn.peer_certificate, config.server_name or self.host)
+        if why is not None and why != self._name_error:
+            self._name_error = why
+            log.error("intermediate %s:%d: certificate name mismatch: %s (give --server-name, "
+                      "or issue its certificate with `ztna certs init --host`)",
+                      self.host, self.port, why)
 
     async def _serve(self, conn: ZtnaConnection) -> None:
         loop = asyncio.get_running_loop()

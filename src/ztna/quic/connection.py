@@ -451,6 +451,13 @@ class ZtnaConnection:
         state = self.quic._state
         return state.name if isinstance(state, QuicConnectionState) else str(state)
 
+    @property
+    def peer_certificate(self) -> Any:
+        """The peer's leaf certificate (cryptography x509) once it arrived, even when its
+        verification failed; None before that. Drivers use it to explain a refusal."""
+        tls = getattr(self.quic, "tls", None)
+        return getattr(tls, "_peer_certificate", None) if tls is not None else None
+
     def rtt(self) -> float | None:
         loss = self.quic._loss
         return loss._rtt_smoothed if loss._rtt_initialized else None
