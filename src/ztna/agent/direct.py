@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Histogram
 
 from ztna import limits
-from ztna.errors import DatagramTooLarge, DecodeError
+from ztna.errors import DatagramTooLarge, DecodeError, error_text
 from ztna.p2p.candidates import gather, interface_addresses
 from ztna.p2p.path import PathConfig, PathManager, PathState
 from ztna.p2p.punch import PunchConfig, PunchSession, PunchState
@@ -448,7 +448,7 @@ class DirectPaths:
             await asyncio.wait_for(conn.wait_handshake(), self.config.connect_timeout)
         except (asyncio.TimeoutError, ConnectionError) as exc:
             conn.close(0, "direct handshake failed")
-            sp.pm.direct_failed(now=self.loop.time(), reason=f"direct handshake failed: {exc or 'timeout'}")
+            sp.pm.direct_failed(now=self.loop.time(), reason=f"direct handshake failed: {error_text(exc)}")
             log.warning("service %s: direct handshake to %s:%d failed", service, *addr)
             return
         if sp.pm.state is not PathState.CONNECTING:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ztna.agent.config import AgentOptions, ServiceSpec
-from ztna.errors import DatagramTooLarge, DecodeError
+from ztna.errors import DatagramTooLarge, DecodeError, error_text
 from ztna.identity import server_name_mismatch
 from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
@@ -314,7 +314,7 @@ class Session(ConnectionHandler):
             self._explain_name_mismatch(conn)
             conn.close(0, "handshake failed")
             self.conn = None
-            raise ConnectionError(f"handshake failed: {exc or 'timeout'}") from None
+            raise ConnectionError(f"handshake failed: {error_text(exc)}") from None
         self.info.connected_since = time.time()
         if conn.early_data_accepted:
             self.counters.zero_rtt_accepted += 1

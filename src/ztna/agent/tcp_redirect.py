@@ -40,8 +40,8 @@ from typing import Any
 
 from ztna.agent.config import AgentOptions
 from ztna.agent.tun import TunDevice, delete_nft_table
-from ztna.agent.userspace import StreamFailed, Userspace
-from ztna.errors import UsageError
+from ztna.agent.userspace import _NO_STATUS, StreamFailed, Userspace
+from ztna.errors import UsageError, error_text
 
 log = logging.getLogger("ztna.agent")
 
@@ -172,7 +172,7 @@ class TcpRedirect:
         except (StreamFailed, asyncio.TimeoutError) as exc:
             self.stats["refused"] += 1
             us.stats["tcp_failed"] += 1
-            log.info("tcp %s:%d via stream refused: %s", vip, port, exc or "timeout")
+            log.info("tcp %s:%d via stream refused: %s", vip, port, error_text(exc, _NO_STATUS))
             _reset(writer)
             return
         self.stats["accepted"] += 1

@@ -39,7 +39,7 @@ from typing import Any
 
 from ztna.agent.config import AgentOptions, Forward, IpAddress, ServiceSpec
 from ztna.agent.session import ACKED, REFUSED, ServiceState, Session
-from ztna.errors import DecodeError, UsageError
+from ztna.errors import DecodeError, UsageError, error_text
 from ztna.netstack.packets import PROTO_UDP, build_udp_packet, parse_ip, parse_udp
 from ztna.wire import StreamOpen, StreamResume, StreamStatus, decode_stream_reply, encode_stream_open
 
@@ -48,6 +48,7 @@ log = logging.getLogger("ztna.agent")
 SEND_BACKLOG_MAX = 1024 * 1024
 READ_CHUNK = 64 * 1024
 READY_WAIT = 10.0
+_NO_STATUS = f"timeout: no status from the Connector within {READY_WAIT:.0f} s"
 UDP_MAPPINGS_MAX = 4096
 UDP_PORT_FIRST, UDP_PORT_LAST = 20000, 60999
 
@@ -277,7 +278,7 @@ class Userspace:
                 raise StreamFailed(None, f"connector has {peer_rx}, we retain {start}..{start + len(data)}")
         except (StreamFailed, asyncio.TimeoutError) as exc:
             self.stats["tcp_resume_failed"] += 1
-            log.warning("tcp stream to %s could not resume on the relay: %s", sink.spec.id, exc or "timeout")
+            log.warning("tcp stream to %s could not resume on the relay: %s", sink.spec.id, error_text(exc, _NO_STATUS))
             sink.failed = True
             sink.attached.set()
             return None
@@ -379,7 +380,7 @@ class Userspace:
             conn, sid, sink, early = await self._open(spec, vip, fwd.target_port)
         except (StreamFailed, asyncio.TimeoutError) as exc:
             self.stats["tcp_failed"] += 1
-            log.warning("forward to %s:%d failed: %s", fwd.target, fwd.target_port, exc or "timeout")
+            log.warning("forward to %s:%d failed: %s", fwd.target, fwd.target_port, error_text(exc, _NO_STATUS))
             writer.close()
             return
         self.stats["tcp_opened"] += 1
@@ -421,7 +422,7 @@ class Userspace:
             except (StreamFailed, asyncio.TimeoutError) as exc:
                 status = getattr(exc, "status", None)
                 self._socks_reply(writer, _SOCKS_REPLY.get(status, 0x01) if status is not None else 0x01)
-                raise ValueError(f"{host}:{port}: {exc or 'timeout'}") from None
+                raise ValueError(f"{host}:{port}: {error_text(exc, _NO_STATUS)}") from None
         except (ValueError, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
             self.stats["socks_failed"] += 1
             log.info("socks: %s", exc)

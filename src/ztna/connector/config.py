@@ -162,6 +162,10 @@ class ConnectorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     intermediate: HostPort
     server_name: str | None = None      # TLS name to verify; default: the intermediate host
+    # Names this Connector among those sharing its certificate (its Hello to the Intermediate):
+    # a restart under the same name replaces the old registration at once; Connectors of one
+    # pool that share a certificate need distinct names. Default: the host name.
+    name: str | None = Field(default=None, min_length=1, max_length=255)
     cert: Path
     key: Path
     ca: Path
@@ -215,6 +219,11 @@ class ConnectorConfig(BaseModel):
 
     def tls_name(self) -> str:
         return self.server_name or self.intermediate.host
+
+    def connector_name(self) -> str:
+        import socket
+
+        return self.name or socket.gethostname() or "connector"
 
 
 def parse_service_flag(text: str) -> dict[str, Any]:
