@@ -300,12 +300,17 @@ class DirectPaths:
         relay = self.session.conn
         for sp in self.paths.values():
             svc, pm = sp.svc, sp.pm
-            if relay is None or relay.closed or not svc.ready:
+            relay_up = relay is not None and not relay.closed and svc.ready
+            if not relay_up and not (pm.direct and sp.conn is not None and not sp.conn.closed):
+                # A punch in progress needs the Intermediate's signaling: start over later.
                 if pm.state is not PathState.RELAY:
                     self._to_relay(sp, "relay connection lost", close=True)
                     pm.reset(now=now)
                 continue
-            if svc.connector_up is False:
+            # An established direct connection does not depend on the Intermediate: it keeps
+            # carrying the service (and its own PING supervision goes on) while the relay
+            # reconnects. Only its own failure sends the service back to the relay.
+            if relay_up and svc.connector_up is False:
                 continue
             if pm.direct and sp.conn is not None:
                 pm.heard(sp.conn.last_received, now=now, rtt=sp.conn.rtt())
@@ -317,6 +322,8 @@ class DirectPaths:
                         sp.conn.ping()
                 if was is not pm.state:
                     self._state_changed(sp, was)
+            if not relay_up:
+                continue
             if pm.want_punch(now=now):
                 if self.observed is None and now - self.started_at < QAD_WAIT:
                     continue

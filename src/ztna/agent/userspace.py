@@ -187,7 +187,10 @@ class Userspace:
 
     async def _ready(self, svc: ServiceState) -> None:
         deadline = asyncio.get_running_loop().time() + 3 * READY_WAIT   # > a whole _resume
+        direct = self.session.direct
         while self.session.conn is None or svc.registration != ACKED:
+            if direct is not None and svc.path == "direct" and direct.stream_conn(svc.spec.id) is not None:
+                return   # a live direct connection needs no Intermediate (it may be restarting)
             if svc.registration == REFUSED:
                 raise StreamFailed(StreamStatus.NOT_AUTHORIZED, f"service {svc.spec.id} refused")
             if asyncio.get_running_loop().time() > deadline:
