@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import struct
 from collections import OrderedDict
 from typing import Any
@@ -56,6 +57,17 @@ _SOCKS_REPLY = {
     StreamStatus.OK: 0x00, StreamStatus.REFUSED: 0x05, StreamStatus.UNREACHABLE: 0x04,
     StreamStatus.NOT_AUTHORIZED: 0x02, StreamStatus.NO_SUCH_PORT: 0x05, StreamStatus.LIMIT: 0x01,
 }
+
+
+def reset_writer(writer: asyncio.StreamWriter) -> None:
+    """Close with RST (SO_LINGER 0): the application sees 'connection reset' at once."""
+    sock = writer.get_extra_info("socket")
+    try:
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    writer.transport.abort()
 
 
 class StreamFailed(Exception):
@@ -127,6 +139,9 @@ class Userspace:
         self.udp_by_client: dict[tuple[int, Any], int] = {}
         self._next_port = UDP_PORT_FIRST
         self.tasks: set[asyncio.Task[None]] = set()
+        # Accepted application sockets we proxy (forwards, SOCKS, the TUN redirect): reset
+        # on exit, so no application waits on a tunnel that is gone.
+        self.app_writers: set[asyncio.StreamWriter] = set()
         self.stats = {"tcp_opened": 0, "tcp_failed": 0, "tcp_active": 0, "tcp_direct": 0, "tcp_resumed": 0, "tcp_resume_failed": 0, "udp_dropped_too_big": 0,
                       "udp_dropped_unknown": 0, "socks_failed": 0}
         session.on_packet = self.on_packet
@@ -167,7 +182,18 @@ class Userspace:
         """Port actually bound by the index-th listener of a kind (tests use port 0)."""
         return int([t for t in self.listeners if t.startswith(kind + " ")][index].split(" ")[1].rsplit(":", 1)[1])
 
+    def reset_all(self) -> int:
+        """RST every proxied application connection (SO_LINGER 0, then close): the Agent
+        is going away and none of them can continue. Returns how many."""
+        writers, self.app_writers = self.app_writers, set()
+        for writer in writers:
+            reset_writer(writer)
+        if writers:
+            log.info("reset %d proxied TCP connection%s", len(writers), "" if len(writers) == 1 else "s")
+        return len(writers)
+
     async def stop(self) -> None:
+        self.reset_all()
         for srv in self.servers:
             srv.close()
         for tr in self.udp_transports:
@@ -299,6 +325,7 @@ class Userspace:
     async def _splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       conn: Any, sid: int, sink: _StreamSink, early: bytes) -> None:
         self.stats["tcp_active"] += 1
+        self.app_writers.add(writer)
         up = asyncio.ensure_future(self._pump_up(reader, sink))
         try:
             if early:
@@ -333,6 +360,7 @@ class Userspace:
                 sink.conn.reset_stream(sink.sid)
         finally:
             self.stats["tcp_active"] -= 1
+            self.app_writers.discard(writer)
             up.cancel()
             sink.handlers.pop(sink.sid, None)
             writer.close()
