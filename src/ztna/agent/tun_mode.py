@@ -118,6 +118,8 @@ class TunDataPlane:
     def _track_tcp(self, packet: bytes, version: int) -> bool:
         """Remember a TCP flow's receive point; True if the packet is consumed (exiting)."""
         if version == 4:
+            if packet[6] & 0x1F or packet[7]:
+                return False          # a non-first fragment: no TCP header in it
             off = (packet[0] & 0x0F) * 4
             key = (4, packet[12:16], packet[16:20])
         else:
