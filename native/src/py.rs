@@ -110,6 +110,7 @@ fn cfg_err(e: tls::ConfigError) -> PyErr {
 #[pyclass(unsendable, module = "ztna._native")]
 pub struct ClientTls {
     cfg: quinn_proto::ClientConfig,
+    recorder: Option<Arc<tls::RecordingVerifier>>,
 }
 
 #[pymethods]
@@ -122,7 +123,7 @@ impl ClientTls {
     fn new(ca_pem: &[u8], cert_pem: Option<&[u8]>, key_pem: Option<&[u8]>, alpn: Vec<String>,
            verify_server: bool, keylog: Option<String>, resumption: bool, udp_payload: u16,
            idle_timeout: f64, datagram_queue: usize) -> PyResult<Self> {
-        let rustls_cfg = tls::client_config(tls::ClientTlsOptions {
+        let (rustls_cfg, recorder) = tls::client_config(tls::ClientTlsOptions {
             cert_pem,
             key_pem,
             ca_pem,
@@ -133,7 +134,14 @@ impl ClientTls {
         })
         .map_err(cfg_err)?;
         let cfg = config::client(rustls_cfg, &limits(udp_payload, idle_timeout, datagram_queue)).map_err(cfg_err)?;
-        Ok(Self { cfg })
+        Ok(Self { cfg, recorder })
+    }
+
+    /// The certificate (DER) a server presented for `server_name` last, verified or not.
+    fn presented_certificate<'py>(&self, py: Python<'py>, server_name: &str) -> Option<Bound<'py, PyBytes>> {
+        let rec = self.recorder.as_ref()?;
+        let seen = rec.seen.lock().ok()?;
+        seen.get(server_name).map(|d| PyBytes::new(py, d))
     }
 }
 

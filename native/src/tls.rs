@@ -146,6 +146,55 @@ impl ServerCertVerifier for NoServerVerification {
     }
 }
 
+/// The CA check of the server's chain and name (rustls' WebPKI verifier), remembering the
+/// certificate each server name presented, so a refusal can say what the certificate holds.
+#[derive(Debug)]
+pub struct RecordingVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    pub seen: Mutex<std::collections::HashMap<String, Vec<u8>>>,
+}
+
+impl ServerCertVerifier for RecordingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        if let Ok(mut seen) = self.seen.lock() {
+            if seen.len() > 256 {
+                seen.clear();
+            }
+            seen.insert(server_name.to_str().into_owned(), end_entity.as_ref().to_vec());
+        }
+        self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// SSLKEYLOGFILE-format lines appended to one file (for Wireshark).
 pub struct FileKeyLog {
     file: Mutex<std::fs::File>,
@@ -270,11 +319,12 @@ pub struct ClientTlsOptions<'a> {
     pub resumption: bool,
 }
 
-pub fn client_config(o: ClientTlsOptions<'_>) -> Result<rustls::ClientConfig, ConfigError> {
+pub fn client_config(o: ClientTlsOptions<'_>) -> Result<(rustls::ClientConfig, Option<Arc<RecordingVerifier>>), ConfigError> {
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ConfigError(format!("TLS: {e}")))?;
+    let mut recorder = None;
     let builder = if o.verify_server {
         let mut roots = rustls::RootCertStore::empty();
         for ca in parse_certs(o.ca_pem, "CA certificate")? {
@@ -288,7 +338,9 @@ pub fn client_config(o: ClientTlsOptions<'_>) -> Result<rustls::ClientConfig, Co
         )
         .build()
         .map_err(|e| ConfigError(format!("CA certificate unusable: {e}")))?;
-        builder.with_webpki_verifier(verifier)
+        let recording = Arc::new(RecordingVerifier { inner: verifier, seen: Mutex::new(Default::default()) });
+        recorder = Some(recording.clone());
+        builder.dangerous().with_custom_certificate_verifier(recording)
     } else {
         builder
             .dangerous()
@@ -314,5 +366,5 @@ pub fn client_config(o: ClientTlsOptions<'_>) -> Result<rustls::ClientConfig, Co
     if let Some(path) = o.keylog {
         config.key_log = Arc::new(FileKeyLog::open(path)?);
     }
-    Ok(config)
+    Ok((config, recorder))
 }

@@ -29,3 +29,17 @@ class DatagramTooLarge(UsageError):
         super().__init__(f"DATAGRAM payload of {size} bytes exceeds the live maximum of {limit}")
         self.size = size
         self.limit = limit
+
+
+def error_text(exc: BaseException | None, timeout: str = "timeout") -> str:
+    """A never-empty text for a log line or a status: `str(exc)`, or for the exceptions
+    that carry no message (asyncio's TimeoutError, a bare ConnectionError) what happened.
+    (`exc or "timeout"` does not work: an exception object is always true.)"""
+    if exc is None:
+        return timeout
+    text = str(exc).strip()
+    if text:
+        return text
+    if isinstance(exc, TimeoutError):
+        return timeout
+    return type(exc).__name__

@@ -315,6 +315,45 @@ class ChainVerifier:
         return verified.identity
 
 
+def certificate_names(cert: x509.Certificate) -> list[str]:
+    """The DNS and IP subject alternative names of `cert`, as `DNS:name` / `IP:addr`."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (x509.ExtensionNotFound, ValueError):
+        return []
+    return ([f"DNS:{n}" for n in san.get_values_for_type(x509.DNSName)]
+            + [f"IP:{a}" for a in san.get_values_for_type(x509.IPAddress)])
+
+
+def server_name_mismatch(cert: x509.Certificate | None, server_name: str) -> str | None:
+    """None when `cert` holds `server_name` (an IP literal must be an IP SAN, a DNS name a
+    DNS SAN, `*.` matching one label), else a sentence naming what was expected and what the
+    certificate holds. Only explains a failed handshake: the TLS layer did the verification."""
+    if cert is None:
+        return None
+    names = certificate_names(cert)
+    try:
+        ip = ipaddress.ip_address(server_name.split("%")[0])
+    except ValueError:
+        ip = None
+    if ip is not None:
+        if any(n.startswith("IP:") and ipaddress.ip_address(n[3:]) == ip for n in names):
+            return None
+        wanted = f"IP:{ip}"
+    else:
+        host = server_name.rstrip(".").lower()
+        for n in names:
+            if not n.startswith("DNS:"):
+                continue
+            pat = n[4:].rstrip(".").lower()
+            if pat == host or (pat.startswith("*.") and host.partition(".")[2] == pat[2:]
+                               and host.partition(".")[0]):
+                return None
+        wanted = f"DNS:{host}"
+    return (f"expected {wanted}, the certificate holds "
+            f"{', '.join(names) if names else 'no DNS or IP names'}")
+
+
 def _why(exc: VerificationError) -> str:
     # cryptography's messages end with "(encountered processing <Certificate(...)>)": drop it.
     text = str(exc).removeprefix("validation failed: ")

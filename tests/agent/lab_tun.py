@@ -138,9 +138,11 @@ class World:
         return "\n".join(p.read_text(errors="replace")
                          for p in sorted(self.logs.glob(f"agent-{self.agent_runs}-*.log")))
 
-    def curl(self, url: str, *, max_time: float = 60, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Download through the TUN: sha256 of the body, curl's timing and exit code."""
-        out = self.workdir / "curl.out"
+    def curl(self, url: str, *, max_time: float = 60, extra: tuple[str, ...] = (),
+             out: Path | None = None) -> dict[str, Any]:
+        """Download through the TUN: sha256 of the body, curl's timing and exit code
+        (concurrent downloads each need their own `out`)."""
+        out = out or self.workdir / "curl.out"
         out.unlink(missing_ok=True)
         fmt = '{"code":%{http_code},"time_total":%{time_total},"speed":%{speed_download},"size":%{size_download}}'
         r = self.lab.run("agent", ["curl", "-sS", "-g", "--max-time", str(max_time), "-o", str(out),

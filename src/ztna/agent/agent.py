@@ -147,7 +147,12 @@ class Agent:
     async def stop(self) -> None:
         if self._stopped.is_set():
             return
+        # First of all, applications learn their connections are over (RST), while the
+        # rules that route them to us still exist.
+        if self.userspace is not None:
+            self.userspace.reset_all()
         if self.dataplane is not None:
+            await self.dataplane.reset_tcp_flows()
             self.dataplane.stop()
         if self.redirect is not None:
             await self.redirect.stop()

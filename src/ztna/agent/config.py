@@ -122,7 +122,7 @@ class AgentOptions(BaseModel):
 
     intermediate: tuple[str, int]
     tls: TlsFiles
-    server_name: str = "localhost"
+    server_name: str | None = None  # TLS name to verify; default: the Intermediate's host (IP or DNS)
     services: tuple[ServiceSpec, ...]
     mode: Literal["tun", "userspace"] = "userspace"
     name: str = "ztna0"
@@ -160,6 +160,11 @@ class AgentOptions(BaseModel):
         if len(self.tun_name.encode()) > 15:
             raise ValueError("--tun-name longer than 15 bytes")
         return self
+
+    def tls_name(self) -> str:
+        """The name the Intermediate's certificate must hold: an IP SAN when the Agent was
+        given an IP, a DNS SAN otherwise (the Connector verifies the same way)."""
+        return self.server_name or self.intermediate[0]
 
     def service_for_target(self, target: str) -> tuple[ServiceSpec, IpAddress]:
         """Resolve `web`, `web.ztna` or a virtual IP literal to (service, virtual IP)."""

@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from ztna.observe import format_address
 from ztna import limits
-from ztna.errors import DatagramTooLarge, DecodeError
+from ztna.errors import DatagramTooLarge, DecodeError, error_text
 from ztna.p2p.candidates import gather, interface_addresses
 from ztna.p2p.path import PathConfig, PathManager, PathState
 from ztna.p2p.punch import PunchConfig, PunchSession, PunchState
@@ -236,7 +236,7 @@ class DirectPaths:
                 if self.endpoint.family == socket.AF_INET:
                     infos = [i for i in infos if i[0] == socket.AF_INET]
                 config = make_configuration(is_client=True, tls=self.options.tls,
-                                            server_name=self.options.server_name,
+                                            server_name=self.options.tls_name(),
                                             udp_payload=self.options.udp_payload)
                 conn = self.endpoint.connect(infos[0][4][:2], config, _QadHandler(self))
                 # Open stream 0 (the server may only write it after us) so the QAD control
@@ -301,12 +301,17 @@ class DirectPaths:
         relay = self.session.conn
         for sp in self.paths.values():
             svc, pm = sp.svc, sp.pm
-            if relay is None or relay.closed or not svc.ready:
+            relay_up = relay is not None and not relay.closed and svc.ready
+            if not relay_up and not (pm.direct and sp.conn is not None and not sp.conn.closed):
+                # A punch in progress needs the Intermediate's signaling: start over later.
                 if pm.state is not PathState.RELAY:
                     self._to_relay(sp, "relay connection lost", close=True)
                     pm.reset(now=now)
                 continue
-            if svc.connector_up is False:
+            # An established direct connection does not depend on the Intermediate: it keeps
+            # carrying the service (and its own PING supervision goes on) while the relay
+            # reconnects. Only its own failure sends the service back to the relay.
+            if relay_up and svc.connector_up is False:
                 continue
             if pm.direct and sp.conn is not None:
                 pm.heard(sp.conn.last_received, now=now, rtt=sp.conn.rtt())
@@ -318,6 +323,8 @@ class DirectPaths:
                         sp.conn.ping()
                 if was is not pm.state:
                     self._state_changed(sp, was)
+            if not relay_up:
+                continue
             if pm.want_punch(now=now):
                 if self.observed is None and now - self.started_at < QAD_WAIT:
                     continue
@@ -446,7 +453,7 @@ class DirectPaths:
             await asyncio.wait_for(conn.wait_handshake(), self.config.connect_timeout)
         except (asyncio.TimeoutError, ConnectionError) as exc:
             conn.close(0, "direct handshake failed")
-            sp.pm.direct_failed(now=self.loop.time(), reason=f"direct handshake failed: {exc or 'timeout'}")
+            sp.pm.direct_failed(now=self.loop.time(), reason=f"direct handshake failed: {error_text(exc)}")
             log.warning("service %s: direct handshake to %s failed", service, format_address(addr))
             return
         if sp.pm.state is not PathState.CONNECTING:

@@ -38,7 +38,8 @@ from typing import Any
 
 from ztna.observe import format_address
 from ztna.agent.config import AgentOptions, ServiceSpec
-from ztna.errors import DatagramTooLarge, DecodeError
+from ztna.errors import DatagramTooLarge, DecodeError, error_text
+from ztna.identity import server_name_mismatch
 from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
@@ -152,6 +153,7 @@ class Session(ConnectionHandler):
         self._handshaken = False   # this connection's TLS handshake completed
         self._accepted = False     # ... and the Intermediate has sent us something since
         self.conn: ZtnaConnection | None = None
+        self._name_error: str | None = None   # the last certificate-name mismatch logged
         self.endpoint: QuicEndpoint | None = None
         self.queue: deque[tuple[ServiceState, bytes]] = deque()
         self.stream_handlers: dict[int, Any] = {}     # stream id -> userspace splice
@@ -261,6 +263,17 @@ class Session(ConnectionHandler):
             await asyncio.sleep(sleep_for)
             delay = min(delay * 2, self.options.backoff_cap)
 
+    def _explain_name_mismatch(self, conn: ZtnaConnection) -> None:
+        """A certificate without the name we verify never starts working by retrying:
+        say once, as an ERROR, what we expected and what the certificate holds."""
+        why = server_name_mismatch(conn.peer_certificate, self.options.tls_name())
+        if why is None or why == self._name_error:
+            return
+        self._name_error = why
+        log.error("Intermediate %s:%d: certificate name mismatch: %s (give --server-name, or "
+                  "issue its certificate with `ztna certs init --host`)",
+                  *self.options.intermediate, why)
+
     async def _one_connection(self) -> bool:
         """Run one connection until it dies; True if it was ever registered (reset backoff)."""
         assert self.endpoint is not None
@@ -268,7 +281,7 @@ class Session(ConnectionHandler):
         address = await self._resolve()
         self.info.address = format_address(address)
         config = make_configuration(is_client=True, tls=self.options.tls,
-                                    server_name=self.options.server_name,
+                                    server_name=self.options.tls_name(),
                                     udp_payload=self.options.udp_payload)
         self._decoder = ControlDecoder()
         self._closed_event = asyncio.Event()
@@ -298,10 +311,11 @@ class Session(ConnectionHandler):
         try:
             await asyncio.wait_for(conn.wait_handshake(), HANDSHAKE_TIMEOUT)
         except (asyncio.TimeoutError, ConnectionError) as exc:
+            self._explain_name_mismatch(conn)
             conn.close(0, "handshake failed")
             self.conn = None
             # (a refused certificate was already reported by on_closed -> _lost)
-            raise ConnectionError(f"handshake failed: {exc or 'timeout'}") from None
+            raise ConnectionError(f"handshake failed: {error_text(exc)}") from None
         self.info.connected_since = time.time()
         if conn.early_data_accepted:
             self.counters.zero_rtt_accepted += 1

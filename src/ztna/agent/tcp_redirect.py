@@ -21,10 +21,14 @@ Theory of operation
 * Without nftables (no `nft` binary, or it refuses the rules: no CAP_NET_ADMIN, no nat
   support in the kernel) we log a warning and leave TCP to the TUN, i.e. the datagram
   carriage: `stream` is the default, and a default must not stop the Agent from starting.
-* Crash safety: the table name is recorded in the TUN state file (`TunDevice.
-  record_nft_table`) before the table exists; `stop()` deletes it, and after SIGKILL the
-  next start's `TunDevice.recover_stale` does. Creating the table first adds-and-deletes
-  any same-named leftover in the same nft transaction.
+* Crash safety: the table is an nftables *owner* table (`OwnedTable`): it dies with the
+  `nft -i` child that created it, and that child dies with the Agent, so after a SIGKILL no
+  redirect to a dead listener is left behind. The table name is also recorded in the TUN
+  state file (`TunDevice.record_nft_table`) and `TunDevice.recover_stale` deletes a leftover
+  of an older version; creating the table first adds-and-deletes any same-named leftover.
+* Exit: `Userspace.reset_all` aborts every proxied connection with RST (SO_LINGER 0) before
+  the rules and listeners go, so applications see "connection reset" at once instead of
+  waiting on a peer that is gone.
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ from typing import Any
 from ztna.observe import format_address
 from ztna.agent.config import AgentOptions
 from ztna.agent.tun import TunDevice, delete_nft_table
-from ztna.agent.userspace import StreamFailed, Userspace
-from ztna.errors import UsageError
+from ztna.agent.userspace import _NO_STATUS, StreamFailed, Userspace, reset_writer
+from ztna.errors import UsageError, error_text
 
 log = logging.getLogger("ztna.agent")
 
@@ -56,19 +60,20 @@ def table_name(agent_name: str) -> str:
 
 
 def ruleset(table: str, v4: list[str], v6: list[str], port4: int, port6: int) -> str:
+    """The commands for `nft -i`, one per line (interactive nft takes no multi-line blocks).
+    A same-named leftover is removed first; the table is created with the `owner` flag, so
+    the kernel deletes it when the nft process holding its netlink socket ends."""
     lines = [
         f"add table inet {table}",
         f"delete table inet {table}",
-        f"table inet {table} {{",
-        "  chain output {",
-        "    type nat hook output priority -100; policy accept;",
+        f"add table inet {table} {{ flags owner; }}",
+        f"add chain inet {table} output {{ type nat hook output priority -100; policy accept; }}",
     ]
     if v4:
-        lines.append(f"    ip daddr {{ {', '.join(v4)} }} meta l4proto tcp redirect to :{port4}")
+        lines.append(f"add rule inet {table} output ip daddr {{ {', '.join(v4)} }} meta l4proto tcp redirect to :{port4}")
     if v6:
-        lines.append(f"    ip6 daddr {{ {', '.join(v6)} }} meta l4proto tcp redirect to :{port6}")
-    lines += ["  }", "}", ""]
-    return "\n".join(lines)
+        lines.append(f"add rule inet {table} output ip6 daddr {{ {', '.join(v6)} }} meta l4proto tcp redirect to :{port6}")
+    return "\n".join(lines) + "\n"
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:
@@ -81,12 +86,67 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntop(socket.AF_INET6, addr), port
 
 
-async def _nft(script: str) -> None:
-    proc = await asyncio.create_subprocess_exec("nft", "-f", "-", stdin=asyncio.subprocess.PIPE,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    _, err = await proc.communicate(script.encode())
-    if proc.returncode != 0:
-        raise UsageError(f"nft refused the TCP redirect rules: {err.decode(errors='replace').strip()}")
+def _die_with_parent() -> None:
+    """In the nft child, before exec: SIGTERM it when the Agent dies, however it dies."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, 15)   # PR_SET_PDEATHSIG, SIGTERM
+    except (OSError, AttributeError):
+        pass   # EOF on its stdin (the Agent's end of the pipe closes with it) ends it too
+
+
+class OwnedTable:
+    """An nftables table that lives exactly as long as this process.
+
+    The table carries NFT_TABLE_F_OWNER (`flags owner`, kernel >= 5.12): the kernel deletes
+    it when the netlink socket that created it closes, and nobody else may change it. That
+    socket belongs to an `nft -i` child that reads its commands from a pipe we hold: when
+    the Agent exits — cleanly, by an exception, or by SIGKILL — the pipe closes (and the
+    child gets SIGTERM from PR_SET_PDEATHSIG), nft exits, and the redirect is gone, so TCP
+    to the virtual IPs is never sent to a listener that no longer exists."""
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def create(self, script: str) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            "nft", "-i", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent)
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(script.encode())
+        await self.proc.stdin.drain()
+        # nft -i reports errors on stderr and goes on; whether the rules are in place is
+        # read back from the kernel (reading an owned table is allowed to anyone).
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while asyncio.get_running_loop().time() < deadline and self.proc.returncode is None:
+            if "redirect" in await self._list():
+                return
+            await asyncio.sleep(0.05)
+        err = await self.close()
+        raise UsageError(f"nft refused the TCP redirect rules: {err or 'no rules after 5 s'}")
+
+    async def _list(self) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            "nft", "list", "table", "inet", self.table, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await proc.communicate()
+        return out.decode(errors="replace")
+
+    async def close(self) -> str:
+        """End the owner (the kernel drops the table with its socket); returns nft's stderr."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return ""
+        if proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.close()
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 3.0)
+        except asyncio.TimeoutError:
+            proc.kill()
+            _, err = await proc.communicate()
+        return (err or b"").decode(errors="replace").strip()
 
 
 class TcpRedirect:
@@ -100,6 +160,7 @@ class TcpRedirect:
         self.servers: list[asyncio.AbstractServer] = []
         self.ports: dict[int, int] = {}
         self.installed = False
+        self.owner = OwnedTable(self.table)
         self.fallback: str | None = None   # why TCP rides DATAGRAMs instead (no nftables)
         self.stats = {"accepted": 0, "refused": 0, "not_redirected": 0}
 
@@ -125,7 +186,8 @@ class TcpRedirect:
         try:
             if shutil.which("nft") is None:
                 raise UsageError("no nft binary (install nftables)")
-            await _nft(ruleset(self.table, self.v4, self.v6, self.ports.get(4, 0), self.ports.get(6, 0)))
+            await self.owner.create(ruleset(self.table, self.v4, self.v6,
+                                            self.ports.get(4, 0), self.ports.get(6, 0)))
         except UsageError as exc:
             self.fallback = str(exc)
             log.warning("tcp over QUIC streams unavailable (%s); TCP goes through the TUN in DATAGRAMs",
@@ -139,7 +201,9 @@ class TcpRedirect:
 
     async def stop(self) -> None:
         if self.installed:
-            # Rules first: new connections must not hit a closed listener.
+            # Rules first: new connections must not hit a closed listener. Ending the owner
+            # removes the table; a stuck nft is killed, and the delete is only a fallback.
+            await self.owner.close()
             await asyncio.to_thread(delete_nft_table, self.table)
             self.installed = False
             log.info("nft table inet %s removed", self.table)
@@ -168,13 +232,15 @@ class TcpRedirect:
             writer.transport.abort()
             return
         us = self.userspace
+        us.app_writers.add(writer)     # reset on exit even while the stream is being opened
         try:
             conn, sid, sink, early = await us._open(spec, vip, port)
         except (StreamFailed, asyncio.TimeoutError) as exc:
             self.stats["refused"] += 1
             us.stats["tcp_failed"] += 1
-            log.info("tcp %s via stream refused: %s", format_address((str(vip), port)), exc or "timeout")
-            _reset(writer)
+            log.info("tcp %s via stream refused: %s", format_address((str(vip), port)), error_text(exc, _NO_STATUS))
+            us.app_writers.discard(writer)
+            reset_writer(writer)
             return
         self.stats["accepted"] += 1
         us.stats["tcp_opened"] += 1
@@ -183,13 +249,3 @@ class TcpRedirect:
     def snapshot(self) -> dict[str, Any]:
         return {"nft_table": f"inet {self.table}" if self.installed else None, "fallback": self.fallback,
                 "listen_ports": {f"ipv{k}": v for k, v in self.ports.items()}, **self.stats}
-
-
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close with RST (SO_LINGER 0): the application sees 'connection reset'."""
-    sock = writer.get_extra_info("socket")
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    writer.transport.abort()

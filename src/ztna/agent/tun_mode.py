@@ -14,6 +14,12 @@ Theory of operation
   so the kernel lowers its path MTU and TCP resegments.
 * Down-link: bare IP packets from the session are written to the fd as they are; the source
   address tells which service they belong to (for counters). No per-packet logging.
+* Exit: TCP carried as packets ends in the Connector's stack, so when the Agent goes the
+  application's socket would wait for a peer that can no longer answer. The up-link keeps,
+  per TCP flow to a virtual IP, the last acknowledgment number the application sent (its
+  receive point); `reset_tcp_flows` writes an RST from the virtual IP with that sequence
+  number into the TUN for each, and for a short while answers every further segment of
+  those flows (a challenge ACK when our guess was behind) with an RST at its ack number.
 """
 
 from __future__ import annotations
@@ -24,13 +30,15 @@ import os
 from typing import Any
 
 from ztna.agent.session import ServiceState, Session
-from ztna.netstack.packets import build_icmp_packet_too_big, ip_to_bytes, may_send_icmp_error
+from ztna.netstack.packets import build_icmp_packet_too_big, build_tcp_packet, ip_to_bytes, may_send_icmp_error
 from ztna.errors import DecodeError
 
 log = logging.getLogger("ztna.agent")
 
 READ_BATCH = 64
 MAX_READ = 65535
+TCP_FLOWS_MAX = 8192      # tracked for the resets on exit; the oldest is forgotten beyond
+RESET_LINGER = 0.3        # s of answering a reset flow's further segments with RST
 
 
 class TunDataPlane:
@@ -51,6 +59,10 @@ class TunDataPlane:
         self.dropped_malformed = 0
         self.rx_unknown_source = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        # (version, app address, virtual address, app port, virtual port) -> last ack sent
+        self.tcp_flows: dict[tuple[int, bytes, bytes, int, int], int] = {}
+        self._resetting = False
+        self.resets_sent = 0
         session.on_packet = self.write_packet
 
     def start(self) -> None:
@@ -96,10 +108,66 @@ class TunDataPlane:
             if svc is None:
                 self.dropped_no_route += 1
                 continue
+            if (packet[9] if version == 4 else packet[6]) == 6 and self._track_tcp(packet, version):
+                continue
             if limit and len(packet) > limit:
                 self._too_big(packet, limit)
                 continue
             send(svc, svc.prefix + packet)
+
+    def _track_tcp(self, packet: bytes, version: int) -> bool:
+        """Remember a TCP flow's receive point; True if the packet is consumed (exiting)."""
+        if version == 4:
+            if packet[6] & 0x1F or packet[7]:
+                return False          # a non-first fragment: no TCP header in it
+            off = (packet[0] & 0x0F) * 4
+            key = (4, packet[12:16], packet[16:20])
+        else:
+            off = 40
+            key = (6, packet[8:24], packet[24:40])
+        if len(packet) < off + 20:
+            return False
+        flow = key + (int.from_bytes(packet[off:off + 2], "big"), int.from_bytes(packet[off + 2:off + 4], "big"))
+        flags = packet[off + 13]
+        ack = int.from_bytes(packet[off + 8:off + 12], "big")
+        if self._resetting:
+            # Nothing goes up any more: every segment but an RST is answered with one.
+            if flags & 0x10:
+                self._send_rst(flow, ack)
+            elif not flags & 0x04:    # a SYN: RST+ACK acknowledging it
+                self._send_rst(flow, 0, ack=int.from_bytes(packet[off + 4:off + 8], "big") + 1)
+            return True
+        if flags & 0x04:
+            self.tcp_flows.pop(flow, None)
+        elif flags & 0x10:
+            flows = self.tcp_flows
+            if flow not in flows and len(flows) >= TCP_FLOWS_MAX:
+                del flows[next(iter(flows))]
+            flows[flow] = ack
+        return False
+
+    def _send_rst(self, flow: tuple[int, bytes, bytes, int, int], seq: int, ack: int | None = None) -> None:
+        _, app, vip, app_port, vip_port = flow
+        try:
+            rst = build_tcp_packet(vip, app, vip_port, app_port, seq=seq, ack=ack or 0,
+                                   flags=0x04 if ack is None else 0x14, window=0)
+        except DecodeError:
+            return
+        self.resets_sent += 1
+        self.write_packet(rst, count=False)
+
+    async def reset_tcp_flows(self) -> int:
+        """The Agent is exiting: reset every TCP flow to a virtual IP that the application
+        still has (see the module notes). Returns how many flows were reset."""
+        flows = list(self.tcp_flows.items())
+        if not flows or self._loop is None:
+            return 0
+        self._resetting = True
+        for flow, ack in flows:
+            self._send_rst(flow, ack)
+        log.info("reset %d TCP flow%s through the TUN", len(flows), "" if len(flows) == 1 else "s")
+        await asyncio.sleep(RESET_LINGER)
+        return len(flows)
 
     def _too_big(self, packet: bytes, mtu: int) -> None:
         self.dropped_too_big += 1

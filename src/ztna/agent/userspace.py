@@ -33,13 +33,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import struct
 from collections import OrderedDict
 from typing import Any
 
 from ztna.agent.config import AgentOptions, Forward, IpAddress, ServiceSpec
 from ztna.agent.session import ACKED, REFUSED, ServiceState, Session
-from ztna.errors import DecodeError, UsageError
+from ztna.errors import DecodeError, UsageError, error_text
 from ztna.observe import format_address
 from ztna.startup import bind_error
 from ztna.netstack.packets import PROTO_UDP, build_udp_packet, parse_ip, parse_udp
@@ -50,6 +51,7 @@ log = logging.getLogger("ztna.agent")
 SEND_BACKLOG_MAX = 1024 * 1024
 READ_CHUNK = 64 * 1024
 READY_WAIT = 10.0
+_NO_STATUS = f"timeout: no status from the Connector within {READY_WAIT:.0f} s"
 UDP_MAPPINGS_MAX = 4096
 UDP_PORT_FIRST, UDP_PORT_LAST = 20000, 60999
 
@@ -57,6 +59,17 @@ _SOCKS_REPLY = {
     StreamStatus.OK: 0x00, StreamStatus.REFUSED: 0x05, StreamStatus.UNREACHABLE: 0x04,
     StreamStatus.NOT_AUTHORIZED: 0x02, StreamStatus.NO_SUCH_PORT: 0x05, StreamStatus.LIMIT: 0x01,
 }
+
+
+def reset_writer(writer: asyncio.StreamWriter) -> None:
+    """Close with RST (SO_LINGER 0): the application sees 'connection reset' at once."""
+    sock = writer.get_extra_info("socket")
+    try:
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    writer.transport.abort()
 
 
 class StreamFailed(Exception):
@@ -128,6 +141,9 @@ class Userspace:
         self.udp_by_client: dict[tuple[int, Any], int] = {}
         self._next_port = UDP_PORT_FIRST
         self.tasks: set[asyncio.Task[None]] = set()
+        # Accepted application sockets we proxy (forwards, SOCKS, the TUN redirect): reset
+        # on exit, so no application waits on a tunnel that is gone.
+        self.app_writers: set[asyncio.StreamWriter] = set()
         self.stats = {"tcp_opened": 0, "tcp_failed": 0, "tcp_active": 0, "tcp_direct": 0, "tcp_resumed": 0, "tcp_resume_failed": 0, "udp_dropped_too_big": 0,
                       "udp_dropped_unknown": 0, "socks_failed": 0}
         session.on_packet = self.on_packet
@@ -182,7 +198,18 @@ class Userspace:
         """Port actually bound by the index-th listener of a kind (tests use port 0)."""
         return int([t for t in self.listeners if t.startswith(kind + " ")][index].split(" ")[1].rsplit(":", 1)[1])
 
+    def reset_all(self) -> int:
+        """RST every proxied application connection (SO_LINGER 0, then close): the Agent
+        is going away and none of them can continue. Returns how many."""
+        writers, self.app_writers = self.app_writers, set()
+        for writer in writers:
+            reset_writer(writer)
+        if writers:
+            log.info("reset %d proxied TCP connection%s", len(writers), "" if len(writers) == 1 else "s")
+        return len(writers)
+
     async def stop(self) -> None:
+        self.reset_all()
         for srv in self.servers:
             srv.close()
         for tr in self.udp_transports:
@@ -202,7 +229,10 @@ class Userspace:
 
     async def _ready(self, svc: ServiceState) -> None:
         deadline = asyncio.get_running_loop().time() + 3 * READY_WAIT   # > a whole _resume
+        direct = self.session.direct
         while self.session.conn is None or svc.registration != ACKED:
+            if direct is not None and svc.path == "direct" and direct.stream_conn(svc.spec.id) is not None:
+                return   # a live direct connection needs no Intermediate (it may be restarting)
             if svc.registration == REFUSED:
                 raise StreamFailed(StreamStatus.NOT_AUTHORIZED, f"service {svc.spec.id} refused")
             if asyncio.get_running_loop().time() > deadline:
@@ -293,7 +323,7 @@ class Userspace:
                 raise StreamFailed(None, f"connector has {peer_rx}, we retain {start}..{start + len(data)}")
         except (StreamFailed, asyncio.TimeoutError) as exc:
             self.stats["tcp_resume_failed"] += 1
-            log.warning("tcp stream to %s could not resume on the relay: %s", sink.spec.id, exc or "timeout")
+            log.warning("tcp stream to %s could not resume on the relay: %s", sink.spec.id, error_text(exc, _NO_STATUS))
             sink.failed = True
             sink.attached.set()
             return None
@@ -311,6 +341,7 @@ class Userspace:
     async def _splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       conn: Any, sid: int, sink: _StreamSink, early: bytes) -> None:
         self.stats["tcp_active"] += 1
+        self.app_writers.add(writer)
         up = asyncio.ensure_future(self._pump_up(reader, sink))
         try:
             if early:
@@ -345,6 +376,7 @@ class Userspace:
                 sink.conn.reset_stream(sink.sid)
         finally:
             self.stats["tcp_active"] -= 1
+            self.app_writers.discard(writer)
             up.cancel()
             sink.handlers.pop(sink.sid, None)
             writer.close()
@@ -395,7 +427,7 @@ class Userspace:
             conn, sid, sink, early = await self._open(spec, vip, fwd.target_port)
         except (StreamFailed, asyncio.TimeoutError) as exc:
             self.stats["tcp_failed"] += 1
-            log.warning("forward to %s failed: %s", format_address((fwd.target, fwd.target_port)), exc or "timeout")
+            log.warning("forward to %s failed: %s", format_address((fwd.target, fwd.target_port)), error_text(exc, _NO_STATUS))
             writer.close()
             return
         self.stats["tcp_opened"] += 1
@@ -437,7 +469,7 @@ class Userspace:
             except (StreamFailed, asyncio.TimeoutError) as exc:
                 status = getattr(exc, "status", None)
                 self._socks_reply(writer, _SOCKS_REPLY.get(status, 0x01) if status is not None else 0x01)
-                raise ValueError(f"{host}:{port}: {exc or 'timeout'}") from None
+                raise ValueError(f"{host}:{port}: {error_text(exc, _NO_STATUS)}") from None
         except (ValueError, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
             self.stats["socks_failed"] += 1
             log.info("socks: %s", exc)

@@ -43,9 +43,8 @@ def _build_options(**kw: object):  # -> AgentOptions (import kept lazy for --hel
     check_tls_files(tls.cert, tls.key, tls.ca)
     host, port = split_host_port(str(kw["intermediate"]), default_port=4433)
     mode = kw["mode"] or ("tun" if os.geteuid() == 0 else "userspace")
-    server_name = kw["server_name"] or (host if host and not host.replace(".", "").isdigit() and ":" not in host else "localhost")
     values: dict[str, object] = dict(
-        intermediate=(host, port), tls=tls, server_name=server_name,
+        intermediate=(host, port), tls=tls, server_name=kw["server_name"] or None,
         services=tuple(parse_service(s) for s in kw["service"]),
         mode=mode, tun_name=kw["tun_name"], name=kw["name"] or kw["tun_name"],
         forwards=tuple(parse_forward(f, "-L") for f in kw["forward"]),
@@ -85,7 +84,7 @@ def _merge_config(ctx: click.Context, config_path: Path | None, kw: dict[str, ob
 @click.option("--cert", type=click.Path(dir_okay=False))
 @click.option("--key", type=click.Path(dir_okay=False))
 @click.option("--ca", type=click.Path(dir_okay=False))
-@click.option("--server-name", help="TLS name of the Intermediate (default: its host name, or 'localhost').")
+@click.option("--server-name", help="TLS name to verify on the Intermediate (default: its host, a DNS name or an IP).")
 @click.option("--service", "service", multiple=True, metavar="ID=IP[,IP]",
               help="A service and its virtual IPs, e.g. web=10.100.0.2,fd00:100::2 (repeatable; required here or in --config).")
 @click.option("--mode", type=click.Choice(["tun", "userspace"]), help="Default: tun as root, else userspace.")

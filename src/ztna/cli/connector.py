@@ -13,8 +13,10 @@ from ztna.errors import UsageError
 
 @click.command(name="connector")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
-@click.option("--intermediate", help="Intermediate HOST:PORT (IPv6 in brackets).")
+@click.option("--intermediate", help="Intermediate HOST[:PORT] (port defaults to 4433; IPv6 in brackets).")
 @click.option("--server-name", help="TLS name to verify on the Intermediate (default: its host).")
+@click.option("--name", help="This Connector's name among those sharing its certificate (default: the host name); "
+              "a restart under the same name replaces its old registration at once.")
 @click.option("--pki", type=click.Path(file_okay=False), help="Directory with connector.pem, connector.key, ca.pem.")
 @click.option("--cert", type=click.Path(dir_okay=False))
 @click.option("--key", type=click.Path(dir_okay=False))
@@ -27,14 +29,14 @@ from ztna.errors import UsageError
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--no-flow-control", is_flag=True, hidden=True, help="Benchmarks only.")
 def connector(config_path: str | None, intermediate: str | None, server_name: str | None,
-              pki: str | None, cert: str | None, key: str | None, ca: str | None,
+              name: str | None, pki: str | None, cert: str | None, key: str | None, ca: str | None,
               services: tuple[str, ...], p2p_port: str | None, relay_port: int | None,
               metrics: str | None, log_level: str | None, no_flow_control: bool) -> None:
     """Run an App Connector next to private apps: serves each service's virtual IPs and
     ports from its own backend, through the Intermediate relay and direct P2P QUIC."""
     from ztna.connector.config import load_config
 
-    overrides: dict[str, object] = {"intermediate": intermediate, "server_name": server_name,
+    overrides: dict[str, object] = {"intermediate": intermediate, "server_name": server_name, "name": name,
                                     "relay_port": relay_port, "metrics": metrics,
                                     "log_level": log_level}
     if pki is not None:

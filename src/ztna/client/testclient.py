@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ztna import limits
-from ztna.errors import DatagramTooLarge, DecodeError, UsageError
+from ztna.errors import DatagramTooLarge, DecodeError, UsageError, error_text
 from ztna.netstack.packets import PROTO_UDP, build_udp_packet, ip_to_bytes, parse_ip, parse_udp
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
@@ -260,7 +260,7 @@ async def run_client(o: ClientOptions) -> dict[str, Any]:
         try:
             await asyncio.wait_for(conn.wait_handshake(), o.timeout)
         except (ConnectionError, asyncio.TimeoutError) as exc:
-            errors.append(f"handshake failed: {exc or 'timeout'}")
+            errors.append(f"handshake failed: {error_text(exc)}")
             result["close_reason"] = handler.closed_reason
             return result
         result["handshake_ms"] = round((loop.time() - start) * 1000, 3)

@@ -27,18 +27,22 @@ __all__ = [
 ]
 
 
-def parse_host_port(text: str, *, allow_port_zero: bool = False) -> tuple[str, int]:
-    """`host:port`, `[v6]:port` or `v4:port` → (host, port). Raises ValueError."""
+def parse_host_port(text: str, *, allow_port_zero: bool = False,
+                    default_port: int | None = None) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or `v4:port` → (host, port); with `default_port`, a bare
+    `host` / `[v6]` too (the Agent accepts the same spellings). Raises ValueError."""
     text = text.strip()
     if text.startswith("["):
         end = text.find("]")
-        if end < 0 or text[end + 1 : end + 2] != ":":
+        if end < 0 or (text[end + 1 : end + 2] != ":" and not (default_port and end == len(text) - 1)):
             raise ValueError(f"expected [IPv6]:port, got {text!r}")
-        host, port_s = text[1:end], text[end + 2 :]
+        host, port_s = text[1:end], text[end + 2 :] or str(default_port)
         ipaddress.IPv6Address(host.split("%")[0])
     else:
         host, sep, port_s = text.rpartition(":")
-        if not sep or not host:
+        if not sep and default_port and port_s:
+            host, port_s = port_s, str(default_port)
+        elif not sep or not host:
             raise ValueError(f"expected HOST:PORT, got {text!r}")
         if ":" in host:
             raise ValueError(f"IPv6 addresses need brackets: [{host}]:{port_s}")
@@ -74,9 +78,9 @@ class HostPort(BaseModel):
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def _to_host_port(value: Any, *, allow_zero: bool = False) -> Any:
+def _to_host_port(value: Any, *, allow_zero: bool = False, default_port: int | None = None) -> Any:
     if isinstance(value, str):
-        host, port = parse_host_port(value, allow_port_zero=allow_zero)
+        host, port = parse_host_port(value, allow_port_zero=allow_zero, default_port=default_port)
         return {"host": host, "port": port}
     return value
 
@@ -157,6 +161,10 @@ class ConnectorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     intermediate: HostPort
     server_name: str | None = None      # TLS name to verify; default: the intermediate host
+    # Names this Connector among those sharing its certificate (its Hello to the Intermediate):
+    # a restart under the same name replaces the old registration at once; Connectors of one
+    # pool that share a certificate need distinct names. Default: the host name.
+    name: str | None = Field(default=None, min_length=1, max_length=255)
     cert: Path
     key: Path
     ca: Path
@@ -174,7 +182,7 @@ class ConnectorConfig(BaseModel):
     @field_validator("intermediate", mode="before")
     @classmethod
     def _inter(cls, v: Any) -> Any:
-        return _to_host_port(v)
+        return _to_host_port(v, default_port=limits.INTERMEDIATE_PORT)
 
     @field_validator("metrics", mode="before")
     @classmethod
@@ -212,6 +220,11 @@ class ConnectorConfig(BaseModel):
 
     def tls_name(self) -> str:
         return self.server_name or self.intermediate.host
+
+    def connector_name(self) -> str:
+        import socket
+
+        return self.name or socket.gethostname() or "connector"
 
 
 def parse_service_flag(text: str) -> dict[str, Any]:

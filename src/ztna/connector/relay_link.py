@@ -22,6 +22,7 @@ Theory of operation
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import socket
@@ -30,12 +31,14 @@ from typing import Any, Protocol
 
 from ztna.observe import format_address
 from ztna import limits
+from ztna.identity import server_name_mismatch
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import CLOSE_NO_ERROR, QuicEndpoint
 from ztna.wire import (
     AgentGone,
     ControlDecoder,
     GoAway,
+    Hello,
     NackStatus,
     ObservedAddress,
     Register,
@@ -57,6 +60,12 @@ _FINAL_NACKS = frozenset({NackStatus.NOT_AUTHORIZED, NackStatus.INVALID_REQUEST,
                           NackStatus.SERVICE_CONFLICT})
 
 
+def connector_instance(name: str) -> int:
+    """The `Hello.instance` of a Connector: a u64 from its name, so the same Connector
+    (same certificate, same name) keeps its peer id across restarts."""
+    return int.from_bytes(hashlib.blake2b(b"ztna connector\0" + name.encode(), digest_size=8).digest(), "big")
+
+
 def backoff_delay(attempt: int, rng: random.Random, *, base: float = BACKOFF_BASE,
                   cap: float = BACKOFF_CAP) -> float:
     """Exponential backoff with "equal jitter": half fixed, half random, capped."""
@@ -76,8 +85,10 @@ class LinkSink(Protocol):
 class RelayLink(ConnectionHandler):
     def __init__(self, endpoint: QuicEndpoint, *, host: str, port: int,
                  config_factory: Callable[[], Any], services: list[str], sink: LinkSink,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, name: str = "connector") -> None:
         self.endpoint = endpoint
+        self.name = name
+        self.instance = connector_instance(name)
         self.host = host
         self.port = port
         self.config_factory = config_factory
@@ -94,6 +105,7 @@ class RelayLink(ConnectionHandler):
         self.connects = 0
         self.reconnects = 0
         self.last_error = ""
+        self._name_error: str | None = None
         self._decoder = ControlDecoder()
         self._sent_at: dict[str, float] = {}
         self._closed = asyncio.Event()
@@ -146,15 +158,32 @@ class RelayLink(ConnectionHandler):
             self._decoder = ControlDecoder()
             self._closed = asyncio.Event()
             conn = self.endpoint.connect(addr, self.config_factory(), self)
+            # First control frame: who we are among the Connectors sharing our certificate.
+            # The Intermediate keys our peer id on it, so this connection replaces the
+            # registration a crashed predecessor of ours left behind.
+            conn.send_control(encode_control(Hello(instance=self.instance)))
             await asyncio.wait_for(conn.wait_handshake(), HANDSHAKE_TIMEOUT)
         except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
             self.last_error = str(exc) or type(exc).__name__
             log.warning("cannot connect to the intermediate %s: %s", format_address((self.host, self.port)),
                         self.last_error)
             if conn is not None:
+                self._explain_name_mismatch(conn)
+            if conn is not None:
                 conn.close(CLOSE_NO_ERROR, "handshake timeout")
             return None
         return conn
+
+    def _explain_name_mismatch(self, conn: ZtnaConnection) -> None:
+        # Retrying never fixes a certificate without the name we verify: one ERROR line
+        # (again only if the mismatch changes) naming the expected and the held names.
+        config = self.config_factory()
+        why = server_name_mismatch(conn.peer_certificate, config.server_name or self.host)
+        if why is not None and why != self._name_error:
+            self._name_error = why
+            log.error("intermediate %s:%d: certificate name mismatch: %s (give --server-name, "
+                      "or issue its certificate with `ztna certs init --host`)",
+                      self.host, self.port, why)
 
     async def _serve(self, conn: ZtnaConnection) -> None:
         loop = asyncio.get_running_loop()
@@ -248,5 +277,11 @@ class RelayLink(ConnectionHandler):
     def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
         if conn is self.conn or self.conn is None:
             self.last_error = reason
-            log.warning("connection to the intermediate closed: %s", reason)
+            if reason.startswith("superseded"):
+                # Only a live twin does this: another process with our certificate and name.
+                log.error("connection to the intermediate closed: %s — another Connector "
+                          "with this certificate uses the name %r; give each its own --name",
+                          reason, self.name)
+            else:
+                log.warning("connection to the intermediate closed: %s", reason)
         self._closed.set()

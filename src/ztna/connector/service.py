@@ -182,7 +182,8 @@ class Connector:
             config_factory=lambda: make_configuration(
                 is_client=True, tls=self.tls, server_name=self.cfg.tls_name(),
                 udp_payload=self.cfg.udp_payload),
-            services=list(self.services), sink=self, rng=random.Random(self.rng.random()))
+            services=list(self.services), sink=self, rng=random.Random(self.rng.random()),
+            name=self.cfg.connector_name())
         self._tasks.append(loop.create_task(self.relay.run()))
         if self.cfg.p2p_port is not None:
             self.p2p = P2PServer(self, host=self.cfg.p2p_host, port=self.cfg.p2p_port,

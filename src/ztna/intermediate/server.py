@@ -325,14 +325,27 @@ class Intermediate:
         if other is not None:
             if self._instances.get(new_id) != key:
                 return  # someone else's id: keep the sequential one
-            # A stale connection of this same Agent process: supersede it quietly (no
-            # AgentGone — the Agent is still here, on this new connection).
+            # A stale connection of this same client: the same certificate and the same
+            # Hello instance (an Agent process, or a Connector's configured name, which a
+            # restarted Connector keeps). Its registrations, splices and punch sessions go
+            # at once — a Connector killed without a goodbye would otherwise keep a place in
+            # its services' pools, and get relayed streams, punches and UDP flows, until the
+            # idle timeout. Quietly: no AgentGone, no "service down"; the client is still
+            # here and registers again on this connection right away.
             del self.conns[new_id]
+            self._held.pop(other, None)
+            stale = self.registry.peers.get(new_id)
+            role = "connector" if stale is not None and stale.connector_services else "agent"
             self.registry.remove_peer(new_id)
             if self.signaling is not None:
                 self.execute(self.signaling.peer_gone(new_id))
-            other.close(0, "superseded by a new connection of the same agent")
-            log.info("%s superseded by a new connection", other.label)
+            if self.streams is not None:
+                # Splice legs are keyed by (peer id, stream id) and the new connection
+                # numbers its streams from 0 again: the old legs must not catch them.
+                self.streams.peer_gone(new_id)
+            other.close(0, f"superseded by a new connection of the same {role}")
+            log.info("%s superseded by a new connection from %s", other.label,
+                     normalize_address(conn.peer_address)[0])
         del self.conns[old_id]
         self.registry.peers.pop(old_id, None)
         conn.user = new_id

@@ -79,7 +79,7 @@ class ZtnaConnection:
         "closed", "close_reason", "close_code", "resumed", "early_data_accepted",
         "zero_rtt_attempted", "is_client", "_control_open", "_control_backlog", "_waiters",
         "created_at", "label", "user", "_last_received", "_held", "_authorized", "_retain",
-        "_retained", "server_name",
+        "_retained", "server_name", "peer_chain", "client_tls",
     )
 
     def __init__(
@@ -107,6 +107,8 @@ class ZtnaConnection:
         self.zero_rtt_attempted = False
         self.is_client = is_client
         self.server_name: str | None = None
+        self.peer_chain: list[bytes] = []     # DER, the peer's leaf first (after the handshake)
+        self.client_tls: Any = None           # client side: the native TLS it was made with
         # Clients write the control stream at once (in 0-RTT when resuming).
         self._control_open = is_client
         self._control_backlog: list[bytes] = []
@@ -366,11 +368,35 @@ class ZtnaConnection:
             return "TERMINATED"
         return "CONNECTED" if self.handshake_complete else "HANDSHAKE"
 
+    @property
+    def peer_certificate(self) -> Any:
+        """The peer's leaf certificate (cryptography x509) once it arrived, even when its
+        verification failed (client side); None before that. Drivers use it to explain a
+        refusal."""
+        from cryptography import x509
+
+        der = self.peer_chain[0] if self.peer_chain else None
+        if der is None and self.client_tls is not None and self.server_name:
+            der = self.client_tls.presented_certificate(self.server_name)
+        if der is None:
+            return None
+        try:
+            return x509.load_der_x509_certificate(bytes(der))
+        except ValueError:
+            return None
+
     def current_dcid(self) -> bytes:
         """The destination connection ID our packets carry now (b"" before the first one)."""
         if self.closed:
             return b""
         return bytes(self._native.current_dcid(self.handle) or b"")
+
+    @property
+    def peer_certificate(self) -> Any:
+        """The peer's leaf certificate (cryptography x509) once it arrived, even when its
+        verification failed; None before that. Drivers use it to explain a refusal."""
+        tls = getattr(self.quic, "tls", None)
+        return getattr(tls, "_peer_certificate", None) if tls is not None else None
 
     def rtt(self) -> float | None:
         if self.closed:

@@ -195,11 +195,13 @@ class QuicEndpoint:
         host, port = normalize_address(address)
         now = self.loop.time()
         server_name = configuration.server_name or host
-        handle, zero_rtt = self.native.connect(configuration.client_tls(), host, int(port), server_name, now)
+        client_tls = configuration.client_tls()
+        handle, zero_rtt = self.native.connect(client_tls, host, int(port), server_name, now)
         conn = ZtnaConnection(self, handle, handler, (host, int(port)), now=now, is_client=True,
                               retain_streams=self.retain_streams)
         conn.zero_rtt_attempted = bool(zero_rtt)
         conn.server_name = server_name
+        conn.client_tls = client_tls
         configuration.session_ticket = True if zero_rtt else None
         self._add(conn)
         self._stats.handshakes_started += 1
@@ -441,6 +443,8 @@ class QuicEndpoint:
 
     def _on_connected(self, conn: ZtnaConnection, chain: list[bytes] | None, zero_rtt: bool) -> None:
         conn.early_data_accepted = bool(zero_rtt)
+        if chain:
+            conn.peer_chain = [bytes(c) for c in chain]
         if conn.is_client:
             conn.resumed = bool(zero_rtt) or conn.resumed
             if not conn._control_open:
