@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,14 @@ from typing import Any
 import click
 
 
-def _candidates(state_dir: str | None, name: str | None) -> list[Path]:
+def _default_dirs() -> list[Path]:
     from ztna.agent.config import default_state_dir
 
-    dirs = [Path(state_dir)] if state_dir else list(dict.fromkeys(
-        [default_state_dir(), Path("/run/ztna-agent")]))
+    return list(dict.fromkeys([default_state_dir(), Path("/run/ztna-agent")]))
+
+
+def _candidates(state_dir: str | None, name: str | None) -> list[Path]:
+    dirs = [Path(state_dir)] if state_dir else _default_dirs()
     out: list[Path] = []
     for d in dirs:
         if name:
@@ -36,7 +40,11 @@ def _render(snap: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(emoji=False, highlight=False)
+    # On a terminal rich fits the table to the window; into a pipe or file nothing may be
+    # cut (rich would assume 80 columns), so the width is then unlimited: each line is as
+    # long as its content, without colour codes.
+    tty = sys.stdout.isatty()
+    console = Console(emoji=False, highlight=False, width=None if tty else 100_000, soft_wrap=not tty)
     a, i = snap["agent"], snap["intermediate"]
     since = i.get("connected_since")
     up = f"{time.time() - since:.0f}s" if since else "-"
@@ -52,7 +60,8 @@ def _render(snap: dict[str, Any]) -> None:
         console.print(f"  last handshake: {i['handshake']}{took};"
                       f" 0-RTT accepted {z.get('accepted', 0)} of {z.get('attempts', 0)} resumptions")
     if i["state"] != "connected" and i.get("last_error"):
-        console.print(f"  last error: {i['last_error']}")
+        at = f" (at {i['last_error_at']})" if i.get("last_error_at") else ""
+        console.print(f"  last error: {i['last_error']}{at}")
     if "tun" in snap:
         t = snap["tun"]
         console.print(f"TUN {t['name']}: mtu {t['mtu']}, {' '.join(t['addresses'])}")
@@ -63,7 +72,7 @@ def _render(snap: dict[str, Any]) -> None:
         reg = s["registration"]
         reg_text = {"acked": "[green]yes[/green]", "pending": "[yellow]pending[/yellow]"}.get(
             reg, f"[red]refused ({s['nack']})[/red]")
-        conn = {True: "up", False: "[red]down[/red]", None: "-"}[s["connector_up"]]
+        conn = _connector_text(s)
         table.add_row(s["id"], " ".join(s["virtual_ips"]), reg_text, conn, _path_text(snap, s),
                       f"{_human_bytes(s['tx_bytes'])} / {s['tx_packets']} pkts",
                       f"{_human_bytes(s['rx_bytes'])} / {s['rx_packets']} pkts",
@@ -73,6 +82,18 @@ def _render(snap: dict[str, Any]) -> None:
     if us:
         for f in us.get("listeners", []):
             console.print(f"  {f}")
+
+
+def _connector_text(s: dict[str, Any]) -> str:
+    """Who serves the service: the direct peer when the path is direct, else the Connector
+    the Intermediate named, else just whether one is up (`-`: not told yet)."""
+    if s.get("direct_peer"):
+        return f"[green]{s['direct_peer']}[/green]"
+    if s["connector_up"] is False:
+        return "[red]down[/red]"
+    if s["connector_up"]:
+        return f"up: {s['connector']}" if s.get("connector") else "up"
+    return "-"
 
 
 def _path_text(snap: dict[str, Any], s: dict[str, Any]) -> str:
@@ -86,6 +107,8 @@ def _path_text(snap: dict[str, Any], s: dict[str, Any]) -> str:
         detail = ", ".join(b for b in bits if b)
         return f"[green]direct[/green] ({detail})" if detail else "[green]direct[/green]"
     state = p.get("path_state") or ""
+    if p.get("retry_in_s") is not None:
+        state = f"{state}, retry in {p['retry_in_s']:.0f} s" if state else f"retry in {p['retry_in_s']:.0f} s"
     return f"relay ({state})" if state and state != "relay" else "relay"
 
 
@@ -97,15 +120,23 @@ def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
     """Show a running Agent's state (no root needed)."""
     from ztna.agent.control import query
 
-    socks = [p for p in _candidates(state_dir, name) if p.exists()]
-    if not socks:
-        raise click.ClickException("no running Agent found (is `ztna agent` running? try --state-dir)")
+    candidates = _candidates(state_dir, name)
+    socks = [p for p in candidates if p.exists()]
+    where = ", ".join(str(p) for p in candidates) if candidates else (
+        state_dir or " or ".join(str(d) for d in _default_dirs()))
+    hint = "start `ztna agent`, or point at it with --state-dir DIR and --name NAME"
     snaps = []
+    stale = []
     for path in socks:
         try:
             snaps.append(query(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            stale.append(path)      # left behind by an Agent that was killed
         except OSError as exc:
-            raise click.ClickException(f"{path}: {exc}") from None
+            raise click.ClickException(f"agent at {path} did not answer: {exc}") from None
+    if not snaps:
+        what = f"nothing answers on {', '.join(map(str, stale))}" if stale else f"no status socket at {where}"
+        raise click.ClickException(f"agent not running ({what}); {hint}")
     if as_json:
         click.echo(json.dumps(snaps[0] if len(snaps) == 1 else snaps, indent=2))
         return
