@@ -4,7 +4,8 @@ mode, and a small standard SOCKS5 UDP client written here from the RFC.
 
 Checked: the echo is byte-exact for several sizes up to the largest that fits the tunnel,
 the reply's header names the service's virtual IP:port, one byte more is dropped (counted),
-fragments, non-service destinations and datagrams from another port are dropped (counted),
+fragments, non-service destinations and datagrams from another port or IP are dropped
+(counted),
 and the association dies with its TCP control connection."""
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from loopback_procs import UdpEcho, loopback_world  # noqa: E402
 
 from ztna.certs import init_pki
 
-VIP, VPORT = "10.100.0.2", 53
+VIP, VIP6, VPORT = "10.100.0.2", "fd00:100::2", 53
 
 
 class Socks5UdpClient:
@@ -67,10 +68,11 @@ class Socks5UdpClient:
         data, src = self.udp.recvfrom(65535)
         assert src[:2] == self.relay, src
         assert data[:3] == b"\x00\x00\x00", data[:3]
-        assert data[3] == 1, f"ATYP {data[3]}"
-        host = str(ipaddress.IPv4Address(data[4:8]))
-        (port,) = struct.unpack("!H", data[8:10])
-        return host, port, data[10:]
+        assert data[3] in (1, 4), f"ATYP {data[3]}"
+        n = 4 if data[3] == 1 else 16
+        host = str(ipaddress.ip_address(data[4:4 + n]))
+        (port,) = struct.unpack("!H", data[4 + n:6 + n])
+        return host, port, data[6 + n:]
 
     def close(self) -> None:
         self.tcp.close()
@@ -119,6 +121,12 @@ def test_socks5_udp_associate_echo_through_tunnel(tmp_path: Path) -> None:
                 c.send(VIP, VPORT, payload)
                 assert c.recv() == (VIP, VPORT, payload), size
 
+            # The service's IPv6 virtual IP: replies carry ATYP 4 and that address.
+            for size in (5, largest - 20):                    # IPv6 header is 20 bytes longer
+                payload = os.urandom(size)
+                c.send(VIP6, VPORT, payload)
+                assert c.recv() == (VIP6, VPORT, payload), size
+
             before = w.snap()["userspace"]
             c.send(VIP, VPORT, os.urandom(largest + 1))            # does not fit: dropped
             c.send(VIP, VPORT, b"fragment", frag=1)               # we do not reassemble
@@ -126,11 +134,15 @@ def test_socks5_udp_associate_echo_through_tunnel(tmp_path: Path) -> None:
             other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             other.bind(("127.0.0.1", 0))                           # not the client's port
             other.sendto(c.header(VIP, VPORT) + b"intruder", c.relay)
-            assert _nothing_comes(c.udp) and _nothing_comes(other, 0.2)
+            stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            stranger.bind(("127.0.0.2", 0))                        # not the client's IP
+            stranger.sendto(c.header(VIP, VPORT) + b"stranger", c.relay)
+            assert _nothing_comes(c.udp) and _nothing_comes(other, 0.2) and _nothing_comes(stranger, 0.2)
             after = w.snap()["userspace"]
-            for key in ("udp_dropped_too_big", "socks_udp_dropped_frag", "socks_udp_refused",
-                        "socks_udp_dropped_foreign"):
+            for key in ("udp_dropped_too_big", "socks_udp_dropped_frag", "socks_udp_refused"):
                 assert after[key] == before[key] + 1, (key, before, after)
+            assert after["socks_udp_dropped_foreign"] == before["socks_udp_dropped_foreign"] + 2
+            stranger.close()
             assert after["socks_udp_active"] == 1
             received = echo.received
 
