@@ -38,6 +38,7 @@ def _human_bytes(n: int) -> str:
 
 def _render(snap: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     # On a terminal rich fits the table to the window; into a pipe or file nothing may be
@@ -50,9 +51,10 @@ def _render(snap: dict[str, Any]) -> None:
     up = f"{time.time() - since:.0f}s" if since else "-"
     console.print(f"[bold]Agent {a['name']}[/bold] (pid {a['pid']}, {a['mode']} mode)")
     state_style = "green" if i["state"] == "connected" else "yellow"
-    console.print(f"Intermediate {i['target']} ({i['address']}): [{state_style}]{i['state']}[/{state_style}]"
+    # Addresses like [::1]:4433 and error texts are data, not rich markup.
+    console.print(f"Intermediate {escape(i['target'])} ({escape(i['address'])}): [{state_style}]{i['state']}[/{state_style}]"
                   f" for {up}, RTT {i['rtt_ms'] if i['rtt_ms'] is not None else '-'} ms,"
-                  f" seen as {i['observed_address'] or '-'}, max DATAGRAM {i['max_datagram_payload'] or '-'},"
+                  f" seen as {escape(i['observed_address'] or '-')}, max DATAGRAM {i['max_datagram_payload'] or '-'},"
                   f" reconnects {i['reconnects']}")
     if i.get("handshake"):
         z = i.get("zero_rtt") or {}
@@ -61,7 +63,7 @@ def _render(snap: dict[str, Any]) -> None:
                       f" 0-RTT accepted {z.get('accepted', 0)} of {z.get('attempts', 0)} resumptions")
     if i["state"] != "connected" and i.get("last_error"):
         at = f" (at {i['last_error_at']})" if i.get("last_error_at") else ""
-        console.print(f"  last error: {i['last_error']}{at}")
+        console.print(f"  last error: {escape(i['last_error'])}{at}")
     if "tun" in snap:
         t = snap["tun"]
         console.print(f"TUN {t['name']}: mtu {t['mtu']}, {' '.join(t['addresses'])}")
@@ -81,18 +83,20 @@ def _render(snap: dict[str, Any]) -> None:
     us = snap.get("userspace")
     if us:
         for f in us.get("listeners", []):
-            console.print(f"  {f}")
+            console.print(f"  {escape(f)}")
 
 
 def _connector_text(s: dict[str, Any]) -> str:
     """Who serves the service: the direct peer when the path is direct, else the Connector
     the Intermediate named, else just whether one is up (`-`: not told yet)."""
+    from rich.markup import escape   # `[fd00::2]:4434` and certificate names are not markup
+
     if s.get("direct_peer"):
-        return f"[green]{s['direct_peer']}[/green]"
+        return f"[green]{escape(s['direct_peer'])}[/green]"
     if s["connector_up"] is False:
         return "[red]down[/red]"
     if s["connector_up"]:
-        return f"up: {s['connector']}" if s.get("connector") else "up"
+        return f"up: {escape(s['connector'])}" if s.get("connector") else "up"
     return "-"
 
 
