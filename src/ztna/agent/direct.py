@@ -31,6 +31,7 @@ Theory of operation
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import secrets
 import socket
@@ -127,9 +128,8 @@ class _DirectHandler(ConnectionHandler):
         self._heard()
         first = data[0] if data else 0
         if 0x45 <= first <= 0x4F or 0x60 <= first <= 0x6F:
-            svc = self.sp.svc
-            svc.rx_packets += 1
-            svc.rx_bytes += len(data)
+            # Counted by whoever takes the packet (TUN write or userspace demux), exactly
+            # as for packets from the relay: counting here too counted it twice.
             self.owner.session.on_packet(data)
 
     def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
@@ -488,8 +488,29 @@ class DirectPaths:
         sp.pm.observations.clear()
 
     # ------------------------------------------------------------------ status
+    def peer_of(self, service_id: str) -> str | None:
+        """The Connector a service's direct connection goes to (the TLS name we verified
+        and its address), None while the service is on the relay."""
+        sp = self.paths.get(service_id)
+        if sp is None or sp.conn is None or sp.conn.closed or sp.pm.state is not PathState.DIRECT:
+            return None
+        host, port = normalize_address(sp.conn.peer_address)[:2]
+        return f"connector.{service_id}.ztna at " + (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+    def _path_snapshot(self, sp: _ServicePath) -> dict[str, Any]:
+        snap = sp.pm.snapshot()
+        # The path manager keeps monotonic time, meaningless outside this process: status
+        # shows when that is on the wall clock (ISO 8601 UTC) and how far away it is.
+        retry = snap.pop("retry_at")
+        now = self.loop.time()
+        snap["retry_in_s"] = round(max(0.0, retry - now), 1) if retry is not None else None
+        snap["retry_at"] = (datetime.datetime.now(datetime.timezone.utc)
+                            + datetime.timedelta(seconds=max(0.0, retry - now))).isoformat(timespec="seconds") \
+            if retry is not None else None
+        return snap
+
     def snapshot(self) -> dict[str, Any]:
-        services = {sid: {**sp.pm.snapshot(), "punch": sp.punch.summary() if sp.punch else None,
+        services = {sid: {**self._path_snapshot(sp), "punch": sp.punch.summary() if sp.punch else None,
                           "handshake": sp.extra.get("handshake")}
                     for sid, sp in self.paths.items()}
         warm = [s["warmup_ms"] for s in services.values() if s["warmup_ms"] is not None]

@@ -25,6 +25,7 @@ Theory of operation
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import os
 import random
@@ -80,6 +81,7 @@ class ServiceState:
     registration: str = PENDING
     nack: str | None = None
     connector_up: bool | None = None  # from ServiceStatus; None = not told
+    connector: str | None = None      # who serves it through the relay (ServiceStatus), if told
     path: str = "relay"
     attempts: int = 0
     next_retry: float = 0.0
@@ -88,6 +90,11 @@ class ServiceState:
     tx_bytes: int = 0
     rx_packets: int = 0
     rx_bytes: int = 0
+    # TCP carried on QUIC streams: payload bytes (also included in tx_bytes / rx_bytes,
+    # which count IP packets in DATAGRAMs plus these) and streams opened.
+    stream_tx_bytes: int = 0
+    stream_rx_bytes: int = 0
+    streams: int = 0
     queued_dropped: int = 0
 
     @property
@@ -123,7 +130,8 @@ class SessionInfo:
     address: str = ""
     connected_since: float | None = None    # wall clock, for humans
     last_change: float = field(default_factory=time.time)
-    last_error: str = ""
+    last_error: str | None = None           # the last failure (kept after recovery), None if none yet
+    last_error_at: float | None = None      # wall clock of last_error
     observed: str | None = None
     handshake: str = ""                     # "full", "resumed" or "0-RTT" (last connection)
     connect_ms: float | None = None         # last connect: start -> first registration ACK
@@ -213,13 +221,19 @@ class Session(ConnectionHandler):
             self.endpoint.shutdown_socket()
         self._set_state("stopped")
 
-    def _set_state(self, state: str, detail: str = "") -> None:
+    def _error(self, text: str) -> None:
+        self.info.last_error = text
+        self.info.last_error_at = time.time()
+
+    def _set_state(self, state: str, detail: str = "", *, error: bool = True) -> None:
+        """`detail` goes into the log line; it is the new `last_error` unless `error` is
+        False (a success has details too, such as which handshake it was)."""
         if state == self.info.state:
             return
         self.info.state = state
         self.info.last_change = time.time()
-        if detail:
-            self.info.last_error = detail
+        if detail and error and detail != self.info.last_error:
+            self._error(detail)
         log.info("intermediate %s: %s%s", self.info.address or self._target(), state,
                  f" ({detail})" if detail else "")
 
@@ -251,14 +265,14 @@ class Session(ConnectionHandler):
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure means: back off, retry
                 self.counters.connect_failures += 1
-                self.info.last_error = str(exc) or type(exc).__name__
-                self._set_state("backoff", self.info.last_error)
+                self._error(str(exc) or type(exc).__name__)
+                self._set_state("backoff", self.info.last_error or "")
             if self._stopping:
                 return
             if useful:
                 delay = self.options.backoff_initial
             sleep_for = delay * (0.5 + self.rng.random())   # jitter: 50 %..150 %
-            self._set_state("backoff", self.info.last_error)
+            self._set_state("backoff", self.info.last_error or "", error=False)
             log.info("reconnecting in %.2fs", sleep_for)
             await asyncio.sleep(sleep_for)
             delay = min(delay * 2, self.options.backoff_cap)
@@ -290,6 +304,7 @@ class Session(ConnectionHandler):
             # Intermediate's policy may have changed while we were away.
             svc.registration, svc.nack, svc.attempts, svc.next_retry = PENDING, None, 0, 0.0
             svc.connector_up = None
+            svc.connector = None
             svc.retry_delay = self.options.register_retry
         config.resumption = self.zero_rtt
         config.token = self.address_token
@@ -339,9 +354,9 @@ class Session(ConnectionHandler):
                     useful = True
                 if now - conn.last_received > self.options.dead_after:
                     self.counters.dead_paths += 1
-                    self.info.last_error = f"nothing heard for {now - conn.last_received:.1f}s"
+                    silent = f"nothing heard for {now - conn.last_received:.1f}s"
                     conn.close(0, "peer silent")
-                    self._lost(conn, self.info.last_error)
+                    self._lost(conn, silent)
                     break
                 if now - conn.last_received > self.options.keepalive:
                     conn.ping()
@@ -362,7 +377,7 @@ class Session(ConnectionHandler):
                 self._announce_connected()
 
     def _announce_connected(self) -> None:
-        self._set_state("connected", f"{self.info.handshake} handshake")
+        self._set_state("connected", f"{self.info.handshake} handshake", error=False)
 
     def _certificate_refused(self, reason: str) -> bool:
         """Log a refusal of our certificate (or of the Intermediate's) at ERROR with a hint:
@@ -386,12 +401,13 @@ class Session(ConnectionHandler):
             self._certificate_refused(reason)
         self.conn = None
         self.info.connected_since = None
-        self.info.last_error = reason
+        if not self._stopping:
+            self._error(reason)
         for svc in self.services:
             if svc.registration == ACKED:
                 svc.registration = PENDING
         self._closed_event.set()
-        self._set_state("disconnected", reason)
+        self._set_state("disconnected", reason, error=False)
         for cb in self.on_lost:
             cb()
         handlers, self.stream_handlers = self.stream_handlers, {}
@@ -549,9 +565,12 @@ class Session(ConnectionHandler):
                 self._observed(msg)
             elif isinstance(msg, ServiceStatus):
                 svc = self.by_id.get(msg.service)
-                if svc is not None and svc.connector_up != msg.up:
-                    svc.connector_up = msg.up
-                    log.info("service %s: connector %s", msg.service, "up" if msg.up else "down (no connector)")
+                if svc is not None:
+                    label = msg.connector if msg.up else None
+                    if svc.connector_up != msg.up or svc.connector != label:
+                        log.info("service %s: connector %s", msg.service,
+                                 (f"up ({label})" if label else "up") if msg.up else "down (no connector)")
+                    svc.connector_up, svc.connector = msg.up, label
             elif isinstance(msg, AddressToken):
                 self._store_token(msg.token_bytes)
             elif isinstance(msg, GoAway):
@@ -598,6 +617,7 @@ class Session(ConnectionHandler):
                 "connected_since": self.info.connected_since,
                 "last_change": self.info.last_change,
                 "last_error": self.info.last_error,
+                "last_error_at": _iso(self.info.last_error_at),
                 "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
                 "observed_address": self.info.observed,
                 "max_datagram_payload": self._max_payload if conn is not None else None,
@@ -616,11 +636,16 @@ class Session(ConnectionHandler):
                     "registration": s.registration,
                     "nack": s.nack,
                     "connector_up": s.connector_up,
+                    "connector": s.connector,
+                    "direct_peer": self.direct.peer_of(s.spec.id) if self.direct is not None else None,
                     "path": s.path,
                     "tx_packets": s.tx_packets,
                     "tx_bytes": s.tx_bytes,
                     "rx_packets": s.rx_packets,
                     "rx_bytes": s.rx_bytes,
+                    "stream_tx_bytes": s.stream_tx_bytes,
+                    "stream_rx_bytes": s.stream_rx_bytes,
+                    "streams": s.streams,
                     "dropped_while_waiting": s.queued_dropped,
                     "max_packet": max(0, self._max_payload - 7 - len(s.spec.id)) if conn else None,
                 }
@@ -636,3 +661,10 @@ class Session(ConnectionHandler):
             return {"p2p": None, "warmup_ms": None}
         p2p = self.direct.snapshot()
         return {"p2p": p2p, "warmup_ms": p2p["warmup_ms"]}
+
+
+def _iso(wall: float | None) -> str | None:
+    """Wall-clock seconds as ISO 8601 UTC (what `ztna status --json` prints for times)."""
+    if wall is None:
+        return None
+    return datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat(timespec="milliseconds")

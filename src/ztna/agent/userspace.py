@@ -25,7 +25,16 @@ Theory of operation
   arrive as bare IP packets; the destination port finds the client. The mapping is bounded
   (least recently used entry evicted).
 * **SOCKS5** (RFC 1928, no authentication): CONNECT to `web:80`, `web.ztna:80` or a virtual
-  IP; replies map the Connector's status to SOCKS codes. UDP ASSOCIATE is not offered.
+  IP; replies map the Connector's status to SOCKS codes.
+* **SOCKS5 UDP ASSOCIATE** (RFC 1928 §7): the control connection gets its own UDP relay
+  socket on the local address the client reached us on (BND.ADDR/BND.PORT) and one synthetic
+  source port, like a `-U` client. Encapsulated datagrams (RSV FRAG ATYP DST.ADDR DST.PORT
+  data) to a service's virtual IP become UDP packets through the tunnel; replies come back
+  encapsulated with the virtual IP:port as source. Only the control connection's peer IP may
+  use the relay (and only from one port: the one the request named, else the first seen);
+  only replies from destinations this association sent to are passed back. We do not
+  reassemble, so FRAG != 0 is dropped; a destination that is not a virtual IP is dropped too
+  (we are no open proxy). Closing the control connection ends the association.
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ READY_WAIT = 10.0
 _NO_STATUS = f"timeout: no status from the Connector within {READY_WAIT:.0f} s"
 UDP_MAPPINGS_MAX = 4096
 UDP_PORT_FIRST, UDP_PORT_LAST = 20000, 60999
+SOCKS_UDP_MAX = 256          # open UDP associations (each holds a socket)
+SOCKS_UDP_DESTS_MAX = 256    # destinations remembered per association (reply filter)
 
 _SOCKS_REPLY = {
     StreamStatus.OK: 0x00, StreamStatus.REFUSED: 0x05, StreamStatus.UNREACHABLE: 0x04,
@@ -144,8 +155,13 @@ class Userspace:
         # Accepted application sockets we proxy (forwards, SOCKS, the TUN redirect): reset
         # on exit, so no application waits on a tunnel that is gone.
         self.app_writers: set[asyncio.StreamWriter] = set()
+        # synthetic source port -> SOCKS5 UDP association (same port space as `udp_by_port`)
+        self.socks_udp: dict[int, _SocksUdp] = {}
         self.stats = {"tcp_opened": 0, "tcp_failed": 0, "tcp_active": 0, "tcp_direct": 0, "tcp_resumed": 0, "tcp_resume_failed": 0, "udp_dropped_too_big": 0,
-                      "udp_dropped_unknown": 0, "socks_failed": 0}
+                      "udp_dropped_unknown": 0, "socks_failed": 0,
+                      "socks_udp_associations": 0, "socks_udp_active": 0, "socks_udp_sent": 0,
+                      "socks_udp_received": 0, "socks_udp_dropped_frag": 0, "socks_udp_dropped_foreign": 0,
+                      "socks_udp_dropped_malformed": 0, "socks_udp_refused": 0}
         session.on_packet = self.on_packet
 
     def claims(self, packet: bytes) -> bool:
@@ -342,10 +358,14 @@ class Userspace:
                       conn: Any, sid: int, sink: _StreamSink, early: bytes) -> None:
         self.stats["tcp_active"] += 1
         self.app_writers.add(writer)
+        svc = self.session.by_id[sink.spec.id]
+        svc.streams += 1
         up = asyncio.ensure_future(self._pump_up(reader, sink))
         try:
             if early:
                 writer.write(early)
+                svc.rx_bytes += len(early)
+                svc.stream_rx_bytes += len(early)
                 await writer.drain()
                 if sink.conn is not None:
                     sink.conn.consume_stream(sink.sid, len(early))
@@ -363,6 +383,8 @@ class Userspace:
                 data, end = item
                 if data:
                     writer.write(data)
+                    svc.rx_bytes += len(data)
+                    svc.stream_rx_bytes += len(data)
                     await writer.drain()            # back-pressure: credit after the drain
                     if sink.conn is not None:
                         sink.conn.consume_stream(sink.sid, len(data))
@@ -400,6 +422,7 @@ class Userspace:
                 pass
 
     async def _pump_up(self, reader: asyncio.StreamReader, sink: _StreamSink) -> None:
+        svc = self.session.by_id[sink.spec.id]
         try:
             while True:
                 data = await reader.read(READ_CHUNK)
@@ -412,6 +435,9 @@ class Userspace:
                     return
                 conn.send_stream(sink.sid, data)
                 sink.tx += len(data)
+                # Payload bytes, once: a resume resends from the retained buffer uncounted.
+                svc.tx_bytes += len(data)
+                svc.stream_tx_bytes += len(data)
                 while True:
                     conn = sink.conn
                     if conn is None or conn.closed or conn.stream_send_backlog(sink.sid) <= SEND_BACKLOG_MAX:
@@ -456,6 +482,9 @@ class Userspace:
                 self._socks_reply(writer, 0x08)
                 raise ValueError(f"address type {atyp}")
             port = struct.unpack("!H", await reader.readexactly(2))[0]
+            if cmd == 3:
+                await self._socks_udp_associate(reader, writer, port)
+                return
             if cmd != 1:
                 self._socks_reply(writer, 0x07)
                 raise ValueError(f"command {cmd} not supported")
@@ -485,6 +514,85 @@ class Userspace:
         atyp = 1 if addr.version == 4 else 4
         writer.write(bytes((5, code, 0, atyp)) + addr.packed + struct.pack("!H", port))
 
+    async def _socks_udp_associate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                   client_port: int) -> None:
+        """RFC 1928 §7: open the relay socket, answer with its address, and keep the
+        association exactly as long as the control connection. `client_port` is the
+        request's DST.PORT: the port the client will send from, 0 if it does not know yet.
+        (Its DST.ADDR is not trusted: the control connection's peer IP is the client.)"""
+        peer = writer.get_extra_info("peername")
+        local = writer.get_extra_info("sockname")
+        if len(self.socks_udp) >= SOCKS_UDP_MAX:
+            self._socks_reply(writer, 0x01)
+            raise ValueError(f"UDP ASSOCIATE refused: {SOCKS_UDP_MAX} associations open")
+        bind_ip = _plain_ip(local[0])
+        try:
+            transport, proto = await asyncio.get_running_loop().create_datagram_endpoint(
+                _SocksUdpProtocol, local_addr=(str(bind_ip), 0))
+        except OSError as exc:
+            self._socks_reply(writer, 0x01)
+            raise ValueError(f"UDP ASSOCIATE: cannot bind a relay socket on {bind_ip}: {exc}") from None
+        assoc = _SocksUdp(self, transport, self._alloc_port(), _plain_ip(peer[0]), client_port or None)
+        proto.assoc = assoc
+        self.socks_udp[assoc.sport] = assoc
+        self.stats["socks_udp_associations"] += 1
+        self.stats["socks_udp_active"] += 1
+        bound = transport.get_extra_info("sockname")
+        log.info("socks: UDP associate for %s on %s:%d", peer[0], bound[0], bound[1])
+        try:
+            self._socks_reply(writer, 0x00, bind_ip, bound[1])
+            await writer.drain()
+            # Nothing more is expected on the control connection; reading until EOF is how
+            # we learn that the client is done with the association.
+            while await reader.read(4096):
+                pass
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.socks_udp.pop(assoc.sport, None)
+            self.stats["socks_udp_active"] -= 1
+            transport.close()
+            writer.close()
+            log.info("socks: UDP associate for %s ended with its control connection", peer[0])
+
+    def socks_udp_from_client(self, assoc: _SocksUdp, data: bytes, addr: Any) -> None:
+        """One encapsulated datagram on an association's relay socket."""
+        if self.socks_udp.get(assoc.sport) is not assoc:
+            return
+        if _plain_ip(addr[0]) != assoc.client_ip or (assoc.client_port is not None and addr[1] != assoc.client_port):
+            self.stats["socks_udp_dropped_foreign"] += 1
+            log.debug("socks udp: datagram from %s:%d is not from the association's client", addr[0], addr[1])
+            return
+        try:
+            frag, host, port, payload = _parse_socks_udp(data)
+        except ValueError as exc:
+            self.stats["socks_udp_dropped_malformed"] += 1
+            log.debug("socks udp: malformed datagram from %s:%d: %s", addr[0], addr[1], exc)
+            return
+        if assoc.client_port is None:
+            assoc.client_port = addr[1]   # pinned: from now on only this port is the client
+        assoc.client = addr
+        if frag != 0:
+            # We do not reassemble (RFC 1928 allows that); a fragment alone is useless.
+            self.stats["socks_udp_dropped_frag"] += 1
+            return
+        try:
+            spec, vip = self._resolve(host)
+        except UsageError:
+            self.stats["socks_udp_refused"] += 1
+            log.debug("socks udp: %s:%d is not a service's virtual IP, dropped", host, port)
+            return
+        svc = self.session.by_id[spec.id]
+        dests = assoc.dests
+        key = (vip.packed, port)
+        dests[key] = svc
+        dests.move_to_end(key)
+        if len(dests) > SOCKS_UDP_DESTS_MAX:
+            dests.popitem(last=False)
+        src = self.src_v4 if vip.version == 4 else self.src_v6
+        if self._send_udp(svc, build_udp_packet(src, vip.packed, assoc.sport, port, payload)):
+            self.stats["socks_udp_sent"] += 1
+
     # ------------------------------------------------------------------ UDP over DATAGRAMs
     def udp_from_client(self, transport: Any, index: int, fwd: Forward, data: bytes, client: Any) -> None:
         spec, vip = self._resolve(fwd.target)
@@ -498,12 +606,17 @@ class Userspace:
         else:
             self.udp_by_port.move_to_end(sport)
         src = self.src_v4 if vip.version == 4 else self.src_v6
-        packet = build_udp_packet(src, vip.packed, sport, fwd.target_port, data)
-        limit = self.session.max_payload() - 7 - len(spec.id)
-        if self.session.max_payload() and len(packet) > limit:
+        self._send_udp(svc, build_udp_packet(src, vip.packed, sport, fwd.target_port, data))
+
+    def _send_udp(self, svc: ServiceState, packet: bytes) -> bool:
+        """Send one IP packet for `svc` unless it exceeds what the relay can carry (the
+        worst case: the direct path takes at least as much)."""
+        max_payload = self.session.max_payload()
+        if max_payload and len(packet) > max_payload - 7 - len(svc.spec.id):
             self.stats["udp_dropped_too_big"] += 1
-            return
+            return False
         self.session.send(svc, svc.prefix + packet)
+        return True
 
     def _alloc_port(self) -> int:
         if len(self.udp_by_port) >= UDP_MAPPINGS_MAX:
@@ -512,7 +625,7 @@ class Userspace:
         while True:
             port = self._next_port
             self._next_port = port + 1 if port < UDP_PORT_LAST else UDP_PORT_FIRST
-            if port not in self.udp_by_port:
+            if port not in self.udp_by_port and port not in self.socks_udp:
                 return port
 
     def on_packet(self, packet: bytes) -> None:
@@ -525,6 +638,10 @@ class Userspace:
         except DecodeError:
             self.stats["udp_dropped_unknown"] += 1
             return
+        assoc = self.socks_udp.get(udp.dport)
+        if assoc is not None:
+            self._socks_udp_reply(assoc, packet, ip.src, udp.sport, udp.payload)
+            return
         entry = self.udp_by_port.get(udp.dport)
         if entry is None or entry[4] != ip.src:
             self.stats["udp_dropped_unknown"] += 1
@@ -534,8 +651,81 @@ class Userspace:
         svc.rx_bytes += len(packet)
         transport.sendto(bytes(udp.payload), client)
 
+    def _socks_udp_reply(self, assoc: _SocksUdp, packet: bytes, src: bytes, sport: int, payload: memoryview) -> None:
+        svc = assoc.dests.get((bytes(src), sport))
+        if svc is None or assoc.client is None:
+            # Only destinations this association sent to may answer through it.
+            self.stats["udp_dropped_unknown"] += 1
+            return
+        svc.rx_packets += 1
+        svc.rx_bytes += len(packet)
+        self.stats["socks_udp_received"] += 1
+        atyp = b"\x01" if len(src) == 4 else b"\x04"
+        assoc.transport.sendto(b"\x00\x00\x00" + atyp + bytes(src) + struct.pack("!H", sport) + payload,
+                               assoc.client)
+
     def snapshot(self) -> dict[str, Any]:
         return {"listeners": list(self.listeners), "udp_mappings": len(self.udp_by_port), **self.stats}
+
+
+def _plain_ip(text: str) -> IpAddress:
+    """An address as a socket names it, IPv4-mapped IPv6 (dual-stack listeners) unmapped."""
+    ip = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _parse_socks_udp(data: bytes) -> tuple[int, str, int, bytes]:
+    """RFC 1928 §7 request header -> (FRAG, DST.ADDR as text, DST.PORT, DATA)."""
+    if len(data) < 4:
+        raise ValueError("shorter than the header")
+    frag, atyp = data[2], data[3]
+    if atyp == 1:
+        end = 8
+        host = str(ipaddress.IPv4Address(data[4:8])) if len(data) >= end else ""
+    elif atyp == 4:
+        end = 20
+        host = str(ipaddress.IPv6Address(data[4:20])) if len(data) >= end else ""
+    elif atyp == 3:
+        n = data[4] if len(data) > 4 else 0
+        end = 5 + n
+        host = data[5:end].decode("ascii", "replace")
+    else:
+        raise ValueError(f"address type {atyp}")
+    if len(data) < end + 2 or not host:
+        raise ValueError("truncated address")
+    port = struct.unpack_from("!H", data, end)[0]
+    if port == 0:
+        raise ValueError("port 0")
+    return frag, host, port, data[end + 2:]
+
+
+class _SocksUdp:
+    """One UDP association: its relay socket, its synthetic source port, the client."""
+
+    def __init__(self, owner: Userspace, transport: Any, sport: int, client_ip: IpAddress,
+                 client_port: int | None) -> None:
+        self.owner = owner
+        self.transport = transport
+        self.sport = sport
+        self.client_ip = client_ip
+        self.client_port = client_port
+        self.client: Any = None            # the full address replies go to (after the first datagram)
+        # (packed virtual IP, port) -> service, for destinations this association sent to
+        self.dests: OrderedDict[tuple[bytes, int], ServiceState] = OrderedDict()
+
+
+class _SocksUdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.assoc: _SocksUdp | None = None
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.assoc is not None:
+            self.assoc.owner.socks_udp_from_client(self.assoc, data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass
 
 
 class _UdpListener(asyncio.DatagramProtocol):

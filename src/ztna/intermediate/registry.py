@@ -140,6 +140,11 @@ class Registry:
             self.agents.setdefault(service, set()).add(peer_id)
             if service not in self.connectors:
                 notes.append(Notify(peer_id, ServiceStatus(service=service, up=False)))
+            else:
+                # Without this an Agent arriving after its Connector never learns that the
+                # service is up (only transitions were announced).
+                notes.append(Notify(peer_id, ServiceStatus(service=service, up=True,
+                                                           connector=self._pool_label(service))))
         else:
             pool = self.connectors.get(service, [])
             if pool and not peer.auth.scoped:
@@ -150,10 +155,17 @@ class Registry:
             self.connectors[service] = pool
             peer.connector_services.add(service)
             if was_down:
+                label = self._pool_label(service)
                 for agent in sorted(self.agents.get(service, ())):
-                    notes.append(Notify(agent, ServiceStatus(service=service, up=True)))
+                    notes.append(Notify(agent, ServiceStatus(service=service, up=True, connector=label)))
         self.registrations += 1
         return RegistrationAck(service_id=service), notes
+
+    def _pool_label(self, service: str) -> str:
+        """Who serves `service` now, for the Agents' status: the Connectors' labels."""
+        labels = [self.peers[c].label for c in self.connectors.get(service, ()) if c in self.peers]
+        text = ", ".join(labels[:4]) + (f" (+{len(labels) - 4})" if len(labels) > 4 else "")
+        return text[:256]
 
     def _nack(self, service: str, status: NackStatus) -> RegistrationNack:
         self.rejections += 1

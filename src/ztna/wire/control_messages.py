@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Final
 
 from ztna.errors import DecodeError, UsageError
@@ -193,15 +193,24 @@ class AgentGone:
 
 @dataclass(frozen=True, slots=True)
 class ServiceStatus:
-    """Intermediate -> Agent: a service lost its last connector (up=False) or got one."""
+    """Intermediate -> Agent: a service lost its last connector (up=False) or got one; also
+    sent on registration when a connector already serves it. `connector` optionally names
+    the Connector(s) serving it (their certificate name and connection number), for status
+    displays. It is informational, so it takes no part in equality: two statuses saying
+    the same about availability are the same status."""
 
     TYPE: ClassVar[str] = "service_status"
     service: str
     up: bool
+    connector: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         validate_service_id(self.service)
         _bool(self.up, "up")
+        if self.connector is not None:
+            _str(self.connector, "connector")
+            if len(self.connector) > 256:
+                raise UsageError("connector label longer than 256 characters")
 
 
 @dataclass(frozen=True, slots=True)
