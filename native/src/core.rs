@@ -700,6 +700,30 @@ impl Core {
         }
     }
 
+    /// One line per stream of a connection (diagnostics).
+    pub fn stream_debug(&mut self, h: usize) -> Vec<String> {
+        let Some(conn) = self.conns.get_mut(&h) else { return vec![] };
+        let st = conn.qc.stats();
+        let head = format!(
+            "timeout={:?} frame_tx.stream={} frame_rx.stream={} tx.max_stream_data={} rx.max_stream_data={} tx.stream_data_blocked={} rx.stream_data_blocked={} tx.data_blocked={} rx.data_blocked={} tx.max_data={} rx.max_data={} lost={} acks_tx={} acks_rx={}",
+            conn.qc.poll_timeout().map(|t| t.saturating_duration_since(Instant::now())),
+            st.frame_tx.stream, st.frame_rx.stream, st.frame_tx.max_stream_data, st.frame_rx.max_stream_data,
+            st.frame_tx.stream_data_blocked, st.frame_rx.stream_data_blocked, st.frame_tx.data_blocked, st.frame_rx.data_blocked,
+            st.frame_tx.max_data, st.frame_rx.max_data, st.path.lost_packets, st.frame_tx.acks, st.frame_rx.acks
+        );
+        let mut out = vec![head];
+        out.extend(conn.streams
+            .iter()
+            .map(|(sid, st)| {
+                format!(
+                    "sid={sid} pending={} written={} fin_wanted={} fin_sent={} delivered={} consumed={} credit_blocked={} recv_done={} retain={}",
+                    st.pending_bytes, st.written, st.fin_wanted, st.fin_sent, st.delivered, st.consumed,
+                    st.credit_blocked, st.recv_done, st.retain.as_ref().map(|r| r.len()).unwrap_or(0)
+                )
+            }));
+        out
+    }
+
     pub fn ping(&mut self, h: usize) {
         if let Some(conn) = self.conns.get_mut(&h) {
             conn.qc.ping();
@@ -843,8 +867,10 @@ impl Conn {
                     if n == front.len() {
                         st.pending.pop_front();
                     } else {
+                        // A partial write: write again, so that quinn answers Blocked and
+                        // records the stream as blocked (only then does it announce
+                        // Writable when credit arrives).
                         let _ = front.split_to(n);
-                        break;
                     }
                 }
                 Err(WriteError::Blocked) => break,

@@ -204,6 +204,7 @@ pub struct Endpoint {
     recv_batch: usize,
     closed: bool,
     blackhole: bool,
+    last_send_error: i32,
 }
 
 const RX_BUF: usize = 65536;
@@ -237,7 +238,11 @@ impl Endpoint {
                     self.core.stats.datagrams_sent += n as u64;
                     self.core.stats.bytes_sent += o.data.len() as u64;
                 }
-                Err(_) => self.core.stats.socket_send_errors += 1, // QUIC recovers the loss
+                Err(e) => {
+                    // QUIC recovers the loss.
+                    self.core.stats.socket_send_errors += 1;
+                    self.last_send_error = e.raw_os_error().unwrap_or(-1);
+                }
             }
         }
     }
@@ -316,9 +321,11 @@ impl Endpoint {
         let udp = quinn_udp::UdpSocketState::new((&sock).into()).map_err(|e| PyOSError::new_err(e.to_string()))?;
         let ep_cfg = config::endpoint(reset_key, udp_payload).map_err(cfg_err)?;
         let mut core = Core::new(Arc::new(ep_cfg), server.map(|s| s.cfg.clone()), v6);
-        core.max_gso_segments = udp.max_gso_segments().clamp(1, 64);
+        // One GSO send is one UDP datagram for the kernel: its total must stay below 64 KiB,
+        // or the whole batch fails with EMSGSIZE.
+        core.max_gso_segments = udp.max_gso_segments().clamp(1, (65000 / udp_payload.max(1200) as usize).max(1));
         let rx = (0..quinn_udp::BATCH_SIZE).map(|_| vec![0u8; RX_BUF]).collect();
-        Ok(Self { core, sock: Some(sock), udp, anchor: (Instant::now(), now), rx, recv_batch, closed: false, blackhole: false })
+        Ok(Self { core, sock: Some(sock), udp, anchor: (Instant::now(), now), rx, recv_batch, closed: false, blackhole: false, last_send_error: 0 })
     }
 
     /// Read everything the socket has (up to `recv_batch` datagrams), process it, send what
@@ -522,6 +529,10 @@ impl Endpoint {
         self.core.ping(h);
     }
 
+    fn stream_debug(&mut self, h: usize) -> Vec<String> {
+        self.core.stream_debug(h)
+    }
+
     fn rotate_cid(&mut self, h: usize) {
         self.guarded("rotate_cid", |s| s.core.rotate_cid(h));
     }
@@ -608,6 +619,10 @@ impl Endpoint {
             d.set_item(k, v)?;
         }
         Ok(d)
+    }
+
+    fn last_send_error(&self) -> i32 {
+        self.last_send_error
     }
 
     fn max_gso_segments(&self) -> usize {
