@@ -589,9 +589,12 @@ impl Core {
             return SendResult::TooLarge(limit);
         }
         conn.sync_datagrams();
+        // quinn keeps queued memory + new payload + one item overhead within its buffer;
+        // send_buffer_space() already takes that overhead off, so `cap` bounds queued memory
+        // plus the new payload (adding the overhead again dropped datagrams quinn still sent).
         let cap = conn.qc.datagrams().send_buffer_space() + conn.queued_memory();
         let mut dropped = 0;
-        while !conn.dg_sizes.is_empty() && conn.queued_memory() + data.len() + DATAGRAM_OVERHEAD > cap {
+        while !conn.dg_sizes.is_empty() && conn.queued_memory() + data.len() > cap {
             conn.dg_sizes.pop_front();
             dropped += 1;
         }
