@@ -438,7 +438,9 @@ impl Core {
                 }
                 Event::Connected => {
                     conn.connected = true;
-                    let zero_rtt = conn.qc.accepted_0rtt();
+                    // quinn's accepted_0rtt() is set on the client only (from the server's
+                    // answer); a server accepted early data exactly when it enabled 0-RTT keys.
+                    let zero_rtt = if conn.is_client { conn.qc.accepted_0rtt() } else { conn.qc.has_0rtt() };
                     if conn.copy_early {
                         conn.copy_early = false;
                         if zero_rtt {
