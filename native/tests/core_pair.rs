@@ -268,7 +268,7 @@ fn reset_stream_reaches_peer() {
 }
 
 /// Connect once so the client holds tickets, then connect again with the same client config.
-fn second_connection(tickets: Tickets) -> (Pair, usize, usize, (usize, bool)) {
+fn second_connection(tickets: Tickets) -> (Pair, usize, usize, u64) {
     let setup = setup(Some(tickets.clone()));
     let mut p = Pair::new(&setup);
     let (ch1, _) = p.establish(&setup);
@@ -300,43 +300,46 @@ fn second_connection(tickets: Tickets) -> (Pair, usize, usize, (usize, bool)) {
             _ => None,
         })
         .unwrap();
-    (p, ch2, sh2, (sid as usize, zero_rtt))
+    (p, ch2, sh2, sid)
 }
 
 #[test]
 fn zero_rtt_resumes_with_single_use_ticket() {
     let tickets = Tickets::default();
-    let (p, ch2, sh2, (sid, _)) = second_connection(tickets.clone());
+    let (p, ch2, sh2, sid) = second_connection(tickets.clone());
     assert_eq!(connected(&p.c_seen, ch2), Some(true), "0-RTT accepted");
     assert_eq!(connected(&p.s_seen, sh2), Some(true));
     assert_eq!(tickets.hits.load(Ordering::SeqCst), 1);
+    // Single use: the ticket taken is gone from the store, every other one is still there.
+    let stored = tickets.map.lock().unwrap().len();
+    assert_eq!(stored, tickets.puts.load(Ordering::SeqCst) - 1);
     // A resumed session carries the chain bound to the ticket at HandshakeData already, so
     // the owner can authorize early data before the handshake completes.
-    let chain = p.s_seen.events.iter().find_map(|e| match e {
-        Ev::HandshakeData { h, chain, .. } if *h == sh2 => Some(chain.clone()),
+    let early_chain = p.s_seen.events.iter().find_map(|e| match e {
+        Ev::HandshakeData { h, chain, .. } if *h == sh2 => chain.clone(),
         _ => None,
     });
-    let setup_der = &p.s_seen.events.iter().find_map(|e| match e {
+    let final_chain = p.s_seen.events.iter().find_map(|e| match e {
         Ev::Connected { h, chain, .. } if *h == sh2 => chain.clone(),
         _ => None,
     });
-    assert!(chain.flatten().is_some());
-    assert!(setup_der.is_some());
+    assert!(early_chain.is_some(), "no chain at HandshakeData for a resumed session");
+    assert_eq!(early_chain, final_chain);
     assert_eq!(p.s_seen.streams[&(sh2, 0)], b"early control");
-    assert_eq!(p.s_seen.streams[&(sh2, sid as u64)], b"early stream");
+    assert_eq!(p.s_seen.streams[&(sh2, sid)], b"early stream");
 }
 
 #[test]
 fn zero_rtt_refused_ticket_replays_early_data() {
     let tickets = Tickets { refuse: true, ..Default::default() };
-    let (p, ch2, sh2, (sid, _)) = second_connection(tickets.clone());
+    let (p, ch2, sh2, sid) = second_connection(tickets.clone());
     assert!(tickets.takes.load(Ordering::SeqCst) >= 1, "the server looked the ticket up");
     assert_eq!(connected(&p.c_seen, ch2), Some(false), "0-RTT rejected");
     assert_eq!(connected(&p.s_seen, sh2), Some(false));
     // quinn forgot the streams written in 0-RTT; the core wrote them again, exactly once.
     assert_eq!(p.s_seen.streams[&(sh2, 0)], b"early control");
-    assert_eq!(p.s_seen.streams[&(sh2, sid as u64)], b"early stream");
-    assert_eq!(p.s_seen.fins.get(&(sh2, sid as u64)), Some(&true));
+    assert_eq!(p.s_seen.streams[&(sh2, sid)], b"early stream");
+    assert_eq!(p.s_seen.fins.get(&(sh2, sid)), Some(&true));
 }
 
 #[test]
