@@ -438,7 +438,9 @@ impl Core {
                 }
                 Event::Connected => {
                     conn.connected = true;
-                    let zero_rtt = conn.qc.accepted_0rtt();
+                    // quinn's accepted_0rtt() is set on the client only (from the server's
+                    // answer); a server accepted early data exactly when it enabled 0-RTT keys.
+                    let zero_rtt = if conn.is_client { conn.qc.accepted_0rtt() } else { conn.qc.has_0rtt() };
                     if conn.copy_early {
                         conn.copy_early = false;
                         if zero_rtt {
@@ -589,9 +591,12 @@ impl Core {
             return SendResult::TooLarge(limit);
         }
         conn.sync_datagrams();
+        // quinn keeps queued memory + new payload + one item overhead within its buffer;
+        // send_buffer_space() already takes that overhead off, so `cap` bounds queued memory
+        // plus the new payload (adding the overhead again dropped datagrams quinn still sent).
         let cap = conn.qc.datagrams().send_buffer_space() + conn.queued_memory();
         let mut dropped = 0;
-        while !conn.dg_sizes.is_empty() && conn.queued_memory() + data.len() + DATAGRAM_OVERHEAD > cap {
+        while !conn.dg_sizes.is_empty() && conn.queued_memory() + data.len() > cap {
             conn.dg_sizes.pop_front();
             dropped += 1;
         }
