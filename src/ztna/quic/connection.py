@@ -391,13 +391,6 @@ class ZtnaConnection:
             return b""
         return bytes(self._native.current_dcid(self.handle) or b"")
 
-    @property
-    def peer_certificate(self) -> Any:
-        """The peer's leaf certificate (cryptography x509) once it arrived, even when its
-        verification failed; None before that. Drivers use it to explain a refusal."""
-        tls = getattr(self.quic, "tls", None)
-        return getattr(tls, "_peer_certificate", None) if tls is not None else None
-
     def rtt(self) -> float | None:
         if self.closed:
             return None

@@ -5,7 +5,7 @@ reachable sends a PING every `limits.KEEPALIVE_INTERVAL`; and a client switches 
 destination connection ID every `limits.CID_ROTATION_INTERVAL` so an on-path observer cannot
 link its packets over a long session (RFC 9000 §9.5). The server issues spare CIDs with
 NEW_CONNECTION_ID and `ztna.quic.endpoint` routes every issued CID, so a rotated client keeps
-reaching its connection; the old CID is retired (aioquic sends RETIRE_CONNECTION_ID and the
+reaching its connection; the old CID is retired (RETIRE_CONNECTION_ID, and the
 server issues a replacement, so rotation never runs dry).
 
 `ConnectionUpkeep(conn, keepalive=..., cid_rotation=...)` runs one small asyncio task per

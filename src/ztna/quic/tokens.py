@@ -1,10 +1,12 @@
 """Address-validation tokens that let a returning client skip the Retry round trip.
 
 QUIC servers prove a client owns its address with a Retry (one extra round trip) or with a
-token from an earlier connection (NEW_TOKEN, RFC 9000 §8.1.3). aioquic's server cannot
-send NEW_TOKEN, so the Intermediate hands the token out on the control stream
-(`AddressToken`, docs/protocol.md) and the client puts it in its next Initial
-(`QuicConfiguration.token`). A reconnect with a session ticket is then truly 0-RTT.
+token from an earlier connection (NEW_TOKEN, RFC 9000 §8.1.3). The native core sends
+NEW_TOKEN itself and keys it (and its Retry tokens) with this object's `key`, so tokens from a
+previous process of the same state dir still validate. The Intermediate also hands a token
+out on the control stream (`AddressToken`, docs/protocol.md) for clients that cannot take
+NEW_TOKEN; ours present the NEW_TOKEN ones. A reconnect with a session ticket is then truly
+0-RTT.
 
 Token = 0xA7 || nonce(12) || AES-GCM(key, client IP || issued-at u64 ms). Bound to the IP
 only (NATs change ports), valid for `lifetime` seconds. The key lives in the state
