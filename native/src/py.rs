@@ -107,7 +107,7 @@ fn cfg_err(e: tls::ConfigError) -> PyErr {
 
 /// Client TLS + transport settings. Keep one per identity: it holds the session tickets and
 /// address tokens this process received, so the next connection resumes in 0-RTT.
-#[pyclass(unsendable, module = "ztna._native")]
+#[pyclass(module = "ztna._native")]
 pub struct ClientTls {
     cfg: quinn_proto::ClientConfig,
     recorder: Option<Arc<tls::RecordingVerifier>>,
@@ -146,7 +146,7 @@ impl ClientTls {
 }
 
 /// Server TLS + transport + address-validation settings for one listening endpoint.
-#[pyclass(unsendable, module = "ztna._native")]
+#[pyclass(module = "ztna._native")]
 pub struct ServerTls {
     cfg: Arc<quinn_proto::ServerConfig>,
 }
@@ -194,7 +194,7 @@ pub fn check_identity(cert_pem: &[u8], key_pem: &[u8]) -> PyResult<()> {
     .map_err(cfg_err)
 }
 
-#[pyclass(unsendable, module = "ztna._native")]
+#[pyclass(module = "ztna._native")]
 pub struct Endpoint {
     core: Core,
     sock: Option<UdpSocket>,
@@ -363,6 +363,12 @@ impl Endpoint {
                         let ecn = meta.ecn.and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
                         let stride = meta.stride.max(1);
                         let (rx, core) = (&s.rx, &mut s.core);
+                        if meta.len == 0 {
+                            // An empty datagram: counted as malformed like any other junk.
+                            seen += 1;
+                            core.datagram(at, meta.addr, meta.dst_ip, ecn, &[]);
+                            continue;
+                        }
                         for seg in rx[i][..meta.len].chunks(stride) {
                             seen += 1;
                             if catch_unwind(AssertUnwindSafe(|| core.datagram(at, meta.addr, meta.dst_ip, ecn, seg))).is_err() {

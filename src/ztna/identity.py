@@ -2,10 +2,12 @@
 
 Theory of operation
 -------------------
-aioquic's server checks only the client's CertificateVerify signature: it never verifies the
-client's chain against a CA and it accepts an empty Certificate message
-(quic-libraries.md §3.5). So every ztna QUIC server, once the handshake completes, hands the
-peer's leaf and intermediates to `ChainVerifier.verify_client(..., now=...)`, which
+The TLS layer of every ztna QUIC server (rustls in the native core) checks only that the
+client owns the key of the certificate it presents; the chain, its validity and the SANs are
+decided here, in one place, so every refusal gets ztna's own close code and counter. Once the
+handshake completes (or, for a resumed session, as soon as its ClientHello is read), the
+endpoint hands the peer's leaf and intermediates to `ChainVerifier.verify_client(..., now=...)`,
+which
 
 1. rejects a missing certificate ("client certificate required"),
 2. verifies the chain with `cryptography.x509.verification` against our CA(s) at time `now`

@@ -160,4 +160,4 @@ def setup_logging(level: str = "info", json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(lvl)
-    logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic's own chatter
+    logging.getLogger("quic").setLevel(logging.WARNING)  # a QUIC library's own chatter (test peers)

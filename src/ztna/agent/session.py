@@ -284,9 +284,9 @@ class Session(ConnectionHandler):
         if why is None or why == self._name_error:
             return
         self._name_error = why
-        log.error("Intermediate %s:%d: certificate name mismatch: %s (give --server-name, or "
+        log.error("Intermediate %s: certificate name mismatch: %s (give --server-name, or "
                   "issue its certificate with `ztna certs init --host`)",
-                  *self.options.intermediate, why)
+                  format_address(self.options.intermediate), why)
 
     async def _one_connection(self) -> bool:
         """Run one connection until it dies; True if it was ever registered (reset backoff)."""

@@ -538,7 +538,7 @@ class Userspace:
         self.stats["socks_udp_associations"] += 1
         self.stats["socks_udp_active"] += 1
         bound = transport.get_extra_info("sockname")
-        log.info("socks: UDP associate for %s on %s:%d", peer[0], bound[0], bound[1])
+        log.info("socks: UDP associate for %s on %s", format_address(peer[0]), format_address(bound))
         try:
             self._socks_reply(writer, 0x00, bind_ip, bound[1])
             await writer.drain()
@@ -561,13 +561,13 @@ class Userspace:
             return
         if _plain_ip(addr[0]) != assoc.client_ip or (assoc.client_port is not None and addr[1] != assoc.client_port):
             self.stats["socks_udp_dropped_foreign"] += 1
-            log.debug("socks udp: datagram from %s:%d is not from the association's client", addr[0], addr[1])
+            log.debug("socks udp: datagram from %s is not from the association's client", format_address(addr))
             return
         try:
             frag, host, port, payload = _parse_socks_udp(data)
         except ValueError as exc:
             self.stats["socks_udp_dropped_malformed"] += 1
-            log.debug("socks udp: malformed datagram from %s:%d: %s", addr[0], addr[1], exc)
+            log.debug("socks udp: malformed datagram from %s: %s", format_address(addr), exc)
             return
         if assoc.client_port is None:
             assoc.client_port = addr[1]   # pinned: from now on only this port is the client
@@ -580,7 +580,7 @@ class Userspace:
             spec, vip = self._resolve(host)
         except UsageError:
             self.stats["socks_udp_refused"] += 1
-            log.debug("socks udp: %s:%d is not a service's virtual IP, dropped", host, port)
+            log.debug("socks udp: %s is not a service's virtual IP, dropped", format_address((host, port)))
             return
         svc = self.session.by_id[spec.id]
         dests = assoc.dests

@@ -165,6 +165,8 @@ class RelayLink(ConnectionHandler):
             await asyncio.wait_for(conn.wait_handshake(), HANDSHAKE_TIMEOUT)
         except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
             self.last_error = str(exc) or type(exc).__name__
+            if self._stopping.is_set():
+                return None   # our own shutdown ended the attempt: nothing to report
             log.warning("cannot connect to the intermediate %s: %s", format_address((self.host, self.port)),
                         self.last_error)
             if conn is not None:
@@ -181,9 +183,9 @@ class RelayLink(ConnectionHandler):
         why = server_name_mismatch(conn.peer_certificate, config.server_name or self.host)
         if why is not None and why != self._name_error:
             self._name_error = why
-            log.error("intermediate %s:%d: certificate name mismatch: %s (give --server-name, "
+            log.error("intermediate %s: certificate name mismatch: %s (give --server-name, "
                       "or issue its certificate with `ztna certs init --host`)",
-                      self.host, self.port, why)
+                      format_address((self.host, self.port)), why)
 
     async def _serve(self, conn: ZtnaConnection) -> None:
         loop = asyncio.get_running_loop()
@@ -282,6 +284,6 @@ class RelayLink(ConnectionHandler):
                 log.error("connection to the intermediate closed: %s — another Connector "
                           "with this certificate uses the name %r; give each its own --name",
                           reason, self.name)
-            else:
+            elif not self._stopping.is_set():   # our own shutdown is not news
                 log.warning("connection to the intermediate closed: %s", reason)
         self._closed.set()

@@ -11,8 +11,8 @@ Back-pressure both ways, no unbounded buffers:
 * stream → backend: we grant the peer more stream credit (`consume_stream`) only for bytes
   the backend transport accepted below its high-water mark; the QUIC window does the rest.
 * backend → stream: we pause reading the backend while the stream's unacknowledged send
-  backlog is above `SEND_HIGH` and re-check every `RECHECK` seconds (aioquic reports no
-  "acked" event).
+  backlog (what QUIC flow control has not let out yet) is above `SEND_HIGH` and re-check
+  every `RECHECK` seconds (the transport reports no "drained" event).
 FIN ↔ half-close (write_eof / EOF), reset ↔ RST (abort / connection lost with an error).
 
 Resumable streams (docs/protocol.md §5.1): an Agent that opens with 0x55 on a direct

@@ -143,10 +143,18 @@ class Demo:
         self.result["errors"].append(text)
         self.emit(False, text)
 
-    def _log_match(self, name: str, pattern: str) -> re.Match[str] | None:
+    def _log_matches(self, name: str, pattern: str) -> list[re.Match[str]]:
         try:
             text = (self.sup.log_dir / f"{name}.log").read_text(errors="replace")
-            matches = list(re.finditer(pattern, text))   # the newest run's line (logs append)
+        except OSError:
+            return []
+        return list(re.finditer(pattern, text))
+
+    def _log_match(self, name: str, pattern: str, *, skip: int = 0) -> re.Match[str] | None:
+        """The newest line matching `pattern` among those after the first `skip` (logs append
+        across restarts of a component)."""
+        try:
+            matches = self._log_matches(name, pattern)[skip:]
             return matches[-1] if matches else None
         except OSError:
             return None
@@ -213,6 +221,8 @@ class Demo:
 
     def start_intermediate(self, port: int | None = None, *, quiet: bool = False) -> None:
         lp = self.layout.intermediate_port if port is None else port
+        pattern = r"listening on udp \S*?:(\d+)[;,].*?metrics http://[^ ]*?:(\d+)/"
+        earlier = len(self._log_matches("intermediate", pattern))
         # A state dir: its strike register (single-use session tickets) and address-token key
         # survive a restart, so Agents resume in 0-RTT with the new process.
         self.sup.spawn("intermediate", ztna_argv(
@@ -221,8 +231,7 @@ class Demo:
             "--state-dir", str(self.tmp / "intermediate-state")),
             runner=self.layout.runner("intermediate"))
         # the startup line is printed once the socket is bound; it names the real ports
-        pattern = r"listening on udp \S*?:(\d+)[;,].*?metrics http://[^ ]*?:(\d+)/"
-        m = self.sup.wait_for(lambda: self._log_match("intermediate", pattern),
+        m = self.sup.wait_for(lambda: self._log_match("intermediate", pattern, skip=earlier),
                               timeout=self.o.startup_timeout, component="intermediate",
                               what="its 'listening' line")
         self.int_port, metrics = int(m.group(1)), int(m.group(2))

@@ -293,8 +293,8 @@ class Intermediate:
         # Everything else (pings, unknown types) is ignored by design (forward compatible).
 
     # An Agent resuming with 0-RTT sends Hello, Register and its first tunnel packets in
-    # one flight; aioquic puts DATAGRAM frames before STREAM frames, so those packets
-    # arrive just before the registration they depend on. Hold a few (bounded, only in the
+    # one flight; DATAGRAM frames may be packed before the STREAM frames, so those packets
+    # can arrive just before the registration they depend on. Hold a few (bounded, only in the
     # first seconds of a connection) instead of dropping them.
     EARLY_HOLD_PACKETS = 32
     EARLY_HOLD_SECONDS = 2.0

@@ -10,7 +10,7 @@ both ways. Refusals here answer the Agent with the Connector's status byte + FIN
 Back-pressure: bytes read from one leg are credited back to its sender (`consume_stream`)
 only while the other leg's unacknowledged send backlog is below `BACKLOG_LIMIT`. We re-check
 on every stream event and, while any leg holds uncredited bytes, every `RECHECK` seconds
-(aioquic has no "acked" event). FIN ↔ FIN, reset ↔ reset; a peer that goes away resets the
+(the transport reports no "drained" event). FIN ↔ FIN, reset ↔ reset; a peer that goes away resets the
 other leg of each of its splices. At most `MAX_SPLICES_PER_PEER` per Agent.
 
 `StreamResume` (docs/protocol.md §5.1: a stream that was on a direct connection continues

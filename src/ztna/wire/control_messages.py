@@ -161,8 +161,8 @@ class Hello:
 @dataclass(frozen=True, slots=True)
 class AddressToken:
     """Intermediate -> client: an address-validation token (hex) to present in the Initial
-    of the next connection, so that connection skips the Retry round trip (our stand-in
-    for QUIC NEW_TOKEN, which aioquic's server cannot send). Opaque to the client."""
+    of the next connection, so that connection skips the Retry round trip (for clients that
+    cannot take QUIC NEW_TOKEN; ztna's own native clients use NEW_TOKEN). Opaque to the client."""
 
     TYPE: ClassVar[str] = "address_token"
     token: str

@@ -121,7 +121,7 @@ def _check_agent(agent_id: int) -> None:
 
 
 def _view(data: Buffer) -> memoryview:
-    # Fast path for the common case (aioquic hands us bytes); as_view handles the rest.
+    # Fast path for the common case (the QUIC layer hands us bytes); as_view handles the rest.
     return memoryview(data) if type(data) is bytes else as_view(data)
 
 
