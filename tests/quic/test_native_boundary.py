@@ -107,7 +107,7 @@ def test_keylog_files_get_sslkeylogfile_lines_from_both_sides(tmp_path: Path) ->
             await srv.stop()
 
     asyncio.run(main())
-    line = re.compile(r"^[A-Z_]+ [0-9a-f]{64} [0-9a-f]{64,}$")
+    line = re.compile(r"^[A-Z0-9_]+ [0-9a-f]{64} [0-9a-f]{64,}$")
     for path in (server_log, client_log):
         lines = path.read_text().splitlines()
         labels = {ln.split()[0] for ln in lines}
