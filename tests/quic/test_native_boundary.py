@@ -53,6 +53,19 @@ class _Registrar(ConnectionHandler):
             self.acked.set()
 
 
+async def _register_once(pki: Path, port: int, *, keylog: str | None = None) -> None:
+    """One client connection that registers for 'echo' and gets its ACK, then closes."""
+    ep = QuicEndpoint(bind_udp("127.0.0.1", 0))
+    cfg = make_configuration(is_client=True, tls=TlsFiles.from_dir(pki, "agent"),
+                             server_name="localhost", keylog_path=keylog)
+    handler = _Registrar()
+    conn = ep.connect(("127.0.0.1", port), cfg, handler)
+    conn.send_control(encode_control(Register(role=Role.AGENT, service_id="echo")))
+    await asyncio.wait_for(handler.acked.wait(), 5)
+    conn.close()
+    ep.shutdown_socket()
+
+
 def test_a_native_panic_is_counted_and_the_endpoint_keeps_serving(tmp_path: Path) -> None:
     init_pki(tmp_path, ["echo"], ["localhost", "127.0.0.1"], 1)
 
@@ -67,15 +80,7 @@ def test_a_native_panic_is_counted_and_the_endpoint_keeps_serving(tmp_path: Path
             assert server_ep.native._panic_for_test() is True
             assert server_ep.stats.panics == 1
             # ... and the same endpoint still accepts and serves a new client.
-            ep = QuicEndpoint(bind_udp("127.0.0.1", 0))
-            cfg = make_configuration(is_client=True, tls=TlsFiles.from_dir(tmp_path, "agent"),
-                                     server_name="localhost")
-            handler = _Registrar()
-            conn = ep.connect(("127.0.0.1", srv.ports[0]), cfg, handler)
-            conn.send_control(encode_control(Register(role=Role.AGENT, service_id="echo")))
-            await asyncio.wait_for(handler.acked.wait(), 5)
-            conn.close()
-            ep.shutdown_socket()
+            await _register_once(tmp_path, srv.ports[0])
         finally:
             await srv.stop()
 
@@ -94,15 +99,7 @@ def test_keylog_files_get_sslkeylogfile_lines_from_both_sides(tmp_path: Path) ->
                                                keylog=str(server_log)))
         await srv.start()
         try:
-            ep = QuicEndpoint(bind_udp("127.0.0.1", 0))
-            cfg = make_configuration(is_client=True, tls=TlsFiles.from_dir(tmp_path, "agent"),
-                                     server_name="localhost", keylog_path=str(client_log))
-            handler = _Registrar()
-            conn = ep.connect(("127.0.0.1", srv.ports[0]), cfg, handler)
-            conn.send_control(encode_control(Register(role=Role.AGENT, service_id="echo")))
-            await asyncio.wait_for(handler.acked.wait(), 5)
-            conn.close()
-            ep.shutdown_socket()
+            await _register_once(tmp_path, srv.ports[0], keylog=str(client_log))
         finally:
             await srv.stop()
 
