@@ -31,8 +31,9 @@ use quinn_proto::{
 /// Bytes a stream may hand to the owner beyond what the owner has consumed.
 pub const PY_WINDOW: u64 = 256 * 1024;
 /// Bytes of a stream's tail kept for `unacked` (resumable streams): at least what the peer
-/// may still not have consumed (its quinn window + its own PY_WINDOW).
-pub const RETAIN_MAX: usize = 4 * 1024 * 1024;
+/// may still not have consumed — its whole stream window (8 MiB, config in py.rs) plus its
+/// own PY_WINDOW — because what the peer's QUIC holds unread dies with its connection.
+pub const RETAIN_MAX: usize = 9 * 1024 * 1024;
 /// quinn accounts each queued datagram with the size of its `Bytes` handle on top.
 const DATAGRAM_OVERHEAD: usize = std::mem::size_of::<Bytes>();
 /// Datagrams allowed to wait beyond the congestion window, so the pipe does not run dry

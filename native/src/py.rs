@@ -95,8 +95,11 @@ fn limits(udp_payload: u16, idle_timeout: f64, datagram_queue: usize) -> Limits 
         udp_payload,
         idle_timeout,
         datagram_queue,
-        stream_window: 1024 * 1024,
-        connection_window: 16 * 1024 * 1024,
+        // Windows sized for the bandwidth-delay product: a stream moves at most a window per
+        // round trip (8 MiB per 40 ms RTT is 1.6 Gbit/s); what a slow application leaves
+        // unread is bounded by the connection window.
+        stream_window: 8 * 1024 * 1024,
+        connection_window: 32 * 1024 * 1024,
         max_streams: 4096,
     }
 }
