@@ -20,11 +20,11 @@ import signal
 import time
 from typing import Any
 
-from ztna.observe import format_address
 from ztna import limits
 from ztna.agent.config import AgentOptions
 from ztna.agent.control import ControlServer
 from ztna.agent.session import ACKED, REFUSED, Session
+from ztna.observe import format_address
 
 log = logging.getLogger("ztna.agent")
 

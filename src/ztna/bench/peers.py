@@ -23,8 +23,16 @@ import subprocess
 import time
 
 from ztna.bench.harness import (
-    APP_IPERF_PORT, APP_TCP_ECHO, APP_UDP_ECHO, APT_LINE, BenchContext, Row, RowError,
-    RowScope, missing_tools, wait_echo,
+    APP_IPERF_PORT,
+    APP_TCP_ECHO,
+    APP_UDP_ECHO,
+    APT_LINE,
+    BenchContext,
+    Row,
+    RowError,
+    RowScope,
+    missing_tools,
+    wait_echo,
 )
 from ztna.bench.lanops import NAT_A_PUB, NAT_B_PUB, RELAY_PUB, block_direct, port_forward
 

@@ -95,7 +95,9 @@ def _merge_config(ctx: click.Context, config_path: Path | None, kw: dict[str, ob
 @click.option("--socks", metavar="HOST:PORT", help="SOCKS5 server (CONNECT, UDP ASSOCIATE).")
 @click.option("--state-dir", type=click.Path(file_okay=False), help="Default /run/ztna-agent (root).")
 @click.option("--tcp-transport", type=click.Choice(["datagram", "stream"]), default="stream", show_default=True,
-              help="TUN mode TCP carriage: 'datagram' (TCP packets in DATAGRAMs, end-to-end TCP) or 'stream' (local kernel terminates TCP, nftables redirect, one QUIC stream per connection).")
+              help="TUN mode TCP carriage: 'datagram' (TCP packets in DATAGRAMs, end-to-end TCP) "
+                   "or 'stream' (local kernel terminates TCP, nftables redirect, one QUIC stream "
+                   "per connection).")
 @click.option("--p2p-cooldown", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds on the relay after a direct-path failure before punching again.")
 @click.option("--metrics", metavar="HOST:PORT|off", default="off", show_default=True,

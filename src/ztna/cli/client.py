@@ -160,7 +160,9 @@ def _exit_code(r: dict[str, Any]) -> int:
 
 def _print_human(r: dict[str, Any], a: dict[str, Any]) -> None:
     out = click.echo
-    out(f"connected: {r['connected']}" + (f" in {r['handshake_ms']:.1f} ms" if r["connected"] and r["handshake_ms"] is not None else ""))
+    out(f"connected: {r['connected']}"
+        + (f" in {r['handshake_ms']:.1f} ms"
+           if r["connected"] and r["handshake_ms"] is not None else ""))
     if r.get("close_reason"):
         out(f"closed by server: {r['close_reason']}")
     if a["measure_handshake"] and r["handshake_ms"] is not None:

@@ -116,7 +116,7 @@ class _Handler(ConnectionHandler):
             self._changed = loop.create_future()
             try:
                 await asyncio.wait_for(self._changed, remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return bool(predicate())
         return True
 
@@ -259,7 +259,7 @@ async def run_client(o: ClientOptions) -> dict[str, Any]:
         conn = ep.connect(addr, config, handler)
         try:
             await asyncio.wait_for(conn.wait_handshake(), o.timeout)
-        except (ConnectionError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ConnectionError) as exc:
             errors.append(f"handshake failed: {error_text(exc)}")
             result["close_reason"] = handler.closed_reason
             return result
@@ -440,7 +440,7 @@ async def _send_all(o: ClientOptions, conn: ZtnaConnection, handler: _Handler,
             before = echo.matched
             start = loop.time()
             conn.send_datagram(datagram(payload))
-            got = await handler.wait_for(lambda: (echo.take(handler.packets), echo.matched > before)[1], 1.0)
+            got = await handler.wait_for(lambda: (echo.take(handler.packets), echo.matched > before)[1], 1.0)  # noqa: B023 - awaited within this iteration
             if got:
                 samples.append((loop.time() - start) * 1000)
             else:

@@ -51,7 +51,13 @@ from typing import Final
 
 from ztna.errors import UsageError
 from ztna.netstack.packets import (
-    ACK, FIN, RST, SYN, IpHeader, TcpSegment, build_tcp_packet,
+    ACK,
+    FIN,
+    RST,
+    SYN,
+    IpHeader,
+    TcpSegment,
+    build_tcp_packet,
 )
 from ztna.netstack.reassembly import ReceiveBuffer
 from ztna.netstack.rtt import RttEstimator

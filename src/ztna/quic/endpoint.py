@@ -29,7 +29,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from ztna import _native, limits
@@ -425,7 +425,7 @@ class QuicEndpoint:
 
             certs = [x509.load_der_x509_certificate(bytes(der)) for der in chain]
             conn.identity = server.verifier.verify_client(
-                certs[0], certs[1:], now=datetime.now(timezone.utc),
+                certs[0], certs[1:], now=datetime.now(UTC),
             )
         except ValueError:
             self._stats.auth_failures += 1
