@@ -78,7 +78,7 @@ class Agent:
                 out.append(("ztna_agent_rx_bytes_total", "counter", "Tunnel bytes received", svc.rx_bytes, labels))
             return out
 
-        registry.register(StatsCollector(session_stats))  # type: ignore[arg-type]
+        registry.register(StatsCollector(session_stats))
         self.metrics_server = MetricsServer(registry, health)
         await self.metrics_server.start(host, port)
         log.info("metrics on http://%s/metrics", format_address((host, self.metrics_server.port)))

@@ -36,7 +36,7 @@ import logging
 import secrets
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from prometheus_client import CollectorRegistry, Histogram
 
@@ -328,6 +328,7 @@ class DirectPaths:
             if pm.want_punch(now=now):
                 if self.observed is None and now - self.started_at < QAD_WAIT:
                     continue
+                assert relay is not None  # relay_up
                 self._start_punch(sp, relay, now)
 
     def _state_changed(self, sp: _ServicePath, was: PathState) -> None:
@@ -501,7 +502,7 @@ class DirectPaths:
         snap = sp.pm.snapshot()
         # The path manager keeps monotonic time, meaningless outside this process: status
         # shows when that is on the wall clock (ISO 8601 UTC) and how far away it is.
-        retry = snap.pop("retry_at")
+        retry = cast("float | None", snap.pop("retry_at"))
         now = self.loop.time()
         snap["retry_in_s"] = round(max(0.0, retry - now), 1) if retry is not None else None
         snap["retry_at"] = (datetime.datetime.now(datetime.UTC)

@@ -248,7 +248,7 @@ class Session(ConnectionHandler):
         if self.endpoint.family == socket.AF_INET:
             infos = [i for i in infos if i[0] == socket.AF_INET] or infos
         fam, _, _, _, addr = infos[0]
-        return addr[0], addr[1]
+        return str(addr[0]), int(addr[1])
 
     async def _supervise(self) -> None:
         delay = self.options.backoff_initial

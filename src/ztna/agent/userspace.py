@@ -40,6 +40,7 @@ Theory of operation
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
@@ -184,7 +185,8 @@ class Userspace:
             self._resolve(fwd.target)   # fail fast on unknown targets
             try:
                 srv = await asyncio.start_server(
-                    lambda r, w, f=fwd: self._spawn(self._tcp_forward(r, w, f)),
+                    # mypy cannot type a lambda whose extra parameter has a default (binding fwd)
+                    lambda r, w, f=fwd: self._spawn(self._tcp_forward(r, w, f)),  # type: ignore[misc]
                     fwd.listen_host, fwd.listen_port)
             except OSError as exc:
                 raise bind_error(f"-L forward to {fwd.target}:{fwd.target_port}", "tcp",
@@ -195,7 +197,7 @@ class Userspace:
             self._resolve(fwd.target)
             try:
                 transport, _ = await loop.create_datagram_endpoint(
-                    lambda f=fwd, i=index: _UdpListener(self, f, i),
+                    functools.partial(_UdpListener, self, fwd, index),
                     local_addr=(fwd.listen_host, fwd.listen_port))
             except OSError as exc:
                 raise bind_error(f"-U forward to {fwd.target}:{fwd.target_port}", "udp",
@@ -379,11 +381,11 @@ class Userspace:
             while True:
                 item = await sink.queue.get()
                 if item is _LOST:       # the direct connection died: continue on the relay
-                    early = await self._resume(sink) if not sink.failed else None
-                    if early is None:
+                    resumed = await self._resume(sink) if not sink.failed else None
+                    if resumed is None:
                         writer.transport.abort()
                         break
-                    item = (early, False)
+                    item = (resumed, False)
                 if item is None:        # reset, or the Intermediate connection is gone
                     writer.transport.abort()
                     break

@@ -17,6 +17,7 @@ through the same two NATs:
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -103,7 +104,7 @@ def run_wireguard(ctx: BenchContext, row: Row) -> None:
         for node, ifname in ifs.items():
             proc = scope.spawn(node, ["wireguard-go", "-f", ifname], f"wg-{node}", env=env)
             sock = f"/var/run/wireguard/{ifname}.sock"
-            scope.wait_for(f"wireguard-go {node}", lambda s=sock: os.path.exists(s), 10,
+            scope.wait_for(f"wireguard-go {node}", functools.partial(os.path.exists, sock), 10,
                            proc, f"wg-{node}")
         plan = {"agent": ("conn", NAT_B_PUB, "100.100.0.1", f"100.100.0.2/32,{APP_LAN}"),
                 "conn": ("agent", NAT_A_PUB, "100.100.0.2", "100.100.0.1/32")}

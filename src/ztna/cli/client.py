@@ -20,7 +20,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -29,7 +29,7 @@ from ztna import limits
 EXIT_OK, EXIT_CONNECT, EXIT_USAGE, EXIT_REGISTRATION, EXIT_ECHO, EXIT_TOO_LARGE = 0, 1, 2, 3, 4, 5
 
 
-def _usage(msg: str) -> None:
+def _usage(msg: str) -> NoReturn:
     click.echo(f"ztna client: {msg}", err=True)
     sys.exit(EXIT_USAGE)
 

@@ -133,7 +133,7 @@ class _DirectHandler(ConnectionHandler):
                 self.hello(conn, msg.instance)
             elif isinstance(msg, Register):
                 if msg.role is Role.AGENT and self.allows(conn, msg.service_id):
-                    reply: object = RegistrationAck(service_id=msg.service_id)
+                    reply: RegistrationAck | RegistrationNack = RegistrationAck(service_id=msg.service_id)
                 else:
                     reply = RegistrationNack(service_id=msg.service_id,
                                              status=NackStatus.NOT_AUTHORIZED)

@@ -446,7 +446,8 @@ class StreamTable:
 
     def _drop(self, flow: StreamFlow) -> None:
         flow.done = True
-        self.flows.pop((flow.conn, flow.sid), None)
+        if flow.conn is not None:
+            self.flows.pop((flow.conn, flow.sid), None)
 
     def finish(self, flow: StreamFlow, *, forget: bool = False) -> None:
         """The backend side is over. A resumable flow keeps its token (lingers) unless
@@ -456,7 +457,8 @@ class StreamTable:
         if flow.done:
             return
         flow.done = True
-        self.flows.pop((flow.conn, flow.sid), None)
+        if flow.conn is not None:
+            self.flows.pop((flow.conn, flow.sid), None)
         self._watched.discard(flow)
         if flow.task is not None and not flow.task.done():
             flow.task.cancel()
