@@ -1,24 +1,28 @@
 # Type stubs for the Rust extension built from native/ (the signatures are native/src/py.rs's
 # `#[pyo3(signature = ...)]` and return types; keep the two in step).
 from collections.abc import Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, Self, final, type_check_only
 
 from typing_extensions import Buffer  # collections.abc.Buffer is 3.12+
+
+__all__ = ["Endpoint", "ClientTls", "ServerTls", "check_identity", "PY_WINDOW", "CID_LEN"]
 
 # Stream read window the owner may leave unconsumed (bytes).
 PY_WINDOW: Final[int]
 # Length of the connection IDs our endpoints issue (bytes).
 CID_LEN: Final[int]
 
+@type_check_only
 class TicketBackend(Protocol):
     """What `ServerTls(tickets=...)` calls: single-use session ticket storage."""
 
     def put(self, key: bytes, value: bytes, /) -> bool: ...
     def take(self, key: bytes, /) -> bytes | None: ...
 
+@final
 class ClientTls:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         ca_pem: bytes,
         cert_pem: bytes | None = None,
@@ -30,12 +34,13 @@ class ClientTls:
         udp_payload: int = 1350,
         idle_timeout: float = 30.0,
         datagram_queue: int = 512,
-    ) -> None: ...
+    ) -> Self: ...
     def presented_certificate(self, server_name: str) -> bytes | None: ...
 
+@final
 class ServerTls:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         cert_pem: bytes,
         key_pem: bytes,
@@ -49,11 +54,12 @@ class ServerTls:
         datagram_queue: int = 512,
         retry_lifetime: float = 15.0,
         new_tokens: int = 2,
-    ) -> None: ...
+    ) -> Self: ...
 
 def check_identity(*, cert_pem: bytes, key_pem: bytes) -> None: ...
 
-# One event of `Endpoint.recv/timeout/drive`, a tuple whose first item is its kind:
+# One event of `Endpoint.recv/timeout/drive` (a name for the type checker only), a tuple whose
+# first item is its kind:
 #   (0, incoming: int, remote: (str, int), validated: bool, may_retry: bool)
 #   (1, h: int, chain: list[bytes] | None, server_name: str | None)       handshake data
 #   (2, h: int, chain: list[bytes] | None, zero_rtt: bool)                connected
@@ -65,9 +71,10 @@ def check_identity(*, cert_pem: bytes, key_pem: bytes) -> None: ...
 #   (8, data: bytes, remote: (str, int))                                  not QUIC
 Event = tuple[Any, ...]
 
+@final
 class Endpoint:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         fd: int,
         now: float,
         *,
@@ -75,7 +82,7 @@ class Endpoint:
         server: ServerTls | None = None,
         udp_payload: int = 1350,
         recv_batch: int = 256,
-    ) -> None: ...
+    ) -> Self: ...
     def recv(self, now: float) -> list[Event]: ...
     def timeout(self, now: float) -> list[Event]: ...
     def drive(self, now: float) -> list[Event]: ...
