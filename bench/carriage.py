@@ -173,7 +173,7 @@ def chart(result: dict[str, Any], out: Path) -> bool:
     metrics = [m for m in metrics if m[0] == "lat" or any(m[0] in r for r in rows)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
     width = 0.8 / len(combos)
-    for ax, (key, title) in zip(axes, metrics):
+    for ax, (key, title) in zip(axes, metrics, strict=False):
         for i, (path, carriage) in enumerate(combos):
             vals = []
             for loss in losses:

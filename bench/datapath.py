@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "agent"))
 
-from lab_tun import AGENT_NAME, PY, VIP4, World  # noqa: E402
+from lab_tun import PY, VIP4, World  # noqa: E402
 
 from tests.conftest import unique_prefix  # noqa: E402
 from ztna.lab import Lab, LabConfig  # noqa: E402
@@ -311,7 +311,7 @@ def run_world(lab: Lab, work: Path, client: str, args: argparse.Namespace) -> di
             world.wait(path, timeout=40)
             time.sleep(1.0)
             res: dict[str, Any] = {"agent_mtu": tun_mtu(world)}
-            for i in range(args.repeat):
+            for _i in range(args.repeat):
                 res.setdefault("tcp_down", []).append(curl_window(world, args.seconds))
                 print(f"[{client} {path}] tcp {res['tcp_down'][-1]}", flush=True)
             if "udp" in args.modes:

@@ -8,7 +8,8 @@ Two processes on loopback, so that only the Intermediate is measured:
   snapshot diff over the window), ``prof-start`` / ``prof-stop`` (cProfile, top 15 by
   own time), ``stats`` (its RelayStats), ``quit``. Each answer is one JSON line.
 * parent (the load generator, also Python, on the same 2 cores): a Connector client
-  (registers service ``bench``, echoes each ``0x30`` DATAGRAM back as ``0x31 01 [agent id][packet]``) and an Agent client (registers,
+  (registers service ``bench``, echoes each ``0x30`` DATAGRAM back as
+  ``0x31 01 [agent id][packet]``) and an Agent client (registers,
   then keeps sending ``0x2F [L][bench][packet]`` as fast as the congestion window
   allows, ``datagram_budget()``). It runs three windows of ``--seconds`` each: plain
   (packets/s with no instrumentation), tracemalloc (paced at ``--trace-rate`` packets/s:

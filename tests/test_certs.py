@@ -69,7 +69,7 @@ def test_init_writes_every_file_with_the_right_mode(tmp_path: Path, umask_077: N
 
 
 def test_init_contents(tmp_path: Path) -> None:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     w = certs.init_pki(tmp_path, ["web", "ssh"], [], 365)
     ca = _load(w["ca"])
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -118,7 +118,7 @@ def test_init_with_hosts(tmp_path: Path) -> None:
         ipaddress.ip_address("2001:db8::1"),
     ]
     v = ChainVerifier(load_ca_file(w["ca"]))
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     for name in ("relay.example.com", "203.0.113.5", "2001:db8::1"):
         v.verify_server(_load(w["intermediate"]), [], server_name=name, now=now)
 
@@ -229,7 +229,7 @@ def test_installed_command_init(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert _mode(d / "ca.key") == 0o600
     v = ChainVerifier(load_ca_file(d / "ca.pem"))
-    ident = v.verify_client(_load(d / "agent.pem"), [], now=dt.datetime.now(dt.timezone.utc))
+    ident = v.verify_client(_load(d / "agent.pem"), [], now=dt.datetime.now(dt.UTC))
     assert ident.allows("agent", "web")
 
 
@@ -296,7 +296,7 @@ def test_certificates_work_in_an_aioquic_mtls_handshake(
     chain = server.tls._peer_certificate_chain  # type: ignore[attr-defined]
     assert peer == _load(tmp_path / f"{client_cert}.pem")
     ident = ChainVerifier(load_ca_file(tmp_path / "ca.pem")).verify_client(
-        peer, chain, now=dt.datetime.now(dt.timezone.utc))
+        peer, chain, now=dt.datetime.now(dt.UTC))
     assert ident.allows(client_cert, "web")
 
 
@@ -316,5 +316,5 @@ def test_aioquic_handshake_failures_are_seen(
     assert peer is None
     with pytest.raises(CertificateRejected, match="client certificate required"):
         ChainVerifier(load_ca_file(tmp_path / "ca.pem")).verify_client(
-            peer, [], now=dt.datetime.now(dt.timezone.utc)
+            peer, [], now=dt.datetime.now(dt.UTC)
         )

@@ -21,7 +21,7 @@ from ztna.identity import (
     load_ca_file,
 )
 
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +29,7 @@ def _fresh_now() -> None:
     """`NOW` is "now" for each test, not for collection time: in a long suite the PKI is
     made minutes after collection and is only backdated 5 minutes."""
     global NOW
-    NOW = dt.datetime.now(dt.timezone.utc)
+    NOW = dt.datetime.now(dt.UTC)
 
 
 def _load(path: Path) -> x509.Certificate:

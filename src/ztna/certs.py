@@ -94,7 +94,7 @@ def _validity(
 ) -> tuple[dt.datetime, dt.datetime]:
     if days < 1:
         raise UsageError(f"--days must be at least 1 (got {days})")
-    start = not_before if not_before is not None else dt.datetime.now(dt.timezone.utc) - BACKDATE
+    start = not_before if not_before is not None else dt.datetime.now(dt.UTC) - BACKDATE
     end = not_after if not_after is not None else start + BACKDATE + dt.timedelta(days=days)
     if end <= start:
         raise UsageError("certificate would expire before it becomes valid")

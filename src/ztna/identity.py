@@ -211,7 +211,7 @@ def _has_eku(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bool:
 def _utc(now: dt.datetime) -> dt.datetime:
     if now.tzinfo is None:
         raise UsageError("now must be a timezone-aware datetime (UTC)")
-    return now.astimezone(dt.timezone.utc)
+    return now.astimezone(dt.UTC)
 
 
 def _ee_policy() -> ExtensionPolicy:

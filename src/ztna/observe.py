@@ -92,7 +92,7 @@ class MetricsServer:
         self.registry = registry
         self.health = health
         self.extra_routes = extra_routes or {}
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
         try:
@@ -138,7 +138,7 @@ class MetricsServer:
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
             )
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, UnicodeDecodeError):
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
             pass
         finally:
             writer.close()

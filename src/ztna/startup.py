@@ -77,7 +77,7 @@ def check_tls_files(cert: str | Path | None, key: str | Path | None, ca: str | P
     except TypeError:
         raise UsageError(f"key file {str(key_path)!r} is encrypted; ztna needs an unencrypted "
                          "key (mode 0600)") from None
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:  # TypeError (an encrypted key) is answered above
         why = "no PEM private key in it" if b"-----BEGIN" not in key_data else str(exc).split("\n")[0]
         raise UsageError(f"key file {str(key_path)!r} is not a valid private key: {why}") from None
     der = serialization.PublicFormat.SubjectPublicKeyInfo

@@ -14,8 +14,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from agent_util import PY, netns, nsexec, spawn, stop, wait_for
+
 from ztna.agent.control import query
 from ztna.certs import init_pki
 

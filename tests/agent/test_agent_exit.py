@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from lab_tun import PY, VIP4, World, make_files
 
 pytestmark = pytest.mark.root

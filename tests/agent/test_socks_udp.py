@@ -83,7 +83,7 @@ def _nothing_comes(sock: socket.socket, wait: float = 1.0) -> bool:
     sock.settimeout(wait)
     try:
         sock.recvfrom(65535)
-    except socket.timeout:
+    except TimeoutError:
         return True
     except ConnectionRefusedError:   # ICMP port unreachable: the relay socket is gone
         return True
@@ -112,7 +112,7 @@ def test_socks5_udp_associate_echo_through_tunnel(tmp_path: Path) -> None:
                 try:
                     assert c.recv() == (VIP, VPORT, b"warm-up")
                     break
-                except socket.timeout:
+                except TimeoutError:
                     continue
             else:
                 raise AssertionError("no echo through the association\n" + w.logs())

@@ -124,7 +124,7 @@ def test_status_counts_connector_and_pipe_output(pki: Path, tmp_path: Path, path
                 wait_for(lambda: w.snap()["p2p"]["services"]["web"]["retry_at"] is not None, 20, "punch retry")
                 p2p = w.snap()["p2p"]["services"]["web"]
                 at = datetime.datetime.fromisoformat(p2p["retry_at"])
-                now = datetime.datetime.now(datetime.timezone.utc)
+                now = datetime.datetime.now(datetime.UTC)
                 assert at.tzinfo is not None
                 assert now - datetime.timedelta(seconds=5) <= at <= now + datetime.timedelta(seconds=700), p2p
                 assert 0 <= p2p["retry_in_s"] <= 700

@@ -11,7 +11,15 @@ from typing import Any
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
-from ztna.wire import ControlDecoder, Hello, Ping, Register, Role, encode_control, encode_service_datagram
+from ztna.wire import (
+    ControlDecoder,
+    Hello,
+    Ping,
+    Register,
+    Role,
+    encode_control,
+    encode_service_datagram,
+)
 
 
 class AgentClient(ConnectionHandler):

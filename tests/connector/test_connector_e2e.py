@@ -10,19 +10,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from connector_helpers import AgentClient, tcp_echo, udp_echo
 
 from ztna.certs import init_pki, issue
 from ztna.connector.config import load_config
 from ztna.connector.service import Connector
 from ztna.intermediate.server import Intermediate, IntermediateOptions
 from ztna.netstack.packets import (
-    ACK, RST, SYN, build_icmp_echo_reply, build_tcp_packet, build_udp_packet, parse_icmp,
-    parse_ip, parse_tcp, parse_udp, verify_checksums, _icmp,
+    ACK,
+    RST,
+    SYN,
+    _icmp,
+    build_icmp_echo_reply,
+    build_tcp_packet,
+    build_udp_packet,
+    parse_icmp,
+    parse_ip,
+    parse_tcp,
+    parse_udp,
+    verify_checksums,
 )
-from ztna.quic.config import TlsFiles, make_configuration
+from ztna.quic.config import TlsFiles
 from ztna.wire import StreamOpen, encode_stream_open
-
-from connector_helpers import AgentClient, tcp_echo, udp_echo
 
 AGENT_IP = ipaddress.ip_address("100.64.0.1").packed
 AGENT_IP6 = ipaddress.ip_address("fd00:64::1").packed

@@ -8,7 +8,6 @@ exactly N (none lost without a trace, none counted twice).
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import socket

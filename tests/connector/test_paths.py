@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any
 
+from ztna.connector.config import ServiceConfig
 from ztna.connector.paths import AgentPaths, ReplyPath
 from ztna.connector.service import ConnectorStats, ServiceState
-from ztna.connector.config import ServiceConfig
 from ztna.connector.udp_flows import UdpFlows
 from ztna.identity import stable_peer_id
 from ztna.netstack.packets import build_udp_packet, parse_ip, parse_udp

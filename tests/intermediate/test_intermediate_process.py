@@ -260,7 +260,8 @@ def test_garbage_and_handshake_flood_leave_it_serving(pki: Path, tmp_path: Path)
             elif kind == 4:    # oversized random
                 data = bytes([0x80 | rng.randrange(0x80)]) + rng.randbytes(rng.randrange(1500, 9000))
             else:              # QUIC-looking Initial of the right size, random content
-                data = b"\xc3\x00\x00\x00\x01\x14" + rng.randbytes(20) + b"\x14" + rng.randbytes(20) + b"\x00" + rng.randbytes(1200)
+                data = (b"\xc3\x00\x00\x00\x01\x14" + rng.randbytes(20) + b"\x14"
+                        + rng.randbytes(20) + b"\x00" + rng.randbytes(1200))
             sock.sendto(data, target)
         sock.close()
 

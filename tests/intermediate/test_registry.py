@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from ztna.intermediate.registry import AllowAll, Notify, Registry, flow_key
 from ztna.netstack.packets import build_udp_packet, ip_to_bytes
-from ztna.wire import AgentGone, NackStatus, Register, RegistrationAck, RegistrationNack, Role, ServiceStatus
+from ztna.wire import (
+    AgentGone,
+    NackStatus,
+    Register,
+    RegistrationAck,
+    RegistrationNack,
+    Role,
+    ServiceStatus,
+)
 
 
 class Scoped:

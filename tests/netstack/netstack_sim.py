@@ -14,7 +14,14 @@ import random
 from dataclasses import dataclass, field
 
 from ztna.netstack.packets import (
-    ACK, FIN, RST, SYN, build_tcp_packet, parse_ip, parse_tcp, verify_checksums,
+    ACK,
+    FIN,
+    RST,
+    SYN,
+    build_tcp_packet,
+    parse_ip,
+    parse_tcp,
+    verify_checksums,
 )
 from ztna.netstack.tcp import TcpEndpoint
 

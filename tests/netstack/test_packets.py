@@ -5,14 +5,27 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ztna.errors import DecodeError
 from ztna.netstack.checksum import checksum
 from ztna.netstack.packets import (
-    ACK, SYN, build_icmp_echo_reply, build_icmp_packet_too_big, build_icmp_port_unreachable,
-    build_tcp_packet, build_udp_packet, bytes_to_ip, ip_to_bytes, may_send_icmp_error,
-    parse_icmp, parse_ip, parse_tcp, parse_udp, verify_checksums,
+    ACK,
+    SYN,
+    build_icmp_echo_reply,
+    build_icmp_packet_too_big,
+    build_icmp_port_unreachable,
+    build_tcp_packet,
+    build_udp_packet,
+    bytes_to_ip,
+    ip_to_bytes,
+    may_send_icmp_error,
+    parse_icmp,
+    parse_ip,
+    parse_tcp,
+    parse_udp,
+    verify_checksums,
 )
 
 V4A, V4B = ip_to_bytes("10.0.0.1"), ip_to_bytes("10.0.0.2")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
-from test_tcp import ISN, PISN, S1, new, out, seg
+from test_tcp import PISN, S1, new, out, seg
 
-from ztna.netstack.packets import ACK, SYN
+from ztna.netstack.packets import SYN
 from ztna.netstack.sack import MAX_RANGES, SackScoreboard, receiver_blocks
 from ztna.netstack.tcp import TcpEndpoint, TcpState
 

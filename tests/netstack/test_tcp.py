@@ -6,7 +6,16 @@ import pytest
 
 from ztna.errors import UsageError
 from ztna.netstack.packets import (
-    ACK, FIN, PSH, RST, SYN, TcpSegment, build_tcp_packet, ip_to_bytes, parse_ip, parse_tcp,
+    ACK,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    TcpSegment,
+    build_tcp_packet,
+    ip_to_bytes,
+    parse_ip,
+    parse_tcp,
     verify_checksums,
 )
 from ztna.netstack.tcp import MAX_RETRIES, TIME_WAIT, TcpEndpoint, TcpState, rst_for_unexpected

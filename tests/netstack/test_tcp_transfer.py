@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import random
 
-from hypothesis import given, settings, strategies as st
-
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from netstack_sim import Link, Peer, Sim
+
 from ztna.netstack.packets import ip_to_bytes
 from ztna.netstack.tcp import TcpEndpoint, TcpState
 

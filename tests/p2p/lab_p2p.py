@@ -4,16 +4,15 @@ with a UDP forward; the status JSON tells the path and the warm-up."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ztna.certs import init_pki
 

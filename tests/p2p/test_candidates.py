@@ -71,7 +71,7 @@ def test_priorities_rfc8445() -> None:
     assert candidate_priority("relay", "192.0.2.1") == (0 << 24) | (64511 << 8) | 255
     assert candidate_priority("host", "192.0.2.1", 1) == candidate_priority("host", "192.0.2.1") - 256
     order = ["host", "prflx", "srflx", "relay"]
-    for better, worse in zip(order, order[1:]):
+    for better, worse in zip(order, order[1:], strict=False):
         assert candidate_priority(better, "192.0.2.1") > candidate_priority(worse, "2001:db8::1")
 
 

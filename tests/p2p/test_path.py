@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from ztna.p2p.path import PHASES, TRANSITIONS, PathConfig, PathEvent, PathManager, PathState, SendPing
+from ztna.p2p.path import (
+    PHASES,
+    TRANSITIONS,
+    PathConfig,
+    PathEvent,
+    PathManager,
+    PathState,
+    SendPing,
+)
 
 
 def _direct(cfg: PathConfig | None = None) -> PathManager:
@@ -52,14 +60,14 @@ def test_active_path_pings_fast_and_stays_up_while_acked() -> None:
     pm = _direct()
     pings = _run(pm, 10.0, ack=True)
     assert pm.direct
-    gaps = [b - a for a, b in zip(pings, pings[1:])]
+    gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
     assert max(gaps) == pytest.approx(0.2)
 
 
 def test_idle_path_keeps_nat_alive_below_25s() -> None:
     pm = _direct()
     pings = _run(pm, 120.0, ack=True, traffic=False)
-    gaps = [b - a for a, b in zip(pings, pings[1:])]
+    gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
     assert pm.direct and max(gaps) <= 25.0 and max(gaps) == pytest.approx(5.0)
 
 

@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -43,7 +42,6 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 async def _case(pki: Path, tmp: Path) -> None:
-    loop = asyncio.get_running_loop()
     inter = Intermediate(IntermediateOptions(tls=TlsFiles.from_dir(pki, "intermediate"),
                                              listen=[("127.0.0.1", 0)], metrics=None))
     await inter.start()

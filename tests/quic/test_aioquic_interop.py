@@ -21,8 +21,6 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "intermediate"))
-from intermediate_helpers import IntermediateProc, Peer  # noqa: E402
-
 from aioquic.buffer import size_uint_var  # noqa: E402
 from aioquic.quic.configuration import QuicConfiguration  # noqa: E402
 from aioquic.quic.connection import QuicConnection  # noqa: E402
@@ -34,6 +32,8 @@ from aioquic.quic.events import (  # noqa: E402
     StreamDataReceived,
 )
 from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE  # noqa: E402
+from intermediate_helpers import IntermediateProc, Peer  # noqa: E402
+
 from ztna.certs import init_pki  # noqa: E402
 from ztna.netstack.packets import (  # noqa: E402
     PROTO_UDP,
@@ -345,7 +345,7 @@ def test_udp_echo_through_the_relay_byte_exact(server: IntermediateProc, pki: Pa
                 if len(dgram) == biggest:
                     # It really was the largest: it filled a whole aioquic packet.
                     assert c.config.max_datagram_size in c.sent_sizes[before:], c.sent_sizes[before:]
-                reply = await c.until(lambda: c.ip_packets()[seen:] and c.ip_packets()[seen],
+                reply = await c.until(lambda: c.ip_packets()[seen:] and c.ip_packets()[seen],  # noqa: B023 - awaited before seen changes
                                       f"echo of {size} bytes")
                 seen += 1
                 # Byte-exact: the Connector's reply, stripped of 0x31 by the Intermediate, as a

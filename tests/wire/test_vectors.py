@@ -12,8 +12,9 @@ each followed by a fenced ```hex block (whitespace ignored).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 

@@ -6,12 +6,12 @@ messages (flip, truncate, extend), which reaches the deep branches of each decod
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from wire_strategies import (  # tests/wire is on sys.path (pytest rootdir-less import)
     U32,
     control_messages,
@@ -22,6 +22,7 @@ from wire_strategies import (  # tests/wire is on sys.path (pytest rootdir-less 
     service_ids,
     stream_headers,
 )
+
 from ztna.errors import DecodeError
 from ztna.wire import (
     ControlDecoder,

@@ -6,7 +6,6 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from wire_strategies import (  # tests/wire is on sys.path (pytest rootdir-less import)
     U32,
     control_messages,
@@ -18,6 +17,7 @@ from wire_strategies import (  # tests/wire is on sys.path (pytest rootdir-less 
     service_ids,
     stream_headers,
 )
+
 from ztna.wire import (
     ControlDecoder,
     decode_control_frame,

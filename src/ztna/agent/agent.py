@@ -20,11 +20,11 @@ import signal
 import time
 from typing import Any
 
-from ztna.observe import format_address
 from ztna import limits
 from ztna.agent.config import AgentOptions
 from ztna.agent.control import ControlServer
 from ztna.agent.session import ACKED, REFUSED, Session
+from ztna.observe import format_address
 
 log = logging.getLogger("ztna.agent")
 
@@ -78,7 +78,7 @@ class Agent:
                 out.append(("ztna_agent_rx_bytes_total", "counter", "Tunnel bytes received", svc.rx_bytes, labels))
             return out
 
-        registry.register(StatsCollector(session_stats))  # type: ignore[arg-type]
+        registry.register(StatsCollector(session_stats))
         self.metrics_server = MetricsServer(registry, health)
         await self.metrics_server.start(host, port)
         log.info("metrics on http://%s/metrics", format_address((host, self.metrics_server.port)))

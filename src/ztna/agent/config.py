@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -238,12 +238,12 @@ def load_agent_file(path: str | Path) -> dict[str, object]:
         shown = err.get("input")
         value = "" if isinstance(shown, dict | list) else f" = {shown!r}"
         raise UsageError(f"config file {str(path)!r}: invalid {loc}{value}: {msg}") from None
-    out: dict[str, object] = {}
-    for key, value in cfg.model_dump(exclude_none=True).items():
+    out: dict[str, Any] = {}
+    for key, item in cfg.model_dump(exclude_none=True).items():
         if key == "services":
-            value = tuple(v if isinstance(v, str) else f"{v['id']}={','.join(v['virtual_ips'])}"
-                          for v in value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        out[_FILE_TO_FLAG.get(key, key)] = value
+            item = tuple(v if isinstance(v, str) else f"{v['id']}={','.join(v['virtual_ips'])}"
+                         for v in item)
+        elif isinstance(item, list):
+            item = tuple(item)
+        out[_FILE_TO_FLAG.get(key, key)] = item
     return out

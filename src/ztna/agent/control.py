@@ -69,7 +69,7 @@ class ControlServer:
             pass
 
 
-def query(path: Path, *, timeout: float = 3.0) -> dict[str, Any]:
+def query(path: str | Path, *, timeout: float = 3.0) -> dict[str, Any]:
     """Blocking client: connect, read the JSON snapshot."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)

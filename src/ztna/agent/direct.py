@@ -36,13 +36,13 @@ import logging
 import secrets
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from prometheus_client import CollectorRegistry, Histogram
 
-from ztna.observe import format_address
 from ztna import limits
 from ztna.errors import DatagramTooLarge, DecodeError, error_text
+from ztna.observe import format_address
 from ztna.p2p.candidates import gather, interface_addresses
 from ztna.p2p.path import PathConfig, PathManager, PathState
 from ztna.p2p.punch import PunchConfig, PunchSession, PunchState
@@ -318,7 +318,7 @@ class DirectPaths:
             deadline = pm.next_deadline()
             if deadline is not None and deadline <= now:
                 was = pm.state
-                for action in pm.on_timer(now=now):
+                for _action in pm.on_timer(now=now):
                     if sp.conn is not None:
                         sp.conn.ping()
                 if was is not pm.state:
@@ -328,6 +328,7 @@ class DirectPaths:
             if pm.want_punch(now=now):
                 if self.observed is None and now - self.started_at < QAD_WAIT:
                     continue
+                assert relay is not None  # relay_up
                 self._start_punch(sp, relay, now)
 
     def _state_changed(self, sp: _ServicePath, was: PathState) -> None:
@@ -451,7 +452,7 @@ class DirectPaths:
         sp.extra["handshake"] = "0-RTT" if conn.zero_rtt_attempted else "full"
         try:
             await asyncio.wait_for(conn.wait_handshake(), self.config.connect_timeout)
-        except (asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, ConnectionError) as exc:
             conn.close(0, "direct handshake failed")
             sp.pm.direct_failed(now=self.loop.time(), reason=f"direct handshake failed: {error_text(exc)}")
             log.warning("service %s: direct handshake to %s failed", service, format_address(addr))
@@ -501,10 +502,10 @@ class DirectPaths:
         snap = sp.pm.snapshot()
         # The path manager keeps monotonic time, meaningless outside this process: status
         # shows when that is on the wall clock (ISO 8601 UTC) and how far away it is.
-        retry = snap.pop("retry_at")
+        retry = cast("float | None", snap.pop("retry_at"))
         now = self.loop.time()
         snap["retry_in_s"] = round(max(0.0, retry - now), 1) if retry is not None else None
-        snap["retry_at"] = (datetime.datetime.now(datetime.timezone.utc)
+        snap["retry_at"] = (datetime.datetime.now(datetime.UTC)
                             + datetime.timedelta(seconds=max(0.0, retry - now))).isoformat(timespec="seconds") \
             if retry is not None else None
         return snap

@@ -37,20 +37,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ztna.observe import format_address
 from ztna.agent.config import AgentOptions, ServiceSpec
 from ztna.errors import DatagramTooLarge, DecodeError, error_text
 from ztna.identity import server_name_mismatch
+from ztna.observe import format_address
 from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
 from ztna.wire import (
     AddressToken,
-    Hello,
     ControlDecoder,
     DatagramKind,
     ErrorMessage,
     GoAway,
+    Hello,
     NackStatus,
     ObservedAddress,
     Register,
@@ -193,7 +193,6 @@ class Session(ConnectionHandler):
         self._task = asyncio.create_task(self._supervise(), name="ztna-agent-session")
         if getattr(self.options, "p2p", True):
             from ztna.agent.direct import DirectPaths
-
             from ztna.p2p.path import PathConfig
 
             cooldown = float(getattr(self.options, "p2p_cooldown", 30.0))
@@ -249,7 +248,7 @@ class Session(ConnectionHandler):
         if self.endpoint.family == socket.AF_INET:
             infos = [i for i in infos if i[0] == socket.AF_INET] or infos
         fam, _, _, _, addr = infos[0]
-        return addr[0], addr[1]
+        return str(addr[0]), int(addr[1])
 
     async def _supervise(self) -> None:
         delay = self.options.backoff_initial
@@ -325,7 +324,7 @@ class Session(ConnectionHandler):
             self._flush_queue(optimistic=EARLY_PACKETS)
         try:
             await asyncio.wait_for(conn.wait_handshake(), HANDSHAKE_TIMEOUT)
-        except (asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, ConnectionError) as exc:
             self._explain_name_mismatch(conn)
             conn.close(0, "handshake failed")
             self.conn = None
@@ -363,7 +362,7 @@ class Session(ConnectionHandler):
                 self._check_mtu()
                 try:
                     await asyncio.wait_for(self._closed_event.wait(), 0.25)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             if self.conn is conn:
@@ -667,4 +666,4 @@ def _iso(wall: float | None) -> str | None:
     """Wall-clock seconds as ISO 8601 UTC (what `ztna status --json` prints for times)."""
     if wall is None:
         return None
-    return datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.datetime.fromtimestamp(wall, datetime.UTC).isoformat(timespec="milliseconds")

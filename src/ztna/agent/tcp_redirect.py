@@ -42,11 +42,11 @@ import socket
 import struct
 from typing import Any
 
-from ztna.observe import format_address
 from ztna.agent.config import AgentOptions
 from ztna.agent.tun import TunDevice, delete_nft_table
 from ztna.agent.userspace import _NO_STATUS, StreamFailed, Userspace, reset_writer
 from ztna.errors import UsageError, error_text
+from ztna.observe import format_address
 
 log = logging.getLogger("ztna.agent")
 
@@ -143,7 +143,7 @@ class OwnedTable:
             proc.stdin.close()
         try:
             _, err = await asyncio.wait_for(proc.communicate(), 3.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             _, err = await proc.communicate()
         return (err or b"").decode(errors="replace").strip()
@@ -196,8 +196,10 @@ class TcpRedirect:
             return
         self.installed = True
         log.info("tcp over QUIC streams: nft table inet %s redirects %s to %s", self.table,
-                 " ".join(self.v4 + self.v6), " ".join(f"{h}:{p}" for h, p in
-                                                       zip(("127.0.0.1", "[::1]"), (self.ports.get(4), self.ports.get(6))) if p))
+                 " ".join(self.v4 + self.v6),
+                 " ".join(f"{h}:{p}" for h, p in
+                          zip(("127.0.0.1", "[::1]"), (self.ports.get(4), self.ports.get(6)),
+                              strict=True) if p))
 
     async def stop(self) -> None:
         if self.installed:
@@ -235,7 +237,7 @@ class TcpRedirect:
         us.app_writers.add(writer)     # reset on exit even while the stream is being opened
         try:
             conn, sid, sink, early = await us._open(spec, vip, port)
-        except (StreamFailed, asyncio.TimeoutError) as exc:
+        except (TimeoutError, StreamFailed) as exc:
             self.stats["refused"] += 1
             us.stats["tcp_failed"] += 1
             log.info("tcp %s via stream refused: %s", format_address((str(vip), port)), error_text(exc, _NO_STATUS))

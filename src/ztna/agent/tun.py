@@ -104,7 +104,8 @@ class TunDevice:
             return False
         pid = int(state.get("pid", 0))
         if pid != os.getpid() and _pid_alive(pid):
-            raise UsageError(f"another Agent (pid {pid}) owns {state.get('tun')!r} ({state_file}): stop it, or start this one with another --name or --state-dir")
+            raise UsageError(f"another Agent (pid {pid}) owns {state.get('tun')!r} ({state_file}): "
+                             "stop it, or start this one with another --name or --state-dir")
         name = state.get("tun")
         cleaned = False
         with IPRoute() as ipr:

@@ -30,8 +30,13 @@ import os
 from typing import Any
 
 from ztna.agent.session import ServiceState, Session
-from ztna.netstack.packets import build_icmp_packet_too_big, build_tcp_packet, ip_to_bytes, may_send_icmp_error
 from ztna.errors import DecodeError
+from ztna.netstack.packets import (
+    build_icmp_packet_too_big,
+    build_tcp_packet,
+    ip_to_bytes,
+    may_send_icmp_error,
+)
 
 log = logging.getLogger("ztna.agent")
 

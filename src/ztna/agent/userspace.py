@@ -40,6 +40,7 @@ Theory of operation
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
@@ -50,10 +51,16 @@ from typing import Any
 from ztna.agent.config import AgentOptions, Forward, IpAddress, ServiceSpec
 from ztna.agent.session import ACKED, REFUSED, ServiceState, Session
 from ztna.errors import DecodeError, UsageError, error_text
+from ztna.netstack.packets import PROTO_UDP, build_udp_packet, parse_ip, parse_udp
 from ztna.observe import format_address
 from ztna.startup import bind_error
-from ztna.netstack.packets import PROTO_UDP, build_udp_packet, parse_ip, parse_udp
-from ztna.wire import StreamOpen, StreamResume, StreamStatus, decode_stream_reply, encode_stream_open
+from ztna.wire import (
+    StreamOpen,
+    StreamResume,
+    StreamStatus,
+    decode_stream_reply,
+    encode_stream_open,
+)
 
 log = logging.getLogger("ztna.agent")
 
@@ -157,7 +164,8 @@ class Userspace:
         self.app_writers: set[asyncio.StreamWriter] = set()
         # synthetic source port -> SOCKS5 UDP association (same port space as `udp_by_port`)
         self.socks_udp: dict[int, _SocksUdp] = {}
-        self.stats = {"tcp_opened": 0, "tcp_failed": 0, "tcp_active": 0, "tcp_direct": 0, "tcp_resumed": 0, "tcp_resume_failed": 0, "udp_dropped_too_big": 0,
+        self.stats = {"tcp_opened": 0, "tcp_failed": 0, "tcp_active": 0, "tcp_direct": 0,
+                      "tcp_resumed": 0, "tcp_resume_failed": 0, "udp_dropped_too_big": 0,
                       "udp_dropped_unknown": 0, "socks_failed": 0,
                       "socks_udp_associations": 0, "socks_udp_active": 0, "socks_udp_sent": 0,
                       "socks_udp_received": 0, "socks_udp_dropped_frag": 0, "socks_udp_dropped_foreign": 0,
@@ -177,7 +185,8 @@ class Userspace:
             self._resolve(fwd.target)   # fail fast on unknown targets
             try:
                 srv = await asyncio.start_server(
-                    lambda r, w, f=fwd: self._spawn(self._tcp_forward(r, w, f)),
+                    # mypy cannot type a lambda whose extra parameter has a default (binding fwd)
+                    lambda r, w, f=fwd: self._spawn(self._tcp_forward(r, w, f)),  # type: ignore[misc]
                     fwd.listen_host, fwd.listen_port)
             except OSError as exc:
                 raise bind_error(f"-L forward to {fwd.target}:{fwd.target_port}", "tcp",
@@ -188,7 +197,7 @@ class Userspace:
             self._resolve(fwd.target)
             try:
                 transport, _ = await loop.create_datagram_endpoint(
-                    lambda f=fwd, i=index: _UdpListener(self, f, i),
+                    functools.partial(_UdpListener, self, fwd, index),
                     local_addr=(fwd.listen_host, fwd.listen_port))
             except OSError as exc:
                 raise bind_error(f"-U forward to {fwd.target}:{fwd.target_port}", "udp",
@@ -337,7 +346,7 @@ class Userspace:
             if not start <= peer_rx <= start + len(data):
                 conn.reset_stream(sid)
                 raise StreamFailed(None, f"connector has {peer_rx}, we retain {start}..{start + len(data)}")
-        except (StreamFailed, asyncio.TimeoutError) as exc:
+        except (TimeoutError, StreamFailed) as exc:
             self.stats["tcp_resume_failed"] += 1
             log.warning("tcp stream to %s could not resume on the relay: %s", sink.spec.id, error_text(exc, _NO_STATUS))
             sink.failed = True
@@ -372,11 +381,11 @@ class Userspace:
             while True:
                 item = await sink.queue.get()
                 if item is _LOST:       # the direct connection died: continue on the relay
-                    early = await self._resume(sink) if not sink.failed else None
-                    if early is None:
+                    resumed = await self._resume(sink) if not sink.failed else None
+                    if resumed is None:
                         writer.transport.abort()
                         break
-                    item = (early, False)
+                    item = (resumed, False)
                 if item is None:        # reset, or the Intermediate connection is gone
                     writer.transport.abort()
                     break
@@ -418,7 +427,7 @@ class Userspace:
                 return None             # not resumable: the stream died with its connection
             try:
                 await asyncio.wait_for(sink.attached.wait(), 0.05)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _pump_up(self, reader: asyncio.StreamReader, sink: _StreamSink) -> None:
@@ -451,7 +460,7 @@ class Userspace:
         spec, vip = self._resolve(fwd.target)
         try:
             conn, sid, sink, early = await self._open(spec, vip, fwd.target_port)
-        except (StreamFailed, asyncio.TimeoutError) as exc:
+        except (TimeoutError, StreamFailed) as exc:
             self.stats["tcp_failed"] += 1
             log.warning("forward to %s failed: %s", format_address((fwd.target, fwd.target_port)), error_text(exc, _NO_STATUS))
             writer.close()
@@ -495,7 +504,7 @@ class Userspace:
                 raise ValueError(f"{host} is not a service") from None
             try:
                 conn, sid, sink, early = await self._open(spec, vip, port)
-            except (StreamFailed, asyncio.TimeoutError) as exc:
+            except (TimeoutError, StreamFailed) as exc:
                 status = getattr(exc, "status", None)
                 self._socks_reply(writer, _SOCKS_REPLY.get(status, 0x01) if status is not None else 0x01)
                 raise ValueError(f"{host}:{port}: {error_text(exc, _NO_STATUS)}") from None

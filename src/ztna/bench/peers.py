@@ -17,14 +17,23 @@ through the same two NATs:
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 import time
 
 from ztna.bench.harness import (
-    APP_IPERF_PORT, APP_TCP_ECHO, APP_UDP_ECHO, APT_LINE, BenchContext, Row, RowError,
-    RowScope, missing_tools, wait_echo,
+    APP_IPERF_PORT,
+    APP_TCP_ECHO,
+    APP_UDP_ECHO,
+    APT_LINE,
+    BenchContext,
+    Row,
+    RowError,
+    RowScope,
+    missing_tools,
+    wait_echo,
 )
 from ztna.bench.lanops import NAT_A_PUB, NAT_B_PUB, RELAY_PUB, block_direct, port_forward
 
@@ -95,7 +104,7 @@ def run_wireguard(ctx: BenchContext, row: Row) -> None:
         for node, ifname in ifs.items():
             proc = scope.spawn(node, ["wireguard-go", "-f", ifname], f"wg-{node}", env=env)
             sock = f"/var/run/wireguard/{ifname}.sock"
-            scope.wait_for(f"wireguard-go {node}", lambda s=sock: os.path.exists(s), 10,
+            scope.wait_for(f"wireguard-go {node}", functools.partial(os.path.exists, sock), 10,
                            proc, f"wg-{node}")
         plan = {"agent": ("conn", NAT_B_PUB, "100.100.0.1", f"100.100.0.2/32,{APP_LAN}"),
                 "conn": ("agent", NAT_A_PUB, "100.100.0.2", "100.100.0.1/32")}

@@ -22,12 +22,18 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from ztna.bench import peers, ztna_rows
 from ztna.bench.harness import (
-    APP_TCP_ECHO, APP_UDP_ECHO, BenchContext, Row, RowError, tool_version, wait_echo,
+    APP_TCP_ECHO,
+    APP_UDP_ECHO,
+    BenchContext,
+    Row,
+    RowError,
+    tool_version,
+    wait_echo,
 )
 from ztna.bench.lanops import PathAudit
 from ztna.lab import Lab, LabConfig
@@ -155,7 +161,7 @@ def run(opts: BenchOptions, progress: Callable[[str], None] = print,
         raise RowError(f"unknown rows {unknown}; rows are {', '.join(ROWS)}")
     cfg = LabConfig(prefix=opts.prefix, nat_a=opts.nat_a, nat_b=opts.nat_b,
                     delay_ms=opts.delay_ms, loss_pct=opts.loss_pct)
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     rows = [Row(key=k, label=ROWS[k][0], kind=ROWS[k][1]) for k in opts.rows]
     workdir = tempfile.mkdtemp(prefix="ztna-bench-")
     lab = Lab(cfg)

@@ -14,14 +14,18 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
 
 from ztna.errors import UsageError
 
+if TYPE_CHECKING:
+    from ztna.agent.config import AgentOptions
 
-def _build_options(**kw: object):  # -> AgentOptions (import kept lazy for --help speed)
+
+def _build_options(**kw: Any) -> AgentOptions:  # (the import is lazy for --help speed)
     from pydantic import ValidationError
 
     from ztna.agent.config import AgentOptions, parse_forward, parse_service, split_host_port
@@ -43,7 +47,7 @@ def _build_options(**kw: object):  # -> AgentOptions (import kept lazy for --hel
     check_tls_files(tls.cert, tls.key, tls.ca)
     host, port = split_host_port(str(kw["intermediate"]), default_port=4433)
     mode = kw["mode"] or ("tun" if os.geteuid() == 0 else "userspace")
-    values: dict[str, object] = dict(
+    values: dict[str, Any] = dict(
         intermediate=(host, port), tls=tls, server_name=kw["server_name"] or None,
         services=tuple(parse_service(s) for s in kw["service"]),
         mode=mode, tun_name=kw["tun_name"], name=kw["name"] or kw["tun_name"],
@@ -95,7 +99,9 @@ def _merge_config(ctx: click.Context, config_path: Path | None, kw: dict[str, ob
 @click.option("--socks", metavar="HOST:PORT", help="SOCKS5 server (CONNECT, UDP ASSOCIATE).")
 @click.option("--state-dir", type=click.Path(file_okay=False), help="Default /run/ztna-agent (root).")
 @click.option("--tcp-transport", type=click.Choice(["datagram", "stream"]), default="stream", show_default=True,
-              help="TUN mode TCP carriage: 'datagram' (TCP packets in DATAGRAMs, end-to-end TCP) or 'stream' (local kernel terminates TCP, nftables redirect, one QUIC stream per connection).")
+              help="TUN mode TCP carriage: 'datagram' (TCP packets in DATAGRAMs, end-to-end TCP) "
+                   "or 'stream' (local kernel terminates TCP, nftables redirect, one QUIC stream "
+                   "per connection).")
 @click.option("--p2p-cooldown", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds on the relay after a direct-path failure before punching again.")
 @click.option("--metrics", metavar="HOST:PORT|off", default="off", show_default=True,
@@ -103,7 +109,7 @@ def _merge_config(ctx: click.Context, config_path: Path | None, kw: dict[str, ob
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_context
-def agent(ctx: click.Context, config_path: Path | None, **kw: object) -> None:
+def agent(ctx: click.Context, config_path: Path | None, **kw: Any) -> None:
     """Run the Agent until SIGINT/SIGTERM."""
     from ztna.observe import setup_logging
 

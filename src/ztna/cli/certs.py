@@ -118,7 +118,7 @@ def show_cmd(file: Path) -> None:
         chain = load_ca_file(file)
     except UsageError as exc:
         raise click.UsageError(str(exc)) from None
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     for cert in chain:
         _console.print(_describe(cert, now))
 

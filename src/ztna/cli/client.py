@@ -20,7 +20,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -29,7 +29,7 @@ from ztna import limits
 EXIT_OK, EXIT_CONNECT, EXIT_USAGE, EXIT_REGISTRATION, EXIT_ECHO, EXIT_TOO_LARGE = 0, 1, 2, 3, 4, 5
 
 
-def _usage(msg: str) -> None:
+def _usage(msg: str) -> NoReturn:
     click.echo(f"ztna client: {msg}", err=True)
     sys.exit(EXIT_USAGE)
 
@@ -160,7 +160,9 @@ def _exit_code(r: dict[str, Any]) -> int:
 
 def _print_human(r: dict[str, Any], a: dict[str, Any]) -> None:
     out = click.echo
-    out(f"connected: {r['connected']}" + (f" in {r['handshake_ms']:.1f} ms" if r["connected"] and r["handshake_ms"] is not None else ""))
+    out(f"connected: {r['connected']}"
+        + (f" in {r['handshake_ms']:.1f} ms"
+           if r["connected"] and r["handshake_ms"] is not None else ""))
     if r.get("close_reason"):
         out(f"closed by server: {r['close_reason']}")
     if a["measure_handshake"] and r["handshake_ms"] is not None:

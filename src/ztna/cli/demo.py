@@ -16,7 +16,6 @@ from typing import Any
 
 import click
 
-
 NATS = ["none", "cone", "symmetric"]
 
 

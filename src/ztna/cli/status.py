@@ -89,7 +89,7 @@ def _render(snap: dict[str, Any]) -> None:
 def _connector_text(s: dict[str, Any]) -> str:
     """Who serves the service: the direct peer when the path is direct, else the Connector
     the Intermediate named, else just whether one is up (`-`: not told yet)."""
-    from rich.markup import escape   # `[fd00::2]:4434` and certificate names are not markup
+    from rich.markup import escape  # `[fd00::2]:4434` and certificate names are not markup
 
     if s.get("direct_peer"):
         return f"[green]{escape(s['direct_peer'])}[/green]"

@@ -116,7 +116,7 @@ class _Handler(ConnectionHandler):
             self._changed = loop.create_future()
             try:
                 await asyncio.wait_for(self._changed, remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return bool(predicate())
         return True
 
@@ -178,7 +178,7 @@ def _resolve(host: str, port: int, family: int = 0) -> tuple[str, int]:
     if not infos:
         raise OSError(f"cannot resolve {host}")
     addr = infos[0][4]
-    return addr[0], addr[1]
+    return str(addr[0]), int(addr[1])
 
 
 def _stats(samples_ms: list[float]) -> dict[str, float] | None:
@@ -220,7 +220,8 @@ class _Echo:
             return None
         return bytes(udp.payload)
 
-    def take(self, packets: list[bytes]) -> None:
+    def take(self, packets: list[bytes]) -> int:
+        """Match the replies in `packets` (emptied); how many matched so far."""
         while packets:
             payload = self.reply_payload(packets.pop(0))
             if payload is not None and self.expected[payload] > 0:
@@ -228,6 +229,7 @@ class _Echo:
                 self.matched += 1
             else:
                 self.unrelated += 1
+        return self.matched
 
 
 async def run_client(o: ClientOptions) -> dict[str, Any]:
@@ -259,7 +261,7 @@ async def run_client(o: ClientOptions) -> dict[str, Any]:
         conn = ep.connect(addr, config, handler)
         try:
             await asyncio.wait_for(conn.wait_handshake(), o.timeout)
-        except (ConnectionError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ConnectionError) as exc:
             errors.append(f"handshake failed: {error_text(exc)}")
             result["close_reason"] = handler.closed_reason
             return result
@@ -302,10 +304,10 @@ async def run_client(o: ClientOptions) -> dict[str, Any]:
             errors.append("registration refused")
         live_max = conn.max_datagram_payload()
         result["max_datagram_payload"] = live_max
-        service = o.services[0] if o.services else None
-        if service is not None:
-            result["tunnel_max"] = live_max - (to_connector_overhead(service) - service_datagram_overhead(service))
-        sent_ok = await _send_all(o, conn, handler, result, service)
+        first = o.services[0] if o.services else None
+        if first is not None:
+            result["tunnel_max"] = live_max - (to_connector_overhead(first) - service_datagram_overhead(first))
+        sent_ok = await _send_all(o, conn, handler, result, first)
         if sent_ok and o.hold_s > 0:
             await asyncio.sleep(o.hold_s)
         if upkeep is not None:
@@ -421,7 +423,7 @@ async def _send_all(o: ClientOptions, conn: ZtnaConnection, handler: _Handler,
                 result["datagram_bytes"] = len(dgram)
         if o.verify_echo:
             total = udp_sent
-            await handler.wait_for(lambda: (echo.take(handler.packets), echo.matched >= total)[1], o.timeout)
+            await handler.wait_for(lambda: echo.take(handler.packets) >= total, o.timeout)
             echo.take(handler.packets)
             result["echoed"] = echo.matched
             result["echo_ok"] = echo.matched == total
@@ -440,7 +442,7 @@ async def _send_all(o: ClientOptions, conn: ZtnaConnection, handler: _Handler,
             before = echo.matched
             start = loop.time()
             conn.send_datagram(datagram(payload))
-            got = await handler.wait_for(lambda: (echo.take(handler.packets), echo.matched > before)[1], 1.0)
+            got = await handler.wait_for(lambda: echo.take(handler.packets) > before, 1.0)  # noqa: B023 - awaited within this iteration
             if got:
                 samples.append((loop.time() - start) * 1000)
             else:

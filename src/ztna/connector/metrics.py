@@ -83,7 +83,7 @@ def collect(c: Connector) -> list[Any]:
 
 async def start_metrics(c: Connector, host: str, port: int) -> MetricsServer:
     reg = CollectorRegistry()
-    reg.register(StatsCollector(lambda: collect(c)))  # type: ignore[arg-type]
+    reg.register(StatsCollector(lambda: collect(c)))
     server = MetricsServer(reg, c.health)
     await server.start(host, port)
     import logging

@@ -31,15 +31,21 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ztna import limits
 from ztna.connector.paths import ReplyPath
 from ztna.connector.relay_link import backoff_delay
 from ztna.errors import DecodeError
 from ztna.identity import ChainVerifier, load_ca_file, stable_peer_id
-from ztna import limits
 from ztna.observe import format_address
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
-from ztna.quic.endpoint import CLOSE_NO_ERROR, QuicEndpoint, ServerOptions, bind_udp, normalize_address
+from ztna.quic.endpoint import (
+    CLOSE_NO_ERROR,
+    QuicEndpoint,
+    ServerOptions,
+    bind_udp,
+    normalize_address,
+)
 from ztna.startup import bind_error
 from ztna.wire import (
     SERVICE_DATAGRAM,
@@ -127,7 +133,7 @@ class _DirectHandler(ConnectionHandler):
                 self.hello(conn, msg.instance)
             elif isinstance(msg, Register):
                 if msg.role is Role.AGENT and self.allows(conn, msg.service_id):
-                    reply: object = RegistrationAck(service_id=msg.service_id)
+                    reply: RegistrationAck | RegistrationNack = RegistrationAck(service_id=msg.service_id)
                 else:
                     reply = RegistrationNack(service_id=msg.service_id,
                                              status=NackStatus.NOT_AUTHORIZED)
@@ -288,9 +294,9 @@ class P2PServer:
                 while not conn.closed and not self._stopping:
                     try:
                         await asyncio.wait_for(handler.closed.wait(), limits.NAT_KEEPALIVE_INTERVAL)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         conn.ping()
-            except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, ConnectionError) as exc:
                 log.debug("P2P QAD connection failed: %s", exc)
                 if conn is not None:
                     conn.close(CLOSE_NO_ERROR, "qad retry")

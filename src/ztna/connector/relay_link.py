@@ -29,9 +29,9 @@ import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ztna.observe import format_address
 from ztna import limits
 from ztna.identity import server_name_mismatch
+from ztna.observe import format_address
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import CLOSE_NO_ERROR, QuicEndpoint
 from ztna.wire import (
@@ -141,7 +141,7 @@ class RelayLink(ConnectionHandler):
             log.info("reconnecting to the intermediate in %.1fs (%s)", delay, self.last_error)
             try:
                 await asyncio.wait_for(self._stopping.wait(), delay)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         self.state = "stopped"
 
@@ -163,7 +163,7 @@ class RelayLink(ConnectionHandler):
             # registration a crashed predecessor of ours left behind.
             conn.send_control(encode_control(Hello(instance=self.instance)))
             await asyncio.wait_for(conn.wait_handshake(), HANDSHAKE_TIMEOUT)
-        except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, ConnectionError) as exc:
             self.last_error = str(exc) or type(exc).__name__
             if self._stopping.is_set():
                 return None   # our own shutdown ended the attempt: nothing to report
@@ -206,7 +206,7 @@ class RelayLink(ConnectionHandler):
                     last_ping = now
                 try:
                     await asyncio.wait_for(self._closed.wait(), 1.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             if self.conn is conn:

@@ -37,6 +37,7 @@ import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ztna.connector.backend import WRITE_HIGH, tune_backend_transport
 from ztna.errors import DecodeError
 from ztna.limits import STREAM_RESUME_GRACE, STREAM_RESUME_PER_AGENT
 from ztna.wire.stream_header import (
@@ -50,7 +51,6 @@ from ztna.wire.stream_header import (
     encode_stream_reply,
     encode_stream_status,
 )
-from ztna.connector.backend import WRITE_HIGH, tune_backend_transport
 
 if TYPE_CHECKING:
     from ztna.connector.service import ConnectorStats, ServiceState
@@ -383,7 +383,7 @@ class StreamTable:
                                    self.connect_timeout)
         except ConnectionRefusedError:
             self._fail(flow, StreamStatus.REFUSED)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             self._fail(flow, StreamStatus.UNREACHABLE)
 
     def _fail(self, flow: StreamFlow, status: StreamStatus) -> None:
@@ -446,7 +446,8 @@ class StreamTable:
 
     def _drop(self, flow: StreamFlow) -> None:
         flow.done = True
-        self.flows.pop((flow.conn, flow.sid), None)
+        if flow.conn is not None:
+            self.flows.pop((flow.conn, flow.sid), None)
 
     def finish(self, flow: StreamFlow, *, forget: bool = False) -> None:
         """The backend side is over. A resumable flow keeps its token (lingers) unless
@@ -456,7 +457,8 @@ class StreamTable:
         if flow.done:
             return
         flow.done = True
-        self.flows.pop((flow.conn, flow.sid), None)
+        if flow.conn is not None:
+            self.flows.pop((flow.conn, flow.sid), None)
         self._watched.discard(flow)
         if flow.task is not None and not flow.task.done():
             flow.task.cancel()

@@ -33,10 +33,10 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any
 
-from ztna.observe import format_address
+from ztna.connector.backend import WRITE_HIGH, tune_backend_transport
 from ztna.netstack.packets import ACK, RST, SYN, IpHeader, parse_tcp
 from ztna.netstack.tcp import TcpEndpoint, TcpState, rst_for_unexpected
-from ztna.connector.backend import WRITE_HIGH, tune_backend_transport
+from ztna.observe import format_address
 
 if TYPE_CHECKING:
     from ztna.connector.paths import ReplyPath
@@ -189,7 +189,7 @@ class TcpFlows:
         try:
             await asyncio.wait_for(self.loop.create_connection(lambda: flow, host, port),
                                    self.connect_timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self.stats.tcp_backend_failures += 1
             log.debug("backend %s refused/unreachable: %s", format_address((host, port)), exc)
             if not flow.done:

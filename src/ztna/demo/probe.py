@@ -86,7 +86,7 @@ def udp_echo(
                 sock.sendto(payload, (host, port))
                 data, _addr = sock.recvfrom(65535)
                 return data
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:  # no route yet (TUN coming up), refused: wait and retry
                 time.sleep(timeout)
@@ -158,7 +158,7 @@ def icmp_echo(host: str, *, count: int = 3, timeout: float = 2.0,
                 sock.settimeout(left)
                 try:
                     data, _addr = sock.recvfrom(65535)
-                except (TimeoutError, socket.timeout):
+                except TimeoutError:
                     break
                 if raw and not v6:  # a raw IPv4 socket hands us the IP header too
                     data = data[(data[0] & 0x0F) * 4:]

@@ -39,8 +39,16 @@ from pathlib import Path
 from typing import Any
 
 from ztna.demo import probe
-from ztna.demo.layouts import (LabLayout, Layout, LocalLayout, NetnsLayout, can_tun,
-                               default_prefix, host_port, require)
+from ztna.demo.layouts import (
+    LabLayout,
+    Layout,
+    LocalLayout,
+    NetnsLayout,
+    can_tun,
+    default_prefix,
+    host_port,
+    require,
+)
 from ztna.demo.procs import DemoError, Supervisor, ztna_argv
 from ztna.errors import UsageError
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ztna import limits
+from ztna.wire.control import ControlMessage
 from ztna.wire.control_messages import AgentGone, ServiceStatus
 from ztna.wire.registration import (
     NackStatus,
@@ -58,7 +59,7 @@ class Notify:
     """Send this control message to that peer."""
 
     peer: int
-    message: object
+    message: ControlMessage
 
 
 @dataclass(slots=True)

@@ -27,22 +27,28 @@ from ztna.errors import DatagramTooLarge, DecodeError
 from ztna.identity import ChainVerifier, load_ca_file, stable_peer_id
 from ztna.intermediate.registry import AllowAll, Notify, Registry
 from ztna.observe import MetricsServer, RateLimitedLog, StatsCollector, format_address
-from ztna.startup import bind_error
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
-from ztna.quic.endpoint import CLOSE_AUTH, CLOSE_SHUTDOWN, QuicEndpoint, ServerOptions, bind_udp, normalize_address
+from ztna.quic.endpoint import (
+    CLOSE_AUTH,
+    CLOSE_SHUTDOWN,
+    QuicEndpoint,
+    ServerOptions,
+    bind_udp,
+    normalize_address,
+)
+from ztna.startup import bind_error
 from ztna.wire import (
-    AddressToken,
-    Hello,
-    StandingCandidates,
     FROM_CONNECTOR,
     SERVICE_DATAGRAM,
+    AddressToken,
     ControlDecoder,
     GoAway,
+    Hello,
     ObservedAddress,
     Register,
-    RegistrationAck,
     RegistrationNack,
+    StandingCandidates,
     decode_from_connector,
     decode_registration,
     decode_service_datagram,
@@ -139,7 +145,9 @@ class Intermediate:
             address_tokens=self.address_tokens,
             # Derived from the server key, so a restarted Intermediate resets its
             # predecessor's connections and clients reconnect at once (not after 30 s).
-            reset_secret=hashlib.sha256(b"ztna stateless reset v1" + Path(o.tls.key).read_bytes()).digest(),
+            # (TlsFiles.key is None only for a client that presents no certificate)
+            reset_secret=hashlib.sha256(b"ztna stateless reset v1"
+                                        + Path(o.tls.key).read_bytes()).digest(),  # type: ignore[arg-type]
         )
 
     async def start(self) -> None:
@@ -225,7 +233,8 @@ class Intermediate:
         identity = conn.identity
         if identity is not None and not identity.scoped:
             if not self.options.insecure_allow_unscoped:
-                log.warning("refusing %s: certificate %r has no ztna service SAN", format_address(conn.peer_address), identity.common_name)
+                log.warning("refusing %s: certificate %r has no ztna service SAN",
+                            format_address(conn.peer_address), identity.common_name)
                 conn.close(CLOSE_AUTH, "certificate has no ztna service SAN")
                 return
             log.warning("%s: unscoped certificate allowed everything (--insecure-allow-unscoped-certs)", identity.common_name)
@@ -238,7 +247,8 @@ class Intermediate:
         self.registry.add_peer(peer_id, auth, conn.label)
         self.conns[peer_id] = conn
         host = normalize_address(conn.peer_address)[0]
-        log.info("peer %s connected from %s%s", conn.label, format_address(conn.peer_address), " (resumed, 0-RTT)" if conn.early_data_accepted or conn.resumed else "")
+        log.info("peer %s connected from %s%s", conn.label, format_address(conn.peer_address),
+                 " (resumed, 0-RTT)" if conn.early_data_accepted or conn.resumed else "")
         self.send_qad(conn)
         if self.address_tokens is not None:
             token = self.address_tokens.issue(host)
@@ -444,7 +454,8 @@ class Intermediate:
         out.append(("ztna_registration_rejections_total", "counter", "NACKed registrations", self.registry.rejections, None))
         out.append(("ztna_uptime_seconds", "gauge", "Seconds since start", loop.time() - self.started_at, None))
         for reason in ("unregistered", "no_connector", "bad_reply", "oversize", "malformed", "unknown_type"):
-            out.append(("ztna_relay_dropped_total", "counter", "Relay drops by reason", getattr(s, f"dropped_{reason}"), {"reason": reason}))
+            out.append(("ztna_relay_dropped_total", "counter", "Relay drops by reason",
+                        getattr(s, f"dropped_{reason}"), {"reason": reason}))
         totals: dict[str, int] = {}
         for ep in self.endpoints:
             for k, v in ep.stats.as_dict().items():
@@ -473,7 +484,7 @@ class Intermediate:
 
     def _metrics_registry(self) -> CollectorRegistry:
         reg = CollectorRegistry()
-        reg.register(StatsCollector(self._stats_source))  # type: ignore[arg-type]
+        reg.register(StatsCollector(self._stats_source))
         return reg
 
 

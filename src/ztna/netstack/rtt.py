@@ -2,8 +2,9 @@
 
 Samples come only from segments never retransmitted (the caller enforces Karn's rule).
 The backoff is cleared when an ACK makes forward progress (Linux does the same; without
-it, a lossy path compounds the backoff into minute-long stalls). The minimum is 200 ms rather than RFC 6298's 1 s: the tunnel's RTT is measured on every
-flow and a 1 s floor would make each loss cost a second; Linux uses 200 ms too.
+it, a lossy path compounds the backoff into minute-long stalls). The minimum is 200 ms
+rather than RFC 6298's 1 s: the tunnel's RTT is measured on every flow and a 1 s floor
+would make each loss cost a second; Linux uses 200 ms too.
 """
 
 from __future__ import annotations

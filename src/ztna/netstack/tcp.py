@@ -51,7 +51,13 @@ from typing import Final
 
 from ztna.errors import UsageError
 from ztna.netstack.packets import (
-    ACK, FIN, RST, SYN, IpHeader, TcpSegment, build_tcp_packet,
+    ACK,
+    FIN,
+    RST,
+    SYN,
+    IpHeader,
+    TcpSegment,
+    build_tcp_packet,
 )
 from ztna.netstack.reassembly import ReceiveBuffer
 from ztna.netstack.rtt import RttEstimator
@@ -519,8 +525,7 @@ class TcpEndpoint:
         for start, mark in self._rtx_log:
             if start < una:
                 continue
-            if high > mark and self._sb.hole_at(start) is not None \
-                    and self._sb.hole_at(start)[0] == start:
+            if high > mark and (hole := self._sb.hole_at(start)) is not None and hole[0] == start:
                 self._rtx_high = min(self._rtx_high, start)
             else:
                 keep.append((start, mark))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ztna import _native, limits
 
@@ -51,7 +50,7 @@ def _stamp(path: Path | None) -> tuple[str, int] | None:
 
 # Native client configurations by everything that shapes them (files by path + mtime, so a
 # reloaded certificate gets a fresh one).
-_CLIENT_TLS: dict[tuple[Any, ...], Any] = {}
+_CLIENT_TLS: dict[tuple[object, ...], _native.ClientTls] = {}
 
 
 def forget_client_sessions() -> None:
@@ -72,12 +71,12 @@ class QuicConfiguration:
     datagram_queue: int = limits.DATAGRAM_QUEUE_LIMIT
     resumption: bool = True        # keep session tickets and resume (0-RTT)
     # Set by QuicEndpoint.connect: True when this connection attempt carries 0-RTT data.
-    session_ticket: Any = None
+    session_ticket: bool | None = None
     # Kept for callers that still hand an address token over; the native client presents
     # the NEW_TOKEN tokens the server gave it instead.
     token: bytes = b""
 
-    def client_tls(self) -> Any:
+    def client_tls(self) -> _native.ClientTls:
         tls = self.tls
         key = (
             _stamp(tls.cert), _stamp(tls.key), _stamp(tls.ca), tuple(self.alpn_protocols),
@@ -97,7 +96,8 @@ class QuicConfiguration:
             _CLIENT_TLS[key] = native
         return native
 
-    def server_tls(self, *, token_key: bytes, tickets: Any, request_client_cert: bool) -> Any:
+    def server_tls(self, *, token_key: bytes, tickets: _native.TicketBackend | None,
+                   request_client_cert: bool) -> _native.ServerTls:
         tls = self.tls
         if tls.cert is None or tls.key is None:
             from ztna.errors import UsageError

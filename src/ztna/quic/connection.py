@@ -29,8 +29,14 @@ from typing import TYPE_CHECKING, Any
 from ztna.errors import DatagramTooLarge, ProtocolError
 
 if TYPE_CHECKING:
+    import asyncio
+
+    from cryptography import x509
+
+    from ztna._native import ClientTls, Endpoint, Event
     from ztna.identity import Identity
     from ztna.quic.endpoint import QuicEndpoint
+    from ztna.wire import ControlDecoder, ControlMessage
 
 CONTROL_STREAM_ID = 0
 
@@ -108,11 +114,11 @@ class ZtnaConnection:
         self.is_client = is_client
         self.server_name: str | None = None
         self.peer_chain: list[bytes] = []     # DER, the peer's leaf first (after the handshake)
-        self.client_tls: Any = None           # client side: the native TLS it was made with
+        self.client_tls: ClientTls | None = None  # client side: the native TLS it was made with
         # Clients write the control stream at once (in 0-RTT when resuming).
         self._control_open = is_client
         self._control_backlog: list[bytes] = []
-        self._waiters: list[Any] = []
+        self._waiters: list[asyncio.Future[ZtnaConnection]] = []
         self.created_at = now
         # Loop time of the last packet from the peer (liveness checks: a client that hears
         # nothing, not even ACKs of its pings, declares the path dead early).
@@ -120,14 +126,14 @@ class ZtnaConnection:
         self.label = ""
         self.user: Any = None  # the driver's per-connection state
         # Server side: events that arrive before the peer's certificate was checked wait here.
-        self._held: list[tuple[Any, ...]] | None = None if is_client else []
+        self._held: list[Event] | None = None if is_client else []
         self._authorized = is_client
         # Streams of direct connections keep their unacknowledged tail (resumable streams).
         self._retain = retain_streams
         self._retained: set[int] = set()
 
     @property
-    def _native(self) -> Any:
+    def _native(self) -> Endpoint:
         return self.endpoint.native
 
     @property
@@ -165,7 +171,7 @@ class ZtnaConnection:
     def oversize_refused(self) -> int:
         return int(self._conn_stat("oversize_refused"))
 
-    def _conn_stat(self, name: str) -> Any:
+    def _conn_stat(self, name: str) -> float:
         if self.closed:
             return 0
         try:
@@ -217,12 +223,12 @@ class ZtnaConnection:
         self._native.stream_write(self.handle, CONTROL_STREAM_ID, frame, False)
         self.endpoint.mark_dirty(self)
 
-    def read_control(self, decoder: Any, data: bytes) -> list[Any] | None:
+    def read_control(self, decoder: ControlDecoder, data: bytes) -> list[ControlMessage] | None:
         """Feed control-stream bytes to `decoder` (a `ztna.wire.ControlDecoder`). A corrupt
         control stream cannot be resynchronised: it closes the connection (CLOSE_PROTOCOL),
         logs one line and returns None."""
         try:
-            return decoder.feed(data)  # type: ignore[no-any-return]
+            return decoder.feed(data)
         except ProtocolError as exc:
             log.warning("%s: corrupt control stream (%s); closing the connection",
                         self.label or self.peer_address[0], exc)
@@ -286,9 +292,9 @@ class ZtnaConnection:
             self.endpoint.mark_dirty(self)
 
     # ------------------------------------------------------------------ handshake
-    def wait_handshake(self) -> Any:
+    def wait_handshake(self) -> asyncio.Future[ZtnaConnection]:
         """Future resolved when the handshake completes (or fails with ConnectionError)."""
-        fut = self.endpoint.loop.create_future()
+        fut: asyncio.Future[ZtnaConnection] = self.endpoint.loop.create_future()
         if self.handshake_complete:
             fut.set_result(self)
         elif self.closed:
@@ -308,7 +314,7 @@ class ZtnaConnection:
                 fut.set_exception(ConnectionError(error))
 
     # ------------------------------------------------------------------ events
-    def _event(self, ev: tuple[Any, ...]) -> None:
+    def _event(self, ev: Event) -> None:
         """One native event for this connection (see QuicEndpoint._dispatch)."""
         kind = ev[0]
         if self._held is not None and kind in (3, 4, 5):
@@ -369,7 +375,7 @@ class ZtnaConnection:
         return "CONNECTED" if self.handshake_complete else "HANDSHAKE"
 
     @property
-    def peer_certificate(self) -> Any:
+    def peer_certificate(self) -> x509.Certificate | None:
         """The peer's leaf certificate (cryptography x509) once it arrived, even when its
         verification failed (client side); None before that. Drivers use it to explain a
         refusal."""

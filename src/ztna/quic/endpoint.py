@@ -29,21 +29,26 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from ztna import _native, limits
 from ztna.observe import format_address
 from ztna.quic.config import QuicConfiguration
-from ztna.quic.connection import (  # noqa: F401 - close codes re-exported for the drivers
-    CLOSE_AUTH,
-    CLOSE_LIMIT,
-    CLOSE_NO_ERROR,
-    CLOSE_PROTOCOL,
-    CLOSE_SHUTDOWN,
-    ConnectionHandler,
-    ZtnaConnection,
-)
+
+# The close codes are re-exported for the drivers (`X as X` marks a re-export).
+from ztna.quic.connection import CLOSE_AUTH as CLOSE_AUTH
+from ztna.quic.connection import CLOSE_LIMIT as CLOSE_LIMIT
+from ztna.quic.connection import CLOSE_NO_ERROR as CLOSE_NO_ERROR
+from ztna.quic.connection import CLOSE_PROTOCOL as CLOSE_PROTOCOL
+from ztna.quic.connection import CLOSE_SHUTDOWN as CLOSE_SHUTDOWN
+from ztna.quic.connection import ConnectionHandler, ZtnaConnection
+
+if TYPE_CHECKING:
+    from ztna._native import Event
+    from ztna.identity import ChainVerifier
+    from ztna.quic.tickets import ServerTicketStore
+    from ztna.quic.tokens import AddressTokens
 
 log = logging.getLogger("ztna.quic")
 
@@ -101,22 +106,22 @@ class EndpointStats:
 class ServerOptions:
     configuration: QuicConfiguration
     handler_factory: Callable[[], ConnectionHandler]
-    verifier: Any = None            # ztna.identity.ChainVerifier, or None = no client certs
+    verifier: ChainVerifier | None = None   # None = no client certificates
     retry: bool = True
     max_connections: int = limits.MAX_CONNECTIONS
     handshakes_per_source_per_second: float = limits.HANDSHAKES_PER_SOURCE_PER_SECOND
-    ticket_store: Any = None        # ztna.quic.tickets.ServerTicketStore or None (no resumption)
-    address_tokens: Any = None      # ztna.quic.tokens.AddressTokens: its key keys Retry/NEW_TOKEN
+    ticket_store: ServerTicketStore | None = None   # None: no resumption
+    address_tokens: AddressTokens | None = None     # its key keys Retry/NEW_TOKEN
     reset_secret: bytes | None = None  # keys stateless-reset tokens; stable across restarts
     rate_buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
-    _tls: Any = None                # the native ServerTls built from the above (shared)
+    _tls: _native.ServerTls | None = None   # built from the above (shared)
 
     def reload_tls(self) -> None:
         """Build the native TLS again from `configuration` (new certificate files)."""
         self._tls = None
         self.native_tls()
 
-    def native_tls(self) -> Any:
+    def native_tls(self) -> _native.ServerTls:
         if self._tls is None:
             key = getattr(self.address_tokens, "key", None) or os.urandom(32)
             self._tls = self.configuration.server_tls(
@@ -175,7 +180,8 @@ class QuicEndpoint:
 
     @property
     def local_address(self) -> tuple[Any, ...]:
-        return self.sock.getsockname()
+        address: tuple[Any, ...] = self.sock.getsockname()
+        return address
 
     def connect(
         self,
@@ -292,7 +298,7 @@ class QuicEndpoint:
         self._dispatch(self.native.timeout(self.loop.time()))
         self._flush()
 
-    def _dispatch(self, events: list[tuple[Any, ...]]) -> None:
+    def _dispatch(self, events: list[Event]) -> None:
         now = self.loop.time()
         by_handle = self._by_handle
         for ev in events:
@@ -425,7 +431,7 @@ class QuicEndpoint:
 
             certs = [x509.load_der_x509_certificate(bytes(der)) for der in chain]
             conn.identity = server.verifier.verify_client(
-                certs[0], certs[1:], now=datetime.now(timezone.utc),
+                certs[0], certs[1:], now=datetime.now(UTC),
             )
         except ValueError:
             self._stats.auth_failures += 1

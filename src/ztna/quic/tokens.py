@@ -35,14 +35,14 @@ class AddressTokens:
         self.lifetime = lifetime
 
     @classmethod
-    def from_state_dir(cls, directory: str | Path | None, **kw: float) -> AddressTokens:
+    def from_state_dir(cls, directory: str | Path | None, *, lifetime: float = 86400.0) -> AddressTokens:
         if not directory:
-            return cls(**kw)
+            return cls(lifetime=lifetime)
         path = Path(directory) / "address-token.key"
         try:
             key = path.read_bytes()
             if len(key) == 16:
-                return cls(key, **kw)
+                return cls(key, lifetime=lifetime)
         except OSError:
             pass
         key = AESGCM.generate_key(bit_length=128)
@@ -50,7 +50,7 @@ class AddressTokens:
         fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(key)
-        return cls(key, **kw)
+        return cls(key, lifetime=lifetime)
 
     @staticmethod
     def _ip_bytes(host: str) -> bytes:

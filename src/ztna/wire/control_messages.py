@@ -345,8 +345,9 @@ JsonMessage = (
     | PunchOffer | PunchAnswer | PunchStart | PunchResult | UnknownMessage
 )
 
-_CLASSES: Final = (ErrorMessage, GoAway, StandingCandidates, Hello, AddressToken, AgentGone, ServiceStatus, Ping, Pong, PunchRequest,
-                   PunchOffer, PunchAnswer, PunchStart, PunchResult)
+_CLASSES: Final = (ErrorMessage, GoAway, StandingCandidates, Hello, AddressToken, AgentGone,
+                   ServiceStatus, Ping, Pong, PunchRequest, PunchOffer, PunchAnswer, PunchStart,
+                   PunchResult)
 _BY_TYPE: Final[dict[str, Any]] = {cls.TYPE: cls for cls in _CLASSES}
 _CANDIDATE_FIELDS: Final = frozenset({"candidates", "peer_candidates"})
 

@@ -129,7 +129,7 @@ def _service_id(data: Buffer, view: memoryview, start: int, end: int) -> str:
     # Slicing bytes directly is cheaper than slicing the view and copying; the memo lookup
     # skips the regex for ids seen before (decode_service_id validates and fills the memo).
     key = data[start:end] if type(data) is bytes else view[start:end].tobytes()
-    sid = _sid_cache.get(key)  # type: ignore[arg-type]  # key is bytes on both branches
+    sid = _sid_cache.get(key)
     return sid if sid is not None else decode_service_id(key)
 
 
