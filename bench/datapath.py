@@ -211,7 +211,7 @@ def flood_window(world: DataWorld, seconds: float, pps: float) -> dict[str, Any]
 
 
 def summarize_raw(path: Path, top: int = 15) -> dict[str, Any]:
-    """py-spy raw (collapsed) stacks -> top functions by own and by inclusive samples."""
+    """py-spy raw (collapsed) stacks of the main thread -> top functions by own and inclusive samples."""
     own: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     total = idle = 0
@@ -221,10 +221,13 @@ def summarize_raw(path: Path, top: int = 15) -> dict[str, Any]:
             continue
         count = int(n)
         frames = stack.split(";")
+        if any("concurrent/futures/thread.py" in f for f in frames):
+            continue  # asyncio's executor threads, parked on their queue: not the event loop
         total += count
         leaf = frames[-1]
         own[leaf] += count
-        if "select (selectors.py" in leaf or "_run_once" in leaf and "select" in leaf:
+        if ("select (selectors.py" in leaf or "_run_once" in leaf and "select" in leaf
+                or leaf.startswith("epoll_wait")):  # epoll_wait: the leaf with --pyspy-native
             idle += count
         for f in set(frames):
             incl[f] += count
