@@ -5,7 +5,11 @@
     ... --profile           # also py-spy (raw, --idle) of each process during a TCP window
     ... --trace             # also tracemalloc: net live blocks per forwarded packet per process
     ... --rss-seconds 180   # Agent RSS sampled every 5 s under sustained TCP traffic
-    ... --clients aioquic,qh3   # one world per QUIC backend of the Agent/Connector (ZTNA_QUIC_CLIENT)
+
+One world: the programs as installed, i.e. the native QUIC core (`ztna._native`:
+quinn-proto, quinn-udp, rustls). The aioquic-era worlds (`--clients aioquic,aioquic-pacer,qh3`
+and the aioquic pacer patch in bench/_probe) are gone with aioquic; to measure "before", run
+this script from a checkout of commit 4dde96d (the last aioquic version) with its own venv.
 
 One `ztna.lab` (nat cone/cone, IPv4), the real `ztna intermediate` (relay node),
 `ztna connector` (conn node) and `ztna agent --mode tun --tcp-transport datagram` (agent
@@ -24,6 +28,12 @@ every one of them crossed each process once, so µs/packet of a process = its CP
 (utime+stime from /proc) over the window ÷ TUN packets. The lab processes share the box
 with the load generators (curl, http.server, the NAT namespaces' softirqs) and with
 anything else running on it: compare runs taken side by side, not across days.
+The native core runs on the Python thread of each program (no threads of its own); /proc's
+utime+stime counts every thread of the process anyway, Rust and Python alike.
+
+`--profile` (py-spy) sees Python frames only unless py-spy is given `--native`
+(`--pyspy-native`); `--trace` (tracemalloc) sees the Python heap only: buffers the Rust
+core allocates are invisible to it.
 """
 
 from __future__ import annotations
@@ -84,21 +94,16 @@ FLOOD = (
 
 
 class DataWorld(World):
-    """lab_tun's World with a UDP service, a chosen QUIC client backend and the probe."""
+    """lab_tun's World with a UDP service and the tracemalloc probe."""
 
-    def __init__(self, lab: Any, workdir: Path, client: str, probe_dir: Path) -> None:
+    def __init__(self, lab: Any, workdir: Path, probe_dir: Path) -> None:
         super().__init__(lab, workdir)
-        self.client = client
         self.probe_dir = probe_dir
         self.roles: dict[str, subprocess.Popen[bytes]] = {}
 
     def spawn(self, node: str, argv: list[str], name: str) -> subprocess.Popen[bytes]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(PROBE),
                "ZTNA_PROBE_DIR": str(self.probe_dir)}
-        if self.client == "aioquic-pacer":  # every process: aioquic's own pacer (A/B)
-            env["ZTNA_BENCH_AIOQUIC_PACER"] = "1"
-        elif self.client != "aioquic" and name.split("-")[0] in ("agent", "connector"):
-            env["ZTNA_QUIC_CLIENT"] = self.client
         fh = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         p = self.lab.spawn(node, argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
         fh.close()
@@ -206,7 +211,7 @@ def flood_window(world: DataWorld, seconds: float, pps: float) -> dict[str, Any]
 
 
 def summarize_raw(path: Path, top: int = 15) -> dict[str, Any]:
-    """py-spy raw (collapsed) stacks -> top functions by own and by inclusive samples."""
+    """py-spy raw (collapsed) stacks of the main thread -> top functions by own and inclusive samples."""
     own: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     total = idle = 0
@@ -216,10 +221,13 @@ def summarize_raw(path: Path, top: int = 15) -> dict[str, Any]:
             continue
         count = int(n)
         frames = stack.split(";")
+        if any("concurrent/futures/thread.py" in f for f in frames):
+            continue  # asyncio's executor threads, parked on their queue: not the event loop
         total += count
         leaf = frames[-1]
         own[leaf] += count
-        if "select (selectors.py" in leaf or "_run_once" in leaf and "select" in leaf:
+        if ("select (selectors.py" in leaf or "_run_once" in leaf and "select" in leaf
+                or leaf.startswith("epoll_wait")):  # epoll_wait: the leaf with --pyspy-native
             idle += count
         for f in set(frames):
             incl[f] += count
@@ -229,13 +237,15 @@ def summarize_raw(path: Path, top: int = 15) -> dict[str, Any]:
             "inclusive": [(f, pct(c)) for f, c in incl.most_common(top + 10)]}
 
 
-def profile_window(world: DataWorld, seconds: float, outdir: Path, tag: str) -> dict[str, Any]:
+def profile_window(world: DataWorld, seconds: float, outdir: Path, tag: str,
+                   args_native: bool = False) -> dict[str, Any]:
     spies = {}
     for role, pid in procs(world).items():
         out = outdir / f"pyspy-{tag}-{role}.txt"
-        spies[role] = (out, subprocess.Popen([PYSPY, "record", "--idle", "-f", "raw", "-r", "200",
-                                              "-d", str(int(seconds)), "-p", str(pid), "-o",
-                                              str(out)], stdout=subprocess.DEVNULL,
+        native = ["--native"] if args_native else []
+        spies[role] = (out, subprocess.Popen([PYSPY, "record", "--idle", *native, "-f", "raw",
+                                              "-r", "200", "-d", str(int(seconds)), "-p", str(pid),
+                                              "-o", str(out)], stdout=subprocess.DEVNULL,
                                              stderr=subprocess.DEVNULL))
     time.sleep(0.5)
     res = curl_window(world, seconds)
@@ -296,10 +306,11 @@ def rss_window(world: DataWorld, seconds: float) -> dict[str, Any]:
             "mbit_s": round(int(info.get("size", 0)) * 8 / max(float(info.get("time_total", 1)), 1e-3) / 1e6, 2)}
 
 
-def run_world(lab: Lab, work: Path, client: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_world(lab: Lab, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    client = "native"  # the JSON key of the aioquic-era worlds, kept for old readers
     probe = work / f"probe-{client}"
     probe.mkdir(exist_ok=True)
-    world = DataWorld(lab, work / client, client, probe)
+    world = DataWorld(lab, work / client, probe)
     result: dict[str, Any] = {"client": client, "paths": {}}
     try:
         world.start_infra(work / "www")
@@ -318,7 +329,8 @@ def run_world(lab: Lab, work: Path, client: str, args: argparse.Namespace) -> di
                 res["udp_flood"] = flood_window(world, args.seconds, args.flood_pps)
                 print(f"[{client} {path}] udp {res['udp_flood']}", flush=True)
             if args.profile:
-                res["profile"] = profile_window(world, args.seconds, work, f"{client}-{path}")
+                res["profile"] = profile_window(world, args.seconds, work, f"{client}-{path}",
+                                                args.pyspy_native)
             if args.trace:
                 res["trace"] = trace_window(world, args.seconds)
                 print(f"[{client} {path}] trace {json.dumps(res['trace'])[:600]}", flush=True)
@@ -350,10 +362,9 @@ def main() -> int:
     ap.add_argument("--modes", default="tcp,udp")
     ap.add_argument("--flood-pps", type=float, default=10000.0,
                     help="UDP datagrams/s offered (0 = as fast as Python sends: mostly measures drops)")
-    ap.add_argument("--clients", default="aioquic",
-                    help="comma list of worlds, run one after the other: aioquic, "
-                         "aioquic-pacer (aioquic's own pacer, for A/B), qh3")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--pyspy-native", action="store_true",
+                    help="with --profile: py-spy --native (frames inside the Rust core)")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--rss-seconds", type=float, default=0.0)
     ap.add_argument("--json")
@@ -371,8 +382,7 @@ def main() -> int:
                            "seconds": args.seconds, "worlds": []}
     cfg = LabConfig(prefix=unique_prefix(), nat_a="cone", nat_b="cone", ip="4")
     with Lab(cfg) as lab:
-        for client in args.clients.split(","):
-            out["worlds"].append(run_world(lab, work, client, args))
+        out["worlds"].append(run_world(lab, work, args))
     print(json.dumps(out, indent=1))
     print(f"workdir (logs, py-spy raw): {work}", file=sys.stderr)
     if args.json:

@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """qh3 vs aioquic for the client roles: DATAGRAM relay throughput through a real Intermediate.
 
+HISTORICAL (aioquic era, up to commit 4dde96d): on the native core the "aioquic" loop below is
+ztna.quic's native core, and the numbers are not what the labels say; see bench/README.md.
+
     .venv/bin/python bench/qh3_clients.py --seconds 6 --json bench/results/qh3_clients.json
 
 Needs `pip install qh3` (trial only; not a project dependency). One real Intermediate

@@ -4,6 +4,10 @@ bench/datapath.py puts this directory on PYTHONPATH and sets ZTNA_PROBE_DIR; not
 ever imports it. SIGUSR1 starts tracemalloc and takes a first snapshot; SIGUSR2 takes the
 second, writes the diff (net live blocks/bytes, top lines) to ZTNA_PROBE_DIR/<pid>.json and
 stops tracing. The harness divides by the TUN packets forwarded in between.
+
+tracemalloc sees the Python heap only: buffers inside the native QUIC core (ztna._native)
+are not counted. (The aioquic-era pacer A/B patch that lived here went with aioquic; it is
+in this file at commit 4dde96d.)
 """
 
 import json
@@ -44,11 +48,3 @@ if os.environ.get("ZTNA_PROBE_DIR"):
 
     signal.signal(signal.SIGUSR1, _start)
     signal.signal(signal.SIGUSR2, _stop)
-
-if os.environ.get("ZTNA_BENCH_AIOQUIC_PACER"):
-    # A/B in one run (bench/datapath.py --clients aioquic-pacer): aioquic's own pacing.
-    from aioquic.quic.recovery import QuicPacketPacer as _Pacer
-
-    import ztna.quic.connection as _zc
-
-    _zc.ZtnaPacer.update_rate = _Pacer.update_rate  # type: ignore[method-assign]
