@@ -412,7 +412,12 @@ class StreamTable:
         if flow.peer_fin and not flow.inbox and not flow.backend_shut:
             flow.backend_shut = True
             if t.can_write_eof():
-                t.write_eof()
+                try:
+                    t.write_eof()
+                except OSError:
+                    # The backend already closed its socket (ENOTCONN): nothing left to
+                    # half-close; the flow ends through maybe_done/connection_lost as usual.
+                    pass
         self.maybe_done(flow)
 
     def maybe_done(self, flow: StreamFlow) -> None:
