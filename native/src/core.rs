@@ -110,12 +110,14 @@ pub fn is_ip_first_byte(b: u8) -> bool {
     (0x45..0x50).contains(&b) || (0x60..0x70).contains(&b)
 }
 
+/// Per agent connection: service id → (connector connection, agent id to stamp).
+type AgentRoutes = HashMap<Box<[u8]>, (usize, u32)>;
+
 /// Where relayed DATAGRAMs go, as the owner decided. Keys name the source connection, so a
 /// route can only ever carry what arrives on that one connection.
 #[derive(Default)]
 pub struct Routes {
-    /// agent connection → service id → (connector connection, agent id to stamp).
-    agent: HashMap<usize, HashMap<Box<[u8]>, (usize, u32)>>,
+    agent: HashMap<usize, AgentRoutes>,
     /// (connector connection, agent id) → agent connection.
     reply: HashMap<(usize, u32), usize>,
 }
