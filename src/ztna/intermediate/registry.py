@@ -79,9 +79,10 @@ class Registry:
         self.agents: dict[str, set[int]] = {}        # service -> agent peer ids
         self.rejections = 0
         self.registrations = 0
-        # Services whose pool or users changed since the driver last looked (it re-derives
-        # its native relay routes from them: `take_changed`).
-        self.changed: set[str] = set()
+        # What changed since the driver last looked (it re-derives its native relay routes
+        # from this: `take_changed`): (service, agent id) when one Agent came or went,
+        # (service, None) when the service's Connector pool changed (every Agent of it).
+        self.changed: set[tuple[str, int | None]] = set()
 
     # ------------------------------------------------------------------ peers
     def add_peer(self, peer_id: int, auth: Authorization, label: str = "") -> Peer:
@@ -95,7 +96,8 @@ class Registry:
         if peer is None:
             return []
         notes: list[Notify] = []
-        self.changed |= peer.agent_services | peer.connector_services
+        self.changed.update((service, peer_id) for service in peer.agent_services)
+        self.changed.update((service, None) for service in peer.connector_services)
         for service in peer.agent_services:
             users = self.agents.get(service)
             if users is not None:
@@ -164,7 +166,7 @@ class Registry:
                 for agent in sorted(self.agents.get(service, ())):
                     notes.append(Notify(agent, ServiceStatus(service=service, up=True, connector=label)))
         self.registrations += 1
-        self.changed.add(service)
+        self.changed.add((service, peer_id if msg.role is Role.AGENT else None))
         return RegistrationAck(service_id=service), notes
 
     def _pool_label(self, service: str) -> str:
@@ -177,7 +179,7 @@ class Registry:
         self.rejections += 1
         return RegistrationNack(service_id=service, status=status)
 
-    def take_changed(self) -> set[str]:
+    def take_changed(self) -> set[tuple[str, int | None]]:
         changed, self.changed = self.changed, set()
         return changed
 

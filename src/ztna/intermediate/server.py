@@ -120,9 +120,11 @@ class Intermediate:
         self.address_tokens: Any = None
         self._instances: dict[int, tuple[str, int]] = {}
         self._held: dict[ZtnaConnection, list[bytes]] = {}
-        # Native relay routes installed, per service (what `_routes_for` derived) and with a
-        # count per route (a reply route may be justified by several services).
-        self._routes: dict[str, frozenset[_Route]] = {}
+        # Native relay routes installed, per (service, agent id) (what `_routes_for` derived),
+        # the agents routed per service, and a count per route (a reply route may be
+        # justified by several services).
+        self._routes: dict[tuple[str, int], frozenset[_Route]] = {}
+        self._routed: dict[str, set[int]] = {}
         self._route_refs: dict[_Route, int] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -301,34 +303,44 @@ class Intermediate:
     # Everything else (several Connectors: a per-flow choice; IPv4 and IPv6 sockets; no
     # Connector; malformed) still comes here. A route only names what the registry allows:
     # the Agent's own connection → the service's Connector, and replies → that Agent id.
-    def _routes_for(self, service: str) -> frozenset[_Route]:
+    def _routes_for(self, service: str, agent_id: int) -> frozenset[_Route]:
         connector_id = self.registry.sole_connector(service)
         connector = self.conns.get(connector_id) if connector_id is not None else None
-        if connector is None or connector.closed:
+        agent = self.conns.get(agent_id)
+        if (connector is None or agent is None or connector.closed or agent.closed
+                or agent is connector or agent.endpoint is not connector.endpoint
+                or not self.registry.is_agent_of(agent_id, service)):
             return frozenset()
-        sid = service.encode("ascii")
-        routes: set[_Route] = set()
-        for agent_id in self.registry.agents.get(service, ()):
-            agent = self.conns.get(agent_id)
-            if agent is None or agent.closed or agent is connector or agent.endpoint is not connector.endpoint:
-                continue
-            ep = connector.endpoint
-            routes.add(("agent", ep, agent.handle, sid, connector.handle, agent_id))
-            routes.add(("reply", ep, connector.handle, agent_id, agent.handle))
-        return frozenset(routes)
+        ep = connector.endpoint
+        return frozenset((("agent", ep, agent.handle, service.encode("ascii"), connector.handle, agent_id),
+                          ("reply", ep, connector.handle, agent_id, agent.handle)))
 
     def sync_routes(self) -> None:
         changed = self.registry.take_changed()
         if not changed:
             return
+        keys: set[tuple[str, int]] = set()
+        for service, agent_id in changed:
+            if agent_id is not None:
+                keys.add((service, agent_id))
+            else:  # the pool changed: every Agent of the service, routed or not
+                keys.update((service, a) for a in self._routed.get(service, ()))
+                keys.update((service, a) for a in self.registry.agents.get(service, ()))
         refs = self._route_refs
         gone: list[_Route] = []
         new: list[_Route] = []
-        for service in changed:
-            old = self._routes.pop(service, frozenset())
-            want = self._routes_for(service)
+        for key in keys:
+            service, agent_id = key
+            old = self._routes.pop(key, frozenset())
+            want = self._routes_for(service, agent_id)
+            routed = self._routed.setdefault(service, set())
             if want:
-                self._routes[service] = want
+                self._routes[key] = want
+                routed.add(agent_id)
+            else:
+                routed.discard(agent_id)
+                if not routed:
+                    del self._routed[service]
             for route in old - want:
                 refs[route] -= 1
                 if not refs[route]:
