@@ -15,6 +15,10 @@
 //!   datagrams (P2P probes) go to the owner instead of quinn.
 //! * **Admission by the owner.** A new connection attempt becomes an `Incoming` event, and the
 //!   owner answers accept / retry / refuse / ignore.
+//! * **A relay route table.** The owner (the Intermediate) decides who may send what to whom
+//!   and installs the result as routes; tunnel DATAGRAMs matching a route are rewritten and
+//!   queued on the target connection here, without an event. Whatever matches no route goes
+//!   to the owner as before, so a missing route only costs speed, never correctness.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
@@ -87,6 +91,85 @@ pub struct Stats {
     pub panics: u64,
     pub socket_send_errors: u64,
     pub socket_recv_errors: u64,
+    pub relay_forwarded: u64,
+    pub relay_bytes: u64,
+    pub relay_dropped_oversize: u64,
+    pub relay_dropped_no_target: u64,
+}
+
+/// Tunnel DATAGRAM types (docs/protocol.md): Agent → relay, relay → Connector, Connector → relay.
+pub const SERVICE_DATAGRAM: u8 = 0x2F;
+pub const TO_CONNECTOR: u8 = 0x30;
+pub const FROM_CONNECTOR: u8 = 0x31;
+pub const TUNNEL_VERSION: u8 = 1;
+
+/// First bytes of real IP packets: IPv4 with a legal header length (IHL >= 5) and IPv6 (the
+/// rule of `IP_FIRST_TABLE` in ztna.wire). A Connector must not smuggle a control-looking
+/// DATAGRAM to an Agent, so a reply that is not an IP packet never takes the fast path.
+pub fn is_ip_first_byte(b: u8) -> bool {
+    (0x45..0x50).contains(&b) || (0x60..0x70).contains(&b)
+}
+
+/// Per agent connection: service id → (connector connection, agent id to stamp).
+type AgentRoutes = HashMap<Box<[u8]>, (usize, u32)>;
+
+/// Where relayed DATAGRAMs go, as the owner decided. Keys name the source connection, so a
+/// route can only ever carry what arrives on that one connection.
+#[derive(Default)]
+pub struct Routes {
+    agent: HashMap<usize, AgentRoutes>,
+    /// (connector connection, agent id) → agent connection.
+    reply: HashMap<(usize, u32), usize>,
+}
+
+impl Routes {
+    pub fn len(&self) -> usize {
+        self.agent.values().map(|m| m.len()).sum::<usize>() + self.reply.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every route that names `h`, as source or as target.
+    fn forget(&mut self, h: usize) {
+        self.agent.remove(&h);
+        self.agent.retain(|_, m| {
+            m.retain(|_, (target, _)| *target != h);
+            !m.is_empty()
+        });
+        self.reply.retain(|(src, _), target| *src != h && *target != h);
+    }
+
+    /// The relayed form of a DATAGRAM from `h`, and its target; None = not ours, the owner
+    /// decides. The parsing rules are those of ztna.wire.tunnel's decoders.
+    fn lookup(&self, h: usize, d: &[u8]) -> Option<(usize, Vec<u8>)> {
+        match *d.first()? {
+            SERVICE_DATAGRAM => {
+                let services = self.agent.get(&h)?;
+                let end = 2 + *d.get(1)? as usize;
+                if d.len() < 4 || d.len() <= end || !is_ip_first_byte(d[end]) {
+                    return None;
+                }
+                let &(target, agent_id) = services.get(&d[2..end])?;
+                // [0x30][version][agent id] + the 0x2F datagram without its type byte.
+                let mut out = Vec::with_capacity(d.len() + 5);
+                out.extend_from_slice(&[TO_CONNECTOR, TUNNEL_VERSION]);
+                out.extend_from_slice(&agent_id.to_be_bytes());
+                out.extend_from_slice(&d[1..]);
+                Some((target, out))
+            }
+            FROM_CONNECTOR => {
+                if d.len() < 7 || d[1] != TUNNEL_VERSION || !is_ip_first_byte(d[6]) {
+                    return None;
+                }
+                let agent_id = u32::from_be_bytes([d[2], d[3], d[4], d[5]]);
+                let &target = self.reply.get(&(h, agent_id))?;
+                Some((target, d[6..].to_vec()))
+            }
+            _ => None,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -151,6 +234,7 @@ pub struct Core {
     pub v6_socket: bool,
     pub max_gso_segments: usize,
     buf: Vec<u8>,
+    pub routes: Routes,
 }
 
 pub fn to_wire_addr(v6_socket: bool, addr: SocketAddr) -> SocketAddr {
@@ -214,6 +298,7 @@ impl Core {
             v6_socket,
             max_gso_segments: 1,
             buf: Vec::with_capacity(64 * 1024),
+            routes: Routes::default(),
         }
     }
 
@@ -422,6 +507,9 @@ impl Core {
     fn process(&mut self, h: usize, now: Instant) {
         let Some(conn) = self.conns.get_mut(&h) else { return };
         let events = &mut self.events;
+        let routes = &self.routes;
+        let mut forwards: Vec<(usize, Vec<u8>)> = Vec::new();
+        let mut gone = false;
         conn.ensure_control();
         // Application events.
         while let Some(ev) = conn.qc.poll() {
@@ -465,6 +553,7 @@ impl Core {
                             _ => close_reason(&reason),
                         };
                         events.push(Ev::Closed { h, reason, code, app });
+                        gone = true;
                     }
                 }
                 Event::Stream(StreamEvent::Opened { dir }) => {
@@ -507,7 +596,10 @@ impl Core {
                 Event::DatagramReceived => {
                     let mut items = Vec::new();
                     while let Some(d) = conn.qc.datagrams().recv() {
-                        items.push(d);
+                        match routes.lookup(h, &d) {
+                            Some(fw) => forwards.push(fw),
+                            None => items.push(d),
+                        }
                     }
                     if !items.is_empty() {
                         events.push(Ev::Datagrams { h, items });
@@ -560,13 +652,90 @@ impl Core {
             conn.closed_reported = true;
             let reason = conn.local_close.clone().unwrap_or_default();
             events.push(Ev::Closed { h, reason, code: None, app: true });
+            gone = true;
         }
         if drained || conn.qc.is_drained() {
             if !conn.closed_reported {
                 events.push(Ev::Closed { h, reason: "closed".into(), code: None, app: false });
             }
             self.conns.remove(&h);
+            gone = true;
         }
+        for (target, data) in forwards {
+            self.relay(target, &data);
+        }
+        if gone {
+            // A dead connection is no one's source or target any more, and its handle may
+            // be given to a new connection: no route may outlive it.
+            self.routes.forget(h);
+        }
+    }
+
+    /// Queue a relayed DATAGRAM on its target (the route's, not the sender's choice).
+    fn relay(&mut self, target: usize, data: &[u8]) {
+        let Some(conn) = self.conns.get_mut(&target) else {
+            self.stats.relay_dropped_no_target += 1;
+            return;
+        };
+        if conn.closed_reported || conn.local_close.is_some() {
+            self.stats.relay_dropped_no_target += 1;
+            return;
+        }
+        // Dropped, not truncated or split: the inner transport's own MTU logic recovers.
+        if data.len() > conn.max_datagram_payload() {
+            self.stats.relay_dropped_oversize += 1;
+            return;
+        }
+        match self.send_datagram(target, data) {
+            SendResult::Queued | SendResult::QueuedDroppedOldest => {
+                self.stats.relay_forwarded += 1;
+                self.stats.relay_bytes += data.len() as u64;
+            }
+            SendResult::TooLarge(_) => self.stats.relay_dropped_oversize += 1,
+            SendResult::Closed => self.stats.relay_dropped_no_target += 1,
+        }
+    }
+
+    // ---------------------------------------------------------------- relay routes
+    fn live(&self, h: usize) -> bool {
+        self.conns.get(&h).is_some_and(|c| !c.closed_reported && c.local_close.is_none())
+    }
+
+    /// 0x2F for `service` arriving on `agent_h` goes to `connector_h` as 0x30 stamped with
+    /// `agent_id`. Refused (false) unless both connections are alive: a route naming a dead
+    /// handle would later name whichever connection reuses it.
+    pub fn route_agent(&mut self, agent_h: usize, service: &[u8], connector_h: usize, agent_id: u32) -> bool {
+        if agent_h == connector_h || !self.live(agent_h) || !self.live(connector_h) {
+            return false;
+        }
+        self.routes.agent.entry(agent_h).or_default().insert(service.into(), (connector_h, agent_id));
+        true
+    }
+
+    pub fn unroute_agent(&mut self, agent_h: usize, service: &[u8]) -> bool {
+        let Some(m) = self.routes.agent.get_mut(&agent_h) else { return false };
+        let had = m.remove(service).is_some();
+        if m.is_empty() {
+            self.routes.agent.remove(&agent_h);
+        }
+        had
+    }
+
+    /// 0x31 for `agent_id` arriving on `connector_h` goes to `agent_h` as the bare IP packet.
+    pub fn route_reply(&mut self, connector_h: usize, agent_id: u32, agent_h: usize) -> bool {
+        if agent_h == connector_h || !self.live(agent_h) || !self.live(connector_h) {
+            return false;
+        }
+        self.routes.reply.insert((connector_h, agent_id), agent_h);
+        true
+    }
+
+    pub fn unroute_reply(&mut self, connector_h: usize, agent_id: u32) -> bool {
+        self.routes.reply.remove(&(connector_h, agent_id)).is_some()
+    }
+
+    pub fn clear_routes(&mut self) {
+        self.routes = Routes::default();
     }
 
     /// Forget a connection at once (after a panic in it, or at shutdown).
@@ -576,6 +745,7 @@ impl Core {
                 self.events.push(Ev::Closed { h, reason: reason.into(), code: None, app: false });
             }
         }
+        self.routes.forget(h);
         self.dirty.remove(&h);
     }
 

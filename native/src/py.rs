@@ -594,6 +594,30 @@ impl Endpoint {
         Ok(d)
     }
 
+    // ------------------------------------------------------------ relay routes
+    /// Relay 0x2F for `service` from `agent_h` natively to `connector_h` as 0x30 stamped with
+    /// `agent_id`. False if either connection is gone or closing (nothing installed).
+    fn route_agent(&mut self, agent_h: usize, service: &[u8], connector_h: usize, agent_id: u32) -> bool {
+        self.core.route_agent(agent_h, service, connector_h, agent_id)
+    }
+
+    fn unroute_agent(&mut self, agent_h: usize, service: &[u8]) -> bool {
+        self.core.unroute_agent(agent_h, service)
+    }
+
+    /// Relay 0x31 for `agent_id` from `connector_h` natively to `agent_h` (bare IP packet).
+    fn route_reply(&mut self, connector_h: usize, agent_id: u32, agent_h: usize) -> bool {
+        self.core.route_reply(connector_h, agent_id, agent_h)
+    }
+
+    fn unroute_reply(&mut self, connector_h: usize, agent_id: u32) -> bool {
+        self.core.unroute_reply(connector_h, agent_id)
+    }
+
+    fn clear_routes(&mut self) {
+        self.core.clear_routes();
+    }
+
     fn connection_count(&self) -> usize {
         self.core.handles().len()
     }
@@ -624,6 +648,11 @@ impl Endpoint {
             ("panics", s.panics),
             ("socket_send_errors", s.socket_send_errors),
             ("socket_recv_errors", s.socket_recv_errors),
+            ("relay_forwarded", s.relay_forwarded),
+            ("relay_bytes", s.relay_bytes),
+            ("relay_dropped_oversize", s.relay_dropped_oversize),
+            ("relay_dropped_no_target", s.relay_dropped_no_target),
+            ("relay_routes", self.core.routes.len() as u64),
         ] {
             d.set_item(k, v)?;
         }

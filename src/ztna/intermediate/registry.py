@@ -79,6 +79,10 @@ class Registry:
         self.agents: dict[str, set[int]] = {}        # service -> agent peer ids
         self.rejections = 0
         self.registrations = 0
+        # What changed since the driver last looked (it re-derives its native relay routes
+        # from this: `take_changed`): (service, agent id) when one Agent came or went,
+        # (service, None) when the service's Connector pool changed (every Agent of it).
+        self.changed: set[tuple[str, int | None]] = set()
 
     # ------------------------------------------------------------------ peers
     def add_peer(self, peer_id: int, auth: Authorization, label: str = "") -> Peer:
@@ -92,6 +96,8 @@ class Registry:
         if peer is None:
             return []
         notes: list[Notify] = []
+        self.changed.update((service, peer_id) for service in peer.agent_services)
+        self.changed.update((service, None) for service in peer.connector_services)
         for service in peer.agent_services:
             users = self.agents.get(service)
             if users is not None:
@@ -160,6 +166,7 @@ class Registry:
                 for agent in sorted(self.agents.get(service, ())):
                     notes.append(Notify(agent, ServiceStatus(service=service, up=True, connector=label)))
         self.registrations += 1
+        self.changed.add((service, peer_id if msg.role is Role.AGENT else None))
         return RegistrationAck(service_id=service), notes
 
     def _pool_label(self, service: str) -> str:
@@ -172,7 +179,18 @@ class Registry:
         self.rejections += 1
         return RegistrationNack(service_id=service, status=status)
 
+    def take_changed(self) -> set[tuple[str, int | None]]:
+        changed, self.changed = self.changed, set()
+        return changed
+
     # ------------------------------------------------------------------ routing
+    def sole_connector(self, service: str) -> int | None:
+        """The Connector of `service` when its pool has exactly one: every packet of the
+        service goes there whatever its flow (what `connector_for` answers), so the relay
+        may decide once instead of per packet."""
+        pool = self.connectors.get(service)
+        return pool[0] if pool is not None and len(pool) == 1 else None
+
     def is_agent_of(self, peer_id: int, service: str) -> bool:
         peer = self.peers.get(peer_id)
         return peer is not None and service in peer.agent_services

@@ -61,6 +61,10 @@ from ztna.wire.registration import REGISTER_AGENT, REGISTER_CONNECTOR
 
 log = logging.getLogger("ztna.intermediate")
 
+# ("agent", endpoint, agent handle, service id, connector handle, agent id) or
+# ("reply", endpoint, connector handle, agent id, agent handle).
+_Route = tuple[Any, ...]
+
 
 @dataclass
 class IntermediateOptions:
@@ -116,6 +120,12 @@ class Intermediate:
         self.address_tokens: Any = None
         self._instances: dict[int, tuple[str, int]] = {}
         self._held: dict[ZtnaConnection, list[bytes]] = {}
+        # Native relay routes installed, per (service, agent id) (what `_routes_for` derived),
+        # the agents routed per service, and a count per route (a reply route may be
+        # justified by several services).
+        self._routes: dict[tuple[str, int], frozenset[_Route]] = {}
+        self._routed: dict[str, set[int]] = {}
+        self._route_refs: dict[_Route, int] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def _build_server_options(self) -> ServerOptions:
@@ -282,6 +292,77 @@ class Intermediate:
             conn = self.conns.get(note.peer)
             if conn is not None:
                 conn.send_control(encode_control(note.message))
+        # Every registry change (registration, departure) ends here: bring the native
+        # routes in line with it before the next packet.
+        self.sync_routes()
+
+    # ------------------------------------------------------------------ native relay routes
+    # The relay decision is Python's (registry); where it is the same for every packet — an
+    # Agent of a service with exactly one Connector, both on one native endpoint — it is
+    # installed as routes and the native core forwards those DATAGRAMs without an event.
+    # Everything else (several Connectors: a per-flow choice; IPv4 and IPv6 sockets; no
+    # Connector; malformed) still comes here. A route only names what the registry allows:
+    # the Agent's own connection → the service's Connector, and replies → that Agent id.
+    def _routes_for(self, service: str, agent_id: int) -> frozenset[_Route]:
+        connector_id = self.registry.sole_connector(service)
+        connector = self.conns.get(connector_id) if connector_id is not None else None
+        agent = self.conns.get(agent_id)
+        if (connector is None or agent is None or connector.closed or agent.closed
+                or agent is connector or agent.endpoint is not connector.endpoint
+                or not self.registry.is_agent_of(agent_id, service)):
+            return frozenset()
+        ep = connector.endpoint
+        return frozenset((("agent", ep, agent.handle, service.encode("ascii"), connector.handle, agent_id),
+                          ("reply", ep, connector.handle, agent_id, agent.handle)))
+
+    def sync_routes(self) -> None:
+        changed = self.registry.take_changed()
+        if not changed:
+            return
+        keys: set[tuple[str, int]] = set()
+        for service, agent_id in changed:
+            if agent_id is not None:
+                keys.add((service, agent_id))
+            else:  # the pool changed: every Agent of the service, routed or not
+                keys.update((service, a) for a in self._routed.get(service, ()))
+                keys.update((service, a) for a in self.registry.agents.get(service, ()))
+        refs = self._route_refs
+        gone: list[_Route] = []
+        new: list[_Route] = []
+        for key in keys:
+            service, agent_id = key
+            old = self._routes.pop(key, frozenset())
+            want = self._routes_for(service, agent_id)
+            routed = self._routed.setdefault(service, set())
+            if want:
+                self._routes[key] = want
+                routed.add(agent_id)
+            else:
+                routed.discard(agent_id)
+                if not routed:
+                    del self._routed[service]
+            for route in old - want:
+                refs[route] -= 1
+                if not refs[route]:
+                    del refs[route]
+                    gone.append(route)
+            for route in want - old:
+                refs[route] = refs.get(route, 0) + 1
+                if refs[route] == 1:
+                    new.append(route)
+        # Removals first: a new route may reuse the key (connector, agent id) of a gone one.
+        for route in gone:
+            native = route[1].native
+            if route[0] == "agent":
+                native.unroute_agent(route[2], route[3])
+            else:
+                native.unroute_reply(route[2], route[3])
+        for route in new:
+            native = route[1].native
+            if route[0] == "agent":
+                native.route_agent(route[2], route[3], route[4], route[5])
+            else:
+                native.route_reply(route[2], route[3], route[4])
 
     # ------------------------------------------------------------------ control
     def on_control_message(self, conn: ZtnaConnection, msg: object) -> None:
@@ -347,6 +428,7 @@ class Intermediate:
             stale = self.registry.peers.get(new_id)
             role = "connector" if stale is not None and stale.connector_services else "agent"
             self.registry.remove_peer(new_id)
+            self.sync_routes()
             if self.signaling is not None:
                 self.execute(self.signaling.peer_gone(new_id))
             if self.streams is not None:
@@ -447,19 +529,26 @@ class Intermediate:
         loop = asyncio.get_event_loop()
         out: list[tuple[str, str, str, float, dict[str, str] | None]] = []
         s = self.stats
-        out.append(("ztna_active_connections", "gauge", "Established QUIC connections", len(self.conns), None))
-        out.append(("ztna_relay_bytes_total", "counter", "Bytes relayed", s.relayed_bytes, None))
-        out.append(("ztna_datagrams_relayed_total", "counter", "DATAGRAMs relayed", s.relayed_datagrams, None))
-        out.append(("ztna_registrations_total", "counter", "Acknowledged registrations", self.registry.registrations, None))
-        out.append(("ztna_registration_rejections_total", "counter", "NACKed registrations", self.registry.rejections, None))
-        out.append(("ztna_uptime_seconds", "gauge", "Seconds since start", loop.time() - self.started_at, None))
-        for reason in ("unregistered", "no_connector", "bad_reply", "oversize", "malformed", "unknown_type"):
-            out.append(("ztna_relay_dropped_total", "counter", "Relay drops by reason",
-                        getattr(s, f"dropped_{reason}"), {"reason": reason}))
         totals: dict[str, int] = {}
         for ep in self.endpoints:
             for k, v in ep.stats.as_dict().items():
                 totals[k] = totals.get(k, 0) + v
+        # The relay totals count both paths: native routes and Python (ztna_quic_relay_*
+        # has the native share alone).
+        out.append(("ztna_active_connections", "gauge", "Established QUIC connections", len(self.conns), None))
+        out.append(("ztna_relay_bytes_total", "counter", "Bytes relayed",
+                    s.relayed_bytes + totals.get("relay_bytes", 0), None))
+        out.append(("ztna_datagrams_relayed_total", "counter", "DATAGRAMs relayed",
+                    s.relayed_datagrams + totals.get("relay_forwarded", 0), None))
+        out.append(("ztna_registrations_total", "counter", "Acknowledged registrations", self.registry.registrations, None))
+        out.append(("ztna_registration_rejections_total", "counter", "NACKed registrations", self.registry.rejections, None))
+        out.append(("ztna_uptime_seconds", "gauge", "Seconds since start", loop.time() - self.started_at, None))
+        for reason in ("unregistered", "no_connector", "bad_reply", "oversize", "malformed", "unknown_type"):
+            native = totals.get("relay_dropped_oversize", 0) if reason == "oversize" else 0
+            out.append(("ztna_relay_dropped_total", "counter", "Relay drops by reason",
+                        getattr(s, f"dropped_{reason}") + native, {"reason": reason}))
+        out.append(("ztna_relay_dropped_total", "counter", "Relay drops by reason",
+                    totals.get("relay_dropped_no_target", 0), {"reason": "no_target"}))
         for k, v in totals.items():
             out.append((f"ztna_quic_{k}_total", "counter", f"QUIC endpoint: {k.replace('_', ' ')}", v, None))
         out.append(("ztna_retry_tokens_validated", "counter", "Valid retry tokens", totals.get("retry_validated", 0), None))

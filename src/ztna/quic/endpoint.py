@@ -62,6 +62,7 @@ _NATIVE_COUNTERS = (
     "stateless_resets_received", "socket_send_errors", "socket_recv_errors", "panics",
     "endpoint_responses", "accept_errors", "malformed", "unknown_cid",
     "stateless_resets_sent", "version_negotiations",
+    "relay_forwarded", "relay_bytes", "relay_dropped_oversize", "relay_dropped_no_target",
 )
 
 
@@ -97,6 +98,11 @@ class EndpointStats:
     endpoint_responses: int = 0
     accept_errors: int = 0
     panics: int = 0
+    # Relayed natively through routes the Intermediate installed (never seen by Python).
+    relay_forwarded: int = 0
+    relay_bytes: int = 0
+    relay_dropped_oversize: int = 0
+    relay_dropped_no_target: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
