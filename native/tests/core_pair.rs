@@ -290,16 +290,7 @@ fn second_connection(tickets: Tickets) -> (Pair, usize, usize, u64) {
         && p.s_seen.events.iter().any(|e| matches!(e, Ev::Connected { .. }))
         && p.s_seen.fins.len() == 1
         && p.s_seen.streams.values().any(|v| v == b"early control")));
-    let sh2 = p
-        .s_seen
-        .events
-        .iter()
-        .rev()
-        .find_map(|e| match e {
-            Ev::Connected { h, .. } => Some(*h),
-            _ => None,
-        })
-        .unwrap();
+    let sh2 = p.last_server_connected();
     (p, ch2, sh2, sid)
 }
 

@@ -324,8 +324,12 @@ impl Pair {
         let (ch, _) = self.connect(setup);
         assert!(self.run_until(Duration::from_secs(5), |p| connected(&p.c_seen, ch).is_some()
             && p.s_seen.events.iter().any(|e| matches!(e, Ev::Connected { .. }))));
-        let sh = self
-            .s_seen
+        (ch, self.last_server_connected())
+    }
+
+    /// The handle of the server's newest `Connected` event.
+    pub fn last_server_connected(&self) -> usize {
+        self.s_seen
             .events
             .iter()
             .rev()
@@ -333,8 +337,7 @@ impl Pair {
                 Ev::Connected { h, .. } => Some(*h),
                 _ => None,
             })
-            .unwrap();
-        (ch, sh)
+            .unwrap()
     }
 }
 
