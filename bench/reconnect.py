@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reconnect time, 0-RTT vs full handshake (issue 8), in the lab with link delay.
+"""Reconnect time, 0-RTT vs full handshake, in the lab with link delay.
 
 Real processes: `ztna intermediate` on `relay`, `ztna connector` on `conn` with a UDP echo
 service whose backend runs on `app`. A probe in the Agent's namespace reconnects N times

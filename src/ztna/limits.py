@@ -1,4 +1,4 @@
-"""Limits and defaults shared by all three programs — the one definition (issue 2, item 4).
+"""Limits and defaults shared by all three programs — the one definition.
 
 Sizes are in bytes, times in seconds. The live DATAGRAM maximum is never a constant: it is
 computed from the connection (ztna.quic) and these values only bound it.
@@ -23,7 +23,7 @@ DATAGRAM_FRAME_OVERHEAD: Final = 9
 CONNECTION_ID_LENGTH: Final = 20
 IDLE_TIMEOUT: Final = 30.0
 KEEPALIVE_INTERVAL: Final = 10.0
-NAT_KEEPALIVE_INTERVAL: Final = 15.0        # <= 25 s (issue 6)
+NAT_KEEPALIVE_INTERVAL: Final = 15.0        # <= 25 s
 CID_ROTATION_INTERVAL: Final = 300.0
 
 # Ports (docs/ports.md)

@@ -4,7 +4,7 @@
   suppressed — a flood of bad packets costs a counter increment, not a log line each.
 * `MetricsServer`: a small asyncio HTTP server for `/metrics` (Prometheus text from
   prometheus-client) and `/healthz` (200 only when the program says it is ready). It reads
-  the whole request line before answering (the original dropped slow clients: defect 33).
+  the whole request line before answering (the original dropped slow clients).
 * `StatsCollector`: exposes plain-int counters (kept on hot paths without locks) as
   Prometheus metrics at scrape time.
 * `format_address`: the one spelling of a socket address in every log line and message:

@@ -3,7 +3,7 @@
 * UDP forward through a real Intermediate and an in-process echoing fake Connector.
 * TCP forward and SOCKS5 against a fake Intermediate that ACKs registrations and answers
   each stream with status OK and an echo of everything (plus FIN), checked by sha256.
-* Registration retried until ACK (defect 18) and a refused service reported as refused.
+* Registration retried until ACK and a refused service reported as refused.
 """
 
 from __future__ import annotations

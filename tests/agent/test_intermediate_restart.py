@@ -1,4 +1,4 @@
-"""A running TCP transfer survives an Intermediate crash and restart (issue 4).
+"""A running TCP transfer survives an Intermediate crash and restart.
 
 Real processes in a namespace: HTTP backend, `ztna intermediate`, `ztna connector`, and a
 TUN `ztna agent` carrying TCP as IP packets in DATAGRAMs. Mid-download the Intermediate is

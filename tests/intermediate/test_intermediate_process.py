@@ -1,4 +1,4 @@
-"""Issue 2 end to end: a real `ztna intermediate` process on loopback, driven by `ztna client`
+"""End to end: a real `ztna intermediate` process on loopback, driven by `ztna client`
 subprocesses (--json) and by in-test peers on the QUIC adapter (an echoing Connector)."""
 
 from __future__ import annotations

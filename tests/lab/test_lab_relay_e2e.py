@@ -1,4 +1,4 @@
-"""End to end on the lab (root), relay path through both NATs (issue 5): IPv4, dual-stack
+"""End to end on the lab (root), relay path through both NATs: IPv4, dual-stack
 and IPv6-only. The Connector's P2P port is blocked, so everything rides the Intermediate.
 The Agent cannot reach the app without the tunnel (checked first); through the TUN an HTTP
 download to the service's virtual IP(s) is sha256-exact, in both TCP carriages.

@@ -87,7 +87,7 @@ def test_host_filtering_and_dedup() -> None:
              "::ffff:192.0.2.9", "192.0.2.1", "192.0.2.1", "2001:db8::5", "not-an-ip"]
     hosts = host_candidates(addrs, 4434)
     assert [(c.ip, c.port, c.kind) for c in hosts] == [("192.0.2.1", 4434, "host"), ("2001:db8::5", 4434, "host")]
-    assert not is_usable_host_address("0.0.0.0")  # defect 11
+    assert not is_usable_host_address("0.0.0.0")  # never the wildcard as a candidate
 
 
 def test_gather_srflx_relay_and_limit() -> None:

@@ -77,10 +77,10 @@ def test_dead_direct_path_falls_back_within_a_second_then_returns() -> None:
     t_block = pm.next_deadline()
     _run(pm, 10.0, ack=False)   # the path stops answering
     assert pm.state is PathState.COOLDOWN
-    assert pm.changed_at - t_block <= 1.0       # defect 14: about a second, once
+    assert pm.changed_at - t_block <= 1.0       # about a second, once
     assert pm.direct_failures == 1
     assert not pm.want_punch(now=pm.changed_at + 1.9)
-    assert pm.want_punch(now=pm.changed_at + 2.0)  # defect 15: it does try again
+    assert pm.want_punch(now=pm.changed_at + 2.0)  # it does try again
     pm.punch_started(now=pm.changed_at + 2.0)
     pm.punch_succeeded(now=pm.changed_at + 0.05)
     pm.direct_up(now=pm.changed_at + 0.05)

@@ -115,7 +115,7 @@ def test_cone_to_cone_succeeds_both_ways() -> None:
     # The Agent talks to the Connector's NAT mapping, the Connector to the Agent's.
     assert agent.session.selected == ("203.0.113.12", 40002)
     assert conn.session.selected == ("203.0.113.11", 40001)
-    # Both sides probed (defect 8: the original's checks were one-directional).
+    # Both sides probed (the original's checks were one-directional).
     assert conn.session.stats.requests_sent > 0 and agent.session.stats.requests_sent > 0
     assert ("203.0.113.11", 40001) in agent.session.mapped
     # Fake clock: a couple of round trips of 20 ms plus settle, nowhere near 500 ms.

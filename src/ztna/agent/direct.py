@@ -5,8 +5,7 @@ Theory of operation
 * **One P2P socket** (`QuicEndpoint` on an ephemeral port, separate from the relay socket)
   carries the probes (raw datagrams, first byte < 0x40), a small QUIC connection to the
   Intermediate whose QAD tells us this socket's public address (srflx), and the direct QUIC
-  connections to Connectors — so the NAT mapping the probes validate is the one QUIC uses
-  (defect 8).
+  connections to Connectors — so the NAT mapping the probes validate is the one QUIC uses.
 * Per service, a `ztna.p2p.path.PathManager` decides when to punch. Once the service is
   registered (ACK) and has a Connector, we gather candidates (`ztna.p2p.candidates`) and
   send `PunchRequest` on the relay's control stream; `PunchStart` starts a controlling
@@ -19,7 +18,7 @@ Theory of operation
   registration; the Connector sends no Retry, and with a session ticket from an earlier
   direct connection to it (the session's `ClientTicketCache`, state dir) they go in 0-RTT.
   On handshake the service's 0x2F DATAGRAMs go direct; the Connector answers with bare IP
-  packets on that connection (defect 9).
+  packets on that connection.
 * Liveness: the path manager asks for PINGs (fast while traffic flows, every 5 s when idle);
   any packet heard after a PING answers it; an unanswered PING (≈3·RTT+200 ms, ≤ 1 s) puts
   the service back on the relay and closes the direct connection; after the cooldown the

@@ -7,7 +7,7 @@ Theory of operation
   every service on the control stream → watch → on loss, back off and start over. Backoff
   doubles from `backoff_initial` up to `backoff_cap` with full jitter (±50 %), and resets
   once a connection got at least one ACK.
-* Registration is tracked per service by ACK (defect 18): a service is `pending` until the
+* Registration is tracked per service by ACK: a service is `pending` until the
   Intermediate answers; unanswered requests are re-sent with doubling delay; a NACK is final
   (`refused`) except SHUTTING_DOWN and LIMIT_EXCEEDED, which are retried later. Only ACKed
   services get traffic: the Intermediate drops 0x2F for unregistered services anyway.

@@ -3,7 +3,7 @@
 * Its own socket (default UDP 4434, separate from the relay socket), so dropping P2P traffic
   never touches the relay and a NAT mapping learnt here belongs to this socket.
 * mTLS: the Agent's chain is verified by the endpoint; every service is checked against the
-  Agent's certificate (`identity.allows("agent", service)`, defect 5) before a DATAGRAM or a
+  Agent's certificate (`identity.allows("agent", service)`) before a DATAGRAM or a
   stream is served. DATAGRAMs are 0x2F (service id + IP packet); replies are bare IP packets
   on the same connection (a `ReplyPath` without a prefix). Streams start with `StreamOpen`.
 * Agent id: the Agent's first control frame is `Hello(instance)`; the id is derived exactly

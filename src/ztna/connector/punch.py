@@ -2,11 +2,11 @@
 
 * ``PunchOffer`` (from the Intermediate, on the relay connection's control stream): gather
   this Connector's candidates for the **P2P socket** — every interface address with the P2P
-  port (never 0.0.0.0, defect 11), the P2P socket's own QAD address as srflx, the
+  port (never 0.0.0.0), the P2P socket's own QAD address as srflx, the
   Intermediate as relay — and answer ``PunchAnswer``.
 * ``PunchStart``: a controlled `ztna.p2p.punch.PunchSession`; its probes leave from the P2P
   socket (`P2PServer.send_raw`), and probes arriving there (first byte < 0x40) are routed to
-  the session named in them. Both sides probe (defect 8). The Agent then connects to the
+  the session named in them. Both sides probe. The Agent then connects to the
   P2P QUIC server on that same socket, through the mapping the checks opened.
 * Sessions are bounded and linger a little after they end so late probes are still answered.
 """

@@ -12,7 +12,7 @@ Theory of operation
   LIMIT_EXCEEDED / SHUTTING_DOWN are retried after `NACK_RETRY`.
 * Keepalive: a QUIC PING every `limits.KEEPALIVE_INTERVAL` (the idle timeout is 30 s).
 * Reconnect: exponential backoff with jitter, awaited with `asyncio.sleep` so it never
-  blocks the event loop (defect 17) — the P2P server, open flows and /metrics keep
+  blocks the event loop — the P2P server, open flows and /metrics keep
   running. A connection that lived `STABLE_AFTER` seconds resets the backoff. Every
   reconnect re-registers every service.
 * `GoAway` closes the connection and reconnects after the backoff; `AgentGone` is handed

@@ -3,7 +3,7 @@
 * A flow is created by the first packet of a 5-tuple on a path and owns one non-blocking
   UDP socket `connect()`ed to the service's backend for that virtual port; the loop watches
   it with `add_reader`. Replies are rebuilt as IP packets whose **source is the virtual
-  service address and port** the Agent sent to (defect 22), and go back on the flow's path.
+  service address and port** the Agent sent to, and go back on the flow's path.
 * A backend that refuses (ICMP port unreachable → ECONNREFUSED on the socket) becomes an
   ICMP port unreachable toward the Agent, quoting the flow's last packet.
 * Idle flows expire (`sweep`); per-service and total flow limits refuse new flows (counted,

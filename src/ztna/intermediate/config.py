@@ -1,7 +1,7 @@
 """The Intermediate's configuration: one pydantic model fed by a TOML file and CLI flags.
 
 Precedence: a flag given on the command line beats the TOML file, which beats the defaults
-below (never the reverse, and no positional arguments: defect 31). Unknown keys in the file
+below (never the reverse, and no positional arguments). Unknown keys in the file
 are an error (a typo must not silently fall back to a default). Every validation failure is
 turned into ONE line naming the field and the offending value (`ConfigError`), which the CLI
 prints and exits 2 with.

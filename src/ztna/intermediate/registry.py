@@ -8,11 +8,11 @@ Theory of operation
 * An Agent peer may register many services. A service may have **several Connectors**;
   new flows are spread over them by rendezvous hashing of the flow key, so a Connector
   leaving moves only the flows it carried (the others' flows keep their Connector).
-* A registration never silently takes a service away (defect 3): Connectors join the
+* A registration never silently takes a service away: Connectors join the
   service's pool; a certificate without ztna SANs (only possible with the explicit
   insecure flag) may not join a pool held by scoped identities.
 * Replies from a Connector carry the Agent id (0x31), so they go back to exactly that
-  Agent (defect 1); a Connector may only reply to Agents registered for a service it
+  Agent; a Connector may only reply to Agents registered for a service it
   serves.
 * Limits: registrations per peer; overflow is a NACK, never an exception.
 

@@ -13,7 +13,7 @@ Theory of operation
 3. Either party may report ``PunchResult``; it is forwarded to the other one and closes
    the session.
 
-Binding (defect 2 / O-3): session ids are ours, random, never chosen by a client; a message
+Binding: session ids are ours, random, never chosen by a client; a message
 about a session from any peer other than the two bound to it is ignored and counted, as is a
 request from a peer not registered as Agent for the service. Bounded: at most
 ``max_per_agent`` live sessions per Agent (a new request for the same service replaces the
@@ -169,7 +169,7 @@ class Signaling:
             self.counters.ignored["unknown_session"] += 1
             return []
         if peer_id != s.connector:
-            self.counters.ignored["not_bound"] += 1  # defect 2: only the Connector we picked
+            self.counters.ignored["not_bound"] += 1  # only the Connector we picked
             return []
         if s.started:
             self.counters.ignored["duplicate_answer"] += 1

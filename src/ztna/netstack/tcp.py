@@ -409,7 +409,7 @@ class TcpEndpoint:
         self._snd_wnd = self._max_snd_wnd = seg.window   # never scaled in a SYN
         self._snd_wl1, self._snd_wl2 = seg.seq, self._iss
         self.state = TcpState.SYN_RECEIVED
-        if seg.payload or seg.flags & FIN:   # data on the SYN is kept (defect 25)
+        if seg.payload or seg.flags & FIN:   # data on the SYN is kept
             self._rcv.insert(seg.seq + 1, seg.payload, bool(seg.flags & FIN))
 
     def _acceptable(self, seq: int, seg_len: int) -> bool:

@@ -4,10 +4,10 @@ Theory of operation
 -------------------
 A candidate is a transport address the peer may try to reach us at. Every candidate we offer
 belongs to **one** UDP socket, the P2P socket that later carries the direct QUIC connection
-(defect 8: the NAT mapping we validate must be the one we use). Kinds:
+(the NAT mapping we validate must be the one we use). Kinds:
 
 * ``host``  every usable address of every interface, IPv4 and IPv6, with the socket's port
-  (defect 11: never the wildcard ``0.0.0.0``). The addresses come from netlink
+  (never the wildcard ``0.0.0.0``). The addresses come from netlink
   (`interface_addresses`, the only I/O in this module, a thin pyroute2 call); the kernel
   already returns them as text, so there is no byte-order step to get wrong (Finding 10;
   tests compare the set with ``ip -j addr``).
@@ -20,8 +20,7 @@ belongs to **one** UDP socket, the P2P socket that later carries the direct QUIC
 Priority (RFC 8445 §5.1.2.1): ``(type_pref << 24) | (local_pref << 8) | (256 - component)``,
 component 1, type preferences host 126, prflx 110, srflx 100, relay 0. The local preference
 puts IPv6 above IPv4 (RFC 8421, "prefer IPv6 when both work") and keeps candidates of one
-kind and family distinct by their gathering order. Both sides use this one formula
-(defect 12).
+kind and family distinct by their gathering order. Both sides use this one formula.
 
 Foundation: equal for candidates of the same kind from the same base address (RFC 8445
 §5.1.1.3); a short hash keeps it well under the 32-character wire limit.

@@ -17,7 +17,7 @@ the direct path is proven, so nothing ever waits for a punch. Per service:
   `ping_timeout` = 3·RTT + 200 ms (clamped to 0.3–1.0 s) declares the path dead exactly once
   (one deadline per PING, not a counter bumped per timer call): traffic is back on the relay
   within about a second.
-* **Return to direct** (defect 15): after a direct failure the path cools down `cooldown`
+* **Return to direct**: after a direct failure the path cools down `cooldown`
   seconds (30 s by default) and then wants a new punch. Failed punches (symmetric NAT)
   back off from `cooldown` doubling up to `max_cooldown`: no probe storm, no error storm.
 * **Warm-up metrics**: each attempt records when it reached each phase (`PHASES`), relative

@@ -6,7 +6,7 @@ Both sides (Agent = controlling, Connector = controlled) get the same session id
 key from the Intermediate (`PunchStart`) plus the other side's candidates. From then on:
 
 * **Everything goes through one socket**, the P2P socket that later carries the direct QUIC
-  connection, so the NAT mapping a check validates is the one QUIC uses (defect 8). A pair is
+  connection, so the NAT mapping a check validates is the one QUIC uses. A pair is
   therefore just a remote address; the local side of every pair is that socket.
 * **Both sides probe at once**, every remote address in parallel (no 50 ms tick, no one
   check per tick): the first request goes out at start, retries follow after
@@ -19,7 +19,7 @@ key from the Intermediate (`PunchStart`) plus the other side's candidates. From 
   once; a request on a known pair triggers an immediate check too (the peer's NAT just
   opened towards us).
 * **Responses count only if the txid is ours and the source is the address we sent that
-  txid to** (defect 5: not txid alone). Probes are HMAC-authenticated with the session key
+  txid to** (not txid alone). Probes are HMAC-authenticated with the session key
   (`ztna.wire.probe`); anything else is dropped and counted, never answered.
 * **Nomination**: the controlling side waits, after its first success, at most a short
   settle time (≈ RTT/4, 5–50 ms) for better pairs still in flight (IPv6 host pairs rank
