@@ -13,8 +13,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from ztna.addresses import format_address
 from ztna.errors import UsageError
-from ztna.observe import format_address
 
 __all__ = ["BindError", "bind_error", "check_tls_files", "read_toml"]
 

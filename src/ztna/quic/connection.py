@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ztna.errors import DatagramTooLarge, ProtocolError
 
@@ -35,10 +35,34 @@ if TYPE_CHECKING:
 
     from ztna._native import ClientTls, Endpoint, Event
     from ztna.identity import Identity
-    from ztna.quic.endpoint import QuicEndpoint
     from ztna.wire import ControlDecoder, ControlMessage
 
 CONTROL_STREAM_ID = 0
+
+
+class EndpointCounters(Protocol):
+    """The endpoint counters a connection bumps itself."""
+
+    oversize_refused: int
+    datagrams_dropped_queue: int
+
+
+class ConnectionOwner(Protocol):
+    """What a connection needs from the endpoint that owns it (`ztna.quic.endpoint.
+    QuicEndpoint`): the native endpoint, the loop, its counters, and a way to ask for a flush.
+    A Protocol, so this module never imports the endpoint module that imports it."""
+
+    native: Endpoint
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def stats(self) -> EndpointCounters: ...
+
+    def mark_dirty(self, conn: ZtnaConnection | None = None) -> None: ...
+
+    def forget(self, conn: ZtnaConnection) -> None: ...
+
+    def flush(self) -> None: ...
 
 # Application close codes (docs/protocol.md, "Connection close codes").
 CLOSE_NO_ERROR = 0x0
@@ -90,7 +114,7 @@ class ZtnaConnection:
 
     def __init__(
         self,
-        endpoint: QuicEndpoint,
+        endpoint: ConnectionOwner,
         handle: int,
         handler: ConnectionHandler,
         peer_address: tuple[Any, ...],

@@ -273,6 +273,10 @@ class QuicEndpoint:
         self._dispatch(self.native.recv(self.loop.time()))
         self._flush()
 
+    def flush(self) -> None:
+        """Run what connections queued now (instead of at the end of the loop iteration)."""
+        self._flush()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._closed:

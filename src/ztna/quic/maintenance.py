@@ -30,7 +30,7 @@ def rotate_connection_id(conn: ZtnaConnection) -> bool:
         return False
     before = conn.current_dcid()
     conn.endpoint.native.rotate_cid(conn.handle)
-    conn.endpoint._flush()          # the PING goes out now, on the new connection ID
+    conn.endpoint.flush()           # the PING goes out now, on the new connection ID
     return conn.current_dcid() != before
 
 
