@@ -76,13 +76,22 @@ class QuicConfiguration:
     # the NEW_TOKEN tokens the server gave it instead.
     token: bytes = b""
 
-    def client_tls(self) -> _native.ClientTls:
+    def _client_key(self) -> tuple[object, ...]:
         tls = self.tls
-        key = (
+        return (
             _stamp(tls.cert), _stamp(tls.key), _stamp(tls.ca), tuple(self.alpn_protocols),
             self.verify_server, self.keylog_path, self.udp_payload, self.idle_timeout,
             self.datagram_queue, self.resumption,
         )
+
+    def forget_sessions(self) -> None:
+        """Drop the tickets and address tokens this configuration's connections collected
+        (the next connection is a first one: Retry and a full handshake)."""
+        _CLIENT_TLS.pop(self._client_key(), None)
+
+    def client_tls(self) -> _native.ClientTls:
+        tls = self.tls
+        key = self._client_key()
         native = _CLIENT_TLS.get(key)
         if native is None:
             native = _native.ClientTls(
