@@ -21,7 +21,7 @@
 //!   to the owner as before, so a missing route only costs speed, never correctness.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,9 @@ pub const PY_WINDOW: u64 = 256 * 1024;
 pub const RETAIN_MAX: usize = 9 * 1024 * 1024;
 /// quinn accounts each queued datagram with the size of its `Bytes` handle on top.
 const DATAGRAM_OVERHEAD: usize = std::mem::size_of::<Bytes>();
+/// DATAGRAMs an application may queue before the peer's transport parameters say how large
+/// they may be (a client's first flight without 0-RTT); sent once they are known.
+pub const EARLY_DATAGRAMS: usize = 64;
 /// Datagrams allowed to wait beyond the congestion window, so the pipe does not run dry
 /// between two flushes.
 pub const DATAGRAM_BURST_SLACK: usize = 32;
@@ -211,6 +214,8 @@ pub struct Conn {
     pub last_dcid: Vec<u8>,
     /// When the peer's latest packet arrived (ACK-only ones included): liveness.
     pub last_rx: Option<Instant>,
+    /// DATAGRAMs queued before the peer's limit was known (bounded, oldest dropped first).
+    early_datagrams: VecDeque<Bytes>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -608,6 +613,14 @@ impl Core {
                 Event::DatagramsUnblocked => {}
             }
         }
+        // DATAGRAMs held for the peer's limit go out once it is known (or are counted).
+        let early = if !conn.early_datagrams.is_empty()
+            && (conn.qc.datagrams().max_size().is_some() || conn.connected)
+        {
+            std::mem::take(&mut conn.early_datagrams)
+        } else {
+            VecDeque::new()
+        };
         // Streams that were waiting for the owner to consume.
         let blocked: Vec<u64> = conn
             .streams
@@ -663,6 +676,12 @@ impl Core {
         }
         for (target, data) in forwards {
             self.relay(target, &data);
+        }
+        if !gone {
+            for data in early {
+                // Sized and counted like any DATAGRAM now that the peer's limit is known.
+                let _ = self.send_datagram(h, &data);
+            }
         }
         if gone {
             // A dead connection is no one's source or target any more, and its handle may
@@ -754,6 +773,18 @@ impl Core {
         let Some(conn) = self.conns.get_mut(&h) else { return SendResult::Closed };
         if conn.closed_reported || conn.local_close.is_some() {
             return SendResult::Closed;
+        }
+        if conn.qc.datagrams().max_size().is_none() && !conn.connected {
+            // The peer's limit is not known yet: hold the datagram until it is.
+            let mut dropped = 0;
+            while conn.early_datagrams.len() >= EARLY_DATAGRAMS {
+                conn.early_datagrams.pop_front();
+                dropped += 1;
+            }
+            conn.early_datagrams.push_back(Bytes::copy_from_slice(data));
+            conn.dropped_oldest += dropped;
+            self.stats.datagrams_dropped_queue += dropped;
+            return if dropped > 0 { SendResult::QueuedDroppedOldest } else { SendResult::Queued };
         }
         let limit = conn.max_datagram_payload();
         if data.len() > limit {
@@ -876,30 +907,6 @@ impl Core {
         }
     }
 
-    /// One line per stream of a connection (diagnostics).
-    pub fn stream_debug(&mut self, h: usize) -> Vec<String> {
-        let Some(conn) = self.conns.get_mut(&h) else { return vec![] };
-        let st = conn.qc.stats();
-        let head = format!(
-            "timeout={:?} frame_tx.stream={} frame_rx.stream={} tx.max_stream_data={} rx.max_stream_data={} tx.stream_data_blocked={} rx.stream_data_blocked={} tx.data_blocked={} rx.data_blocked={} tx.max_data={} rx.max_data={} lost={} acks_tx={} acks_rx={}",
-            conn.qc.poll_timeout().map(|t| t.saturating_duration_since(Instant::now())),
-            st.frame_tx.stream, st.frame_rx.stream, st.frame_tx.max_stream_data, st.frame_rx.max_stream_data,
-            st.frame_tx.stream_data_blocked, st.frame_rx.stream_data_blocked, st.frame_tx.data_blocked, st.frame_rx.data_blocked,
-            st.frame_tx.max_data, st.frame_rx.max_data, st.path.lost_packets, st.frame_tx.acks, st.frame_rx.acks
-        );
-        let mut out = vec![head];
-        out.extend(conn.streams
-            .iter()
-            .map(|(sid, st)| {
-                format!(
-                    "sid={sid} pending={} written={} fin_wanted={} fin_sent={} delivered={} consumed={} credit_blocked={} recv_done={} retain={}",
-                    st.pending_bytes, st.written, st.fin_wanted, st.fin_sent, st.delivered, st.consumed,
-                    st.credit_blocked, st.recv_done, st.retain.as_ref().map(|r| r.len()).unwrap_or(0)
-                )
-            }));
-        out
-    }
-
     pub fn ping(&mut self, h: usize) {
         if let Some(conn) = self.conns.get_mut(&h) {
             conn.qc.ping();
@@ -951,6 +958,7 @@ impl Conn {
             copy_early: false,
             last_dcid: Vec::new(),
             last_rx: None,
+            early_datagrams: VecDeque::new(),
         }
     }
 
@@ -1135,8 +1143,4 @@ impl Conn {
             self.streams.remove(&sid);
         }
     }
-}
-
-pub fn ipv6_unspecified() -> IpAddr {
-    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
 }

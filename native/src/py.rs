@@ -207,7 +207,6 @@ pub struct Endpoint {
     recv_batch: usize,
     closed: bool,
     blackhole: bool,
-    last_send_error: i32,
 }
 
 const RX_BUF: usize = 65536;
@@ -241,11 +240,7 @@ impl Endpoint {
                     self.core.stats.datagrams_sent += n as u64;
                     self.core.stats.bytes_sent += o.data.len() as u64;
                 }
-                Err(e) => {
-                    // QUIC recovers the loss.
-                    self.core.stats.socket_send_errors += 1;
-                    self.last_send_error = e.raw_os_error().unwrap_or(-1);
-                }
+                Err(_) => self.core.stats.socket_send_errors += 1, // QUIC recovers the loss
             }
         }
     }
@@ -328,7 +323,7 @@ impl Endpoint {
         // or the whole batch fails with EMSGSIZE.
         core.max_gso_segments = udp.max_gso_segments().clamp(1, (65000 / udp_payload.max(1200) as usize).max(1));
         let rx = (0..quinn_udp::BATCH_SIZE).map(|_| vec![0u8; RX_BUF]).collect();
-        Ok(Self { core, sock: Some(sock), udp, anchor: (Instant::now(), now), rx, recv_batch, closed: false, blackhole: false, last_send_error: 0 })
+        Ok(Self { core, sock: Some(sock), udp, anchor: (Instant::now(), now), rx, recv_batch, closed: false, blackhole: false })
     }
 
     /// Read everything the socket has (up to `recv_batch` datagrams), process it, send what
@@ -478,29 +473,12 @@ impl Endpoint {
         })
     }
 
-    /// Queue several DATAGRAMs; returns how many were queued before one did not fit.
-    fn send_datagrams(&mut self, h: usize, items: Vec<Bound<'_, PyAny>>) -> PyResult<usize> {
-        let mut n = 0;
-        for item in &items {
-            let data = bytes_of(item)?;
-            match self.core.send_datagram(h, &data) {
-                SendResult::Queued | SendResult::QueuedDroppedOldest => n += 1,
-                _ => break,
-            }
-        }
-        Ok(n)
-    }
-
     fn max_datagram_payload(&mut self, h: usize) -> usize {
         self.core.conn_mut(h).map(|c| c.max_datagram_payload()).unwrap_or(0)
     }
 
     fn datagram_budget(&mut self, h: usize) -> usize {
         self.core.datagram_budget(h)
-    }
-
-    fn queued_datagrams(&mut self, h: usize) -> usize {
-        self.core.queued_datagrams(h)
     }
 
     #[pyo3(signature = (h, sid, data, fin=false))]
@@ -536,10 +514,6 @@ impl Endpoint {
 
     fn ping(&mut self, h: usize) {
         self.core.ping(h);
-    }
-
-    fn stream_debug(&mut self, h: usize) -> Vec<String> {
-        self.core.stream_debug(h)
     }
 
     fn rotate_cid(&mut self, h: usize) {
@@ -657,10 +631,6 @@ impl Endpoint {
             d.set_item(k, v)?;
         }
         Ok(d)
-    }
-
-    fn last_send_error(&self) -> i32 {
-        self.last_send_error
     }
 
     fn max_gso_segments(&self) -> usize {

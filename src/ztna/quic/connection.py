@@ -21,8 +21,6 @@ The connection never does I/O; `ztna.quic.endpoint` owns the socket and the time
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,23 +38,13 @@ if TYPE_CHECKING:
 CONTROL_STREAM_ID = 0
 
 
-class EndpointCounters(Protocol):
-    """The endpoint counters a connection bumps itself."""
-
-    oversize_refused: int
-    datagrams_dropped_queue: int
-
-
 class ConnectionOwner(Protocol):
     """What a connection needs from the endpoint that owns it (`ztna.quic.endpoint.
-    QuicEndpoint`): the native endpoint, the loop, its counters, and a way to ask for a flush.
+    QuicEndpoint`): the native endpoint, the loop, and a way to ask for a flush.
     A Protocol, so this module never imports the endpoint module that imports it."""
 
     native: Endpoint
     loop: asyncio.AbstractEventLoop
-
-    @property
-    def stats(self) -> EndpointCounters: ...
 
     def mark_dirty(self, conn: ZtnaConnection | None = None) -> None: ...
 
@@ -72,11 +60,6 @@ CLOSE_LIMIT = 0x3
 CLOSE_PROTOCOL = 0x4
 
 log = logging.getLogger("ztna.quic")
-
-
-def reset_token(secret: bytes, cid: bytes) -> bytes:
-    """A keyed function of a connection ID (kept for the wire tests of earlier tokens)."""
-    return hmac.new(secret, cid, hashlib.sha256).digest()[:16]
 
 
 class ConnectionHandler:
@@ -169,10 +152,6 @@ class ZtnaConnection:
                 self._last_received = at
         return self._last_received
 
-    @last_received.setter
-    def last_received(self, value: float) -> None:
-        self._last_received = value
-
     # ------------------------------------------------------------------ sizes
     def max_datagram_payload(self) -> int:
         """Largest DATAGRAM payload that fits one packet on this connection right now."""
@@ -219,22 +198,12 @@ class ZtnaConnection:
         connection is closed)."""
         if self.closed:
             return False
+        # The native core counts refusals and every dropped datagram (endpoint stats).
         status = self._native.send_datagram(self.handle, data)
         if status == 3:
-            self.endpoint.stats.oversize_refused += 1
             raise DatagramTooLarge(len(data), self.max_datagram_payload())
-        if status == 1:
-            self.endpoint.stats.datagrams_dropped_queue += 1
         self.endpoint.mark_dirty(self)
         return status == 0
-
-    def send_datagrams(self, items: list[bytes]) -> int:
-        """Queue several DATAGRAMs in one native call; how many were queued."""
-        if self.closed:
-            return 0
-        n = int(self._native.send_datagrams(self.handle, items))
-        self.endpoint.mark_dirty(self)
-        return n
 
     def send_control(self, frame: bytes) -> None:
         """Send an already-encoded control frame (ztna.wire.encode_control) reliably."""

@@ -60,7 +60,8 @@ EV_INCOMING, EV_HANDSHAKE_DATA, EV_CONNECTED, EV_DATAGRAMS, EV_STREAM, EV_RESET,
 _NATIVE_COUNTERS = (
     "datagrams_received", "bytes_received", "datagrams_sent", "bytes_sent", "retry_sent",
     "stateless_resets_received", "socket_send_errors", "socket_recv_errors", "panics",
-    "endpoint_responses", "accept_errors", "malformed", "unknown_cid",
+    "endpoint_responses", "accept_errors", "malformed", "unknown_cid", "oversize_refused",
+    "datagrams_dropped_queue",
     "stateless_resets_sent", "version_negotiations",
     "relay_forwarded", "relay_bytes", "relay_dropped_oversize", "relay_dropped_no_target",
 )
@@ -194,16 +195,11 @@ class QuicEndpoint:
         address: tuple[Any, ...],
         configuration: QuicConfiguration,
         handler: ConnectionHandler,
-        *,
-        session_ticket_handler: Callable[[Any], None] | None = None,
-        no_retry: bool = False,
     ) -> ZtnaConnection:
         """Start a client connection; await `conn.wait_handshake()` for the result. The
         control stream is writable at once (0-RTT when the native TLS holds a ticket for this
-        server; `conn.zero_rtt_attempted` says so). `no_retry` and `session_ticket_handler`
-        are accepted for compatibility: tickets and address tokens live in the native client
-        configuration (one per identity and process)."""
-        del session_ticket_handler, no_retry
+        server; `conn.zero_rtt_attempted` says so). Tickets and address tokens live in the
+        native client configuration (one per identity and process)."""
         host, port = normalize_address(address)
         now = self.loop.time()
         server_name = configuration.server_name or host
@@ -324,13 +320,10 @@ class QuicEndpoint:
                 if conn is None:
                     continue
                 if kind in (EV_DATAGRAMS, EV_STREAM, EV_RESET):
-                    conn.last_received = now
                     conn._event(ev)
                 elif kind == EV_CONNECTED:
-                    conn.last_received = now
                     self._on_connected(conn, ev[2], ev[3])
                 elif kind == EV_HANDSHAKE_DATA:
-                    conn.last_received = now
                     conn.server_name = ev[3]
                     if ev[2] is not None and not conn.is_client:
                         # A resumed session: the chain bound to its ticket is known now, so
@@ -341,7 +334,6 @@ class QuicEndpoint:
                     conn._terminated(ev[2], ev[3])
                 elif kind == EV_PATH:
                     conn.peer_address = ev[2]
-                    conn.last_received = now
                     conn.handler.on_path_changed(conn)
             except Exception:
                 self._stats.handler_errors += 1
