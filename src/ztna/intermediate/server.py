@@ -84,6 +84,8 @@ class IntermediateOptions:
     ticket_store: Any = None        # a ztna.quic.tickets.ServerTicketStore; built from state_dir if None
     state_dir: str | None = None    # holds tickets.sqlite (shared strike register for 0-RTT)
     enable_0rtt: bool = True
+    cluster: str | None = None      # redis://HOST:PORT/DB: share keys and tickets with other members
+    advertise: str | None = None    # HOST:PORT the other members know this one by
 
 
 @dataclass
@@ -126,10 +128,13 @@ class Intermediate:
         self._routes: dict[tuple[str, int], frozenset[_Route]] = {}
         self._routed: dict[str, set[int]] = {}
         self._route_refs: dict[_Route, int] = {}
+        self.cluster: Any = None        # a ztna.cluster.member.ClusterMember with --cluster
 
     # ------------------------------------------------------------------ lifecycle
     def _build_server_options(self) -> ServerOptions:
         o = self.options
+        if self.cluster is not None:
+            self._use_cluster_state()
         if o.ticket_store is None and o.enable_0rtt:
             from ztna.quic.tickets import ServerTicketStore
 
@@ -156,13 +161,29 @@ class Intermediate:
             # Derived from the server key, so a restarted Intermediate resets its
             # predecessor's connections and clients reconnect at once (not after 30 s).
             # (TlsFiles.key is None only for a client that presents no certificate)
-            reset_secret=hashlib.sha256(b"ztna stateless reset v1"
-                                        + Path(o.tls.key).read_bytes()).digest(),  # type: ignore[arg-type]
+            reset_secret=self.cluster.reset_key if self.cluster is not None else
+            hashlib.sha256(b"ztna stateless reset v1"
+                           + Path(o.tls.key).read_bytes()).digest(),  # type: ignore[arg-type]
         )
+
+    def _use_cluster_state(self) -> None:
+        # Keys and tickets shared by every member, so a client moving between members keeps
+        # its address token and resumes in 0-RTT (ztna.cluster).
+        from ztna.quic.tokens import AddressTokens
+
+        if self.options.enable_0rtt:
+            self.options.ticket_store = self.cluster.tickets
+        self.address_tokens = AddressTokens(self.cluster.address_token_key)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()
+        if self.options.cluster and self.cluster is None:
+            from ztna.cluster.member import ClusterMember
+
+            self.cluster = ClusterMember(self.options.cluster, self.options.advertise or "")
+            await self.cluster.join()
+            self.cluster.start()
         self._server_options = self._build_server_options()
         for host, port in self.options.listen:
             try:
@@ -223,6 +244,8 @@ class Intermediate:
             ep.shutdown_socket()
         if self.metrics_server:
             await self.metrics_server.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         self._stopped.set()
 
     async def run_forever(self) -> None:
@@ -523,7 +546,11 @@ class Intermediate:
     # ------------------------------------------------------------------ observability
     def _health(self) -> tuple[bool, dict[str, Any]]:
         ok = self.ready and not self.draining and all(not ep._closed for ep in self.endpoints)
-        return ok, {"connections": len(self.conns), "draining": self.draining}
+        detail: dict[str, Any] = {"connections": len(self.conns), "draining": self.draining}
+        if self.cluster is not None:
+            # Still serving without the store (no 0-RTT): degraded, not down.
+            detail["cluster"] = self.cluster.health_detail()
+        return ok, detail
 
     def _stats_source(self) -> list[tuple[str, str, str, float, dict[str, str] | None]]:
         loop = asyncio.get_event_loop()
@@ -559,13 +586,17 @@ class Intermediate:
             out.append(("ztna_session_tickets_issued_total", "counter", "Session tickets issued", t.issued, None))
             out.append(("ztna_zero_rtt_resumptions_total", "counter",
                         "Resumptions (0-RTT) accepted with a single-use ticket", t.resumed, None))
-            for reason in ("unknown", "expired", "rotated"):
+            for reason in ("unknown", "expired", "rotated", "store_down"):
+                if not hasattr(t, f"refused_{reason}"):
+                    continue
                 out.append(("ztna_session_tickets_refused_total", "counter",
                             "Tickets refused (unknown = already used or never issued: replay protection)",
                             getattr(t, f"refused_{reason}"), {"reason": reason}))
         out.append(("ztna_relay_held_until_registered_total", "counter",
                     "Tunnel packets held until the registration in the same flight",
                     s.held_until_registered, None))
+        if self.cluster is not None:
+            out.extend(self.cluster.metrics())
         if self.signaling is not None:
             for name, kind, help_text, value, labels in self.signaling.metrics():
                 out.append((name, kind, help_text, value, labels))
