@@ -66,3 +66,5 @@ CLUSTER_TICKET_TIMEOUT: Final = 0.1
 CLUSTER_STORE_TIMEOUT: Final = 2.0
 CLUSTER_PROBE_INTERVAL: Final = 1.0          # how often a member checks the store (recovery)
 CLUSTER_JOIN_TIMEOUT: Final = 10.0           # a starting member waits this long for the store
+CLUSTER_LEASE: Final = 6.0                   # a member's presence expires this long after its last refresh
+CLUSTER_LEASE_REFRESH: Final = 2.0

@@ -8,6 +8,12 @@ store, and a recovery turns session tickets back on without a restart. After a r
 member writes its keys back (`SET NX`): a store that came back empty (restarted without
 persistence) gets the same keys again, so the members still agree.
 
+Presence (`ztna.cluster.presence`): every `limits.CLUSTER_LEASE_REFRESH` the member publishes
+what its registry holds (`local_presence`, a callable the Intermediate passes in) under a
+lease and reads everyone's records into its `ClusterView`. A record that does not parse is
+skipped, counted and logged (rate limited), and the others are still used. While the store is
+down the view keeps the last records it read (their members may well be alive).
+
 Each outage and each recovery is logged once; the failures are counted.
 """
 
@@ -22,9 +28,12 @@ from typing import Any
 
 from ztna import limits
 from ztna.cluster.health import StoreHealth
+from ztna.cluster.presence import ClusterView, Presence
 from ztna.cluster.store import ClusterStore, RedisStore, StoreUnavailable
 from ztna.cluster.tickets import ClusterTicketStore
 from ztna.cluster.url import StoreUrl, parse_store_url
+from ztna.errors import DecodeError
+from ztna.observe import RateLimitedLog
 
 log = logging.getLogger("ztna.cluster")
 
@@ -38,7 +47,10 @@ class ClusterMember:
     def __init__(self, url: str | StoreUrl, advertise: str, *, store: ClusterStore | None = None,
                  rng: Callable[[int], bytes] = secrets.token_bytes,
                  clock: Callable[[], float] = time.monotonic,
-                 probe_interval: float = limits.CLUSTER_PROBE_INTERVAL) -> None:
+                 probe_interval: float = limits.CLUSTER_PROBE_INTERVAL,
+                 local_presence: Callable[[], Presence] | None = None,
+                 lease: float = limits.CLUSTER_LEASE,
+                 lease_refresh: float = limits.CLUSTER_LEASE_REFRESH) -> None:
         self.url = url if isinstance(url, StoreUrl) else parse_store_url(url)
         self.advertise = advertise
         self.store: ClusterStore = store if store is not None else RedisStore(self.url)
@@ -50,7 +62,14 @@ class ClusterMember:
         self.key_conflicts = 0
         self.tickets = ClusterTicketStore(self.store, self.health, clock=clock,
                                           on_outage=self._log_outage)
+        self.local_presence = local_presence or (lambda: Presence(self.advertise))
+        self.lease = lease
+        self.lease_refresh = lease_refresh
+        self.view = ClusterView(advertise)
+        self.bad_records = 0
+        self._bad = RateLimitedLog(log)
         self._task: asyncio.Task[None] | None = None
+        self._presence_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def join(self, timeout: float = limits.CLUSTER_JOIN_TIMEOUT) -> None:
@@ -72,11 +91,19 @@ class ClusterMember:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.ensure_future(self._probe())
+        if self._presence_task is None:
+            self._presence_task = asyncio.ensure_future(self._presence())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        for task in (self._task, self._presence_task):
+            if task is not None:
+                task.cancel()
+        self._task = self._presence_task = None
+        if self.health.up:
+            try:        # the others drop this member now instead of when the lease runs out
+                await self.store.withdraw_presence(self.advertise)
+            except StoreUnavailable as exc:
+                log.debug("withdrawing presence: %s", exc)
         try:
             await self.store.close()
         except Exception as exc:  # closing a dead connection may fail; nothing is lost
@@ -125,6 +152,31 @@ class ClusterMember:
             await asyncio.sleep(self.probe_interval)
             await self.probe_once()
 
+    # ------------------------------------------------------------------ presence
+    async def refresh_presence(self) -> None:
+        own = self.local_presence()
+        try:
+            await self.store.publish_presence(self.advertise, own.encode(), self.lease)
+            raw = await self.store.read_presence()
+        except StoreUnavailable as exc:
+            if self.health.failed(self.clock(), str(exc)):
+                self._log_outage(str(exc))
+            self.view.apply(own, [p for m, p in self.view.records.items() if m != self.advertise])
+            return
+        remote: list[Presence] = []
+        for data in raw:
+            try:
+                remote.append(Presence.decode(data))
+            except DecodeError as exc:
+                self.bad_records += 1
+                self._bad.warning("unreadable presence record in the cluster store", str(exc))
+        self.view.apply(own, remote)
+
+    async def _presence(self) -> None:
+        while True:
+            await self.refresh_presence()
+            await asyncio.sleep(self.lease_refresh)
+
     # ------------------------------------------------------------------ observability
     def health_detail(self) -> dict[str, Any]:
         h = self.health
@@ -135,6 +187,8 @@ class ClusterMember:
         }
         if not h.up:
             detail["store_error"] = h.last_error
+        detail["members"] = self.view.members()
+        detail["services"] = self.view.services()
         return detail
 
     def metrics(self) -> list[MetricRow]:
@@ -149,4 +203,8 @@ class ClusterMember:
             ("ztna_session_tickets_not_issued_total", "counter",
              "Session tickets not issued because the cluster store did not answer",
              t.not_issued_store_down, {"reason": "store_down"}),
+            ("ztna_cluster_members", "gauge", "Members in this member's view (itself included)",
+             len(self.view.records), None),
+            ("ztna_cluster_bad_presence_records_total", "counter",
+             "Presence records in the store that did not parse (skipped)", self.bad_records, None),
         ]

@@ -11,8 +11,9 @@ Two kinds of call, with two clients:
   (`ztna.cluster.tickets`).
 * everything else (`shared_secret`, `ping`) is asyncio, off the handshake path.
 
-Keys live under `ztna:` in the URL's database: `ztna:key:<name>` (shared secrets, no expiry)
-and `ztna:ticket:<label hex>` (resumption state, expiring after the ticket lifetime).
+Keys live under `ztna:` in the URL's database: `ztna:key:<name>` (shared secrets, no expiry),
+`ztna:ticket:<label hex>` (resumption state, expiring after the ticket lifetime) and
+`ztna:presence:<member>` (a member's presence record, expiring with its lease).
 The store holds secrets (resumption state, the token and reset keys): it must be private to the
 Intermediates, with a password (`redis://:PASSWORD@HOST…`) and TLS (`rediss://`) across hosts.
 """
@@ -45,6 +46,12 @@ class ClusterStore(Protocol):
     async def shared_secret(self, name: str, size: int, rng: Callable[[int], bytes]) -> bytes: ...
 
     async def ping(self) -> None: ...
+
+    async def publish_presence(self, member: str, record: bytes, lease: float) -> None: ...
+
+    async def read_presence(self) -> list[bytes]: ...
+
+    async def withdraw_presence(self, member: str) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -103,6 +110,27 @@ class RedisStore:
     async def ping(self) -> None:
         try:
             await self._async.ping()
+        except (redis.RedisError, OSError) as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+    async def publish_presence(self, member: str, record: bytes, lease: float) -> None:
+        try:
+            await self._async.set(f"{PREFIX}presence:{member}", record, px=max(1, int(lease * 1000)))
+        except (redis.RedisError, OSError) as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+    async def read_presence(self) -> list[bytes]:
+        """Every live presence record (expired leases are gone from the store)."""
+        try:
+            keys = [k async for k in self._async.scan_iter(match=f"{PREFIX}presence:*", count=1000)]
+            values = await self._async.mget(keys) if keys else []
+        except (redis.RedisError, OSError) as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from None
+        return [v for v in values if isinstance(v, bytes)]
+
+    async def withdraw_presence(self, member: str) -> None:
+        try:
+            await self._async.delete(f"{PREFIX}presence:{member}")
         except (redis.RedisError, OSError) as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from None
 

@@ -166,6 +166,18 @@ class Intermediate:
                            + Path(o.tls.key).read_bytes()).digest(),  # type: ignore[arg-type]
         )
 
+    def _presence(self) -> Any:
+        """What this member holds, for the cluster's presence records."""
+        from ztna.cluster.presence import Presence
+
+        peers = self.registry.peers
+        return Presence(
+            self.options.advertise or "",
+            {s: tuple(peers[c].label for c in pool if c in peers)
+             for s, pool in self.registry.connectors.items()},
+            {s: len(agents) for s, agents in self.registry.agents.items()},
+        )
+
     def _use_cluster_state(self) -> None:
         # Keys and tickets shared by every member, so a client moving between members keeps
         # its address token and resumes in 0-RTT (ztna.cluster).
@@ -181,7 +193,8 @@ class Intermediate:
         if self.options.cluster and self.cluster is None:
             from ztna.cluster.member import ClusterMember
 
-            self.cluster = ClusterMember(self.options.cluster, self.options.advertise or "")
+            self.cluster = ClusterMember(self.options.cluster, self.options.advertise or "",
+                                         local_presence=self._presence)
             await self.cluster.join()
             self.cluster.start()
         self._server_options = self._build_server_options()
