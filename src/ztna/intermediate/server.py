@@ -57,6 +57,7 @@ from ztna.wire import (
     encode_registration,
     to_connector_from_service_datagram,
 )
+from ztna.wire.mesh import MESH_FROM_CONNECTOR, MESH_TO_CONNECTOR
 from ztna.wire.registration import REGISTER_AGENT, REGISTER_CONNECTOR
 
 log = logging.getLogger("ztna.intermediate")
@@ -86,6 +87,9 @@ class IntermediateOptions:
     enable_0rtt: bool = True
     cluster: str | None = None      # redis://HOST:PORT/DB: share keys and tickets with other members
     advertise: str | None = None    # HOST:PORT the other members know this one by
+    # The certificate this member dials the others with (SAN intermediate.ztna); None:
+    # member.pem/.key next to the server certificate, if they are there (else no mesh).
+    mesh_tls: TlsFiles | None = None
 
 
 @dataclass
@@ -129,6 +133,7 @@ class Intermediate:
         self._routed: dict[str, set[int]] = {}
         self._route_refs: dict[_Route, int] = {}
         self.cluster: Any = None        # a ztna.cluster.member.ClusterMember with --cluster
+        self.mesh: Any = None           # its ztna.cluster.mesh.Mesh, with a member certificate
 
     # ------------------------------------------------------------------ lifecycle
     def _build_server_options(self) -> ServerOptions:
@@ -178,6 +183,29 @@ class Intermediate:
             {s: len(agents) for s, agents in self.registry.agents.items()},
         )
 
+    def _start_mesh(self) -> None:
+        o = self.options
+        tls = o.mesh_tls
+        if tls is None and o.tls.cert is not None:
+            d = Path(o.tls.cert).parent
+            if (d / "member.pem").exists() and (d / "member.key").exists():
+                tls = TlsFiles(cert=d / "member.pem", key=d / "member.key", ca=o.tls.ca)
+        if tls is None:
+            log.warning("no member certificate (member.pem/.key beside the server certificate):"
+                        " the mesh is off, Agents reach only Connectors on this member")
+            return
+        from ztna.cluster.mesh import Mesh
+
+        self.mesh = Mesh(self, self.cluster, tls, udp_payload=o.udp_payload)
+
+    def new_peer_id(self) -> int:
+        """A peer id in use by no connection and no registry entry (remote Agents have one)."""
+        peer_id = self._next_peer
+        while peer_id in self.conns or peer_id in self.registry.peers:
+            peer_id = (peer_id % 0xFFFFFFFF) + 1
+        self._next_peer = (peer_id % 0xFFFFFFFF) + 1
+        return peer_id
+
     def _use_cluster_state(self) -> None:
         # Keys and tickets shared by every member, so a client moving between members keeps
         # its address token and resumes in 0-RTT (ztna.cluster).
@@ -197,6 +225,7 @@ class Intermediate:
                                          local_presence=self._presence)
             await self.cluster.join()
             self.cluster.start()
+            self._start_mesh()
         self._server_options = self._build_server_options()
         for host, port in self.options.listen:
             try:
@@ -257,6 +286,8 @@ class Intermediate:
             ep.shutdown_socket()
         if self.metrics_server:
             await self.metrics_server.close()
+        if self.mesh is not None:
+            self.mesh.close()
         if self.cluster is not None:
             await self.cluster.close()
         self._stopped.set()
@@ -271,12 +302,12 @@ class Intermediate:
 
     # ------------------------------------------------------------------ peers
     def peer_up(self, conn: ZtnaConnection) -> None:
-        peer_id = self._next_peer
-        while peer_id in self.conns:  # stable ids (Hello) live in the same space
-            peer_id = (peer_id % 0xFFFFFFFF) + 1
-        self._next_peer = (peer_id % 0xFFFFFFFF) + 1
-        conn.user = peer_id
         identity = conn.identity
+        if identity is not None and identity.intermediate and self.mesh is not None:
+            self.mesh.member_up(conn)   # another member of the cluster: a mesh peer only
+            return
+        peer_id = self.new_peer_id()    # stable ids (Hello) live in the same space
+        conn.user = peer_id
         if identity is not None and not identity.scoped:
             if not self.options.insecure_allow_unscoped:
                 log.warning("refusing %s: certificate %r has no ztna service SAN",
@@ -301,6 +332,8 @@ class Intermediate:
             conn.send_control(encode_control(AddressToken(token=token.hex())))
 
     def peer_down(self, conn: ZtnaConnection, reason: str) -> None:
+        if self.mesh is not None and self.mesh.member_down(conn):
+            return
         peer_id = conn.user
         if peer_id is None or self.conns.get(peer_id) is not conn:
             return
@@ -308,6 +341,8 @@ class Intermediate:
         self._instances.pop(peer_id, None)
         self._held.pop(conn, None)
         self.execute(self.registry.remove_peer(peer_id))
+        if self.mesh is not None:
+            self.mesh.agent_gone(peer_id)
         if self.signaling is not None:
             self.execute(self.signaling.peer_gone(peer_id))
         if self.streams is not None:
@@ -448,6 +483,8 @@ class Intermediate:
         new_id = stable_peer_id(fingerprint, instance)
         if new_id == old_id:
             return
+        if new_id in self.registry.peers and new_id not in self.conns:
+            return  # a remote Agent's id (the mesh): keep the sequential one
         other = self.conns.get(new_id)
         if other is not None:
             if self._instances.get(new_id) != key:
@@ -510,6 +547,8 @@ class Intermediate:
             target_id = registry.connector_for(service, packet)
             target = self.conns.get(target_id) if target_id is not None else None
             if target is None:
+                if self.mesh is not None and self.mesh.forward(peer_id, service, packet, data):
+                    return
                 stats.dropped_no_connector += 1
                 self._bad.warning("no connector for service", service)
                 return
@@ -527,7 +566,8 @@ class Intermediate:
                 return
             target = self.conns.get(agent_id)
             if target is None:
-                stats.dropped_bad_reply += 1
+                if self.mesh is None or not self.mesh.reply(agent_id, packet):
+                    stats.dropped_bad_reply += 1
                 return
             out = bytes(packet)
         elif kind in (REGISTER_AGENT, REGISTER_CONNECTOR):
@@ -543,6 +583,9 @@ class Intermediate:
                 self._log_registration(conn, msg, reply)
                 conn.send_datagram(encode_registration(reply))
                 self.execute(notes)
+            return
+        elif kind in (MESH_TO_CONNECTOR, MESH_FROM_CONNECTOR) and self.mesh is not None:
+            self.mesh.on_member_datagram(conn, data)
             return
         else:
             stats.dropped_unknown_type += 1
@@ -610,6 +653,8 @@ class Intermediate:
                     s.held_until_registered, None))
         if self.cluster is not None:
             out.extend(self.cluster.metrics())
+        if self.mesh is not None:
+            out.extend(self.mesh.metrics())
         if self.signaling is not None:
             for name, kind, help_text, value, labels in self.signaling.metrics():
                 out.append((name, kind, help_text, value, labels))

@@ -1,0 +1,275 @@
+"""The mesh: tunnel DATAGRAMs between members, for an Agent and a Connector attached to
+different Intermediates of one cluster (docs/protocol.md §3.6, 0x32 / 0x33).
+
+Outbound (the Agent's member): a 0x2F whose service has no Connector here is placed on a
+Connector elsewhere in the cluster (`ClusterView`, rendezvous hashing over the other members'
+Connectors) and sent as 0x32 over a link to that member: one QUIC connection per member,
+opened on first use from this member's own client socket with its member certificate (SAN
+`intermediate.ztna`), and opened again when it dies. Until its handshake completes, datagrams
+wait in the native queue. A 0x33 coming back is delivered only to an Agent that this member
+forwarded through that very link, and only while that Agent is connected.
+
+Inbound (the Connector's member): a peer whose certificate says `intermediate.ztna` is a mesh
+peer, nothing else (no registrations, no tunnel traffic as an Agent). For each agent ref it
+forwards, this member keeps an id of its own registered in the registry as an Agent of the
+services forwarded for it, so the Connector sees a normal 0x30 and the registry's reply check
+(`may_reply`) applies to the remote Agent as to a local one. Those ids go when the mesh
+connection goes (the Connectors get AgentGone).
+
+Not carried yet: relayed TCP streams and hole-punch signaling.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from ztna.cluster.presence import place
+from ztna.errors import DecodeError
+from ztna.intermediate.config import parse_host_port
+from ztna.intermediate.registry import flow_key
+from ztna.observe import RateLimitedLog
+from ztna.quic.config import TlsFiles, make_configuration
+from ztna.quic.connection import ConnectionHandler, ZtnaConnection
+from ztna.quic.endpoint import QuicEndpoint, bind_udp
+from ztna.wire import Register, Role
+from ztna.wire.mesh import (
+    MESH_FROM_CONNECTOR,
+    MESH_TO_CONNECTOR,
+    decode_mesh_from_connector,
+    decode_mesh_to_connector,
+)
+
+log = logging.getLogger("ztna.cluster")
+
+_TO_HEADER = bytes((MESH_TO_CONNECTOR, 0x01))
+_FROM_HEADER = bytes((MESH_FROM_CONNECTOR, 0x01))
+
+
+@dataclass
+class MeshStats:
+    forwarded: int = 0            # 0x32 sent to another member
+    delivered: int = 0            # 0x33 handed to a local Agent
+    received: int = 0             # 0x32 handed to a local Connector
+    replied: int = 0              # 0x33 sent back to another member
+    dropped_no_member: int = 0    # no Connector anywhere in the cluster
+    dropped_no_connector: int = 0  # 0x32 for a service without a Connector here
+    dropped_bad_reply: int = 0    # 0x33 for an Agent not forwarded through that link
+    dropped_malformed: int = 0
+    dropped_oversize: int = 0
+    links_opened: int = 0
+
+
+@dataclass(eq=False)
+class MeshPeer:
+    """What this member knows of one inbound mesh connection: its remote Agents."""
+
+    conn: ZtnaConnection
+    ids: dict[int, int] = field(default_factory=dict)     # agent ref -> our id
+
+
+class _LinkHandler(ConnectionHandler):
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+
+    def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
+        self.mesh.on_link_datagram(conn, data)
+
+    def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
+        self.mesh.link_closed(conn, reason)
+
+
+class Mesh:
+    def __init__(self, server: Any, member: Any, tls: TlsFiles, *, udp_payload: int) -> None:
+        self.server = server          # the Intermediate (registry, conns, execute, ids)
+        self.member = member          # its ClusterMember (view, own name)
+        self.tls = tls
+        self.udp_payload = udp_payload
+        self.stats = MeshStats()
+        self.links: dict[str, ZtnaConnection] = {}
+        self._forwarded: dict[ZtnaConnection, set[int]] = {}
+        self._proxies: dict[int, tuple[MeshPeer, int]] = {}    # our id -> (mesh peer, ref)
+        self._endpoints: dict[bool, QuicEndpoint] = {}     # by "is IPv6"
+        self._bad = RateLimitedLog(log)
+
+    # ------------------------------------------------------------------ outbound
+    def forward(self, agent_id: int, service: str, packet: memoryview, data: bytes) -> bool:
+        """A 0x2F (`data`, carrying `packet`) of a local Agent whose service has no Connector
+        here: send it to the member its flow is placed on. False: none in the cluster."""
+        own = self.member.advertise + "/"
+        candidates = [n for n in self.member.view.connectors(service) if not n.startswith(own)]
+        name = place(flow_key(packet), candidates)
+        if name is None:
+            self.stats.dropped_no_member += 1
+            return False
+        link = self._link(name.partition("/")[0])
+        if link is None:
+            self.stats.dropped_no_member += 1
+            return True
+        out = _TO_HEADER + agent_id.to_bytes(4, "big") + data[1:]
+        self._forwarded.setdefault(link, set()).add(agent_id)
+        if link.handshake_complete and len(out) > link.max_datagram_payload():
+            self.stats.dropped_oversize += 1
+            return True
+        link.send_datagram(out)
+        self.stats.forwarded += 1
+        return True
+
+    def _link(self, member: str) -> ZtnaConnection | None:
+        link = self.links.get(member)
+        if link is not None and not link.closed:
+            return link
+        try:
+            host, port = parse_host_port(member)
+        except ValueError:
+            self._bad.warning("unusable member address in the cluster view", member)
+            return None
+        v6 = ":" in host
+        endpoint = self._endpoints.get(v6)
+        if endpoint is None:
+            endpoint = self._endpoints[v6] = QuicEndpoint(bind_udp("::" if v6 else "0.0.0.0", 0))
+        config = make_configuration(is_client=True, tls=self.tls, server_name=host,
+                                    udp_payload=self.udp_payload)
+        link = endpoint.connect((host, port), config, _LinkHandler(self))
+        link.label = f"mesh→{member}"
+        self.links[member] = link
+        self.stats.links_opened += 1
+        log.info("mesh link to %s opening", member)
+        return link
+
+    def on_link_datagram(self, link: ZtnaConnection, data: bytes) -> None:
+        try:
+            ref, packet = decode_mesh_from_connector(data)
+        except DecodeError as exc:
+            self.stats.dropped_malformed += 1
+            self._bad.warning("malformed mesh datagram", str(exc))
+            return
+        agent = self.server.conns.get(ref)
+        if agent is None or ref not in self._forwarded.get(link, ()):
+            self.stats.dropped_bad_reply += 1
+            self._bad.warning("mesh reply for an agent not forwarded through that link", f"{link.label} → {ref}")
+            return
+        agent.send_datagram(bytes(packet))
+        self.stats.delivered += 1
+
+    def link_closed(self, link: ZtnaConnection, reason: str) -> None:
+        self._forwarded.pop(link, None)
+        for member, conn in list(self.links.items()):
+            if conn is link:
+                del self.links[member]
+                log.info("mesh link to %s closed: %s", member, reason)
+
+    def agent_gone(self, agent_id: int) -> None:
+        for agents in self._forwarded.values():
+            agents.discard(agent_id)
+
+    # ------------------------------------------------------------------ inbound
+    def member_up(self, conn: ZtnaConnection) -> None:
+        conn.user = MeshPeer(conn)
+        label = conn.identity.common_name if conn.identity is not None else "?"
+        conn.label = f"mesh←{label}"
+        log.info("mesh peer %s connected", label)
+
+    def member_down(self, conn: ZtnaConnection) -> bool:
+        """True when `conn` was a mesh peer (its remote Agents are gone now)."""
+        peer = conn.user
+        if not isinstance(peer, MeshPeer):
+            return False
+        notes = []
+        for our_id in peer.ids.values():
+            self._proxies.pop(our_id, None)
+            notes += self.server.registry.remove_peer(our_id)
+        self.server.execute(notes)
+        log.info("mesh peer %s gone (%d remote agents)", conn.label, len(peer.ids))
+        return True
+
+    def on_member_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
+        peer = conn.user
+        if not isinstance(peer, MeshPeer) or data[0] != MESH_TO_CONNECTOR:
+            self.stats.dropped_malformed += 1
+            self._bad.warning("mesh datagram from a peer that is not a mesh peer", conn.label)
+            return
+        try:
+            ref, service, packet = decode_mesh_to_connector(data)
+        except DecodeError as exc:
+            self.stats.dropped_malformed += 1
+            self._bad.warning("malformed mesh datagram", str(exc))
+            return
+        registry = self.server.registry
+        our_id = peer.ids.get(ref)
+        if our_id is None:
+            our_id = self.server.new_peer_id()
+            registry.add_peer(our_id, _RemoteAgent(), f"{conn.label}/agent#{ref}")
+            peer.ids[ref] = our_id
+            self._proxies[our_id] = (peer, ref)
+        if not registry.is_agent_of(our_id, service):
+            _reply, notes = registry.register(our_id, Register(role=Role.AGENT, service_id=service))
+            self.server.execute(notes)
+        target_id = registry.connector_for(service, packet)
+        target = self.server.conns.get(target_id) if target_id is not None else None
+        if target is None:
+            self.stats.dropped_no_connector += 1
+            self._bad.warning("mesh datagram for a service without a connector here", service)
+            return
+        out = b"\x30\x01" + our_id.to_bytes(4, "big") + data[6:]
+        if len(out) > target.max_datagram_payload():
+            self.stats.dropped_oversize += 1
+            return
+        target.send_datagram(out)
+        self.stats.received += 1
+
+    def reply(self, our_id: int, packet: memoryview) -> bool:
+        """A Connector's 0x31 to a remote Agent (already checked by `may_reply`)."""
+        entry = self._proxies.get(our_id)
+        if entry is None:
+            return False
+        peer, ref = entry
+        if peer.conn.closed:
+            return False
+        out = _FROM_HEADER + ref.to_bytes(4, "big") + bytes(packet)
+        if len(out) > peer.conn.max_datagram_payload():
+            self.stats.dropped_oversize += 1
+            return True
+        peer.conn.send_datagram(out)
+        self.stats.replied += 1
+        return True
+
+    # ------------------------------------------------------------------ lifecycle, metrics
+    def close(self) -> None:
+        for link in list(self.links.values()):
+            link.close(0, "member shutting down")
+        for endpoint in self._endpoints.values():
+            endpoint.flush()
+            endpoint.shutdown_socket()
+        self._endpoints.clear()
+
+    def metrics(self) -> list[tuple[str, str, str, float, dict[str, str] | None]]:
+        s = self.stats
+        out: list[tuple[str, str, str, float, dict[str, str] | None]] = [
+            ("ztna_mesh_datagrams_total", "counter", "Tunnel DATAGRAMs across the mesh", s.forwarded,
+             {"direction": "forwarded"}),
+            ("ztna_mesh_datagrams_total", "counter", "Tunnel DATAGRAMs across the mesh", s.delivered,
+             {"direction": "delivered"}),
+            ("ztna_mesh_datagrams_total", "counter", "Tunnel DATAGRAMs across the mesh", s.received,
+             {"direction": "received"}),
+            ("ztna_mesh_datagrams_total", "counter", "Tunnel DATAGRAMs across the mesh", s.replied,
+             {"direction": "replied"}),
+            ("ztna_mesh_links", "gauge", "Open mesh links to other members",
+             sum(1 for link in self.links.values() if not link.closed), None),
+            ("ztna_mesh_links_opened_total", "counter", "Mesh links opened", s.links_opened, None),
+        ]
+        for reason in ("no_member", "no_connector", "bad_reply", "malformed", "oversize"):
+            out.append(("ztna_mesh_dropped_total", "counter", "Mesh datagrams dropped by reason",
+                        getattr(s, f"dropped_{reason}"), {"reason": reason}))
+        return out
+
+
+class _RemoteAgent:
+    """Authorization of a remote Agent: its own member checked its certificate before it
+    forwarded anything, and the mesh peer proved its membership (intermediate.ztna)."""
+
+    scoped = True
+
+    def allows(self, role: str, service: str) -> bool:
+        return role == "agent"

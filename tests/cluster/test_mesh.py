@@ -1,0 +1,123 @@
+"""The mesh between real member processes: an Agent on I1 reaches a Connector on I2 byte for
+byte (DATAGRAM carriage, 0x32/0x33), two Agents on I1 never see each other's answers, and a
+member certificate is a mesh peer only (it cannot register as an Agent or a Connector)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cluster_helpers import IntermediateProc, Peer, RedisProc, member
+
+from ztna import limits
+from ztna.certs import init_pki, issue
+from ztna.netstack.packets import build_udp_packet, parse_ip, parse_udp
+from ztna.quic.config import TlsFiles
+from ztna.wire import RegistrationAck, RegistrationNack, Role, encode_service_datagram
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    init_pki(d, ["echo"])
+    issue(d, "agent", "agent-2", ["echo"], out_prefix=d / "agent-2")
+    issue(d, "member", "member", out_prefix=d / "member")
+    return d
+
+
+@pytest.fixture
+def cluster(pki: Path, tmp_path: Path) -> Iterator[tuple[IntermediateProc, IntermediateProc]]:
+    redis = RedisProc(tmp_path / "redis").start()
+    i1 = member(pki, redis, tmp_path / "i1.log").start()
+    i2 = member(pki, redis, tmp_path / "i2.log").start()
+    yield i1, i2
+    for p in (i1, i2):
+        assert p.stop() == 0, p.log()
+    redis.kill()
+
+
+def services(proc: IntermediateProc) -> dict[str, dict[str, object]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/healthz", timeout=2) as r:
+        return json.loads(r.read())["cluster"]["services"]  # type: ignore[no-any-return]
+
+
+async def until_placed(proc: IntermediateProc, service: str) -> None:
+    for _ in range(int((limits.CLUSTER_LEASE_REFRESH * 3 + 2) / 0.1)):
+        if services(proc).get(service, {}).get("connectors"):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{service} never showed up in the view")
+
+
+def packet(src: int, sport: int, payload: bytes) -> bytes:
+    return build_udp_packet(bytes([10, 1, 2, src]), bytes([10, 9, 9, 9]), sport, 9999, payload)
+
+
+def test_agent_on_one_member_reaches_a_connector_on_another(
+        pki: Path, cluster: tuple[IntermediateProc, IntermediateProc]) -> None:
+    i1, i2 = cluster
+
+    async def main() -> None:
+        connector = await Peer(echo=True).connect("127.0.0.1", i2.port, TlsFiles.from_dir(pki, "connector"))
+        assert isinstance(await connector.register(Role.CONNECTOR, "echo"), RegistrationAck)
+        a = await Peer().connect("127.0.0.1", i1.port, TlsFiles.from_dir(pki, "agent"))
+        b = await Peer().connect("127.0.0.1", i1.port, TlsFiles.from_dir(pki, "agent-2"))
+        for agent in (a, b):
+            assert isinstance(await agent.register(Role.AGENT, "echo"), RegistrationAck)
+        await until_placed(i1, "echo")
+        sent: dict[Peer, list[bytes]] = {a: [], b: []}
+        for n in range(40):
+            for agent, src in ((a, 1), (b, 2)):
+                payload = os.urandom(16 + n * 29)          # up to 1147 bytes, random
+                sent[agent].append(payload)
+                assert agent.conn is not None
+                agent.conn.send_datagram(encode_service_datagram("echo", packet(src, 4000 + n, payload)))
+            await asyncio.sleep(0.005)
+        def answers(p: Peer) -> list[bytes]:
+            return [d for d in p.datagrams if d[0] >> 4 == 4]   # not the QAD (0x01)
+
+        for _ in range(300):
+            if all(len(answers(p)) >= 40 for p in (a, b)):
+                break
+            await asyncio.sleep(0.02)
+        for agent, src in ((a, 1), (b, 2)):
+            got = []
+            for d in answers(agent):
+                ip = parse_ip(d)
+                assert ip.dst == bytes([10, 1, 2, src])    # only its own answers
+                got.append(bytes(parse_udp(d, ip).payload))
+            assert sorted(got) == sorted(sent[agent]), (len(got), len(sent[agent]))
+        assert connector.echoed == 80
+        for p in (a, b, connector):
+            await p.close()
+
+    asyncio.run(main())
+    m1, m2 = i1.metrics(), i2.metrics()
+    assert m1['ztna_mesh_datagrams_total{direction="forwarded"}'] == 80
+    assert m1['ztna_mesh_datagrams_total{direction="delivered"}'] == 80
+    assert m2['ztna_mesh_datagrams_total{direction="received"}'] == 80
+    assert m2['ztna_mesh_datagrams_total{direction="replied"}'] == 80
+    assert m1["ztna_mesh_links_opened_total"] == 1
+    assert m1.get('ztna_relay_dropped_total{reason="no_connector"}', 0) == 0
+
+
+def test_a_member_certificate_is_a_mesh_peer_only(
+        pki: Path, cluster: tuple[IntermediateProc, IntermediateProc]) -> None:
+    i1, _ = cluster
+
+    async def main() -> None:
+        peer = await Peer().connect("127.0.0.1", i1.port, TlsFiles.from_dir(pki, "member"))
+        for role in (Role.AGENT, Role.CONNECTOR):
+            reply = await peer.register(role, "echo")
+            assert isinstance(reply, RegistrationNack), reply
+        await peer.close()
+
+    asyncio.run(main())
+    assert i1.metrics().get("ztna_registrations_total", 0) == 0
