@@ -121,3 +121,105 @@ def test_a_member_certificate_is_a_mesh_peer_only(
 
     asyncio.run(main())
     assert i1.metrics().get("ztna_registrations_total", 0) == 0
+
+
+def test_both_carriages_to_a_real_connector_on_another_member(
+        pki: Path, cluster: tuple[IntermediateProc, IntermediateProc], tmp_path: Path) -> None:
+    """`ztna connector` (a real process) on I2 with real TCP and UDP backends; an Agent on I1
+    sends UDP in DATAGRAMs and opens TCP-carrying streams: every byte comes back."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from ztna.wire import StreamOpen, encode_stream_open
+
+    i1, i2 = cluster
+
+    async def main() -> None:
+        async def tcp_handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            digest = hashlib.sha256()
+            while data := await r.read(65536):
+                digest.update(data)
+            w.write(digest.hexdigest().encode())        # the sink answers with what it got
+            await w.drain()
+            w.close()
+
+        tcp = await asyncio.start_server(tcp_handle, "127.0.0.1", 0)
+        tcp_port = tcp.sockets[0].getsockname()[1]
+
+        class UdpEcho(asyncio.DatagramProtocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.t = transport
+
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                self.t.sendto(data, addr)  # type: ignore[attr-defined]
+
+        loop = asyncio.get_running_loop()
+        udp, _ = await loop.create_datagram_endpoint(UdpEcho, local_addr=("127.0.0.1", 0))
+        udp_port = udp.get_extra_info("sockname")[1]
+        log = open(tmp_path / "connector.log", "wb")  # noqa: SIM115
+        connector = subprocess.Popen(
+            [sys.executable, "-m", "ztna", "connector", "--intermediate", f"127.0.0.1:{i2.port}",
+             "--server-name", "localhost", "--pki", str(pki), "--p2p-port", "off", "--metrics", "off",
+             "--service", f"echo=10.100.0.2;tcp:7=127.0.0.1:{tcp_port};udp:7=127.0.0.1:{udp_port}"],
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            agent = await Peer().connect("127.0.0.1", i1.port, TlsFiles.from_dir(pki, "agent"))
+            assert isinstance(await agent.register(Role.AGENT, "echo"), RegistrationAck)
+            await until_placed(i1, "echo")
+            conn = agent.conn
+            assert conn is not None
+            # Streams: three uploads of different sizes, each answered with its sha256.
+            replies: dict[int, bytearray] = {}
+            ended: set[int] = set()
+            orig = agent.on_stream_data if hasattr(agent, "on_stream_data") else None
+            assert orig is not None
+
+            def on_stream_data(c: object, sid: int, data: bytes, end: bool) -> None:
+                replies.setdefault(sid, bytearray()).extend(data)
+                c.consume_stream(sid, len(data))  # type: ignore[attr-defined]
+                if end:
+                    ended.add(sid)
+
+            agent.on_stream_data = on_stream_data  # type: ignore[method-assign]
+            want: dict[int, str] = {}
+            for size in (1, 70_000, 3_000_000):
+                body = os.urandom(size)
+                sid = conn.open_stream()
+                conn.send_stream(sid, encode_stream_open(StreamOpen("echo", "10.100.0.2", 7)))
+                for off in range(0, size, 32768):
+                    while conn.stream_send_backlog(sid) > 1 << 20:
+                        await asyncio.sleep(0.002)
+                    conn.send_stream(sid, body[off:off + 32768])
+                conn.send_stream(sid, b"", end=True)
+                want[sid] = hashlib.sha256(body).hexdigest()
+            for _ in range(1500):
+                if ended >= set(want):
+                    break
+                await asyncio.sleep(0.02)
+            for sid, digest in want.items():
+                assert bytes(replies.get(sid, b""))[1:].decode() == digest, (sid, replies.get(sid))
+                assert replies[sid][0] == 0            # status OK from the Connector
+            # DATAGRAMs: UDP through the Connector's real socket to the echo server and back.
+            payloads = [os.urandom(n) for n in (1, 100, 1000)]
+            for n, p in enumerate(payloads):
+                conn.send_datagram(encode_service_datagram("echo", build_udp_packet(
+                    bytes([100, 64, 0, 1]), bytes([10, 100, 0, 2]), 5000 + n, 7, p)))
+            for _ in range(300):
+                if len([d for d in agent.datagrams if d[0] >> 4 == 4]) >= 3:
+                    break
+                await asyncio.sleep(0.02)
+            got = sorted(bytes(parse_udp(d, parse_ip(d)).payload) for d in agent.datagrams if d[0] >> 4 == 4)
+            assert got == sorted(payloads)
+            await agent.close()
+        finally:
+            connector.terminate()
+            connector.wait(10)
+            log.close()
+            tcp.close()
+            udp.close()
+
+    asyncio.run(main())
+    m1 = i1.metrics()
+    assert m1['ztna_mesh_streams_total{direction="forwarded"}'] == 3
+    assert i2.metrics()['ztna_mesh_streams_total{direction="received"}'] == 3

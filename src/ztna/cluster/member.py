@@ -66,6 +66,7 @@ class ClusterMember:
         self.lease = lease
         self.lease_refresh = lease_refresh
         self.view = ClusterView(advertise)
+        self.on_view: Callable[[], None] | None = None     # called after each refresh
         self.bad_records = 0
         self._bad = RateLimitedLog(log)
         self._task: asyncio.Task[None] | None = None
@@ -171,6 +172,8 @@ class ClusterMember:
                 self.bad_records += 1
                 self._bad.warning("unreadable presence record in the cluster store", str(exc))
         self.view.apply(own, remote)
+        if self.on_view is not None:
+            self.on_view()
 
     async def _presence(self) -> None:
         while True:

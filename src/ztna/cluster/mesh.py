@@ -16,7 +16,11 @@ services forwarded for it, so the Connector sees a normal 0x30 and the registry'
 (`may_reply`) applies to the remote Agent as to a local one. Those ids go when the mesh
 connection goes (the Connectors get AgentGone).
 
-Not carried yet: relayed TCP streams and hole-punch signaling.
+TCP-carrying streams cross the same links (`ztna.intermediate.streams`): the Agent's member
+opens a stream on the link headed `RelayedStreamOpen` with its Agent id, and this member
+splices it to a Connector as if the remote Agent were local (`stream_from_member`).
+
+Not carried yet: resumed streams (StreamResume) and hole-punch signaling.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from ztna.observe import RateLimitedLog
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
-from ztna.wire import Register, Role
+from ztna.quic.maintenance import ConnectionUpkeep
+from ztna.wire import Register, RelayedStreamOpen, Role, StreamOpen
 from ztna.wire.mesh import (
     MESH_FROM_CONNECTOR,
     MESH_TO_CONNECTOR,
@@ -59,6 +64,8 @@ class MeshStats:
     dropped_malformed: int = 0
     dropped_oversize: int = 0
     links_opened: int = 0
+    streams_forwarded: int = 0    # Agent streams spliced onto a mesh link
+    streams_received: int = 0     # mesh streams spliced to a local Connector
 
 
 @dataclass(eq=False)
@@ -75,6 +82,16 @@ class _LinkHandler(ConnectionHandler):
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         self.mesh.on_link_datagram(conn, data)
+
+    def on_stream_data(self, conn: ZtnaConnection, stream_id: int, data: bytes, end: bool) -> None:
+        streams = self.mesh.server.streams
+        if streams is not None:
+            streams.on_stream_data(conn, stream_id, data, end)
+
+    def on_stream_reset(self, conn: ZtnaConnection, stream_id: int, error_code: int) -> None:
+        streams = self.mesh.server.streams
+        if streams is not None:
+            streams.on_stream_reset(conn, stream_id, error_code)
 
     def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
         self.mesh.link_closed(conn, reason)
@@ -116,6 +133,13 @@ class Mesh:
         self.stats.forwarded += 1
         return True
 
+    def maintain(self) -> None:
+        """After each view refresh: a link to every other member that holds Connectors, so
+        the first packet or stream for it does not wait for a handshake."""
+        for member, record in self.member.view.records.items():
+            if member != self.member.advertise and any(record.connectors.values()):
+                self._link(member)
+
     def _link(self, member: str) -> ZtnaConnection | None:
         link = self.links.get(member)
         if link is not None and not link.closed:
@@ -133,6 +157,8 @@ class Mesh:
                                     udp_payload=self.udp_payload)
         link = endpoint.connect((host, port), config, _LinkHandler(self))
         link.label = f"mesh→{member}"
+        link.user = link.label      # the stream splicer keys its legs by (user, stream id)
+        ConnectionUpkeep(link, cid_rotation=None).start()   # keepalive: links stay up
         self.links[member] = link
         self.stats.links_opened += 1
         log.info("mesh link to %s opening", member)
@@ -153,8 +179,38 @@ class Mesh:
         agent.send_datagram(bytes(packet))
         self.stats.delivered += 1
 
+    def stream_link(self, agent_id: int, service: str, key: bytes) -> ZtnaConnection | None:
+        """The mesh link a local Agent's stream for `service` goes out on (placed like its
+        datagrams), or None when no other member has a Connector for it."""
+        own = self.member.advertise + "/"
+        candidates = [n for n in self.member.view.connectors(service) if not n.startswith(own)]
+        name = place(key, candidates)
+        if name is None:
+            return None
+        link = self._link(name.partition("/")[0])
+        if link is None or not link.handshake_complete:
+            # A stream needs the link's handshake done (stream credit): links are opened as
+            # soon as a member with Connectors shows up (`maintain`), so this is the brief
+            # moment before; the Agent sees UNREACHABLE and may retry.
+            return None
+        self.stats.streams_forwarded += 1
+        return link
+
+    def stream_from_member(self, conn: ZtnaConnection, header: object) -> tuple[int | None, object]:
+        """(our id for the remote Agent, the header as the Agent's own) for a stream a mesh
+        peer opened with `RelayedStreamOpen`; (None, header) for anything else."""
+        peer = conn.user
+        if not isinstance(peer, MeshPeer) or not isinstance(header, RelayedStreamOpen):
+            return None, header
+        our_id = self._remote_agent(peer, header.agent_id, header.service_id)
+        self.stats.streams_received += 1
+        return our_id, StreamOpen(service_id=header.service_id, dst_ip=header.dst_ip,
+                                  dst_port=header.dst_port)
+
     def link_closed(self, link: ZtnaConnection, reason: str) -> None:
         self._forwarded.pop(link, None)
+        if self.server.streams is not None:
+            self.server.streams.peer_gone(link.user)
         for member, conn in list(self.links.items()):
             if conn is link:
                 del self.links[member]
@@ -181,6 +237,8 @@ class Mesh:
             self._proxies.pop(our_id, None)
             notes += self.server.registry.remove_peer(our_id)
         self.server.execute(notes)
+        if self.server.streams is not None:
+            self.server.streams.peer_gone(peer)
         log.info("mesh peer %s gone (%d remote agents)", conn.label, len(peer.ids))
         return True
 
@@ -197,15 +255,7 @@ class Mesh:
             self._bad.warning("malformed mesh datagram", str(exc))
             return
         registry = self.server.registry
-        our_id = peer.ids.get(ref)
-        if our_id is None:
-            our_id = self.server.new_peer_id()
-            registry.add_peer(our_id, _RemoteAgent(), f"{conn.label}/agent#{ref}")
-            peer.ids[ref] = our_id
-            self._proxies[our_id] = (peer, ref)
-        if not registry.is_agent_of(our_id, service):
-            _reply, notes = registry.register(our_id, Register(role=Role.AGENT, service_id=service))
-            self.server.execute(notes)
+        our_id = self._remote_agent(peer, ref, service)
         target_id = registry.connector_for(service, packet)
         target = self.server.conns.get(target_id) if target_id is not None else None
         if target is None:
@@ -218,6 +268,20 @@ class Mesh:
             return
         target.send_datagram(out)
         self.stats.received += 1
+
+    def _remote_agent(self, peer: MeshPeer, ref: int, service: str) -> int:
+        """Our id for agent `ref` of that mesh peer, registered for `service`."""
+        registry = self.server.registry
+        our_id = peer.ids.get(ref)
+        if our_id is None:
+            our_id = self.server.new_peer_id()
+            registry.add_peer(our_id, _RemoteAgent(), f"{peer.conn.label}/agent#{ref}")
+            peer.ids[ref] = our_id
+            self._proxies[our_id] = (peer, ref)
+        if not registry.is_agent_of(our_id, service):
+            _reply, notes = registry.register(our_id, Register(role=Role.AGENT, service_id=service))
+            self.server.execute(notes)
+        return int(our_id)
 
     def reply(self, our_id: int, packet: memoryview) -> bool:
         """A Connector's 0x31 to a remote Agent (already checked by `may_reply`)."""
@@ -258,6 +322,10 @@ class Mesh:
             ("ztna_mesh_links", "gauge", "Open mesh links to other members",
              sum(1 for link in self.links.values() if not link.closed), None),
             ("ztna_mesh_links_opened_total", "counter", "Mesh links opened", s.links_opened, None),
+            ("ztna_mesh_streams_total", "counter", "TCP-carrying streams across the mesh",
+             s.streams_forwarded, {"direction": "forwarded"}),
+            ("ztna_mesh_streams_total", "counter", "TCP-carrying streams across the mesh",
+             s.streams_received, {"direction": "received"}),
         ]
         for reason in ("no_member", "no_connector", "bad_reply", "malformed", "oversize"):
             out.append(("ztna_mesh_dropped_total", "counter", "Mesh datagrams dropped by reason",

@@ -197,6 +197,7 @@ class Intermediate:
         from ztna.cluster.mesh import Mesh
 
         self.mesh = Mesh(self, self.cluster, tls, udp_payload=o.udp_payload)
+        self.cluster.on_view = self.mesh.maintain
 
     def new_peer_id(self) -> int:
         """A peer id in use by no connection and no registry entry (remote Agents have one)."""

@@ -13,6 +13,11 @@ on every stream event and, while any leg holds uncredited bytes, every `RECHECK`
 (the transport reports no "drained" event). FIN ↔ FIN, reset ↔ reset; a peer that goes away resets the
 other leg of each of its splices. At most `MAX_SPLICES_PER_PEER` per Agent.
 
+In a cluster (`ztna.cluster.mesh`) a stream for a service without a Connector here goes to the
+member its flow is placed on: the other leg is a stream on the mesh link to that member, headed
+`RelayedStreamOpen` with this member's Agent id; that member splices it like an Agent's stream,
+to one of its Connectors, with its own id for the remote Agent. Resumed streams do not cross.
+
 `StreamResume` (docs/protocol.md §5.1: a stream that was on a direct connection continues
 here) is spliced the same way, as `RelayedStreamResume(agent_id, ...)`; the Connector checks
 the token against the agent id we vouch for.
@@ -131,16 +136,25 @@ class StreamSplicer:
 
     def _open(self, leg: _Leg, header: Any, rest: bytes) -> bool:
         srv = self.srv
-        if (not isinstance(header, (StreamOpen, StreamResume))
-                or not srv.registry.is_agent_of(leg.peer, header.service_id)):
+        mesh = getattr(srv, "mesh", None)
+        agent_id = leg.peer
+        if mesh is not None and not isinstance(agent_id, int):
+            # A stream from another member of the cluster, for one of its Agents: our own id
+            # for that remote Agent (None: not a mesh peer, or not a mesh stream header).
+            agent_id, header = mesh.stream_from_member(leg.conn, header)
+        if (agent_id is None or not isinstance(header, (StreamOpen, StreamResume))
+                or not srv.registry.is_agent_of(agent_id, header.service_id)):
             self._refuse(leg, StreamStatus.NOT_AUTHORIZED)
             return False
         if isinstance(header, StreamResume):
             key = header.token    # one Connector per service holds it; with several, a guess
         else:
-            key = leg.peer.to_bytes(4, "big") + leg.sid.to_bytes(8, "big")
+            key = agent_id.to_bytes(4, "big") + leg.sid.to_bytes(8, "big")
         target_id = srv.registry.connector_for(header.service_id, key)
         target = srv.conns.get(target_id) if target_id is not None else None
+        if target is None and mesh is not None and isinstance(header, StreamOpen):
+            target = mesh.stream_link(agent_id, header.service_id, key)   # a Connector elsewhere
+            target_id = target.user if target is not None else None
         if target is None:
             self._refuse(leg, StreamStatus.UNREACHABLE)
             return False
@@ -152,10 +166,10 @@ class StreamSplicer:
         self.per_peer[target_id] = self.per_peer.get(target_id, 0) + 1
         relayed: RelayedStreamOpen | RelayedStreamResume
         if isinstance(header, StreamResume):
-            relayed = RelayedStreamResume(agent_id=leg.peer, service_id=header.service_id,
+            relayed = RelayedStreamResume(agent_id=agent_id, service_id=header.service_id,
                                           token=header.token, received=header.received)
         else:
-            relayed = RelayedStreamOpen(agent_id=leg.peer, service_id=header.service_id,
+            relayed = RelayedStreamOpen(agent_id=agent_id, service_id=header.service_id,
                                         dst_ip=header.dst_ip, dst_port=header.dst_port)
         target.send_stream(tsid, encode_stream_open(relayed) + rest)
         leg.owed += len(rest)
