@@ -146,7 +146,9 @@ class Identity:
                 parts.append(f"{role}:*")
             elif services:
                 parts.append(f"{role}:{{{','.join(sorted(services))}}}")
-        if not self.scoped:
+        if self.intermediate:
+            parts.append("cluster member (intermediate.ztna: mesh links only)")
+        elif not self.scoped:
             parts.append("(unscoped: allowed nothing)")
         return " ".join(parts)
 

@@ -110,6 +110,7 @@ EARLY_PACKETS = 24
 @dataclass
 class SessionCounters:
     reconnects: int = 0
+    failovers: int = 0              # moves to the next of several Intermediates
     connect_failures: int = 0
     rx_unknown: int = 0
     rx_malformed: int = 0
@@ -268,6 +269,8 @@ class Session(ConnectionHandler):
                 self._set_state("backoff", self.info.last_error or "")
             if self._stopping:
                 return
+            if self._fail_over():
+                delay = self.options.backoff_initial
             if useful:
                 delay = self.options.backoff_initial
             sleep_for = delay * (0.5 + self.rng.random())   # jitter: 50 %..150 %
@@ -275,6 +278,22 @@ class Session(ConnectionHandler):
             log.info("reconnecting in %.2fs", sleep_for)
             await asyncio.sleep(sleep_for)
             delay = min(delay * 2, self.options.backoff_cap)
+
+    def _fail_over(self) -> bool:
+        """The connection died or never came up: with several Intermediates (one cluster),
+        move on to the next, which knows this Agent's session ticket (0-RTT) through the
+        cluster. True when it moved."""
+        targets = self.options.targets()
+        if len(targets) < 2:
+            return False
+        try:
+            at = targets.index(self.options.intermediate)
+        except ValueError:
+            at = -1
+        self.options.intermediate = targets[(at + 1) % len(targets)]
+        self.counters.failovers += 1
+        log.info("failing over to intermediate %s", format_address(self.options.intermediate))
+        return True
 
     def _explain_name_mismatch(self, conn: ZtnaConnection) -> None:
         """A certificate without the name we verify never starts working by retrying:
@@ -621,6 +640,7 @@ class Session(ConnectionHandler):
                 "observed_address": self.info.observed,
                 "max_datagram_payload": self._max_payload if conn is not None else None,
                 "reconnects": self.counters.reconnects,
+                "failovers": self.counters.failovers,
                 "handshake": self.info.handshake,
                 "connect_ms": self.info.connect_ms,
                 "zero_rtt": {
