@@ -18,7 +18,7 @@ from ztna import limits
 from ztna.certs import init_pki, issue
 from ztna.netstack.packets import build_udp_packet, parse_ip, parse_udp
 from ztna.quic.config import TlsFiles
-from ztna.wire import RegistrationAck, RegistrationNack, Role, encode_service_datagram
+from ztna.wire import RegistrationAck, RegistrationNack, Role, ServiceStatus, encode_service_datagram
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -72,6 +72,11 @@ def test_agent_on_one_member_reaches_a_connector_on_another(
         for agent in (a, b):
             assert isinstance(await agent.register(Role.AGENT, "echo"), RegistrationAck)
         await until_placed(i1, "echo")
+        # Told "down" on registering (no Connector on I1), then "up": it is served on I2.
+        for agent in (a, b):
+            status = await agent.wait_message(lambda m: isinstance(m, ServiceStatus) and m.up, 5)
+            assert isinstance(status, ServiceStatus)
+            assert status.connector is not None and status.connector.startswith(f"127.0.0.1:{i2.port}/connector#")
         sent: dict[Peer, list[bytes]] = {a: [], b: []}
         for n in range(40):
             for agent, src in ((a, 1), (b, 2)):

@@ -20,7 +20,11 @@ TCP-carrying streams cross the same links (`ztna.intermediate.streams`): the Age
 opens a stream on the link headed `RelayedStreamOpen` with its Agent id, and this member
 splices it to a Connector as if the remote Agent were local (`stream_from_member`).
 
-Not carried yet: resumed streams (StreamResume) and hole-punch signaling.
+Local Agents of a service served only on other members are told it is up (`adjust`, and
+`maintain` after each view refresh when that changes).
+
+Not carried yet: resumed streams (StreamResume), hole-punch signaling, AgentGone (a remote
+Agent's id lives until its mesh connection closes).
 """
 
 from __future__ import annotations
@@ -32,13 +36,13 @@ from typing import Any
 from ztna.cluster.presence import place
 from ztna.errors import DecodeError
 from ztna.intermediate.config import parse_host_port
-from ztna.intermediate.registry import flow_key
+from ztna.intermediate.registry import Notify, flow_key
 from ztna.observe import RateLimitedLog
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
 from ztna.quic.maintenance import ConnectionUpkeep
-from ztna.wire import Register, RelayedStreamOpen, Role, StreamOpen
+from ztna.wire import Register, RelayedStreamOpen, Role, ServiceStatus, StreamOpen
 from ztna.wire.mesh import (
     MESH_FROM_CONNECTOR,
     MESH_TO_CONNECTOR,
@@ -109,6 +113,7 @@ class Mesh:
         self._proxies: dict[int, tuple[MeshPeer, int]] = {}    # our id -> (mesh peer, ref)
         self._endpoints: dict[bool, QuicEndpoint] = {}     # by "is IPv6"
         self._bad = RateLimitedLog(log)
+        self._remote_up: set[str] = set()     # services with local Agents served elsewhere
 
     # ------------------------------------------------------------------ outbound
     def forward(self, agent_id: int, service: str, packet: memoryview, data: bytes) -> bool:
@@ -135,10 +140,42 @@ class Mesh:
 
     def maintain(self) -> None:
         """After each view refresh: a link to every other member that holds Connectors, so
-        the first packet or stream for it does not wait for a handshake."""
+        the first packet or stream for it does not wait for a handshake; and the local Agents
+        of a service served only elsewhere learn when that changes."""
         for member, record in self.member.view.records.items():
             if member != self.member.advertise and any(record.connectors.values()):
                 self._link(member)
+        registry = self.server.registry
+        remote = {s for s in registry.agents if self._remote_connectors(s)}
+        notes = []
+        for service in sorted(remote ^ self._remote_up):
+            if service in registry.connectors:
+                continue        # served here: the registry's own announcements hold
+            status = self._status(service, service in remote)
+            notes += [Notify(agent, status) for agent in sorted(registry.agents.get(service, ()))]
+        self._remote_up = remote
+        if notes:
+            self.server.execute(notes)
+
+    def _remote_connectors(self, service: str) -> list[str]:
+        own = self.member.advertise + "/"
+        return [n for n in self.member.view.connectors(service) if not n.startswith(own)]
+
+    def _status(self, service: str, up: bool) -> ServiceStatus:
+        names = self._remote_connectors(service)
+        label = ", ".join(names[:4]) + (f" (+{len(names) - 4})" if len(names) > 4 else "")
+        return ServiceStatus(service=service, up=up, connector=label[:256] if up else None)
+
+    def adjust(self, notes: list[Notify]) -> list[Notify]:
+        """The registry says a service is down for an Agent: not while another member serves
+        it (the traffic crosses the mesh)."""
+        out = []
+        for note in notes:
+            msg = note.message
+            if isinstance(msg, ServiceStatus) and not msg.up and self._remote_connectors(msg.service):
+                note = Notify(note.peer, self._status(msg.service, True))
+            out.append(note)
+        return out
 
     def _link(self, member: str) -> ZtnaConnection | None:
         link = self.links.get(member)

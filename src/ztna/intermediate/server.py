@@ -360,6 +360,8 @@ class Intermediate:
         conn.send_control(encode_control(addr))
 
     def execute(self, notes: list[Notify]) -> None:
+        if self.mesh is not None and notes:
+            notes = self.mesh.adjust(notes)
         for note in notes:
             conn = self.conns.get(note.peer)
             if conn is not None:
