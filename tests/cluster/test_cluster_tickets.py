@@ -186,3 +186,44 @@ def test_redis_restart_in_the_middle_of_a_session(
         assert text.count("unreachable") == 1, text
         assert text.count("answers again") == 1, text
     assert i2.metrics()["ztna_cluster_store_outages_total"] == 1
+
+
+def test_a_stalled_redis_costs_0rtt_not_the_handshake(
+        pki: Path, redis: RedisProc, members: list[IntermediateProc]) -> None:
+    """Redis alive but not answering (SIGSTOP): the first ticket lookup gives up after its
+    tight timeout, the client gets a full handshake at once, and 0-RTT comes back after
+    SIGCONT without a restart."""
+    import signal
+    import time
+
+    i1, i2 = members
+
+    async def main() -> None:
+        first = await Agent(pki).connect(i1.port)
+        await first.close()
+        assert redis.proc is not None
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            stalled = await Agent(pki).connect(i2.port)
+            took = time.monotonic() - start
+            assert stalled.conn is not None and not stalled.conn.early_data_accepted
+            await stalled.close()
+            # Well under the 10 s the connect allows: the lookup waited 0.1 s, not for Redis.
+            assert took < 5, took
+            assert i2.metrics()['ztna_session_tickets_refused_total{reason="store_down"}'] >= 1
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        for _ in range(100):
+            if healthz(i1)["cluster"]["store_up"] and healthz(i2)["cluster"]["store_up"]:  # type: ignore[index]
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("members did not notice the store answers again")
+        fresh = await Agent(pki).connect(i1.port)
+        await fresh.close()
+        back = await Agent(pki).connect(i2.port)
+        assert back.conn is not None and back.conn.early_data_accepted
+        await back.close()
+
+    asyncio.run(main())

@@ -18,7 +18,13 @@ from ztna import limits
 from ztna.certs import init_pki, issue
 from ztna.netstack.packets import build_udp_packet, parse_ip, parse_udp
 from ztna.quic.config import TlsFiles
-from ztna.wire import RegistrationAck, RegistrationNack, Role, ServiceStatus, encode_service_datagram
+from ztna.wire import (
+    RegistrationAck,
+    RegistrationNack,
+    Role,
+    ServiceStatus,
+    encode_service_datagram,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
