@@ -74,7 +74,7 @@ def test_markdown_keeps_missing_rows_visible() -> None:
 
 @pytest.mark.root
 def test_ztna_bench_quick_smoke(tmp_path: Path) -> None:
-    from conftest import unique_prefix
+    from ztna.lab.config import unique_prefix
 
     rows = ["lan", "underlay", "wireguard", "ztna-relay"]
     out = tmp_path / "out.json"

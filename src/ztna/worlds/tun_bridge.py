@@ -1,6 +1,6 @@
 """Minimal TUN Agent for tests (run inside a namespace as root; replaced later by the real Agent).
 
-Usage: python tun_bridge.py HOST PORT PKI SERVICE=CIDR[,CIDR] ...
+Usage: python -m ztna.worlds.tun_bridge HOST PORT PKI SERVICE=CIDR[,CIDR] ...
 Creates TUN `zt0` (100.64.0.1), routes each service's prefixes to it, connects to the
 Intermediate as an Agent, registers every service, wraps TUN packets in 0x2F and writes
 received bare IP packets back to the TUN. MTU = live max DATAGRAM payload − (7 + len(id))
