@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from ztna.bench.echo import percentile, summary
-from ztna.bench.harness import Row
-from ztna.bench.lanops import path_seen
+from ztna.bench.harness import Row, path_seen
 from ztna.bench.report import added_udp_rtt, markdown, ratios
 
 

@@ -35,11 +35,13 @@ import logging
 import secrets
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from prometheus_client import CollectorRegistry, Histogram
 
 from ztna import limits
+from ztna.agent.config import AgentOptions
+from ztna.agent.services import ServiceState
 from ztna.errors import DatagramTooLarge, DecodeError, error_text
 from ztna.observe import format_address
 from ztna.p2p.candidates import gather, interface_addresses
@@ -63,8 +65,19 @@ from ztna.wire import (
 from ztna.wire.control_messages import ErrorMessage, PunchRequest, PunchResult, PunchStart
 from ztna.wire.probe import probe_session_of
 
-if TYPE_CHECKING:
-    from ztna.agent.session import ServiceState, Session
+
+class RelaySession(Protocol):
+    """What the direct paths need from the Agent's session (``ztna.agent.session.Session``):
+    its options and services, its relay connection, and its packet demux for what arrives
+    on a direct path. A Protocol, so that this module does not import the session."""
+
+    options: AgentOptions
+    services: list[ServiceState]
+    conn: ZtnaConnection | None
+    zero_rtt: bool
+    instance: int
+
+    def on_packet(self, data: bytes) -> None: ...
 
 log = logging.getLogger("ztna.agent")
 
@@ -155,7 +168,7 @@ class _DirectHandler(ConnectionHandler):
 
 
 class DirectPaths:
-    def __init__(self, session: Session, *, config: PathConfig | None = None) -> None:
+    def __init__(self, session: RelaySession, *, config: PathConfig | None = None) -> None:
         self.session = session
         self.options = session.options
         self.config = config or PathConfig()

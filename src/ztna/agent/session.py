@@ -37,10 +37,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ztna.agent.config import AgentOptions, ServiceSpec
+from ztna.agent.config import AgentOptions
+from ztna.agent.direct import DirectPaths
+from ztna.agent.services import ACKED, PENDING, REFUSED, ServiceState
 from ztna.errors import DatagramTooLarge, DecodeError, error_text
 from ztna.identity import server_name_mismatch
 from ztna.observe import format_address
+from ztna.p2p.path import PathConfig
 from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
@@ -66,40 +69,8 @@ from ztna.wire import (
 
 log = logging.getLogger("ztna.agent")
 
-PENDING, ACKED, REFUSED = "pending", "acked", "refused"
 _TRANSIENT_NACKS = (NackStatus.SHUTTING_DOWN, NackStatus.LIMIT_EXCEEDED)
 HANDSHAKE_TIMEOUT = 10.0
-
-
-@dataclass
-class ServiceState:
-    """Runtime state of one service (registration, counters)."""
-
-    spec: ServiceSpec
-    index: int
-    prefix: bytes                     # 0x2F header: prefix + packet is the DATAGRAM
-    registration: str = PENDING
-    nack: str | None = None
-    connector_up: bool | None = None  # from ServiceStatus; None = not told
-    connector: str | None = None      # who serves it through the relay (ServiceStatus), if told
-    path: str = "relay"
-    attempts: int = 0
-    next_retry: float = 0.0
-    retry_delay: float = 1.0
-    tx_packets: int = 0
-    tx_bytes: int = 0
-    rx_packets: int = 0
-    rx_bytes: int = 0
-    # TCP carried on QUIC streams: payload bytes (also included in tx_bytes / rx_bytes,
-    # which count IP packets in DATAGRAMs plus these) and streams opened.
-    stream_tx_bytes: int = 0
-    stream_rx_bytes: int = 0
-    streams: int = 0
-    queued_dropped: int = 0
-
-    @property
-    def ready(self) -> bool:
-        return self.registration == ACKED
 
 
 # Tunnel packets sent in 0-RTT ahead of the registration ACK (the Intermediate holds up to
@@ -173,7 +144,7 @@ class Session(ConnectionHandler):
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._max_payload = 0
-        self.direct: Any = None                        # ztna.agent.direct.DirectPaths (P2P)
+        self.direct: DirectPaths | None = None         # the P2P paths, when enabled
         # 0-RTT: session tickets and address tokens live in the process's native TLS
         # configuration (in memory); `instance` keeps our agent id stable across reconnects.
         self.instance = int.from_bytes(secrets.token_bytes(8), "big")
@@ -192,9 +163,6 @@ class Session(ConnectionHandler):
         self.endpoint = QuicEndpoint(sock)
         self._task = asyncio.create_task(self._supervise(), name="ztna-agent-session")
         if getattr(self.options, "p2p", True):
-            from ztna.agent.direct import DirectPaths
-            from ztna.p2p.path import PathConfig
-
             cooldown = float(getattr(self.options, "p2p_cooldown", 30.0))
             self.direct = DirectPaths(self, config=PathConfig(cooldown=cooldown,
                                                               max_cooldown=max(600.0, cooldown)))

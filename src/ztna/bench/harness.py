@@ -92,11 +92,20 @@ class BenchContext:
         measure(scope, row, seconds=self.seconds, count=self.count, connects=self.connects,
                 directions=self.directions, **kw)
         if audit is not None:
-            from ztna.bench.lanops import path_seen
-
             counts = audit.read()
             row.extra["underlay_bytes"] = counts
             row.extra["path_seen"] = path_seen(counts)
+
+
+def path_seen(counts: dict[str, int]) -> str | None:
+    """"direct" / "relay" when one carries at least 90 % of the bytes, else "mixed"."""
+    total = counts.get("direct", 0) + counts.get("relay", 0)
+    if total < 100_000:
+        return None
+    for which in ("direct", "relay"):
+        if counts.get(which, 0) >= 0.9 * total:
+            return which
+    return "mixed"
 
 
 class RowError(Exception):

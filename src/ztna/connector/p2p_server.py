@@ -28,12 +28,14 @@ import asyncio
 import logging
 import random
 import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from ztna import limits
 from ztna.connector.paths import ReplyPath
 from ztna.connector.relay_link import backoff_delay
+from ztna.connector.state import ConnectorStats, ServiceState
+from ztna.connector.streams import StreamTable
 from ztna.errors import DecodeError
 from ztna.identity import ChainVerifier, load_ca_file, stable_peer_id
 from ztna.observe import format_address
@@ -63,8 +65,21 @@ from ztna.wire import (
     encode_control,
 )
 
-if TYPE_CHECKING:
-    from ztna.connector.service import Connector
+
+class ConnectorSink(Protocol):
+    """What the P2P server hands to the Connector (``ztna.connector.service.Connector``):
+    direct paths coming up and going down, authorized tunnel packets, stream events, and
+    the counters it bumps. A Protocol, so that this module does not import the Connector."""
+
+    @property
+    def stats(self) -> ConnectorStats: ...
+    @property
+    def services(self) -> Mapping[str, ServiceState]: ...
+    @property
+    def streams(self) -> StreamTable: ...
+    def direct_up(self, path: ReplyPath) -> None: ...
+    def path_down(self, path: ReplyPath, *, park: bool = False) -> None: ...
+    def on_packet(self, path: ReplyPath, service_id: str, packet: memoryview) -> None: ...
 
 QAD_TYPE = 0x01
 PRE_HELLO_BUFFER = 64     # DATAGRAMs kept while a direct connection's Hello is on its way
@@ -201,7 +216,7 @@ class _QadHandler(ConnectionHandler):
 
 
 class P2PServer:
-    def __init__(self, connector: Connector, *, host: str, port: int, tls: TlsFiles,
+    def __init__(self, connector: ConnectorSink, *, host: str, port: int, tls: TlsFiles,
                  udp_payload: int, intermediate: tuple[str, int], server_name: str,
                  rng: random.Random | None = None, ticket_path: str | None = None) -> None:
         self.connector = connector
