@@ -9,8 +9,8 @@ exactly N (none lost without a trace, none counted twice).
 from __future__ import annotations
 
 import random
-import signal
 import re
+import signal
 import socket
 import struct
 import sys

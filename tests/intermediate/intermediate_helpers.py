@@ -23,7 +23,7 @@ from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
 from ztna.wire import (
     TO_CONNECTOR,
-    ControlDecoder,
+    ControlMessage,
     Register,
     RegistrationAck,
     RegistrationNack,
@@ -118,7 +118,6 @@ class Peer(ConnectionHandler):
 
     def __init__(self, echo: bool = False) -> None:
         self.echo = echo
-        self.decoder = ControlDecoder()
         self.messages: list[object] = []
         self.datagrams: list[bytes] = []
         self.echoed = 0
@@ -150,8 +149,8 @@ class Peer(ConnectionHandler):
             await asyncio.sleep(0.01)
         raise TimeoutError(f"no matching message; got {self.messages}")
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        self.messages.extend(self.decoder.feed(data))
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        self.messages.append(msg)
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         if self.echo and data and data[0] == TO_CONNECTOR:

@@ -32,7 +32,9 @@ log = logging.getLogger("ztna.agent")
 class Agent:
     def __init__(self, options: AgentOptions, *, rng: random.Random | None = None) -> None:
         self.options = options
-        self.session = Session(options, on_packet=self._drop, rng=rng)
+        # The one packet demux: every tunnel packet the session receives (relay or direct)
+        # goes through _dispatch to the data plane that owns its destination.
+        self.session = Session(options, on_packet=self._dispatch, rng=rng)
         self.tun: Any = None
         self.dataplane: Any = None
         self.userspace: Any = None
@@ -42,9 +44,6 @@ class Agent:
         self.started_at: float | None = None
         self._stopped = asyncio.Event()
         self._dropped_no_plane = 0
-
-    def _drop(self, packet: bytes) -> None:
-        self._dropped_no_plane += 1
 
     async def _start_metrics(self, host: str, port: int) -> None:
         from prometheus_client import CollectorRegistry
@@ -98,8 +97,6 @@ class Agent:
 
                 self.userspace = Userspace(self.session, opts)
                 await self.userspace.start()
-                if self.dataplane is not None:
-                    self.session.on_packet = self._dispatch
             if stream_tun:
                 from ztna.agent.tcp_redirect import TcpRedirect
 
@@ -133,10 +130,15 @@ class Agent:
         self.session.on_mtu.append(self._mtu_changed)
 
     def _dispatch(self, packet: bytes) -> None:
-        if self.userspace.claims(packet):
-            self.userspace.on_packet(packet)
+        """A down-link packet goes to the userspace stack when it is addressed to its
+        synthetic source (or there is no TUN), else to the TUN; with neither it is dropped."""
+        userspace, dataplane = self.userspace, self.dataplane
+        if userspace is not None and (dataplane is None or userspace.claims(packet)):
+            userspace.on_packet(packet)
+        elif dataplane is not None:
+            dataplane.write_packet(packet)
         else:
-            self.dataplane.write_packet(packet)
+            self._dropped_no_plane += 1
 
     def _mtu_changed(self, max_payload: int) -> None:
         if self.dataplane is not None:

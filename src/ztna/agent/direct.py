@@ -51,7 +51,7 @@ from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp, normalize_address
 from ztna.wire import (
-    ControlDecoder,
+    ControlMessage,
     DatagramKind,
     Hello,
     ObservedAddress,
@@ -105,7 +105,6 @@ class _ServicePath:
 class _QadHandler(ConnectionHandler):
     def __init__(self, owner: DirectPaths) -> None:
         self.owner = owner
-        self.decoder = ControlDecoder()
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         if data and classify_datagram(data[0]) is DatagramKind.QAD:
@@ -114,10 +113,9 @@ class _QadHandler(ConnectionHandler):
             except DecodeError:
                 pass
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        for msg in conn.read_control(self.decoder, data) or ():
-            if isinstance(msg, ObservedAddress):
-                self.owner.set_observed(msg)
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if isinstance(msg, ObservedAddress):
+            self.owner.set_observed(msg)
 
 
 class _DirectHandler(ConnectionHandler):
@@ -144,7 +142,7 @@ class _DirectHandler(ConnectionHandler):
             # as for packets from the relay: counting here too counted it twice.
             self.owner.session.on_packet(data)
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
         self._heard()   # QAD / registration ACK from the Connector: bytes over the direct path
 
     def on_stream_data(self, conn: ZtnaConnection, stream_id: int, data: bytes, end: bool) -> None:

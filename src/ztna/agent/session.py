@@ -48,8 +48,9 @@ from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
 from ztna.wire import (
+    PUNCH_MESSAGES,
     AddressToken,
-    ControlDecoder,
+    ControlMessage,
     DatagramKind,
     ErrorMessage,
     GoAway,
@@ -139,7 +140,7 @@ class Session(ConnectionHandler):
         self.on_ready: list[Callable[[], None]] = []   # called when a connection is (re)usable
         self.on_lost: list[Callable[[], None]] = []    # called when the connection is gone
         self.on_mtu: list[Callable[[int], None]] = []  # live max DATAGRAM payload changed
-        self._decoder = ControlDecoder()
+        self._control_handlers = self._control_table()
         self._closed_event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -264,7 +265,6 @@ class Session(ConnectionHandler):
         config = make_configuration(is_client=True, tls=self.options.tls,
                                     server_name=self.options.tls_name(),
                                     udp_payload=self.options.udp_payload)
-        self._decoder = ControlDecoder()
         self._closed_event = asyncio.Event()
         for svc in self.services:
             # Every new connection registers everything again, refused ones included: the
@@ -523,32 +523,53 @@ class Session(ConnectionHandler):
         except DecodeError:
             self.counters.rx_malformed += 1
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
         self._heard_from(conn)
-        for msg in conn.read_control(self._decoder, data) or ():  # corrupt: closed, we reconnect
-            if isinstance(msg, (RegistrationAck, RegistrationNack)):
-                self._registration_reply(msg)
-            elif isinstance(msg, ObservedAddress):
-                self._observed(msg)
-            elif isinstance(msg, ServiceStatus):
-                svc = self.by_id.get(msg.service)
-                if svc is not None:
-                    label = msg.connector if msg.up else None
-                    if svc.connector_up != msg.up or svc.connector != label:
-                        log.info("service %s: connector %s", msg.service,
-                                 (f"up ({label})" if label else "up") if msg.up else "down (no connector)")
-                    svc.connector_up, svc.connector = msg.up, label
-            elif isinstance(msg, AddressToken):
-                self._store_token(msg.token_bytes)
-            elif isinstance(msg, GoAway):
-                self.counters.goaways += 1
-                log.info("intermediate says goaway (%s); reconnecting", msg.reason)
-                conn.close(0, "goaway")
-            elif self.direct is not None and (type(msg).__name__.startswith("Punch") or (
-                    isinstance(msg, ErrorMessage) and (msg.session is not None or msg.code == "no_connector"))):
-                self.direct.on_message(msg)
-            elif isinstance(msg, ErrorMessage):
-                log.warning("intermediate error %s: %s", msg.code, msg.message)
+        handler = self._control_handlers.get(type(msg))
+        if handler is not None:
+            handler(conn, msg)
+        # Everything else (pings, unknown types) is ignored by design (forward compatible).
+
+    def _control_table(self) -> dict[type, Callable[[ZtnaConnection, Any], None]]:
+        """The Agent's one dispatch table for control messages from the Intermediate."""
+        table: dict[type, Callable[[ZtnaConnection, Any], None]] = {
+            RegistrationAck: lambda conn, msg: self._registration_reply(msg),
+            RegistrationNack: lambda conn, msg: self._registration_reply(msg),
+            ObservedAddress: lambda conn, msg: self._observed(msg),
+            ServiceStatus: self._service_status,
+            AddressToken: lambda conn, msg: self._store_token(msg.token_bytes),
+            GoAway: self._goaway,
+            ErrorMessage: self._intermediate_error,
+        }
+        for kind in PUNCH_MESSAGES:
+            table[kind] = self._to_direct
+        return table
+
+    def _service_status(self, conn: ZtnaConnection, msg: ServiceStatus) -> None:
+        svc = self.by_id.get(msg.service)
+        if svc is not None:
+            label = msg.connector if msg.up else None
+            if svc.connector_up != msg.up or svc.connector != label:
+                log.info("service %s: connector %s", msg.service,
+                         (f"up ({label})" if label else "up") if msg.up else "down (no connector)")
+            svc.connector_up, svc.connector = msg.up, label
+
+    def _goaway(self, conn: ZtnaConnection, msg: GoAway) -> None:
+        self.counters.goaways += 1
+        log.info("intermediate says goaway (%s); reconnecting", msg.reason)
+        conn.close(0, "goaway")
+
+    def _to_direct(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if self.direct is not None:
+            self.direct.on_message(msg)
+
+    def _intermediate_error(self, conn: ZtnaConnection, msg: ErrorMessage) -> None:
+        # Errors about a punch (or that no Connector is there to punch to) belong to the
+        # direct paths; the rest are logged.
+        if self.direct is not None and (msg.session is not None or msg.code == "no_connector"):
+            self.direct.on_message(msg)
+        else:
+            log.warning("intermediate error %s: %s", msg.code, msg.message)
 
     def _observed(self, addr: ObservedAddress) -> None:
         text = format_address((str(addr.ip), addr.port))

@@ -68,7 +68,6 @@ class TunDataPlane:
         self.tcp_flows: dict[tuple[int, bytes, bytes, int, int], int] = {}
         self._resetting = False
         self.resets_sent = 0
-        session.on_packet = self.write_packet
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()

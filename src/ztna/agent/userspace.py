@@ -170,7 +170,6 @@ class Userspace:
                       "socks_udp_associations": 0, "socks_udp_active": 0, "socks_udp_sent": 0,
                       "socks_udp_received": 0, "socks_udp_dropped_frag": 0, "socks_udp_dropped_foreign": 0,
                       "socks_udp_dropped_malformed": 0, "socks_udp_refused": 0}
-        session.on_packet = self.on_packet
 
     def claims(self, packet: bytes) -> bool:
         """True if a down-link packet is addressed to our synthetic UDP source."""

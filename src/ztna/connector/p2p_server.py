@@ -51,7 +51,7 @@ from ztna.quic.endpoint import (
 from ztna.startup import bind_error
 from ztna.wire import (
     SERVICE_DATAGRAM,
-    ControlDecoder,
+    ControlMessage,
     Hello,
     NackStatus,
     ObservedAddress,
@@ -88,11 +88,10 @@ log = logging.getLogger("ztna.connector")
 
 
 class _DirectHandler(ConnectionHandler):
-    __slots__ = ("server", "decoder", "allowed", "pending", "instance")
+    __slots__ = ("server", "allowed", "pending", "instance")
 
     def __init__(self, server: P2PServer) -> None:
         self.server = server
-        self.decoder = ControlDecoder()
         self.allowed: dict[str, bool] = {}
         self.pending: list[tuple[str, bytes]] | None = []   # None once the Hello arrived
         self.instance: int | None = None     # a Hello heard before the peer was verified
@@ -142,17 +141,16 @@ class _DirectHandler(ConnectionHandler):
         conn.send_control(encode_control(ObservedAddress(ip=host.split("%")[0], port=port)))
         self.server.connections += 1
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        for msg in conn.read_control(self.decoder, data) or ():
-            if isinstance(msg, Hello):
-                self.hello(conn, msg.instance)
-            elif isinstance(msg, Register):
-                if msg.role is Role.AGENT and self.allows(conn, msg.service_id):
-                    reply: RegistrationAck | RegistrationNack = RegistrationAck(service_id=msg.service_id)
-                else:
-                    reply = RegistrationNack(service_id=msg.service_id,
-                                             status=NackStatus.NOT_AUTHORIZED)
-                conn.send_control(encode_control(reply))
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if isinstance(msg, Hello):
+            self.hello(conn, msg.instance)
+        elif isinstance(msg, Register):
+            if msg.role is Role.AGENT and self.allows(conn, msg.service_id):
+                reply: RegistrationAck | RegistrationNack = RegistrationAck(service_id=msg.service_id)
+            else:
+                reply = RegistrationNack(service_id=msg.service_id,
+                                         status=NackStatus.NOT_AUTHORIZED)
+            conn.send_control(encode_control(reply))
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         path = self.path(conn)
@@ -196,13 +194,11 @@ class _DirectHandler(ConnectionHandler):
 class _QadHandler(ConnectionHandler):
     def __init__(self, server: P2PServer) -> None:
         self.server = server
-        self.decoder = ControlDecoder()
         self.closed = asyncio.Event()
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        for msg in conn.read_control(self.decoder, data) or ():
-            if isinstance(msg, ObservedAddress):
-                self.server.set_public_address(msg)
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if isinstance(msg, ObservedAddress):
+            self.server.set_public_address(msg)
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         if data and data[0] == QAD_TYPE:

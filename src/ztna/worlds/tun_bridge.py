@@ -21,7 +21,7 @@ from pathlib import Path
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
-from ztna.wire import ControlDecoder, Ping, Register, RegistrationAck, Role, encode_control
+from ztna.wire import ControlMessage, Ping, Register, RegistrationAck, Role, encode_control
 
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
@@ -30,13 +30,11 @@ IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
 class Bridge(ConnectionHandler):
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.dec = ControlDecoder()
         self.acks: set[str] = set()
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        for m in self.dec.feed(data):
-            if isinstance(m, RegistrationAck):
-                self.acks.add(m.service_id)
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if isinstance(msg, RegistrationAck):
+            self.acks.add(msg.service_id)
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         if data and data[0] >= 0x45:
