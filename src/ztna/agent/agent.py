@@ -25,6 +25,7 @@ from ztna.agent.config import AgentOptions
 from ztna.agent.control import ControlServer
 from ztna.agent.session import ACKED, REFUSED, Session
 from ztna.observe import format_address
+from ztna.wire import to_connector_overhead
 
 log = logging.getLogger("ztna.agent")
 
@@ -116,8 +117,9 @@ class Agent:
         from ztna.agent.tun_mode import TunDataPlane
 
         opts = self.options
-        longest = max(len(s.id) for s in opts.services)
-        guess = limits.max_datagram_payload(opts.udp_payload, limits.CONNECTION_ID_LENGTH) - 7 - longest
+        # Packets must fit the Intermediate's 0x30 leg to the Connector (the larger header).
+        overhead = max(to_connector_overhead(s.id) for s in opts.services)
+        guess = limits.max_datagram_payload(opts.udp_payload, limits.CONNECTION_ID_LENGTH) - overhead
         self.tun = TunDevice(opts.tun_name, opts.state_dir / f"{opts.name}.json")
         ips = [str(ip) for s in opts.services for ip in s.virtual_ips]
         # Netlink (pyroute2) is blocking and runs its own loop: keep it off ours.
@@ -125,7 +127,7 @@ class Agent:
                                 mtu=max(guess, 1280) if any(":" in i for i in ips) else guess)
         self.dataplane = TunDataPlane(self.session, self.tun.fd, local_v4=str(opts.tun_v4),
                                       local_v6=str(opts.tun_v6))
-        self.dataplane.set_max_payload(guess + 7 + longest)
+        self.dataplane.set_max_payload(guess + overhead)
         self.dataplane.start()
         self.session.on_mtu.append(self._mtu_changed)
 

@@ -42,6 +42,7 @@ from ztna.agent.direct import DirectPaths
 from ztna.agent.services import ACKED, PENDING, REFUSED, ServiceState
 from ztna.errors import DatagramTooLarge, DecodeError, error_text
 from ztna.identity import server_name_mismatch
+from ztna.link import LinkState
 from ztna.observe import format_address
 from ztna.p2p.path import PathConfig
 from ztna.quic.config import make_configuration
@@ -66,6 +67,8 @@ from ztna.wire import (
     decode_qad,
     decode_registration,
     encode_control,
+    service_datagram_prefix,
+    to_connector_overhead,
 )
 
 log = logging.getLogger("ztna.agent")
@@ -98,7 +101,7 @@ class SessionCounters:
 
 @dataclass
 class SessionInfo:
-    state: str = "starting"
+    state: LinkState = LinkState.STARTING
     address: str = ""
     connected_since: float | None = None    # wall clock, for humans
     last_change: float = field(default_factory=time.time)
@@ -123,7 +126,7 @@ class Session(ConnectionHandler):
         self.on_packet = on_packet
         self.rng = rng or random.Random()
         self.services = [
-            ServiceState(spec=s, index=i, prefix=bytes((0x2F, len(s.id))) + s.id.encode("ascii"),
+            ServiceState(spec=s, index=i, prefix=service_datagram_prefix(s.id),
                          retry_delay=options.register_retry)
             for i, s in enumerate(options.services)
         ]
@@ -171,7 +174,7 @@ class Session(ConnectionHandler):
 
     async def stop(self) -> None:
         self._stopping = True
-        self._set_state("stopping")
+        self._set_state(LinkState.STOPPING)
         if self.direct is not None:
             await self.direct.stop()
         if self.conn is not None and not self.conn.closed:
@@ -187,13 +190,13 @@ class Session(ConnectionHandler):
             self.endpoint.close(reason="agent shutting down")
             await asyncio.sleep(0.05)
             self.endpoint.shutdown_socket()
-        self._set_state("stopped")
+        self._set_state(LinkState.STOPPED)
 
     def _error(self, text: str) -> None:
         self.info.last_error = text
         self.info.last_error_at = time.time()
 
-    def _set_state(self, state: str, detail: str = "", *, error: bool = True) -> None:
+    def _set_state(self, state: LinkState, detail: str = "", *, error: bool = True) -> None:
         """`detail` goes into the log line; it is the new `last_error` unless `error` is
         False (a success has details too, such as which handshake it was)."""
         if state == self.info.state:
@@ -234,13 +237,13 @@ class Session(ConnectionHandler):
             except Exception as exc:  # noqa: BLE001 - any failure means: back off, retry
                 self.counters.connect_failures += 1
                 self._error(str(exc) or type(exc).__name__)
-                self._set_state("backoff", self.info.last_error or "")
+                self._set_state(LinkState.BACKOFF, self.info.last_error or "")
             if self._stopping:
                 return
             if useful:
                 delay = self.options.backoff_initial
             sleep_for = delay * (0.5 + self.rng.random())   # jitter: 50 %..150 %
-            self._set_state("backoff", self.info.last_error or "", error=False)
+            self._set_state(LinkState.BACKOFF, self.info.last_error or "", error=False)
             log.info("reconnecting in %.2fs", sleep_for)
             await asyncio.sleep(sleep_for)
             delay = min(delay * 2, self.options.backoff_cap)
@@ -259,7 +262,7 @@ class Session(ConnectionHandler):
     async def _one_connection(self) -> bool:
         """Run one connection until it dies; True if it was ever registered (reset backoff)."""
         assert self.endpoint is not None
-        self._set_state("connecting")
+        self._set_state(LinkState.CONNECTING)
         address = await self._resolve()
         self.info.address = format_address(address)
         config = make_configuration(is_client=True, tls=self.options.tls,
@@ -344,7 +347,7 @@ class Session(ConnectionHandler):
                 self._announce_connected()
 
     def _announce_connected(self) -> None:
-        self._set_state("connected", f"{self.info.handshake} handshake", error=False)
+        self._set_state(LinkState.CONNECTED, f"{self.info.handshake} handshake", error=False)
 
     def _certificate_refused(self, reason: str) -> bool:
         """Log a refusal of our certificate (or of the Intermediate's) at ERROR with a hint:
@@ -374,7 +377,7 @@ class Session(ConnectionHandler):
             if svc.registration == ACKED:
                 svc.registration = PENDING
         self._closed_event.set()
-        self._set_state("disconnected", reason, error=False)
+        self._set_state(LinkState.DISCONNECTED, reason, error=False)
         for cb in self.on_lost:
             cb()
         handlers, self.stream_handlers = self.stream_handlers, {}
@@ -635,7 +638,7 @@ class Session(ConnectionHandler):
                     "stream_rx_bytes": s.stream_rx_bytes,
                     "streams": s.streams,
                     "dropped_while_waiting": s.queued_dropped,
-                    "max_packet": max(0, self._max_payload - 7 - len(s.spec.id)) if conn else None,
+                    "max_packet": max(0, self._max_payload - to_connector_overhead(s.spec.id)) if conn else None,
                 }
                 for s in self.services
             ],

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from ztna import limits
 from ztna.identity import server_name_mismatch
+from ztna.link import LinkState
 from ztna.observe import format_address
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import CLOSE_NO_ERROR, QuicEndpoint
@@ -101,7 +102,7 @@ class RelayLink(ConnectionHandler):
         self.on_registered: Callable[[ZtnaConnection], None] | None = None
         self.rng = rng or random.Random()
         self.conn: ZtnaConnection | None = None
-        self.state = "starting"
+        self.state = LinkState.STARTING
         self.registration: dict[str, str] = {s: "pending" for s in services}
         self.public_address: ObservedAddress | None = None
         self.connects = 0
@@ -127,7 +128,7 @@ class RelayLink(ConnectionHandler):
         attempt = 0
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
-            self.state = "connecting"
+            self.state = LinkState.CONNECTING
             started = loop.time()
             conn = await self._connect_once()
             if conn is not None:
@@ -139,13 +140,13 @@ class RelayLink(ConnectionHandler):
             delay = backoff_delay(attempt, self.rng)
             attempt += 1
             self.reconnects += 1
-            self.state = "backoff"
+            self.state = LinkState.BACKOFF
             log.info("reconnecting to the intermediate in %.1fs (%s)", delay, self.last_error)
             try:
                 await asyncio.wait_for(self._stopping.wait(), delay)
             except TimeoutError:
                 pass
-        self.state = "stopped"
+        self.state = LinkState.STOPPED
 
     async def _connect_once(self) -> ZtnaConnection | None:
         loop = asyncio.get_running_loop()
@@ -192,7 +193,7 @@ class RelayLink(ConnectionHandler):
         loop = asyncio.get_running_loop()
         self.conn = conn
         self.connects += 1
-        self.state = "connected"
+        self.state = LinkState.CONNECTED
         self.registration = {s: "pending" for s in self.services}
         self._sent_at = {}
         log.info("connected to the intermediate %s (%s)", format_address(conn.peer_address), self.host)
@@ -214,7 +215,7 @@ class RelayLink(ConnectionHandler):
                 self.conn = None
             if not conn.closed:
                 conn.close(CLOSE_NO_ERROR, "connector stopping")
-            self.state = "disconnected"
+            self.state = LinkState.DISCONNECTED
             self.sink.relay_down(conn)
 
     def _register_due(self, conn: ZtnaConnection, now: float) -> None:
