@@ -39,7 +39,17 @@ from typing import Any
 
 from ztna.agent.config import AgentOptions
 from ztna.agent.direct import DirectPaths
-from ztna.agent.services import ACKED, PENDING, REFUSED, ServiceState
+from ztna.agent.services import (
+    ACKED,
+    PENDING,
+    REFUSED,
+    ServiceState,
+    apply_ack,
+    apply_nack,
+    connection_lost,
+    due_registrations,
+    reset_registration,
+)
 from ztna.errors import DatagramTooLarge, DecodeError, error_text
 from ztna.identity import server_name_mismatch
 from ztna.link import LinkState
@@ -56,7 +66,6 @@ from ztna.wire import (
     ErrorMessage,
     GoAway,
     Hello,
-    NackStatus,
     ObservedAddress,
     Register,
     RegistrationAck,
@@ -73,7 +82,6 @@ from ztna.wire import (
 
 log = logging.getLogger("ztna.agent")
 
-_TRANSIENT_NACKS = (NackStatus.SHUTTING_DOWN, NackStatus.LIMIT_EXCEEDED)
 HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -272,10 +280,7 @@ class Session(ConnectionHandler):
         for svc in self.services:
             # Every new connection registers everything again, refused ones included: the
             # Intermediate's policy may have changed while we were away.
-            svc.registration, svc.nack, svc.attempts, svc.next_retry = PENDING, None, 0, 0.0
-            svc.connector_up = None
-            svc.connector = None
-            svc.retry_delay = self.options.register_retry
+            reset_registration(svc, first_retry=self.options.register_retry)
         config.resumption = self.zero_rtt
         config.token = self.address_token
         self._connect_started = asyncio.get_running_loop().time()
@@ -373,9 +378,7 @@ class Session(ConnectionHandler):
         self.info.connected_since = None
         if not self._stopping:
             self._error(reason)
-        for svc in self.services:
-            if svc.registration == ACKED:
-                svc.registration = PENDING
+        connection_lost(self.services)
         self._closed_event.set()
         self._set_state(LinkState.DISCONNECTED, reason, error=False)
         for cb in self.on_lost:
@@ -405,45 +408,34 @@ class Session(ConnectionHandler):
 
     # ------------------------------------------------------------------ registration
     def _register_due(self, conn: ZtnaConnection, now: float) -> None:
-        for svc in self.services:
-            if svc.registration != PENDING or now < svc.next_retry:
-                continue
-            if svc.attempts and svc.next_retry:
+        for svc, resend in due_registrations(self.services, now=now,
+                                             backoff_cap=self.options.backoff_cap):
+            if resend:
                 log.info("service %s: registration unanswered, re-sending (attempt %d)",
-                         svc.spec.id, svc.attempts + 1)
+                         svc.spec.id, svc.attempts)
             conn.send_control(encode_control(Register(role=Role.AGENT, service_id=svc.spec.id)))
-            svc.attempts += 1
-            svc.next_retry = now + svc.retry_delay
-            svc.retry_delay = min(svc.retry_delay * 2, self.options.backoff_cap)
 
-    def _registration_reply(self, msg: object) -> None:
+    def _registration_reply(self, msg: RegistrationAck | RegistrationNack) -> None:
+        svc = self.by_id.get(msg.service_id)
         if isinstance(msg, RegistrationAck):
-            svc = self.by_id.get(msg.service_id)
-            if svc is None or svc.registration == ACKED:
+            if svc is None or not apply_ack(svc, first_retry=self.options.register_retry):
                 return
-            svc.registration, svc.nack, svc.attempts, svc.next_retry = ACKED, None, 0, 0.0
-            svc.retry_delay = self.options.register_retry
             if self.info.connect_ms is None and self._connect_started:
                 self.info.connect_ms = round((asyncio.get_running_loop().time() - self._connect_started) * 1000, 1)
             log.info("service %s: registered (ACK)", svc.spec.id)
             self._flush_queue()
             for cb in self.on_ready:
                 cb()
-        elif isinstance(msg, RegistrationNack):
-            svc = self.by_id.get(msg.service_id)
-            if svc is None:
-                log.warning("registration refused for an unknown request: %s", msg.status.name)
-                return
-            svc.nack = msg.status.name
-            if msg.status in _TRANSIENT_NACKS:
-                svc.registration = PENDING
-                svc.next_retry = asyncio.get_running_loop().time() + svc.retry_delay
-                log.warning("service %s: registration deferred (%s), retrying in %.1fs",
-                            svc.spec.id, msg.status.name, svc.retry_delay)
-            else:
-                svc.registration = REFUSED
-                log.error("service %s: registration refused (%s)", svc.spec.id, msg.status.name)
-                self.queue = deque(item for item in self.queue if item[0] is not svc)
+            return
+        if svc is None:
+            log.warning("registration refused for an unknown request: %s", msg.status.name)
+            return
+        if apply_nack(svc, msg.status, now=asyncio.get_running_loop().time()) == PENDING:
+            log.warning("service %s: registration deferred (%s), retrying in %.1fs",
+                        svc.spec.id, msg.status.name, svc.retry_delay)
+        else:
+            log.error("service %s: registration refused (%s)", svc.spec.id, msg.status.name)
+            self.queue = deque(item for item in self.queue if item[0] is not svc)
 
     # ------------------------------------------------------------------ sending (hot path)
     def send(self, svc: ServiceState, datagram: bytes) -> None:
@@ -520,7 +512,9 @@ class Session(ConnectionHandler):
             if kind is DatagramKind.QAD:
                 self._observed(decode_qad(data))
             elif kind is DatagramKind.REGISTRATION:
-                self._registration_reply(decode_registration(data))
+                reply = decode_registration(data)
+                if isinstance(reply, (RegistrationAck, RegistrationNack)):  # a Register is not ours
+                    self._registration_reply(reply)
             else:
                 self.counters.rx_unknown += 1
         except DecodeError:
