@@ -40,7 +40,6 @@ from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
 from ztna.wire import (
-    ControlDecoder,
     Register,
     RegistrationAck,
     Role,
@@ -91,7 +90,6 @@ def wait_http(url: str, timeout: float = 20.0) -> None:
 
 class Agent(ConnectionHandler):
     def __init__(self) -> None:
-        self.decoder = ControlDecoder()
         self.messages: list[object] = []
         self.replies: dict[int, bytearray] = {}
         self.ended: dict[int, asyncio.Event] = {}
@@ -109,8 +107,8 @@ class Agent(ConnectionHandler):
             await asyncio.sleep(0.01)
         raise RuntimeError("not registered")
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        self.messages += self.decoder.feed(data)
+    def on_message(self, conn: ZtnaConnection, msg: object) -> None:
+        self.messages.append(msg)
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         if data and data[0] >> 4 == 4:

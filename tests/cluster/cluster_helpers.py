@@ -21,7 +21,7 @@ from intermediate_helpers import IntermediateProc, Peer, free_tcp_port  # noqa: 
 from ztna.quic.config import TlsFiles, make_configuration  # noqa: E402
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection  # noqa: E402
 from ztna.quic.endpoint import QuicEndpoint, bind_udp  # noqa: E402
-from ztna.wire import ControlDecoder, Register, RegistrationAck, Role, encode_control  # noqa: E402
+from ztna.wire import Register, RegistrationAck, Role, encode_control  # noqa: E402
 
 __all__ = ["IntermediateProc", "Peer", "RedisProc", "Forwarder", "Agent", "member"]
 
@@ -144,7 +144,6 @@ class Agent(ConnectionHandler):
 
     def __init__(self, pki: Path, name: str = "agent") -> None:
         self.tls = TlsFiles.from_dir(pki, name)
-        self.decoder = ControlDecoder()
         self.messages: list[object] = []
         self.datagrams: list[bytes] = []
         self.acked = asyncio.Event()
@@ -164,9 +163,9 @@ class Agent(ConnectionHandler):
         await asyncio.sleep(0.1)  # let the session tickets and the address token arrive
         return self
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        self.messages += self.decoder.feed(data)
-        if any(isinstance(m, RegistrationAck) for m in self.messages):
+    def on_message(self, conn: ZtnaConnection, msg: object) -> None:
+        self.messages.append(msg)
+        if isinstance(msg, RegistrationAck):
             self.acked.set()
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
