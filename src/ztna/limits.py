@@ -68,3 +68,4 @@ CLUSTER_PROBE_INTERVAL: Final = 1.0          # how often a member checks the sto
 CLUSTER_JOIN_TIMEOUT: Final = 10.0           # a starting member waits this long for the store
 CLUSTER_LEASE: Final = 6.0                   # a member's presence expires this long after its last refresh
 CLUSTER_LEASE_REFRESH: Final = 2.0
+MESH_REMOTE_AGENTS: Final = 100_000          # remote Agents one mesh connection may bring

@@ -234,3 +234,51 @@ def test_both_carriages_to_a_real_connector_on_another_member(
     m1 = i1.metrics()
     assert m1['ztna_mesh_streams_total{direction="forwarded"}'] == 3
     assert i2.metrics()['ztna_mesh_streams_total{direction="received"}'] == 3
+
+
+def test_isolation_holds_across_the_mesh(tmp_path: Path) -> None:
+    """On I2 a Connector of `echo` sprays 0x31 replies at every id it can guess: the remote
+    Agent of `web` (on I1, forwarded through the mesh) receives none of them."""
+    from ztna.wire import encode_from_connector
+
+    pki = tmp_path / "pki"
+    init_pki(pki, ["echo", "web"])
+    issue(pki, "agent", "agent-web", ["web"], out_prefix=pki / "agent-web")
+    issue(pki, "connector", "connector-echo", ["echo"], out_prefix=pki / "connector-echo")
+    issue(pki, "member", "member", out_prefix=pki / "member")
+    redis = RedisProc(tmp_path / "redis").start()
+    i1 = member(pki, redis, tmp_path / "i1.log").start()
+    i2 = member(pki, redis, tmp_path / "i2.log").start()
+
+    async def main() -> None:
+        web = await Peer(echo=True).connect("127.0.0.1", i2.port, TlsFiles.from_dir(pki, "connector"))
+        assert isinstance(await web.register(Role.CONNECTOR, "web"), RegistrationAck)
+        evil = await Peer().connect("127.0.0.1", i2.port, TlsFiles.from_dir(pki, "connector-echo"))
+        assert isinstance(await evil.register(Role.CONNECTOR, "echo"), RegistrationAck)
+        victim = await Peer().connect("127.0.0.1", i1.port, TlsFiles.from_dir(pki, "agent-web"))
+        assert isinstance(await victim.register(Role.AGENT, "web"), RegistrationAck)
+        await until_placed(i1, "web")
+        assert victim.conn is not None and evil.conn is not None
+        for n in range(5):          # the victim's traffic makes it a remote Agent on I2
+            victim.conn.send_datagram(encode_service_datagram("web", packet(1, 4000 + n, b"mine")))
+        for _ in range(200):
+            if len([d for d in victim.datagrams if d[0] >> 4 == 4]) >= 5:
+                break
+            await asyncio.sleep(0.02)
+        assert len([d for d in victim.datagrams if d[0] >> 4 == 4]) == 5
+        marker = build_udp_packet(bytes([10, 9, 9, 9]), bytes([10, 1, 2, 1]), 9999, 4000, b"EVIL")
+        for agent_id in range(1, 200):
+            evil.conn.send_datagram(encode_from_connector(agent_id, marker))
+        await asyncio.sleep(1.0)
+        assert not any(b"EVIL" in d for d in victim.datagrams)
+        for p in (victim, evil, web):
+            await p.close()
+
+    try:
+        asyncio.run(main())
+        assert i2.metrics()['ztna_relay_dropped_total{reason="bad_reply"}'] >= 199
+        assert i1.metrics().get('ztna_mesh_dropped_total{reason="bad_reply"}', 0) == 0
+    finally:
+        i1.stop()
+        i2.stop()
+        redis.kill()

@@ -33,6 +33,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from ztna import limits
 from ztna.cluster.presence import place
 from ztna.errors import DecodeError
 from ztna.intermediate.config import parse_host_port
@@ -67,6 +68,7 @@ class MeshStats:
     dropped_bad_reply: int = 0    # 0x33 for an Agent not forwarded through that link
     dropped_malformed: int = 0
     dropped_oversize: int = 0
+    dropped_limit: int = 0        # remote Agents beyond the per-connection bound
     links_opened: int = 0
     streams_forwarded: int = 0    # Agent streams spliced onto a mesh link
     streams_received: int = 0     # mesh streams spliced to a local Connector
@@ -240,6 +242,8 @@ class Mesh:
         if not isinstance(peer, MeshPeer) or not isinstance(header, RelayedStreamOpen):
             return None, header
         our_id = self._remote_agent(peer, header.agent_id, header.service_id)
+        if our_id is None:
+            return None, header
         self.stats.streams_received += 1
         return our_id, StreamOpen(service_id=header.service_id, dst_ip=header.dst_ip,
                                   dst_port=header.dst_port)
@@ -293,6 +297,8 @@ class Mesh:
             return
         registry = self.server.registry
         our_id = self._remote_agent(peer, ref, service)
+        if our_id is None:
+            return
         target_id = registry.connector_for(service, packet)
         target = self.server.conns.get(target_id) if target_id is not None else None
         if target is None:
@@ -306,11 +312,16 @@ class Mesh:
         target.send_datagram(out)
         self.stats.received += 1
 
-    def _remote_agent(self, peer: MeshPeer, ref: int, service: str) -> int:
-        """Our id for agent `ref` of that mesh peer, registered for `service`."""
+    def _remote_agent(self, peer: MeshPeer, ref: int, service: str) -> int | None:
+        """Our id for agent `ref` of that mesh peer, registered for `service` (None beyond
+        `limits.MESH_REMOTE_AGENTS` per mesh connection: the table stays bounded)."""
         registry = self.server.registry
         our_id = peer.ids.get(ref)
         if our_id is None:
+            if len(peer.ids) >= limits.MESH_REMOTE_AGENTS:
+                self.stats.dropped_limit += 1
+                self._bad.warning("remote agents per mesh connection at their limit", conn_label(peer))
+                return None
             our_id = self.server.new_peer_id()
             registry.add_peer(our_id, _RemoteAgent(), f"{peer.conn.label}/agent#{ref}")
             peer.ids[ref] = our_id
@@ -364,10 +375,14 @@ class Mesh:
             ("ztna_mesh_streams_total", "counter", "TCP-carrying streams across the mesh",
              s.streams_received, {"direction": "received"}),
         ]
-        for reason in ("no_member", "no_connector", "bad_reply", "malformed", "oversize"):
+        for reason in ("no_member", "no_connector", "bad_reply", "malformed", "oversize", "limit"):
             out.append(("ztna_mesh_dropped_total", "counter", "Mesh datagrams dropped by reason",
                         getattr(s, f"dropped_{reason}"), {"reason": reason}))
         return out
+
+
+def conn_label(peer: MeshPeer) -> str:
+    return peer.conn.label
 
 
 class _RemoteAgent:
