@@ -19,6 +19,7 @@ from ztna.certs import init_pki, issue
 from ztna.netstack.packets import build_udp_packet, parse_ip, parse_udp
 from ztna.quic.config import TlsFiles
 from ztna.wire import (
+    AgentGone,
     RegistrationAck,
     RegistrationNack,
     Role,
@@ -106,8 +107,15 @@ def test_agent_on_one_member_reaches_a_connector_on_another(
                 got.append(bytes(parse_udp(d, ip).payload))
             assert sorted(got) == sorted(sent[agent]), (len(got), len(sent[agent]))
         assert connector.echoed == 80
-        for p in (a, b, connector):
+        # The Agents leave I1: I2 hears it over the mesh and tells its Connector.
+        for p in (a, b):
             await p.close()
+        for _ in range(200):
+            if len({m.agent for m in connector.messages if isinstance(m, AgentGone)}) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert len({m.agent for m in connector.messages if isinstance(m, AgentGone)}) == 2
+        await connector.close()
 
     asyncio.run(main())
     m1, m2 = i1.metrics(), i2.metrics()

@@ -23,8 +23,10 @@ splices it to a Connector as if the remote Agent were local (`stream_from_member
 Local Agents of a service served only on other members are told it is up (`adjust`, and
 `maintain` after each view refresh when that changes).
 
-Not carried yet: resumed streams (StreamResume), hole-punch signaling, AgentGone (a remote
-Agent's id lives until its mesh connection closes).
+When a local Agent leaves, each member it was forwarded to gets `AgentGone` (its ref) on the
+link's control stream and drops its id for it, so its Connectors drop the Agent's flows.
+
+Not carried yet: resumed streams (StreamResume) and hole-punch signaling.
 """
 
 from __future__ import annotations
@@ -43,7 +45,15 @@ from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
 from ztna.quic.maintenance import ConnectionUpkeep
-from ztna.wire import Register, RelayedStreamOpen, Role, ServiceStatus, StreamOpen
+from ztna.wire import (
+    AgentGone,
+    Register,
+    RelayedStreamOpen,
+    Role,
+    ServiceStatus,
+    StreamOpen,
+    encode_control,
+)
 from ztna.wire.mesh import (
     MESH_FROM_CONNECTOR,
     MESH_TO_CONNECTOR,
@@ -258,8 +268,13 @@ class Mesh:
                 log.info("mesh link to %s closed: %s", member, reason)
 
     def agent_gone(self, agent_id: int) -> None:
-        for agents in self._forwarded.values():
-            agents.discard(agent_id)
+        """A local Agent left: every member we forwarded it to drops its id for it."""
+        frame = b""
+        for link, agents in self._forwarded.items():
+            if agent_id in agents:
+                agents.discard(agent_id)
+                frame = frame or encode_control(AgentGone(agent=agent_id))
+                link.send_control(frame)
 
     # ------------------------------------------------------------------ inbound
     def member_up(self, conn: ZtnaConnection) -> None:
@@ -330,6 +345,20 @@ class Mesh:
             _reply, notes = registry.register(our_id, Register(role=Role.AGENT, service_id=service))
             self.server.execute(notes)
         return int(our_id)
+
+    def remote_agent_gone(self, conn: ZtnaConnection, ref: int) -> None:
+        """The member behind `conn` says its agent `ref` left: drop our id for it (its
+        Connectors get AgentGone from the registry)."""
+        peer = conn.user
+        if not isinstance(peer, MeshPeer):
+            return
+        our_id = peer.ids.pop(ref, None)
+        if our_id is None:
+            return
+        self._proxies.pop(our_id, None)
+        self.server.execute(self.server.registry.remove_peer(our_id))
+        if self.server.streams is not None:
+            self.server.streams.peer_gone(our_id)
 
     def reply(self, our_id: int, packet: memoryview) -> bool:
         """A Connector's 0x31 to a remote Agent (already checked by `may_reply`)."""

@@ -44,6 +44,7 @@ from ztna.wire import (
     PUNCH_MESSAGES,
     SERVICE_DATAGRAM,
     AddressToken,
+    AgentGone,
     ControlMessage,
     GoAway,
     Hello,
@@ -456,7 +457,13 @@ class Intermediate:
         }
         for kind in (*PUNCH_MESSAGES, StandingCandidates):
             table[kind] = self._signal
+        # From another member of the cluster: one of its Agents we relay for has gone.
+        table[AgentGone] = self._remote_agent_gone
         return table
+
+    def _remote_agent_gone(self, conn: ZtnaConnection, msg: AgentGone) -> None:
+        if self.mesh is not None:
+            self.mesh.remote_agent_gone(conn, msg.agent)
 
     def _register(self, conn: ZtnaConnection, msg: Register) -> None:
         reply, notes = self.registry.register(conn.user, msg)
