@@ -1,7 +1,9 @@
-"""An Agent given two members of a cluster (`--intermediate I1,I2`) whose Connector is on I2:
-its TCP goes I1 → mesh → I2 at first; SIGKILL I1 and it is back within seconds, attached to
-I2, having resumed in 0-RTT with the ticket I1 issued (shared through Redis). Real processes:
-redis-server, two `ztna intermediate`, `ztna connector`, `ztna agent` (userspace forward)."""
+"""An Agent given two members of a cluster (`--intermediate I1,I2`) and a Connector given both
+the other way round (`I2,I1`): their TCP goes I1 → mesh → I2 at first. SIGKILL the Agent's
+member and the Agent is back within seconds on I2, resumed in 0-RTT with the ticket I1 issued
+(shared through Redis); SIGKILL the Connector's member instead and the Connector moves to I1,
+where the Agent reaches it without the mesh. Real processes: redis-server, two `ztna
+intermediate`, `ztna connector`, `ztna agent` (userspace forward)."""
 
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ async def echo_through(port: int, size: int, timeout: float = 5.0) -> bool:
         return False
 
 
-def test_sigkill_member_agent_is_back_on_the_other_in_0rtt(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kill", ["agent's member", "connector's member"])
+def test_sigkill_member_agent_is_back_on_the_other_in_0rtt(tmp_path: Path, kill: str) -> None:
     pki = tmp_path / "pki"
     init_pki(pki, ["echo"])
     issue(pki, "member", "member", out_prefix=pki / "member")
@@ -74,7 +77,8 @@ def test_sigkill_member_agent_is_back_on_the_other_in_0rtt(tmp_path: Path) -> No
 
         backend = await asyncio.start_server(handle, "127.0.0.1", 0)
         bport = backend.sockets[0].getsockname()[1]
-        spawn("connector", "connector", "--intermediate", f"127.0.0.1:{i2.port}", "--server-name",
+        # The Connector prefers I2, the Agent I1: their traffic crosses the mesh at first.
+        spawn("connector", "connector", "--intermediate", f"127.0.0.1:{i2.port},127.0.0.1:{i1.port}", "--server-name",
               "localhost", "--pki", str(pki), "--p2p-port", "off", "--metrics", "off",
               "--service", f"echo=10.100.0.2;tcp:7=127.0.0.1:{bport}")
         fwd, mport = free_tcp_port(), free_tcp_port()
@@ -88,22 +92,27 @@ def test_sigkill_member_agent_is_back_on_the_other_in_0rtt(tmp_path: Path) -> No
             await asyncio.sleep(0.5)
         assert i1.metrics()['ztna_mesh_streams_total{direction="forwarded"}'] >= 1  # via the mesh
         before = agent_metrics(mport)
-        i1.signal(signal.SIGKILL)
+        victim, survivor = (i1, i2) if kill == "agent's member" else (i2, i1)
+        victim.signal(signal.SIGKILL)
         killed = time.monotonic()
         while not await echo_through(fwd, 100_000, timeout=2):
             assert time.monotonic() - killed < 30, (tmp_path / "agent.log").read_text()
             await asyncio.sleep(0.2)
         back = time.monotonic() - killed
         after = agent_metrics(mport)
-        assert after["ztna_agent_failovers_total"] >= 1
-        assert after["ztna_agent_zero_rtt_accepted_total"] > before["ztna_agent_zero_rtt_accepted_total"]
-        assert i2.metrics()["ztna_zero_rtt_resumptions_total"] >= 1
+        if kill == "agent's member":
+            assert after["ztna_agent_failovers_total"] >= 1
+            assert after["ztna_agent_zero_rtt_accepted_total"] > before["ztna_agent_zero_rtt_accepted_total"]
+        else:   # the Agent stayed; the Connector moved to I1 (and resumed there in 0-RTT)
+            assert after["ztna_agent_failovers_total"] == 0
+            assert "failing over to intermediate" in (tmp_path / "connector.log").read_text()
+        assert survivor.metrics()["ztna_zero_rtt_resumptions_total"] >= 1
         backend.close()
         return back
 
     try:
         back = asyncio.run(main())
-        print(f"agent back on I2 {back:.1f} s after SIGKILL of I1")
+        print(f"traffic back {back:.1f} s after SIGKILL of the {kill}")
         # Dead-path detection (8 s of silence) plus a reconnect: seconds, not the 30 s idle timeout.
         assert back < 20
     finally:

@@ -96,6 +96,9 @@ class _LinkHandler(ConnectionHandler):
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
 
+    def on_handshake(self, conn: ZtnaConnection) -> None:
+        log.info("mesh link %s up%s", conn.label, " (0-RTT)" if conn.early_data_accepted else "")
+
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         self.mesh.on_link_datagram(conn, data)
 

@@ -72,6 +72,12 @@ class Connector:
         self._kick_scheduled = False
 
     # ------------------------------------------------------------------ lifecycle
+    def _relay_configuration(self) -> Any:
+        # The name of the Intermediate tried now (given several, they take turns).
+        host = self.relay.host if self.relay is not None else self.cfg.intermediate.host
+        return make_configuration(is_client=True, tls=self.tls, server_name=self.cfg.server_name or host,
+                                  udp_payload=self.cfg.udp_payload)
+
     async def start(self) -> None:
         loop = self.loop = asyncio.get_running_loop()
         self.started_at = loop.time()
@@ -98,11 +104,10 @@ class Connector:
                  format_address((self.cfg.relay_host, self.relay_endpoint.local_address[1])))
         self.relay = RelayLink(
             self.relay_endpoint, host=inter.host, port=inter.port,
-            config_factory=lambda: make_configuration(
-                is_client=True, tls=self.tls, server_name=self.cfg.tls_name(),
-                udp_payload=self.cfg.udp_payload),
+            config_factory=self._relay_configuration,
             services=list(self.services), sink=self, rng=random.Random(self.rng.random()),
-            name=self.cfg.connector_name())
+            name=self.cfg.connector_name(),
+            alternates=[(h.host, h.port) for h in self.cfg.intermediates])
         self._tasks.append(loop.create_task(self.relay.run()))
         if self.cfg.p2p_port is not None:
             self.p2p = P2PServer(self, host=self.cfg.p2p_host, port=self.cfg.p2p_port,
