@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,6 +107,7 @@ def test_sigkill_member_agent_is_back_on_the_other_in_0rtt(tmp_path: Path, kill:
         else:   # the Agent stayed; the Connector moved to I1 (and resumed there in 0-RTT)
             assert after["ztna_agent_failovers_total"] == 0
             assert "failing over to intermediate" in (tmp_path / "connector.log").read_text()
+            assert re.search(r"peer connector#\d+ connected from .* \(resumed, 0-RTT\)", survivor.log())
         assert survivor.metrics()["ztna_zero_rtt_resumptions_total"] >= 1
         backend.close()
         return back
