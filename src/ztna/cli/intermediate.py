@@ -57,6 +57,12 @@ _WARN = "\n" + "!" * 78 + "\n"
                    " Intermediates sharing this directory share the strike register. Default: memory only.")
 @click.option("--no-0rtt", "no_0rtt", is_flag=True, help="Issue no session tickets (no resumption, no 0-RTT).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Default info.")
+@click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write one JSON line per relayed TCP stream (when it ends, and every --audit-interval"
+                   " for long ones) to FILE.")
+@click.option("--audit-log-max-bytes", type=int, help="Rotate the audit log at this size (default 10 MiB).")
+@click.option("--audit-log-backups", type=int, help="Rotated audit logs kept (default 5).")
+@click.option("--audit-interval", type=float, help="Minutes between interim lines of a long flow (default 5).")
 @click.pass_context
 def intermediate(ctx: click.Context, config_path: Path | None, **flags: Any) -> None:
     """Run the public QUIC relay (Intermediate)."""
@@ -119,6 +125,10 @@ def intermediate(ctx: click.Context, config_path: Path | None, **flags: Any) -> 
         qlog_dir=qlog_dir,
         state_dir=str(cfg.state_dir) if cfg.state_dir else None,
         enable_0rtt=cfg.zero_rtt,
+        audit_log=str(cfg.audit_log) if cfg.audit_log else None,
+        audit_log_max_bytes=cfg.audit_log_max_bytes,
+        audit_log_backups=cfg.audit_log_backups,
+        audit_interval=cfg.audit_interval * 60,
     )
     server = Intermediate(options)
 

@@ -269,6 +269,11 @@ class ConnectorConfig(BaseModel):
     udp_payload: int = Field(default=limits.DEFAULT_QUIC_UDP_PAYLOAD,
                              ge=limits.MIN_QUIC_UDP_PAYLOAD, le=limits.MAX_QUIC_UDP_PAYLOAD)
     limits: ConnectorLimits = Field(default_factory=ConnectorLimits)
+    # Per-flow audit log (JSON lines, docs/connector.md "Audit log"); None = off.
+    audit_log: Path | None = None
+    audit_log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096)
+    audit_log_backups: int = Field(default=5, ge=0, le=1000)
+    audit_interval_minutes: float = Field(default=5.0, gt=0, le=24 * 60)
 
     @field_validator("intermediate", mode="before")
     @classmethod

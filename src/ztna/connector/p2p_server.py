@@ -73,7 +73,7 @@ log = logging.getLogger("ztna.connector")
 
 
 class _DirectHandler(ConnectionHandler):
-    __slots__ = ("server", "decoder", "allowed", "pending", "instance")
+    __slots__ = ("server", "decoder", "allowed", "pending", "instance", "handshake_at")
 
     def __init__(self, server: P2PServer) -> None:
         self.server = server
@@ -81,6 +81,7 @@ class _DirectHandler(ConnectionHandler):
         self.allowed: dict[str, bool] = {}
         self.pending: list[tuple[str, bytes]] | None = []   # None once the Hello arrived
         self.instance: int | None = None     # a Hello heard before the peer was verified
+        self.handshake_at: float | None = None
 
     def path(self, conn: ZtnaConnection) -> ReplyPath | None:
         """The connection's reply path; made on first use (0-RTT data precedes on_handshake),
@@ -118,7 +119,14 @@ class _DirectHandler(ConnectionHandler):
         return ok
 
     def on_handshake(self, conn: ZtnaConnection) -> None:
-        self.path(conn)
+        path = self.path(conn)
+        now = asyncio.get_running_loop().time()
+        self.handshake_at = now
+        if path is not None:
+            path.setup["handshake_ms"] = (now - conn.created_at) * 1000
+            punch = self.server.connector.punch
+            if punch is not None:
+                path.setup["punch_ms"] = punch.punch_ms_for(normalize_address(conn.peer_address))
         if self.instance is not None:
             self.hello(conn, self.instance)
         log.info("direct connection from agent %s%s", conn.label,
@@ -139,6 +147,11 @@ class _DirectHandler(ConnectionHandler):
                                              status=NackStatus.NOT_AUTHORIZED)
                 conn.send_control(encode_control(reply))
                 if isinstance(reply, RegistrationAck):
+                    path = self.path(conn)
+                    if path is not None and "registration_ms" not in path.setup:
+                        # 0-RTT: the registration came with the handshake.
+                        since = self.handshake_at if self.handshake_at is not None else conn.created_at
+                        path.setup["registration_ms"] = max(0.0, asyncio.get_running_loop().time() - since) * 1000
                     # The Agent learns our backend's health on this path too, so it can
                     # leave a direct path to an unhealthy backend (docs/agent.md).
                     self.server.registered.setdefault(conn, set()).add(msg.service_id)

@@ -32,7 +32,7 @@ from ztna.connector.relay_link import RelayLink
 from ztna.connector.streams import StreamTable
 from ztna.connector.tcp_flows import TcpFlows
 from ztna.connector.udp_flows import UdpFlows
-from ztna.errors import DecodeError
+from ztna.errors import DecodeError, UsageError
 from ztna.netstack.packets import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, parse_ip
 from ztna.observe import format_address
 from ztna.quic.config import TlsFiles, make_configuration
@@ -152,6 +152,7 @@ class Connector:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = asyncio.Event()
         self._kick_scheduled = False
+        self.audit: Any = None     # a ztna.connector.flow_audit.ConnectorAudit with --audit-log
         self.backend_health = HealthProber(self._health_changed)
         for svc in cfg.services:
             self.backend_health.add_service(svc.id)
@@ -214,6 +215,21 @@ class Connector:
                             flow_control=lim.flow_control, rng=self.rng)
         self.streams = StreamTable(loop, self.stats, self.services, max_streams=lim.streams,
                                    connect_timeout=lim.tcp_connect_timeout)
+        if self.cfg.audit_log is not None:
+            from ztna.audit import AuditLog
+            from ztna.connector.flow_audit import ConnectorAudit
+
+            try:
+                audit_log = AuditLog(self.cfg.audit_log, process="connector",
+                                     max_bytes=self.cfg.audit_log_max_bytes,
+                                     backups=self.cfg.audit_log_backups,
+                                     interval=self.cfg.audit_interval_minutes * 60)
+            except OSError as exc:
+                raise UsageError(f"cannot open the audit log {str(self.cfg.audit_log)!r}: "
+                                 f"{exc.strerror or exc}") from None
+            self.audit = ConnectorAudit(audit_log)
+            self.tcp.audit = self.udp.audit = self.streams.audit = self.audit
+            audit_log.start(lambda: self.audit.live(self.tcp, self.udp, self.streams) if self.audit else [])
         await self._resolve_backends()
         inter = self.cfg.intermediate
         # Relay socket: its own UDP socket (ephemeral by default).
@@ -286,6 +302,8 @@ class Connector:
             self.relay_endpoint.shutdown_socket()
         if self.metrics_server is not None:
             await self.metrics_server.close()
+        if self.audit is not None:
+            self.audit.log.close()
         self._stopped.set()
 
     async def run_forever(self) -> None:

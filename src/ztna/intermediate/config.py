@@ -101,6 +101,11 @@ class IntermediateConfig(BaseModel):
     state_dir: Path | None = None       # 0-RTT ticket store + address-token key (0600 files)
     zero_rtt: bool = True
     log_level: str = "info"
+    # Per-flow audit log of relayed TCP streams (docs/intermediate.md "Audit log"); None = off.
+    audit_log: Path | None = None
+    audit_log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096)
+    audit_log_backups: int = Field(default=5, ge=0, le=1000)
+    audit_interval: float = Field(default=5.0, gt=0, le=24 * 60)   # minutes
 
     @field_validator("listen")
     @classmethod

@@ -85,6 +85,10 @@ class IntermediateOptions:
     ticket_store: Any = None        # a ztna.quic.tickets.ServerTicketStore; built from state_dir if None
     state_dir: str | None = None    # holds tickets.sqlite (shared strike register for 0-RTT)
     enable_0rtt: bool = True
+    audit_log: str | None = None    # per-flow audit log of relayed TCP streams (ztna.audit)
+    audit_log_max_bytes: int = 10 * 1024 * 1024
+    audit_log_backups: int = 5
+    audit_interval: float = 300.0   # seconds between interim lines of a long flow
 
 
 @dataclass
@@ -119,6 +123,10 @@ class Intermediate:
         self._server_options: ServerOptions | None = None
         self.started_at = 0.0
         self.address_tokens: Any = None
+        self.audit: Any = None          # a ztna.audit.AuditLog with --audit-log
+        # Per connection: how its setup went, in ms (handshake, first registration), for
+        # the audit lines of its flows.
+        self.setup_times: dict[ZtnaConnection, dict[str, float | None]] = {}
         self._instances: dict[int, tuple[str, int]] = {}
         self._held: dict[ZtnaConnection, list[bytes]] = {}
         # Native relay routes installed, per (service, agent id) (what `_routes_for` derived),
@@ -184,6 +192,21 @@ class Intermediate:
             self.streams = StreamSplicer(self)
         except ImportError:
             self.streams = None
+        if self.options.audit_log is not None:
+            from ztna.audit import AuditLog
+            from ztna.errors import UsageError
+
+            try:
+                self.audit = AuditLog(self.options.audit_log, process="intermediate",
+                                      max_bytes=self.options.audit_log_max_bytes,
+                                      backups=self.options.audit_log_backups,
+                                      interval=self.options.audit_interval)
+            except OSError as exc:
+                raise UsageError(f"cannot open the audit log {self.options.audit_log!r}: "
+                                 f"{exc.strerror or exc}") from None
+            if self.streams is not None:
+                splicer = self.streams
+                self.audit.start(splicer.live_audits)
         if self.options.metrics is not None:
             self.metrics_server = MetricsServer(self._metrics_registry(), self._health)
             await self.metrics_server.start(*self.options.metrics)
@@ -224,6 +247,10 @@ class Intermediate:
             ep.shutdown_socket()
         if self.metrics_server:
             await self.metrics_server.close()
+        if self.audit is not None:
+            if self.streams is not None:
+                self.streams.close_all("shutdown")
+            self.audit.close()
         self._stopped.set()
 
     async def run_forever(self) -> None:
@@ -257,6 +284,7 @@ class Intermediate:
         conn.label = f"{label}#{peer_id}"
         self.registry.add_peer(peer_id, auth, conn.label)
         self.conns[peer_id] = conn
+        self.setup_times[conn] = {"handshake_ms": (self._now() - conn.created_at) * 1000}
         host = normalize_address(conn.peer_address)[0]
         log.info("peer %s connected from %s%s", conn.label, format_address(conn.peer_address),
                  " (resumed, 0-RTT)" if conn.early_data_accepted or conn.resumed else "")
@@ -270,6 +298,7 @@ class Intermediate:
         if peer_id is None or self.conns.get(peer_id) is not conn:
             return
         del self.conns[peer_id]
+        self.setup_times.pop(conn, None)
         self._instances.pop(peer_id, None)
         self._held.pop(conn, None)
         self.execute(self.registry.remove_peer(peer_id))
@@ -373,6 +402,11 @@ class Intermediate:
         elif isinstance(msg, Register):
             reply, notes = self.registry.register(peer_id, msg)
             self._log_registration(conn, msg, reply)
+            setup = self.setup_times.get(conn)
+            if setup is not None and "registration_ms" not in setup and not isinstance(reply, RegistrationNack):
+                # Handshake done → first registration acknowledged (0 with 0-RTT early data).
+                since = conn.created_at + (setup.get("handshake_ms") or 0) / 1000
+                setup["registration_ms"] = max(0.0, self._now() - since) * 1000
             conn.send_control(encode_control(reply))
             self.execute(notes)
             held = self._held.pop(conn, None)
