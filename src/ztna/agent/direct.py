@@ -337,9 +337,14 @@ class DirectPaths:
         sp.backend_healthy = True     # a new connection hears its own Connector's report
         sp.pm.direct_failed(now=now, reason=reason)
         self.unhealthy_departures += 1
+        if sp.timer is not None:
+            sp.timer.cancel()
+            sp.timer = None
         handler = conn.handler if isinstance(conn.handler, _DirectHandler) else None
-        if streams and handler is not None and not conn.closed:
+        if handler is not None:
+            # From now on its close is a retired connection's, not the service's path failing.
             handler.retired_streams = streams
+        if streams and handler is not None and not conn.closed:
             self.retired.append(conn)
         elif not conn.closed:
             conn.close(0, "connector backend unhealthy")
