@@ -55,7 +55,7 @@ from ztna.wire.stream_header import (
 if TYPE_CHECKING:
     from ztna.audit import FlowAudit
     from ztna.connector.flow_audit import ConnectorAudit
-    from ztna.connector.service import ConnectorStats, ServiceState
+    from ztna.connector.state import ConnectorStats, ServiceState
     from ztna.quic.connection import ZtnaConnection
 
 log = logging.getLogger("ztna.connector")

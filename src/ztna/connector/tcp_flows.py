@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from ztna.audit import FlowAudit
     from ztna.connector.flow_audit import ConnectorAudit
     from ztna.connector.paths import ReplyPath
-    from ztna.connector.service import ConnectorStats, ServiceState
+    from ztna.connector.state import ConnectorStats, ServiceState
 
 log = logging.getLogger("ztna.connector")
 

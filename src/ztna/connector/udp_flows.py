@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ztna.audit import FlowAudit
     from ztna.connector.flow_audit import ConnectorAudit
     from ztna.connector.paths import ReplyPath
-    from ztna.connector.service import ConnectorStats, ServiceState
+    from ztna.connector.state import ConnectorStats, ServiceState
 
 RECV_BURST = 64
 BACKEND_RCVBUF = 1024 * 1024   # bytes, per flow socket (the kernel caps it at rmem_max)
