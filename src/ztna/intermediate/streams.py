@@ -2,7 +2,7 @@
 
 An Agent opens a client bidirectional stream that starts with `StreamOpen` (docs/protocol.md
 §5). Once the header is complete we check the Agent is registered for the service, pick the
-Connector with `registry.connector_for(service, key)`, open a server-initiated stream on the
+Connector with `registry.pick(service, key)` (a healthy one while any is), open a server-initiated stream on the
 Connector's connection, send `RelayedStreamOpen(agent_id, ...)` and from then on copy bytes
 both ways. Refusals here answer the Agent with the Connector's status byte + FIN
 (NOT_AUTHORIZED, UNREACHABLE when no Connector, LIMIT).
