@@ -51,6 +51,7 @@ from ztna.wire import (
     ObservedAddress,
     Register,
     RegistrationNack,
+    ServiceHealth,
     StandingCandidates,
     decode_from_connector,
     decode_registration,
@@ -409,10 +410,31 @@ class Intermediate:
             if held:
                 for data in held:  # tunnel packets that overtook this registration
                     self.on_datagram(conn, data)
+        elif isinstance(msg, ServiceHealth):
+            self._service_health(conn, msg)
         elif self.signaling is not None and (type(msg).__name__.startswith("Punch") or isinstance(msg, StandingCandidates)):
             now = asyncio.get_running_loop().time()
             self.execute(self.signaling.handle(peer_id, msg, self.registry, now=now))
         # Everything else (pings, unknown types) is ignored by design (forward compatible).
+
+    def _service_health(self, conn: ZtnaConnection, msg: ServiceHealth) -> None:
+        peer_id = conn.user
+        before = self.registry.is_healthy(peer_id, msg.service)
+        notes = self.registry.set_health(peer_id, msg.service, msg.healthy, self._now())
+        if peer_id not in self.registry.peers or msg.service not in self.registry.peers[peer_id].connector_services:
+            self._bad.warning("health report for a service the peer does not serve", f"{conn.label} → {msg.service}")
+        elif before != msg.healthy:
+            log.log(logging.INFO if msg.healthy else logging.WARNING,
+                    "%s: service %r %s (%s)", conn.label, msg.service,
+                    "healthy again" if msg.healthy else "unhealthy: no new flows while another Connector is healthy",
+                    msg.detail or "-")
+            if not self.registry.pool_healthy(msg.service):
+                log.warning("service %r: no healthy Connector; new flows go to the least-recently-failed one",
+                            msg.service)
+        self.execute(notes)
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
 
     # An Agent resuming with 0-RTT sends Hello, Register and its first tunnel packets in
     # one flight; DATAGRAM frames may be packed before the STREAM frames, so those packets
@@ -502,7 +524,7 @@ class Intermediate:
                 stats.dropped_unregistered += 1
                 self._bad.warning("0x2F from a peer not registered as agent", f"{conn.label} → {service}")
                 return
-            target_id = registry.connector_for(service, packet)
+            target_id = registry.connector_for(service, packet, now=self._now())
             target = self.conns.get(target_id) if target_id is not None else None
             if target is None:
                 stats.dropped_no_connector += 1
@@ -573,6 +595,20 @@ class Intermediate:
                     s.relayed_datagrams + totals.get("relay_forwarded", 0), None))
         out.append(("ztna_registrations_total", "counter", "Acknowledged registrations", self.registry.registrations, None))
         out.append(("ztna_registration_rejections_total", "counter", "NACKed registrations", self.registry.rejections, None))
+        for healthy in (False, True):
+            out.append(("ztna_connector_health_transitions_total", "counter",
+                        "Connector health reports that changed its state, by the new state",
+                        self.registry.health_transitions[healthy], {"state": "healthy" if healthy else "unhealthy"}))
+        out.append(("ztna_connector_health_reports_ignored_total", "counter",
+                    "Health reports for a service the Connector does not serve", self.registry.health_ignored, None))
+        unhealthy = sum(1 for peer in self.registry.peers.values()
+                        for service in peer.connector_services if not peer.health.get(service, True))
+        out.append(("ztna_unhealthy_connectors", "gauge", "(Connector, service) pairs reported unhealthy", unhealthy, None))
+        out.append(("ztna_services_without_healthy_connector", "gauge",
+                    "Services whose Connectors are all unhealthy (new flows go to the least-recently-failed)",
+                    sum(1 for service in self.registry.connectors if not self.registry.pool_healthy(service)), None))
+        out.append(("ztna_relay_flow_pins", "gauge", "Relayed datagram flows pinned to a Connector",
+                    len(self.registry.pins), None))
         out.append(("ztna_uptime_seconds", "gauge", "Seconds since start", loop.time() - self.started_at, None))
         for reason in ("unregistered", "no_connector", "bad_reply", "oversize", "malformed", "unknown_type"):
             native = totals.get("relay_dropped_oversize", 0) if reason == "oversize" else 0

@@ -141,7 +141,8 @@ class Signaling:
         if not registry.is_agent_of(peer_id, service):
             self.counters.ignored["not_agent"] += 1
             return []
-        connector = registry.connector_for(service, peer_id.to_bytes(4, "big"))
+        # A direct path is a new flow: a healthy Connector (or the least-recently-failed).
+        connector = registry.pick(service, peer_id.to_bytes(4, "big"))
         if connector is None:
             self.counters.no_connector += 1
             return [Notify(peer_id, ErrorMessage(code="no_connector",

@@ -160,10 +160,12 @@ class StreamSplicer:
             self._refuse(leg, StreamStatus.NOT_AUTHORIZED)
             return False
         if isinstance(header, StreamResume):
-            key = header.token    # one Connector per service holds it; with several, a guess
+            # One Connector per service holds it; with several, a guess, made over the whole
+            # pool: a resumption continues an existing flow, which health does not move.
+            target_id = srv.registry.pick(header.service_id, header.token, healthy_only=False)
         else:
             key = leg.peer.to_bytes(4, "big") + leg.sid.to_bytes(8, "big")
-        target_id = srv.registry.connector_for(header.service_id, key)
+            target_id = srv.registry.pick(header.service_id, key)
         target = srv.conns.get(target_id) if target_id is not None else None
         if target is None:
             self._refuse(leg, StreamStatus.UNREACHABLE)
