@@ -58,7 +58,9 @@ class RevocationGuard:
         """Close every connection whose verified identity is revoked now."""
         ended = 0
         for conn in list(conns):
-            if conn.closed or conn.identity is None:
+            # Only the peers that connected to us: our own client connections (a Connector's
+            # QAD link to the Intermediate) carry the server's identity.
+            if conn.closed or conn.identity is None or conn.is_client:
                 continue
             reason = self.current.reason(conn.identity)
             if reason is None:

@@ -27,18 +27,23 @@ from ztna.errors import UsageError
 @click.option("--relay-port", type=int, help="Local port of the relay socket (default 0 = ephemeral).")
 @click.option("--metrics", help="Metrics HOST:PORT (default 127.0.0.1:9091) or 'off'.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--revoked", type=click.Path(dir_okay=False),
+              help="Deny-list of certificate serials and identities for direct (P2P) connections"
+                   " (docs/admin.md); reloaded on SIGHUP.")
 @click.option("--no-flow-control", is_flag=True, hidden=True, help="Benchmarks only.")
 def connector(config_path: str | None, intermediate: str | None, server_name: str | None,
               name: str | None, pki: str | None, cert: str | None, key: str | None, ca: str | None,
               services: tuple[str, ...], p2p_port: str | None, relay_port: int | None,
-              metrics: str | None, log_level: str | None, no_flow_control: bool) -> None:
+              metrics: str | None, log_level: str | None, revoked: str | None,
+              no_flow_control: bool) -> None:
     """Run an App Connector next to private apps: serves each service's virtual IPs and
     ports from its own backend, through the Intermediate relay and direct P2P QUIC."""
     from ztna.connector.config import load_config
 
     overrides: dict[str, object] = {"intermediate": intermediate, "server_name": server_name, "name": name,
                                     "relay_port": relay_port, "metrics": metrics,
-                                    "log_level": log_level}
+                                    "log_level": log_level,
+                                    "revoked": Path(revoked) if revoked is not None else None}
     if pki is not None:
         d = Path(pki)
         overrides.update(cert=d / "connector.pem", key=d / "connector.key", ca=d / "ca.pem")
@@ -68,6 +73,14 @@ def connector(config_path: str | None, intermediate: str | None, server_name: st
     except UsageError as exc:
         click.echo(f"ztna connector: {exc}", err=True)
         sys.exit(2)
+    if cfg.revoked is not None:
+        from ztna.revocation import load_revocations
+
+        try:
+            load_revocations(cfg.revoked)
+        except UsageError as exc:
+            click.echo(f"ztna connector: {exc}", err=True)
+            sys.exit(2)
     from ztna.connector.service import Connector
     from ztna.observe import setup_logging
 

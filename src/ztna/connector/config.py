@@ -269,6 +269,8 @@ class ConnectorConfig(BaseModel):
     udp_payload: int = Field(default=limits.DEFAULT_QUIC_UDP_PAYLOAD,
                              ge=limits.MIN_QUIC_UDP_PAYLOAD, le=limits.MAX_QUIC_UDP_PAYLOAD)
     limits: ConnectorLimits = Field(default_factory=ConnectorLimits)
+    # Deny-list for direct (P2P) connections from Agents (ztna.revocation), reloaded on SIGHUP.
+    revoked: Path | None = None
 
     @field_validator("intermediate", mode="before")
     @classmethod

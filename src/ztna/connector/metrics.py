@@ -64,6 +64,7 @@ def collect(c: Connector) -> list[Any]:
     out.append(("ztna_connector_tcp_sessions", "gauge", "Open TCP-in-DATAGRAM sessions", len(c.tcp), None))
     out.append(("ztna_connector_udp_flows", "gauge", "Open UDP flows", len(c.udp), None))
     out.append(("ztna_connector_streams", "gauge", "Open TCP streams", len(c.streams), None))
+    out.extend(c.revocation.metrics())
     out.append(("ztna_connector_uptime_seconds", "gauge", "Seconds since start",
                 c.loop.time() - c.started_at if c.loop else 0, None))
     for name, value in c.stats.as_dict().items():

@@ -233,6 +233,7 @@ class P2PServer:
             verifier=ChainVerifier(load_ca_file(self.tls.ca)),
             retry=False,                       # probes validated the address already
             ticket_store=self.ticket_store,    # resumption + 0-RTT for returning Agents
+            admit=self.connector.revocation.admit,
         )
         try:
             sock = bind_udp(self.host, self.port)

@@ -27,7 +27,6 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ztna.addresses import format_address
-
 from ztna.errors import DecodeError
 from ztna.intermediate.admin.snapshot import FlowView
 from ztna.wire.stream_header import (

@@ -143,7 +143,7 @@ def services(snap: Snapshot) -> list[ServiceInfo]:
             a = snap.connections.get(aid)
             if a is None:
                 continue
-            path = "direct" if a.paths.get(name) == "direct" else "relay"
+            path: Literal["direct", "relay"] = "direct" if a.paths.get(name) == "direct" else "relay"
             agents.append(AgentInfo(id=aid, identity=a.identity, path=path,
                                     warmup_ms=a.warmup_ms.get(name)))
         out.append(ServiceInfo(service=name, connectors=connectors, agents=agents))
