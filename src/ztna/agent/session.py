@@ -82,6 +82,9 @@ class ServiceState:
     nack: str | None = None
     connector_up: bool | None = None  # from ServiceStatus; None = not told
     connector: str | None = None      # who serves it through the relay (ServiceStatus), if told
+    # ServiceStatus.healthy: False when no Connector's backend is healthy (new flows go to
+    # the least-recently-failed one); None = not told.
+    healthy: bool | None = None
     path: str = "relay"
     attempts: int = 0
     next_retry: float = 0.0
@@ -303,6 +306,7 @@ class Session(ConnectionHandler):
             # Intermediate's policy may have changed while we were away.
             svc.registration, svc.nack, svc.attempts, svc.next_retry = PENDING, None, 0, 0.0
             svc.connector_up = None
+            svc.healthy = None
             svc.connector = None
             svc.retry_delay = self.options.register_retry
         config.resumption = self.zero_rtt
@@ -566,10 +570,16 @@ class Session(ConnectionHandler):
                 svc = self.by_id.get(msg.service)
                 if svc is not None:
                     label = msg.connector if msg.up else None
-                    if svc.connector_up != msg.up or svc.connector != label:
+                    healthy = msg.healthy if msg.up else None
+                    if msg.up and healthy is False and svc.healthy is not False:
+                        log.warning("service %s: no healthy connector; new flows go to the "
+                                    "least-recently-failed one (%s)", msg.service, label or "?")
+                    elif svc.connector_up != msg.up or svc.connector != label or svc.healthy != healthy:
                         log.info("service %s: connector %s", msg.service,
                                  (f"up ({label})" if label else "up") if msg.up else "down (no connector)")
-                    svc.connector_up, svc.connector = msg.up, label
+                    svc.connector_up, svc.connector, svc.healthy = msg.up, label, healthy
+                    if self.direct is not None:
+                        self.direct.pool_health(svc)
             elif isinstance(msg, AddressToken):
                 self._store_token(msg.token_bytes)
             elif isinstance(msg, GoAway):
@@ -636,6 +646,7 @@ class Session(ConnectionHandler):
                     "nack": s.nack,
                     "connector_up": s.connector_up,
                     "connector": s.connector,
+                    "healthy": s.healthy,
                     "direct_peer": self.direct.peer_of(s.spec.id) if self.direct is not None else None,
                     "path": s.path,
                     "tx_packets": s.tx_packets,

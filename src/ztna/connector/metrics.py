@@ -61,6 +61,18 @@ def collect(c: Connector) -> list[Any]:
             out.append(("ztna_connector_service_registered", "gauge",
                         "1 if the service is registered", 1 if state == "registered" else 0,
                         {"service": svc}))
+    prober = c.backend_health
+    for svc, hstate in prober.states.items():
+        out.append(("ztna_connector_backend_healthy", "gauge",
+                    "1 while every health check of the service's backend passes",
+                    1 if hstate.healthy else 0, {"service": svc}))
+        for healthy in (False, True):
+            out.append(("ztna_connector_health_transitions_total", "counter",
+                        "Backend health transitions, by the new state",
+                        prober.transitions.get((svc, healthy), 0),
+                        {"service": svc, "state": "healthy" if healthy else "unhealthy"}))
+        out.append(("ztna_connector_health_checks_total", "counter", "Health checks run",
+                    sum(ch.checks for ch in hstate.checks), {"service": svc}))
     out.append(("ztna_connector_tcp_sessions", "gauge", "Open TCP-in-DATAGRAM sessions", len(c.tcp), None))
     out.append(("ztna_connector_udp_flows", "gauge", "Open UDP flows", len(c.udp), None))
     out.append(("ztna_connector_streams", "gauge", "Open TCP streams", len(c.streams), None))

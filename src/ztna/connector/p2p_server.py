@@ -138,6 +138,11 @@ class _DirectHandler(ConnectionHandler):
                     reply = RegistrationNack(service_id=msg.service_id,
                                              status=NackStatus.NOT_AUTHORIZED)
                 conn.send_control(encode_control(reply))
+                if isinstance(reply, RegistrationAck):
+                    # The Agent learns our backend's health on this path too, so it can
+                    # leave a direct path to an unhealthy backend (docs/agent.md).
+                    self.server.registered.setdefault(conn, set()).add(msg.service_id)
+                    conn.send_control(encode_control(self.server.connector.health_message(msg.service_id)))
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         path = self.path(conn)
@@ -172,6 +177,7 @@ class _DirectHandler(ConnectionHandler):
     def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
         path = conn.user
         self.pending = None
+        self.server.registered.pop(conn, None)
         if isinstance(path, ReplyPath):
             log.info("direct connection %s closed: %s", conn.label, reason)
             self.server.connector.path_down(path)
@@ -218,6 +224,8 @@ class P2PServer:
         self.raw_handler: Callable[[bytes, tuple[Any, ...], float], None] | None = None
         self.raw_ignored = 0
         self.connections = 0
+        # Direct connections -> the services they registered (for health reports).
+        self.registered: dict[ZtnaConnection, set[str]] = {}
         from ztna.quic.tickets import ServerTicketStore
 
         self.ticket_store = ServerTicketStore(ticket_path)
@@ -247,6 +255,12 @@ class P2PServer:
     def local_port(self) -> int:
         assert self.endpoint is not None
         return int(self.endpoint.local_address[1])
+
+    def send_to_registered(self, service: str, frame: bytes) -> None:
+        """Send a control frame to every direct connection registered for `service`."""
+        for conn, services in list(self.registered.items()):
+            if service in services and not conn.closed:
+                conn.send_control(frame)
 
     def send_raw(self, data: bytes, addr: tuple[Any, ...]) -> bool:
         """Send a non-QUIC datagram (a probe) from the P2P socket."""

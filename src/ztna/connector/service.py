@@ -24,7 +24,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ztna.connector import icmp
-from ztna.connector.config import ConnectorConfig, ServiceConfig
+from ztna.connector.config import ConnectorConfig, HealthCheck, ServiceConfig
+from ztna.connector.health import HealthProber, probe_http, probe_tcp, probe_udp
 from ztna.connector.p2p_server import P2PServer
 from ztna.connector.paths import AgentPaths, ReplyPath
 from ztna.connector.relay_link import RelayLink
@@ -39,7 +40,7 @@ from ztna.quic.connection import ZtnaConnection
 from ztna.quic.endpoint import CLOSE_AUTH, QuicEndpoint, bind_udp
 from ztna.revocation_guard import RevocationGuard
 from ztna.startup import bind_error
-from ztna.wire import TO_CONNECTOR, decode_to_connector
+from ztna.wire import TO_CONNECTOR, ServiceHealth, decode_to_connector, encode_control
 
 log = logging.getLogger("ztna.connector")
 
@@ -153,6 +154,53 @@ class Connector:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = asyncio.Event()
         self._kick_scheduled = False
+        self.backend_health = HealthProber(self._health_changed)
+        for svc in cfg.services:
+            self.backend_health.add_service(svc.id)
+            for check in svc.health_checks():
+                self._add_check(svc, check)
+
+    # ------------------------------------------------------------------ health
+    def _add_check(self, svc: ServiceConfig, check: HealthCheck) -> None:
+        assert check.port is not None   # health_checks() resolves "every TCP backend"
+        backend = (svc.udp if check.kind == "udp" else svc.tcp)[check.port]
+        host, port, timeout = backend.host, backend.port, check.timeout
+        name = f"{check.kind} {check.port}"
+        if check.kind == "tcp":
+            def probe() -> Any:
+                return probe_tcp(host, port, timeout)
+        elif check.kind == "http":
+            path, status = check.path, check.status
+            name = f"http {check.port}{path}"
+
+            def probe() -> Any:
+                return probe_http(host, port, path, status, timeout)
+        else:
+            payload, expect = bytes.fromhex(check.probe), bytes.fromhex(check.expect)
+
+            def probe() -> Any:
+                return probe_udp(host, port, payload, expect, timeout)
+        self.backend_health.add_check(svc.id, name, interval=check.interval, fall=check.fall,
+                              rise=check.rise, probe=probe)
+
+    def health_message(self, service: str) -> ServiceHealth:
+        state = self.backend_health.states.get(service)
+        healthy = state is None or state.healthy
+        return ServiceHealth(service=service, healthy=healthy,
+                             detail=state.detail() if state is not None and state.checks else None)
+
+    def _health_changed(self, service: str, healthy: bool, detail: str) -> None:
+        """A service's backend changed state: tell the Intermediate (so new flows avoid us
+        while another Connector is healthy) and the Agents connected to us directly."""
+        data = encode_control(self.health_message(service))
+        relay = self.relay
+        if relay is not None and relay.conn is not None and relay.registration.get(service) == "registered":
+            relay.conn.send_control(data)
+        if self.p2p is not None:
+            self.p2p.send_to_registered(service, data)
+
+    def _service_registered(self, conn: ZtnaConnection, service: str) -> None:
+        conn.send_control(encode_control(self.health_message(service)))
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -186,7 +234,9 @@ class Connector:
                 udp_payload=self.cfg.udp_payload),
             services=list(self.services), sink=self, rng=random.Random(self.rng.random()),
             name=self.cfg.connector_name())
+        self.relay.on_service_registered = self._service_registered
         self._tasks.append(loop.create_task(self.relay.run()))
+        self.backend_health.start()
         if self.cfg.p2p_port is not None:
             self.p2p = P2PServer(self, host=self.cfg.p2p_host, port=self.cfg.p2p_port,
                                  tls=self.tls, udp_payload=self.cfg.udp_payload,
@@ -216,6 +266,7 @@ class Connector:
             return
         self.stopping = True
         log.info("shutting down")
+        await self.backend_health.stop()
         if self.relay is not None:
             self.relay.stop()
         self.tcp.close_all()
@@ -415,6 +466,7 @@ class Connector:
             "services": dict(relay.registration) if relay else {},
             "tcp_sessions": len(self.tcp), "udp_flows": len(self.udp),
             "streams": len(self.streams),
+            "backends": {sid: st.snapshot() for sid, st in self.backend_health.states.items()},
         }
         if self.p2p is not None:
             pa = self.p2p.public_address
