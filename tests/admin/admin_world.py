@@ -47,10 +47,10 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
 class TcpEcho:
     """A TCP echo server in threads; `close()` kills it (listener and open connections)."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(64)
         self.port = int(self.sock.getsockname()[1])
         self.conns: list[socket.socket] = []
