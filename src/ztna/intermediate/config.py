@@ -18,7 +18,7 @@ Example file (all keys optional)::
     udp_payload = 1350
     log_level = "info"
     revoked = "/etc/ztna/revoked.txt"   # deny-list, reloaded on SIGHUP
-    admin = "127.0.0.1:9091"           # admin API + dashboard; default off
+    admin = "127.0.0.1:9443"           # admin API + dashboard; default off
     admin_token_file = "/etc/ztna/admin.token"   # needed for a non-loopback admin address
 """
 
