@@ -170,3 +170,33 @@ def test_reads_off_loopback_need_the_token(pki: Path, tmp_path: Path) -> None:
         assert metrics(world.ports["intermediate_metrics"])["ztna_admin_unauthorized_total"] == 2
     finally:
         world.stop()
+
+
+def test_event_stream_is_live_and_does_not_hold_up_a_stop(pki: Path, tmp_path: Path) -> None:
+    import json
+    import signal
+    import time
+    import urllib.request
+
+    world = World(tmp=tmp_path, pki=pki)
+    admin_port = free_port(socket.SOCK_STREAM)
+    try:
+        world.intermediate("--admin", f"127.0.0.1:{admin_port}")
+        stream = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/api/v1/events", timeout=10)
+        assert stream.headers["Content-Type"].startswith("text/event-stream")
+        events = []
+        while len(events) < 2:
+            line = stream.readline().decode()
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+        # One state per second, each a fresh snapshot.
+        assert events[0]["taken_at"] < events[1]["taken_at"]
+        assert events[0]["services"] == [] and events[0]["histograms"]["handshake"]["count"] == 0
+        proc = world.procs["intermediate"]
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - start < 5
+        stream.close()
+    finally:
+        world.stop()

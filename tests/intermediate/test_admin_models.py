@@ -4,7 +4,13 @@ and the registry's drain (new flows avoid a drained Connector, pinned ones stay)
 from __future__ import annotations
 
 from ztna.intermediate.admin import models
-from ztna.intermediate.admin.snapshot import BUCKETS_MS, ConnectionView, FlowView, LatencyHistogram, Snapshot
+from ztna.intermediate.admin.snapshot import (
+    BUCKETS_MS,
+    ConnectionView,
+    FlowView,
+    LatencyHistogram,
+    Snapshot,
+)
 from ztna.intermediate.registry import AllowAll, Registry
 from ztna.wire.registration import Register, Role
 

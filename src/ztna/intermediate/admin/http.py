@@ -78,6 +78,7 @@ class AdminServer:
         self.unauthorized = 0
         self.event_clients = 0
         self._bad = RateLimitedLog(log)
+        self._closing = asyncio.Event()   # ends the event streams, so a stop never waits on them
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._static = {name: resources.files("ztna.intermediate.admin").joinpath("static", name).read_bytes()
@@ -175,10 +176,13 @@ class AdminServer:
         self.event_clients += 1
         try:
             await response.prepare(request)
-            while True:
+            while not self._closing.is_set():
                 state = models.dashboard(self.source.admin_snapshot())
                 await response.write(b"data: " + state.model_dump_json().encode() + b"\n\n")
-                await asyncio.sleep(self.event_interval)
+                try:
+                    await asyncio.wait_for(self._closing.wait(), self.event_interval)
+                except TimeoutError:
+                    pass
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
@@ -208,7 +212,7 @@ class AdminServer:
 
     # ------------------------------------------------------------------ runner
     async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await self._site.start()
@@ -221,6 +225,7 @@ class AdminServer:
         raise RuntimeError("admin server not started")
 
     async def close(self) -> None:
+        self._closing.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
