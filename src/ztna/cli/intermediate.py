@@ -6,7 +6,8 @@
 Flags override the TOML file (`ztna.intermediate.config`). Exit codes: 0 after a graceful
 drain (SIGTERM/SIGINT), 2 for a bad configuration (a bad flag or file, an unreadable or
 mismatched certificate/key/CA, an address that cannot be bound), 1 for any other failure
-to start. SIGHUP reloads the certificate files.
+to start. SIGHUP reloads the certificate files and the `--revoked` list (closing the live
+connections it now revokes).
 """
 
 from __future__ import annotations
