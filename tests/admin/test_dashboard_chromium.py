@@ -99,3 +99,32 @@ def test_dashboard_shows_the_service_and_a_connector_going_unhealthy(tmp_path: P
         world.stop()
         backend.close()
 
+
+
+def test_dashboard_off_loopback_asks_for_the_token(tmp_path: Path, browser: object) -> None:
+    from selenium.webdriver.common.by import By
+
+    pki = tmp_path / "pki"
+    init_pki(pki, ["web"])
+    token = "dashboard-token-0123456789abcdef"
+    (tmp_path / "admin.token").write_text(token + "\n")
+    world = World(tmp=tmp_path, pki=pki)
+    admin_port = free_port(socket.SOCK_STREAM)
+    driver = browser
+    try:
+        world.intermediate("--admin", f"0.0.0.0:{admin_port}", "--admin-token-file", str(tmp_path / "admin.token"))
+        driver.get(f"http://127.0.0.1:{admin_port}/")  # type: ignore[attr-defined]
+        wait_for(lambda: _texts(driver, "#live") == ["token required"], 20, "the page asks for the token")
+        form = driver.find_element(By.ID, "token")  # type: ignore[attr-defined]
+        form.send_keys("not-the-token-at-all")
+        driver.find_element(By.CSS_SELECTOR, "#login button").click()  # type: ignore[attr-defined]
+        wait_for(lambda: _texts(driver, "#login-error") == ["wrong token"], 20, "a wrong token is refused")
+        form = driver.find_element(By.ID, "token")  # type: ignore[attr-defined]
+        form.clear()
+        form.send_keys(token)
+        driver.find_element(By.CSS_SELECTOR, "#login button").click()  # type: ignore[attr-defined]
+        wait_for(lambda: _texts(driver, "#live") == ["live"], 20, "the page is live with the token")
+        assert _texts(driver, "#services tbody") == ["no services registered"]
+        world.alive()
+    finally:
+        world.stop()

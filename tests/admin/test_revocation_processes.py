@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from admin_world import PY, TcpEcho, World, echo_roundtrip, free_port, metrics, wait_for
+from admin_world import PY, TcpEcho, World, echo_roundtrip, free_port, http, metrics, wait_for
 from cryptography import x509
 
 from ztna.certs import init_pki, issue
@@ -115,13 +115,15 @@ def test_connector_p2p_server_refuses_and_closes_revoked_agents(pki: Path, tmp_p
     backend = TcpEcho()
     world = World(tmp=tmp_path, pki=pki)
     alice_fwd, bob_fwd = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    admin = f"http://127.0.0.1:{free_port(socket.SOCK_STREAM)}"
     try:
-        world.intermediate()
+        world.intermediate("--admin", admin.removeprefix("http://"))
         world.connector("c1", [f"web=10.100.0.2;tcp:80=127.0.0.1:{backend.port}"], "--revoked", str(revoked),
                         p2p=True)
         cport = world.ports["c1_metrics"]
         world.agent("alice", alice_fwd)
-        world.agent("bob", bob_fwd, cert="bob")
+        # A punch that fails under load is retried after the cooldown: keep it short.
+        world.agent("bob", bob_fwd, "--p2p-cooldown", "10", cert="bob")
 
         def path(name: str) -> str | None:
             snap = world.status(name)
@@ -129,10 +131,16 @@ def test_connector_p2p_server_refuses_and_closes_revoked_agents(pki: Path, tmp_p
         # Alice goes direct. Bob's direct handshake is refused by the Connector, so he stays
         # on the relay (the Intermediate does not revoke him) and is still served.
         wait_for(lambda: path("alice") == "direct", 40, "alice direct")
-        wait_for(lambda: metrics(cport)['ztna_revocations_total{action="refused"}'] >= 1, 40,
+        wait_for(lambda: metrics(cport)['ztna_revocations_total{action="refused"}'] >= 1, 60,
                  "bob's direct handshake refused")
         assert "identity revoked (bob)" in world.log("c1")
         assert path("bob") == "relay" and _served(bob_fwd)
+        # The admin API knows the paths from the punch results, and alice's warm-up.
+        (web,) = http(f"{admin}/api/v1/services")[1]
+        paths = {a["identity"]: a for a in web["agents"]}
+        assert paths["agent"]["path"] == "direct" and paths["agent"]["warmup_ms"] > 0
+        assert paths["bob"]["path"] == "relay" and paths["bob"]["warmup_ms"] is None
+        assert http(f"{admin}/api/v1/histograms")[1]["warmup"]["count"] >= 1
 
         # Revoke Alice on the Connector: her direct connection is closed at once; her traffic
         # goes on through the relay.

@@ -135,6 +135,14 @@ class Signaling:
                                                         session=sid)))
         return notes
 
+    def relayed(self, agent: int, service: str) -> None:
+        """The Agent opened a flow of `service` through the relay: whatever its last punch
+        said, its path is the relay now (a direct connection refused or lost after the punch
+        succeeded is only seen this way)."""
+        outcome = self.outcomes.get((agent, service))
+        if outcome is not None and outcome[0]:
+            self.outcomes[(agent, service)] = (False, outcome[1])
+
     # ------------------------------------------------------------------ messages
     def _request(self, peer_id: int, msg: PunchRequest, registry: Registry, now: float) -> list[Notify]:
         service = msg.service

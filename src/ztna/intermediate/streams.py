@@ -191,6 +191,8 @@ class StreamSplicer:
         target.send_stream(tsid, encode_stream_open(relayed) + rest)
         leg.owed += len(rest)
         self.spliced += 1
+        if srv.signaling is not None and isinstance(header, StreamOpen):
+            srv.signaling.relayed(leg.peer, header.service_id)
         return True
 
     def on_stream_reset(self, conn: ZtnaConnection, sid: int, code: int) -> None:
