@@ -10,6 +10,10 @@ on the bytes that come back: which backend answered, and the payload echoed.
 * HTTP check (`check=http:80/healthz=200`): the backends keep serving but report 503.
   When both do, new flows go to the least-recently-failed Connector (A, which failed
   first), and `ztna status` says that no Connector is healthy.
+* Direct (P2P) path: the Agent is direct to one Connector, whose backend dies. The
+  Connector says so on the direct connection; the Agent leaves that path for new flows
+  (the relay steers them to the healthy Connector) and its next punch goes to the healthy
+  one.
 * UDP probe check (`check=udp:53:...=...`): UDP backend A stops answering the probe →
   every new UDP flow is answered by B.
 """
@@ -32,7 +36,7 @@ from typing import Any
 
 import pytest
 from agent_util import PY, stop, wait_for
-from loopback_procs import free_port
+from loopback_procs import TcpEcho, free_port
 
 from ztna.certs import init_pki
 
@@ -169,9 +173,11 @@ class World:
 
 
 @contextmanager
-def world(tmp: Path, pki: Path, services: dict[str, str]) -> Iterator[World]:
+def world(tmp: Path, pki: Path, services: dict[str, str], p2p: dict[str, int] | None = None,
+          agent_args: tuple[str, ...] = ()) -> Iterator[World]:
     """Intermediate (with metrics) + one Connector per entry of `services` (name → its
-    `--service` flag) + a userspace Agent with a TCP and a UDP forward."""
+    `--service` flag; with `p2p`, its P2P port) + a userspace Agent with a TCP and a UDP
+    forward."""
     iport = free_port()
     w = World(tmp=tmp, state=tmp / "state", metrics_port=free_port(socket.SOCK_STREAM),
               lport=free_port(socket.SOCK_STREAM), uport=free_port())
@@ -183,13 +189,13 @@ def world(tmp: Path, pki: Path, services: dict[str, str]) -> Iterator[World]:
         for name, flag in services.items():
             w.procs[name] = _spawn(
                 [PY, "-m", "ztna", "connector", "--intermediate", inter, "--server-name", "localhost",
-                 "--pki", str(pki), "--p2p-port", "off", "--metrics", "off", "--name", name,
+                 "--pki", str(pki), "--p2p-port", str(p2p[name]) if p2p else "off", "--metrics", "off", "--name", name,
                  "--service", flag], tmp / f"connector-{name}.log")
         w.procs["agent"] = _spawn(
             [PY, "-m", "ztna", "agent", "--intermediate", inter, "--server-name", "localhost",
              "--pki", str(pki), "--mode", "userspace", "--name", "hf", "--state-dir", str(w.state),
              "--service", "web=10.100.0.2", "-L", f"127.0.0.1:{w.lport}=web:80",
-             "-U", f"127.0.0.1:{w.uport}=web:53"], tmp / "agent.log")
+             "-U", f"127.0.0.1:{w.uport}=web:53", "--p2p-cooldown", "2", *agent_args], tmp / "agent.log")
 
         def ready() -> bool:
             for p in w.procs.values():
@@ -279,3 +285,53 @@ def test_udp_probe_check_fails_over_new_udp_flows(pki: Path, tmp_path: Path) -> 
     finally:
         ua.close()
         ub.close()
+
+
+def _echo(sock: socket.socket, data: bytes) -> bytes:
+    sock.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = sock.recv(65536)
+        assert chunk, "echo connection closed"
+        got += chunk
+    return got
+
+
+def test_direct_path_to_unhealthy_connector_is_left_for_a_healthy_one(pki: Path, tmp_path: Path) -> None:
+    a, b = Backend("A"), Backend("B")
+    echo_a, echo_b = TcpEcho(), TcpEcho()
+    eport = free_port(socket.SOCK_STREAM)
+    ports = {"a": free_port(), "b": free_port()}
+    # Port 7 is a TCP echo, unchecked (`check=tcp:80`): a connection to it outlives the
+    # health of port 80.
+    with world(tmp_path, pki, {"a": f"web=10.100.0.2;tcp:80=127.0.0.1:{a.port};tcp:7=127.0.0.1:{echo_a.port};check=tcp:80",
+                               "b": f"web=10.100.0.2;tcp:80=127.0.0.1:{b.port};tcp:7=127.0.0.1:{echo_b.port};check=tcp:80"},
+               p2p=ports, agent_args=("-L", f"127.0.0.1:{eport}=web:7")) as w:
+        wait_for(lambda: w.service()["path"] == "direct", 30, "direct path")
+        peer = w.service()["direct_peer"]
+        first = "a" if peer.endswith(f":{ports['a']}") else "b"
+        assert peer.endswith(f":{ports[first]}"), peer
+        dead, alive = (a, b) if first == "a" else (b, a)
+        # Direct: every new connection is answered by that Connector's backend.
+        assert set(_tags(w.fetch, 8, "direct")) == {dead.tag}
+        held = socket.create_connection(("127.0.0.1", eport), timeout=10)
+        first_bytes = os.urandom(20000)
+        assert _echo(held, first_bytes) == first_bytes
+        dead.kill()
+        wait_for(lambda: w.metric("ztna_unhealthy_connectors") == 1, 30, "direct connector unhealthy")
+        wait_for(lambda: w.service()["direct_peer"] != peer, 10, "agent left the unhealthy direct path")
+        assert _tags(w.fetch, 16, "failover") == [alive.tag] * 16
+        # The connection opened on the direct path before stays there and keeps working.
+        more = os.urandom(50000)
+        assert _echo(held, more) == more
+        held.close()
+        # After the cooldown the Agent punches again, to the healthy Connector.
+        other = [n for n in ports if n != first][0]
+        wait_for(lambda: (w.service()["direct_peer"] or "").endswith(f":{ports[other]}"), 40,
+                 "direct to the healthy connector")
+        assert _tags(w.fetch, 8, "direct-again") == [alive.tag] * 8
+        snap = json.loads(w.status("--json"))
+        assert snap["p2p"]["unhealthy_departures"] == 1
+        assert "leaving the direct path: connector backend unhealthy" in (tmp_path / "agent.log").read_text()
+    echo_a.close()
+    echo_b.close()

@@ -35,11 +35,13 @@ import logging
 import secrets
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from prometheus_client import CollectorRegistry, Histogram
 
 from ztna import limits
+from ztna.agent.config import AgentOptions
+from ztna.agent.services import ServiceState
 from ztna.errors import DatagramTooLarge, DecodeError, error_text
 from ztna.observe import format_address
 from ztna.p2p.candidates import gather, interface_addresses
@@ -49,7 +51,7 @@ from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp, normalize_address
 from ztna.wire import (
-    ControlDecoder,
+    ControlMessage,
     DatagramKind,
     Hello,
     ObservedAddress,
@@ -69,8 +71,19 @@ from ztna.wire.control_messages import (
 )
 from ztna.wire.probe import probe_session_of
 
-if TYPE_CHECKING:
-    from ztna.agent.session import ServiceState, Session
+
+class RelaySession(Protocol):
+    """What the direct paths need from the Agent's session (``ztna.agent.session.Session``):
+    its options and services, its relay connection, and its packet demux for what arrives
+    on a direct path. A Protocol, so that this module does not import the session."""
+
+    options: AgentOptions
+    services: list[ServiceState]
+    conn: ZtnaConnection | None
+    zero_rtt: bool
+    instance: int
+
+    def on_packet(self, data: bytes) -> None: ...
 
 log = logging.getLogger("ztna.agent")
 
@@ -99,7 +112,6 @@ class _ServicePath:
 class _QadHandler(ConnectionHandler):
     def __init__(self, owner: DirectPaths) -> None:
         self.owner = owner
-        self.decoder = ControlDecoder()
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         if data and classify_datagram(data[0]) is DatagramKind.QAD:
@@ -108,10 +120,9 @@ class _QadHandler(ConnectionHandler):
             except DecodeError:
                 pass
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        for msg in conn.read_control(self.decoder, data) or ():
-            if isinstance(msg, ObservedAddress):
-                self.owner.set_observed(msg)
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if isinstance(msg, ObservedAddress):
+            self.owner.set_observed(msg)
 
 
 class _DirectHandler(ConnectionHandler):
@@ -119,7 +130,6 @@ class _DirectHandler(ConnectionHandler):
         self.owner = owner
         self.sp = sp
         self.heard_at: float | None = None   # first application data, even before direct_up
-        self.decoder = ControlDecoder()
         # Once the connection is retired (its Connector's backend went unhealthy while
         # another Connector is healthy): the streams still open on it, which stay.
         self.retired_streams: dict[int, Any] | None = None
@@ -145,11 +155,10 @@ class _DirectHandler(ConnectionHandler):
             # as for packets from the relay: counting here too counted it twice.
             self.owner.session.on_packet(data)
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
         self._heard()   # QAD / registration ACK from the Connector: bytes over the direct path
-        for msg in conn.read_control(self.decoder, data) or ():
-            if isinstance(msg, ServiceHealth) and msg.service == self.sp.svc.spec.id and conn is self.sp.conn:
-                self.owner.backend_health(self.sp, msg.healthy, msg.detail or "")
+        if isinstance(msg, ServiceHealth) and msg.service == self.sp.svc.spec.id and conn is self.sp.conn:
+            self.owner.backend_health(self.sp, msg.healthy, msg.detail or "")
 
     def on_stream_data(self, conn: ZtnaConnection, stream_id: int, data: bytes, end: bool) -> None:
         # TCP on streams (the Agent opened them, see `DirectPaths.stream_conn`); stream 0 is
@@ -179,7 +188,7 @@ class _DirectHandler(ConnectionHandler):
 
 
 class DirectPaths:
-    def __init__(self, session: Session, *, config: PathConfig | None = None) -> None:
+    def __init__(self, session: RelaySession, *, config: PathConfig | None = None) -> None:
         self.session = session
         self.options = session.options
         self.config = config or PathConfig()
@@ -337,9 +346,14 @@ class DirectPaths:
         sp.backend_healthy = True     # a new connection hears its own Connector's report
         sp.pm.direct_failed(now=now, reason=reason)
         self.unhealthy_departures += 1
+        if sp.timer is not None:
+            sp.timer.cancel()
+            sp.timer = None
         handler = conn.handler if isinstance(conn.handler, _DirectHandler) else None
-        if streams and handler is not None and not conn.closed:
+        if handler is not None:
+            # From now on its close is a retired connection's, not the service's path failing.
             handler.retired_streams = streams
+        if streams and handler is not None and not conn.closed:
             self.retired.append(conn)
         elif not conn.closed:
             conn.close(0, "connector backend unhealthy")

@@ -79,6 +79,12 @@ def read_token(path: Path) -> bytes:
               help="File holding the admin bearer token: enables the write operations (drain,"
                    " disconnect) and is required for a non-loopback --admin.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Default info.")
+@click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write one JSON line per relayed TCP stream (when it ends, and every --audit-interval"
+                   " for long ones) to FILE.")
+@click.option("--audit-log-max-bytes", type=int, help="Rotate the audit log at this size (default 10 MiB).")
+@click.option("--audit-log-backups", type=int, help="Rotated audit logs kept (default 5).")
+@click.option("--audit-interval", type=float, help="Minutes between interim lines of a long flow (default 5).")
 @click.pass_context
 def intermediate(ctx: click.Context, config_path: Path | None, **flags: Any) -> None:
     """Run the public QUIC relay (Intermediate)."""
@@ -159,6 +165,10 @@ def intermediate(ctx: click.Context, config_path: Path | None, **flags: Any) -> 
         revoked=str(cfg.revoked) if cfg.revoked else None,
         admin=cfg.admin_address(),
         admin_token=admin_token,
+        audit_log=str(cfg.audit_log) if cfg.audit_log else None,
+        audit_log_max_bytes=cfg.audit_log_max_bytes,
+        audit_log_backups=cfg.audit_log_backups,
+        audit_interval=cfg.audit_interval * 60,
     )
     server = Intermediate(options)
 

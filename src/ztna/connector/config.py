@@ -271,6 +271,11 @@ class ConnectorConfig(BaseModel):
     limits: ConnectorLimits = Field(default_factory=ConnectorLimits)
     # Deny-list for direct (P2P) connections from Agents (ztna.revocation), reloaded on SIGHUP.
     revoked: Path | None = None
+    # Per-flow audit log (JSON lines, docs/connector.md "Audit log"); None = off.
+    audit_log: Path | None = None
+    audit_log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096)
+    audit_log_backups: int = Field(default=5, ge=0, le=1000)
+    audit_interval_minutes: float = Field(default=5.0, gt=0, le=24 * 60)
 
     @field_validator("intermediate", mode="before")
     @classmethod

@@ -6,12 +6,11 @@ Theory of operation
   connect check per TCP backend; instead an HTTP GET with an expected status, a UDP probe
   (payload sent, exact reply expected), or none at all. UDP backends get no check unless
   one is configured.
-* `CheckState` (pure, time passed in) turns outcomes into a state: healthy at start; down
-  after `fall` consecutive failures, up again after `rise` consecutive successes.
-* `ServiceHealthState` (pure) folds its checks: the service is healthy while every check is;
-  each service transition is returned once, so the driver reports it (a `ServiceHealth`
-  control message to the Intermediate and the direct Agents) and counts it.
-* `HealthProber` (the driver) runs one task per check: probe, feed the outcome with the
+* `ztna.connector.health_state` (pure, time passed in) turns outcomes into states: per check
+  (down after `fall` failures in a row, up after `rise` successes) and per service (healthy
+  while every check is); each service transition is returned once, so the driver reports it
+  (a `ServiceHealth` control message to the Intermediate and the direct Agents) and counts it.
+* `HealthProber` (this module, the driver) runs one task per check: probe, feed the outcome with the
   loop's clock, sleep the interval. A probe never blocks the data path: it is one more
   coroutine, bounded by its timeout.
 """
@@ -22,82 +21,17 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import h11
 
+from ztna.connector.health_state import CheckState, ServiceHealthState
 from ztna.observe import format_address
 
 log = logging.getLogger("ztna.connector.health")
 
 __all__ = ["CheckState", "ServiceHealthState", "HealthProber", "probe_tcp", "probe_http", "probe_udp"]
-
-
-@dataclass(slots=True)
-class CheckState:
-    """One check's up/down state from consecutive outcomes (pure)."""
-
-    name: str
-    fall: int = 3
-    rise: int = 2
-    healthy: bool = True
-    failures: int = 0          # consecutive
-    successes: int = 0         # consecutive
-    last_detail: str = ""
-    last_change: float | None = None
-    checks: int = 0
-
-    def observe(self, ok: bool, detail: str, now: float) -> bool | None:
-        """Feed one outcome; the new state when it changed, else None."""
-        self.checks += 1
-        self.last_detail = detail
-        if ok:
-            self.successes += 1
-            self.failures = 0
-            if not self.healthy and self.successes >= self.rise:
-                self.healthy = True
-                self.last_change = now
-                return True
-        else:
-            self.failures += 1
-            self.successes = 0
-            if self.healthy and self.failures >= self.fall:
-                self.healthy = False
-                self.last_change = now
-                return False
-        return None
-
-
-@dataclass(slots=True)
-class ServiceHealthState:
-    """A service's health: every one of its checks healthy (pure). No checks: always healthy."""
-
-    service: str
-    checks: list[CheckState] = field(default_factory=list)
-    healthy: bool = True
-    transitions: int = 0
-
-    def observe(self, index: int, ok: bool, detail: str, now: float) -> bool | None:
-        """Feed check `index`'s outcome; the service's new state when it changed."""
-        self.checks[index].observe(ok, detail, now)
-        healthy = all(c.healthy for c in self.checks)
-        if healthy == self.healthy:
-            return None
-        self.healthy = healthy
-        self.transitions += 1
-        return healthy
-
-    def detail(self) -> str:
-        """Why the service is in its state: the failing checks, or the last outcome."""
-        failing = [f"{c.name}: {c.last_detail}" for c in self.checks if not c.healthy]
-        text = "; ".join(failing) if failing else "ok"
-        return text[:256]
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"healthy": self.healthy, "transitions": self.transitions,
-                "checks": [{"check": c.name, "healthy": c.healthy, "last": c.last_detail,
-                            "checks": c.checks} for c in self.checks]}
 
 
 # ---------------------------------------------------------------------- probes (I/O)

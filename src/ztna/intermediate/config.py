@@ -107,6 +107,11 @@ class IntermediateConfig(BaseModel):
     revoked: Path | None = None         # deny-list of serials/identities (ztna.revocation)
     admin: str | None = None            # admin API + dashboard, HOST:PORT (off by default)
     admin_token_file: Path | None = None
+    # Per-flow audit log of relayed TCP streams (docs/intermediate.md "Audit log"); None = off.
+    audit_log: Path | None = None
+    audit_log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096)
+    audit_log_backups: int = Field(default=5, ge=0, le=1000)
+    audit_interval: float = Field(default=5.0, gt=0, le=24 * 60)   # minutes
 
     @field_validator("listen")
     @classmethod

@@ -17,6 +17,7 @@ import logging
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from ztna import limits
-from ztna.errors import DatagramTooLarge, DecodeError
+from ztna.errors import DatagramTooLarge, DecodeError, ProtocolError
 from ztna.identity import ChainVerifier, certificate_names, load_ca_file, stable_peer_id
 from ztna.intermediate.admin.snapshot import ConnectionView, LatencyHistogram, Snapshot
 from ztna.intermediate.registry import AllowAll, Notify, Registry
@@ -43,9 +44,10 @@ from ztna.revocation_guard import RevocationGuard
 from ztna.startup import bind_error
 from ztna.wire import (
     FROM_CONNECTOR,
+    PUNCH_MESSAGES,
     SERVICE_DATAGRAM,
     AddressToken,
-    ControlDecoder,
+    ControlMessage,
     GoAway,
     Hello,
     ObservedAddress,
@@ -91,6 +93,10 @@ class IntermediateOptions:
     revoked: str | None = None      # deny-list file (ztna.revocation), reloaded on SIGHUP
     admin: tuple[str, int] | None = None    # admin API and dashboard (off by default)
     admin_token: bytes | None = None        # enables the write operations; needed off loopback
+    audit_log: str | None = None    # per-flow audit log of relayed TCP streams (ztna.audit)
+    audit_log_max_bytes: int = 10 * 1024 * 1024
+    audit_log_backups: int = 5
+    audit_interval: float = 300.0   # seconds between interim lines of a long flow
 
 
 @dataclass
@@ -125,8 +131,13 @@ class Intermediate:
         self._server_options: ServerOptions | None = None
         self.started_at = 0.0
         self.address_tokens: Any = None
+        self.audit: Any = None          # a ztna.audit.AuditLog with --audit-log
+        # Per connection: how its setup went, in ms (handshake, first registration), for
+        # the audit lines of its flows.
+        self.setup_times: dict[ZtnaConnection, dict[str, float | None]] = {}
         self._instances: dict[int, tuple[str, int]] = {}
         self._held: dict[ZtnaConnection, list[bytes]] = {}
+        self._control_handlers = self._control_table()
         # Native relay routes installed, per (service, agent id) (what `_routes_for` derived),
         # the agents routed per service, and a count per route (a reply route may be
         # justified by several services).
@@ -194,6 +205,21 @@ class Intermediate:
             self.streams = StreamSplicer(self)
         except ImportError:
             self.streams = None
+        if self.options.audit_log is not None:
+            from ztna.audit import AuditLog
+            from ztna.errors import UsageError
+
+            try:
+                self.audit = AuditLog(self.options.audit_log, process="intermediate",
+                                      max_bytes=self.options.audit_log_max_bytes,
+                                      backups=self.options.audit_log_backups,
+                                      interval=self.options.audit_interval)
+            except OSError as exc:
+                raise UsageError(f"cannot open the audit log {self.options.audit_log!r}: "
+                                 f"{exc.strerror or exc}") from None
+            if self.streams is not None:
+                splicer = self.streams
+                self.audit.start(splicer.live_audits)
         if self.options.metrics is not None:
             self.metrics_server = MetricsServer(self._metrics_registry(), self._health)
             await self.metrics_server.start(*self.options.metrics)
@@ -254,6 +280,10 @@ class Intermediate:
             await self.metrics_server.close()
         if self.admin_server is not None:
             await self.admin_server.close()
+        if self.audit is not None:
+            if self.streams is not None:
+                self.streams.close_all("shutdown")
+            self.audit.close()
         self._stopped.set()
 
     async def run_forever(self) -> None:
@@ -288,6 +318,7 @@ class Intermediate:
         conn.label = f"{label}#{peer_id}"
         self.registry.add_peer(peer_id, auth, conn.label)
         self.conns[peer_id] = conn
+        self.setup_times[conn] = {"handshake_ms": (self._now() - conn.created_at) * 1000}
         host = normalize_address(conn.peer_address)[0]
         log.info("peer %s connected from %s%s", conn.label, format_address(conn.peer_address),
                  " (resumed, 0-RTT)" if conn.early_data_accepted or conn.resumed else "")
@@ -301,6 +332,7 @@ class Intermediate:
         if peer_id is None or self.conns.get(peer_id) is not conn:
             return
         del self.conns[peer_id]
+        self.setup_times.pop(conn, None)
         self._instances.pop(peer_id, None)
         self._held.pop(conn, None)
         self.execute(self.registry.remove_peer(peer_id))
@@ -397,25 +429,43 @@ class Intermediate:
                 native.route_reply(route[2], route[3], route[4])
 
     # ------------------------------------------------------------------ control
-    def on_control_message(self, conn: ZtnaConnection, msg: object) -> None:
-        peer_id = conn.user
-        if isinstance(msg, Hello):
-            self.adopt_stable_id(conn, msg.instance)
-        elif isinstance(msg, Register):
-            reply, notes = self.registry.register(peer_id, msg)
-            self._log_registration(conn, msg, reply)
-            conn.send_control(encode_control(reply))
-            self.execute(notes)
-            held = self._held.pop(conn, None)
-            if held:
-                for data in held:  # tunnel packets that overtook this registration
-                    self.on_datagram(conn, data)
-        elif isinstance(msg, ServiceHealth):
-            self._service_health(conn, msg)
-        elif self.signaling is not None and (type(msg).__name__.startswith("Punch") or isinstance(msg, StandingCandidates)):
-            now = asyncio.get_running_loop().time()
-            self.execute(self.signaling.handle(peer_id, msg, self.registry, now=now))
+    def on_control_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        handler = self._control_handlers.get(type(msg))
+        if handler is not None:
+            handler(conn, msg)
         # Everything else (pings, unknown types) is ignored by design (forward compatible).
+
+    def _control_table(self) -> dict[type, Callable[[ZtnaConnection, Any], None]]:
+        """The Intermediate's one dispatch table for control messages from its peers."""
+        table: dict[type, Callable[[ZtnaConnection, Any], None]] = {
+            Hello: lambda conn, msg: self.adopt_stable_id(conn, msg.instance),
+            Register: self._register,
+            ServiceHealth: self._service_health,
+        }
+        for kind in (*PUNCH_MESSAGES, StandingCandidates):
+            table[kind] = self._signal
+        return table
+
+    def _register(self, conn: ZtnaConnection, msg: Register) -> None:
+        reply, notes = self.registry.register(conn.user, msg)
+        self._log_registration(conn, msg, reply)
+        setup = self.setup_times.get(conn)
+        if setup is not None and "registration_ms" not in setup and not isinstance(reply, RegistrationNack):
+            # Handshake done → first registration acknowledged (0 with 0-RTT early data).
+            since = conn.created_at + (setup.get("handshake_ms") or 0) / 1000
+            setup["registration_ms"] = max(0.0, self._now() - since) * 1000
+        conn.send_control(encode_control(reply))
+        self.execute(notes)
+        held = self._held.pop(conn, None)
+        if held:
+            for data in held:  # tunnel packets that overtook this registration
+                self.on_datagram(conn, data)
+
+    def _signal(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if self.signaling is None:   # signaling off (--no-p2p): ignored like unknown types
+            return
+        now = asyncio.get_running_loop().time()
+        self.execute(self.signaling.handle(conn.user, msg, self.registry, now=now))
 
     def _service_health(self, conn: ZtnaConnection, msg: ServiceHealth) -> None:
         peer_id = conn.user
@@ -714,11 +764,13 @@ class _PeerHandler(ConnectionHandler):
     __slots__ = ("server", "decoder", "early")
 
     EARLY_LIMIT = 65536
+    # Control messages kept the same way: a Hello and a Register per service fit many times.
+    EARLY_MESSAGES = 64
 
     def __init__(self, server: Intermediate) -> None:
         self.server = server
-        self.decoder = ControlDecoder()
         self.early: list[tuple[str, bytes]] = []
+        self.early_messages: list[ControlMessage] = []
 
     def _ready(self, conn: ZtnaConnection) -> bool:
         if conn.user is None and conn.identity is not None and not conn.closed:
@@ -729,12 +781,19 @@ class _PeerHandler(ConnectionHandler):
         if sum(len(d) for _, d in self.early) + len(data) <= self.EARLY_LIMIT:
             self.early.append((kind, data))
 
+    def _hold_message(self, msg: ControlMessage) -> None:
+        if len(self.early_messages) < self.EARLY_MESSAGES:
+            self.early_messages.append(msg)
+
     def on_handshake(self, conn: ZtnaConnection) -> None:
         if conn.user is None:
             self.server.peer_up(conn)
+        messages, self.early_messages = self.early_messages, []
+        for msg in messages:
+            self.on_message(conn, msg)
         early, self.early = self.early, []
-        for kind, data in early:
-            (self.on_control if kind == "c" else self.on_datagram)(conn, data)
+        for _kind, data in early:
+            self.on_datagram(conn, data)
 
     def on_path_changed(self, conn: ZtnaConnection) -> None:
         if conn.user is not None:
@@ -748,16 +807,14 @@ class _PeerHandler(ConnectionHandler):
         else:
             self._hold("d", data)
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
         if conn.user is None and not self._ready(conn):
-            self._hold("c", data)
+            self._hold_message(msg)
             return
-        messages = conn.read_control(self.decoder, data)
-        if messages is None:
-            self.server.stats.control_errors += 1
-            return
-        for msg in messages:
-            self.server.on_control_message(conn, msg)
+        self.server.on_control_message(conn, msg)
+
+    def on_control_error(self, conn: ZtnaConnection, error: ProtocolError) -> None:
+        self.server.stats.control_errors += 1
 
     def on_stream_data(self, conn: ZtnaConnection, stream_id: int, data: bytes, end: bool) -> None:
         if self.server.streams is not None and conn.user is not None:

@@ -36,11 +36,13 @@ from ztna.wire.stream_header import (
     StreamResume,
     StreamStatus,
     decode_stream_header,
+    decode_stream_reply,
     encode_stream_open,
     encode_stream_status,
 )
 
 if TYPE_CHECKING:
+    from ztna.audit import FlowAudit
     from ztna.quic.connection import ZtnaConnection
 
 log = logging.getLogger("ztna.intermediate")
@@ -66,13 +68,17 @@ class _Leg:
 
 
 class _Splice:
-    __slots__ = ("agent", "connector", "head", "done", "service", "destination", "started", "up", "down")
+    __slots__ = ("agent", "connector", "head", "done", "audit", "reply_pending", "service", "destination",
+                 "started", "up", "down")
 
     def __init__(self) -> None:
         self.agent: _Leg | None = None
         self.connector: _Leg | None = None
         self.head = b""
         self.done = False
+        self.audit: FlowAudit | None = None
+        # Bytes of the Connector's status reply still to come: not payload in the audit.
+        self.reply_pending = True
         # What the admin API shows of the flow (`flows()`), filled in when it is opened.
         self.service = ""
         self.destination = ""
@@ -143,6 +149,8 @@ class StreamSplicer:
                 splice.up += len(data)
             else:
                 splice.down += len(data)
+            if splice.audit is not None:
+                self._count(splice, leg, data)
         if end and not leg.fin_in:
             leg.fin_in = True
             assert leg.other is not None
@@ -193,7 +201,46 @@ class StreamSplicer:
         self.spliced += 1
         if srv.signaling is not None and isinstance(header, StreamOpen):
             srv.signaling.relayed(leg.peer, header.service_id)
+        audit = srv.audit
+        if audit is not None:
+            from ztna.audit import FlowAudit, sans_of
+
+            flow = leg.splice.audit = FlowAudit(
+                audit.new_id("i"), service=header.service_id, protocol="tcp", path="relay",
+                now=asyncio.get_running_loop().time(), agent_id=leg.peer, identity=sans_of(leg.conn),
+                dst_port=header.dst_port if isinstance(header, StreamOpen) else None,
+                connector=target.label, setup=dict(srv.setup_times.get(leg.conn, {})))
+            flow.to_service += len(rest)
         return True
+
+    def _count(self, splice: _Splice, leg: _Leg, data: bytes) -> None:
+        flow = splice.audit
+        assert flow is not None
+        if leg is splice.agent:
+            flow.to_service += len(data)
+            return
+        if splice.reply_pending:
+            # The Connector answers with its status (after connecting to the backend):
+            # that is the backend connect time as seen here, and not payload.
+            splice.reply_pending = False
+            flow.setup["backend_connect_ms"] = (asyncio.get_running_loop().time() - flow.started) * 1000
+            try:
+                parsed = decode_stream_reply(data)
+            except DecodeError:
+                parsed = None
+            if parsed is not None:
+                data = data[parsed[2]:]
+        flow.from_service += len(data)
+
+    def live_audits(self) -> list[FlowAudit]:
+        """The audit state of every live splice (interim lines)."""
+        return [lg.splice.audit for lg in self.legs.values()
+                if lg is lg.splice.agent and lg.splice.audit is not None and not lg.splice.done]
+
+    def close_all(self, reason: str) -> None:
+        for leg in list(self.legs.values()):
+            if not leg.splice.done:
+                self._remove(leg.splice, reason)
 
     def on_stream_reset(self, conn: ZtnaConnection, sid: int, code: int) -> None:
         leg = self.legs.get((conn.user, sid))
@@ -201,13 +248,13 @@ class StreamSplicer:
             return
         if leg.other is not None:
             leg.other.conn.reset_stream(leg.other.sid, code)
-        self._remove(leg.splice)
+        self._remove(leg.splice, "reset by the agent" if leg is leg.splice.agent else "reset by the connector")
 
     def peer_gone(self, peer_id: int) -> None:
         for leg in [lg for lg in self.legs.values() if lg.peer == peer_id]:
             if leg.other is not None and not leg.splice.done:
                 leg.other.conn.reset_stream(leg.other.sid)
-            self._remove(leg.splice)
+            self._remove(leg.splice, "agent gone" if leg is leg.splice.agent else "connector gone")
         self.per_peer.pop(peer_id, None)
 
     # ------------------------------------------------------------------ back-pressure
@@ -239,7 +286,7 @@ class StreamSplicer:
     def _maybe_done(self, splice: _Splice) -> None:
         a, c = splice.agent, splice.connector
         if a is not None and c is not None and a.fin_in and c.fin_in and not a.owed and not c.owed:
-            self._remove(splice)
+            self._remove(splice, "closed")
 
     def _refuse(self, leg: _Leg, status: StreamStatus) -> None:
         self.refused += 1
@@ -257,9 +304,11 @@ class StreamSplicer:
                 if leg.splice.connector is not None and not leg.splice.done}
         return [s.view(None) for s in live.values()] + list(reversed(self.recent))
 
-    def _remove(self, splice: _Splice) -> None:
+    def _remove(self, splice: _Splice, reason: str = "refused") -> None:
         if not splice.done and splice.connector is not None:
             self.recent.append(splice.view(time.time()))
+        if splice.audit is not None and not splice.done and self.srv.audit is not None:
+            self.srv.audit.end(splice.audit, reason, asyncio.get_running_loop().time())
         splice.done = True
         for leg in (splice.agent, splice.connector):
             if leg is None:
