@@ -147,6 +147,8 @@ class Intermediate:
         self.revocation = RevocationGuard(options.revoked, close_code=CLOSE_AUTH)
         self.handshakes = LatencyHistogram()
         self.admin_server: Any = None
+        # peer id -> its certificate's SANs: parsed once per connection, not per admin read.
+        self._sans: dict[int, tuple[str, ...]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def _build_server_options(self) -> ServerOptions:
@@ -334,6 +336,7 @@ class Intermediate:
         del self.conns[peer_id]
         self.setup_times.pop(conn, None)
         self._instances.pop(peer_id, None)
+        self._sans.pop(peer_id, None)
         self._held.pop(conn, None)
         self.execute(self.registry.remove_peer(peer_id))
         if self.signaling is not None:
@@ -704,7 +707,10 @@ class Intermediate:
                 continue
             stats = conn.stats()
             rtt = stats.get("rtt")
-            cert = conn.peer_certificate
+            sans = self._sans.get(peer_id)
+            if sans is None:
+                cert = conn.peer_certificate
+                sans = self._sans[peer_id] = tuple(certificate_names(cert)) if cert is not None else ()
             paths: dict[str, str] = {}
             warm: dict[str, float] = {}
             for service in peer.agent_services:
@@ -715,7 +721,7 @@ class Intermediate:
             views[peer_id] = ConnectionView(
                 peer_id=peer_id,
                 identity=conn.identity.common_name if conn.identity is not None else "anonymous",
-                sans=tuple(certificate_names(cert)) if cert is not None else (),
+                sans=sans,
                 agent_services=tuple(sorted(peer.agent_services)),
                 connector_services=tuple(sorted(peer.connector_services)),
                 address=format_address(conn.peer_address),
@@ -725,6 +731,8 @@ class Intermediate:
                 connected_at=now_wall - (now_loop - conn.created_at),
                 health=dict(peer.health), draining=peer_id in reg.draining,
                 paths=paths, warmup_ms=warm)
+        if len(self._sans) > len(self.conns) + 64:
+            self._sans = {k: v for k, v in self._sans.items() if k in self.conns}
         warmup = self.signaling.warmup.frozen() if self.signaling is not None else LatencyHistogram().frozen()
         totals = sum(ep.stats.as_dict().get("relay_bytes", 0) for ep in self.endpoints)
         return Snapshot(
