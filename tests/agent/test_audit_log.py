@@ -90,7 +90,10 @@ def test_audit_lines_after_tcp_and_udp_flows(pki: Path, tmp_path: Path, path: st
         t = tcp_end[0]
         assert (t.process, t.service, t.dst_port, t.path) == ("connector", "web", 80, path)
         assert t.bytes_to_service == t.bytes_from_service == len(payload)
-        assert t.close_reason == "closed" and t.duration_s >= 3.9   # held open 4 s
+        assert t.close_reason == "closed", t
+        # Held open 4 s after the first bytes; the flow starts when its stream header
+        # arrives, which a loaded machine may delay a little.
+        assert t.duration_s >= 3.0, t
         assert t.setup.backend_connect_ms is not None and t.setup.backend_connect_ms >= 0
         assert t.agent_id is not None
         agent_id = t.agent_id
