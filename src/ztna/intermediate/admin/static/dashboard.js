@@ -80,7 +80,9 @@ function renderConnections(conns, takenAt) {
     const tr = el("tr"); tr.dataset.peer = c.peer;
     const who = el("td"); who.append(el("div", "", c.identity), el("code", "muted", c.sans.join(", ")));
     const path = el("td"); if (c.path) path.append(el("span", "pill path", c.path));
-    tr.append(who, el("td", "", c.role), el("td", "", c.services.join(", ") || "–"), path,
+    // A connection without registrations: e.g. the one a P2P socket keeps for its own address.
+    const role = c.role === "none" ? el("td", "muted", "no registrations") : el("td", "", c.role);
+    tr.append(who, role, el("td", "", c.services.join(", ") || "–"), path,
       el("td", "", c.rtt_ms === null ? "–" : c.rtt_ms.toFixed(1) + " ms"),
       el("td", "", rate(down) + " / " + rate(up)),
       el("td", "", bytes(c.bytes_sent) + " / " + bytes(c.bytes_received)),
