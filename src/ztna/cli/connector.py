@@ -28,6 +28,9 @@ from ztna.errors import UsageError
 @click.option("--relay-port", type=int, help="Local port of the relay socket (default 0 = ephemeral).")
 @click.option("--metrics", help="Metrics HOST:PORT (default 127.0.0.1:9091) or 'off'.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--revoked", type=click.Path(dir_okay=False),
+              help="Deny-list of certificate serials and identities for direct (P2P) connections"
+                   " (docs/admin.md); reloaded on SIGHUP.")
 @click.option("--audit-log", type=click.Path(dir_okay=False),
               help="Write one JSON line per flow (when it ends, and every --audit-interval for long flows) to FILE.")
 @click.option("--audit-log-max-bytes", type=int, help="Rotate the audit log at this size (default 10 MiB).")
@@ -37,8 +40,8 @@ from ztna.errors import UsageError
 def connector(config_path: str | None, intermediate: str | None, server_name: str | None,
               name: str | None, pki: str | None, cert: str | None, key: str | None, ca: str | None,
               services: tuple[str, ...], p2p_port: str | None, relay_port: int | None,
-              metrics: str | None, log_level: str | None, audit_log: str | None,
-              audit_log_max_bytes: int | None, audit_log_backups: int | None,
+              metrics: str | None, log_level: str | None, revoked: str | None,
+              audit_log: str | None, audit_log_max_bytes: int | None, audit_log_backups: int | None,
               audit_interval: float | None, no_flow_control: bool) -> None:
     """Run an App Connector next to private apps: serves each service's virtual IPs and
     ports from its own backend, through the Intermediate relay and direct P2P QUIC."""
@@ -49,7 +52,8 @@ def connector(config_path: str | None, intermediate: str | None, server_name: st
                                     "log_level": log_level, "audit_log": audit_log,
                                     "audit_log_max_bytes": audit_log_max_bytes,
                                     "audit_log_backups": audit_log_backups,
-                                    "audit_interval_minutes": audit_interval}
+                                    "audit_interval_minutes": audit_interval,
+                                    "revoked": Path(revoked) if revoked is not None else None}
     if pki is not None:
         d = Path(pki)
         overrides.update(cert=d / "connector.pem", key=d / "connector.key", ca=d / "ca.pem")
@@ -79,6 +83,14 @@ def connector(config_path: str | None, intermediate: str | None, server_name: st
     except UsageError as exc:
         click.echo(f"ztna connector: {exc}", err=True)
         sys.exit(2)
+    if cfg.revoked is not None:
+        from ztna.revocation import load_revocations
+
+        try:
+            load_revocations(cfg.revoked)
+        except UsageError as exc:
+            click.echo(f"ztna connector: {exc}", err=True)
+            sys.exit(2)
     from ztna.connector.service import Connector
     from ztna.observe import setup_logging
 

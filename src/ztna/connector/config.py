@@ -269,6 +269,8 @@ class ConnectorConfig(BaseModel):
     udp_payload: int = Field(default=limits.DEFAULT_QUIC_UDP_PAYLOAD,
                              ge=limits.MIN_QUIC_UDP_PAYLOAD, le=limits.MAX_QUIC_UDP_PAYLOAD)
     limits: ConnectorLimits = Field(default_factory=ConnectorLimits)
+    # Deny-list for direct (P2P) connections from Agents (ztna.revocation), reloaded on SIGHUP.
+    revoked: Path | None = None
     # Per-flow audit log (JSON lines, docs/connector.md "Audit log"); None = off.
     audit_log: Path | None = None
     audit_log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096)

@@ -19,6 +19,7 @@ from ztna.connector.relay_link import RelayLink
 from ztna.connector.state import ConnectorStats
 from ztna.observe import MetricsServer, StatsCollector, format_address
 from ztna.quic.endpoint import QuicEndpoint
+from ztna.revocation_guard import RevocationGuard
 
 
 class ConnectorView(Protocol):
@@ -48,6 +49,8 @@ class ConnectorView(Protocol):
     def health(self) -> tuple[bool, dict[str, Any]]: ...
     @property
     def backend_health(self) -> HealthProber: ...
+    @property
+    def revocation(self) -> RevocationGuard: ...
 
 Row = tuple[str, str, str, float, "dict[str, str] | None"]
 
@@ -110,6 +113,7 @@ def collect(c: ConnectorView) -> list[Any]:
     out.append(("ztna_connector_tcp_sessions", "gauge", "Open TCP-in-DATAGRAM sessions", len(c.tcp), None))
     out.append(("ztna_connector_udp_flows", "gauge", "Open UDP flows", len(c.udp), None))
     out.append(("ztna_connector_streams", "gauge", "Open TCP streams", len(c.streams), None))
+    out.extend(c.revocation.metrics())
     out.append(("ztna_connector_uptime_seconds", "gauge", "Seconds since start",
                 c.loop.time() - c.started_at if c.loop else 0, None))
     for name, value in c.stats.as_dict().items():

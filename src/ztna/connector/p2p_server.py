@@ -48,6 +48,7 @@ from ztna.quic.endpoint import (
     bind_udp,
     normalize_address,
 )
+from ztna.revocation_guard import RevocationGuard
 from ztna.startup import bind_error
 from ztna.wire import (
     SERVICE_DATAGRAM,
@@ -78,6 +79,8 @@ class ConnectorSink(Protocol):
     def services(self) -> Mapping[str, ServiceState]: ...
     @property
     def streams(self) -> StreamTable: ...
+    @property
+    def revocation(self) -> RevocationGuard: ...
     def direct_up(self, path: ReplyPath) -> None: ...
     def path_down(self, path: ReplyPath, *, park: bool = False) -> None: ...
     def on_packet(self, path: ReplyPath, service_id: str, packet: memoryview) -> None: ...
@@ -266,6 +269,7 @@ class P2PServer:
             verifier=ChainVerifier(load_ca_file(self.tls.ca)),
             retry=False,                       # probes validated the address already
             ticket_store=self.ticket_store,    # resumption + 0-RTT for returning Agents
+            admit=self.connector.revocation.admit,
         )
         try:
             sock = bind_udp(self.host, self.port)

@@ -37,7 +37,8 @@ from ztna.netstack.packets import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 from ztna.observe import format_address
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ZtnaConnection
-from ztna.quic.endpoint import QuicEndpoint, bind_udp
+from ztna.quic.endpoint import CLOSE_AUTH, QuicEndpoint, bind_udp
+from ztna.revocation_guard import RevocationGuard
 from ztna.startup import bind_error
 from ztna.wire import TO_CONNECTOR, ServiceHealth, decode_to_connector, encode_control
 
@@ -55,6 +56,7 @@ class Connector:
         self.stats = ConnectorStats()
         self.services = {s.id: ServiceState(s) for s in cfg.services}
         self.tls = TlsFiles(cert=cfg.cert, key=cfg.key, ca=cfg.ca)
+        self.revocation = RevocationGuard(cfg.revoked, close_code=CLOSE_AUTH)
         self.agents = AgentPaths()
         self._parked: dict[int, tuple[ReplyPath, float]] = {}   # agent id -> (dead relay path, since)
         self.relay: RelayLink | None = None
@@ -231,6 +233,7 @@ class Connector:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+        loop.add_signal_handler(signal.SIGHUP, self.reload_revocations)
         try:
             await self.start()
         except BaseException:
@@ -242,6 +245,13 @@ class Connector:
                 log.debug("cleanup after a failed start", exc_info=True)
             raise
         await self._stopped.wait()
+
+    def reload_revocations(self) -> None:
+        """SIGHUP: read the revocation list again; close the direct connections of every
+        Agent it now revokes (their flows move to the relay path, where the Intermediate's
+        own list decides)."""
+        if self.revocation.reload() and self.p2p is not None and self.p2p.endpoint is not None:
+            self.revocation.sweep(self.p2p.endpoint.connections)
 
     async def _resolve_backends(self) -> None:
         assert self.loop is not None

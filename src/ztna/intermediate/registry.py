@@ -105,6 +105,9 @@ class Registry:
         # Health reports that changed a Connector's state, by new state (metrics).
         self.health_transitions: dict[bool, int] = {True: 0, False: 0}
         self.health_ignored = 0   # reports for a service the peer does not serve
+        # Connectors an administrator drained: no new flows while another Connector of the
+        # same service is not drained (drain beats health); existing flows stay.
+        self.draining: set[int] = set()
         # What changed since the driver last looked (it re-derives its native relay routes
         # from this: `take_changed`): (service, agent id) when one Agent came or went,
         # (service, None) when the service's Connector pool changed (every Agent of it).
@@ -119,6 +122,7 @@ class Registry:
     def remove_peer(self, peer_id: int) -> list[Notify]:
         """A connection ended: drop its registrations and tell whoever is affected."""
         peer = self.peers.pop(peer_id, None)
+        self.draining.discard(peer_id)
         if peer is None:
             return []
         notes: list[Notify] = []
@@ -230,12 +234,25 @@ class Registry:
 
     def candidates(self, service: str) -> list[int]:
         """The Connectors new flows of `service` may go to: the healthy ones, or, when none
-        is, the least-recently-failed one (oldest last failure; ties: join order)."""
+        is, the least-recently-failed one (oldest last failure; ties: join order); all of
+        them among the Connectors not drained, unless every one of the pool is."""
         pool = self.connectors.get(service, [])
+        pool = [c for c in pool if c not in self.draining] or pool
         healthy = [c for c in pool if self.is_healthy(c, service)]
         if healthy or not pool:
             return healthy
         return [min(pool, key=lambda c: self.last_failed.get((c, service), float("-inf")))]
+
+    def set_draining(self, peer_id: int, drain: bool) -> bool:
+        """Drain (or undrain) a Connector; False when `peer_id` is no Connector."""
+        peer = self.peers.get(peer_id)
+        if peer is None or not peer.connector_services:
+            return False
+        if drain:
+            self.draining.add(peer_id)
+        else:
+            self.draining.discard(peer_id)
+        return True
 
     def _status(self, service: str) -> ServiceStatus:
         if not self.connectors.get(service):

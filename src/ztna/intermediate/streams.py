@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from ztna.addresses import format_address
 from ztna.errors import DecodeError
+from ztna.intermediate.admin.snapshot import FlowView
 from ztna.wire.stream_header import (
     RelayedStreamOpen,
     RelayedStreamResume,
@@ -47,6 +51,7 @@ BACKLOG_LIMIT = 512 * 1024
 RECHECK = 0.005
 MAX_SPLICES_PER_PEER = 1024
 HEADER_LIMIT = 128
+RECENT_FLOWS = 200
 
 
 class _Leg:
@@ -63,7 +68,8 @@ class _Leg:
 
 
 class _Splice:
-    __slots__ = ("agent", "connector", "head", "done", "audit", "reply_pending")
+    __slots__ = ("agent", "connector", "head", "done", "audit", "reply_pending", "service", "destination",
+                 "started", "up", "down")
 
     def __init__(self) -> None:
         self.agent: _Leg | None = None
@@ -73,6 +79,18 @@ class _Splice:
         self.audit: FlowAudit | None = None
         # Bytes of the Connector's status reply still to come: not payload in the audit.
         self.reply_pending = True
+        # What the admin API shows of the flow (`flows()`), filled in when it is opened.
+        self.service = ""
+        self.destination = ""
+        self.started = 0.0
+        self.up = 0      # bytes Agent -> Connector
+        self.down = 0
+
+    def view(self, ended: float | None) -> FlowView:
+        return FlowView(agent_id=self.agent.peer if self.agent is not None else 0,
+                        connector_id=self.connector.peer if self.connector is not None else None,
+                        service=self.service, destination=self.destination, bytes_up=self.up,
+                        bytes_down=self.down, started_at=self.started, ended_at=ended)
 
 
 class StreamSplicer:
@@ -82,6 +100,8 @@ class StreamSplicer:
         self.per_peer: dict[int, int] = {}
         self.spliced = 0
         self.refused = 0
+        # The most recent spliced flows that ended (newest last), for the admin API.
+        self.recent: deque[FlowView] = deque(maxlen=RECENT_FLOWS)
         self._owing: set[_Leg] = set()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -125,6 +145,10 @@ class StreamSplicer:
             assert other is not None
             other.conn.send_stream(other.sid, data)
             leg.owed += len(data)
+            if leg is splice.agent:
+                splice.up += len(data)
+            else:
+                splice.down += len(data)
             if splice.audit is not None:
                 self._count(splice, leg, data)
         if end and not leg.fin_in:
@@ -156,7 +180,13 @@ class StreamSplicer:
         tsid = target.open_stream()
         other = _Leg(target, tsid, target_id, leg.splice)
         leg.other, other.other = other, leg
-        leg.splice.connector = other
+        splice = leg.splice
+        splice.connector = other
+        splice.service = header.service_id
+        splice.destination = (format_address((header.dst_ip, header.dst_port))
+                              if isinstance(header, StreamOpen) else "(resumed)")
+        splice.started = time.time()
+        splice.up = len(rest)
         self.legs[(target_id, tsid)] = other
         self.per_peer[target_id] = self.per_peer.get(target_id, 0) + 1
         relayed: RelayedStreamOpen | RelayedStreamResume
@@ -169,6 +199,8 @@ class StreamSplicer:
         target.send_stream(tsid, encode_stream_open(relayed) + rest)
         leg.owed += len(rest)
         self.spliced += 1
+        if srv.signaling is not None and isinstance(header, StreamOpen):
+            srv.signaling.relayed(leg.peer, header.service_id)
         audit = srv.audit
         if audit is not None:
             from ztna.audit import FlowAudit, sans_of
@@ -266,7 +298,15 @@ class StreamSplicer:
             splice.agent.conn.reset_stream(splice.agent.sid)
         self._remove(splice)
 
+    def flows(self) -> list[FlowView]:
+        """Open spliced flows, then the recently ended ones (newest first)."""
+        live = {id(leg.splice): leg.splice for leg in self.legs.values()
+                if leg.splice.connector is not None and not leg.splice.done}
+        return [s.view(None) for s in live.values()] + list(reversed(self.recent))
+
     def _remove(self, splice: _Splice, reason: str = "refused") -> None:
+        if not splice.done and splice.connector is not None:
+            self.recent.append(splice.view(time.time()))
         if splice.audit is not None and not splice.done and self.srv.audit is not None:
             self.srv.audit.end(splice.audit, reason, asyncio.get_running_loop().time())
         splice.done = True
