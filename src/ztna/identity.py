@@ -46,7 +46,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -113,6 +113,9 @@ class Identity:
     fingerprint: str
     # SAN `intermediate.ztna`: a member of an Intermediate cluster (the mesh), nothing else.
     intermediate: bool = False
+    # The certificate's serial number, what a revocation list may name; not part of what the
+    # identity *is* (equality and hashing stay those of the names and the fingerprint).
+    serial: int = field(default=0, compare=False)
 
     @property
     def scoped(self) -> bool:
@@ -196,6 +199,7 @@ def identity_from_certificate(cert: x509.Certificate) -> Identity:
         connector_wildcard=wild["connector"],
         fingerprint=certificate_fingerprint(cert),
         intermediate=intermediate,
+        serial=cert.serial_number,
     )
 
 

@@ -317,7 +317,7 @@ class Mesh:
         our_id = self._remote_agent(peer, ref, service)
         if our_id is None:
             return
-        target_id = registry.connector_for(service, packet)
+        target_id = registry.connector_for(service, packet, now=self.server._now())
         target = self.server.conns.get(target_id) if target_id is not None else None
         if target is None:
             self.stats.dropped_no_connector += 1
