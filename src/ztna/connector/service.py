@@ -93,6 +93,9 @@ class ConnectorStats:
     stream_bytes_to_agent: int = 0
     stream_resumed: int = 0
     stream_resume_refused: int = 0
+    stream_names_opened: int = 0             # named streams connected to a resolved address
+    stream_names_outside_patterns: int = 0   # named streams refused: not the service's name
+    stream_names_unresolved: int = 0         # named streams refused: the name did not resolve
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -164,8 +167,13 @@ class Connector:
                             syn_rate=lim.tcp_syn_per_source_per_second,
                             connect_timeout=lim.tcp_connect_timeout, buffer=lim.tcp_buffer,
                             flow_control=lim.flow_control, rng=self.rng)
+        from ztna.connector.resolve import NameResolver
+
+        dns = self.cfg.dns_server
         self.streams = StreamTable(loop, self.stats, self.services, max_streams=lim.streams,
-                                   connect_timeout=lim.tcp_connect_timeout)
+                                   connect_timeout=lim.tcp_connect_timeout,
+                                   resolver=NameResolver(None if dns is None else (dns.host, dns.port),
+                                                         timeout=lim.tcp_connect_timeout))
         await self._resolve_backends()
         inter = self.cfg.intermediate
         # Relay socket: its own UDP socket (ephemeral by default).
@@ -204,7 +212,7 @@ class Connector:
                                                       self.cfg.metrics.port)
         self._tasks.append(loop.create_task(self._sweeper()))
         for s in self.services.values():
-            log.info("service %r: %s tcp %s udp %s icmp %s", s.id, ",".join(s.cfg.virtual_ips),
+            log.info("service %r: %s tcp %s udp %s icmp %s", s.id, ",".join(s.cfg.virtual_ips + s.cfg.domains),
                      {p: str(b) for p, b in s.cfg.tcp.items()} or "-",
                      {p: str(b) for p, b in s.cfg.udp.items()} or "-", "on" if s.icmp else "off")
 

@@ -15,7 +15,8 @@ other leg of each of its splices. At most `MAX_SPLICES_PER_PEER` per Agent.
 
 `StreamResume` (docs/protocol.md §5.1: a stream that was on a direct connection continues
 here) is spliced the same way, as `RelayedStreamResume(agent_id, ...)`; the Connector checks
-the token against the agent id we vouch for.
+the token against the agent id we vouch for. `NamedStreamOpen` (a DNS name instead of an
+IP, §5.2) becomes `RelayedNamedStreamOpen`; the name is the Connector's to check and resolve.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from ztna.errors import DecodeError
 from ztna.wire.stream_header import (
+    ANY_STREAM_HEADER_MAX,
+    NamedStreamOpen,
+    RelayedNamedStreamOpen,
     RelayedStreamOpen,
     RelayedStreamResume,
     StreamOpen,
@@ -44,7 +48,7 @@ log = logging.getLogger("ztna.intermediate")
 BACKLOG_LIMIT = 512 * 1024
 RECHECK = 0.005
 MAX_SPLICES_PER_PEER = 1024
-HEADER_LIMIT = 128
+HEADER_LIMIT = ANY_STREAM_HEADER_MAX
 
 
 class _Leg:
@@ -131,7 +135,7 @@ class StreamSplicer:
 
     def _open(self, leg: _Leg, header: Any, rest: bytes) -> bool:
         srv = self.srv
-        if (not isinstance(header, (StreamOpen, StreamResume))
+        if (not isinstance(header, (StreamOpen, StreamResume, NamedStreamOpen))
                 or not srv.registry.is_agent_of(leg.peer, header.service_id)):
             self._refuse(leg, StreamStatus.NOT_AUTHORIZED)
             return False
@@ -150,10 +154,13 @@ class StreamSplicer:
         leg.splice.connector = other
         self.legs[(target_id, tsid)] = other
         self.per_peer[target_id] = self.per_peer.get(target_id, 0) + 1
-        relayed: RelayedStreamOpen | RelayedStreamResume
+        relayed: RelayedStreamOpen | RelayedStreamResume | RelayedNamedStreamOpen
         if isinstance(header, StreamResume):
             relayed = RelayedStreamResume(agent_id=leg.peer, service_id=header.service_id,
                                           token=header.token, received=header.received)
+        elif isinstance(header, NamedStreamOpen):
+            relayed = RelayedNamedStreamOpen(agent_id=leg.peer, service_id=header.service_id,
+                                             name=header.name, dst_port=header.dst_port)
         else:
             relayed = RelayedStreamOpen(agent_id=leg.peer, service_id=header.service_id,
                                         dst_ip=header.dst_ip, dst_port=header.dst_port)
