@@ -16,7 +16,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Extend this tuple to put more packages under the rule.
-PURE_PACKAGES: tuple[str, ...] = ("ztna/wire", "ztna/netstack", "ztna/p2p")
+PURE_PACKAGES: tuple[str, ...] = ("ztna/wire", "ztna/netstack", "ztna/p2p", "ztna/names")
 FORBIDDEN: frozenset[str] = frozenset({"asyncio", "socket", "time", "random", "os", "aioquic"})
 
 
