@@ -13,7 +13,13 @@ import pytest
 
 from ztna.errors import DecodeError, UsageError
 from ztna.names.answer import NameTable
-from ztna.names.patterns import DomainPattern, best_service, check_disjoint, normalize_name, parse_patterns
+from ztna.names.patterns import (
+    DomainPattern,
+    best_service,
+    check_disjoint,
+    normalize_name,
+    parse_patterns,
+)
 from ztna.names.pool import SyntheticPool
 
 
