@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-* **TCP** (`-L 127.0.0.1:8080=web:80`, SOCKS5 CONNECT): each accepted local connection
+* **TCP** (`-L 127.0.0.1:8080=web:80`, or `=git.corp.test:80` for a name a service's DNS
+  patterns cover, SOCKS5 CONNECT): each accepted local connection
   opens one QUIC stream (on the service's direct P2P connection when it has one, else on
   the Intermediate connection) and writes a `StreamOpen` header
   (service, virtual IP, port). The Connector's first byte is a `StreamStatus`; OK means the
@@ -186,7 +187,7 @@ class Userspace:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for fwd in self.options.forwards:
-            self._resolve(fwd.target)   # fail fast on unknown targets
+            self._tcp_target(fwd.target)   # fail fast on unknown targets
             try:
                 srv = await asyncio.start_server(
                     # mypy cannot type a lambda whose extra parameter has a default (binding fwd)
@@ -255,6 +256,18 @@ class Userspace:
 
     def _resolve(self, target: str) -> tuple[ServiceSpec, IpAddress]:
         return self.options.service_for_target(target)
+
+    def _tcp_target(self, target: str) -> tuple[ServiceSpec, IpAddress | None, str | None]:
+        """(service, virtual IP, None) or, for a name a service's DNS patterns cover,
+        (service, None, name); UsageError otherwise."""
+        try:
+            spec, vip = self._resolve(target)
+            return spec, vip, None
+        except UsageError:
+            named = self.options.service_for_name(target)
+            if named is None:
+                raise
+            return named[0], None, named[1]
 
     async def _ready(self, svc: ServiceState) -> None:
         deadline = asyncio.get_running_loop().time() + 3 * READY_WAIT   # > a whole _resume
@@ -469,9 +482,9 @@ class Userspace:
                 sink.conn.reset_stream(sink.sid)
 
     async def _tcp_forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fwd: Forward) -> None:
-        spec, vip = self._resolve(fwd.target)
+        spec, vip, name = self._tcp_target(fwd.target)
         try:
-            conn, sid, sink, early = await self._open(spec, vip, fwd.target_port)
+            conn, sid, sink, early = await self._open(spec, vip, fwd.target_port, name)
         except (TimeoutError, StreamFailed) as exc:
             self.stats["tcp_failed"] += 1
             log.warning("forward to %s failed: %s", format_address((fwd.target, fwd.target_port)), error_text(exc, _NO_STATUS))

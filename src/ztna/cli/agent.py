@@ -111,7 +111,8 @@ def _merge_config(ctx: click.Context, config_path: Path | None, kw: dict[str, ob
 @click.option("--mode", type=click.Choice(["tun", "userspace"]), help="Default: tun as root, else userspace.")
 @click.option("--tun-name", default="ztna0", show_default=True)
 @click.option("--name", help="Agent name (state file and status socket); default: the TUN name.")
-@click.option("-L", "--forward", multiple=True, metavar="[HOST:]PORT=SERVICE:PORT", help="Local TCP forward.")
+@click.option("-L", "--forward", multiple=True, metavar="[HOST:]PORT=SERVICE:PORT",
+              help="Local TCP forward (SERVICE: an id, a virtual IP, or a name a service's DNS patterns cover).")
 @click.option("-U", "--udp-forward", multiple=True, metavar="[HOST:]PORT=SERVICE:PORT", help="Local UDP forward.")
 @click.option("--socks", metavar="HOST:PORT", help="SOCKS5 server (CONNECT, UDP ASSOCIATE).")
 @click.option("--state-dir", type=click.Path(file_okay=False), help="Default /run/ztna-agent (root).")
