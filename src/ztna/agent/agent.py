@@ -120,12 +120,13 @@ class Agent:
     async def _start_dns(self) -> None:
         from ztna.agent.dns import DnsResponder, name_table
 
+        if self.redirect is None or not self.redirect.installed:
+            # Synthetic answers would lead applications into a black hole: better no answer.
+            log.warning("dns: no DNS for the services' names: they need the TCP redirect "
+                        "(--tcp-transport stream with nftables); SOCKS5 and -L still reach them by name")
+            return
         table = name_table(self.options)
-        if self.redirect is not None and self.redirect.installed:
-            self.redirect.names = table
-        else:
-            log.warning("dns: services by name need the TCP redirect (--tcp-transport stream with "
-                        "nftables); TCP to their synthetic addresses goes nowhere")
+        self.redirect.names = table
         self.dns = DnsResponder(table, self.options, self.tun)
         await self.dns.start()
 

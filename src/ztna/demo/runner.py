@@ -65,6 +65,7 @@ NAME_PATTERN = "*.apps.demo"     # the service is reached by these names too
 APP_NAME = "files.apps.demo"
 NAME_FILE, NAME_FILE_SIZE = "byname.bin", 256 * 1024
 AGENT_DNS = "100.64.0.53"        # the Agent's DNS responder (TUN mode default)
+TUN_SOCKS_PORT = 1080            # in the Agent's own (fresh) namespace: free
 ECHO_SIZES = (16, 600, 1200)
 MODE_ENV = "ZTNA_DEMO_MODE"  # "userspace" forces userspace mode (e.g. tests, containers)
 
@@ -316,7 +317,8 @@ class Demo:
                 "--state-dir", str(self.state_dir), "--tcp-transport", self.transport]
         if self.mode == "tun":
             # The demo's resolver is asked directly: the host's systemd-resolved stays as it is.
-            argv += ["--mode", "tun", "--tun-name", "ztna0", "--no-dns-configure"]
+            argv += ["--mode", "tun", "--tun-name", "ztna0", "--no-dns-configure",
+                     "--socks", f"127.0.0.1:{TUN_SOCKS_PORT}"]
         else:
             argv += ["--mode", "userspace", "--socks", f"127.0.0.1:{self.local_socks}",
                      "-L", f"127.0.0.1:{self.local_tcp}={SERVICE}:{HTTP_VPORT}",
@@ -484,7 +486,7 @@ class Demo:
     def name_test(self) -> None:
         """One app by DNS name (module notes, step 5b)."""
         try:
-            if self.mode == "tun":
+            if self.mode == "tun" and self.result["tcp_carriage"] == "stream":
                 addrs = self.layout.call("agent", lambda: probe.dns_query(AGENT_DNS, APP_NAME))
                 if not addrs:
                     self.fail(f"the Agent's DNS ({AGENT_DNS}) gave no address for {APP_NAME}")
@@ -492,9 +494,11 @@ class Demo:
                 host, how = addrs[0], f"Agent DNS {AGENT_DNS}: {APP_NAME} A {addrs[0]}"
                 d = self.layout.call("agent", lambda: probe.http_get(host, HTTP_VPORT, "/" + NAME_FILE))
             else:
-                socks = ("127.0.0.1", self.local_socks)
-                host, how = APP_NAME, f"SOCKS5 127.0.0.1:{self.local_socks} with the name"
-                d = probe.http_get(APP_NAME, HTTP_VPORT, "/" + NAME_FILE, socks=socks)
+                # Names through the TUN need the nftables redirect; SOCKS5 needs nothing.
+                socks = ("127.0.0.1", self.local_socks if self.mode == "userspace" else TUN_SOCKS_PORT)
+                host, how = APP_NAME, f"SOCKS5 127.0.0.1:{socks[1]} with the name"
+                d = self.layout.call("agent", lambda: probe.http_get(APP_NAME, HTTP_VPORT, "/" + NAME_FILE,
+                                                                     socks=socks))
         except OSError as exc:
             self.fail(f"HTTP GET http://{APP_NAME}/{NAME_FILE} failed: {type(exc).__name__}: {exc}; "
                       f"last Agent log lines:\n{self.sup.tail('agent', 6)}")
