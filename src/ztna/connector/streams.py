@@ -48,6 +48,7 @@ from ztna.connector.backend import WRITE_HIGH, tune_backend_transport
 from ztna.errors import DecodeError
 from ztna.limits import STREAM_RESUME_GRACE, STREAM_RESUME_PER_AGENT
 from ztna.names.patterns import DomainPattern
+from ztna.observe import format_address
 from ztna.wire.stream_header import (
     ANY_STREAM_HEADER_MAX,
     RESUME_TOKEN_LEN,
@@ -174,7 +175,6 @@ class StreamTable:
         self.resolver = resolver
         self.patterns: dict[str, tuple[DomainPattern, ...]] = {
             sid: svc.cfg.patterns for sid, svc in services.items()}
-
         self.stats = stats
         self.services = services
         self.max_streams = max_streams
@@ -406,13 +406,13 @@ class StreamTable:
 
     async def _connect_named(self, flow: StreamFlow, conn: ZtnaConnection,
                              header: NamedStreamOpen | RelayedNamedStreamOpen, port: int) -> None:
-        from ztna.connector.resolve import NameResolutionFailed
+        from ztna.connector.resolve import NameResolutionFailed, NameResolver
 
         agent = header.agent_id if isinstance(header, RelayedNamedStreamOpen) else \
             getattr(conn.user, "agent_id", None)
         where = f"agent {agent} service {header.service_id} name {header.name}:{header.dst_port}"
         if self.resolver is None:
-            raise RuntimeError("named stream without a resolver")   # the Connector always sets one
+            self.resolver = NameResolver(None, timeout=self.connect_timeout)   # the system resolver
         try:
             addrs = await self.resolver.resolve(header.name)
         except NameResolutionFailed as exc:
@@ -422,6 +422,8 @@ class StreamTable:
             return
         status = StreamStatus.UNREACHABLE
         for addr in addrs:
+            if flow.done:
+                return                      # the Agent gave up (reset) while we resolved
             try:
                 await asyncio.wait_for(self.loop.create_connection(lambda: flow, addr, port),
                                        self.connect_timeout)
@@ -431,7 +433,7 @@ class StreamTable:
             except (TimeoutError, OSError):
                 continue
             self.stats.stream_names_opened += 1
-            log.info("stream %s -> %s", where, f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}")
+            log.info("stream %s -> %s", where, format_address((addr, port)))
             return
         log.info("stream %s: %s (tried %s port %d)", where, status.name.lower(), " ".join(addrs), port)
         self._fail(flow, status)
