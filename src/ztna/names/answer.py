@@ -30,6 +30,8 @@ import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.IN.A
+import dns.rdtypes.IN.AAAA
 import dns.rrset
 
 from ztna.errors import DecodeError
@@ -101,7 +103,8 @@ class NameTable:
             self.counts["servfail_exhausted"] += 1
             response.set_rcode(dns.rcode.SERVFAIL)
             return response.to_wire()
-        rrset = dns.rrset.from_text(q.name, int(pool.ttl), dns.rdataclass.IN, q.rdtype, str(addr))
+        rdata_type = dns.rdtypes.IN.A.A if family == 4 else dns.rdtypes.IN.AAAA.AAAA
+        rrset = dns.rrset.from_rdata(q.name, int(pool.ttl), rdata_type(dns.rdataclass.IN, q.rdtype, str(addr)))
         response.answer.append(rrset)
         self.counts["answered"] += 1
         return response.to_wire()
