@@ -28,6 +28,7 @@ from typing import Any
 from ztna.agent.config import AgentOptions
 from ztna.names.answer import NameTable
 from ztna.names.pool import SyntheticPool
+from ztna.observe import format_address
 from ztna.startup import bind_error
 
 log = logging.getLogger("ztna.agent")
@@ -89,8 +90,9 @@ class DnsResponder:
         except OSError as exc:
             raise bind_error("DNS responder", "udp", self.address, DNS_PORT, exc) from None
         domains = routing_domains(self.options)
-        log.info("dns: answering %s on %s:%d (TTL %gs, pools %s)", " ".join(d[1:] for d in domains),
-                 self.address, DNS_PORT, self.options.dns_ttl, " ".join(str(n) for n in self.options.dns_pools))
+        log.info("dns: answering %s on %s (TTL %gs, pools %s)", " ".join(d[1:] for d in domains),
+                 format_address((self.address, DNS_PORT)), self.options.dns_ttl,
+                 " ".join(str(n) for n in self.options.dns_pools))
         if self.options.dns_configure:
             await self._configure_resolved(domains)
         if self.resolver != "systemd-resolved":
@@ -142,4 +144,4 @@ class DnsResponder:
             self.resolver = "not configured"
 
     def snapshot(self) -> dict[str, Any]:
-        return {"listen": f"{self.address}:{DNS_PORT}", "resolver": self.resolver, **self.table.snapshot()}
+        return {"listen": format_address((self.address, DNS_PORT)), "resolver": self.resolver, **self.table.snapshot()}
