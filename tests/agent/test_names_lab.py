@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_tun import make_files
 
 from ztna.certs import init_pki
+from ztna.worlds.lab_tun import make_files
 
 PY = sys.executable
 DNS = "100.64.0.53"

@@ -37,6 +37,7 @@ from ztna.netstack.packets import (
     ip_to_bytes,
     may_send_icmp_error,
 )
+from ztna.wire import to_connector_overhead
 
 log = logging.getLogger("ztna.agent")
 
@@ -57,7 +58,8 @@ class TunDataPlane:
         self.local_v4 = ip_to_bytes(local_v4)
         self.local_v6 = ip_to_bytes(local_v6)
         self.max_packet = 0          # largest IP packet the tunnel carries now (per worst id)
-        self.longest_id = max(len(s.spec.id) for s in session.services)
+        # Packets must fit the Intermediate's 0x30 leg to the Connector (the larger header).
+        self.overhead = max(to_connector_overhead(s.spec.id) for s in session.services)
         self.dropped_no_route = 0
         self.dropped_too_big = 0
         self.dropped_write = 0
@@ -68,7 +70,6 @@ class TunDataPlane:
         self.tcp_flows: dict[tuple[int, bytes, bytes, int, int], int] = {}
         self._resetting = False
         self.resets_sent = 0
-        session.on_packet = self.write_packet
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -84,7 +85,7 @@ class TunDataPlane:
 
     def set_max_payload(self, max_payload: int) -> int:
         """Live DATAGRAM maximum changed: returns the TUN MTU that fits the worst header."""
-        self.max_packet = max_payload - 7 - self.longest_id
+        self.max_packet = max_payload - self.overhead
         return self.max_packet
 
     # ------------------------------------------------------------------ up-link (hot path)

@@ -24,7 +24,7 @@ from ztna.netstack.packets import IpHeader, build_udp_packet, parse_udp
 
 if TYPE_CHECKING:
     from ztna.connector.paths import ReplyPath
-    from ztna.connector.service import ConnectorStats, ServiceState
+    from ztna.connector.state import ConnectorStats, ServiceState
 
 RECV_BURST = 64
 BACKEND_RCVBUF = 1024 * 1024   # bytes, per flow socket (the kernel caps it at rmem_max)
