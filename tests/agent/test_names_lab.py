@@ -5,8 +5,10 @@ the name to the Connector; a second Agent in userspace mode takes `curl --socks5
 
 Checked end to end, byte for byte: curl http://app1.corp.test/ through the TUN (A and AAAA),
 a wildcard name two labels deep, the exact name; a name outside the Agent's patterns is
-REFUSED by its DNS; a name the Agent covers but the Connector does not is refused by the
-Connector (the Agent cannot widen what it may reach); a covered name with no record comes
+REFUSED by its DNS, and with resolv.conf as docs/agent.md says (the Agent first, the
+machine's resolver after it) glibc then gets it from the next nameserver; a name the Agent
+covers but the Connector does not is refused by the Connector (the Agent cannot widen what
+it may reach); a covered name with no record comes
 back as NAME_UNRESOLVED and the Agent logs it; a synthetic address stops working once its
 TTL ran out; a full pool answers SERVFAIL until a binding expires."""
 
@@ -58,7 +60,9 @@ class NamesWorld:
         self.inter = f"{relay}:4433"
         self.app = lab.addr("app", 4)
         self.resolv = workdir / "resolv.conf"
-        self.resolv.write_text(f"nameserver {DNS}\noptions timeout:2 attempts:2\n")
+        # The documented set-up without systemd-resolved: the Agent first, the machine's own
+        # resolver (here a dnsmasq in the Agent's namespace) after it.
+        self.resolv.write_text(f"nameserver {DNS}\nnameserver 127.0.0.1\noptions timeout:2 attempts:2\n")
 
     def spawn(self, node: str, argv: list[str], name: str) -> subprocess.Popen[bytes]:
         fh = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
@@ -81,6 +85,12 @@ class NamesWorld:
             f"host-record=app1.corp.test,{self.app}", f"host-record=deep.team.corp.test,{self.app}",
             f"host-record=git.corp.test,{self.app}", f"host-record=x.evil.test,{self.app}", ""]))
         self.spawn("conn", [shutil.which("dnsmasq") or "dnsmasq", f"--conf-file={conf}"], "dnsmasq")
+        local = self.workdir / "dnsmasq-agent.conf"
+        local.write_text("\n".join([
+            "no-resolv", "no-hosts", "keep-in-foreground", "port=53", "listen-address=127.0.0.1",
+            "bind-interfaces", "user=root", f"pid-file={self.workdir / 'dnsmasq-agent.pid'}",
+            "log-facility=-", "host-record=www.outside.test,192.0.2.7", ""]))
+        self.spawn("agent", [shutil.which("dnsmasq") or "dnsmasq", f"--conf-file={local}"], "dnsmasq-agent")
         self.spawn("app", [PY, "-m", "http.server", "--bind", "::", "8080", "--directory", str(www)], "http")
         self.spawn("relay", [PY, "-m", "ztna", "intermediate", "--pki", str(self.pki), "--metrics", "off"],
                    "intermediate")
@@ -124,14 +134,17 @@ class NamesWorld:
         r = self.lab.run("agent", [PY, "-c", _DIG, DNS, *queries])
         return json.loads(r.stdout)  # type: ignore[no-any-return]
 
+    def resolved(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """`argv` in the agent namespace with resolv.conf as documented (a bind mount in a
+        private mount namespace: the host's resolv.conf is untouched)."""
+        script = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+        return self.lab.run("agent", ["unshare", "-m", "sh", "-c", script, str(self.resolv), *argv],
+                            check=False, timeout=60)
+
     def curl(self, url: str, *args: str) -> tuple[int, bytes, str]:
-        """curl in the agent namespace with its resolver pointed at the Agent's DNS (a bind
-        mount in a private mount namespace: the host's resolv.conf is untouched)."""
         out = self.workdir / "curl.out"
         out.unlink(missing_ok=True)
-        script = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
-        r = self.lab.run("agent", ["unshare", "-m", "sh", "-c", script, str(self.resolv), "curl", "-sS",
-                                   "--max-time", "20", "-o", str(out), *args, url], check=False, timeout=60)
+        r = self.resolved("curl", "-sS", "--max-time", "20", "-o", str(out), *args, url)
         return r.returncode, out.read_bytes() if out.exists() else b"", r.stderr
 
     def close(self) -> None:
@@ -172,8 +185,11 @@ def test_apps_by_name_tun_and_socks(lab_factory: Any, tmp_path: Path) -> None:
         assert "name deep.team.corp.test:80" in conn_log
 
         # Outside every pattern of the Agent: REFUSED (the system resolver's next server answers).
-        (outside,) = world.dig("www.example.org/A")
+        (outside,) = world.dig("www.outside.test/A")
         assert outside["rcode"] == "REFUSED" and not outside["addrs"]
+        # ... so the system resolver moves on to its next nameserver, which knows the name.
+        r = world.resolved("getent", "ahostsv4", "www.outside.test")
+        assert r.returncode == 0 and r.stdout.split()[0] == "192.0.2.7", (r.returncode, r.stdout, r.stderr)
         # Covered by the Agent's pattern but not the Connector's: the Connector refuses.
         rc, body, _ = world.curl("http://x.evil.test/blob")
         assert rc != 0 and body == b""

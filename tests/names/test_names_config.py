@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ztna.agent.config import parse_service
+from ztna.agent.config import AgentOptions, parse_service
+from ztna.agent.dns import routing_domains
 from ztna.connector.config import ServiceConfig, parse_service_flag
 from ztna.errors import UsageError
 
@@ -38,3 +39,26 @@ def test_agent_flag() -> None:
         parse_service("corp=*.corp.test,*.CORP.test")
     with pytest.raises(UsageError):
         parse_service("corp=")
+
+
+def test_resolver_routing_domains_and_pools() -> None:
+    from pathlib import Path
+
+    from ztna.quic.config import TlsFiles
+
+    tls = TlsFiles(Path("c.pem"), Path("c.key"), Path("ca.pem"))
+    opts = AgentOptions(intermediate=("127.0.0.1", 4433), tls=tls, services=(
+        parse_service("corp=*.corp.test,git.corp.test"), parse_service("dev=*.corp.test.dev,x.corp.test")))
+    # systemd-resolved routing domains: one per pattern suffix, never a default route.
+    assert routing_domains(opts) == ["~corp.test", "~git.corp.test", "~corp.test.dev", "~x.corp.test"]
+    assert opts.service_for_name("X.corp.test.")[0].id == "dev"        # type: ignore[index]
+    assert opts.service_for_name("y.corp.test")[0].id == "corp"        # type: ignore[index]
+    assert opts.service_for_name("corp.test") is None
+    with pytest.raises(ValueError, match="overlaps a virtual IP"):
+        AgentOptions(intermediate=("127.0.0.1", 4433), tls=tls,
+                     services=(parse_service("web=100.80.0.9"), parse_service("corp=*.corp.test")))
+    # Without DNS-pattern services the pools are unused, so a virtual IP there is fine.
+    AgentOptions(intermediate=("127.0.0.1", 4433), tls=tls, services=(parse_service("web=100.80.0.9"),))
+    with pytest.raises(ValueError, match="two services"):
+        AgentOptions(intermediate=("127.0.0.1", 4433), tls=tls,
+                     services=(parse_service("a=*.corp.test"), parse_service("b=*.corp.test")))

@@ -184,7 +184,7 @@ class AgentOptions(BaseModel):
                 owner[pat] = svc.id
         if len({n.version for n in self.dns_pools}) != len(self.dns_pools):
             raise ValueError("--dns-pool: at most one IPv4 and one IPv6 prefix")
-        for net in self.dns_pools:
+        for net in self.dns_pools if any(s.patterns for s in self.services) else ():
             if any(ip in net for ip in seen):
                 raise ValueError(f"--dns-pool {net} overlaps a virtual IP")
         if len(self.tun_name.encode()) > 15:
