@@ -97,7 +97,7 @@ class NamesWorld:
         time.sleep(0.5)
         self.spawn("conn", [PY, "-m", "ztna", "connector", "--intermediate", self.inter,
                             "--server-name", "ztna-intermediate", "--pki", str(self.pki), "--metrics", "off",
-                            "--dns-server", "127.0.0.1:5353",
+                            "--dns-server", "127.0.0.1:5353", "--audit-log", str(self.workdir / "audit.jsonl"),
                             "--service", "corp=*.corp.test,git.corp.test;tcp:80=:8080"], "connector")
         time.sleep(0.5)
         common = ["--intermediate", self.inter, "--server-name", "ztna-intermediate", "--pki", str(self.pki)]
@@ -183,6 +183,14 @@ def test_apps_by_name_tun_and_socks(lab_factory: Any, tmp_path: Path) -> None:
         conn_log = world.log("connector")
         assert f"name app1.corp.test:80 -> {world.app}:8080" in conn_log, conn_log[-2000:]
         assert "name deep.team.corp.test:80" in conn_log
+        # The audit log records the name with the flow (written by a thread: wait for it).
+        audit = tmp_path / "audit.jsonl"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (audit.exists() and "app1.corp.test" in audit.read_text()):
+            time.sleep(0.2)
+        lines = [json.loads(x) for x in audit.read_text().splitlines() if x]
+        named = [x for x in lines if x["name"] == "app1.corp.test"]
+        assert named and all(x["bytes_from_service"] > len(blob) and x["dst_port"] == 80 for x in named), lines
 
         # Outside every pattern of the Agent: REFUSED (the system resolver's next server answers).
         (outside,) = world.dig("www.outside.test/A")
