@@ -62,3 +62,10 @@ def test_resolver_routing_domains_and_pools() -> None:
     with pytest.raises(ValueError, match="two services"):
         AgentOptions(intermediate=("127.0.0.1", 4433), tls=tls,
                      services=(parse_service("a=*.corp.test"), parse_service("b=*.corp.test")))
+
+
+def test_name_only_entries_have_no_fixed_backend_to_health_check() -> None:
+    svc = ServiceConfig.model_validate(parse_service_flag("corp=10.1.0.1,*.corp.test;tcp:80;tcp:22=127.0.0.1:22"))
+    assert [(c.kind, c.port) for c in svc.health_checks()] == [("tcp", 22)]
+    with pytest.raises(ValueError, match="reached by name only"):
+        ServiceConfig.model_validate(parse_service_flag("corp=*.corp.test;tcp:80;check=tcp:80"))
