@@ -240,6 +240,8 @@ pub struct Core {
     pub max_gso_segments: usize,
     buf: Vec<u8>,
     pub routes: Routes,
+    /// The Agent's TUN pump: connections whose bare IP packets go to the TUN device.
+    pub tun: Option<crate::tunpump::TunHook>,
 }
 
 pub fn to_wire_addr(v6_socket: bool, addr: SocketAddr) -> SocketAddr {
@@ -304,6 +306,7 @@ impl Core {
             max_gso_segments: 1,
             buf: Vec::with_capacity(64 * 1024),
             routes: Routes::default(),
+            tun: None,
         }
     }
 
@@ -513,6 +516,7 @@ impl Core {
         let Some(conn) = self.conns.get_mut(&h) else { return };
         let events = &mut self.events;
         let routes = &self.routes;
+        let mut tun = self.tun.as_mut();
         let mut forwards: Vec<(usize, Vec<u8>)> = Vec::new();
         let mut gone = false;
         conn.ensure_control();
@@ -603,7 +607,10 @@ impl Core {
                     while let Some(d) = conn.qc.datagrams().recv() {
                         match routes.lookup(h, &d) {
                             Some(fw) => forwards.push(fw),
-                            None => items.push(d),
+                            None => match tun.as_mut() {
+                                Some(t) if t.takes(h, &d) => t.rx.push((h, d)),
+                                _ => items.push(d),
+                            },
                         }
                     }
                     if !items.is_empty() {
@@ -687,6 +694,9 @@ impl Core {
             // A dead connection is no one's source or target any more, and its handle may
             // be given to a new connection: no route may outlive it.
             self.routes.forget(h);
+            if let Some(t) = self.tun.as_mut() {
+                t.gone(h);
+            }
         }
     }
 
@@ -716,7 +726,7 @@ impl Core {
     }
 
     // ---------------------------------------------------------------- relay routes
-    fn live(&self, h: usize) -> bool {
+    pub fn live(&self, h: usize) -> bool {
         self.conns.get(&h).is_some_and(|c| !c.closed_reported && c.local_close.is_none())
     }
 
@@ -766,6 +776,9 @@ impl Core {
         }
         self.routes.forget(h);
         self.dirty.remove(&h);
+        if let Some(t) = self.tun.as_mut() {
+            t.gone(h);
+        }
     }
 
     // ---------------------------------------------------------------- connection API

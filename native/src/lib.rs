@@ -4,9 +4,12 @@
 pub mod config;
 pub mod core;
 pub mod tls;
+pub mod tunpump;
 
 #[cfg(feature = "python")]
 mod py;
+#[cfg(feature = "python")]
+mod tunpy;
 
 #[cfg(feature = "python")]
 use pyo3::prelude::*;
@@ -18,6 +21,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<py::Endpoint>()?;
     m.add_class::<py::ClientTls>()?;
     m.add_class::<py::ServerTls>()?;
+    m.add_class::<tunpy::TunPump>()?;
     m.add_function(wrap_pyfunction!(py::check_identity, m)?)?;
     m.add("PY_WINDOW", core::PY_WINDOW)?;
     m.add("CID_LEN", config::CID_LEN)?;

@@ -199,7 +199,9 @@ pub fn check_identity(cert_pem: &[u8], key_pem: &[u8]) -> PyResult<()> {
 
 #[pyclass(module = "ztna._native")]
 pub struct Endpoint {
-    core: Core,
+    pub(crate) core: Core,
+    /// The TUN pump this endpoint writes into, and its slot there.
+    pub(crate) tun: Option<(crate::tunpy::Shared, usize)>,
     sock: Option<UdpSocket>,
     udp: quinn_udp::UdpSocketState,
     anchor: (Instant, f64),
@@ -221,6 +223,9 @@ impl Endpoint {
     }
 
     fn transmit(&mut self) {
+        if let (Some((shared, slot)), Some(hook)) = (self.tun.as_ref(), self.core.tun.as_mut()) {
+            crate::tunpy::flush(shared, *slot, hook, &mut self.core.events);
+        }
         let outs = std::mem::take(&mut self.core.out);
         let Some(sock) = self.sock.as_ref() else { return };
         if self.blackhole {
@@ -323,7 +328,7 @@ impl Endpoint {
         // or the whole batch fails with EMSGSIZE.
         core.max_gso_segments = udp.max_gso_segments().clamp(1, (65000 / udp_payload.max(1200) as usize).max(1));
         let rx = (0..quinn_udp::BATCH_SIZE).map(|_| vec![0u8; RX_BUF]).collect();
-        Ok(Self { core, sock: Some(sock), udp, anchor: (Instant::now(), now), rx, recv_batch, closed: false, blackhole: false })
+        Ok(Self { core, tun: None, sock: Some(sock), udp, anchor: (Instant::now(), now), rx, recv_batch, closed: false, blackhole: false })
     }
 
     /// Read everything the socket has (up to `recv_batch` datagrams), process it, send what
