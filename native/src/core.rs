@@ -240,8 +240,19 @@ pub struct Core {
     pub max_gso_segments: usize,
     buf: Vec<u8>,
     pub routes: Routes,
-    /// The Agent's TUN pump: connections whose bare IP packets go to the TUN device.
-    pub tun: Option<crate::tunpump::TunHook>,
+    /// Native consumers of DATAGRAMs (pumps), asked in order before the owner is.
+    pub taps: Vec<Box<dyn Tap>>,
+}
+
+/// A native consumer of DATAGRAMs: the Agent's TUN pump, the Connector's UDP flows. What a
+/// tap takes never reaches the owner; what it leaves does, as before, so a tap that knows
+/// nothing only costs speed.
+pub trait Tap: Send + Sync {
+    /// Take `d`, which arrived on connection `h`; `max_payload` is that connection's largest
+    /// DATAGRAM now (what a reply on it may carry). False leaves it to the owner.
+    fn take(&mut self, h: usize, d: &Bytes, max_payload: usize) -> bool;
+    /// Connection `h` is gone: nothing may name it any more (handles are reused).
+    fn gone(&mut self, h: usize);
 }
 
 pub fn to_wire_addr(v6_socket: bool, addr: SocketAddr) -> SocketAddr {
@@ -306,7 +317,7 @@ impl Core {
             max_gso_segments: 1,
             buf: Vec::with_capacity(64 * 1024),
             routes: Routes::default(),
-            tun: None,
+            taps: Vec::new(),
         }
     }
 
@@ -516,7 +527,7 @@ impl Core {
         let Some(conn) = self.conns.get_mut(&h) else { return };
         let events = &mut self.events;
         let routes = &self.routes;
-        let mut tun = self.tun.as_mut();
+        let taps = &mut self.taps;
         let mut forwards: Vec<(usize, Vec<u8>)> = Vec::new();
         let mut gone = false;
         conn.ensure_control();
@@ -604,13 +615,12 @@ impl Core {
                 Event::Stream(StreamEvent::Available { .. }) => {}
                 Event::DatagramReceived => {
                     let mut items = Vec::new();
+                    let max_payload = conn.qc.datagrams().max_size().unwrap_or(0);
                     while let Some(d) = conn.qc.datagrams().recv() {
                         match routes.lookup(h, &d) {
                             Some(fw) => forwards.push(fw),
-                            None => match tun.as_mut() {
-                                Some(t) if t.takes(h, &d) => t.rx.push((h, d)),
-                                _ => items.push(d),
-                            },
+                            None if taps.iter_mut().any(|t| t.take(h, &d, max_payload)) => {}
+                            None => items.push(d),
                         }
                     }
                     if !items.is_empty() {
@@ -694,7 +704,7 @@ impl Core {
             // A dead connection is no one's source or target any more, and its handle may
             // be given to a new connection: no route may outlive it.
             self.routes.forget(h);
-            if let Some(t) = self.tun.as_mut() {
+            for t in self.taps.iter_mut() {
                 t.gone(h);
             }
         }
@@ -776,7 +786,7 @@ impl Core {
         }
         self.routes.forget(h);
         self.dirty.remove(&h);
-        if let Some(t) = self.tun.as_mut() {
+        for t in self.taps.iter_mut() {
             t.gone(h);
         }
     }

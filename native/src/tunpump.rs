@@ -17,7 +17,12 @@
 //! Down-link packets (bare IP from the relay or a Connector) are counted per service by their
 //! source address, which is the service's virtual IP. The driver does the fd I/O.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+use crate::core::{is_ip_first_byte, Tap};
 
 /// TCP flows remembered for the resets on exit (the Python data plane's bound too).
 pub const TCP_FLOWS_MAX: usize = 8192;
@@ -313,24 +318,78 @@ impl Table {
     }
 }
 
-/// What a QUIC core keeps for the pump: which connections deliver their bare IP packets to
-/// the TUN device, what arrived for it in this batch, and which connections went away (so
-/// no route outlives its connection: handles are reused).
+/// The pump's state shared by the TUN driver and every endpoint's tap: the table, which
+/// connections deliver their bare IP packets to the TUN device, and what arrived for it since
+/// the driver last wrote (the driver drains `pending` after each batch).
 #[derive(Default)]
-pub struct TunHook {
-    pub deliver: std::collections::HashSet<usize>,
-    pub rx: Vec<(usize, bytes::Bytes)>,
-    pub gone: Vec<usize>,
+pub struct Pump {
+    pub table: Table,
+    deliver: HashSet<(usize, usize)>,
+    pub pending: Vec<Bytes>,
+    closed: bool,
 }
 
-impl TunHook {
-    /// A DATAGRAM on `h` that goes to the TUN device instead of the owner.
-    pub fn takes(&self, h: usize, d: &[u8]) -> bool {
-        d.first().is_some_and(|&b| crate::core::is_ip_first_byte(b)) && self.deliver.contains(&h)
+impl Pump {
+    /// The driver stopped: every tap leaves every packet to its owner from now on.
+    pub fn close(&mut self) {
+        self.closed = true;
+        self.deliver.clear();
+        self.pending.clear();
+        for svc in 0..self.table.services() {
+            self.table.set_target(svc, None);
+        }
     }
 
-    pub fn gone(&mut self, h: usize) {
-        self.deliver.remove(&h);
-        self.gone.push(h);
+    pub fn deliver(&mut self, slot: usize, h: usize, on: bool) {
+        if on && !self.closed {
+            self.deliver.insert((slot, h));
+        } else {
+            self.deliver.remove(&(slot, h));
+        }
+    }
+
+    pub fn delivers(&self, slot: usize, h: usize) -> bool {
+        self.deliver.contains(&(slot, h))
+    }
+
+    /// A bare IP packet arrived on (slot, h): queued for the TUN device unless the
+    /// connection does not deliver or Python keeps its destination.
+    pub fn arrived(&mut self, slot: usize, h: usize, d: &Bytes) -> bool {
+        if !d.first().is_some_and(|&b| is_ip_first_byte(b)) || !self.deliver.contains(&(slot, h)) {
+            return false;
+        }
+        if !self.table.down(d) {
+            return false;
+        }
+        self.pending.push(d.clone());
+        true
+    }
+
+    pub fn gone(&mut self, slot: usize, h: usize) {
+        self.deliver.remove(&(slot, h));
+        self.table.forget(slot, h);
+    }
+}
+
+pub type SharedPump = Arc<Mutex<Pump>>;
+
+pub fn lock(pump: &SharedPump) -> MutexGuard<'_, Pump> {
+    // A panic while holding the lock leaves a table that is still consistent enough to use.
+    pump.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The pump as one endpoint's core sees it.
+pub struct TunTap {
+    pub pump: SharedPump,
+    pub slot: usize,
+}
+
+impl Tap for TunTap {
+    fn take(&mut self, h: usize, d: &Bytes, _max_payload: usize) -> bool {
+        lock(&self.pump).arrived(self.slot, h, d)
+    }
+
+    fn gone(&mut self, h: usize) {
+        lock(&self.pump).gone(self.slot, h);
     }
 }

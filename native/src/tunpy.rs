@@ -6,89 +6,77 @@
 //! It returns the packets Python must handle and the services that sent, so Python schedules
 //! one flush per endpoint per batch.
 //!
-//! Down-link: every endpoint attached to the pump writes the bare IP packets that arrive on
-//! its delivering connections into the TUN fd itself, after each batch it processes (see
-//! `Endpoint::flush_tun`), counting them per service; connections that go away leave the
-//! table at once.
+//! Down-link: every endpoint attached to the pump has a tap in its core (`TunTap`) that
+//! queues the bare IP packets of its delivering connections, and a drain that writes them
+//! into the TUN fd after each batch the endpoint processes; they are counted per service.
+//! Connections that go away leave the table at once.
 //!
-//! The state both sides touch (fd, table) sits behind one mutex; every call holds the GIL,
-//! so it is never contended. Panics are caught and counted like the rest of the binding.
+//! The state both sides touch sits behind one mutex; every call holds the GIL, so it is never
+//! contended. Panics are caught and counted like the rest of the binding.
 
-use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
 
-use bytes::Bytes;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
-use crate::core::{Ev, SendResult};
-use crate::py::Endpoint;
-use crate::tunpump::{Table, Target, TunHook, Up};
+use crate::core::SendResult;
+use crate::py::{Drain, Endpoint};
+use crate::tunpump::{lock, Pump, SharedPump, Target, TunTap, Up};
 
 const MAX_PACKET: usize = 65535;
 
-pub struct TunShared {
-    fd: RawFd,
-    pub table: Table,
-    pub panics: u64,
-}
+/// Our duplicate of the TUN fd (-1 once closed), shared with the endpoints' drains.
+type Fd = Arc<AtomicI32>;
 
-impl TunShared {
-    fn write(&mut self, packet: &[u8]) {
-        if self.fd < 0 {
-            self.table.stats.dropped_write += 1;
-            return;
-        }
-        loop {
-            let n = unsafe { libc::write(self.fd, packet.as_ptr().cast(), packet.len()) };
-            if n >= 0 {
-                self.table.stats.written += 1;
-                return;
-            }
-            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                self.table.stats.dropped_write += 1;
-                return;
-            }
-        }
-    }
-}
-
-pub type Shared = Arc<Mutex<TunShared>>;
-
-fn lock(shared: &Shared) -> MutexGuard<'_, TunShared> {
-    // A panic while holding the lock leaves a table that is still consistent enough to use.
-    shared.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Called by an endpoint after each batch: its TUN-bound packets go into the fd, the packets
-/// Python keeps become ordinary DATAGRAM events, and gone connections leave the table.
-pub fn flush(shared: &Shared, slot: usize, hook: &mut TunHook, events: &mut Vec<Ev>) {
-    if hook.rx.is_empty() && hook.gone.is_empty() {
+fn write_all(pump: &mut Pump, fd: i32, packet: &[u8]) {
+    if fd < 0 {
+        pump.table.stats.dropped_write += 1;
         return;
     }
-    let mut st = lock(shared);
-    for h in hook.gone.drain(..) {
-        st.table.forget(slot, h);
-    }
-    let mut back: Vec<(usize, Bytes)> = Vec::new();
-    for (h, packet) in hook.rx.drain(..) {
-        if st.table.down(&packet) {
-            st.write(&packet);
-        } else {
-            back.push((h, packet));
+    loop {
+        let n = unsafe { libc::write(fd, packet.as_ptr().cast(), packet.len()) };
+        if n >= 0 {
+            pump.table.stats.written += 1;
+            return;
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            pump.table.stats.dropped_write += 1;
+            return;
         }
     }
-    drop(st);
-    for (h, packet) in back {
-        events.push(Ev::Datagrams { h, items: vec![packet] });
+}
+
+/// Run by an endpoint after each batch: the packets its connections delivered go into the fd.
+struct TunDrain {
+    pump: SharedPump,
+    fd: Fd,
+}
+
+impl Drain for TunDrain {
+    fn drain(&mut self) {
+        let mut pump = lock(&self.pump);
+        if pump.pending.is_empty() {
+            return;
+        }
+        let fd = self.fd.load(Ordering::Relaxed);
+        let pending = std::mem::take(&mut pump.pending);
+        for packet in &pending {
+            write_all(&mut pump, fd, packet);
+        }
+        // Keep the allocation for the next batch.
+        pump.pending = pending;
+        pump.pending.clear();
     }
 }
 
 #[pyclass(module = "ztna._native")]
 pub struct TunPump {
-    shared: Shared,
+    shared: SharedPump,
+    fd: Fd,
+    panics: u64,
     endpoints: Vec<Py<Endpoint>>,
     buf: Vec<u8>,
     dgram: Vec<u8>,
@@ -104,7 +92,7 @@ impl TunPump {
     fn read_batch<'py>(&mut self, py: Python<'py>, out: &mut Vec<Bound<'py, PyBytes>>, touched: &mut Vec<usize>) {
         let mut eps: Vec<Option<PyRefMut<'py, Endpoint>>> = self.endpoints.iter().map(|_| None).collect();
         let mut st = lock(&self.shared);
-        let fd = st.fd;
+        let fd = self.fd.load(Ordering::Relaxed);
         if fd < 0 {
             return;
         }
@@ -168,7 +156,9 @@ impl TunPump {
             return Err(PyOSError::new_err(format!("dup: {}", std::io::Error::last_os_error())));
         }
         Ok(Self {
-            shared: Arc::new(Mutex::new(TunShared { fd: dup, table: Table::default(), panics: 0 })),
+            shared: SharedPump::default(),
+            fd: Arc::new(AtomicI32::new(dup)),
+            panics: 0,
             endpoints: Vec::new(),
             buf: vec![0u8; MAX_PACKET],
             dgram: Vec::with_capacity(MAX_PACKET + 256),
@@ -190,8 +180,8 @@ impl TunPump {
         }
         let slot = self.endpoints.len();
         let mut ep = endpoint.try_borrow_mut()?;
-        ep.tun = Some((self.shared.clone(), slot));
-        ep.core.tun = Some(TunHook::default());
+        ep.core.taps.push(Box::new(TunTap { pump: self.shared.clone(), slot }));
+        ep.drains.push(Box::new(TunDrain { pump: self.shared.clone(), fd: self.fd.clone() }));
         drop(ep);
         self.endpoints.push(endpoint.unbind());
         Ok(slot)
@@ -200,15 +190,12 @@ impl TunPump {
     /// Service `svc` goes natively on connection `h` of endpoint `slot`, which also delivers
     /// its bare IP packets to the TUN device. False if the connection is not alive.
     fn route(&mut self, py: Python<'_>, svc: usize, slot: usize, h: usize) -> PyResult<bool> {
-        let mut ep = self.endpoint(py, slot)?;
-        if !ep.core.live(h) {
+        if !self.endpoint(py, slot)?.core.live(h) {
             return Ok(false);
         }
-        if let Some(hook) = ep.core.tun.as_mut() {
-            hook.deliver.insert(h);
-        }
-        drop(ep);
-        Ok(lock(&self.shared).table.set_target(svc, Some(Target { slot, h })))
+        let mut pump = lock(&self.shared);
+        pump.deliver(slot, h, true);
+        Ok(pump.table.set_target(svc, Some(Target { slot, h })))
     }
 
     /// Service `svc`'s packets go up to Python again.
@@ -224,16 +211,9 @@ impl TunPump {
     /// Bare IP packets arriving on connection `h` of endpoint `slot` go to the TUN device
     /// (on) or to Python as DATAGRAM events (off).
     fn deliver(&mut self, py: Python<'_>, slot: usize, h: usize, on: bool) -> PyResult<bool> {
-        let mut ep = self.endpoint(py, slot)?;
-        let alive = ep.core.conn(h).is_some();
-        let Some(hook) = ep.core.tun.as_mut() else { return Ok(false) };
-        if on && alive {
-            hook.deliver.insert(h);
-            Ok(true)
-        } else {
-            hook.deliver.remove(&h);
-            Ok(false)
-        }
+        let on = on && self.endpoint(py, slot)?.core.live(h);
+        lock(&self.shared).deliver(slot, h, on);
+        Ok(on)
     }
 
     /// Largest IP packet the tunnel carries (0: no limit); larger ones go up to Python.
@@ -257,7 +237,7 @@ impl TunPump {
         let mut out = Vec::new();
         let mut touched = Vec::new();
         if catch_unwind(AssertUnwindSafe(|| self.read_batch(py, &mut out, &mut touched))).is_err() {
-            lock(&self.shared).panics += 1;
+            self.panics += 1;
         }
         Ok((PyList::new(py, out)?, touched))
     }
@@ -298,35 +278,30 @@ impl TunPump {
             ("send_refused", s.send_refused),
             ("rx_unknown_source", s.rx_unknown_source),
             ("claimed_down", s.claimed_down),
-            ("panics", st.panics),
+            ("panics", self.panics),
         ] {
             d.set_item(k, v)?;
         }
         Ok(d)
     }
 
-    /// Detach every endpoint and close our duplicate of the fd.
-    fn close(&mut self, py: Python<'_>) {
-        for ep in self.endpoints.drain(..) {
-            if let Ok(mut ep) = ep.bind(py).try_borrow_mut() {
-                ep.tun = None;
-                ep.core.tun = None;
-            }
-        }
-        let mut st = lock(&self.shared);
-        if st.fd >= 0 {
-            unsafe { libc::close(st.fd) };
-            st.fd = -1;
+    /// Stop: nothing is delivered to the TUN device any more (every connection's packets go
+    /// to Python again), and our duplicate of the fd is closed.
+    fn close(&mut self) {
+        let mut pump = lock(&self.shared);
+        pump.close();
+        let fd = self.fd.swap(-1, Ordering::Relaxed);
+        if fd >= 0 {
+            unsafe { libc::close(fd) };
         }
     }
 }
 
 impl Drop for TunPump {
     fn drop(&mut self) {
-        let mut st = lock(&self.shared);
-        if st.fd >= 0 {
-            unsafe { libc::close(st.fd) };
-            st.fd = -1;
+        let fd = self.fd.swap(-1, Ordering::Relaxed);
+        if fd >= 0 {
+            unsafe { libc::close(fd) };
         }
     }
 }

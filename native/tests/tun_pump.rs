@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use _native::core::Ev;
-use _native::tunpump::{Table, Target, TunHook, Up, TCP_FLOWS_MAX};
+use _native::tunpump::{lock, SharedPump, Table, Target, TunTap, Up, TCP_FLOWS_MAX};
 use common::*;
 
 const VIP: [u8; 4] = [100, 64, 0, 10];
@@ -148,25 +148,48 @@ fn core_hands_bare_ip_of_delivering_connections_to_the_pump() {
     let setup = setup(None);
     let mut p = Pair::new(&setup);
     let (ch, sh) = p.establish(&setup);
-    p.c.tun = Some(TunHook::default());
-    p.c.tun.as_mut().unwrap().deliver.insert(ch);
+    let pump = SharedPump::default();
+    lock(&pump).table.add_service(b"\x2f\x04echo", &[(VIP.to_vec(), 32)]).unwrap();
+    p.c.taps.push(Box::new(TunTap { pump: pump.clone(), slot: 0 }));
+    lock(&pump).deliver(0, ch, true);
+    lock(&pump).table.set_target(0, Some(Target { slot: 0, h: ch }));
     let pkt = v4(VIP, APP, 17, 300);
     p.s.send_datagram(sh, &pkt);
     p.s.send_datagram(sh, b"\x01\x04\x7f\x00\x00\x01\x00\x50"); // QAD-like: not IP
     assert!(p.run_until(SECS, |p| !p.c_seen.datagrams.is_empty()));
     p.settle(Duration::from_millis(20));
-    let hook = p.c.tun.as_mut().unwrap();
-    assert_eq!(hook.rx.len(), 1);
-    assert_eq!(hook.rx[0].0, ch);
-    assert_eq!(&hook.rx[0].1[..], &pkt[..], "byte for byte");
+    {
+        let mut pump = lock(&pump);
+        assert_eq!(pump.pending.len(), 1);
+        assert_eq!(&pump.pending[0][..], &pkt[..], "byte for byte");
+        assert_eq!(pump.table.counters(0).rx_bytes, 300);
+        pump.pending.clear();
+        // The userspace stack's address stays with the owner.
+        pump.table.claimed = vec![APP.to_vec()];
+    }
     assert_eq!(p.c_seen.datagrams.len(), 1, "the owner still gets what is not IP");
     assert_eq!(p.c_seen.datagrams[0][0], 0x01);
-    // Closed: the connection leaves the hook (and the table, through `gone`).
-    hook.rx.clear();
+    p.s.send_datagram(sh, &pkt);
+    assert!(p.run_until(SECS, |p| p.c_seen.datagrams.len() == 2));
+    assert_eq!(&p.c_seen.datagrams[1][..], &pkt[..]);
+    lock(&pump).table.claimed.clear();
+    // Closed: the connection stops delivering and its route is gone (handles are reused).
     p.c.close(ch, p.now, 0, "bye");
     p.settle(Duration::from_millis(50));
-    let hook = p.c.tun.as_ref().unwrap();
-    assert!(hook.gone.contains(&ch));
-    assert!(!hook.deliver.contains(&ch));
+    assert!(!lock(&pump).delivers(0, ch));
+    assert_eq!(lock(&pump).table.target(0), None);
     assert!(p.c_seen.events.iter().any(|e| matches!(e, Ev::Closed { h, .. } if *h == ch)));
+}
+
+#[test]
+fn a_closed_pump_takes_nothing() {
+    let pump = SharedPump::default();
+    let mut tap = TunTap { pump: pump.clone(), slot: 0 };
+    lock(&pump).deliver(0, 1, true);
+    let pkt = bytes::Bytes::from(v4(VIP, APP, 17, 60));
+    assert!(_native::core::Tap::take(&mut tap, 1, &pkt, 1200));
+    lock(&pump).close();
+    assert!(!_native::core::Tap::take(&mut tap, 1, &pkt, 1200));
+    lock(&pump).deliver(0, 1, true);
+    assert!(!lock(&pump).delivers(0, 1));
 }
