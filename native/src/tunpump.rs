@@ -70,6 +70,10 @@ pub enum Up {
     Python,
 }
 
+/// A remembered TCP flow: (version, application address, virtual address, application
+/// port, virtual port, last acknowledgment sent).
+pub type TcpFlow = (u8, Vec<u8>, Vec<u8>, u16, u16, u32);
+
 /// (version, application address, virtual address, application port, virtual port).
 pub type FlowKey = (u8, [u8; 16], [u8; 16], u16, u16);
 
@@ -159,7 +163,7 @@ impl Table {
             }
         }
         // Longest prefix first.
-        self.prefixes.sort_by(|a, b| b.1.cmp(&a.1));
+        self.prefixes.sort_by_key(|p| std::cmp::Reverse(p.1));
         self.services.push(Service { header: header.to_vec(), target: None, counters: Counters::default() });
         Ok(idx)
     }
@@ -275,7 +279,7 @@ impl Table {
 
     /// The TCP flows remembered: (version, application address, virtual address,
     /// application port, virtual port, last acknowledgment sent), oldest first.
-    pub fn tcp_flows(&self) -> Vec<(u8, Vec<u8>, Vec<u8>, u16, u16, u32)> {
+    pub fn tcp_flows(&self) -> Vec<TcpFlow> {
         let mut out = Vec::with_capacity(self.tcp.acks.len());
         for (key, gen) in &self.tcp.order {
             if let Some(&(ack, g)) = self.tcp.acks.get(key) {
