@@ -45,6 +45,9 @@ pub struct Flow {
     /// The latest packet from the Agent (ICMP errors quote it).
     pub last_packet: Vec<u8>,
     pub refused: bool,
+    /// Its reply connection went away: nothing is sent until Python moves the flow (the
+    /// handle may already name another Agent's connection).
+    pub detached: bool,
 }
 
 #[derive(Default, Clone, Debug)]
@@ -188,6 +191,11 @@ impl Flows {
     /// until it moves them (their path died; Python picks the alternate).
     pub fn gone(&mut self, slot: usize, h: usize) {
         self.conns.remove(&(slot, h));
+        for f in self.flows.values_mut() {
+            if f.reply == (Target { slot, h }) {
+                f.detached = true;
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -208,7 +216,7 @@ impl Flows {
         self.by_key.insert(key, id);
         self.flows.insert(id, Flow {
             key, service: service.into(), fd, reply, relay, to_backend: 0, to_agent: 0,
-            last_packet: Vec::new(), refused: false,
+            last_packet: Vec::new(), refused: false, detached: false,
         });
         Ok(id)
     }
@@ -220,6 +228,7 @@ impl Flows {
             Some(f) => {
                 f.reply = reply;
                 f.relay = relay;
+                f.detached = false;
                 true
             }
             None => false,
@@ -290,6 +299,10 @@ impl Flows {
     /// `max_payload` of that connection (counted).
     pub fn reply(&mut self, id: u64, payload: &[u8], max_payload: usize, out: &mut Vec<u8>) -> Option<Target> {
         let flow = self.flows.get(&id)?;
+        if flow.detached {
+            self.stats.agent_drops += 1;
+            return None;
+        }
         let (agent_id, version, agent_ip, agent_port, vip, vport) = flow.key;
         let n = if version == 4 { 4 } else { 16 };
         out.clear();

@@ -118,10 +118,16 @@ fn replies_come_from_the_virtual_address_with_the_paths_header() {
 
 #[test]
 fn a_gone_connection_carries_nothing() {
-    let (mut f, _id) = flows();
+    let (mut f, id) = flows();
     let pkt = udp(&AGENT, &VIP, 40000, 7, b"ping");
     f.gone(0, 1);
     assert!(!f.take(0, 1, &to_connector(7, b"echo", &pkt), 1350));
+    // Its replies wait for Python to move the flow: handle 1 may be someone else's now.
+    f.add_connection(0, 1, None);
+    let mut out = Vec::new();
+    assert_eq!(f.reply(id, b"pong", 1350, &mut out), None);
+    assert!(f.set_reply(id, RELAY));
+    assert_eq!(f.reply(id, b"pong", 1350, &mut out), Some(RELAY));
 }
 
 #[test]
