@@ -5,7 +5,10 @@ from typing import Any, Final, Protocol, Self, final, type_check_only
 
 from typing_extensions import Buffer  # collections.abc.Buffer is 3.12+
 
-__all__ = ["Endpoint", "ClientTls", "ServerTls", "TunPump", "UdpFlows", "check_identity", "PY_WINDOW", "CID_LEN"]
+__all__ = [
+    "Endpoint", "ClientTls", "ServerTls", "TunPump", "UdpFlows", "check_identity",
+    "interface_addresses", "PY_WINDOW", "CID_LEN",
+]
 
 # Stream read window the owner may leave unconsumed (bytes).
 PY_WINDOW: Final[int]
@@ -57,6 +60,8 @@ class ServerTls:
     ) -> Self: ...
 
 def check_identity(*, cert_pem: bytes, key_pem: bytes) -> None: ...
+# Every address on this namespace's interfaces, as text (getifaddrs).
+def interface_addresses() -> list[str]: ...
 
 # One event of `Endpoint.recv/timeout/drive` (a name for the type checker only), a tuple whose
 # first item is its kind:

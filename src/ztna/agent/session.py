@@ -39,7 +39,6 @@ from typing import Any
 
 from ztna.agent.config import AgentOptions, ServiceSpec
 from ztna.errors import DatagramTooLarge, DecodeError, error_text
-from ztna.identity import server_name_mismatch
 from ztna.observe import format_address
 from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
@@ -279,6 +278,9 @@ class Session(ConnectionHandler):
     def _explain_name_mismatch(self, conn: ZtnaConnection) -> None:
         """A certificate without the name we verify never starts working by retrying:
         say once, as an ERROR, what we expected and what the certificate holds."""
+        # Imported here: cryptography is ~10 MB of RSS the Agent needs only when this fails.
+        from ztna.identity import server_name_mismatch
+
         why = server_name_mismatch(conn.peer_certificate, self.options.tls_name())
         if why is None or why == self._name_error:
             return
