@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod core;
+pub mod sockpump;
+pub mod splice;
 pub mod tls;
 
 #[cfg(feature = "python")]
@@ -21,5 +23,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py::check_identity, m)?)?;
     m.add("PY_WINDOW", core::PY_WINDOW)?;
     m.add("CID_LEN", config::CID_LEN)?;
+    m.add("SPLICE_DONE", splice::SPLICE_DONE)?;
+    m.add("SPLICE_RESET", splice::SPLICE_RESET)?;
+    m.add("SPLICE_FAILED", splice::SPLICE_FAILED)?;
+    m.add("SPLICE_GONE", splice::SPLICE_GONE)?;
     Ok(())
 }
