@@ -59,3 +59,8 @@ def max_datagram_payload(udp_payload: int, dcid_len: int) -> int:
 # such streams one Agent may hold (beyond it, streams are opened without a token).
 STREAM_RESUME_GRACE = 15.0
 STREAM_RESUME_PER_AGENT = 256
+
+# TCP carried on QUIC streams is spliced natively (the native core moves every byte between
+# the kernel socket and the stream). ZTNA_PYTHON_SPLICE=1 moves the bytes through Python
+# instead, the way it was done before: for measuring the two side by side (bench/).
+NATIVE_SPLICE: Final = __import__("os").environ.get("ZTNA_PYTHON_SPLICE", "") != "1"
