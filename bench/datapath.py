@@ -26,8 +26,9 @@ relay with the Connector's P2P port blocked and a fresh Agent):
 `--tcp-transport stream` runs the Agent with TCP on QUIC streams instead (nftables redirect,
 each connection spliced natively to its stream; `--python-splice` sets ZTNA_PYTHON_SPLICE=1
 for every program, the Python copy loops, to compare the two in one run). No TCP segment
-crosses the TUN then, so "packets" are the Agent node's UDP packets on its uplink (every
-interface but lo and the TUN).
+crosses the TUN then, and veth GRO merges the uplink's packets, so "packets" are payload
+packets: the bytes curl received / 1300 (one full QUIC packet's stream payload); `us_per_mb`
+is CPU µs per MB of payload.
 
 "Packets" = packets through the Agent's TUN device (rx+tx, from the kernel's counters):
 every one of them crossed each process once, so µs/packet of a process = its CPU time
@@ -150,6 +151,7 @@ def rss_kb(pid: int) -> int:
 
 
 COUNT_WAN = False   # stream transport: count the uplink's packets, not the TUN's
+STREAM_PACKET = 1300  # stream payload bytes of one full QUIC packet (1350-byte UDP payload)
 
 
 def tun_packets(world: DataWorld) -> int:
@@ -205,6 +207,13 @@ def curl_window(world: DataWorld, seconds: float) -> dict[str, Any]:
     res = w.result()
     res["mbit_s"] = round(int(info["size"]) * 8 / float(info["time_total"]) / 1e6, 2)
     res["bytes"] = int(info["size"])
+    if COUNT_WAN:
+        # veth GRO/GSO merges the uplink's packets, so per packet is per payload-sized packet
+        # here: the bytes curl got / STREAM_PACKET (a full QUIC packet's stream payload).
+        pk = max(1, res["bytes"] // STREAM_PACKET)
+        res["payload_packets"] = pk
+        res["us_per_packet"] = {k: round(1e6 * v / pk, 2) for k, v in w.cpu.items()}
+        res["us_per_mb"] = {k: round(1e12 * v / max(res["bytes"], 1), 1) for k, v in w.cpu.items()}
     return res
 
 
