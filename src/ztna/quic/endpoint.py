@@ -33,6 +33,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -548,11 +549,7 @@ def bind_udp(host: str, port: int, *, dual_stack: bool = True) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
-        except OSError:
-            pass
+    size_buffers(sock, limits.UDP_SOCKET_BUFFER)
     try:
         sock.bind((host, port))
     except OSError:
@@ -560,6 +557,34 @@ def bind_udp(host: str, port: int, *, dual_stack: bool = True) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
+
+
+# Linux's privileged variants, which ignore net.core.rmem_max / wmem_max (Python's socket
+# module does not name them).
+_FORCE = {socket.SO_RCVBUF: 33, socket.SO_SNDBUF: 32} if sys.platform == "linux" else {}
+_small_buffers_logged = False
+
+
+def size_buffers(sock: socket.socket, size: int) -> None:
+    """Ask for `size` bytes of receive and send buffer (forced past the kernel's cap when
+    we may); one log line per process when the kernel grants less."""
+    global _small_buffers_logged
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        for name in (_FORCE.get(opt), opt):
+            if name is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, name, size)
+                break
+            except OSError:
+                continue
+        # Linux reports twice what it accounts for payload (the rest is bookkeeping).
+        granted = sock.getsockopt(socket.SOL_SOCKET, opt) // (2 if sys.platform == "linux" else 1)
+        if granted < size and not _small_buffers_logged:
+            _small_buffers_logged = True
+            log.info("UDP socket buffers are %d KiB, not %d KiB (raise net.core.rmem_max and "
+                     "wmem_max, or run as root): bursts beyond that are dropped", granted // 1024,
+                     size // 1024)
 
 
 def normalize_address(address: tuple[Any, ...]) -> tuple[str, int]:
