@@ -4,6 +4,8 @@
 pub mod config;
 pub mod core;
 pub mod netinfo;
+pub mod sockpump;
+pub mod splice;
 pub mod tls;
 pub mod tunpump;
 pub mod udpflow;
@@ -31,5 +33,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py::interface_addresses, m)?)?;
     m.add("PY_WINDOW", core::PY_WINDOW)?;
     m.add("CID_LEN", config::CID_LEN)?;
+    m.add("SPLICE_DONE", splice::SPLICE_DONE)?;
+    m.add("SPLICE_RESET", splice::SPLICE_RESET)?;
+    m.add("SPLICE_FAILED", splice::SPLICE_FAILED)?;
+    m.add("SPLICE_GONE", splice::SPLICE_GONE)?;
     Ok(())
 }

@@ -13,6 +13,13 @@ on every stream event and, while any leg holds uncredited bytes, every `RECHECK`
 (the transport reports no "drained" event). FIN ↔ FIN, reset ↔ reset; a peer that goes away resets the
 other leg of each of its splices. At most `MAX_SPLICES_PER_PEER` per Agent.
 
+Once the Connector leg is open and the headers are written, the two streams are joined in
+the native core (`QuicEndpoint.splice_streams`) when both connections are on the same
+endpoint: bytes, FIN and resets cross there with the same bounds (`PAIR_BACKLOG` in
+native/src/splice.rs is `BACKLOG_LIMIT`), and Python hears once per leg when it is over.
+Legs on two endpoints (an IPv4 and an IPv6 socket), or ZTNA_PYTHON_SPLICE=1, keep the
+Python copy described above.
+
 `StreamResume` (docs/protocol.md §5.1: a stream that was on a direct connection continues
 here) is spliced the same way, as `RelayedStreamResume(agent_id, ...)`; the Connector checks
 the token against the agent id we vouch for.
@@ -25,6 +32,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ztna.errors import DecodeError
+from ztna.limits import NATIVE_SPLICE
 from ztna.wire.stream_header import (
     RelayedStreamOpen,
     RelayedStreamResume,
@@ -61,13 +69,14 @@ class _Leg:
 
 
 class _Splice:
-    __slots__ = ("agent", "connector", "head", "done")
+    __slots__ = ("agent", "connector", "head", "done", "native")
 
     def __init__(self) -> None:
         self.agent: _Leg | None = None
         self.connector: _Leg | None = None
         self.head = b""
         self.done = False
+        self.native = False     # joined in the native core
 
 
 class StreamSplicer:
@@ -160,7 +169,19 @@ class StreamSplicer:
         target.send_stream(tsid, encode_stream_open(relayed) + rest)
         leg.owed += len(rest)
         self.spliced += 1
+        if NATIVE_SPLICE and leg.conn.endpoint is target.endpoint and hasattr(target.endpoint, "splice_streams"):
+            splice = leg.splice
+            splice.native = target.endpoint.splice_streams(
+                leg.conn, leg.sid, target, tsid, lambda how, code, sent, received: self._native_end(splice))
+            if splice.native:
+                leg.conn.consume_stream(leg.sid, leg.owed)   # what came with the header
+                leg.owed = 0
         return True
+
+    def _native_end(self, splice: _Splice) -> None:
+        """A native splice is over (the core passed on the FINs or resets itself)."""
+        if not splice.done:
+            self._remove(splice)
 
     def on_stream_reset(self, conn: ZtnaConnection, sid: int, code: int) -> None:
         leg = self.legs.get((conn.user, sid))
