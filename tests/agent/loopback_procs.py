@@ -19,6 +19,8 @@ from typing import Any
 
 from agent_util import PY, stop, wait_for
 
+from ztna import procs
+
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
@@ -27,9 +29,7 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
 
 
 def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    fh = open(log, "wb")  # noqa: SIM115 - closed with the process by the OS
-    return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return procs.spawn(argv, log=log)
 
 
 class UdpEcho:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from connector_helpers import AgentClient, tcp_echo, udp_echo
 
 from ztna.certs import init_pki, issue
 from ztna.connector.config import load_config
@@ -32,6 +31,7 @@ from ztna.netstack.packets import (
 )
 from ztna.quic.config import TlsFiles
 from ztna.wire import StreamOpen, encode_stream_open
+from ztna.worlds.agent_client import AgentClient, tcp_echo, udp_echo
 
 AGENT_IP = ipaddress.ip_address("100.64.0.1").packed
 AGENT_IP6 = ipaddress.ip_address("fd00:64::1").packed

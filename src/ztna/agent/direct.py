@@ -35,11 +35,13 @@ import logging
 import secrets
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from prometheus_client import CollectorRegistry, Histogram
 
 from ztna import limits
+from ztna.agent.config import AgentOptions
+from ztna.agent.services import ServiceState
 from ztna.errors import DatagramTooLarge, DecodeError, error_text
 from ztna.observe import format_address
 from ztna.p2p.candidates import gather, interface_addresses
@@ -49,7 +51,7 @@ from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp, normalize_address
 from ztna.wire import (
-    ControlDecoder,
+    ControlMessage,
     DatagramKind,
     Hello,
     ObservedAddress,
@@ -63,8 +65,19 @@ from ztna.wire import (
 from ztna.wire.control_messages import ErrorMessage, PunchRequest, PunchResult, PunchStart
 from ztna.wire.probe import probe_session_of
 
-if TYPE_CHECKING:
-    from ztna.agent.session import ServiceState, Session
+
+class RelaySession(Protocol):
+    """What the direct paths need from the Agent's session (``ztna.agent.session.Session``):
+    its options and services, its relay connection, and its packet demux for what arrives
+    on a direct path. A Protocol, so that this module does not import the session."""
+
+    options: AgentOptions
+    services: list[ServiceState]
+    conn: ZtnaConnection | None
+    zero_rtt: bool
+    instance: int
+
+    def on_packet(self, data: bytes) -> None: ...
 
 log = logging.getLogger("ztna.agent")
 
@@ -92,7 +105,6 @@ class _ServicePath:
 class _QadHandler(ConnectionHandler):
     def __init__(self, owner: DirectPaths) -> None:
         self.owner = owner
-        self.decoder = ControlDecoder()
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         if data and classify_datagram(data[0]) is DatagramKind.QAD:
@@ -101,10 +113,9 @@ class _QadHandler(ConnectionHandler):
             except DecodeError:
                 pass
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        for msg in conn.read_control(self.decoder, data) or ():
-            if isinstance(msg, ObservedAddress):
-                self.owner.set_observed(msg)
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if isinstance(msg, ObservedAddress):
+            self.owner.set_observed(msg)
 
 
 class _DirectHandler(ConnectionHandler):
@@ -131,7 +142,7 @@ class _DirectHandler(ConnectionHandler):
             # as for packets from the relay: counting here too counted it twice.
             self.owner.session.on_packet(data)
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
         self._heard()   # QAD / registration ACK from the Connector: bytes over the direct path
 
     def on_stream_data(self, conn: ZtnaConnection, stream_id: int, data: bytes, end: bool) -> None:
@@ -155,7 +166,7 @@ class _DirectHandler(ConnectionHandler):
 
 
 class DirectPaths:
-    def __init__(self, session: Session, *, config: PathConfig | None = None) -> None:
+    def __init__(self, session: RelaySession, *, config: PathConfig | None = None) -> None:
         self.session = session
         self.options = session.options
         self.config = config or PathConfig()

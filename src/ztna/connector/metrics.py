@@ -6,14 +6,46 @@ registered with the Intermediate; otherwise 503 with the reason in the JSON body
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import asyncio
+from collections.abc import Sized
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
+from ztna.connector.p2p_server import P2PServer
+from ztna.connector.punch import ConnectorPunch
+from ztna.connector.relay_link import RelayLink
+from ztna.connector.state import ConnectorStats
+from ztna.connector.udp_flows import UdpFlows
 from ztna.observe import MetricsServer, StatsCollector, format_address
+from ztna.quic.endpoint import QuicEndpoint
 
-if TYPE_CHECKING:
-    from ztna.connector.service import Connector
+
+class ConnectorView(Protocol):
+    """What the scrape reads of the Connector (``ztna.connector.service.Connector``); a
+    Protocol, so that this module does not import the Connector that starts it."""
+
+    @property
+    def relay(self) -> RelayLink | None: ...
+    @property
+    def relay_endpoint(self) -> QuicEndpoint | None: ...
+    @property
+    def p2p(self) -> P2PServer | None: ...
+    @property
+    def punch(self) -> ConnectorPunch | None: ...
+    @property
+    def stats(self) -> ConnectorStats: ...
+    @property
+    def tcp(self) -> Sized: ...
+    @property
+    def udp(self) -> UdpFlows: ...
+    @property
+    def streams(self) -> Sized: ...
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None: ...
+    @property
+    def started_at(self) -> float: ...
+    def health(self) -> tuple[bool, dict[str, Any]]: ...
 
 Row = tuple[str, str, str, float, "dict[str, str] | None"]
 
@@ -32,7 +64,7 @@ _ENDPOINT_DROPS = {
 }
 
 
-def p2p_drops(c: Connector) -> dict[str, int]:
+def p2p_drops(c: ConnectorView) -> dict[str, int]:
     """Every datagram the P2P socket received and dropped, by reason. Together with the
     datagrams that reached a connection or a live punch session this accounts for all of
     `datagrams_received`, so garbage never disappears without a trace."""
@@ -49,7 +81,7 @@ def p2p_drops(c: Connector) -> dict[str, int]:
     return out
 
 
-def collect(c: Connector) -> list[Any]:
+def collect(c: ConnectorView) -> list[Any]:
     out: list[Any] = []
     relay = c.relay
     out.append(("ztna_connector_relay_connected", "gauge", "1 while connected to the intermediate",
@@ -82,7 +114,7 @@ def collect(c: Connector) -> list[Any]:
     return out
 
 
-async def start_metrics(c: Connector, host: str, port: int) -> MetricsServer:
+async def start_metrics(c: ConnectorView, host: str, port: int) -> MetricsServer:
     reg = CollectorRegistry()
     reg.register(StatsCollector(lambda: collect(c)))
     server = MetricsServer(reg, c.health)

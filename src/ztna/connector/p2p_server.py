@@ -28,12 +28,14 @@ import asyncio
 import logging
 import random
 import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from ztna import limits
 from ztna.connector.paths import ReplyPath
 from ztna.connector.relay_link import backoff_delay
+from ztna.connector.state import ConnectorStats, ServiceState
+from ztna.connector.streams import StreamTable
 from ztna.errors import DecodeError
 from ztna.identity import ChainVerifier, load_ca_file, stable_peer_id
 from ztna.observe import format_address
@@ -49,7 +51,7 @@ from ztna.quic.endpoint import (
 from ztna.startup import bind_error
 from ztna.wire import (
     SERVICE_DATAGRAM,
-    ControlDecoder,
+    ControlMessage,
     Hello,
     NackStatus,
     ObservedAddress,
@@ -63,8 +65,21 @@ from ztna.wire import (
     encode_control,
 )
 
-if TYPE_CHECKING:
-    from ztna.connector.service import Connector
+
+class ConnectorSink(Protocol):
+    """What the P2P server hands to the Connector (``ztna.connector.service.Connector``):
+    direct paths coming up and going down, authorized tunnel packets, stream events, and
+    the counters it bumps. A Protocol, so that this module does not import the Connector."""
+
+    @property
+    def stats(self) -> ConnectorStats: ...
+    @property
+    def services(self) -> Mapping[str, ServiceState]: ...
+    @property
+    def streams(self) -> StreamTable: ...
+    def direct_up(self, path: ReplyPath) -> None: ...
+    def path_down(self, path: ReplyPath, *, park: bool = False) -> None: ...
+    def on_packet(self, path: ReplyPath, service_id: str, packet: memoryview) -> None: ...
 
 QAD_TYPE = 0x01
 PRE_HELLO_BUFFER = 64     # DATAGRAMs kept while a direct connection's Hello is on its way
@@ -73,11 +88,10 @@ log = logging.getLogger("ztna.connector")
 
 
 class _DirectHandler(ConnectionHandler):
-    __slots__ = ("server", "decoder", "allowed", "pending", "instance")
+    __slots__ = ("server", "allowed", "pending", "instance")
 
     def __init__(self, server: P2PServer) -> None:
         self.server = server
-        self.decoder = ControlDecoder()
         self.allowed: dict[str, bool] = {}
         self.pending: list[tuple[str, bytes]] | None = []   # None once the Hello arrived
         self.instance: int | None = None     # a Hello heard before the peer was verified
@@ -127,17 +141,16 @@ class _DirectHandler(ConnectionHandler):
         conn.send_control(encode_control(ObservedAddress(ip=host.split("%")[0], port=port)))
         self.server.connections += 1
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        for msg in conn.read_control(self.decoder, data) or ():
-            if isinstance(msg, Hello):
-                self.hello(conn, msg.instance)
-            elif isinstance(msg, Register):
-                if msg.role is Role.AGENT and self.allows(conn, msg.service_id):
-                    reply: RegistrationAck | RegistrationNack = RegistrationAck(service_id=msg.service_id)
-                else:
-                    reply = RegistrationNack(service_id=msg.service_id,
-                                             status=NackStatus.NOT_AUTHORIZED)
-                conn.send_control(encode_control(reply))
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if isinstance(msg, Hello):
+            self.hello(conn, msg.instance)
+        elif isinstance(msg, Register):
+            if msg.role is Role.AGENT and self.allows(conn, msg.service_id):
+                reply: RegistrationAck | RegistrationNack = RegistrationAck(service_id=msg.service_id)
+            else:
+                reply = RegistrationNack(service_id=msg.service_id,
+                                         status=NackStatus.NOT_AUTHORIZED)
+            conn.send_control(encode_control(reply))
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         path = self.path(conn)
@@ -181,13 +194,11 @@ class _DirectHandler(ConnectionHandler):
 class _QadHandler(ConnectionHandler):
     def __init__(self, server: P2PServer) -> None:
         self.server = server
-        self.decoder = ControlDecoder()
         self.closed = asyncio.Event()
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        for msg in conn.read_control(self.decoder, data) or ():
-            if isinstance(msg, ObservedAddress):
-                self.server.set_public_address(msg)
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if isinstance(msg, ObservedAddress):
+            self.server.set_public_address(msg)
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         if data and data[0] == QAD_TYPE:
@@ -201,7 +212,7 @@ class _QadHandler(ConnectionHandler):
 
 
 class P2PServer:
-    def __init__(self, connector: Connector, *, host: str, port: int, tls: TlsFiles,
+    def __init__(self, connector: ConnectorSink, *, host: str, port: int, tls: TlsFiles,
                  udp_payload: int, intermediate: tuple[str, int], server_name: str,
                  rng: random.Random | None = None, ticket_path: str | None = None) -> None:
         self.connector = connector

@@ -15,19 +15,19 @@ Sockets: the relay socket (client connection to the Intermediate, ephemeral unle
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import random
 import signal
 import socket
-from dataclasses import dataclass, fields
 from typing import Any
 
 from ztna.connector import icmp
-from ztna.connector.config import ConnectorConfig, ServiceConfig
+from ztna.connector.config import ConnectorConfig
 from ztna.connector.p2p_server import P2PServer
 from ztna.connector.paths import AgentPaths, ReplyPath
+from ztna.connector.punch import ConnectorPunch
 from ztna.connector.relay_link import RelayLink
+from ztna.connector.state import ConnectorStats, ServiceState
 from ztna.connector.streams import StreamTable
 from ztna.connector.tcp_flows import TcpFlows
 from ztna.connector.udp_flows import UdpFlows
@@ -47,87 +47,6 @@ RESOLVE_INTERVAL = 30.0
 RELAY_GRACE = 20.0       # how long relay flows wait for the Intermediate to come back
 
 
-@dataclass
-class ConnectorStats:
-    """Plain counters on the hot path; exported at scrape time (ztna.connector.metrics)."""
-
-    packets_in: int = 0
-    malformed: int = 0
-    unknown_service: int = 0
-    not_virtual_ip: int = 0
-    not_authorized: int = 0
-    unsupported_proto: int = 0
-    icmp_echo_replies: int = 0
-    icmp_dropped: int = 0
-    packet_too_big_sent: int = 0
-    udp_to_backend: int = 0
-    udp_to_agent: int = 0
-    udp_backend_drops: int = 0
-    udp_agent_drops: int = 0
-    udp_backend_refused: int = 0
-    udp_no_such_port: int = 0
-    udp_flow_limit: int = 0
-    udp_unresolved: int = 0
-    udp_reply_too_big: int = 0
-    udp_flows_opened: int = 0
-    udp_flows_expired: int = 0
-    tcp_segments_in: int = 0
-    tcp_segments_out: int = 0
-    tcp_bytes_to_backend: int = 0
-    tcp_bytes_to_agent: int = 0
-    tcp_rst_unknown: int = 0
-    tcp_no_such_port: int = 0
-    tcp_session_limit: int = 0
-    tcp_syn_rate_limited: int = 0
-    tcp_backend_failures: int = 0
-    tcp_sessions_opened: int = 0
-    tcp_sessions_closed: int = 0
-    tcp_resets: int = 0
-    streams_opened: int = 0
-    streams_closed: int = 0
-    streams_refused: int = 0
-    stream_resets: int = 0
-    stream_bad_header: int = 0
-    stream_backend_failures: int = 0
-    stream_bytes_to_backend: int = 0
-    stream_bytes_to_agent: int = 0
-    stream_resumed: int = 0
-    stream_resume_refused: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-class Backend:
-    __slots__ = ("host", "port", "resolved")
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-        self.resolved: tuple[int, tuple[Any, ...]] | None = None
-        try:
-            ip = ipaddress.ip_address(host)
-            fam = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-            self.resolved = (fam, (host, port))
-        except ValueError:
-            pass
-
-
-class ServiceState:
-    """Runtime form of a ServiceConfig: packed virtual IPs and backends per virtual port."""
-
-    __slots__ = ("cfg", "id", "vips", "tcp_backends", "udp_backends", "icmp", "udp_flows")
-
-    def __init__(self, cfg: ServiceConfig) -> None:
-        self.cfg = cfg
-        self.id = cfg.id
-        self.vips = cfg.packed_vips
-        self.tcp_backends = {p: Backend(b.host, b.port) for p, b in cfg.tcp.items()}
-        self.udp_backends = {p: Backend(b.host, b.port) for p, b in cfg.udp.items()}
-        self.icmp = cfg.icmp
-        self.udp_flows = 0
-
-
 class Connector:
     def __init__(self, cfg: ConnectorConfig, *, rng: random.Random | None = None) -> None:
         self.cfg = cfg
@@ -140,7 +59,7 @@ class Connector:
         self.relay: RelayLink | None = None
         self.relay_endpoint: QuicEndpoint | None = None
         self.p2p: P2PServer | None = None
-        self.punch: Any = None
+        self.punch: ConnectorPunch | None = None
         self.metrics_server: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.udp: UdpFlows
@@ -192,8 +111,6 @@ class Connector:
                                  server_name=self.cfg.tls_name(),
                                  rng=random.Random(self.rng.random()))
             self.p2p.start()
-            from ztna.connector.punch import ConnectorPunch
-
             self.punch = ConnectorPunch(self.p2p, relay_address=(inter.host, inter.port))
             self.relay.on_punch = self.punch.on_message
             self.relay.on_registered = self.punch.on_registered

@@ -61,7 +61,7 @@ from ztna.wire.stream_header import (
 )
 
 if TYPE_CHECKING:
-    from ztna.connector.service import ConnectorStats, ServiceState
+    from ztna.connector.state import ConnectorStats, ServiceState
     from ztna.quic.connection import ZtnaConnection
 
 log = logging.getLogger("ztna.connector")

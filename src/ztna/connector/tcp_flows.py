@@ -40,7 +40,7 @@ from ztna.observe import format_address
 
 if TYPE_CHECKING:
     from ztna.connector.paths import ReplyPath
-    from ztna.connector.service import ConnectorStats, ServiceState
+    from ztna.connector.state import ConnectorStats, ServiceState
 
 log = logging.getLogger("ztna.connector")
 

@@ -33,7 +33,7 @@ from ztna.netstack.packets import IpHeader, build_udp_packet, parse_udp
 
 if TYPE_CHECKING:
     from ztna.connector.paths import ReplyPath
-    from ztna.connector.service import ConnectorStats, ServiceState
+    from ztna.connector.state import ConnectorStats, ServiceState
     from ztna.quic.endpoint import QuicEndpoint
 
 RECV_BURST = 64

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import secrets
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from ztna import limits
-from ztna.errors import DatagramTooLarge, DecodeError
+from ztna.errors import DatagramTooLarge, DecodeError, ProtocolError
 from ztna.identity import ChainVerifier, load_ca_file, stable_peer_id
 from ztna.intermediate.registry import AllowAll, Notify, Registry
 from ztna.observe import MetricsServer, RateLimitedLog, StatsCollector, format_address
@@ -40,9 +41,10 @@ from ztna.quic.endpoint import (
 from ztna.startup import bind_error
 from ztna.wire import (
     FROM_CONNECTOR,
+    PUNCH_MESSAGES,
     SERVICE_DATAGRAM,
     AddressToken,
-    ControlDecoder,
+    ControlMessage,
     GoAway,
     Hello,
     ObservedAddress,
@@ -120,6 +122,7 @@ class Intermediate:
         self.address_tokens: Any = None
         self._instances: dict[int, tuple[str, int]] = {}
         self._held: dict[ZtnaConnection, list[bytes]] = {}
+        self._control_handlers = self._control_table()
         # Native relay routes installed, per (service, agent id) (what `_routes_for` derived),
         # the agents routed per service, and a count per route (a reply route may be
         # justified by several services).
@@ -365,23 +368,37 @@ class Intermediate:
                 native.route_reply(route[2], route[3], route[4])
 
     # ------------------------------------------------------------------ control
-    def on_control_message(self, conn: ZtnaConnection, msg: object) -> None:
-        peer_id = conn.user
-        if isinstance(msg, Hello):
-            self.adopt_stable_id(conn, msg.instance)
-        elif isinstance(msg, Register):
-            reply, notes = self.registry.register(peer_id, msg)
-            self._log_registration(conn, msg, reply)
-            conn.send_control(encode_control(reply))
-            self.execute(notes)
-            held = self._held.pop(conn, None)
-            if held:
-                for data in held:  # tunnel packets that overtook this registration
-                    self.on_datagram(conn, data)
-        elif self.signaling is not None and (type(msg).__name__.startswith("Punch") or isinstance(msg, StandingCandidates)):
-            now = asyncio.get_running_loop().time()
-            self.execute(self.signaling.handle(peer_id, msg, self.registry, now=now))
+    def on_control_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        handler = self._control_handlers.get(type(msg))
+        if handler is not None:
+            handler(conn, msg)
         # Everything else (pings, unknown types) is ignored by design (forward compatible).
+
+    def _control_table(self) -> dict[type, Callable[[ZtnaConnection, Any], None]]:
+        """The Intermediate's one dispatch table for control messages from its peers."""
+        table: dict[type, Callable[[ZtnaConnection, Any], None]] = {
+            Hello: lambda conn, msg: self.adopt_stable_id(conn, msg.instance),
+            Register: self._register,
+        }
+        for kind in (*PUNCH_MESSAGES, StandingCandidates):
+            table[kind] = self._signal
+        return table
+
+    def _register(self, conn: ZtnaConnection, msg: Register) -> None:
+        reply, notes = self.registry.register(conn.user, msg)
+        self._log_registration(conn, msg, reply)
+        conn.send_control(encode_control(reply))
+        self.execute(notes)
+        held = self._held.pop(conn, None)
+        if held:
+            for data in held:  # tunnel packets that overtook this registration
+                self.on_datagram(conn, data)
+
+    def _signal(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if self.signaling is None:   # signaling off (--no-p2p): ignored like unknown types
+            return
+        now = asyncio.get_running_loop().time()
+        self.execute(self.signaling.handle(conn.user, msg, self.registry, now=now))
 
     # An Agent resuming with 0-RTT sends Hello, Register and its first tunnel packets in
     # one flight; DATAGRAM frames may be packed before the STREAM frames, so those packets
@@ -585,11 +602,13 @@ class _PeerHandler(ConnectionHandler):
     __slots__ = ("server", "decoder", "early")
 
     EARLY_LIMIT = 65536
+    # Control messages kept the same way: a Hello and a Register per service fit many times.
+    EARLY_MESSAGES = 64
 
     def __init__(self, server: Intermediate) -> None:
         self.server = server
-        self.decoder = ControlDecoder()
         self.early: list[tuple[str, bytes]] = []
+        self.early_messages: list[ControlMessage] = []
 
     def _ready(self, conn: ZtnaConnection) -> bool:
         if conn.user is None and conn.identity is not None and not conn.closed:
@@ -600,12 +619,19 @@ class _PeerHandler(ConnectionHandler):
         if sum(len(d) for _, d in self.early) + len(data) <= self.EARLY_LIMIT:
             self.early.append((kind, data))
 
+    def _hold_message(self, msg: ControlMessage) -> None:
+        if len(self.early_messages) < self.EARLY_MESSAGES:
+            self.early_messages.append(msg)
+
     def on_handshake(self, conn: ZtnaConnection) -> None:
         if conn.user is None:
             self.server.peer_up(conn)
+        messages, self.early_messages = self.early_messages, []
+        for msg in messages:
+            self.on_message(conn, msg)
         early, self.early = self.early, []
-        for kind, data in early:
-            (self.on_control if kind == "c" else self.on_datagram)(conn, data)
+        for _kind, data in early:
+            self.on_datagram(conn, data)
 
     def on_path_changed(self, conn: ZtnaConnection) -> None:
         if conn.user is not None:
@@ -619,16 +645,14 @@ class _PeerHandler(ConnectionHandler):
         else:
             self._hold("d", data)
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
         if conn.user is None and not self._ready(conn):
-            self._hold("c", data)
+            self._hold_message(msg)
             return
-        messages = conn.read_control(self.decoder, data)
-        if messages is None:
-            self.server.stats.control_errors += 1
-            return
-        for msg in messages:
-            self.server.on_control_message(conn, msg)
+        self.server.on_control_message(conn, msg)
+
+    def on_control_error(self, conn: ZtnaConnection, error: ProtocolError) -> None:
+        self.server.stats.control_errors += 1
 
     def on_stream_data(self, conn: ZtnaConnection, stream_id: int, data: bytes, end: bool) -> None:
         if self.server.streams is not None and conn.user is not None:

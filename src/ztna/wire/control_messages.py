@@ -31,6 +31,7 @@ from ztna.wire.service_id import validate_service_id
 __all__ = [
     "CONTROL_JSON_VERSION",
     "MAX_CANDIDATES",
+    "PUNCH_MESSAGES",
     "AddressToken",
     "AgentGone",
     "Candidate",
@@ -349,6 +350,9 @@ _CLASSES: Final = (ErrorMessage, GoAway, StandingCandidates, Hello, AddressToken
                    ServiceStatus, Ping, Pong, PunchRequest, PunchOffer, PunchAnswer, PunchStart,
                    PunchResult)
 _BY_TYPE: Final[dict[str, Any]] = {cls.TYPE: cls for cls in _CLASSES}
+# The hole-punching signalling messages (docs/p2p.md): a program's dispatch table sends them
+# all to its punch machinery.
+PUNCH_MESSAGES: Final = (PunchRequest, PunchOffer, PunchAnswer, PunchStart, PunchResult)
 _CANDIDATE_FIELDS: Final = frozenset({"candidates", "peer_candidates"})
 
 
