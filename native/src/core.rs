@@ -196,7 +196,7 @@ pub(crate) struct StreamState {
     early_copy: Option<Vec<u8>>,
     /// Spliced natively (crate::splice): what is read from quinn waits here for the splice
     /// instead of becoming an event.
-    pub(crate) tap: Option<crate::splice::Tap>,
+    pub(crate) tap: Option<crate::splice::StreamTap>,
 }
 
 pub struct Conn {
@@ -252,6 +252,19 @@ pub struct Core {
     pub splice_ready: HashSet<(usize, u64)>,
     /// Stream ⇄ stream splices inside this core (crate::splice).
     pub pairs: crate::splice::Pairs,
+    /// Native consumers of DATAGRAMs (pumps), asked in order before the owner is.
+    pub taps: Vec<Box<dyn Tap>>,
+}
+
+/// A native consumer of DATAGRAMs: the Agent's TUN pump, the Connector's UDP flows. What a
+/// tap takes never reaches the owner; what it leaves does, as before, so a tap that knows
+/// nothing only costs speed.
+pub trait Tap: Send + Sync {
+    /// Take `d`, which arrived on connection `h`; `max_payload` is that connection's largest
+    /// DATAGRAM now (what a reply on it may carry). False leaves it to the owner.
+    fn take(&mut self, h: usize, d: &Bytes, max_payload: usize) -> bool;
+    /// Connection `h` is gone: nothing may name it any more (handles are reused).
+    fn gone(&mut self, h: usize);
 }
 
 pub fn to_wire_addr(v6_socket: bool, addr: SocketAddr) -> SocketAddr {
@@ -318,6 +331,7 @@ impl Core {
             routes: Routes::default(),
             splice_ready: HashSet::new(),
             pairs: crate::splice::Pairs::default(),
+            taps: Vec::new(),
         }
     }
 
@@ -527,6 +541,7 @@ impl Core {
         let Some(conn) = self.conns.get_mut(&h) else { return };
         let events = &mut self.events;
         let routes = &self.routes;
+        let taps = &mut self.taps;
         let mut forwards: Vec<(usize, Vec<u8>)> = Vec::new();
         let mut gone = false;
         conn.ensure_control();
@@ -622,9 +637,11 @@ impl Core {
                 Event::Stream(StreamEvent::Available { .. }) => {}
                 Event::DatagramReceived => {
                     let mut items = Vec::new();
+                    let max_payload = conn.qc.datagrams().max_size().unwrap_or(0);
                     while let Some(d) = conn.qc.datagrams().recv() {
                         match routes.lookup(h, &d) {
                             Some(fw) => forwards.push(fw),
+                            None if taps.iter_mut().any(|t| t.take(h, &d, max_payload)) => {}
                             None => items.push(d),
                         }
                     }
@@ -721,6 +738,9 @@ impl Core {
             // A dead connection is no one's source or target any more, and its handle may
             // be given to a new connection: no route may outlive it.
             self.routes.forget(h);
+            for t in self.taps.iter_mut() {
+                t.gone(h);
+            }
         }
     }
 
@@ -805,6 +825,9 @@ impl Core {
         }
         self.routes.forget(h);
         self.dirty.remove(&h);
+        for t in self.taps.iter_mut() {
+            t.gone(h);
+        }
     }
 
     // ---------------------------------------------------------------- connection API

@@ -198,9 +198,17 @@ pub fn check_identity(cert_pem: &[u8], key_pem: &[u8]) -> PyResult<()> {
     .map_err(cfg_err)
 }
 
+/// The I/O half of a pump attached to an endpoint (the TUN device's writes, the UDP flows'
+/// backend sends): what the pump's tap took during a batch goes out after it.
+pub(crate) trait Drain: Send + Sync {
+    fn drain(&mut self);
+}
+
 #[pyclass(module = "ztna._native")]
 pub struct Endpoint {
-    core: Core,
+    pub(crate) core: Core,
+    /// Native I/O of the pumps attached to this endpoint, run after each batch.
+    pub(crate) drains: Vec<Box<dyn Drain>>,
     sock: Option<UdpSocket>,
     udp: quinn_udp::UdpSocketState,
     anchor: (Instant, f64),
@@ -224,6 +232,9 @@ impl Endpoint {
     }
 
     fn transmit(&mut self) {
+        for d in self.drains.iter_mut() {
+            d.drain();
+        }
         let outs = std::mem::take(&mut self.core.out);
         let Some(sock) = self.sock.as_ref() else { return };
         if self.blackhole {
@@ -359,7 +370,7 @@ impl Endpoint {
         // or the whole batch fails with EMSGSIZE.
         core.max_gso_segments = udp.max_gso_segments().clamp(1, (65000 / udp_payload.max(1200) as usize).max(1));
         let rx = (0..quinn_udp::BATCH_SIZE).map(|_| vec![0u8; RX_BUF]).collect();
-        Ok(Self { core, sock: Some(sock), udp, anchor: (Instant::now(), now), rx, recv_batch, closed: false, blackhole: false, splicer: None })
+        Ok(Self { core, drains: Vec::new(), sock: Some(sock), udp, anchor: (Instant::now(), now), rx, recv_batch, closed: false, blackhole: false, splicer: None })
     }
 
     /// Read everything the socket has (up to `recv_batch` datagrams), process it, send what

@@ -66,6 +66,7 @@ def collect(c: Connector) -> list[Any]:
     out.append(("ztna_connector_streams", "gauge", "Open TCP streams", len(c.streams), None))
     out.append(("ztna_connector_uptime_seconds", "gauge", "Seconds since start",
                 c.loop.time() - c.started_at if c.loop else 0, None))
+    c.udp.sync_stats()   # what the native UDP flows moved since the last look
     for name, value in c.stats.as_dict().items():
         out.append((f"ztna_connector_{name}_total", "counter", name.replace("_", " "), value, None))
     for reason, value in p2p_drops(c).items():
