@@ -196,7 +196,7 @@ pub(crate) struct StreamState {
     early_copy: Option<Vec<u8>>,
     /// Spliced natively (crate::splice): what is read from quinn waits here for the splice
     /// instead of becoming an event.
-    pub(crate) tap: Option<crate::splice::Tap>,
+    pub(crate) tap: Option<crate::splice::StreamTap>,
 }
 
 pub struct Conn {

@@ -1,5 +1,5 @@
 //! Splices: a QUIC stream joined to something that is not Python, so that bulk bytes never
-//! cross into the interpreter. Two kinds share the stream side (`Tap`):
+//! cross into the interpreter. Two kinds share the stream side (`StreamTap`):
 //!
 //! * **stream ⇄ socket** (`crate::sockpump`, the driver that owns the descriptors): the
 //!   Agent's local TCP connections and the Connector's backend connections;
@@ -39,7 +39,7 @@ pub const PAIR_BACKLOG: usize = 512 * 1024;
 
 /// The receiving side of a spliced stream: what quinn gave us, not yet taken by the splice.
 #[derive(Default, Debug)]
-pub struct Tap {
+pub struct StreamTap {
     pub buf: VecDeque<Bytes>,
     pub bytes: usize,
     /// The peer's FIN was read (after everything in `buf`).
@@ -50,7 +50,7 @@ pub struct Tap {
     pub stopped: Option<u64>,
 }
 
-impl Tap {
+impl StreamTap {
     pub fn push(&mut self, data: Bytes) {
         self.bytes += data.len();
         self.buf.push_back(data);
@@ -109,7 +109,7 @@ impl Core {
         if st.tap.is_some() {
             return false;
         }
-        let mut tap = Tap::default();
+        let mut tap = StreamTap::default();
         if !data.is_empty() {
             tap.push(Bytes::copy_from_slice(data));
         }
@@ -133,7 +133,7 @@ impl Core {
         }
     }
 
-    pub fn tap_mut(&mut self, h: usize, sid: u64) -> Option<&mut Tap> {
+    pub fn tap_mut(&mut self, h: usize, sid: u64) -> Option<&mut StreamTap> {
         self.conn_mut(h)?.streams.get_mut(&sid)?.tap.as_mut()
     }
 

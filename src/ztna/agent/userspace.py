@@ -193,6 +193,9 @@ class Userspace:
         # Accepted application sockets we proxy (forwards, SOCKS, the TUN redirect): reset
         # on exit, so no application waits on a tunnel that is gone.
         self.app_writers: set[asyncio.StreamWriter] = set()
+        # The natively spliced ones: the core holds a duplicate of each socket, which it must
+        # let go before our RST can be the socket's last word.
+        self.native_sinks: dict[asyncio.StreamWriter, _StreamSink] = {}
         # synthetic source port -> SOCKS5 UDP association (same port space as `udp_by_port`)
         self.socks_udp: dict[int, _SocksUdp] = {}
         self.stats = {"tcp_opened": 0, "tcp_failed": 0, "tcp_active": 0, "tcp_direct": 0,
@@ -258,6 +261,9 @@ class Userspace:
         is going away and none of them can continue. Returns how many."""
         writers, self.app_writers = self.app_writers, set()
         for writer in writers:
+            sink = self.native_sinks.pop(writer, None)
+            if sink is not None:
+                sink.unsplice()
             reset_writer(writer)
         if writers:
             log.info("reset %d proxied TCP connection%s", len(writers), "" if len(writers) == 1 else "s")
@@ -462,6 +468,7 @@ class Userspace:
                     sink.rx += len(down)
                     return
                 sink.spliced = conn
+                self.native_sinks[writer] = sink
                 up, down = b"", b""
                 waiter = asyncio.ensure_future(sink.queue.get())
                 try:
@@ -493,6 +500,7 @@ class Userspace:
             return
         finally:
             sink.unsplice()
+            self.native_sinks.pop(writer, None)
             self.stats["tcp_active"] -= 1
             self.app_writers.discard(writer)
             sink.handlers.pop(sink.sid, None)

@@ -550,6 +550,7 @@ class StreamTable:
         for flow in [f for f in self.resumable.values() if f.conn is conn]:
             self._park(flow)                # resumable: wait for the Agent on another path
         for flow in [f for f in self.flows.values() if f.conn is conn]:
+            flow.unsplice()                 # the core lets go of the socket before the abort
             if flow.transport is not None:
                 flow.transport.abort()
             self.finish(flow, forget=True)
@@ -562,6 +563,7 @@ class StreamTable:
                     flow.transport.abort()
                 self.finish(flow)
         for flow in list(self.flows.values()):
+            flow.unsplice()
             if flow.conn is not None:
                 flow.conn.reset_stream(flow.sid)
             if flow.transport is not None:
