@@ -239,7 +239,9 @@ impl Endpoint {
 
     fn transmit(&mut self) {
         for d in self.drains.iter_mut() {
-            d.drain();
+            if catch_unwind(AssertUnwindSafe(|| d.drain())).is_err() {
+                self.core.stats.panics += 1;
+            }
         }
         let outs = std::mem::take(&mut self.core.out);
         let Some(sock) = self.sock.as_ref() else { return };

@@ -50,6 +50,7 @@ from ztna.agent.services import (
     due_registrations,
     reset_registration,
 )
+from ztna.cert_hints import certificate_problem_hint, is_own_verification_failure
 from ztna.errors import DatagramTooLarge, DecodeError, error_text
 from ztna.link import LinkState
 from ztna.observe import format_address
@@ -359,8 +360,6 @@ class Session(ConnectionHandler):
     def _certificate_refused(self, reason: str) -> bool:
         """Log a refusal of our certificate (or of the Intermediate's) at ERROR with a hint:
         retrying cannot help until the operator fixes the files, so it must stand out."""
-        from ztna.identity import certificate_problem_hint, is_own_verification_failure
-
         hint = certificate_problem_hint(reason)
         if hint is None:
             return False
