@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,8 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from datapath import FLOOD, PY, VIP4, DataWorld, rss_kb  # noqa: E402
 
-from tests.conftest import unique_prefix  # noqa: E402
 from ztna.lab import Lab, LabConfig  # noqa: E402
+from ztna.lab.config import unique_prefix  # noqa: E402
+from ztna.procs import child_env  # noqa: E402
+from ztna.worlds.lab_tun import World  # noqa: E402
 
 
 def hwm_kb(pid: int) -> int:
@@ -48,12 +49,9 @@ def hwm_kb(pid: int) -> int:
 class SoakWorld(DataWorld):
     """datapath's world without its tracemalloc probe (nothing extra in the Agent)."""
 
-    def spawn(self, node: str, argv: list[str], name: str) -> subprocess.Popen[bytes]:
-        fh = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        p = self.lab.spawn(node, argv, stdout=fh, stderr=subprocess.STDOUT,
-                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        fh.close()
-        self.procs.append(p)
+    def spawn(self, node: str, argv: list[str], name: str,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        p = World.spawn(self, node, argv, name, env=env or child_env({}))
         self.roles[name.split("-")[0]] = p
         return p
 
