@@ -28,14 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ztna.lab import Lab, LabConfig
+from ztna.lab.config import unique_prefix
+from ztna.worlds.lab_tun import PY, VIP4, World, make_files
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "agent"))
-
-from lab_tun import PY, VIP4, World, make_files  # noqa: E402
-
-from tests.conftest import unique_prefix  # noqa: E402
-from ztna.lab import Lab, LabConfig  # noqa: E402
 
 LATENCY = (
     "import socket,sys,time,json\n"

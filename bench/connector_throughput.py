@@ -4,7 +4,7 @@ control on / off) and TCP-on-QUIC-streams, download and upload, interleaved.
 Run as root:  python bench/connector_throughput.py [--mb 50] [--rounds 2] [--loss 0]
                   [--json bench/results/connector_throughput.json]
 
-Two namespace worlds from `tests/connector/tun_world.py` run side by side (Intermediate,
+Two namespace worlds from `ztna.worlds.bridge` run side by side (Intermediate,
 Connector, http.server + sha256 sink backends, the test TUN bridge as Agent, the kernel's
 TCP): one Connector with flow control (the default: the endpoint's window follows the
 backend's free space, segments leave within the DATAGRAM budget) and one started with the
@@ -27,9 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "connector"))
-
-from tun_world import Ns, download, start_world, stop_world, stream, upload  # noqa: E402
+from ztna.worlds.bridge import Ns, download, start_world, stop_world, stream, upload
 
 # (name, world, carriage, direction)
 VARIANTS = [

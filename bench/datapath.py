@@ -57,14 +57,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ztna.lab import Lab, LabConfig
+from ztna.lab.config import unique_prefix
+from ztna.procs import child_env
+from ztna.procs import stop as stop_process
+from ztna.worlds.lab_tun import PY, VIP4, World
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "agent"))
-
-from lab_tun import PY, VIP4, World  # noqa: E402
-
-from tests.conftest import unique_prefix  # noqa: E402
-from ztna.lab import Lab, LabConfig  # noqa: E402
 
 PROBE = ROOT / "bench" / "_probe"
 PYSPY = str(Path(sys.executable).parent / "py-spy")
@@ -101,7 +100,7 @@ FLOOD = (
 
 
 class DataWorld(World):
-    """lab_tun's World with a UDP service and the tracemalloc probe."""
+    """ztna.worlds.lab_tun's World with a UDP service and the tracemalloc probe."""
 
     def __init__(self, lab: Any, workdir: Path, probe_dir: Path) -> None:
         super().__init__(lab, workdir)
@@ -109,12 +108,8 @@ class DataWorld(World):
         self.roles: dict[str, subprocess.Popen[bytes]] = {}
 
     def spawn(self, node: str, argv: list[str], name: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(PROBE),
-               "ZTNA_PROBE_DIR": str(self.probe_dir)}
-        fh = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        p = self.lab.spawn(node, argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        fh.close()
-        self.procs.append(p)
+        env = child_env({"PYTHONPATH": str(PROBE), "ZTNA_PROBE_DIR": str(self.probe_dir)})
+        p = super().spawn(node, argv, name, env=env)
         self.roles[name.split("-")[0]] = p
         return p
 
@@ -273,11 +268,7 @@ def profile_window(world: DataWorld, seconds: float, outdir: Path, tag: str,
     res = curl_window(world, seconds)
     out: dict[str, Any] = {"window": res}
     for role, (path, p) in spies.items():
-        try:
-            p.wait(seconds + 20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop_process(p, grace=seconds + 20, sig=None)  # py-spy ends by itself after -d seconds
         out[role] = summarize_raw(path) if path.exists() else {"error": "no py-spy output"}
     return out
 

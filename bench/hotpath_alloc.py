@@ -41,6 +41,8 @@ import time
 import tracemalloc
 from typing import Any
 
+from ztna import procs
+
 SERVICE = "bench"
 PACKET = bytes.fromhex("4500001c00004000401100007f0000017f00000200070007000800") + bytes(1172)
 
@@ -125,10 +127,9 @@ class Child:
             if self.proc.stdin:
                 self.proc.stdin.write("quit\n")
                 self.proc.stdin.close()
-            self.proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait()
+        except OSError:
+            pass
+        procs.stop(self.proc, grace=5, sig=None)  # "quit" ends the child; SIGKILL if not
 
 
 async def traffic(pki: str, child: Child, seconds: float, trace_rate: float) -> dict[str, Any]:

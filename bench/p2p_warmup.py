@@ -16,11 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.conftest import unique_prefix  # noqa: E402
-from tests.p2p.lab_p2p import wait_path, ztna_world  # noqa: E402
-from ztna.lab import Lab, LabConfig  # noqa: E402
+from ztna.lab import Lab, LabConfig
+from ztna.lab.config import unique_prefix
+from ztna.worlds.lab_udp import wait_path, ztna_world
 
 
 def pct(values: list[float], q: float) -> float:

@@ -44,10 +44,9 @@ SRC, DST = ip_to_bytes("100.64.0.1"), ip_to_bytes("10.100.0.7")
 
 class Probe(ConnectionHandler):
     def __init__(self):
-        self.dec = ControlDecoder(); self.acked = asyncio.Event(); self.echo = asyncio.Event()
-    def on_control(self, conn, data):
-        for m in self.dec.feed(data):
-            if isinstance(m, RegistrationAck): self.acked.set()
+        self.acked = asyncio.Event(); self.echo = asyncio.Event()
+    def on_message(self, conn, msg):
+        if isinstance(msg, RegistrationAck): self.acked.set()
     def on_datagram(self, conn, data):
         if data[:1] in (b"\x45",):
             ip = parse_ip(data); u = parse_udp(data, ip)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import subprocess
@@ -10,6 +9,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
+from ztna.lab.config import unique_prefix
+
+__all__ = ["unique_prefix"]
 
 
 def _lab_capable() -> str | None:
@@ -37,24 +40,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "root" in item.keywords:
             item.add_marker(skip)
-
-
-def _b36(n: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if n == 0:
-            return out
-
-
-# prefixes unique across concurrent pytest processes: t + pid (<= 5 base36 chars) + counter
-_counter = itertools.count()
-
-
-def unique_prefix() -> str:
-    return f"t{_b36(os.getpid())}{_b36(next(_counter) % 1296):0>2}"
 
 
 @pytest.fixture

@@ -248,12 +248,12 @@ pub struct Core {
     pub max_gso_segments: usize,
     buf: Vec<u8>,
     pub routes: Routes,
+    /// Native consumers of DATAGRAMs (pumps), asked in order before the owner is.
+    pub taps: Vec<Box<dyn Tap>>,
     /// Spliced streams (connection, stream) whose splice has work (crate::splice).
     pub splice_ready: HashSet<(usize, u64)>,
     /// Stream ⇄ stream splices inside this core (crate::splice).
     pub pairs: crate::splice::Pairs,
-    /// Native consumers of DATAGRAMs (pumps), asked in order before the owner is.
-    pub taps: Vec<Box<dyn Tap>>,
 }
 
 /// A native consumer of DATAGRAMs: the Agent's TUN pump, the Connector's UDP flows. What a
@@ -329,9 +329,9 @@ impl Core {
             max_gso_segments: 1,
             buf: Vec::with_capacity(64 * 1024),
             routes: Routes::default(),
+            taps: Vec::new(),
             splice_ready: HashSet::new(),
             pairs: crate::splice::Pairs::default(),
-            taps: Vec::new(),
         }
     }
 

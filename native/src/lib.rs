@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod core;
+pub mod netinfo;
 pub mod sockpump;
 pub mod splice;
 pub mod tls;
@@ -29,6 +30,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tunpy::TunPump>()?;
     m.add_class::<udpflowpy::UdpFlows>()?;
     m.add_function(wrap_pyfunction!(py::check_identity, m)?)?;
+    m.add_function(wrap_pyfunction!(py::interface_addresses, m)?)?;
     m.add("PY_WINDOW", core::PY_WINDOW)?;
     m.add("CID_LEN", config::CID_LEN)?;
     m.add("SPLICE_DONE", splice::SPLICE_DONE)?;

@@ -198,6 +198,12 @@ pub fn check_identity(cert_pem: &[u8], key_pem: &[u8]) -> PyResult<()> {
     .map_err(cfg_err)
 }
 
+/// Every address on this namespace's interfaces, as text (getifaddrs).
+#[pyfunction]
+pub fn interface_addresses() -> PyResult<Vec<String>> {
+    crate::netinfo::interface_addresses().map_err(|e| PyOSError::new_err(e.to_string()))
+}
+
 /// The I/O half of a pump attached to an endpoint (the TUN device's writes, the UDP flows'
 /// backend sends): what the pump's tap took during a batch goes out after it.
 pub(crate) trait Drain: Send + Sync {

@@ -42,6 +42,9 @@ pub struct Flow {
     pub relay: bool,
     pub to_backend: u64,
     pub to_agent: u64,
+    /// Payload bytes each way (what an audit line reports).
+    pub bytes_to_backend: u64,
+    pub bytes_to_agent: u64,
     /// The latest packet from the Agent (ICMP errors quote it).
     pub last_packet: Vec<u8>,
     pub refused: bool,
@@ -216,6 +219,7 @@ impl Flows {
         self.by_key.insert(key, id);
         self.flows.insert(id, Flow {
             key, service: service.into(), fd, reply, relay, to_backend: 0, to_agent: 0,
+            bytes_to_backend: 0, bytes_to_agent: 0,
             last_packet: Vec::new(), refused: false, detached: false,
         });
         Ok(id)
@@ -290,6 +294,7 @@ impl Flows {
         flow.last_packet.clear();
         flow.last_packet.extend_from_slice(packet);
         flow.to_backend += 1;
+        flow.bytes_to_backend += payload.len() as u64;
         self.pending.push((id, flow.fd, d.slice(start + payload.start..start + payload.end)));
         true
     }
@@ -298,7 +303,8 @@ impl Flows {
     /// the connection it goes on; None if the flow is unknown or the reply is too big for
     /// `max_payload` of that connection (counted).
     pub fn reply(&mut self, id: u64, payload: &[u8], max_payload: usize, out: &mut Vec<u8>) -> Option<Target> {
-        let flow = self.flows.get(&id)?;
+        let flow = self.flows.get_mut(&id)?;
+        flow.bytes_to_agent += payload.len() as u64;
         if flow.detached {
             self.stats.agent_drops += 1;
             return None;

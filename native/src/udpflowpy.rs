@@ -192,9 +192,10 @@ impl UdpFlows {
         }
     }
 
-    /// (packets to the backend, replies to the Agent) of flow `id` so far, natively.
-    fn counters(&self, id: u64) -> Option<(u64, u64)> {
-        lock(&self.flows).flows.get(&id).map(|f| (f.to_backend, f.to_agent))
+    /// (packets to the backend, replies to the Agent, payload bytes to the backend, payload
+    /// bytes from it) of flow `id` so far, natively.
+    fn counters(&self, id: u64) -> Option<(u64, u64, u64, u64)> {
+        lock(&self.flows).flows.get(&id).map(|f| (f.to_backend, f.to_agent, f.bytes_to_backend, f.bytes_to_agent))
     }
 
     /// The latest packet of flow `id` that went natively (ICMP errors quote it).

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from ztna import procs
 
 PY = sys.executable
 HERE = Path(__file__).parent
@@ -29,25 +29,13 @@ def nsexec(ns: str, *argv: str, **kw: object) -> subprocess.CompletedProcess[str
 
 
 def spawn(ns: str, *argv: str, log: Path) -> subprocess.Popen[bytes]:
-    fh = open(log, "wb")  # noqa: SIM115 - closed with the process by the OS
-    return subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=fh, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return procs.spawn(list(argv), log=log, netns=ns)
 
 
 def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    procs.wait_until(lambda: bool(predicate()) or None, timeout=timeout,
+                     what=f"timed out waiting for {what}", error=AssertionError)
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = 15) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    procs.stop(proc, grace=10, sig=sig)

@@ -19,6 +19,8 @@ from typing import Any
 
 from agent_util import PY, stop, wait_for
 
+from ztna import procs
+
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
@@ -27,9 +29,7 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
 
 
 def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    fh = open(log, "wb")  # noqa: SIM115 - closed with the process by the OS
-    return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return procs.spawn(argv, log=log)
 
 
 class UdpEcho:
@@ -123,17 +123,19 @@ class World:
 @contextmanager
 def loopback_world(tmp: Path, pki: Path, *, connector_services: list[str], agent_args: list[str],
                    p2p: bool, agent_services: tuple[str, ...] = ("web=10.100.0.2,fd00:100::2",),
-                   name: str = "t") -> Iterator[World]:
+                   name: str = "t", intermediate_args: tuple[str, ...] = (),
+                   connector_args: tuple[str, ...] = ()) -> Iterator[World]:
     """Intermediate + Connector (+ direct P2P server when `p2p`) + userspace Agent."""
     iport = free_port()
     world = World(tmp=tmp, pki=pki, state=tmp / "state", name=name)
     inter = f"127.0.0.1:{iport}"
     try:
         world.procs["intermediate"] = _spawn(
-            [PY, "-m", "ztna", "intermediate", "--listen", inter, "--pki", str(pki), "--metrics", "off"],
+            [PY, "-m", "ztna", "intermediate", "--listen", inter, "--pki", str(pki), "--metrics", "off",
+             *intermediate_args],
             tmp / "intermediate.log")
         conn = [PY, "-m", "ztna", "connector", "--intermediate", inter, "--server-name", "localhost",
-                "--pki", str(pki), "--p2p-port", "0" if p2p else "off", "--metrics", "off"]
+                "--pki", str(pki), "--p2p-port", "0" if p2p else "off", "--metrics", "off", *connector_args]
         for svc in connector_services:
             conn += ["--service", svc]
         world.procs["connector"] = _spawn(conn, tmp / "connector.log")

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_tun import PY, VIP4, World, make_files
+
+from ztna.worlds.lab_tun import PY, VIP4, World, make_files
 
 pytestmark = pytest.mark.root
 

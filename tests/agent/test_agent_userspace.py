@@ -29,7 +29,7 @@ from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, ServerOptions, bind_udp
 from ztna.wire import (
-    ControlDecoder,
+    ControlMessage,
     Register,
     RegistrationAck,
     Role,
@@ -100,18 +100,16 @@ class FakeIntermediate(ConnectionHandler):
     """ACKs every registration (after ignoring the first `ignore` requests), echoes streams."""
 
     def __init__(self, ignore: int = 0) -> None:
-        self.dec = ControlDecoder()
         self.ignore = ignore
         self.registers: list[str] = []
         self.headers: list[StreamOpen] = []
         self.bufs: dict[int, bytearray] = {}
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        for msg in self.dec.feed(data):
-            if isinstance(msg, Register):
-                self.registers.append(msg.service_id)
-                if len(self.registers) > self.ignore:
-                    conn.send_control(encode_control(RegistrationAck(service_id=msg.service_id)))
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if isinstance(msg, Register):
+            self.registers.append(msg.service_id)
+            if len(self.registers) > self.ignore:
+                conn.send_control(encode_control(RegistrationAck(service_id=msg.service_id)))
 
     def on_stream_data(self, conn: ZtnaConnection, sid: int, data: bytes, end: bool) -> None:
         buf = self.bufs.get(sid)

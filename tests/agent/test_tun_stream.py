@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_tun import VIP4, VIP6, make_files, tun_world
 
 from ztna.agent.tcp_redirect import ruleset, table_name
+from ztna.worlds.lab_tun import VIP4, VIP6, make_files, tun_world
 
 
 def test_ruleset_shape() -> None:

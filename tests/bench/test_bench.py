@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from ztna.bench.echo import percentile, summary
-from ztna.bench.harness import Row
-from ztna.bench.lanops import path_seen
+from ztna.bench.harness import Row, path_seen
 from ztna.bench.report import added_udp_rtt, markdown, ratios
 
 
@@ -74,7 +73,7 @@ def test_markdown_keeps_missing_rows_visible() -> None:
 
 @pytest.mark.root
 def test_ztna_bench_quick_smoke(tmp_path: Path) -> None:
-    from conftest import unique_prefix
+    from ztna.lab.config import unique_prefix
 
     rows = ["lan", "underlay", "wireguard", "ztna-relay"]
     out = tmp_path / "out.json"

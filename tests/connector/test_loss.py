@@ -1,6 +1,6 @@
 """TCP through the relay under loss (root): both carriages, both directions, sha256-exact.
 
-The namespace world of `tun_world.py`; `Ns.loss(N)` drops N % of the UDP datagrams to and
+The namespace world of `ztna.worlds.bridge`; `Ns.loss(N)` drops N % of the UDP datagrams to and
 from the Intermediate (nftables `numgen random mod 100 < N drop`), so every DATAGRAM
 crosses two lossy hops each way. Default run: 5 MB each way through the TUN at 3 % loss
 (the Connector's userspace TCP recovers with SACK). ZTNA_SLOW=1 adds 100 MB each way,
@@ -13,7 +13,8 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from tun_world import Ns, download, start_world, stop_world, stream, upload
+
+from ztna.worlds.bridge import Ns, download, start_world, stop_world, stream, upload
 
 pytestmark = pytest.mark.root
 

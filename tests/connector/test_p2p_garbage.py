@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import random
 import re
+import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 import urllib.request
@@ -23,6 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "intermediate"))
 from intermediate_helpers import ZTNA, IntermediateProc, free_tcp_port, free_udp_port  # noqa: E402
 
+from ztna import procs
 from ztna.certs import init_pki
 from ztna.wire.probe import PROBE_REQUEST, PROBE_RESPONSE, PROBE_VERSION
 
@@ -67,12 +68,11 @@ def test_every_garbage_datagram_on_the_p2p_port_is_counted(tmp_path: Path) -> No
     init_pki(pki, ["web"])
     inter = IntermediateProc(["--pki", str(pki)], tmp_path / "intermediate.log").start()
     p2p, metrics = free_udp_port(), free_tcp_port()
-    log = open(tmp_path / "connector.log", "wb")  # noqa: SIM115 - closed below
-    conn = subprocess.Popen(
+    conn = procs.spawn(
         [*ZTNA, "connector", "--intermediate", f"127.0.0.1:{inter.port}", "--server-name",
          "localhost", "--pki", str(pki), "--service", "web=10.100.0.2;udp:7=127.0.0.1:9",
          "--p2p-port", str(p2p), "--metrics", f"127.0.0.1:{metrics}"],
-        stdout=log, stderr=subprocess.STDOUT)
+        log=tmp_path / "connector.log")
     try:
         deadline = time.monotonic() + 20
         text = ""
@@ -109,7 +109,5 @@ def test_every_garbage_datagram_on_the_p2p_port_is_counted(tmp_path: Path) -> No
         assert {"malformed", "not_a_probe", "unknown_connection_id",
                 "probe_unknown_session"} <= set(grown), grown
     finally:
-        conn.terminate()
-        conn.wait(10)
-        log.close()
+        assert procs.stop(conn, grace=10) != -signal.SIGKILL, "the Connector ignored SIGTERM"
         assert inter.stop() == 0

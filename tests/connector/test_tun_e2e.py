@@ -1,7 +1,7 @@
 """Real processes in a network namespace (root): Intermediate, Connector, http.server and a
 sha256 sink as backends, the TUN Agent bridge, and the kernel's TCP (curl / Python sockets).
 
-The world (`tun_world.py`) runs in one fresh namespace on its loopback; the P2P port is
+The world (`ztna.worlds.bridge`) runs in one fresh namespace on its loopback; the P2P port is
 dropped by one global nftables rule for the whole test (relay traffic must not care).
 Default run: 8 MB each way. Loss tests (and the 100 MB runs) are in `test_loss.py`.
 """
@@ -12,7 +12,8 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from tun_world import PY, Ns, download, start_world, stop_world, stream, upload
+
+from ztna.worlds.bridge import PY, Ns, download, start_world, stop_world, stream, upload
 
 pytestmark = pytest.mark.root
 

@@ -9,22 +9,21 @@ import asyncio
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from ztna import procs
 from ztna.netstack.packets import PROTO_UDP, build_udp_packet, parse_ip, parse_udp
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
 from ztna.wire import (
     TO_CONNECTOR,
-    ControlDecoder,
+    ControlMessage,
     Register,
     RegistrationAck,
     RegistrationNack,
@@ -63,19 +62,15 @@ class IntermediateProc:
     def start(self, timeout: float = 15.0) -> IntermediateProc:
         cmd = [*ZTNA, "intermediate", "--listen", f"[::]:{self.port}",
                "--metrics", f"127.0.0.1:{self.metrics_port}", *self.args]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"intermediate exited {self.proc.returncode}: {self.log()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"intermediate not healthy: {self.log()}")
+        self.proc = procs.spawn(cmd, log=self.log_path, env=os.environ)
+
+        def healthy() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout=1) as r:
+                return r.status == 200
+
+        procs.wait_until(healthy, timeout=timeout, what="intermediate not healthy",
+                         watch=[self.proc], retry_on=(OSError,), error=RuntimeError, detail=self.log)
+        return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -97,15 +92,7 @@ class IntermediateProc:
     def stop(self) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        return procs.stop(self.proc, grace=10)
 
 
 async def cli_client(*args: str, timeout: float = 30.0) -> tuple[int, dict[str, Any]]:
@@ -131,7 +118,6 @@ class Peer(ConnectionHandler):
 
     def __init__(self, echo: bool = False) -> None:
         self.echo = echo
-        self.decoder = ControlDecoder()
         self.messages: list[object] = []
         self.datagrams: list[bytes] = []
         self.echoed = 0
@@ -163,8 +149,8 @@ class Peer(ConnectionHandler):
             await asyncio.sleep(0.01)
         raise TimeoutError(f"no matching message; got {self.messages}")
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        self.messages.extend(self.decoder.feed(data))
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        self.messages.append(msg)
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         if self.echo and data and data[0] == TO_CONNECTOR:

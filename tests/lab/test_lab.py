@@ -176,9 +176,8 @@ def test_up_replaces_leftover_lab(lab_factory) -> None:
 
 
 def test_cli_up_status_exec_down(lab_factory) -> None:
-    from conftest import unique_prefix
-
     from ztna.cli.lab import lab as lab_cli
+    from ztna.lab.config import unique_prefix
 
     prefix = unique_prefix()
     runner = CliRunner()

@@ -6,14 +6,12 @@ download to the service's virtual IP(s) is sha256-exact, in both TCP carriages.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
-from lab_tun import VIP4, VIP6, make_files, tun_world  # noqa: E402
+from ztna.worlds.lab_tun import VIP4, VIP6, make_files, tun_world
 
 pytestmark = pytest.mark.root
 

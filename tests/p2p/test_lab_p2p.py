@@ -5,12 +5,11 @@ on the app host through the tunnel (curl, sha256 compared). The TCP connection l
 Connector's flow table keyed by (agent id, inner 5-tuple), so it must survive the Agent moving
 the service relay → direct (the download starts before the punch is over) and direct → relay
 (the Connector's P2P port is blocked mid-transfer). The world (Intermediate, Connector with
-`web` tcp:80 → app:8080, TUN Agent) comes from tests/agent/lab_tun.py.
+`web` tcp:80 → app:8080, TUN Agent) comes from ztna.worlds.lab_tun.
 """
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,8 +17,7 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
-from lab_tun import PY, VIP4, VIP6, World, make_files  # noqa: E402
+from ztna.worlds.lab_tun import PY, VIP4, VIP6, World, make_files
 
 pytestmark = pytest.mark.root
 

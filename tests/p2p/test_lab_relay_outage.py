@@ -11,7 +11,6 @@ carriages: QUIC streams on the direct connection, and TCP packets in its DATAGRA
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,8 +18,7 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
-from lab_tun import PY, VIP4, World, make_files  # noqa: E402
+from ztna.worlds.lab_tun import PY, VIP4, World, make_files
 
 pytestmark = pytest.mark.root
 

@@ -14,7 +14,7 @@ from ztna.intermediate.server import Intermediate, IntermediateOptions
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
-from ztna.wire import ControlDecoder, Register, RegistrationAck, Role, encode_control
+from ztna.wire import Register, RegistrationAck, Role, encode_control
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "ztna"
 
@@ -45,11 +45,10 @@ def test_the_programs_run_without_aioquic_loaded() -> None:
 
 class _Registrar(ConnectionHandler):
     def __init__(self) -> None:
-        self.decoder = ControlDecoder()
         self.acked = asyncio.Event()
 
-    def on_control(self, conn, data):  # type: ignore[no-untyped-def]
-        if any(isinstance(m, RegistrationAck) for m in self.decoder.feed(data)):
+    def on_message(self, conn, msg):  # type: ignore[no-untyped-def]
+        if isinstance(msg, RegistrationAck):
             self.acked.set()
 
 

@@ -16,7 +16,6 @@ from ztna.quic.endpoint import QuicEndpoint, bind_udp
 from ztna.quic.tickets import ServerTicketStore
 from ztna.wire import (
     AddressToken,
-    ControlDecoder,
     Register,
     RegistrationAck,
     Role,
@@ -26,12 +25,11 @@ from ztna.wire import (
 
 class Recorder(ConnectionHandler):
     def __init__(self) -> None:
-        self.decoder = ControlDecoder()
         self.messages: list[object] = []
         self.acked = asyncio.Event()
 
-    def on_control(self, conn, data):
-        self.messages += self.decoder.feed(data)
+    def on_message(self, conn, msg):
+        self.messages.append(msg)
         if any(isinstance(m, RegistrationAck) for m in self.messages):
             self.acked.set()
 

@@ -25,6 +25,7 @@ from ztna.agent.config import AgentOptions
 from ztna.agent.control import ControlServer
 from ztna.agent.session import ACKED, REFUSED, Session
 from ztna.observe import format_address
+from ztna.wire import to_connector_overhead
 
 log = logging.getLogger("ztna.agent")
 
@@ -32,7 +33,9 @@ log = logging.getLogger("ztna.agent")
 class Agent:
     def __init__(self, options: AgentOptions, *, rng: random.Random | None = None) -> None:
         self.options = options
-        self.session = Session(options, on_packet=self._drop, rng=rng)
+        # The one packet demux: every tunnel packet the session receives (relay or direct)
+        # goes through _dispatch to the data plane that owns its destination.
+        self.session = Session(options, on_packet=self._dispatch, rng=rng)
         self.tun: Any = None
         self.dataplane: Any = None
         self.userspace: Any = None
@@ -42,9 +45,6 @@ class Agent:
         self.started_at: float | None = None
         self._stopped = asyncio.Event()
         self._dropped_no_plane = 0
-
-    def _drop(self, packet: bytes) -> None:
-        self._dropped_no_plane += 1
 
     async def _start_metrics(self, host: str, port: int) -> None:
         from prometheus_client import CollectorRegistry
@@ -99,7 +99,6 @@ class Agent:
                 self.userspace = Userspace(self.session, opts)
                 await self.userspace.start()
                 if self.dataplane is not None:
-                    self.session.on_packet = self._dispatch
                     self.dataplane.claim_destinations([self.userspace.src_v4, self.userspace.src_v6])
             if stream_tun:
                 from ztna.agent.tcp_redirect import TcpRedirect
@@ -120,8 +119,9 @@ class Agent:
         from ztna.agent.tun_mode import TunDataPlane
 
         opts = self.options
-        longest = max(len(s.id) for s in opts.services)
-        guess = limits.max_datagram_payload(opts.udp_payload, limits.CONNECTION_ID_LENGTH) - 7 - longest
+        # Packets must fit the Intermediate's 0x30 leg to the Connector (the larger header).
+        overhead = max(to_connector_overhead(s.id) for s in opts.services)
+        guess = limits.max_datagram_payload(opts.udp_payload, limits.CONNECTION_ID_LENGTH) - overhead
         self.tun = TunDevice(opts.tun_name, opts.state_dir / f"{opts.name}.json")
         ips = [str(ip) for s in opts.services for ip in s.virtual_ips]
         # Netlink (pyroute2) is blocking and runs its own loop: keep it off ours.
@@ -129,15 +129,20 @@ class Agent:
                                 mtu=max(guess, 1280) if any(":" in i for i in ips) else guess)
         self.dataplane = TunDataPlane(self.session, self.tun.fd, local_v4=str(opts.tun_v4),
                                       local_v6=str(opts.tun_v6))
-        self.dataplane.set_max_payload(guess + 7 + longest)
+        self.dataplane.set_max_payload(guess + overhead)
         self.dataplane.start()
         self.session.on_mtu.append(self._mtu_changed)
 
     def _dispatch(self, packet: bytes) -> None:
-        if self.userspace.claims(packet):
-            self.userspace.on_packet(packet)
+        """A down-link packet goes to the userspace stack when it is addressed to its
+        synthetic source (or there is no TUN), else to the TUN; with neither it is dropped."""
+        userspace, dataplane = self.userspace, self.dataplane
+        if userspace is not None and (dataplane is None or userspace.claims(packet)):
+            userspace.on_packet(packet)
+        elif dataplane is not None:
+            dataplane.write_packet(packet)
         else:
-            self.dataplane.write_packet(packet)
+            self._dropped_no_plane += 1
 
     def _mtu_changed(self, max_payload: int) -> None:
         if self.dataplane is not None:

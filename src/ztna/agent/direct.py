@@ -35,11 +35,13 @@ import logging
 import secrets
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from prometheus_client import CollectorRegistry, Histogram
 
 from ztna import limits
+from ztna.agent.config import AgentOptions
+from ztna.agent.services import ServiceState
 from ztna.errors import DatagramTooLarge, DecodeError, error_text
 from ztna.observe import format_address
 from ztna.p2p.candidates import gather, interface_addresses
@@ -49,7 +51,7 @@ from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp, normalize_address
 from ztna.wire import (
-    ControlDecoder,
+    ControlMessage,
     DatagramKind,
     Hello,
     ObservedAddress,
@@ -60,11 +62,28 @@ from ztna.wire import (
     decode_qad,
     encode_control,
 )
-from ztna.wire.control_messages import ErrorMessage, PunchRequest, PunchResult, PunchStart
+from ztna.wire.control_messages import (
+    ErrorMessage,
+    PunchRequest,
+    PunchResult,
+    PunchStart,
+    ServiceHealth,
+)
 from ztna.wire.probe import probe_session_of
 
-if TYPE_CHECKING:
-    from ztna.agent.session import ServiceState, Session
+
+class RelaySession(Protocol):
+    """What the direct paths need from the Agent's session (``ztna.agent.session.Session``):
+    its options and services, its relay connection, and its packet demux for what arrives
+    on a direct path. A Protocol, so that this module does not import the session."""
+
+    options: AgentOptions
+    services: list[ServiceState]
+    conn: ZtnaConnection | None
+    zero_rtt: bool
+    instance: int
+
+    def on_packet(self, data: bytes) -> None: ...
 
 log = logging.getLogger("ztna.agent")
 
@@ -87,12 +106,12 @@ class _ServicePath:
     punch_reported: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     streams: dict[int, Any] = field(default_factory=dict)   # TCP-on-stream handlers on `conn`
+    backend_healthy: bool = True   # the direct Connector's own report (ServiceHealth)
 
 
 class _QadHandler(ConnectionHandler):
     def __init__(self, owner: DirectPaths) -> None:
         self.owner = owner
-        self.decoder = ControlDecoder()
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         if data and classify_datagram(data[0]) is DatagramKind.QAD:
@@ -101,10 +120,9 @@ class _QadHandler(ConnectionHandler):
             except DecodeError:
                 pass
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        for msg in conn.read_control(self.decoder, data) or ():
-            if isinstance(msg, ObservedAddress):
-                self.owner.set_observed(msg)
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if isinstance(msg, ObservedAddress):
+            self.owner.set_observed(msg)
 
 
 class _DirectHandler(ConnectionHandler):
@@ -112,6 +130,12 @@ class _DirectHandler(ConnectionHandler):
         self.owner = owner
         self.sp = sp
         self.heard_at: float | None = None   # first application data, even before direct_up
+        # Once the connection is retired (its Connector's backend went unhealthy while
+        # another Connector is healthy): the streams still open on it, which stay.
+        self.retired_streams: dict[int, Any] | None = None
+
+    def _streams(self, conn: ZtnaConnection) -> dict[int, Any] | None:
+        return self.sp.streams if conn is self.sp.conn else self.retired_streams
 
     def _heard(self) -> None:
         sp = self.sp
@@ -131,31 +155,40 @@ class _DirectHandler(ConnectionHandler):
             # as for packets from the relay: counting here too counted it twice.
             self.owner.session.on_packet(data)
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
         self._heard()   # QAD / registration ACK from the Connector: bytes over the direct path
+        if isinstance(msg, ServiceHealth) and msg.service == self.sp.svc.spec.id and conn is self.sp.conn:
+            self.owner.backend_health(self.sp, msg.healthy, msg.detail or "")
 
     def on_stream_data(self, conn: ZtnaConnection, stream_id: int, data: bytes, end: bool) -> None:
         # TCP on streams (the Agent opened them, see `DirectPaths.stream_conn`); stream 0 is
         # the control stream, anything else unknown is refused.
-        handler = self.sp.streams.get(stream_id) if conn is self.sp.conn else None
+        table = self._streams(conn)
+        handler = table.get(stream_id) if table is not None else None
         if handler is not None:
             handler.on_data(data, end)
         elif stream_id != 0:
             conn.reset_stream(stream_id)
 
     def on_stream_reset(self, conn: ZtnaConnection, stream_id: int, error_code: int) -> None:
-        handler = self.sp.streams.pop(stream_id, None) if conn is self.sp.conn else None
+        table = self._streams(conn)
+        handler = table.pop(stream_id, None) if table is not None else None
         if handler is not None:
             handler.on_reset(error_code)
 
     def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
         if conn is self.sp.conn:
             self.owner.abort_streams(self.sp)
+        elif self.retired_streams is not None:
+            streams, self.retired_streams = self.retired_streams, {}
+            for handler in list(streams.values()):
+                handler.on_reset(-1)
+            return
         self.owner.direct_lost(self.sp, conn, f"direct connection closed: {reason}")
 
 
 class DirectPaths:
-    def __init__(self, session: Session, *, config: PathConfig | None = None) -> None:
+    def __init__(self, session: RelaySession, *, config: PathConfig | None = None) -> None:
         self.session = session
         self.options = session.options
         self.config = config or PathConfig()
@@ -169,6 +202,9 @@ class DirectPaths:
                       for s in session.services}
         self.by_session: dict[int, _ServicePath] = {}
         self.unknown_probes = 0
+        # Direct connections left for an unhealthy backend, kept while their streams live.
+        self.retired: list[ZtnaConnection] = []
+        self.unhealthy_departures = 0
         self.addresses: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -291,6 +327,59 @@ class DirectPaths:
             return None
         return sp.conn, sp.streams
 
+    # ------------------------------------------------------------------ backend health
+    def backend_health(self, sp: _ServicePath, healthy: bool, detail: str) -> None:
+        """The direct Connector reported its backend's health for this service."""
+        sp.backend_healthy = healthy
+        self._leave_if_unhealthy(sp, detail)
+
+    def pool_health(self, svc: ServiceState) -> None:
+        """The Intermediate told us about the service's pool (ServiceStatus.healthy)."""
+        sp = self.paths.get(svc.spec.id)
+        if sp is not None:
+            self._leave_if_unhealthy(sp, "")
+
+    def _leave_if_unhealthy(self, sp: _ServicePath, detail: str) -> None:
+        """A direct path to a Connector whose backend is unhealthy is left for new flows
+        while the Intermediate knows a healthy Connector (its ServiceStatus says so): new
+        flows go on the relay, which steers them to a healthy one, and the next punch
+        (after the cooldown) is brokered to a healthy one too. Streams already open on the
+        direct connection stay on it until they end; then it is closed. When no Connector
+        is healthy, the direct path is as good as any: it stays."""
+        if sp.backend_healthy or sp.svc.healthy is not True:
+            return
+        conn = sp.conn
+        if conn is None or sp.pm.state is not PathState.DIRECT:
+            return
+        now = self.loop.time()
+        reason = "connector backend unhealthy" + (f" ({detail})" if detail else "")
+        log.warning("service %s: leaving the direct path: %s; a healthy connector takes new flows "
+                    "via the relay", sp.svc.spec.id, reason)
+        sp.conn, streams, sp.streams = None, sp.streams, {}
+        sp.svc.path = "relay"
+        sp.backend_healthy = True     # a new connection hears its own Connector's report
+        sp.pm.direct_failed(now=now, reason=reason)
+        self.unhealthy_departures += 1
+        if sp.timer is not None:
+            sp.timer.cancel()
+            sp.timer = None
+        handler = conn.handler if isinstance(conn.handler, _DirectHandler) else None
+        if handler is not None:
+            # From now on its close is a retired connection's, not the service's path failing.
+            handler.retired_streams = streams
+        if streams and handler is not None and not conn.closed:
+            self.retired.append(conn)
+        elif not conn.closed:
+            conn.close(0, "connector backend unhealthy")
+
+    def _close_idle_retired(self) -> None:
+        for conn in list(self.retired):
+            handler = conn.handler
+            if conn.closed or not (isinstance(handler, _DirectHandler) and handler.retired_streams):
+                self.retired.remove(conn)
+                if not conn.closed:
+                    conn.close(0, "retired direct connection idle")
+
     def abort_streams(self, sp: _ServicePath) -> None:
         """The direct connection is gone: resumable streams move to the relay (their
         `on_lost` copies what the Connector has not acknowledged), the others are reset."""
@@ -311,6 +400,8 @@ class DirectPaths:
 
     def _tick(self) -> None:
         now = self.loop.time()
+        if self.retired:
+            self._close_idle_retired()
         relay = self.session.conn
         for sp in self.paths.values():
             svc, pm = sp.svc, sp.pm
@@ -532,6 +623,7 @@ class DirectPaths:
             "socket_port": self.port if self.endpoint is not None else None,
             "observed": f"{self.observed[0]}:{self.observed[1]}" if self.observed else None,
             "unknown_probes": self.unknown_probes,
+            "unhealthy_departures": self.unhealthy_departures,
             "warmup_ms": warm[0] if warm else None,
             "services": services,
         }

@@ -37,21 +37,34 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ztna.agent.config import AgentOptions, ServiceSpec
+from ztna.agent.config import AgentOptions
+from ztna.agent.direct import DirectPaths
+from ztna.agent.services import (
+    ACKED,
+    PENDING,
+    REFUSED,
+    ServiceState,
+    apply_ack,
+    apply_nack,
+    connection_lost,
+    due_registrations,
+    reset_registration,
+)
 from ztna.errors import DatagramTooLarge, DecodeError, error_text
-from ztna.identity import server_name_mismatch
+from ztna.link import LinkState
 from ztna.observe import format_address
+from ztna.p2p.path import PathConfig
 from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
 from ztna.wire import (
+    PUNCH_MESSAGES,
     AddressToken,
-    ControlDecoder,
+    ControlMessage,
     DatagramKind,
     ErrorMessage,
     GoAway,
     Hello,
-    NackStatus,
     ObservedAddress,
     Register,
     RegistrationAck,
@@ -62,44 +75,13 @@ from ztna.wire import (
     decode_qad,
     decode_registration,
     encode_control,
+    service_datagram_prefix,
+    to_connector_overhead,
 )
 
 log = logging.getLogger("ztna.agent")
 
-PENDING, ACKED, REFUSED = "pending", "acked", "refused"
-_TRANSIENT_NACKS = (NackStatus.SHUTTING_DOWN, NackStatus.LIMIT_EXCEEDED)
 HANDSHAKE_TIMEOUT = 10.0
-
-
-@dataclass
-class ServiceState:
-    """Runtime state of one service (registration, counters)."""
-
-    spec: ServiceSpec
-    index: int
-    prefix: bytes                     # 0x2F header: prefix + packet is the DATAGRAM
-    registration: str = PENDING
-    nack: str | None = None
-    connector_up: bool | None = None  # from ServiceStatus; None = not told
-    connector: str | None = None      # who serves it through the relay (ServiceStatus), if told
-    path: str = "relay"
-    attempts: int = 0
-    next_retry: float = 0.0
-    retry_delay: float = 1.0
-    tx_packets: int = 0
-    tx_bytes: int = 0
-    rx_packets: int = 0
-    rx_bytes: int = 0
-    # TCP carried on QUIC streams: payload bytes (also included in tx_bytes / rx_bytes,
-    # which count IP packets in DATAGRAMs plus these) and streams opened.
-    stream_tx_bytes: int = 0
-    stream_rx_bytes: int = 0
-    streams: int = 0
-    queued_dropped: int = 0
-
-    @property
-    def ready(self) -> bool:
-        return self.registration == ACKED
 
 
 # Tunnel packets sent in 0-RTT ahead of the registration ACK (the Intermediate holds up to
@@ -126,7 +108,7 @@ class SessionCounters:
 
 @dataclass
 class SessionInfo:
-    state: str = "starting"
+    state: LinkState = LinkState.STARTING
     address: str = ""
     connected_since: float | None = None    # wall clock, for humans
     last_change: float = field(default_factory=time.time)
@@ -151,7 +133,7 @@ class Session(ConnectionHandler):
         self.on_packet = on_packet
         self.rng = rng or random.Random()
         self.services = [
-            ServiceState(spec=s, index=i, prefix=bytes((0x2F, len(s.id))) + s.id.encode("ascii"),
+            ServiceState(spec=s, index=i, prefix=service_datagram_prefix(s.id),
                          retry_delay=options.register_retry)
             for i, s in enumerate(options.services)
         ]
@@ -168,12 +150,12 @@ class Session(ConnectionHandler):
         self.on_ready: list[Callable[[], None]] = []   # called when a connection is (re)usable
         self.on_lost: list[Callable[[], None]] = []    # called when the connection is gone
         self.on_mtu: list[Callable[[int], None]] = []  # live max DATAGRAM payload changed
-        self._decoder = ControlDecoder()
+        self._control_handlers = self._control_table()
         self._closed_event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._max_payload = 0
-        self.direct: Any = None                        # ztna.agent.direct.DirectPaths (P2P)
+        self.direct: DirectPaths | None = None         # the P2P paths, when enabled
         # 0-RTT: session tickets and address tokens live in the process's native TLS
         # configuration (in memory); `instance` keeps our agent id stable across reconnects.
         self.instance = int.from_bytes(secrets.token_bytes(8), "big")
@@ -192,9 +174,6 @@ class Session(ConnectionHandler):
         self.endpoint = QuicEndpoint(sock)
         self._task = asyncio.create_task(self._supervise(), name="ztna-agent-session")
         if getattr(self.options, "p2p", True):
-            from ztna.agent.direct import DirectPaths
-            from ztna.p2p.path import PathConfig
-
             cooldown = float(getattr(self.options, "p2p_cooldown", 30.0))
             self.direct = DirectPaths(self, config=PathConfig(cooldown=cooldown,
                                                               max_cooldown=max(600.0, cooldown)))
@@ -202,7 +181,7 @@ class Session(ConnectionHandler):
 
     async def stop(self) -> None:
         self._stopping = True
-        self._set_state("stopping")
+        self._set_state(LinkState.STOPPING)
         if self.direct is not None:
             await self.direct.stop()
         if self.conn is not None and not self.conn.closed:
@@ -218,13 +197,13 @@ class Session(ConnectionHandler):
             self.endpoint.close(reason="agent shutting down")
             await asyncio.sleep(0.05)
             self.endpoint.shutdown_socket()
-        self._set_state("stopped")
+        self._set_state(LinkState.STOPPED)
 
     def _error(self, text: str) -> None:
         self.info.last_error = text
         self.info.last_error_at = time.time()
 
-    def _set_state(self, state: str, detail: str = "", *, error: bool = True) -> None:
+    def _set_state(self, state: LinkState, detail: str = "", *, error: bool = True) -> None:
         """`detail` goes into the log line; it is the new `last_error` unless `error` is
         False (a success has details too, such as which handshake it was)."""
         if state == self.info.state:
@@ -265,13 +244,13 @@ class Session(ConnectionHandler):
             except Exception as exc:  # noqa: BLE001 - any failure means: back off, retry
                 self.counters.connect_failures += 1
                 self._error(str(exc) or type(exc).__name__)
-                self._set_state("backoff", self.info.last_error or "")
+                self._set_state(LinkState.BACKOFF, self.info.last_error or "")
             if self._stopping:
                 return
             if useful:
                 delay = self.options.backoff_initial
             sleep_for = delay * (0.5 + self.rng.random())   # jitter: 50 %..150 %
-            self._set_state("backoff", self.info.last_error or "", error=False)
+            self._set_state(LinkState.BACKOFF, self.info.last_error or "", error=False)
             log.info("reconnecting in %.2fs", sleep_for)
             await asyncio.sleep(sleep_for)
             delay = min(delay * 2, self.options.backoff_cap)
@@ -279,6 +258,9 @@ class Session(ConnectionHandler):
     def _explain_name_mismatch(self, conn: ZtnaConnection) -> None:
         """A certificate without the name we verify never starts working by retrying:
         say once, as an ERROR, what we expected and what the certificate holds."""
+        # Imported here: cryptography is ~10 MB of RSS the Agent needs only when this fails.
+        from ztna.identity import server_name_mismatch
+
         why = server_name_mismatch(conn.peer_certificate, self.options.tls_name())
         if why is None or why == self._name_error:
             return
@@ -290,21 +272,17 @@ class Session(ConnectionHandler):
     async def _one_connection(self) -> bool:
         """Run one connection until it dies; True if it was ever registered (reset backoff)."""
         assert self.endpoint is not None
-        self._set_state("connecting")
+        self._set_state(LinkState.CONNECTING)
         address = await self._resolve()
         self.info.address = format_address(address)
         config = make_configuration(is_client=True, tls=self.options.tls,
                                     server_name=self.options.tls_name(),
                                     udp_payload=self.options.udp_payload)
-        self._decoder = ControlDecoder()
         self._closed_event = asyncio.Event()
         for svc in self.services:
             # Every new connection registers everything again, refused ones included: the
             # Intermediate's policy may have changed while we were away.
-            svc.registration, svc.nack, svc.attempts, svc.next_retry = PENDING, None, 0, 0.0
-            svc.connector_up = None
-            svc.connector = None
-            svc.retry_delay = self.options.register_retry
+            reset_registration(svc, first_retry=self.options.register_retry)
         config.resumption = self.zero_rtt
         config.token = self.address_token
         self._connect_started = asyncio.get_running_loop().time()
@@ -376,7 +354,7 @@ class Session(ConnectionHandler):
                 self._announce_connected()
 
     def _announce_connected(self) -> None:
-        self._set_state("connected", f"{self.info.handshake} handshake", error=False)
+        self._set_state(LinkState.CONNECTED, f"{self.info.handshake} handshake", error=False)
 
     def _certificate_refused(self, reason: str) -> bool:
         """Log a refusal of our certificate (or of the Intermediate's) at ERROR with a hint:
@@ -402,11 +380,9 @@ class Session(ConnectionHandler):
         self.info.connected_since = None
         if not self._stopping:
             self._error(reason)
-        for svc in self.services:
-            if svc.registration == ACKED:
-                svc.registration = PENDING
+        connection_lost(self.services)
         self._closed_event.set()
-        self._set_state("disconnected", reason, error=False)
+        self._set_state(LinkState.DISCONNECTED, reason, error=False)
         for cb in self.on_lost:
             cb()
         handlers, self.stream_handlers = self.stream_handlers, {}
@@ -434,45 +410,34 @@ class Session(ConnectionHandler):
 
     # ------------------------------------------------------------------ registration
     def _register_due(self, conn: ZtnaConnection, now: float) -> None:
-        for svc in self.services:
-            if svc.registration != PENDING or now < svc.next_retry:
-                continue
-            if svc.attempts and svc.next_retry:
+        for svc, resend in due_registrations(self.services, now=now,
+                                             backoff_cap=self.options.backoff_cap):
+            if resend:
                 log.info("service %s: registration unanswered, re-sending (attempt %d)",
-                         svc.spec.id, svc.attempts + 1)
+                         svc.spec.id, svc.attempts)
             conn.send_control(encode_control(Register(role=Role.AGENT, service_id=svc.spec.id)))
-            svc.attempts += 1
-            svc.next_retry = now + svc.retry_delay
-            svc.retry_delay = min(svc.retry_delay * 2, self.options.backoff_cap)
 
-    def _registration_reply(self, msg: object) -> None:
+    def _registration_reply(self, msg: RegistrationAck | RegistrationNack) -> None:
+        svc = self.by_id.get(msg.service_id)
         if isinstance(msg, RegistrationAck):
-            svc = self.by_id.get(msg.service_id)
-            if svc is None or svc.registration == ACKED:
+            if svc is None or not apply_ack(svc, first_retry=self.options.register_retry):
                 return
-            svc.registration, svc.nack, svc.attempts, svc.next_retry = ACKED, None, 0, 0.0
-            svc.retry_delay = self.options.register_retry
             if self.info.connect_ms is None and self._connect_started:
                 self.info.connect_ms = round((asyncio.get_running_loop().time() - self._connect_started) * 1000, 1)
             log.info("service %s: registered (ACK)", svc.spec.id)
             self._flush_queue()
             for cb in self.on_ready:
                 cb()
-        elif isinstance(msg, RegistrationNack):
-            svc = self.by_id.get(msg.service_id)
-            if svc is None:
-                log.warning("registration refused for an unknown request: %s", msg.status.name)
-                return
-            svc.nack = msg.status.name
-            if msg.status in _TRANSIENT_NACKS:
-                svc.registration = PENDING
-                svc.next_retry = asyncio.get_running_loop().time() + svc.retry_delay
-                log.warning("service %s: registration deferred (%s), retrying in %.1fs",
-                            svc.spec.id, msg.status.name, svc.retry_delay)
-            else:
-                svc.registration = REFUSED
-                log.error("service %s: registration refused (%s)", svc.spec.id, msg.status.name)
-                self.queue = deque(item for item in self.queue if item[0] is not svc)
+            return
+        if svc is None:
+            log.warning("registration refused for an unknown request: %s", msg.status.name)
+            return
+        if apply_nack(svc, msg.status, now=asyncio.get_running_loop().time()) == PENDING:
+            log.warning("service %s: registration deferred (%s), retrying in %.1fs",
+                        svc.spec.id, msg.status.name, svc.retry_delay)
+        else:
+            log.error("service %s: registration refused (%s)", svc.spec.id, msg.status.name)
+            self.queue = deque(item for item in self.queue if item[0] is not svc)
 
     # ------------------------------------------------------------------ sending (hot path)
     def send(self, svc: ServiceState, datagram: bytes) -> None:
@@ -549,38 +514,67 @@ class Session(ConnectionHandler):
             if kind is DatagramKind.QAD:
                 self._observed(decode_qad(data))
             elif kind is DatagramKind.REGISTRATION:
-                self._registration_reply(decode_registration(data))
+                reply = decode_registration(data)
+                if isinstance(reply, (RegistrationAck, RegistrationNack)):  # a Register is not ours
+                    self._registration_reply(reply)
             else:
                 self.counters.rx_unknown += 1
         except DecodeError:
             self.counters.rx_malformed += 1
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
         self._heard_from(conn)
-        for msg in conn.read_control(self._decoder, data) or ():  # corrupt: closed, we reconnect
-            if isinstance(msg, (RegistrationAck, RegistrationNack)):
-                self._registration_reply(msg)
-            elif isinstance(msg, ObservedAddress):
-                self._observed(msg)
-            elif isinstance(msg, ServiceStatus):
-                svc = self.by_id.get(msg.service)
-                if svc is not None:
-                    label = msg.connector if msg.up else None
-                    if svc.connector_up != msg.up or svc.connector != label:
-                        log.info("service %s: connector %s", msg.service,
-                                 (f"up ({label})" if label else "up") if msg.up else "down (no connector)")
-                    svc.connector_up, svc.connector = msg.up, label
-            elif isinstance(msg, AddressToken):
-                self._store_token(msg.token_bytes)
-            elif isinstance(msg, GoAway):
-                self.counters.goaways += 1
-                log.info("intermediate says goaway (%s); reconnecting", msg.reason)
-                conn.close(0, "goaway")
-            elif self.direct is not None and (type(msg).__name__.startswith("Punch") or (
-                    isinstance(msg, ErrorMessage) and (msg.session is not None or msg.code == "no_connector"))):
-                self.direct.on_message(msg)
-            elif isinstance(msg, ErrorMessage):
-                log.warning("intermediate error %s: %s", msg.code, msg.message)
+        handler = self._control_handlers.get(type(msg))
+        if handler is not None:
+            handler(conn, msg)
+        # Everything else (pings, unknown types) is ignored by design (forward compatible).
+
+    def _control_table(self) -> dict[type, Callable[[ZtnaConnection, Any], None]]:
+        """The Agent's one dispatch table for control messages from the Intermediate."""
+        table: dict[type, Callable[[ZtnaConnection, Any], None]] = {
+            RegistrationAck: lambda conn, msg: self._registration_reply(msg),
+            RegistrationNack: lambda conn, msg: self._registration_reply(msg),
+            ObservedAddress: lambda conn, msg: self._observed(msg),
+            ServiceStatus: self._service_status,
+            AddressToken: lambda conn, msg: self._store_token(msg.token_bytes),
+            GoAway: self._goaway,
+            ErrorMessage: self._intermediate_error,
+        }
+        for kind in PUNCH_MESSAGES:
+            table[kind] = self._to_direct
+        return table
+
+    def _service_status(self, conn: ZtnaConnection, msg: ServiceStatus) -> None:
+        svc = self.by_id.get(msg.service)
+        if svc is not None:
+            label = msg.connector if msg.up else None
+            healthy = msg.healthy if msg.up else None
+            if msg.up and healthy is False and svc.healthy is not False:
+                log.warning("service %s: no healthy connector; new flows go to the "
+                            "least-recently-failed one (%s)", msg.service, label or "?")
+            elif svc.connector_up != msg.up or svc.connector != label or svc.healthy != healthy:
+                log.info("service %s: connector %s", msg.service,
+                         (f"up ({label})" if label else "up") if msg.up else "down (no connector)")
+            svc.connector_up, svc.connector, svc.healthy = msg.up, label, healthy
+            if self.direct is not None:
+                self.direct.pool_health(svc)
+
+    def _goaway(self, conn: ZtnaConnection, msg: GoAway) -> None:
+        self.counters.goaways += 1
+        log.info("intermediate says goaway (%s); reconnecting", msg.reason)
+        conn.close(0, "goaway")
+
+    def _to_direct(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if self.direct is not None:
+            self.direct.on_message(msg)
+
+    def _intermediate_error(self, conn: ZtnaConnection, msg: ErrorMessage) -> None:
+        # Errors about a punch (or that no Connector is there to punch to) belong to the
+        # direct paths; the rest are logged.
+        if self.direct is not None and (msg.session is not None or msg.code == "no_connector"):
+            self.direct.on_message(msg)
+        else:
+            log.warning("intermediate error %s: %s", msg.code, msg.message)
 
     def _observed(self, addr: ObservedAddress) -> None:
         text = format_address((str(addr.ip), addr.port))
@@ -636,6 +630,7 @@ class Session(ConnectionHandler):
                     "nack": s.nack,
                     "connector_up": s.connector_up,
                     "connector": s.connector,
+                    "healthy": s.healthy,
                     "direct_peer": self.direct.peer_of(s.spec.id) if self.direct is not None else None,
                     "path": s.path,
                     "tx_packets": s.tx_packets,
@@ -646,7 +641,7 @@ class Session(ConnectionHandler):
                     "stream_rx_bytes": s.stream_rx_bytes,
                     "streams": s.streams,
                     "dropped_while_waiting": s.queued_dropped,
-                    "max_packet": max(0, self._max_payload - 7 - len(s.spec.id)) if conn else None,
+                    "max_packet": max(0, self._max_payload - to_connector_overhead(s.spec.id)) if conn else None,
                 }
                 for s in self.services
             ],

@@ -50,6 +50,7 @@ from ztna.netstack.packets import (
     ip_to_bytes,
     may_send_icmp_error,
 )
+from ztna.wire import to_connector_overhead
 
 if TYPE_CHECKING:
     from ztna.quic.connection import ZtnaConnection
@@ -74,7 +75,8 @@ class TunDataPlane:
         self.local_v4 = ip_to_bytes(local_v4)
         self.local_v6 = ip_to_bytes(local_v6)
         self.max_packet = 0          # largest IP packet the tunnel carries now (per worst id)
-        self.longest_id = max(len(s.spec.id) for s in session.services)
+        # Packets must fit the Intermediate's 0x30 leg to the Connector (the larger header).
+        self.overhead = max(to_connector_overhead(s.spec.id) for s in session.services)
         self.dropped_no_route = 0
         self.dropped_too_big = 0
         self.dropped_write = 0
@@ -85,7 +87,6 @@ class TunDataPlane:
         self.tcp_flows: dict[tuple[int, bytes, bytes, int, int], int] = {}
         self._resetting = False
         self.resets_sent = 0
-        session.on_packet = self.write_packet
         # The native pump: service i of the session is entry i of its table.
         self.pump = _native.TunPump(fd, read_batch=READ_BATCH)
         for svc in session.services:
@@ -118,7 +119,7 @@ class TunDataPlane:
 
     def set_max_payload(self, max_payload: int) -> int:
         """Live DATAGRAM maximum changed: returns the TUN MTU that fits the worst header."""
-        self.max_packet = max_payload - 7 - self.longest_id
+        self.max_packet = max_payload - self.overhead
         self.pump.set_max_packet(max(self.max_packet, 0))
         return self.max_packet
 

@@ -62,6 +62,7 @@ from ztna.wire import (
     StreamStatus,
     decode_stream_reply,
     encode_stream_open,
+    to_connector_overhead,
 )
 
 log = logging.getLogger("ztna.agent")
@@ -203,7 +204,6 @@ class Userspace:
                       "socks_udp_associations": 0, "socks_udp_active": 0, "socks_udp_sent": 0,
                       "socks_udp_received": 0, "socks_udp_dropped_frag": 0, "socks_udp_dropped_foreign": 0,
                       "socks_udp_dropped_malformed": 0, "socks_udp_refused": 0}
-        session.on_packet = self.on_packet
 
     def claims(self, packet: bytes) -> bool:
         """True if a down-link packet is addressed to our synthetic UDP source."""
@@ -767,7 +767,7 @@ class Userspace:
         """Send one IP packet for `svc` unless it exceeds what the relay can carry (the
         worst case: the direct path takes at least as much)."""
         max_payload = self.session.max_payload()
-        if max_payload and len(packet) > max_payload - 7 - len(svc.spec.id):
+        if max_payload and len(packet) > max_payload - to_connector_overhead(svc.spec.id):
             self.stats["udp_dropped_too_big"] += 1
             return False
         self.session.send(svc, svc.prefix + packet)

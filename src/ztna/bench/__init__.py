@@ -7,4 +7,8 @@ Agent node to the app behind the Connector, and reports a Markdown table with zt
 ratio to each peer, JSON and a PNG (``report``). Peer tools are never installed at run
 time: a missing tool turns its row into "not installed (apt-get install ...)".
 See docs/benchmarks.md.
+
+This is the installed benchmark (``ztna bench``); the top-level ``bench/`` folder of a
+checkout holds the separate one-question scripts (data path, relay hot path, carriage,
+P2P warm-up), described in ``bench/README.md``.
 """

@@ -18,11 +18,11 @@ Measurements, all from the Agent node towards the app (10.2.0.20) or its virtual
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
+from ztna import procs
 from ztna.lab import Lab
 
 log = logging.getLogger("ztna.bench")
@@ -91,11 +92,20 @@ class BenchContext:
         measure(scope, row, seconds=self.seconds, count=self.count, connects=self.connects,
                 directions=self.directions, **kw)
         if audit is not None:
-            from ztna.bench.lanops import path_seen
-
             counts = audit.read()
             row.extra["underlay_bytes"] = counts
             row.extra["path_seen"] = path_seen(counts)
+
+
+def path_seen(counts: dict[str, int]) -> str | None:
+    """"direct" / "relay" when one carries at least 90 % of the bytes, else "mixed"."""
+    total = counts.get("direct", 0) + counts.get("relay", 0)
+    if total < 100_000:
+        return None
+    for which in ("direct", "relay"):
+        if counts.get(which, 0) >= 0.9 * total:
+            return which
+    return "mixed"
 
 
 class RowError(Exception):
@@ -133,37 +143,20 @@ class RowScope:
 
     def spawn(self, node: str, argv: list[str], logname: str, **kw: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` in ``node`` with stdout+stderr to ``<workdir>/<logname>.log``."""
-        path = os.path.join(self.workdir, f"{logname}.log")
-        with open(path, "ab") as logf:
-            proc = self.lab.spawn(node, argv, stdout=logf, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, **kw)
+        proc = procs.spawn(argv, log=os.path.join(self.workdir, f"{logname}.log"), append=True,
+                           popen=functools.partial(self.lab.spawn, node), **kw)
         self._procs.append(proc)
         return proc
 
     def log_tail(self, logname: str, n: int = 400) -> str:
-        try:
-            with open(os.path.join(self.workdir, f"{logname}.log"), "rb") as f:
-                data = f.read()
-        except OSError:
-            return ""
-        return data[-n:].decode(errors="replace").strip()
+        return procs.tail(os.path.join(self.workdir, f"{logname}.log"), chars=n)
 
     def on_close(self, what: str, fn: Callable[[], Any]) -> None:
         self._undo.append((what, fn))
 
     def stop(self, proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                try:
-                    proc.wait(timeout=3)
-                except subprocess.TimeoutExpired:
-                    log.warning("pid %d did not die", proc.pid)
-            except ProcessLookupError:
-                pass
+        if procs.stop(proc, grace=grace) is None:
+            log.warning("pid %d did not die", proc.pid)
 
     def close(self) -> None:
         for proc in reversed(self._procs):
@@ -186,16 +179,9 @@ class RowScope:
 
     def wait_for(self, what: str, check: Callable[[], bool], timeout: float,
                  proc: subprocess.Popen[Any] | None = None, logname: str = "") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise RowError(f"{what}: process exited ({proc.returncode}): "
-                               f"{self.log_tail(logname)}")
-            if check():
-                return
-            time.sleep(0.2)
-        tail = f": {self.log_tail(logname)}" if logname else ""
-        raise RowError(f"{what}: not ready within {timeout:.0f} s{tail}")
+        procs.wait_until(check, timeout=timeout, what=what, interval=0.2,
+                         watch=[proc] if proc is not None else [], error=RowError,
+                         detail=(lambda: self.log_tail(logname)) if logname else None)
 
 
 # ---------------------------------------------------------------------- measurements

@@ -92,14 +92,3 @@ class PathAudit:
             if which:
                 totals[which] += sum(int(b) for b in _BYTES.findall(line))
         return totals
-
-
-def path_seen(counts: dict[str, int]) -> str | None:
-    """"direct" / "relay" when one carries at least 90 % of the bytes, else "mixed"."""
-    total = counts.get("direct", 0) + counts.get("relay", 0)
-    if total < 100_000:
-        return None
-    for which in ("direct", "relay"):
-        if counts.get(which, 0) >= 0.9 * total:
-            return which
-    return "mixed"

@@ -33,14 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ztna import limits
-from ztna.errors import DatagramTooLarge, DecodeError, UsageError, error_text
+from ztna.errors import DatagramTooLarge, DecodeError, ProtocolError, UsageError, error_text
 from ztna.netstack.packets import PROTO_UDP, build_udp_packet, ip_to_bytes, parse_ip, parse_udp
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
 from ztna.quic.maintenance import ConnectionUpkeep
 from ztna.wire import (
-    ControlDecoder,
+    ControlMessage,
     GoAway,
     ObservedAddress,
     Register,
@@ -91,7 +91,6 @@ class ClientOptions:
 
 class _Handler(ConnectionHandler):
     def __init__(self) -> None:
-        self.decoder = ControlDecoder()
         self.qad: ObservedAddress | None = None
         self.replies: dict[str, RegistrationAck | RegistrationNack] = {}
         self.packets: list[bytes] = []
@@ -120,15 +119,14 @@ class _Handler(ConnectionHandler):
                 return bool(predicate())
         return True
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
         self.heard = True
-        try:
-            messages = self.decoder.feed(data)
-        except DecodeError:
-            self.unrelated += 1
-            return
-        for msg in messages:
-            self._message(msg)
+        self._message(msg)
+        self._poke()
+
+    def on_control_error(self, conn: ZtnaConnection, error: ProtocolError) -> None:
+        self.heard = True
+        self.unrelated += 1
         self._poke()
 
     def _message(self, msg: object) -> None:

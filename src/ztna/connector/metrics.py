@@ -6,14 +6,52 @@ registered with the Intermediate; otherwise 503 with the reason in the JSON body
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import asyncio
+from collections.abc import Sized
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
+from ztna.connector.health import HealthProber
+from ztna.connector.p2p_server import P2PServer
+from ztna.connector.punch import ConnectorPunch
+from ztna.connector.relay_link import RelayLink
+from ztna.connector.state import ConnectorStats
+from ztna.connector.udp_flows import UdpFlows
 from ztna.observe import MetricsServer, StatsCollector, format_address
+from ztna.quic.endpoint import QuicEndpoint
+from ztna.revocation_guard import RevocationGuard
 
-if TYPE_CHECKING:
-    from ztna.connector.service import Connector
+
+class ConnectorView(Protocol):
+    """What the scrape reads of the Connector (``ztna.connector.service.Connector``); a
+    Protocol, so that this module does not import the Connector that starts it."""
+
+    @property
+    def relay(self) -> RelayLink | None: ...
+    @property
+    def relay_endpoint(self) -> QuicEndpoint | None: ...
+    @property
+    def p2p(self) -> P2PServer | None: ...
+    @property
+    def punch(self) -> ConnectorPunch | None: ...
+    @property
+    def stats(self) -> ConnectorStats: ...
+    @property
+    def tcp(self) -> Sized: ...
+    @property
+    def udp(self) -> UdpFlows: ...
+    @property
+    def streams(self) -> Sized: ...
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None: ...
+    @property
+    def started_at(self) -> float: ...
+    def health(self) -> tuple[bool, dict[str, Any]]: ...
+    @property
+    def backend_health(self) -> HealthProber: ...
+    @property
+    def revocation(self) -> RevocationGuard: ...
 
 Row = tuple[str, str, str, float, "dict[str, str] | None"]
 
@@ -32,7 +70,7 @@ _ENDPOINT_DROPS = {
 }
 
 
-def p2p_drops(c: Connector) -> dict[str, int]:
+def p2p_drops(c: ConnectorView) -> dict[str, int]:
     """Every datagram the P2P socket received and dropped, by reason. Together with the
     datagrams that reached a connection or a live punch session this accounts for all of
     `datagrams_received`, so garbage never disappears without a trace."""
@@ -49,7 +87,7 @@ def p2p_drops(c: Connector) -> dict[str, int]:
     return out
 
 
-def collect(c: Connector) -> list[Any]:
+def collect(c: ConnectorView) -> list[Any]:
     out: list[Any] = []
     relay = c.relay
     out.append(("ztna_connector_relay_connected", "gauge", "1 while connected to the intermediate",
@@ -61,9 +99,22 @@ def collect(c: Connector) -> list[Any]:
             out.append(("ztna_connector_service_registered", "gauge",
                         "1 if the service is registered", 1 if state == "registered" else 0,
                         {"service": svc}))
+    prober = c.backend_health
+    for svc, hstate in prober.states.items():
+        out.append(("ztna_connector_backend_healthy", "gauge",
+                    "1 while every health check of the service's backend passes",
+                    1 if hstate.healthy else 0, {"service": svc}))
+        for healthy in (False, True):
+            out.append(("ztna_connector_health_transitions_total", "counter",
+                        "Backend health transitions, by the new state",
+                        prober.transitions.get((svc, healthy), 0),
+                        {"service": svc, "state": "healthy" if healthy else "unhealthy"}))
+        out.append(("ztna_connector_health_checks_total", "counter", "Health checks run",
+                    sum(ch.checks for ch in hstate.checks), {"service": svc}))
     out.append(("ztna_connector_tcp_sessions", "gauge", "Open TCP-in-DATAGRAM sessions", len(c.tcp), None))
     out.append(("ztna_connector_udp_flows", "gauge", "Open UDP flows", len(c.udp), None))
     out.append(("ztna_connector_streams", "gauge", "Open TCP streams", len(c.streams), None))
+    out.extend(c.revocation.metrics())
     out.append(("ztna_connector_uptime_seconds", "gauge", "Seconds since start",
                 c.loop.time() - c.started_at if c.loop else 0, None))
     c.udp.sync_stats()   # what the native UDP flows moved since the last look
@@ -82,7 +133,7 @@ def collect(c: Connector) -> list[Any]:
     return out
 
 
-async def start_metrics(c: Connector, host: str, port: int) -> MetricsServer:
+async def start_metrics(c: ConnectorView, host: str, port: int) -> MetricsServer:
     reg = CollectorRegistry()
     reg.register(StatsCollector(lambda: collect(c)))
     server = MetricsServer(reg, c.health)

@@ -28,12 +28,14 @@ import asyncio
 import logging
 import random
 import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from ztna import limits
 from ztna.connector.paths import ReplyPath
 from ztna.connector.relay_link import backoff_delay
+from ztna.connector.state import ConnectorStats, ServiceState
+from ztna.connector.streams import StreamTable
 from ztna.errors import DecodeError
 from ztna.identity import ChainVerifier, load_ca_file, stable_peer_id
 from ztna.observe import format_address
@@ -46,10 +48,11 @@ from ztna.quic.endpoint import (
     bind_udp,
     normalize_address,
 )
+from ztna.revocation_guard import RevocationGuard
 from ztna.startup import bind_error
 from ztna.wire import (
     SERVICE_DATAGRAM,
-    ControlDecoder,
+    ControlMessage,
     Hello,
     NackStatus,
     ObservedAddress,
@@ -58,13 +61,31 @@ from ztna.wire import (
     RegistrationAck,
     RegistrationNack,
     Role,
+    ServiceHealth,
     decode_qad,
     decode_service_datagram,
     encode_control,
 )
 
-if TYPE_CHECKING:
-    from ztna.connector.service import Connector
+
+class ConnectorSink(Protocol):
+    """What the P2P server hands to the Connector (``ztna.connector.service.Connector``):
+    direct paths coming up and going down, authorized tunnel packets, stream events, and
+    the counters it bumps. A Protocol, so that this module does not import the Connector."""
+
+    @property
+    def stats(self) -> ConnectorStats: ...
+    @property
+    def services(self) -> Mapping[str, ServiceState]: ...
+    @property
+    def streams(self) -> StreamTable: ...
+    @property
+    def revocation(self) -> RevocationGuard: ...
+    def direct_up(self, path: ReplyPath) -> None: ...
+    def path_down(self, path: ReplyPath, *, park: bool = False) -> None: ...
+    def on_packet(self, path: ReplyPath, service_id: str, packet: memoryview) -> None: ...
+    def health_message(self, service: str) -> ServiceHealth: ...
+    def punch_ms_for(self, addr: tuple[Any, ...]) -> float | None: ...
 
 QAD_TYPE = 0x01
 PRE_HELLO_BUFFER = 64     # DATAGRAMs kept while a direct connection's Hello is on its way
@@ -73,14 +94,14 @@ log = logging.getLogger("ztna.connector")
 
 
 class _DirectHandler(ConnectionHandler):
-    __slots__ = ("server", "decoder", "allowed", "pending", "instance")
+    __slots__ = ("server", "allowed", "pending", "instance", "handshake_at")
 
     def __init__(self, server: P2PServer) -> None:
         self.server = server
-        self.decoder = ControlDecoder()
         self.allowed: dict[str, bool] = {}
         self.pending: list[tuple[str, bytes]] | None = []   # None once the Hello arrived
         self.instance: int | None = None     # a Hello heard before the peer was verified
+        self.handshake_at: float | None = None
 
     def path(self, conn: ZtnaConnection) -> ReplyPath | None:
         """The connection's reply path; made on first use (0-RTT data precedes on_handshake),
@@ -118,7 +139,12 @@ class _DirectHandler(ConnectionHandler):
         return ok
 
     def on_handshake(self, conn: ZtnaConnection) -> None:
-        self.path(conn)
+        path = self.path(conn)
+        now = asyncio.get_running_loop().time()
+        self.handshake_at = now
+        if path is not None:
+            path.setup["handshake_ms"] = (now - conn.created_at) * 1000
+            path.setup["punch_ms"] = self.server.connector.punch_ms_for(normalize_address(conn.peer_address))
         if self.instance is not None:
             self.hello(conn, self.instance)
         log.info("direct connection from agent %s%s", conn.label,
@@ -127,17 +153,26 @@ class _DirectHandler(ConnectionHandler):
         conn.send_control(encode_control(ObservedAddress(ip=host.split("%")[0], port=port)))
         self.server.connections += 1
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        for msg in conn.read_control(self.decoder, data) or ():
-            if isinstance(msg, Hello):
-                self.hello(conn, msg.instance)
-            elif isinstance(msg, Register):
-                if msg.role is Role.AGENT and self.allows(conn, msg.service_id):
-                    reply: RegistrationAck | RegistrationNack = RegistrationAck(service_id=msg.service_id)
-                else:
-                    reply = RegistrationNack(service_id=msg.service_id,
-                                             status=NackStatus.NOT_AUTHORIZED)
-                conn.send_control(encode_control(reply))
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if isinstance(msg, Hello):
+            self.hello(conn, msg.instance)
+        elif isinstance(msg, Register):
+            if msg.role is Role.AGENT and self.allows(conn, msg.service_id):
+                reply: RegistrationAck | RegistrationNack = RegistrationAck(service_id=msg.service_id)
+            else:
+                reply = RegistrationNack(service_id=msg.service_id,
+                                         status=NackStatus.NOT_AUTHORIZED)
+            conn.send_control(encode_control(reply))
+            if isinstance(reply, RegistrationAck):
+                path = self.path(conn)
+                if path is not None and "registration_ms" not in path.setup:
+                    # 0-RTT: the registration came with the handshake.
+                    since = self.handshake_at if self.handshake_at is not None else conn.created_at
+                    path.setup["registration_ms"] = max(0.0, asyncio.get_running_loop().time() - since) * 1000
+                # The Agent learns our backend's health on this path too, so it can
+                # leave a direct path to an unhealthy backend (docs/agent.md).
+                self.server.registered.setdefault(conn, set()).add(msg.service_id)
+                conn.send_control(encode_control(self.server.connector.health_message(msg.service_id)))
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         path = self.path(conn)
@@ -172,6 +207,7 @@ class _DirectHandler(ConnectionHandler):
     def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
         path = conn.user
         self.pending = None
+        self.server.registered.pop(conn, None)
         if isinstance(path, ReplyPath):
             log.info("direct connection %s closed: %s", conn.label, reason)
             self.server.connector.path_down(path)
@@ -181,13 +217,11 @@ class _DirectHandler(ConnectionHandler):
 class _QadHandler(ConnectionHandler):
     def __init__(self, server: P2PServer) -> None:
         self.server = server
-        self.decoder = ControlDecoder()
         self.closed = asyncio.Event()
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        for msg in conn.read_control(self.decoder, data) or ():
-            if isinstance(msg, ObservedAddress):
-                self.server.set_public_address(msg)
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if isinstance(msg, ObservedAddress):
+            self.server.set_public_address(msg)
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         if data and data[0] == QAD_TYPE:
@@ -201,7 +235,7 @@ class _QadHandler(ConnectionHandler):
 
 
 class P2PServer:
-    def __init__(self, connector: Connector, *, host: str, port: int, tls: TlsFiles,
+    def __init__(self, connector: ConnectorSink, *, host: str, port: int, tls: TlsFiles,
                  udp_payload: int, intermediate: tuple[str, int], server_name: str,
                  rng: random.Random | None = None, ticket_path: str | None = None) -> None:
         self.connector = connector
@@ -218,6 +252,8 @@ class P2PServer:
         self.raw_handler: Callable[[bytes, tuple[Any, ...], float], None] | None = None
         self.raw_ignored = 0
         self.connections = 0
+        # Direct connections -> the services they registered (for health reports).
+        self.registered: dict[ZtnaConnection, set[str]] = {}
         from ztna.quic.tickets import ServerTicketStore
 
         self.ticket_store = ServerTicketStore(ticket_path)
@@ -233,6 +269,7 @@ class P2PServer:
             verifier=ChainVerifier(load_ca_file(self.tls.ca)),
             retry=False,                       # probes validated the address already
             ticket_store=self.ticket_store,    # resumption + 0-RTT for returning Agents
+            admit=self.connector.revocation.admit,
         )
         try:
             sock = bind_udp(self.host, self.port)
@@ -246,6 +283,12 @@ class P2PServer:
     def local_port(self) -> int:
         assert self.endpoint is not None
         return int(self.endpoint.local_address[1])
+
+    def send_to_registered(self, service: str, frame: bytes) -> None:
+        """Send a control frame to every direct connection registered for `service`."""
+        for conn, services in list(self.registered.items()):
+            if service in services and not conn.closed:
+                conn.send_control(frame)
 
     def send_raw(self, data: bytes, addr: tuple[Any, ...]) -> bool:
         """Send a non-QUIC datagram (a probe) from the P2P socket."""

@@ -19,15 +19,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ztna.errors import DatagramTooLarge
+from ztna.wire.tunnel import FROM_CONNECTOR_OVERHEAD, from_connector_prefix
 
 if TYPE_CHECKING:
     from ztna.quic.connection import ZtnaConnection
 
-RELAY_REPLY_OVERHEAD = 6   # 0x31 v1 + agent id (docs/protocol.md §3.5)
+RELAY_REPLY_OVERHEAD = FROM_CONNECTOR_OVERHEAD   # 0x31 v1 + agent id (docs/protocol.md §3.5)
 
 
 class ReplyPath:
-    __slots__ = ("conn", "agent_id", "direct", "prefix", "overhead", "alive", "label", "flows",
+    __slots__ = ("conn", "agent_id", "direct", "prefix", "overhead", "alive", "label", "flows", "setup",
                  "__weakref__")
 
     def __init__(self, conn: ZtnaConnection, agent_id: int | None, *, direct: bool = False) -> None:
@@ -39,11 +40,14 @@ class ReplyPath:
             self.prefix = b""
         else:
             assert agent_id is not None
-            self.prefix = b"\x31\x01" + agent_id.to_bytes(4, "big")
+            self.prefix = from_connector_prefix(agent_id)
         self.overhead = len(self.prefix)
         self.alive = True
         self.label = f"agent {agent_id} via relay" if not direct else f"direct {conn.label}"
         self.flows = 0          # open flows whose replies use this path (bookkeeping)
+        # Direct connections: how their setup went, in ms (handshake, registration, punch),
+        # for the audit log's lines of the flows on it.
+        self.setup: dict[str, float | None] = {}
 
     def max_packet(self) -> int:
         """Largest inner IP packet this path carries right now."""

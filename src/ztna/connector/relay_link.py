@@ -31,12 +31,15 @@ from typing import Any, Protocol
 
 from ztna import limits
 from ztna.identity import server_name_mismatch
+from ztna.link import LinkState
 from ztna.observe import format_address
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import CLOSE_NO_ERROR, QuicEndpoint
 from ztna.wire import (
+    PUNCH_MESSAGES,
     AgentGone,
-    ControlDecoder,
+    ControlMessage,
+    ErrorMessage,
     GoAway,
     Hello,
     NackStatus,
@@ -97,16 +100,18 @@ class RelayLink(ConnectionHandler):
         # Hole-punch signaling (PunchOffer/PunchStart/..., session errors): ztna.connector.punch
         self.on_punch: Callable[[ZtnaConnection, object], None] | None = None
         self.on_registered: Callable[[ZtnaConnection], None] | None = None
+        # Each registration ACK (every reconnect too): the Connector reports its health.
+        self.on_service_registered: Callable[[ZtnaConnection, str], None] | None = None
         self.rng = rng or random.Random()
         self.conn: ZtnaConnection | None = None
-        self.state = "starting"
+        self.state = LinkState.STARTING
         self.registration: dict[str, str] = {s: "pending" for s in services}
         self.public_address: ObservedAddress | None = None
         self.connects = 0
         self.reconnects = 0
         self.last_error = ""
         self._name_error: str | None = None
-        self._decoder = ControlDecoder()
+        self._control_handlers = self._control_table()
         self._sent_at: dict[str, float] = {}
         self._closed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -125,7 +130,7 @@ class RelayLink(ConnectionHandler):
         attempt = 0
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
-            self.state = "connecting"
+            self.state = LinkState.CONNECTING
             started = loop.time()
             conn = await self._connect_once()
             if conn is not None:
@@ -137,13 +142,13 @@ class RelayLink(ConnectionHandler):
             delay = backoff_delay(attempt, self.rng)
             attempt += 1
             self.reconnects += 1
-            self.state = "backoff"
+            self.state = LinkState.BACKOFF
             log.info("reconnecting to the intermediate in %.1fs (%s)", delay, self.last_error)
             try:
                 await asyncio.wait_for(self._stopping.wait(), delay)
             except TimeoutError:
                 pass
-        self.state = "stopped"
+        self.state = LinkState.STOPPED
 
     async def _connect_once(self) -> ZtnaConnection | None:
         loop = asyncio.get_running_loop()
@@ -155,7 +160,6 @@ class RelayLink(ConnectionHandler):
             if not infos:
                 raise OSError(f"no usable address for {self.host}")
             addr = infos[0][4][:2]
-            self._decoder = ControlDecoder()
             self._closed = asyncio.Event()
             conn = self.endpoint.connect(addr, self.config_factory(), self)
             # First control frame: who we are among the Connectors sharing our certificate.
@@ -191,7 +195,7 @@ class RelayLink(ConnectionHandler):
         loop = asyncio.get_running_loop()
         self.conn = conn
         self.connects += 1
-        self.state = "connected"
+        self.state = LinkState.CONNECTED
         self.registration = {s: "pending" for s in self.services}
         self._sent_at = {}
         log.info("connected to the intermediate %s (%s)", format_address(conn.peer_address), self.host)
@@ -213,7 +217,7 @@ class RelayLink(ConnectionHandler):
                 self.conn = None
             if not conn.closed:
                 conn.close(CLOSE_NO_ERROR, "connector stopping")
-            self.state = "disconnected"
+            self.state = LinkState.DISCONNECTED
             self.sink.relay_down(conn)
 
     def _register_due(self, conn: ZtnaConnection, now: float) -> None:
@@ -233,39 +237,62 @@ class RelayLink(ConnectionHandler):
             self.conn.close(CLOSE_NO_ERROR, "connector shutting down")
 
     # ------------------------------------------------------------------ connection events
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        for msg in conn.read_control(self._decoder, data) or ():  # corrupt: closed, we reconnect
-            self._on_message(conn, msg)
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        handler = self._control_handlers.get(type(msg))
+        if handler is not None:
+            handler(conn, msg)
+        # Everything else (pings, unknown types) is ignored by design (forward compatible).
 
-    def _on_message(self, conn: ZtnaConnection, msg: object) -> None:
-        if self.on_punch is not None and (type(msg).__name__.startswith("Punch") or (
-                type(msg).__name__ == "ErrorMessage" and getattr(msg, "session", None) is not None)):
+    def _control_table(self) -> dict[type, Callable[[ZtnaConnection, Any], None]]:
+        """The Connector's one dispatch table for control messages from the Intermediate."""
+        table: dict[type, Callable[[ZtnaConnection, Any], None]] = {
+            RegistrationAck: self._registered,
+            RegistrationNack: self._refused,
+            ObservedAddress: self._observed,
+            AgentGone: lambda conn, msg: self.sink.agent_gone(msg.agent),
+            GoAway: self._goaway,
+            ErrorMessage: self._error,
+        }
+        for kind in PUNCH_MESSAGES:
+            table[kind] = self._punch
+        return table
+
+    def _punch(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if self.on_punch is not None:
             self.on_punch(conn, msg)
-        elif isinstance(msg, RegistrationAck):
-            if self.registration.get(msg.service_id) != "registered":
-                log.info("service %r registered with the intermediate", msg.service_id)
-            self.registration[msg.service_id] = "registered"
-            if self.on_registered is not None:
-                self.on_registered(conn)
-        elif isinstance(msg, RegistrationNack):
-            if msg.status in _FINAL_NACKS:
-                self.registration[msg.service_id] = f"refused: {msg.status.name}"
-                log.error("intermediate refused service %r: %s (check the connector "
-                          "certificate's ztna SANs)", msg.service_id, msg.status.name)
-            else:
-                self.registration[msg.service_id] = f"nack: {msg.status.name}"
-                log.warning("intermediate deferred service %r: %s; retrying in %.0fs",
-                            msg.service_id, msg.status.name, NACK_RETRY)
-        elif isinstance(msg, ObservedAddress):
-            if msg != self.public_address:
-                log.info("relay socket public address (QAD): %s", format_address((msg.ip, msg.port)))
-            self.public_address = msg
-        elif isinstance(msg, AgentGone):
-            self.sink.agent_gone(msg.agent)
-        elif isinstance(msg, GoAway):
-            log.info("intermediate going away (%s); reconnecting", msg.reason)
-            self.last_error = f"goaway: {msg.reason}"
-            conn.close(CLOSE_NO_ERROR, "goaway")
+
+    def _error(self, conn: ZtnaConnection, msg: ErrorMessage) -> None:
+        if msg.session is not None:   # about a punch session: the punch machinery's business
+            self._punch(conn, msg)
+
+    def _registered(self, conn: ZtnaConnection, msg: RegistrationAck) -> None:
+        if self.registration.get(msg.service_id) != "registered":
+            log.info("service %r registered with the intermediate", msg.service_id)
+        self.registration[msg.service_id] = "registered"
+        if self.on_service_registered is not None:
+            self.on_service_registered(conn, msg.service_id)
+        if self.on_registered is not None:
+            self.on_registered(conn)
+
+    def _refused(self, conn: ZtnaConnection, msg: RegistrationNack) -> None:
+        if msg.status in _FINAL_NACKS:
+            self.registration[msg.service_id] = f"refused: {msg.status.name}"
+            log.error("intermediate refused service %r: %s (check the connector "
+                      "certificate's ztna SANs)", msg.service_id, msg.status.name)
+        else:
+            self.registration[msg.service_id] = f"nack: {msg.status.name}"
+            log.warning("intermediate deferred service %r: %s; retrying in %.0fs",
+                        msg.service_id, msg.status.name, NACK_RETRY)
+
+    def _observed(self, conn: ZtnaConnection, msg: ObservedAddress) -> None:
+        if msg != self.public_address:
+            log.info("relay socket public address (QAD): %s", format_address((msg.ip, msg.port)))
+        self.public_address = msg
+
+    def _goaway(self, conn: ZtnaConnection, msg: GoAway) -> None:
+        log.info("intermediate going away (%s); reconnecting", msg.reason)
+        self.last_error = f"goaway: {msg.reason}"
+        conn.close(CLOSE_NO_ERROR, "goaway")
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         self.sink.relay_datagram(conn, data)

@@ -61,7 +61,9 @@ from ztna.wire.stream_header import (
 )
 
 if TYPE_CHECKING:
-    from ztna.connector.service import ConnectorStats, ServiceState
+    from ztna.audit import FlowAudit
+    from ztna.connector.flow_audit import ConnectorAudit
+    from ztna.connector.state import ConnectorStats, ServiceState
     from ztna.quic.connection import ZtnaConnection
 
 log = logging.getLogger("ztna.connector")
@@ -99,6 +101,7 @@ class StreamFlow(asyncio.Protocol):
         self.read_paused = False
         self.done = False
         self.task: asyncio.Task[Any] | None = None
+        self.audit: FlowAudit | None = None
         self.spliced: ZtnaConnection | None = None   # the connection of our native splice
         self.counted = (0, 0)             # that splice's counts already taken into rx/tx
 
@@ -110,6 +113,9 @@ class StreamFlow(asyncio.Protocol):
         self.rx += d_received
         self.table.stats.stream_bytes_to_agent += d_sent
         self.table.stats.stream_bytes_to_backend += d_received
+        if self.audit is not None:
+            self.audit.from_service += d_sent
+            self.audit.to_service += d_received
 
     def unsplice(self) -> None:
         conn, self.spliced = self.spliced, None
@@ -122,6 +128,8 @@ class StreamFlow(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         tune_backend_transport(transport)
+        if self.audit is not None and self.audit.setup.get("backend_connect_ms") is None:
+            self.audit.setup["backend_connect_ms"] = (self.table.loop.time() - self.audit.started) * 1000
         if self.done or self.conn is None:
             transport.abort()
             return
@@ -166,7 +174,7 @@ class StreamFlow(asyncio.Protocol):
             if exc is not None:
                 if self.conn is not None:
                     self.conn.reset_stream(self.sid)
-                self.table.finish(self, forget=True)
+                self.table.finish(self, forget=True, reason=f"backend reset: {exc}")
                 return
             self.backend_eof = True
             self.send(b"", end=True)
@@ -201,6 +209,7 @@ class StreamTable:
         self._per_agent: dict[int, int] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self.token_source: Callable[[int], bytes] = secrets.token_bytes
+        self.audit: ConnectorAudit | None = None
 
     def __len__(self) -> int:
         return len(self.flows)
@@ -256,6 +265,10 @@ class StreamTable:
             svc = self.services[header.service_id]
             backend = svc.tcp_backends[header.dst_port]
             flow.task = self.loop.create_task(self._connect(flow, backend.host, backend.port))
+            if self.audit is not None:
+                flow.audit = self.audit.open(
+                    None, header.service_id, "tcp", header.dst_port, self.loop.time(), conn=conn,
+                    agent_id=header.agent_id if isinstance(header, RelayedStreamOpen) else None)
         if data:
             flow.inbox.append(data)
             flow.rx += len(data)
@@ -462,7 +475,7 @@ class StreamTable:
         self.stats.stream_backend_failures += 1
         if not flow.done and flow.conn is not None:
             self._refuse(flow.conn, flow.sid, status)
-            self.finish(flow, forget=True)
+            self.finish(flow, forget=True, reason=f"backend connect failed: {status.name}")
 
     def _refuse(self, conn: ZtnaConnection, sid: int, status: StreamStatus) -> None:
         self.stats.streams_refused += 1
@@ -519,14 +532,14 @@ class StreamTable:
             self.stats.stream_resets += 1
             if flow.transport is not None:
                 flow.transport.abort()
-            self.finish(flow, forget=True)
+            self.finish(flow, forget=True, reason="agent reset the stream")
 
     def _drop(self, flow: StreamFlow) -> None:
         flow.done = True
         if flow.conn is not None:
             self.flows.pop((flow.conn, flow.sid), None)
 
-    def finish(self, flow: StreamFlow, *, forget: bool = False) -> None:
+    def finish(self, flow: StreamFlow, *, forget: bool = False, reason: str = "closed") -> None:
         """The backend side is over. A resumable flow keeps its token (lingers) unless
         `forget`: its last bytes may still be in flight on a direct path that can die."""
         if forget:
@@ -535,6 +548,9 @@ class StreamTable:
             return
         flow.unsplice()
         flow.done = True
+        if self.audit is not None and flow.audit is not None:
+            flow.audit.to_service, flow.audit.from_service = flow.rx, flow.tx
+            self.audit.end(flow.audit, reason, self.loop.time())
         if flow.conn is not None:
             self.flows.pop((flow.conn, flow.sid), None)
         self._watched.discard(flow)
@@ -553,7 +569,7 @@ class StreamTable:
             flow.unsplice()                 # the core lets go of the socket before the abort
             if flow.transport is not None:
                 flow.transport.abort()
-            self.finish(flow, forget=True)
+            self.finish(flow, forget=True, reason="connection closed")
 
     def close_all(self) -> None:
         for flow in list(self.resumable.values()):
@@ -568,7 +584,7 @@ class StreamTable:
                 flow.conn.reset_stream(flow.sid)
             if flow.transport is not None:
                 flow.transport.abort()
-            self.finish(flow)
+            self.finish(flow, reason="shutdown")
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None

@@ -32,8 +32,10 @@ from ztna.connector import icmp
 from ztna.netstack.packets import IpHeader, build_udp_packet, parse_udp
 
 if TYPE_CHECKING:
+    from ztna.audit import FlowAudit
+    from ztna.connector.flow_audit import ConnectorAudit
     from ztna.connector.paths import ReplyPath
-    from ztna.connector.service import ConnectorStats, ServiceState
+    from ztna.connector.state import ConnectorStats, ServiceState
     from ztna.quic.endpoint import QuicEndpoint
 
 RECV_BURST = 64
@@ -42,7 +44,7 @@ BACKEND_RCVBUF = 1024 * 1024   # bytes, per flow socket (the kernel caps it at r
 
 class UdpFlow:
     __slots__ = ("key", "path", "service", "sock", "vip", "vport", "agent_ip", "agent_port",
-                 "last_seen", "last_packet", "native_id", "native_seen")
+                 "last_seen", "last_packet", "native_id", "native_seen", "audit")
 
     def __init__(self, key: tuple[Any, ...], path: ReplyPath, service: ServiceState,
                  sock: socket.socket, ip: IpHeader, sport: int, dport: int, now: float) -> None:
@@ -57,7 +59,9 @@ class UdpFlow:
         self.last_seen = now
         self.last_packet: memoryview | bytes = b""
         self.native_id: int | None = None   # installed in the native table
-        self.native_seen: tuple[int, int] = (0, 0)   # its native counters at the last sweep
+        # Its native counters (packets and payload bytes each way) at the last look.
+        self.native_seen: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self.audit: FlowAudit | None = None
 
 
 class UdpFlows:
@@ -69,6 +73,7 @@ class UdpFlows:
         self.per_service_limit = per_service_limit
         self.idle_timeout = idle_timeout
         self.flows: dict[tuple[Any, ...], UdpFlow] = {}
+        self.audit: ConnectorAudit | None = None
         self.native = _native.UdpFlows(recv_burst=RECV_BURST)
         self._endpoints: list[QuicEndpoint] = []          # by native slot
         self._native_counted: dict[str, int] = {}
@@ -109,6 +114,17 @@ class UdpFlows:
         else:
             self.native.set_reply(flow.native_id, *target)
 
+    def _sync_flow(self, flow: UdpFlow) -> bool:
+        """Bring what moved natively into the flow's audit; True if anything moved."""
+        counters = self.native.counters(flow.native_id) if flow.native_id is not None else None
+        if counters is None or counters == flow.native_seen:
+            return False
+        seen, flow.native_seen = flow.native_seen, counters
+        if flow.audit is not None:
+            flow.audit.to_service += counters[2] - seen[2]
+            flow.audit.from_service += counters[3] - seen[3]
+        return True
+
     def sync_stats(self) -> None:
         """Add what moved natively since the last call into the stats."""
         native = self.native.stats()
@@ -144,6 +160,8 @@ class UdpFlows:
             self._install(flow)
         flow.last_seen = now
         flow.last_packet = packet
+        if flow.audit is not None:
+            flow.audit.to_service += len(udp.payload)
         try:
             flow.sock.send(udp.payload)
             self.stats.udp_to_backend += 1
@@ -191,6 +209,8 @@ class UdpFlows:
         path.flows += 1
         self.stats.udp_flows_opened += 1
         self.loop.add_reader(sock.fileno(), self._readable, flow)
+        if self.audit is not None:
+            flow.audit = self.audit.open(path, service.id, "udp", dport, now)
         return flow
 
     # ------------------------------------------------------------------ backend → Agent
@@ -217,6 +237,8 @@ class UdpFlows:
             except OSError:
                 return
             flow.last_seen = self.loop.time()
+            if flow.audit is not None:
+                flow.audit.from_service += len(data)
             pkt = build_udp_packet(flow.vip, flow.agent_ip, flow.vport, flow.agent_port, data)
             if len(pkt) > path.max_packet():
                 stats.udp_reply_too_big += 1
@@ -237,9 +259,12 @@ class UdpFlows:
                 flow.path.send(reply)
 
     # ------------------------------------------------------------------ lifecycle
-    def close_flow(self, flow: UdpFlow) -> None:
+    def close_flow(self, flow: UdpFlow, reason: str = "closed") -> None:
         if self.flows.pop(flow.key, None) is None:
             return
+        self._sync_flow(flow)
+        if self.audit is not None:
+            self.audit.end(flow.audit, reason, self.loop.time())
         flow.service.udp_flows -= 1
         flow.path.flows -= 1
         if flow.native_id is not None:
@@ -262,14 +287,12 @@ class UdpFlows:
             if refused is not None:
                 self._refused(refused)
         for f in by_id.values():
-            counters = self.native.counters(f.native_id) if f.native_id is not None else None
-            if counters is not None and counters != f.native_seen:
-                f.native_seen = counters
+            if self._sync_flow(f):
                 f.last_seen = now
         limit = now - self.idle_timeout
         dead = [f for f in self.flows.values() if f.last_seen < limit or not f.path.alive]
         for f in dead:
-            self.close_flow(f)
+            self.close_flow(f, "idle timeout" if f.path.alive else "path closed")
         self.stats.udp_flows_expired += len(dead)
         return len(dead)
 
@@ -281,8 +304,8 @@ class UdpFlows:
                 f.path = alternate
                 self._install(f)
             else:
-                self.close_flow(f)
+                self.close_flow(f, "agent gone")
 
     def close_all(self) -> None:
         for f in list(self.flows.values()):
-            self.close_flow(f)
+            self.close_flow(f, "shutdown")

@@ -1,27 +1,28 @@
 """Child processes of one demo run: start, watch, wait for readiness, kill.
 
 Every component runs as ``python -m ztna ...`` (or ``python -m ztna.demo.backends``) with
-stdout and stderr going to ``<tmp>/logs/<name>.log``. A process started inside a network
-namespace is prefixed with ``ip netns exec NS`` (which execs, so the PID is the program's
-own). ``Supervisor.stop_all()`` sends SIGTERM, waits, then SIGKILLs what is left; it is
-idempotent and safe to call from ``finally``.
+stdout and stderr going to ``<tmp>/logs/<name>.log``. The mechanics (start with a log,
+poll a readiness signal while watching for deaths, SIGTERM then SIGKILL) are
+``ztna.procs``; this module keeps the demo's book of named children.
+``Supervisor.stop_all()`` is idempotent and safe to call from ``finally``.
 
-Readiness never sleeps a fixed time: ``wait_for(check, timeout, component, what)`` polls a
-real signal and, while polling, notices a component that died. A timeout or death raises
-``DemoError`` naming the component, what was awaited and the tail of its log.
+A readiness timeout or a death raises ``DemoError`` naming the component, what was awaited
+and the tail of its log.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
+
+from ztna import procs
+from ztna.procs import ztna_argv
+
+__all__ = ["Child", "DemoError", "LOG_TAIL_LINES", "Supervisor", "ztna_argv"]
 
 T = TypeVar("T")
 
@@ -41,11 +42,6 @@ class Child:
     spawned_at: float = field(default_factory=time.monotonic)
 
 
-def ztna_argv(*args: str) -> list[str]:
-    """``python -m ztna ARGS`` with this interpreter (works without the venv on PATH)."""
-    return [sys.executable, "-m", "ztna", *args]
-
-
 class Supervisor:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
@@ -57,17 +53,9 @@ class Supervisor:
         """Start ``argv`` (in ``netns`` if given; ``runner(argv, **popen_kw)`` overrides)."""
         if name in self.children:
             self.retire(name)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(log, "ab") as f:
-            kw: dict[str, Any] = {"stdout": f, "stderr": subprocess.STDOUT,
-                                  "stdin": subprocess.DEVNULL, "env": env}
-            if runner is not None:
-                popen = runner(argv, **kw)
-            else:
-                full = ["ip", "netns", "exec", netns, *argv] if netns else argv
-                popen = subprocess.Popen(full, **kw)
+        popen = procs.spawn(argv, log=log, append=True, popen=runner,
+                            netns=None if runner is not None else netns)
         child = Child(name, argv, popen, log)
         self.children[name] = child
         return child
@@ -76,11 +64,7 @@ class Supervisor:
         child = self.children.get(name) or next((c for c in self._retired if c.name == name), None)
         if child is None:
             return "(no log)"
-        try:
-            text = child.log.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.strip().splitlines()[-lines:]) or "(log is empty)"
+        return procs.tail(child.log, lines)
 
     def check_alive(self, name: str) -> None:
         child = self.children[name]
@@ -95,27 +79,30 @@ class Supervisor:
     def wait_for(self, check: Callable[[], T | None], *, timeout: float, component: str,
                  what: str, interval: float = 0.05) -> T:
         """Poll ``check`` until it returns non-None (exceptions count as 'not yet')."""
-        deadline = time.monotonic() + timeout
-        last_exc: BaseException | None = None
-        while True:
+        last: list[BaseException] = []
+
+        def probe() -> T | None:
             try:
                 result = check()
-                if result is not None:
-                    return result
             except (OSError, ValueError, KeyError) as exc:
-                last_exc = exc
-            self.check_all_alive()
-            if time.monotonic() > deadline:
-                detail = f" (last error: {last_exc})" if last_exc else ""
-                raise DemoError(f"{component}: timed out after {timeout:.0f}s waiting for "
-                                f"{what}{detail}; last log lines:\n{self.tail(component)}")
-            time.sleep(interval)
+                last[:] = [exc]
+                result = None
+            if result is None:
+                self.check_all_alive()  # a dead component raises its own DemoError
+            return result
+
+        def fail(_message: str) -> DemoError:
+            detail = f" (last error: {last[0]})" if last else ""
+            return DemoError(f"{component}: timed out after {timeout:.0f}s waiting for "
+                             f"{what}{detail}; last log lines:\n{self.tail(component)}")
+
+        return procs.wait_until(probe, timeout=timeout, what=what, interval=interval, error=fail)
 
     def stop(self, name: str, *, grace: float = 3.0) -> int | None:
         """Terminate one child and wait for it; returns its exit status."""
         child = self.children.pop(name)
         self._retired.append(child)
-        return _terminate(child.popen, grace)
+        return procs.stop(child.popen, grace=grace)
 
     def retire(self, name: str) -> None:
         self.stop(name)
@@ -123,34 +110,9 @@ class Supervisor:
     def stop_all(self, *, grace: float = 3.0) -> None:
         # Agent first (it sends GoAway and removes its TUN), then the rest.
         order = sorted(self.children, key=lambda n: 0 if n.startswith("agent") else 1)
-        for name in order:
-            child = self.children[name]
-            if child.popen.poll() is None:
-                try:
-                    child.popen.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for name in order:
-            _terminate(self.children[name].popen, grace)
+        procs.stop_all([self.children[name].popen for name in order], grace=grace)
         self._retired.extend(self.children.values())
         self.children.clear()
 
     def pids(self) -> dict[str, int]:
         return {name: c.popen.pid for name, c in self.children.items()}
-
-
-def _terminate(popen: subprocess.Popen[bytes], grace: float) -> int | None:
-    if popen.poll() is None:
-        try:
-            popen.send_signal(signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            popen.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            try:
-                popen.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                return None
-    return popen.returncode

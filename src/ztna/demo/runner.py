@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ztna.demo import probe
+import ztna.demo.probe as probe
 from ztna.demo.layouts import (
     LabLayout,
     Layout,

@@ -17,6 +17,8 @@ namespace has a link to the root namespace.
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Final
@@ -36,6 +38,25 @@ LAN4: Final[dict[str, str]] = {"a": "10.1.0", "b": "10.2.0"}
 HOSTS: Final[dict[str, tuple[str, int]]] = {"agent": ("a", 10), "conn": ("b", 10), "app": ("b", 20)}
 
 _PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,7}$")
+
+
+def _b36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if n == 0:
+            return out
+
+
+# Prefixes unique across concurrent test and benchmark processes: t + pid (at most 5 base36
+# characters) + a counter, which keeps them inside the 8 characters a prefix may have.
+_counter = itertools.count()
+
+
+def unique_prefix() -> str:
+    return f"t{_b36(os.getpid())}{_b36(next(_counter) % 1296):0>2}"
 _RATE_RE: Final = re.compile(r"^\d+(\.\d+)?([kmgt]?bit|[kmgt]?bps)$", re.IGNORECASE)
 
 

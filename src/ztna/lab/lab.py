@@ -37,8 +37,8 @@ import time
 from types import TracebackType
 from typing import Any, Final
 
+import ztna.lab.netns as netns
 from ztna.errors import UsageError
-from ztna.lab import netns
 from ztna.lab.config import NODES, LabConfig, node_addr
 from ztna.lab.rules import BLOCK_DIRECTIONS, block_ruleset, firewall_ruleset, loss_lines
 from ztna.lab.topology import batches, nat_sysctls, ns_name, sysctls

@@ -15,6 +15,8 @@ handle. What the native core guarantees underneath (see native/src/core.rs):
   application has consumed all but a window of what it was handed (`consume_stream()`), so a
   slow backend slows the sender instead of growing our buffers.
 * **The control stream** (docs/protocol.md): the client's first bidirectional stream, id 0.
+  The connection owns its decoder and hands the handler typed messages (`on_message`), so
+  no program decodes control bytes itself.
 
 The connection never does I/O; `ztna.quic.endpoint` owns the socket and the timer.
 """
@@ -25,6 +27,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ztna.errors import DatagramTooLarge, ProtocolError
+from ztna.wire import ControlDecoder
 
 if TYPE_CHECKING:
     import asyncio
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
 
     from ztna._native import ClientTls, Endpoint, Event
     from ztna.identity import Identity
-    from ztna.wire import ControlDecoder, ControlMessage
+    from ztna.wire import ControlMessage
 
 CONTROL_STREAM_ID = 0
 
@@ -79,8 +82,13 @@ class ConnectionHandler:
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None: ...
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        """Raw bytes read from the control stream (decode with ztna.wire.ControlDecoder)."""
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        """One decoded control message (docs/protocol.md), in stream order. The connection
+        owns the control-stream decoder; unknown JSON types arrive as `UnknownMessage`,
+        which handlers ignore."""
+
+    def on_control_error(self, conn: ZtnaConnection, error: ProtocolError) -> None:
+        """The control stream was corrupt: the connection logged it and is closing."""
 
     def on_stream_data(self, conn: ZtnaConnection, stream_id: int, data: bytes, end: bool) -> None: ...
 
@@ -100,7 +108,7 @@ class ZtnaConnection:
         "closed", "close_reason", "close_code", "resumed", "early_data_accepted",
         "zero_rtt_attempted", "is_client", "_control_open", "_control_backlog", "_waiters",
         "created_at", "label", "user", "_last_received", "_held", "_authorized", "_retain",
-        "_retained", "server_name", "peer_chain", "client_tls",
+        "_retained", "server_name", "peer_chain", "client_tls", "_control_decoder",
     )
 
     def __init__(
@@ -133,6 +141,7 @@ class ZtnaConnection:
         # Clients write the control stream at once (in 0-RTT when resuming).
         self._control_open = is_client
         self._control_backlog: list[bytes] = []
+        self._control_decoder = ControlDecoder()
         self._waiters: list[asyncio.Future[ZtnaConnection]] = []
         self.created_at = now
         # Loop time of the last packet from the peer (liveness checks: a client that hears
@@ -224,17 +233,23 @@ class ZtnaConnection:
         self._native.stream_write(self.handle, CONTROL_STREAM_ID, frame, False)
         self.endpoint.mark_dirty(self)
 
-    def read_control(self, decoder: ControlDecoder, data: bytes) -> list[ControlMessage] | None:
-        """Feed control-stream bytes to `decoder` (a `ztna.wire.ControlDecoder`). A corrupt
-        control stream cannot be resynchronised: it closes the connection (CLOSE_PROTOCOL),
-        logs one line and returns None."""
+    def _control_data(self, data: bytes) -> None:
+        """Bytes from the control stream: decode them and hand each message to the handler.
+        A corrupt control stream cannot be resynchronised: it closes the connection
+        (CLOSE_PROTOCOL), logs one line and tells the handler (`on_control_error`)."""
         try:
-            return decoder.feed(data)
+            messages = self._control_decoder.feed(data)
         except ProtocolError as exc:
             log.warning("%s: corrupt control stream (%s); closing the connection",
                         self.label or self.peer_address[0], exc)
             self.close(CLOSE_PROTOCOL, "bad control stream")
-            return None
+            self.handler.on_control_error(self, exc)
+            return
+        on_message = self.handler.on_message
+        for msg in messages:
+            if self.closed:
+                return
+            on_message(self, msg)
 
     def open_stream(self) -> int:
         if self.closed:
@@ -356,7 +371,7 @@ class ZtnaConnection:
                 if not self._control_open:
                     self._open_control()
                 if data:
-                    handler.on_control(self, data)
+                    self._control_data(data)
             else:
                 handler.on_stream_data(self, sid, data, end)
         elif kind == 5:

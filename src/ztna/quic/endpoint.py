@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from ztna import _native, limits
 from ztna.observe import format_address
+from ztna.quic.admission import AdmissionPolicy, Reason, SourceRateLimiter, Verdict
 from ztna.quic.config import QuicConfiguration
 
 # The close codes are re-exported for the drivers (`X as X` marks a re-export).
@@ -53,7 +54,7 @@ from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 
 if TYPE_CHECKING:
     from ztna._native import Event
-    from ztna.identity import ChainVerifier
+    from ztna.identity import ChainVerifier, Identity
     from ztna.quic.tickets import ServerTicketStore
     from ztna.quic.tokens import AddressTokens
 
@@ -132,7 +133,17 @@ class ServerOptions:
     address_tokens: AddressTokens | None = None     # its key keys Retry/NEW_TOKEN
     reset_secret: bytes | None = None  # keys stateless-reset tokens; stable across restarts
     rate_buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Asked for every verified client before any of its data is used: None admits it, a
+    # string refuses it with that close reason (a revoked certificate or identity).
+    admit: Callable[[Identity], str | None] | None = None
     _tls: _native.ServerTls | None = None   # built from the above (shared)
+
+    def admission(self) -> AdmissionPolicy:
+        """The admission policy of these options as they are now; the rate buckets are
+        shared by every endpoint using them."""
+        limiter = SourceRateLimiter(self.handshakes_per_source_per_second, buckets=self.rate_buckets)
+        return AdmissionPolicy(retry=self.retry, max_connections=self.max_connections,
+                               limiter=limiter)
 
     def reload_tls(self) -> None:
         """Build the native TLS again from `configuration` (new certificate files)."""
@@ -432,21 +443,22 @@ class QuicEndpoint:
             native.ignore(incoming)
             return
         stats = self._stats
-        if len(self.connections) >= server.max_connections:
+        decision = server.admission().decide(source=addr[0], validated=validated,
+                                             may_retry=may_retry,
+                                             open_connections=len(self.connections), now=now)
+        verdict, validation = decision.verdict, decision.validation
+        if verdict is Verdict.REFUSE:
             stats.connections_refused_limit += 1
             native.refuse(incoming)
             return
-        if validated:
-            if may_retry:
-                stats.address_tokens_validated += 1   # a returning client: no Retry round trip
-            else:
-                stats.retry_validated += 1
-        elif server.retry and may_retry:
+        if verdict is Verdict.RETRY:
             native.retry(incoming)                    # stateless: costs us no state
             return
-        # Charge the per-source budget only for attempts that will create a connection
-        # (Retry answers are stateless and cheap; counting them halved the real rate).
-        if not self._admit_handshake(addr[0], now):
+        if validation is Reason.TOKEN_VALIDATED:
+            stats.address_tokens_validated += 1       # a returning client: no Retry round trip
+        elif validation is Reason.RETRY_VALIDATED:
+            stats.retry_validated += 1
+        if verdict is Verdict.IGNORE:
             stats.handshakes_rate_limited += 1
             native.ignore(incoming)
             return
@@ -468,23 +480,6 @@ class QuicEndpoint:
             conn._held = None
         self._add(conn)
         stats.handshakes_started += 1
-
-    def _admit_handshake(self, source: str, now: float) -> bool:
-        """Token bucket per source IP (bounded table: oldest entries are evicted)."""
-        server = self.server
-        assert server is not None
-        rate = server.handshakes_per_source_per_second
-        buckets = server.rate_buckets
-        tokens, last = buckets.get(source, (rate, now))
-        tokens = min(rate, tokens + (now - last) * rate)
-        if tokens < 1.0:
-            buckets[source] = (tokens, now)
-            return False
-        buckets[source] = (tokens - 1.0, now)
-        if len(buckets) > 65536:
-            for key in list(buckets)[:16384]:
-                del buckets[key]
-        return True
 
     def _authorize(self, conn: ZtnaConnection, chain: list[bytes] | None) -> bool:
         """Check the client's certificate chain (server side). False = connection closed."""
@@ -518,6 +513,13 @@ class QuicEndpoint:
             self._stats.auth_failures += 1
             log.warning("refusing %s: %s", format_address(conn.peer_address), exc.reason)
             conn.close(CLOSE_AUTH, exc.reason)
+            return False
+        refusal = server.admit(conn.identity) if server.admit is not None else None
+        if refusal is not None:
+            self._stats.auth_failures += 1
+            log.warning("refusing %s (%s): %s", format_address(conn.peer_address),
+                        conn.identity.common_name, refusal)
+            conn.close(CLOSE_AUTH, refusal)
             return False
         conn._authorized = True
         conn._release_held()

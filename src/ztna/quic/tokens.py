@@ -8,31 +8,34 @@ out on the control stream (`AddressToken`, docs/protocol.md) for clients that ca
 NEW_TOKEN; ours present the NEW_TOKEN ones. A reconnect with a session ticket is then truly
 0-RTT.
 
-Token = 0xA7 || nonce(12) || AES-GCM(key, client IP || issued-at u64 ms). Bound to the IP
-only (NATs change ports), valid for `lifetime` seconds. The key lives in the state
-directory (0600) so tokens survive a restart, or in memory when there is none.
+The token format and its checks are `ztna.quic.admission.AddressTokenCodec` (pure); this
+module keeps the key — in the state directory (0600) so tokens survive a restart, or in
+memory when there is none — and supplies the wall clock and the nonces (injectable).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-MARKER = 0xA7
-_TIME = struct.Struct(">Q")
+from ztna.quic.admission import TOKEN_MARKER, TOKEN_NONCE_LEN, AddressTokenCodec
+
+MARKER = TOKEN_MARKER
 
 
 class AddressTokens:
-    def __init__(self, key: bytes | None = None, *, lifetime: float = 86400.0) -> None:
+    def __init__(self, key: bytes | None = None, *, lifetime: float = 86400.0,
+                 wall_clock: Callable[[], float] = time.time,
+                 rng: Callable[[int], bytes] = os.urandom) -> None:
         self.key = key or AESGCM.generate_key(bit_length=128)
-        self.aead = AESGCM(self.key)
+        self.codec = AddressTokenCodec(self.key, lifetime=lifetime)
         self.lifetime = lifetime
+        self.wall_clock = wall_clock
+        self.rng = rng
 
     @classmethod
     def from_state_dir(cls, directory: str | Path | None, *, lifetime: float = 86400.0) -> AddressTokens:
@@ -52,26 +55,11 @@ class AddressTokens:
             fh.write(key)
         return cls(key, lifetime=lifetime)
 
-    @staticmethod
-    def _ip_bytes(host: str) -> bytes:
-        addr = ipaddress.ip_address(host.split("%")[0])
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return addr.packed
-
     def issue(self, host: str, *, now: float | None = None) -> bytes:
-        issued = int((time.time() if now is None else now) * 1000)
-        nonce = os.urandom(12)
-        plain = self._ip_bytes(host) + _TIME.pack(issued)
-        return bytes([MARKER]) + nonce + self.aead.encrypt(nonce, plain, None)
+        """A token for `host`, issued at wall time `now` (default: the injected clock)."""
+        wall = self.wall_clock() if now is None else now
+        return self.codec.issue(host, wall_now=wall, nonce=self.rng(TOKEN_NONCE_LEN))
 
     def validate(self, token: bytes, host: str, *, now: float | None = None) -> bool:
-        if len(token) < 1 + 12 + 16 + 8 + 4 or token[0] != MARKER:
-            return False
-        try:
-            plain = self.aead.decrypt(token[1:13], token[13:], None)
-        except InvalidTag:
-            return False
-        ip, issued = plain[:-8], _TIME.unpack(plain[-8:])[0] / 1000
-        current = time.time() if now is None else now
-        return ip == self._ip_bytes(host) and 0 <= current - issued <= self.lifetime
+        wall = self.wall_clock() if now is None else now
+        return self.codec.validate(token, host, wall_now=wall)

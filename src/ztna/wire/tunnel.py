@@ -44,9 +44,11 @@ __all__ = [
     "decode_service_datagram",
     "decode_to_connector",
     "encode_from_connector",
+    "from_connector_prefix",
     "encode_service_datagram",
     "encode_to_connector",
     "service_datagram_overhead",
+    "service_datagram_prefix",
     "to_connector_from_service_datagram",
     "to_connector_overhead",
     "FROM_CONNECTOR_OVERHEAD",
@@ -135,6 +137,13 @@ def _service_id(data: Buffer, view: memoryview, start: int, end: int) -> str:
 
 # ---- 0x2F -------------------------------------------------------------------------------
 
+def service_datagram_prefix(service_id: str) -> bytes:
+    """The 0x2F header for `service_id` alone (prepend an IP packet to get the DATAGRAM)."""
+    validate_service_id(service_id)
+    raw = service_id.encode("ascii")
+    return bytes((SERVICE_DATAGRAM, len(raw))) + raw
+
+
 def encode_service_datagram(service_id: str, packet: Buffer) -> bytes:
     validate_service_id(service_id)
     _check_packet(packet)
@@ -190,6 +199,13 @@ def decode_to_connector(data: Buffer) -> tuple[int, str, memoryview]:
 
 
 # ---- 0x31 -------------------------------------------------------------------------------
+
+def from_connector_prefix(agent_id: int) -> bytes:
+    """The 0x31 header for `agent_id` alone (FROM_CONNECTOR_OVERHEAD bytes): a sender that
+    prepends it to many packets builds it once."""
+    _check_agent(agent_id)
+    return _HDR_31.pack(FROM_CONNECTOR, TUNNEL_VERSION, agent_id)
+
 
 def encode_from_connector(agent_id: int, packet: Buffer) -> bytes:
     _check_agent(agent_id)

@@ -1,6 +1,6 @@
 """Intermediate + Connector + TUN-mode Agent in a `ztna.lab` topology, with an HTTP backend.
 
-Shared by tests/agent/test_tun_stream.py and bench/carriage.py. The app host serves
+Shared by the TUN and P2P lab tests and bench/carriage.py, bench/datapath.py. The app host serves
 `www/` (random files, sha256 known) with `http.server`; the Connector exposes it as
 `web` port 80 on 10.100.0.2 and fd00:100::2; the Agent runs in TUN mode in the agent
 namespace with the requested `--tcp-transport`. `curl_sha` downloads through the TUN.
@@ -8,9 +8,11 @@ namespace with the requested `--tcp-transport`. `curl_sha` downloads through the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ztna import procs
 from ztna.certs import init_pki
 
 PY = sys.executable
@@ -64,11 +67,10 @@ class World:
         self.vips = [VIP4, VIP6] if self.v6 else [VIP4]
         self.agent_runs = 0
 
-    def spawn(self, node: str, argv: list[str], name: str) -> subprocess.Popen[bytes]:
-        fh = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        p = self.lab.spawn(node, argv, stdout=fh, stderr=subprocess.STDOUT,
-                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        fh.close()
+    def spawn(self, node: str, argv: list[str], name: str,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        p = procs.spawn(argv, log=self.logs / f"{name}.log", append=True, env=env,
+                        popen=functools.partial(self.lab.spawn, node))
         self.procs.append(p)
         return p
 
@@ -99,15 +101,7 @@ class World:
         p = self.agent
         if p is None:
             return
-        if kill:
-            p.kill()
-        else:
-            p.terminate()
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+        procs.stop(p, grace=15, sig=signal.SIGKILL if kill else signal.SIGTERM)
         self.agent = None
 
     def status(self) -> dict[str, Any] | None:
@@ -165,15 +159,7 @@ class World:
         return self.lab.run("agent", ["nft", "list", "tables"]).stdout
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        procs.stop_all(self.procs, grace=10)
 
 
 @contextmanager

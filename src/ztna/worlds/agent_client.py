@@ -12,7 +12,7 @@ from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
 from ztna.wire import (
-    ControlDecoder,
+    ControlMessage,
     Hello,
     Ping,
     Register,
@@ -26,7 +26,6 @@ class AgentClient(ConnectionHandler):
     """A minimal Agent: registers services, sends 0x2F, receives bare IP packets."""
 
     def __init__(self) -> None:
-        self.decoder = ControlDecoder()
         self.control: list[Any] = []
         self.packets: asyncio.Queue[bytes] = asyncio.Queue()
         self.streams: dict[int, bytearray] = {}
@@ -51,8 +50,8 @@ class AgentClient(ConnectionHandler):
             self.conn.send_control(encode_control(Register(role=Role.AGENT, service_id=s)))
         return self
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        self.control += self.decoder.feed(data)
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        self.control.append(msg)
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         if data and data[0] >= 0x40:

@@ -1,8 +1,8 @@
-"""The namespace world of the TUN tests, reusable by tests and bench/ (root only).
+"""The namespace world of the Connector's TUN tests, reusable by tests and bench/ (root only).
 
 One fresh network namespace with everything on its loopback: Intermediate, Connector,
 http.server and a sha256 sink as backends, a UDP echo, and the TUN Agent bridge
-(`tun_bridge.py`) so the kernel's TCP (curl / Python sockets) talks through the tunnel.
+(`ztna.worlds.tun_bridge`) so the kernel's TCP (curl / Python sockets) talks through the tunnel.
 The P2P port is dropped by one global nftables rule (relay traffic only); `Ns.loss(N)`
 drops N % of the UDP datagrams to and from the Intermediate (`numgen random mod 100`),
 i.e. on the relay path, both directions.
@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ztna import procs
 from ztna.certs import init_pki
 
-HERE = Path(__file__).parent
 PY = sys.executable
 ZTNA = str(Path(sys.executable).parent / "ztna")
 INTER, HTTP, SINK, P2P, METRICS = 14433, 18080, 18081, 4434, 19091
@@ -36,10 +36,7 @@ class Ns:
                               capture_output=True, text=True, **kw)  # type: ignore[call-overload]
 
     def spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, PYTHONPATH=str(HERE))
-        p = subprocess.Popen(["ip", "netns", "exec", self.name, *args], env=env,
-                             stdout=open(self.tmp / f"{log}.out", "wb"),
-                             stderr=subprocess.STDOUT)
+        p = procs.spawn(args, log=self.tmp / f"{log}.out", netns=self.name)
         self.procs.append(p)
         return p
 
@@ -55,12 +52,8 @@ class Ns:
 
 
 def wait_for(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    procs.wait_until(cond, timeout=timeout, what=f"timed out waiting for {what}", interval=0.1,
+                     error=AssertionError)
 
 
 def start_world(tmp: Path, name: str, connector_args: tuple[str, ...] = ()) -> Ns:
@@ -80,7 +73,7 @@ def start_world(tmp: Path, name: str, connector_args: tuple[str, ...] = ()) -> N
         www.mkdir(exist_ok=True)
         ns.spawn([PY, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(www),
                   str(HTTP)], "http")
-        ns.spawn([PY, str(HERE / "sha_sink.py"), str(SINK)], "sink")
+        ns.spawn([PY, "-m", "ztna.worlds.sha_sink", str(SINK)], "sink")
         ns.spawn([PY, "-c", "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
                   "s.bind(('127.0.0.1',17007))\nwhile 1:\n d,a=s.recvfrom(65535); s.sendto(d,a)"],
                  "udpecho")
@@ -95,7 +88,7 @@ def start_world(tmp: Path, name: str, connector_args: tuple[str, ...] = ()) -> N
                  "connector")
         wait_for(lambda: '"ok": true' in ns.run(f"curl -s 127.0.0.1:{METRICS}/healthz").stdout,
                  "connector healthz")
-        bridge = ns.spawn([PY, str(HERE / "tun_bridge.py"), "127.0.0.1", str(INTER), str(pki),
+        bridge = ns.spawn([PY, "-m", "ztna.worlds.tun_bridge", "127.0.0.1", str(INTER), str(pki),
                            "web=10.100.0.2/32,fd00:100::2/128", "echo=10.100.0.3/32"], "bridge")
         wait_for(lambda: b"READY" in (tmp / "bridge.out").read_bytes(), "TUN bridge")
         assert bridge.poll() is None
@@ -106,13 +99,7 @@ def start_world(tmp: Path, name: str, connector_args: tuple[str, ...] = ()) -> N
 
 
 def stop_world(ns: Ns) -> None:
-    for p in ns.procs:
-        p.terminate()
-    for p in ns.procs:
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    procs.stop_all(ns.procs, grace=5)
     subprocess.run(["ip", "netns", "del", ns.name])
 
 
@@ -150,10 +137,9 @@ def upload(ns: Ns, size: int) -> float:
 
 def stream(ns: Ns, mode: str, size: int) -> float:
     """One TCP-carrying QUIC stream (get: HTTP download, upload: to the sink); seconds."""
-    env = f"PYTHONPATH={HERE}"
     if mode == "get":
         want = make_file(ns, size)
-        r = ns.run(f"{env} {PY} {HERE / 'stream_client.py'} 127.0.0.1 {INTER} "
+        r = ns.run(f"{PY} -m ztna.worlds.stream_client 127.0.0.1 {INTER} "
                    f"{ns.tmp / 'pki'} web 10.100.0.2 80 get /f{size}", timeout=700)
         assert f"SHA256 {want}" in r.stdout and "STATUS 0" in r.stdout, r.stdout + r.stderr
     else:
@@ -163,7 +149,7 @@ def stream(ns: Ns, mode: str, size: int) -> float:
         while left:
             h.update(pattern[:min(left, len(pattern))])
             left -= min(left, len(pattern))
-        r = ns.run(f"{env} {PY} {HERE / 'stream_client.py'} 127.0.0.1 {INTER} "
+        r = ns.run(f"{PY} -m ztna.worlds.stream_client 127.0.0.1 {INTER} "
                    f"{ns.tmp / 'pki'} web 10.100.0.2 81 upload {size}", timeout=700)
         assert f"REPLY {h.hexdigest()} {size}" in r.stdout, r.stdout + r.stderr
     return float(r.stdout.split("SECONDS")[1].split()[0])

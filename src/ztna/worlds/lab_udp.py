@@ -4,8 +4,8 @@ with a UDP forward; the status JSON tells the path and the warm-up."""
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import subprocess
 import sys
 import time
@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ztna import procs
 from ztna.certs import init_pki
 
 PY = sys.executable
@@ -44,13 +45,11 @@ def ztna_world(lab: Any, workdir: Path, *, agent_port: int = 15353) -> Iterator[
     inter_hp = f"[{relay}]:4433" if ":" in relay else f"{relay}:4433"
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
-    procs = []
+    children: list[subprocess.Popen[bytes]] = []
 
     def spawn(node: str, argv: list[str], name: str) -> subprocess.Popen[bytes]:
-        fh = open(logs / f"{name}.log", "wb")  # noqa: SIM115
-        p = lab.spawn(node, argv, stdout=fh, stderr=subprocess.STDOUT,
-                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        procs.append(p)
+        p = procs.spawn(argv, log=logs / f"{name}.log", popen=functools.partial(lab.spawn, node))
+        children.append(p)
         return p
 
     try:
@@ -71,14 +70,7 @@ def ztna_world(lab: Any, workdir: Path, *, agent_port: int = 15353) -> Iterator[
                         "--state-dir", str(state), "-U", f"127.0.0.1:{agent_port}=web:53"], "agent")
         yield {"lab": lab, "state": state, "port": agent_port, "logs": logs}
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        procs.stop_all(children, grace=10)
 
 
 def agent_status(world: dict[str, Any]) -> dict[str, Any] | None:

@@ -1,6 +1,6 @@
 """Minimal TUN Agent for tests (run inside a namespace as root; replaced later by the real Agent).
 
-Usage: python tun_bridge.py HOST PORT PKI SERVICE=CIDR[,CIDR] ...
+Usage: python -m ztna.worlds.tun_bridge HOST PORT PKI SERVICE=CIDR[,CIDR] ...
 Creates TUN `zt0` (100.64.0.1), routes each service's prefixes to it, connects to the
 Intermediate as an Agent, registers every service, wraps TUN packets in 0x2F and writes
 received bare IP packets back to the TUN. MTU = live max DATAGRAM payload − (7 + len(id))
@@ -21,7 +21,7 @@ from pathlib import Path
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
-from ztna.wire import ControlDecoder, Ping, Register, RegistrationAck, Role, encode_control
+from ztna.wire import ControlMessage, Ping, Register, RegistrationAck, Role, encode_control
 
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
@@ -30,13 +30,11 @@ IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
 class Bridge(ConnectionHandler):
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.dec = ControlDecoder()
         self.acks: set[str] = set()
 
-    def on_control(self, conn: ZtnaConnection, data: bytes) -> None:
-        for m in self.dec.feed(data):
-            if isinstance(m, RegistrationAck):
-                self.acks.add(m.service_id)
+    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
+        if isinstance(msg, RegistrationAck):
+            self.acks.add(msg.service_id)
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         if data and data[0] >= 0x45:

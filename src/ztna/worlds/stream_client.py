@@ -1,6 +1,6 @@
 """Open one TCP-carrying QUIC stream through the Intermediate and measure it.
 
-Usage: python stream_client.py HOST PORT PKI SERVICE VIP VPORT (upload BYTES | get PATH)
+Usage: python -m ztna.worlds.stream_client HOST PORT PKI SERVICE VIP VPORT (upload BYTES | get PATH)
 Prints "STATUS <n> BYTES <n> SHA256 <hex> SECONDS <s>" for what came back after the status
 byte (get: the HTTP response body; upload: the sink's reply).
 """
@@ -13,9 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from connector_helpers import AgentClient  # noqa: E402  (run with tests/connector on sys.path)
-
 from ztna.wire import StreamOpen, encode_stream_open
+from ztna.worlds.agent_client import AgentClient
 
 
 async def main() -> None:
