@@ -886,6 +886,11 @@ impl Core {
     }
 
     pub fn stream_write(&mut self, h: usize, sid: u64, data: &[u8], fin: bool) -> bool {
+        self.stream_write_bytes(h, sid, Bytes::copy_from_slice(data), fin)
+    }
+
+    /// `stream_write` of bytes we own already (the splices: no copy on the way).
+    pub fn stream_write_bytes(&mut self, h: usize, sid: u64, data: Bytes, fin: bool) -> bool {
         let Some(conn) = self.conns.get_mut(&h) else { return false };
         let st = conn.streams.entry(sid).or_default();
         if st.fin_wanted {
@@ -893,7 +898,7 @@ impl Core {
         }
         if !data.is_empty() {
             st.pending_bytes += data.len();
-            st.pending.push_back(Bytes::copy_from_slice(data));
+            st.pending.push_back(data);
         }
         if fin {
             st.fin_wanted = true;

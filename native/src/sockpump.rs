@@ -15,6 +15,8 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use bytes::BytesMut;
+
 use crate::core::{Core, Ev};
 use crate::splice::{SPLICE_BACKLOG, SPLICE_DONE, SPLICE_FAILED, SPLICE_GONE, SPLICE_RESET};
 
@@ -47,7 +49,7 @@ pub struct SocketSplicer {
     by_stream: HashMap<(usize, u64), u64>,
     /// Splices epoll reported since the last service pass.
     ready: HashSet<u64>,
-    buf: Vec<u8>,
+    buf: BytesMut,
 }
 
 fn errno() -> io::Error {
@@ -66,7 +68,7 @@ impl SocketSplicer {
             splices: HashMap::new(),
             by_stream: HashMap::new(),
             ready: HashSet::new(),
-            buf: vec![0u8; READ_CHUNK],
+            buf: BytesMut::with_capacity(4 * READ_CHUNK),
         })
     }
 
@@ -221,7 +223,7 @@ impl SocketSplicer {
     }
 
     /// One splice's work; Some((how, code)) when it is over.
-    fn step(core: &mut Core, sp: &mut Splice, buf: &mut [u8]) -> Option<(u8, u64)> {
+    fn step(core: &mut Core, sp: &mut Splice, buf: &mut BytesMut) -> Option<(u8, u64)> {
         let (h, sid) = (sp.h, sp.sid);
         if !core.live(h) {
             return Some((SPLICE_GONE, 0));
@@ -293,7 +295,13 @@ impl SocketSplicer {
         }
         // Socket → stream, while the stream keeps up.
         while sp.readable && !sp.read_eof && core.stream_backlog(h, sid) < SPLICE_BACKLOG {
-            let n = unsafe { libc::read(raw, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+            if buf.capacity() < READ_CHUNK {
+                *buf = BytesMut::with_capacity(READ_CHUNK.max(buf.capacity()) * 4);
+            }
+            let room = buf.capacity().min(READ_CHUNK);
+            // SAFETY: read(2) writes at most `room` bytes into the spare capacity; only the
+            // `n` it reports are made part of `buf`.
+            let n = unsafe { libc::read(raw, buf.as_mut_ptr() as *mut libc::c_void, room) };
             if n < 0 {
                 let e = errno();
                 match e.kind() {
@@ -312,7 +320,10 @@ impl SocketSplicer {
                 break;
             }
             let n = n as usize;
-            if !core.stream_write(h, sid, &buf[..n], false) {
+            unsafe { buf.set_len(n) };
+            // The chunk goes to the stream as it is; the rest of the allocation is reused.
+            let chunk = buf.split_to(n).freeze();
+            if !core.stream_write_bytes(h, sid, chunk, false) {
                 core.reset_stream(h, sid, 0);
                 return Some((SPLICE_FAILED, 0));
             }

@@ -216,7 +216,7 @@ impl Core {
         let mut n = 0u64;
         for c in chunks {
             n += c.len() as u64;
-            if !self.stream_write(dst.0, dst.1, &c, false) {
+            if !self.stream_write_bytes(dst.0, dst.1, c, false) {
                 self.reset_stream(src.0, src.1, 0);
                 self.reset_stream(dst.0, dst.1, 0);
                 return Some((SPLICE_FAILED, 0));

@@ -33,6 +33,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from ztna import _native
 from ztna.addresses import format_address
 from ztna.errors import DecodeError
 from ztna.intermediate.admin.snapshot import FlowView
@@ -46,6 +47,7 @@ from ztna.wire.stream_header import (
     decode_stream_header,
     decode_stream_reply,
     encode_stream_open,
+    encode_stream_reply,
     encode_stream_status,
 )
 
@@ -223,16 +225,29 @@ class StreamSplicer:
         if NATIVE_SPLICE and leg.conn.endpoint is target.endpoint and hasattr(target.endpoint, "splice_streams"):
             splice = leg.splice
             splice.native = target.endpoint.splice_streams(
-                leg.conn, leg.sid, target, tsid, lambda how, code, sent, received: self._native_end(splice))
+                leg.conn, leg.sid, target, tsid,
+                lambda how, code, sent, received: self._native_end(splice, how, sent, received))
             if splice.native:
                 leg.conn.consume_stream(leg.sid, leg.owed)   # what came with the header
                 leg.owed = 0
         return True
 
-    def _native_end(self, splice: _Splice) -> None:
-        """A native splice is over (the core passed on the FINs or resets itself)."""
-        if not splice.done:
-            self._remove(splice, "closed")
+    def _native_end(self, splice: _Splice, how: int, sent: int, received: int) -> None:
+        """A native splice is over (the core passed on the FINs or resets itself); `sent` /
+        `received` are the Agent leg's: what went down to the Agent, what came up from it."""
+        if splice.done:
+            return
+        splice.up += received
+        splice.down += sent
+        flow = splice.audit
+        if flow is not None:
+            flow.to_service += received
+            # The Connector's status reply crossed natively too; it is not payload.
+            reply = (len(encode_stream_reply(StreamStatus.RESUMED, 0)) if splice.destination == "(resumed)"
+                     else len(encode_stream_status(StreamStatus.OK)))
+            flow.from_service += max(0, sent - reply)
+        reason = {_native.SPLICE_DONE: "closed", _native.SPLICE_RESET: "reset"}.get(how, "connection closed")
+        self._remove(splice, reason)
 
     def _count(self, splice: _Splice, leg: _Leg, data: bytes) -> None:
         flow = splice.audit

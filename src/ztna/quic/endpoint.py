@@ -292,13 +292,15 @@ class QuicEndpoint:
 
     def splice_streams(self, a: ZtnaConnection, sid_a: int, b: ZtnaConnection, sid_b: int,
                        on_end: SpliceEnd) -> bool:
-        """Join two streams of this endpoint natively, both ways. `on_end` runs once per
-        leg (with that leg's counts). False if either connection is not live."""
+        """Join two streams of this endpoint natively, both ways. `on_end` runs once, when
+        both legs are over, with the first stream's counts (sent = into `sid_a`, received =
+        out of it; the second leg's are the same, mirrored). False if either connection is
+        not live."""
         splice_id = self.native.splice_streams(a.handle, sid_a, b.handle, sid_b)
         if splice_id is None:
             return False
         self._splices[(splice_id, a.handle, sid_a)] = on_end
-        self._splices[(splice_id, b.handle, sid_b)] = on_end
+        self._splices[(splice_id, b.handle, sid_b)] = lambda how, code, sent, received: None
         self.mark_dirty(a)
         return True
 
