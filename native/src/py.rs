@@ -669,9 +669,10 @@ impl Endpoint {
         .flatten()
     }
 
-    /// (sent, received) of a live socket splice.
+    /// (sent into, received from) stream `sid` of `h` so far, while it is spliced (to a
+    /// socket, or as a leg of a stream pair).
     fn splice_counts(&self, h: usize, sid: u64) -> Option<(u64, u64)> {
-        self.splicer.as_ref()?.counts(h, sid)
+        self.splicer.as_ref().and_then(|s| s.counts(h, sid)).or_else(|| self.core.pair_counts(h, sid))
     }
 
     /// Join two streams of this endpoint both ways (the Intermediate's splice); the id, or

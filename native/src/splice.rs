@@ -251,6 +251,13 @@ impl Core {
         }
     }
 
+    /// (sent into, received from) stream `sid` of `h` so far, if it is a pair's leg.
+    pub fn pair_counts(&self, h: usize, sid: u64) -> Option<(u64, u64)> {
+        let leg = self.pairs.legs.get(&(h, sid))?;
+        let other = self.pairs.legs.get(&leg.other)?;
+        Some((other.moved, leg.moved))
+    }
+
     /// Every pair one of whose legs is on `h` (a connection that is going away) ends now.
     pub fn pairs_of(&self, h: usize) -> Vec<(usize, u64)> {
         self.pairs.legs.keys().copied().filter(|k| k.0 == h).collect()

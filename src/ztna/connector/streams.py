@@ -117,6 +117,14 @@ class StreamFlow(asyncio.Protocol):
             self.audit.from_service += d_sent
             self.audit.to_service += d_received
 
+    def sync(self) -> None:
+        """Bring a live native splice's counts into rx/tx (the audit's interim lines)."""
+        conn = self.spliced
+        if conn is not None:
+            counts = conn.splice_counts(self.sid)
+            if counts is not None:
+                self.count(*counts)
+
     def unsplice(self) -> None:
         conn, self.spliced = self.spliced, None
         if conn is not None:

@@ -13,12 +13,13 @@ on every stream event and, while any leg holds uncredited bytes, every `RECHECK`
 (the transport reports no "drained" event). FIN ↔ FIN, reset ↔ reset; a peer that goes away resets the
 other leg of each of its splices. At most `MAX_SPLICES_PER_PEER` per Agent.
 
-Once the Connector leg is open and the headers are written, the two streams are joined in
-the native core (`QuicEndpoint.splice_streams`) when both connections are on the same
-endpoint: bytes, FIN and resets cross there with the same bounds (`PAIR_BACKLOG` in
-native/src/splice.rs is `BACKLOG_LIMIT`), and Python hears once per leg when it is over.
-Legs on two endpoints (an IPv4 and an IPv6 socket), or ZTNA_PYTHON_SPLICE=1, keep the
-Python copy described above.
+Once the Connector's status reply has come through (its arrival is the backend connect
+time the audit records), the two streams are joined in the native core
+(`QuicEndpoint.splice_streams`) when both connections are on the same endpoint: bytes, FIN
+and resets cross there with the same bounds (`PAIR_BACKLOG` in native/src/splice.rs is
+`BACKLOG_LIMIT`), and Python hears once when it is over; the admin view and the audit
+read its counts as it runs (`splice_counts`). Legs on two endpoints (an IPv4 and an IPv6
+socket), or ZTNA_PYTHON_SPLICE=1, keep the Python copy described above.
 
 `StreamResume` (docs/protocol.md §5.1: a stream that was on a direct connection continues
 here) is spliced the same way, as `RelayedStreamResume(agent_id, ...)`; the Connector checks
@@ -47,7 +48,6 @@ from ztna.wire.stream_header import (
     decode_stream_header,
     decode_stream_reply,
     encode_stream_open,
-    encode_stream_reply,
     encode_stream_status,
 )
 
@@ -79,7 +79,7 @@ class _Leg:
 
 class _Splice:
     __slots__ = ("agent", "connector", "head", "done", "native", "audit", "reply_pending", "service",
-                 "destination", "started", "up", "down")
+                 "destination", "started", "up", "down", "counted")
 
     def __init__(self) -> None:
         self.agent: _Leg | None = None
@@ -96,6 +96,7 @@ class _Splice:
         self.started = 0.0
         self.up = 0      # bytes Agent -> Connector
         self.down = 0
+        self.counted = (0, 0)   # the native pair's (sent, received) of the Agent leg, taken in
 
     def view(self, ended: float | None) -> FlowView:
         return FlowView(agent_id=self.agent.peer if self.agent is not None else 0,
@@ -170,6 +171,8 @@ class StreamSplicer:
         if leg.other is not None:
             self._credit(leg.other)
         self._maybe_done(splice)
+        if leg is splice.connector and not splice.native:
+            self._go_native(splice)
 
     def _open(self, leg: _Leg, header: Any, rest: bytes) -> bool:
         srv = self.srv
@@ -222,32 +225,54 @@ class StreamSplicer:
                 dst_port=header.dst_port if isinstance(header, StreamOpen) else None,
                 connector=target.label, setup=dict(srv.setup_times.get(leg.conn, {})))
             flow.to_service += len(rest)
-        if NATIVE_SPLICE and leg.conn.endpoint is target.endpoint and hasattr(target.endpoint, "splice_streams"):
-            splice = leg.splice
-            splice.native = target.endpoint.splice_streams(
-                leg.conn, leg.sid, target, tsid,
-                lambda how, code, sent, received: self._native_end(splice, how, sent, received))
-            if splice.native:
-                leg.conn.consume_stream(leg.sid, leg.owed)   # what came with the header
-                leg.owed = 0
         return True
+
+    def _go_native(self, splice: _Splice) -> None:
+        """Join the two legs in the native core, once the Connector's status reply came
+        through here (its arrival is the backend connect time the audit records)."""
+        a, c = splice.agent, splice.connector
+        if (not NATIVE_SPLICE or a is None or c is None or splice.done or c.fin_in
+                or a.conn.endpoint is not c.conn.endpoint or not hasattr(c.conn.endpoint, "splice_streams")):
+            return
+        splice.native = c.conn.endpoint.splice_streams(
+            a.conn, a.sid, c.conn, c.sid,
+            lambda how, code, sent, received: self._native_end(splice, how, sent, received))
+        if splice.native:
+            for leg in (a, c):              # what went through here so far is credited now
+                if leg.owed:
+                    leg.conn.consume_stream(leg.sid, leg.owed)
+                    leg.owed = 0
+                self._owing.discard(leg)
 
     def _native_end(self, splice: _Splice, how: int, sent: int, received: int) -> None:
         """A native splice is over (the core passed on the FINs or resets itself); `sent` /
         `received` are the Agent leg's: what went down to the Agent, what came up from it."""
         if splice.done:
             return
-        splice.up += received
-        splice.down += sent
-        flow = splice.audit
-        if flow is not None:
-            flow.to_service += received
-            # The Connector's status reply crossed natively too; it is not payload.
-            reply = (len(encode_stream_reply(StreamStatus.RESUMED, 0)) if splice.destination == "(resumed)"
-                     else len(encode_stream_status(StreamStatus.OK)))
-            flow.from_service += max(0, sent - reply)
+        self._take_counts(splice, sent, received)
         reason = {_native.SPLICE_DONE: "closed", _native.SPLICE_RESET: "reset"}.get(how, "connection closed")
         self._remove(splice, reason)
+
+    def _sync(self, splice: _Splice) -> None:
+        """Bring a live native pair's byte counts into the view and the audit."""
+        leg = splice.agent
+        if not splice.native or splice.done or leg is None:
+            return
+        counts = leg.conn.splice_counts(leg.sid)
+        if counts is not None:
+            self._take_counts(splice, *counts)
+
+    def _take_counts(self, splice: _Splice, sent: int, received: int) -> None:
+        d_sent, d_received = sent - splice.counted[0], received - splice.counted[1]
+        if d_sent <= 0 and d_received <= 0:
+            return
+        splice.up += d_received
+        splice.down += d_sent
+        flow = splice.audit
+        if flow is not None:               # the status reply came through Python, not here
+            flow.to_service += d_received
+            flow.from_service += d_sent
+        splice.counted = (sent, received)
 
     def _count(self, splice: _Splice, leg: _Leg, data: bytes) -> None:
         flow = splice.audit
@@ -270,6 +295,9 @@ class StreamSplicer:
 
     def live_audits(self) -> list[FlowAudit]:
         """The audit state of every live splice (interim lines)."""
+        for lg in list(self.legs.values()):
+            if lg is lg.splice.agent:
+                self._sync(lg.splice)
         return [lg.splice.audit for lg in self.legs.values()
                 if lg is lg.splice.agent and lg.splice.audit is not None and not lg.splice.done]
 
@@ -338,6 +366,8 @@ class StreamSplicer:
         """Open spliced flows, then the recently ended ones (newest first)."""
         live = {id(leg.splice): leg.splice for leg in self.legs.values()
                 if leg.splice.connector is not None and not leg.splice.done}
+        for splice in live.values():
+            self._sync(splice)
         return [s.view(None) for s in live.values()] + list(reversed(self.recent))
 
     def _remove(self, splice: _Splice, reason: str = "refused") -> None:

@@ -305,7 +305,8 @@ class ZtnaConnection:
         return self.endpoint.unsplice(self, stream_id)
 
     def splice_counts(self, stream_id: int) -> tuple[int, int] | None:
-        """(sent, received) of a live socket splice, None if there is none."""
+        """(sent into, received from) a live splice of the stream (to a socket, or a stream
+        pair's leg), None if there is none."""
         counts = self._native.splice_counts(self.handle, stream_id)
         return None if counts is None else (int(counts[0]), int(counts[1]))
 
