@@ -202,6 +202,13 @@ class TunDevice:
         log.info("%s removed with its routes", self.name)
 
 
+def add_address(index: int, address: str) -> None:
+    """One more /32 on the device (the DNS responder's); already there is fine. Blocking."""
+    error = _netlink("add_address", index=index, address=address).get("error")
+    if error:
+        raise RuntimeError(error)
+
+
 def delete_nft_table(table: str) -> bool:
     """Delete `table inet <table>` if it exists; True if it did (blocking: nft binary)."""
     try:

@@ -13,6 +13,7 @@ the Agent's steady state holds no netlink library. Requests (`op` plus arguments
   virtual IP (replacing another owner's); answers {index, addresses, warnings} or {error}.
 * `set_mtu` {index, mtu}: answers {} or {error}.
 * `close` {tun, index, routes}: routes and device removed (quietly if already gone).
+* `add_address` {index, address}: one more /32 (the DNS responder's); answers {} or {error}.
 
 Exit code 0 with an `error` key for a netlink refusal the caller reports; anything else
 (bad request, crash) is a non-zero exit and a traceback on stderr.
@@ -140,7 +141,18 @@ def close(req: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-OPS = {"recover": recover, "configure": configure, "set_mtu": set_mtu, "close": close}
+def add_address(req: dict[str, Any]) -> dict[str, Any]:
+    try:
+        with IPRoute() as ipr:
+            ipr.addr("add", index=int(req["index"]), address=req["address"], prefixlen=32)
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:    # already there (a restart on the same device)
+            return {"error": str(exc)}
+    return {}
+
+
+OPS = {"recover": recover, "configure": configure, "set_mtu": set_mtu, "close": close,
+       "add_address": add_address}
 
 
 def main(argv: list[str]) -> int:
