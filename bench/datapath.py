@@ -23,6 +23,13 @@ relay with the Connector's P2P port blocked and a fresh Agent):
 * udp-flood: `--flood-pps` 64-byte datagrams per second (0 = as fast as Python sends) to
   the echo backend through the tunnel; sent / echoed packets per second.
 
+`--tcp-transport stream` runs the Agent with TCP on QUIC streams instead (nftables redirect,
+each connection spliced natively to its stream; `--python-splice` sets ZTNA_PYTHON_SPLICE=1
+for every program, the Python copy loops, to compare the two in one run). No TCP segment
+crosses the TUN then, and veth GRO merges the uplink's packets, so "packets" are payload
+packets: the bytes curl received / 1300 (one full QUIC packet's stream payload); `us_per_mb`
+is CPU µs per MB of payload.
+
 "Packets" = packets through the Agent's TUN device (rx+tx, from the kernel's counters):
 every one of them crossed each process once, so µs/packet of a process = its CPU time
 (utime+stime from /proc) over the window ÷ TUN packets. The lab processes share the box
@@ -138,7 +145,15 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+COUNT_WAN = False   # stream transport: count the uplink's packets, not the TUN's
+STREAM_PACKET = 1300  # stream payload bytes of one full QUIC packet (1350-byte UDP payload)
+
+
 def tun_packets(world: DataWorld) -> int:
+    if COUNT_WAN:
+        r = world.lab.run("agent", ["ip", "-s", "-j", "link", "show"])
+        return sum(int(i["stats64"]["rx"]["packets"]) + int(i["stats64"]["tx"]["packets"])
+                   for i in json.loads(r.stdout) if i["ifname"] not in ("lo", "ztna0"))
     r = world.lab.run("agent", ["ip", "-s", "-j", "link", "show", "ztna0"])
     st = json.loads(r.stdout)[0]["stats64"]
     return int(st["rx"]["packets"]) + int(st["tx"]["packets"])
@@ -187,6 +202,13 @@ def curl_window(world: DataWorld, seconds: float) -> dict[str, Any]:
     res = w.result()
     res["mbit_s"] = round(int(info["size"]) * 8 / float(info["time_total"]) / 1e6, 2)
     res["bytes"] = int(info["size"])
+    if COUNT_WAN:
+        # veth GRO/GSO merges the uplink's packets, so per packet is per payload-sized packet
+        # here: the bytes curl got / STREAM_PACKET (a full QUIC packet's stream payload).
+        pk = max(1, res["bytes"] // STREAM_PACKET)
+        res["payload_packets"] = pk
+        res["us_per_packet"] = {k: round(1e6 * v / pk, 2) for k, v in w.cpu.items()}
+        res["us_per_mb"] = {k: round(1e12 * v / max(res["bytes"], 1), 1) for k, v in w.cpu.items()}
     return res
 
 
@@ -308,7 +330,7 @@ def run_world(lab: Lab, work: Path, args: argparse.Namespace) -> dict[str, Any]:
         for path in args.paths:
             if path == "relay":
                 lab.block_udp("conn", 4434, direction="both")
-            world.start_agent("datagram")
+            world.start_agent(args.tcp_transport)
             world.roles["agent"] = world.agent  # type: ignore[assignment]
             world.wait(path, timeout=40)
             time.sleep(1.0)
@@ -358,8 +380,15 @@ def main() -> int:
                     help="with --profile: py-spy --native (frames inside the Rust core)")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--rss-seconds", type=float, default=0.0)
+    ap.add_argument("--tcp-transport", choices=("datagram", "stream"), default="datagram")
+    ap.add_argument("--python-splice", action="store_true",
+                    help="with --tcp-transport stream: TCP bytes through Python (ZTNA_PYTHON_SPLICE=1)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    global COUNT_WAN
+    COUNT_WAN = args.tcp_transport == "stream"
+    if args.python_splice:
+        os.environ["ZTNA_PYTHON_SPLICE"] = "1"
     args.paths = args.paths.split(",")
     args.modes = args.modes.split(",")
     work = Path(tempfile.mkdtemp(prefix="ztna-datapath-"))
@@ -370,7 +399,8 @@ def main() -> int:
                            "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short",
                                                      "HEAD"], capture_output=True,
                                                     text=True).stdout.strip(),
-                           "seconds": args.seconds, "worlds": []}
+                           "seconds": args.seconds, "tcp_transport": args.tcp_transport,
+                           "python_splice": args.python_splice, "worlds": []}
     cfg = LabConfig(prefix=unique_prefix(), nat_a="cone", nat_b="cone", ip="4")
     with Lab(cfg) as lab:
         out["worlds"].append(run_world(lab, work, args))

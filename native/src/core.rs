@@ -60,6 +60,9 @@ pub enum Ev {
     Closed { h: usize, reason: String, code: Option<u64>, app: bool },
     PathChanged { h: usize, remote: SocketAddr },
     Raw { data: Bytes, remote: SocketAddr },
+    /// A splice of stream `sid` ended (crate::splice): `sent` bytes went into the stream,
+    /// `received` came out of it (to the socket or the other stream), `how` is a SPLICE_*.
+    Spliced { id: u64, h: usize, sid: u64, sent: u64, received: u64, how: u8, code: u64 },
 }
 
 pub struct Out {
@@ -176,34 +179,39 @@ impl Routes {
 }
 
 #[derive(Default)]
-struct StreamState {
-    pending: VecDeque<Bytes>,
-    pending_bytes: usize,
-    fin_wanted: bool,
-    fin_sent: bool,
-    delivered: u64,
-    consumed: u64,
+pub(crate) struct StreamState {
+    pub(crate) pending: VecDeque<Bytes>,
+    pub(crate) pending_bytes: usize,
+    pub(crate) fin_wanted: bool,
+    pub(crate) fin_sent: bool,
+    pub(crate) delivered: u64,
+    pub(crate) consumed: u64,
     auto_consume: bool,
     credit_blocked: bool,
-    recv_done: bool,
+    pub(crate) recv_done: bool,
     written: u64,
-    retain: Option<VecDeque<u8>>,
+    pub(crate) retain: Option<VecDeque<u8>>,
     /// What was written in 0-RTT: written again if the server rejects the early data
     /// (quinn then forgets every stream opened in 0-RTT, data included).
     early_copy: Option<Vec<u8>>,
+    /// Spliced natively (crate::splice): what is read from quinn waits here for the splice
+    /// instead of becoming an event.
+    pub(crate) tap: Option<crate::splice::StreamTap>,
 }
 
 pub struct Conn {
     pub qc: quinn_proto::Connection,
-    streams: HashMap<u64, StreamState>,
+    pub(crate) streams: HashMap<u64, StreamState>,
+    /// Spliced streams with news for their splice (data, FIN, reset, room to send).
+    tapped: Vec<u64>,
     dg_sizes: VecDeque<usize>,
     dg_sent_seen: u64,
     pub dropped_oldest: u64,
     pub oversize_refused: u64,
     pub remote: SocketAddr,
     pub connected: bool,
-    closed_reported: bool,
-    local_close: Option<String>,
+    pub(crate) closed_reported: bool,
+    pub(crate) local_close: Option<String>,
     is_client: bool,
     /// Client side: stream 0 (control) is open in quinn. Until the peer's stream limit is
     /// known (handshake, or 0-RTT with remembered parameters) writes to it wait here.
@@ -240,6 +248,23 @@ pub struct Core {
     pub max_gso_segments: usize,
     buf: Vec<u8>,
     pub routes: Routes,
+    /// Native consumers of DATAGRAMs (pumps), asked in order before the owner is.
+    pub taps: Vec<Box<dyn Tap>>,
+    /// Spliced streams (connection, stream) whose splice has work (crate::splice).
+    pub splice_ready: HashSet<(usize, u64)>,
+    /// Stream ⇄ stream splices inside this core (crate::splice).
+    pub pairs: crate::splice::Pairs,
+}
+
+/// A native consumer of DATAGRAMs: the Agent's TUN pump, the Connector's UDP flows. What a
+/// tap takes never reaches the owner; what it leaves does, as before, so a tap that knows
+/// nothing only costs speed.
+pub trait Tap: Send + Sync {
+    /// Take `d`, which arrived on connection `h`; `max_payload` is that connection's largest
+    /// DATAGRAM now (what a reply on it may carry). False leaves it to the owner.
+    fn take(&mut self, h: usize, d: &Bytes, max_payload: usize) -> bool;
+    /// Connection `h` is gone: nothing may name it any more (handles are reused).
+    fn gone(&mut self, h: usize);
 }
 
 pub fn to_wire_addr(v6_socket: bool, addr: SocketAddr) -> SocketAddr {
@@ -304,6 +329,9 @@ impl Core {
             max_gso_segments: 1,
             buf: Vec::with_capacity(64 * 1024),
             routes: Routes::default(),
+            taps: Vec::new(),
+            splice_ready: HashSet::new(),
+            pairs: crate::splice::Pairs::default(),
         }
     }
 
@@ -513,6 +541,7 @@ impl Core {
         let Some(conn) = self.conns.get_mut(&h) else { return };
         let events = &mut self.events;
         let routes = &self.routes;
+        let taps = &mut self.taps;
         let mut forwards: Vec<(usize, Vec<u8>)> = Vec::new();
         let mut gone = false;
         conn.ensure_control();
@@ -580,29 +609,39 @@ impl Core {
                     conn.read_stream(h, id.into(), events);
                 }
                 Event::Stream(StreamEvent::Writable { id }) => {
-                    conn.flush_stream(id.into());
+                    let sid: u64 = id.into();
+                    conn.flush_stream(sid);
+                    if conn.streams.get(&sid).is_some_and(|st| st.tap.is_some()) {
+                        conn.tapped.push(sid);
+                    }
                 }
                 Event::Stream(StreamEvent::Finished { id }) => {
                     let sid: u64 = id.into();
                     if let Some(st) = conn.streams.get_mut(&sid) {
                         st.retain = None;
-                        if st.recv_done {
+                        if st.recv_done && st.tap.is_none() {
                             conn.streams.remove(&sid);
                         }
                     }
                 }
-                Event::Stream(StreamEvent::Stopped { id, .. }) => {
+                Event::Stream(StreamEvent::Stopped { id, error_code }) => {
                     if let Some(st) = conn.streams.get_mut(&u64::from(id)) {
                         st.pending.clear();
                         st.pending_bytes = 0;
+                        if let Some(tap) = st.tap.as_mut() {
+                            tap.stopped = Some(error_code.into_inner());
+                            conn.tapped.push(id.into());
+                        }
                     }
                 }
                 Event::Stream(StreamEvent::Available { .. }) => {}
                 Event::DatagramReceived => {
                     let mut items = Vec::new();
+                    let max_payload = conn.qc.datagrams().max_size().unwrap_or(0);
                     while let Some(d) = conn.qc.datagrams().recv() {
                         match routes.lookup(h, &d) {
                             Some(fw) => forwards.push(fw),
+                            None if taps.iter_mut().any(|t| t.take(h, &d, max_payload)) => {}
                             None => items.push(d),
                         }
                     }
@@ -667,6 +706,18 @@ impl Core {
             events.push(Ev::Closed { h, reason, code: None, app: true });
             gone = true;
         }
+        // Splices hear about their streams' news, and about the connection's end.
+        let closing = conn.closed_reported || conn.local_close.is_some();
+        for sid in conn.tapped.drain(..) {
+            self.splice_ready.insert((h, sid));
+        }
+        if closing || drained || conn.qc.is_drained() {
+            for (sid, st) in conn.streams.iter() {
+                if st.tap.is_some() {
+                    self.splice_ready.insert((h, *sid));
+                }
+            }
+        }
         if drained || conn.qc.is_drained() {
             if !conn.closed_reported {
                 events.push(Ev::Closed { h, reason: "closed".into(), code: None, app: false });
@@ -687,6 +738,9 @@ impl Core {
             // A dead connection is no one's source or target any more, and its handle may
             // be given to a new connection: no route may outlive it.
             self.routes.forget(h);
+            for t in self.taps.iter_mut() {
+                t.gone(h);
+            }
         }
     }
 
@@ -716,7 +770,7 @@ impl Core {
     }
 
     // ---------------------------------------------------------------- relay routes
-    fn live(&self, h: usize) -> bool {
+    pub fn live(&self, h: usize) -> bool {
         self.conns.get(&h).is_some_and(|c| !c.closed_reported && c.local_close.is_none())
     }
 
@@ -760,12 +814,20 @@ impl Core {
     /// Forget a connection at once (after a panic in it, or at shutdown).
     pub fn abort(&mut self, h: usize, reason: &str) {
         if let Some(conn) = self.conns.remove(&h) {
+            for (sid, st) in conn.streams.iter() {
+                if st.tap.is_some() {
+                    self.splice_ready.insert((h, *sid));
+                }
+            }
             if !conn.closed_reported {
                 self.events.push(Ev::Closed { h, reason: reason.into(), code: None, app: false });
             }
         }
         self.routes.forget(h);
         self.dirty.remove(&h);
+        for t in self.taps.iter_mut() {
+            t.gone(h);
+        }
     }
 
     // ---------------------------------------------------------------- connection API
@@ -824,6 +886,11 @@ impl Core {
     }
 
     pub fn stream_write(&mut self, h: usize, sid: u64, data: &[u8], fin: bool) -> bool {
+        self.stream_write_bytes(h, sid, Bytes::copy_from_slice(data), fin)
+    }
+
+    /// `stream_write` of bytes we own already (the splices: no copy on the way).
+    pub fn stream_write_bytes(&mut self, h: usize, sid: u64, data: Bytes, fin: bool) -> bool {
         let Some(conn) = self.conns.get_mut(&h) else { return false };
         let st = conn.streams.entry(sid).or_default();
         if st.fin_wanted {
@@ -831,7 +898,7 @@ impl Core {
         }
         if !data.is_empty() {
             st.pending_bytes += data.len();
-            st.pending.push_back(Bytes::copy_from_slice(data));
+            st.pending.push_back(data);
         }
         if fin {
             st.fin_wanted = true;
@@ -945,6 +1012,7 @@ impl Conn {
         Self {
             qc,
             streams: HashMap::new(),
+            tapped: Vec::new(),
             dg_sizes: VecDeque::new(),
             dg_sent_seen: 0,
             dropped_oldest: 0,
@@ -1029,7 +1097,7 @@ impl Conn {
         }
     }
 
-    fn flush_stream(&mut self, sid: u64) {
+    pub(crate) fn flush_stream(&mut self, sid: u64) {
         if sid == 0 && !self.control_opened {
             return;
         }
@@ -1125,6 +1193,22 @@ impl Conn {
             }
             data.freeze()
         };
+        if let Some(tap) = st.tap.as_mut() {
+            if !payload.is_empty() {
+                tap.push(payload);
+            }
+            if fin {
+                tap.fin = true;
+            }
+            if reset.is_some() {
+                tap.reset = reset;
+            }
+            if fin || reset.is_some() {
+                st.recv_done = true;
+            }
+            self.tapped.push(sid);
+            return;
+        }
         if let Some(code) = reset {
             st.recv_done = true;
             if !payload.is_empty() {

@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::FromRawFd;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +23,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
 
 use crate::config::{self, Limits};
 use crate::core::{Core, Ev, SendResult};
+use crate::sockpump::SocketSplicer;
 use crate::tls::{self, TicketBackend};
 
 fn bytes_of<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
@@ -197,9 +198,23 @@ pub fn check_identity(cert_pem: &[u8], key_pem: &[u8]) -> PyResult<()> {
     .map_err(cfg_err)
 }
 
+/// Every address on this namespace's interfaces, as text (getifaddrs).
+#[pyfunction]
+pub fn interface_addresses() -> PyResult<Vec<String>> {
+    crate::netinfo::interface_addresses().map_err(|e| PyOSError::new_err(e.to_string()))
+}
+
+/// The I/O half of a pump attached to an endpoint (the TUN device's writes, the UDP flows'
+/// backend sends): what the pump's tap took during a batch goes out after it.
+pub(crate) trait Drain: Send + Sync {
+    fn drain(&mut self);
+}
+
 #[pyclass(module = "ztna._native")]
 pub struct Endpoint {
-    core: Core,
+    pub(crate) core: Core,
+    /// Native I/O of the pumps attached to this endpoint, run after each batch.
+    pub(crate) drains: Vec<Box<dyn Drain>>,
     sock: Option<UdpSocket>,
     udp: quinn_udp::UdpSocketState,
     anchor: (Instant, f64),
@@ -207,6 +222,8 @@ pub struct Endpoint {
     recv_batch: usize,
     closed: bool,
     blackhole: bool,
+    /// Stream ⇄ socket splices (made on first use).
+    splicer: Option<SocketSplicer>,
 }
 
 const RX_BUF: usize = 65536;
@@ -221,6 +238,11 @@ impl Endpoint {
     }
 
     fn transmit(&mut self) {
+        for d in self.drains.iter_mut() {
+            if catch_unwind(AssertUnwindSafe(|| d.drain())).is_err() {
+                self.core.stats.panics += 1;
+            }
+        }
         let outs = std::mem::take(&mut self.core.out);
         let Some(sock) = self.sock.as_ref() else { return };
         if self.blackhole {
@@ -258,9 +280,39 @@ impl Endpoint {
     }
 
     /// Run every dirty connection, each under its own guard: a panic aborts only that one.
+    /// Splices move their bytes in between (what a connection received goes to its sockets
+    /// and streams, and what they gave goes out in the same batch), a few rounds at most.
     fn drive_guarded(&mut self, now: Instant) {
-        if catch_unwind(AssertUnwindSafe(|| self.core.drive(now))).is_err() {
-            self.core.stats.panics += 1;
+        for _ in 0..8 {
+            if catch_unwind(AssertUnwindSafe(|| self.core.drive(now))).is_err() {
+                self.core.stats.panics += 1;
+            }
+            let core = &mut self.core;
+            let splicer = &mut self.splicer;
+            let pairs = !core.pairs.is_empty() && !core.splice_ready.is_empty();
+            let socks = splicer.as_ref().is_some_and(|s| s.has_work(core));
+            if !pairs && !socks {
+                break;
+            }
+            let run = catch_unwind(AssertUnwindSafe(|| {
+                if pairs {
+                    core.pump_pairs();
+                }
+                if let Some(sp) = splicer.as_mut() {
+                    sp.service(core);
+                }
+            }));
+            if run.is_err() {
+                self.core.stats.panics += 1;
+                break;
+            }
+        }
+        // News for streams no splice holds any more is stale.
+        let core = &mut self.core;
+        let splicer = &self.splicer;
+        if !core.splice_ready.is_empty() {
+            let pairs = &core.pairs;
+            core.splice_ready.retain(|k| pairs.contains(k.0, k.1) || splicer.as_ref().is_some_and(|s| s.counts(k.0, k.1).is_some()));
         }
     }
 
@@ -290,6 +342,9 @@ impl Endpoint {
                 Ev::Closed { h, reason, code, app } => (6u8, h, reason, code, app).into_pyobject(py)?.into_any(),
                 Ev::PathChanged { h, remote } => (7u8, h, addr_tuple(remote)).into_pyobject(py)?.into_any(),
                 Ev::Raw { data, remote } => (8u8, PyBytes::new(py, &data), addr_tuple(remote)).into_pyobject(py)?.into_any(),
+                Ev::Spliced { id, h, sid, sent, received, how, code } => {
+                    (9u8, h, sid, id, sent, received, how, code).into_pyobject(py)?.into_any()
+                }
             };
             list.append(item)?;
         }
@@ -323,7 +378,7 @@ impl Endpoint {
         // or the whole batch fails with EMSGSIZE.
         core.max_gso_segments = udp.max_gso_segments().clamp(1, (65000 / udp_payload.max(1200) as usize).max(1));
         let rx = (0..quinn_udp::BATCH_SIZE).map(|_| vec![0u8; RX_BUF]).collect();
-        Ok(Self { core, sock: Some(sock), udp, anchor: (Instant::now(), now), rx, recv_batch, closed: false, blackhole: false })
+        Ok(Self { core, drains: Vec::new(), sock: Some(sock), udp, anchor: (Instant::now(), now), rx, recv_batch, closed: false, blackhole: false, splicer: None })
     }
 
     /// Read everything the socket has (up to `recv_batch` datagrams), process it, send what
@@ -566,6 +621,80 @@ impl Endpoint {
         d.set_item("oversize_refused", c.oversize_refused)?;
         d.set_item("connected", c.connected)?;
         Ok(d)
+    }
+
+    // ------------------------------------------------------------ splices
+    /// The descriptor that becomes readable when a spliced socket needs service: add it to
+    /// the event loop once and call `pump(now)` when it is readable.
+    fn splice_fd(&mut self) -> PyResult<i32> {
+        if self.splicer.is_none() {
+            self.splicer = Some(SocketSplicer::new().map_err(|e| PyOSError::new_err(format!("epoll: {e}")))?);
+        }
+        Ok(self.splicer.as_ref().map(|s| s.fd()).unwrap_or(-1))
+    }
+
+    /// Splice the connected stream socket `fd` (duplicated: the caller keeps its own, and
+    /// must neither read nor write it until the splice ends) to stream `sid` of `h`, both
+    /// ways. `down` + `down_fin`: stream bytes (and FIN) the caller was handed and did not
+    /// consume, written to the socket first; `up`: socket bytes the caller read, sent first.
+    /// Returns the splice id; its end is an event (9, h, sid, id, sent, received, how, code).
+    #[pyo3(signature = (h, sid, fd, down=None, down_fin=false, up=None))]
+    fn splice(&mut self, h: usize, sid: u64, fd: i32, down: Option<&Bound<'_, PyAny>>, down_fin: bool,
+              up: Option<&Bound<'_, PyAny>>) -> PyResult<u64> {
+        self.splice_fd()?;
+        let down = match down { Some(d) => bytes_of(d)?.into_owned(), None => Vec::new() };
+        let up = match up { Some(d) => bytes_of(d)?.into_owned(), None => Vec::new() };
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(PyOSError::new_err(format!("dup: {}", std::io::Error::last_os_error())));
+        }
+        let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+        let r = self.guarded("splice", |s| {
+            let Some(sp) = s.splicer.as_mut() else { return Err("no splicer".to_string()) };
+            sp.add(&mut s.core, h, sid, owned, &down, down_fin, &up)
+        });
+        match r {
+            Some(Ok(id)) => Ok(id),
+            Some(Err(e)) => Err(PyValueError::new_err(e)),
+            None => Err(PyRuntimeError::new_err("internal error in splice")),
+        }
+    }
+
+    /// End a socket splice without an event: (sent, received), None if there is none.
+    fn unsplice(&mut self, h: usize, sid: u64) -> Option<(u64, u64)> {
+        self.guarded("unsplice", |s| {
+            let sp = s.splicer.as_mut()?;
+            sp.remove(&mut s.core, h, sid).map(|(_, sent, received)| (sent, received))
+        })
+        .flatten()
+    }
+
+    /// (sent into, received from) stream `sid` of `h` so far, while it is spliced (to a
+    /// socket, or as a leg of a stream pair).
+    fn splice_counts(&self, h: usize, sid: u64) -> Option<(u64, u64)> {
+        self.splicer.as_ref().and_then(|s| s.counts(h, sid)).or_else(|| self.core.pair_counts(h, sid))
+    }
+
+    /// Join two streams of this endpoint both ways (the Intermediate's splice); the id, or
+    /// None if either connection is not live or a stream is already spliced. Its end is one
+    /// event per leg, (9, h, sid, id, sent, received, how, code).
+    fn splice_streams(&mut self, h_a: usize, sid_a: u64, h_b: usize, sid_b: u64) -> Option<u64> {
+        self.guarded("splice_streams", |s| s.core.splice_streams((h_a, sid_a), (h_b, sid_b))).flatten()
+    }
+
+    /// Service the spliced sockets epoll reported (and whatever that caused); the events.
+    fn pump<'py>(&mut self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
+        let at = self.instant(now);
+        if let Some(sp) = self.splicer.as_mut() {
+            sp.poll();
+        }
+        self.drive_guarded(at);
+        self.transmit();
+        self.events(py)
+    }
+
+    fn splice_count(&self) -> usize {
+        self.splicer.as_ref().map(|s| s.len()).unwrap_or(0) + self.core.pairs.len()
     }
 
     // ------------------------------------------------------------ relay routes

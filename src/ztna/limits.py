@@ -69,3 +69,14 @@ CLUSTER_JOIN_TIMEOUT: Final = 10.0           # a starting member waits this long
 CLUSTER_LEASE: Final = 6.0                   # a member's presence expires this long after its last refresh
 CLUSTER_LEASE_REFRESH: Final = 2.0
 MESH_REMOTE_AGENTS: Final = 100_000          # remote Agents one mesh connection may bring
+
+# TCP carried on QUIC streams is spliced natively (the native core moves every byte between
+# the kernel socket and the stream). ZTNA_PYTHON_SPLICE=1 moves the bytes through Python
+# instead, the way it was done before: for measuring the two side by side (bench/).
+NATIVE_SPLICE: Final = __import__("os").environ.get("ZTNA_PYTHON_SPLICE", "") != "1"
+
+# Socket buffers of every QUIC UDP socket, each way: a bandwidth-delay product's worth, so a
+# burst that arrives while the process is busy waits in the kernel instead of being dropped
+# (8 MiB = 1.6 Gbit/s for 40 ms, the same product the 8 MiB stream windows allow). As root
+# the kernel's net.core.rmem_max/wmem_max cap is bypassed (SO_RCVBUFFORCE/SO_SNDBUFFORCE).
+UDP_SOCKET_BUFFER: Final = 8 * 1024 * 1024

@@ -85,6 +85,12 @@ def test_tun_udp_icmp_v4_v6_and_crash_cleanup(tmp_path: Path, pki: Path) -> None
             web = snap["services"][0]
             assert web["tx_packets"] >= 6 and web["rx_packets"] >= 6
             assert web["rx_bytes"] > 2048
+            # The native pump moved them both ways (Python saw neither the packets nor the
+            # DATAGRAMs), and the status counts include what it moved.
+            native = snap["tun"]["native"]
+            assert native["read_packets"] - native["to_python"] >= 6, native
+            assert native["written"] >= 6, native
+            assert native["panics"] == 0
             assert snap["tun"]["mtu"] == snap["intermediate"]["max_datagram_payload"] - 7 - 3
             assert snap["intermediate"]["state"] == "connected"
             status = subprocess.run([PY, "-m", "ztna", "status", "--state-dir", str(state), "--json"],

@@ -119,6 +119,34 @@ def test_udp_reply_source_is_virtual_address_and_services_reach_own_backends(pki
     run(pki, body)
 
 
+def test_established_udp_flows_move_natively_and_stay_per_agent(pki: Path) -> None:
+    """After Python created a flow, its packets go natively both ways (DATAGRAM → backend
+    socket, backend → DATAGRAM from the virtual address); two Agents with the same inner
+    5-tuple keep their own flows, and the counters reach the stats."""
+    async def body(w: World) -> None:
+        a = await agent(w, pki)
+        b = await agent(w, pki)
+        for n in range(40):
+            for who, client in ((b"a", a), (b"b", b)):
+                payload = who + b"-%d-" % n + bytes(range(256)) * 4
+                client.send("web", build_udp_packet(AGENT_IP, WEB, 40000, 53, payload))
+                pkt = await client.recv()
+                ip = parse_ip(pkt)
+                udp = parse_udp(pkt, ip)
+                assert (ip.src, ip.dst, udp.sport, udp.dport) == (WEB, AGENT_IP, 53, 40000)
+                assert bytes(udp.payload) == b"web:" + payload and verify_checksums(pkt)
+        assert len(w.conn.udp) == 2
+        native = w.conn.udp.native.stats()
+        # Each flow's first packet made the flow in Python; every later one went natively.
+        assert native["to_backend"] == 2 * 39 and native["to_agent"] >= 2 * 39, native
+        assert native["panics"] == 0
+        w.conn.udp.sync_stats()
+        assert w.conn.stats.udp_to_backend == 80 and w.conn.stats.udp_to_agent == 80
+        a.close()
+        b.close()
+    run(pki, body)
+
+
 def test_udp_refused_backend_and_unoffered_port_give_port_unreachable(pki: Path) -> None:
     async def body(w: World) -> None:
         a = await agent(w, pki)

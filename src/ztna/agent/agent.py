@@ -101,6 +101,8 @@ class Agent:
 
                 self.userspace = Userspace(self.session, opts)
                 await self.userspace.start()
+                if self.dataplane is not None:
+                    self.dataplane.claim_destinations([self.userspace.src_v4, self.userspace.src_v6])
             if stream_tun:
                 from ztna.agent.tcp_redirect import TcpRedirect
 
@@ -214,6 +216,8 @@ class Agent:
         await self._stopped.wait()
 
     def snapshot(self) -> dict[str, Any]:
+        if self.dataplane is not None:
+            self.dataplane.sync_counters()   # what the native pump moved since the last look
         snap = self.session.snapshot()
         opts = self.options
         snap["agent"] = {

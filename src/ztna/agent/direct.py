@@ -304,6 +304,20 @@ class DirectPaths:
         svc.tx_bytes += len(datagram) - len(svc.prefix)
         return True
 
+    def carrier(self, svc: ServiceState) -> ZtnaConnection | None:
+        """The direct connection `send` would put `svc`'s datagrams on now, or None (the
+        TUN pump installs it as the service's native route)."""
+        sp = self.paths.get(svc.spec.id)
+        if sp is None or sp.conn is None or sp.conn.closed or sp.pm.state is not PathState.DIRECT:
+            return None
+        return sp.conn
+
+    def sent_natively(self, svc: ServiceState) -> None:
+        """The TUN pump sent a batch of `svc`'s packets on the direct path."""
+        sp = self.paths.get(svc.spec.id)
+        if sp is not None:
+            sp.pm.traffic_sent(now=self.loop.time())
+
     def stream_conn(self, service_id: str) -> tuple[ZtnaConnection, dict[int, Any]] | None:
         """The live direct connection of a service and its stream-handler table, for TCP on
         QUIC streams (the opener registers its handler under the new stream id); None when

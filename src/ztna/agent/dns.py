@@ -100,15 +100,10 @@ class DnsResponder:
                      "(other names are refused here, so the next nameserver answers them)", self.address)
 
     def _add_address(self) -> None:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
+        # In the TUN's netlink helper process: no netlink library stays in the Agent.
+        from ztna.agent.tun import add_address
 
-        with IPRoute() as ipr:
-            try:
-                ipr.addr("add", index=self.tun.index, address=self.address, prefixlen=32)
-            except NetlinkError as exc:
-                if exc.code != 17:      # EEXIST: already there (a restart on the same device)
-                    raise
+        add_address(self.tun.index, self.address)
         if self.address not in self.tun.addresses:
             self.tun.addresses.append(self.address)
 

@@ -50,8 +50,8 @@ from ztna.agent.services import (
     due_registrations,
     reset_registration,
 )
+from ztna.cert_hints import certificate_problem_hint, is_own_verification_failure
 from ztna.errors import DatagramTooLarge, DecodeError, error_text
-from ztna.identity import server_name_mismatch
 from ztna.link import LinkState
 from ztna.observe import format_address
 from ztna.p2p.path import PathConfig
@@ -278,6 +278,9 @@ class Session(ConnectionHandler):
     def _explain_name_mismatch(self, conn: ZtnaConnection) -> None:
         """A certificate without the name we verify never starts working by retrying:
         say once, as an ERROR, what we expected and what the certificate holds."""
+        # Imported here: cryptography is ~10 MB of RSS the Agent needs only when this fails.
+        from ztna.identity import server_name_mismatch
+
         why = server_name_mismatch(conn.peer_certificate, self.options.tls_name())
         if why is None or why == self._name_error:
             return
@@ -376,8 +379,6 @@ class Session(ConnectionHandler):
     def _certificate_refused(self, reason: str) -> bool:
         """Log a refusal of our certificate (or of the Intermediate's) at ERROR with a hint:
         retrying cannot help until the operator fixes the files, so it must stand out."""
-        from ztna.identity import certificate_problem_hint, is_own_verification_failure
-
         hint = certificate_problem_hint(reason)
         if hint is None:
             return False

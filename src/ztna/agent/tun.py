@@ -7,7 +7,9 @@ Theory of operation
   so the kernel deletes it — and every route through it — when the last fd closes.
 * Addresses (the Agent's own /32 and /128) and one route per service virtual IP (IPv4 /32,
   IPv6 /128), plus the synthetic pools when services are reached by DNS name, are added
-  over netlink with pyroute2; nothing else is routed (split tunnel).
+  over netlink with pyroute2; nothing else is routed (split tunnel). The netlink steps
+  (start, MTU change, exit, crash recovery) run in a short-lived helper process
+  (`ztna.agent.tun_netlink`), so the Agent's steady state holds no netlink library.
 * Before touching the system we write a state file (`<state_dir>/<name>.json`) that says
   what we are about to create, with our pid. `close()` removes everything and the file.
   After SIGKILL the file survives: the next start (`recover_stale`) sees a dead pid and
@@ -16,27 +18,22 @@ Theory of operation
   refuse rather than fight over it. nftables tables the Agent adds (`--tcp-transport stream`
   redirect, `record_nft_table`) are listed in the same file and deleted the same way.
 * Everything is netlink on the current network namespace, so it works inside `ip netns exec`.
-* pyroute2 0.9's synchronous `IPRoute` runs its own asyncio loop, so these methods are
-  blocking and must be called from a worker thread (`asyncio.to_thread`) by async code; each
-  call opens and closes its own netlink socket.
+* These methods are blocking (they wait for the helper) and must be called from a worker
+  thread (`asyncio.to_thread`) by async code.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import ipaddress
 import json
 import logging
 import os
-import socket
 import struct
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from ztna.errors import UsageError
 
@@ -45,8 +42,22 @@ log = logging.getLogger("ztna.agent")
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
-IFA_F_NODAD = 0x02
 IPV6_MIN_MTU = 1280
+NETLINK_TIMEOUT = 30.0   # s for one helper run
+
+
+def _netlink(op: str, **req: Any) -> dict[str, Any]:
+    """Run one netlink step in the helper process; its JSON answer."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "ztna.agent.tun_netlink", json.dumps({"op": op, **req})],
+                              capture_output=True, text=True, timeout=NETLINK_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"netlink helper ({op}) did not run: {exc}") from exc
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"netlink helper ({op}) failed: {tail[0]}")
+    answer: dict[str, Any] = json.loads(proc.stdout)
+    return answer
 
 
 def _pid_alive(pid: int) -> bool:
@@ -64,19 +75,6 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return b"ztna" in cmdline or b"python" in cmdline
-
-
-def _route(ipr: IPRoute, action: str, dst: str, index: int | None = None, src: str | None = None) -> None:
-    """`dst` is an address (a host route) or a prefix (the synthetic pools of names)."""
-    ip = ipaddress.ip_network(dst, strict=True)
-    kwargs: dict[str, Any] = {"dst": str(ip)}
-    if ip.version == 6:
-        kwargs["family"] = socket.AF_INET6
-    if index is not None:
-        kwargs["oif"] = index
-    if src is not None:
-        kwargs["prefsrc"] = src
-    ipr.route(action, **kwargs)
 
 
 class TunDevice:
@@ -108,23 +106,10 @@ class TunDevice:
         if pid != os.getpid() and _pid_alive(pid):
             raise UsageError(f"another Agent (pid {pid}) owns {state.get('tun')!r} ({state_file}): "
                              "stop it, or start this one with another --name or --state-dir")
-        name = state.get("tun")
-        cleaned = False
-        with IPRoute() as ipr:
-            for dst in state.get("routes", []):
-                try:
-                    _route(ipr, "del", dst)
-                    cleaned = True
-                except NetlinkError:
-                    pass
-            if name:
-                idx = ipr.link_lookup(ifname=name)
-                if idx and _is_tun(ipr, idx[0]):
-                    try:
-                        ipr.link("del", index=idx[0])
-                        cleaned = True
-                    except NetlinkError as exc:
-                        log.warning("could not delete stale device %s: %s", name, exc)
+        answer = _netlink("recover", tun=state.get("tun"), routes=state.get("routes", []))
+        cleaned = bool(answer.get("cleaned"))
+        for warning in answer.get("warnings", []):
+            log.warning("%s", warning)
         for table in state.get("nft_tables", []):
             if delete_nft_table(table):
                 cleaned = True
@@ -161,34 +146,14 @@ class TunDevice:
                 raise UsageError(f"device {self.name} exists and is in use") from exc
             raise
         self.fd = fd
-        with IPRoute() as ipr:
-            self._configure(ipr, v4=v4, v6=v6, mtu=mtu)
-
-    def _configure(self, ipr: IPRoute, *, v4: str, v6: str, mtu: int) -> None:
-        self.index = ipr.link_lookup(ifname=self.name)[0]
-        has_v6 = any(":" in r for r in self.routes)
-        ipr.link("set", index=self.index, mtu=mtu, state="up")
+        answer = _netlink("configure", tun=self.name, v4=v4, v6=v6, mtu=mtu, routes=self.routes)
+        self.index = int(answer.get("index") or 0)
+        self.addresses = list(answer.get("addresses", []))
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
         self.mtu = mtu
-        ipr.addr("add", index=self.index, address=v4, prefixlen=32)
-        self.addresses.append(v4)
-        if has_v6:
-            try:
-                ipr.addr("add", index=self.index, address=v6, prefixlen=128, flags=IFA_F_NODAD)
-                self.addresses.append(v6)
-            except NetlinkError as exc:
-                log.warning("no IPv6 on %s (%s); IPv6 virtual IPs unreachable", self.name, exc)
-        for dst in self.routes:
-            src = v6 if ":" in dst else v4
-            if ":" in dst and v6 not in self.addresses:
-                continue
-            try:
-                _route(ipr, "add", dst, self.index, src)
-            except NetlinkError as exc:
-                if exc.code == errno.EEXIST:
-                    # Someone else routes this IP: replace, the user asked for the tunnel.
-                    _route(ipr, "replace", dst, self.index, src)
-                else:
-                    raise
+        for warning in answer.get("warnings", []):
+            log.warning("%s", warning)
         log.info("%s up: mtu %d, %s, routes %s", self.name, mtu, " ".join(self.addresses), " ".join(self.routes))
 
     def _write_state(self) -> None:
@@ -210,36 +175,38 @@ class TunDevice:
             log.warning("%s: mtu %d < 1280 removes IPv6 from the device; keeping 1280", self.name, mtu)
             mtu = IPV6_MIN_MTU
         try:
-            with IPRoute() as ipr:
-                ipr.link("set", index=self.index, mtu=mtu)
-        except NetlinkError as exc:
-            log.warning("%s: cannot set mtu %d: %s", self.name, mtu, exc)
+            error = _netlink("set_mtu", index=self.index, mtu=mtu).get("error")
+        except RuntimeError as exc:
+            error = str(exc)
+        if error:
+            log.warning("%s: cannot set mtu %d: %s", self.name, mtu, error)
             return
         log.info("%s: mtu %d -> %d (live DATAGRAM maximum)", self.name, self.mtu, mtu)
         self.mtu = mtu
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
-        ipr = IPRoute()
         try:
-            for dst in self.routes:
-                try:
-                    _route(ipr, "del", dst, self.index or None)
-                except NetlinkError:
-                    pass
             if self.fd >= 0:
+                # The device is not persistent: closing the last fd deletes it and every
+                # route through it. Only if it survived (an fd leaked into a child) does
+                # the helper remove it.
                 os.close(self.fd)
                 self.fd = -1
-            idx = ipr.link_lookup(ifname=self.name)
-            if idx and idx[0] == self.index and _is_tun(ipr, idx[0]):
-                try:
-                    ipr.link("del", index=idx[0])
-                except NetlinkError:
-                    pass   # already gone with the fd (not persistent)
+            if self.index and Path(f"/sys/class/net/{self.name}").exists():
+                _netlink("close", tun=self.name, index=self.index, routes=self.routes)
+        except RuntimeError as exc:
+            log.warning("%s: cleanup incomplete: %s", self.name, exc)
         finally:
-            ipr.close()
             self.state_file.unlink(missing_ok=True)
         log.info("%s removed with its routes", self.name)
+
+
+def add_address(index: int, address: str) -> None:
+    """One more /32 on the device (the DNS responder's); already there is fine. Blocking."""
+    error = _netlink("add_address", index=index, address=address).get("error")
+    if error:
+        raise RuntimeError(error)
 
 
 def delete_nft_table(table: str) -> bool:
@@ -250,12 +217,3 @@ def delete_nft_table(table: str) -> bool:
         log.warning("cannot run nft to delete table %s: %s", table, exc)
         return False
     return proc.returncode == 0
-
-
-def _is_tun(ipr: IPRoute, index: int) -> bool:
-    try:
-        link = ipr.get_links(index)[0]
-    except (NetlinkError, IndexError):
-        return False
-    info = link.get_attr("IFLA_LINKINFO")
-    return info is not None and info.get_attr("IFLA_INFO_KIND") == "tun"

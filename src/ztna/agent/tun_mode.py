@@ -1,13 +1,25 @@
-"""TUN data plane: kernel IP packets <-> 0x2F DATAGRAMs, one dict lookup per packet.
+"""TUN data plane: kernel IP packets <-> 0x2F DATAGRAMs, moved by the native pump.
 
 Theory of operation
 -------------------
-* `routes` maps the packed destination address (4 or 16 bytes) of every service virtual IP
-  to its `ServiceState`, whose `prefix` is the prebuilt 0x2F header, so the up-link hot path
-  is: read → slice the destination → dict lookup → `session.send(svc, prefix + packet)`.
-* The TUN fd is registered with `loop.add_reader`; each readable event reads up to
-  `READ_BATCH` packets (until `BlockingIOError`), and the QUIC endpoint flushes once after
-  the batch (its `mark_dirty` schedules one flush per loop iteration).
+* The bytes move natively (`ztna._native.TunPump`, native/src/tunpump.rs): it reads the TUN
+  fd, looks each packet's destination up in a table this module installs (per service: its
+  virtual IPs, its prebuilt 0x2F header and the connection that carries it now) and queues
+  `header + packet` on that connection without Python. The endpoints attached to the pump
+  write the bare IP packets of their delivering connections back into the TUN fd, counted
+  per service by source address. Python runs once per readable event: one `pump.read()`
+  returns the packets the table could not place and the services that sent, and each
+  endpoint that got work flushes once (its `mark_dirty` schedules one flush per iteration).
+* Python keeps every decision: `sync_routes` points each service at its current carrier
+  (the direct connection while the service is on it, else the relay connection once the
+  service is registered, else nothing) whenever the session is ready or lost and every
+  `SYNC_INTERVAL`; direct <-> relay switches follow within that interval, and in between a
+  closed connection refuses natively, which sends the packet up to Python. Counters moved
+  natively are added into the services' counters by `sync_counters` (status, metrics).
+* What the pump hands up goes through the Python path below, unchanged: `routes` maps the
+  packed destination address (4 or 16 bytes) of every service virtual IP to its
+  `ServiceState`, so: slice the destination → dict lookup → `session.send(svc, prefix +
+  packet)` (which queues while the service is not registered).
 * Packets to non-service destinations (IPv6 MLD / router solicitations to ff02::, stray
   traffic) are counted and dropped silently. A packet bigger than the tunnel can carry is
   answered with ICMP "fragmentation needed" / "packet too big" written back into the TUN,
@@ -27,9 +39,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ztna.agent.session import ServiceState, Session
+from ztna import _native
+from ztna.agent.session import ACKED, ServiceState, Session
 from ztna.errors import DecodeError
 from ztna.netstack.packets import (
     build_icmp_packet_too_big,
@@ -39,10 +52,14 @@ from ztna.netstack.packets import (
 )
 from ztna.wire import to_connector_overhead
 
+if TYPE_CHECKING:
+    from ztna.quic.connection import ZtnaConnection
+    from ztna.quic.endpoint import QuicEndpoint
+
 log = logging.getLogger("ztna.agent")
 
-READ_BATCH = 64
-MAX_READ = 65535
+READ_BATCH = 256          # packets per readable event (native reads)
+SYNC_INTERVAL = 0.05      # s between route/counter reconciliations
 TCP_FLOWS_MAX = 8192      # tracked for the resets on exit; the oldest is forgotten beyond
 RESET_LINGER = 0.3        # s of answering a reset flow's further segments with RST
 
@@ -70,10 +87,22 @@ class TunDataPlane:
         self.tcp_flows: dict[tuple[int, bytes, bytes, int, int], int] = {}
         self._resetting = False
         self.resets_sent = 0
+        # The native pump: service i of the session is entry i of its table.
+        self.pump = _native.TunPump(fd, read_batch=READ_BATCH)
+        for svc in session.services:
+            addresses = [(ip.packed, ip.max_prefixlen) for ip in svc.spec.virtual_ips]
+            index = self.pump.add_service(svc.prefix, addresses)
+            assert index == svc.index
+        self._endpoints: list[QuicEndpoint] = []          # by pump slot
+        self._counted = [(0, 0, 0, 0)] * len(session.services)   # native counters added
+        self._sync_timer: asyncio.TimerHandle | None = None
+        session.on_ready.append(self.sync_routes)
+        session.on_lost.append(self.sync_routes)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.fd, self._on_readable)
+        self._sync_timer = self._loop.call_later(SYNC_INTERVAL, self._on_sync_timer)
 
     def stop(self) -> None:
         if self._loop is not None:
@@ -82,44 +111,117 @@ class TunDataPlane:
             except (ValueError, OSError):
                 pass
             self._loop = None
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_timer = None
+        self.sync_counters()
+        self.pump.close()
 
     def set_max_payload(self, max_payload: int) -> int:
         """Live DATAGRAM maximum changed: returns the TUN MTU that fits the worst header."""
         self.max_packet = max_payload - self.overhead
+        self.pump.set_max_packet(max(self.max_packet, 0))
         return self.max_packet
+
+    def claim_destinations(self, addresses: list[bytes]) -> None:
+        """Down-link packets to these (packed) addresses stay with Python (the userspace
+        stack's own source address shares the session)."""
+        self.pump.set_claimed(addresses)
+
+    # ------------------------------------------------------------------ native routes
+    def _carrier(self, svc: ServiceState) -> ZtnaConnection | None:
+        """The connection `session.send` would put this service's packets on now."""
+        session = self.session
+        direct = session.direct
+        if direct is not None and svc.path == "direct":
+            conn = direct.carrier(svc)
+            if conn is not None:
+                return conn
+        conn = session.conn
+        if conn is not None and not conn.closed and svc.registration == ACKED:
+            return conn
+        return None
+
+    def _slot(self, endpoint: QuicEndpoint) -> int:
+        for slot, known in enumerate(self._endpoints):
+            if known is endpoint:
+                return slot
+        slot = self.pump.add_endpoint(endpoint.native)
+        self._endpoints.append(endpoint)
+        return slot
+
+    def sync_routes(self) -> None:
+        """Point every service at its current carrier (or back at Python)."""
+        if self._loop is None:
+            return
+        pump = self.pump
+        for svc in self.session.services:
+            conn = self._carrier(svc)
+            want = None
+            if conn is not None:
+                want = (self._slot(conn.endpoint), conn.handle)   # type: ignore[arg-type]
+            if pump.target(svc.index) == want:
+                continue
+            if want is None or not pump.route(svc.index, *want):
+                pump.unroute(svc.index)
+
+    def sync_counters(self) -> None:
+        """Add what the pump moved since the last call into the services' counters."""
+        for svc, now, before in zip(self.session.services, self.pump.counters(), self._counted, strict=True):
+            if now != before:
+                svc.tx_packets += now[0] - before[0]
+                svc.tx_bytes += now[1] - before[1]
+                svc.rx_packets += now[2] - before[2]
+                svc.rx_bytes += now[3] - before[3]
+        self._counted = self.pump.counters()
+
+    def _on_sync_timer(self) -> None:
+        if self._loop is None:
+            return
+        try:
+            self.sync_routes()
+            self.sync_counters()
+        finally:
+            self._sync_timer = self._loop.call_later(SYNC_INTERVAL, self._on_sync_timer)
 
     # ------------------------------------------------------------------ up-link (hot path)
     def _on_readable(self) -> None:
-        fd = self.fd
-        routes = self.routes
-        send = self.session.send
+        packets, touched = self.pump.read()
+        if touched:
+            services = self.session.services
+            direct = self.session.direct
+            for index in touched:
+                target = self.pump.target(index)
+                if target is not None:
+                    self._endpoints[target[0]].mark_dirty()
+                svc = services[index]
+                if direct is not None and svc.path == "direct":
+                    direct.sent_natively(svc)
+        for packet in packets:
+            self._up(packet)
+
+    def _up(self, packet: bytes) -> None:
+        """One packet the native table could not place: the Python path."""
+        if not packet:
+            return
+        version = packet[0] >> 4
+        if version == 4:
+            svc = self.routes.get(packet[16:20])
+        elif version == 6:
+            svc = self.routes.get(packet[24:40])
+        else:
+            self.dropped_malformed += 1
+            return
+        if svc is None:
+            self.dropped_no_route += 1
+            return
+        if (packet[9] if version == 4 else packet[6]) == 6 and self._track_tcp(packet, version):
+            return
         limit = self.max_packet
-        for _ in range(READ_BATCH):
-            try:
-                packet = os.read(fd, MAX_READ)
-            except BlockingIOError:
-                return
-            except OSError:
-                return
-            if not packet:
-                return
-            version = packet[0] >> 4
-            if version == 4:
-                svc = routes.get(packet[16:20])
-            elif version == 6:
-                svc = routes.get(packet[24:40])
-            else:
-                self.dropped_malformed += 1
-                continue
-            if svc is None:
-                self.dropped_no_route += 1
-                continue
-            if (packet[9] if version == 4 else packet[6]) == 6 and self._track_tcp(packet, version):
-                continue
-            if limit and len(packet) > limit:
-                self._too_big(packet, limit)
-                continue
-            send(svc, svc.prefix + packet)
+        if limit and len(packet) > limit:
+            self._too_big(packet, limit)
+            return
+        self.session.send(svc, svc.prefix + packet)
 
     def _track_tcp(self, packet: bytes, version: int) -> bool:
         """Remember a TCP flow's receive point; True if the packet is consumed (exiting)."""
@@ -165,10 +267,15 @@ class TunDataPlane:
     async def reset_tcp_flows(self) -> int:
         """The Agent is exiting: reset every TCP flow to a virtual IP that the application
         still has (see the module notes). Returns how many flows were reset."""
-        flows = list(self.tcp_flows.items())
+        # From now on the pump hands every TCP segment up (answered below with an RST).
+        self.pump.set_resetting(True)
+        self._resetting = True
+        known = dict(self.tcp_flows)
+        for version, app, vip, app_port, vip_port, ack in self.pump.tcp_flows():
+            known[(version, app, vip, app_port, vip_port)] = ack
+        flows = list(known.items())
         if not flows or self._loop is None:
             return 0
-        self._resetting = True
         for flow, ack in flows:
             self._send_rst(flow, ack)
         log.info("reset %d TCP flow%s through the TUN", len(flows), "" if len(flows) == 1 else "s")
@@ -204,11 +311,13 @@ class TunDataPlane:
             self.dropped_write += 1
 
     def snapshot(self) -> dict[str, Any]:
+        native = self.pump.stats()
         return {
             "max_packet": self.max_packet,
             "dropped_no_route": self.dropped_no_route,
             "dropped_too_big": self.dropped_too_big,
-            "dropped_write": self.dropped_write,
+            "dropped_write": self.dropped_write + native["dropped_write"],
             "dropped_malformed": self.dropped_malformed,
-            "rx_unknown_source": self.rx_unknown_source,
+            "rx_unknown_source": self.rx_unknown_source + native["rx_unknown_source"],
+            "native": native,
         }

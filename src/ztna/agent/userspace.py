@@ -51,9 +51,11 @@ import struct
 from collections import OrderedDict
 from typing import Any
 
+from ztna import _native
 from ztna.agent.config import AgentOptions, Forward, IpAddress, ServiceSpec
 from ztna.agent.session import ACKED, REFUSED, ServiceState, Session
 from ztna.errors import DecodeError, UsageError, error_text
+from ztna.limits import NATIVE_SPLICE
 from ztna.netstack.packets import PROTO_UDP, build_udp_packet, parse_ip, parse_udp
 from ztna.observe import format_address
 from ztna.startup import bind_error
@@ -72,6 +74,7 @@ log = logging.getLogger("ztna.agent")
 SEND_BACKLOG_MAX = 1024 * 1024
 READ_CHUNK = 64 * 1024
 READY_WAIT = 10.0
+COUNT_EVERY = 1.0     # seconds: a native splice's byte counts reach `ztna status` this often
 _NO_STATUS = f"timeout: no status from the Connector within {READY_WAIT:.0f} s"
 UDP_MAPPINGS_MAX = 4096
 UDP_PORT_FIRST, UDP_PORT_LAST = 20000, 60999
@@ -124,6 +127,32 @@ class _StreamSink:
         self.attached = asyncio.Event()
         self.attached.set()
         self.failed = False
+        # While natively spliced: the connection, the service, and the splice's counts
+        # already added to rx/tx and the service's counters.
+        self.spliced: Any = None
+        self.svc: Any = None
+        self.counted = (0, 0)
+
+    def count(self, sent: int, received: int) -> None:
+        """Take a native splice's (cumulative) byte counts into rx/tx and the service's."""
+        d_sent, d_received = sent - self.counted[0], received - self.counted[1]
+        self.counted = (sent, received)
+        self.tx += d_sent
+        self.rx += d_received
+        svc = self.svc
+        if svc is not None:
+            svc.tx_bytes += d_sent
+            svc.stream_tx_bytes += d_sent
+            svc.rx_bytes += d_received
+            svc.stream_rx_bytes += d_received
+
+    def unsplice(self) -> None:
+        """Take the stream back from the native splice (its counts up to now)."""
+        conn, self.spliced = self.spliced, None
+        if conn is not None:
+            counts = conn.unsplice(self.sid)
+            if counts is not None:
+                self.count(*counts)
 
     def on_data(self, data: bytes, end: bool) -> None:
         self.rx += len(data)
@@ -136,6 +165,7 @@ class _StreamSink:
         """The direct connection is abandoned (already closed, so no more ACKs from us).
         True if this stream will resume on the relay, False: treat as reset."""
         conn = self.conn
+        self.unsplice()
         if self.token is None or conn is None:
             return False
         unacked = conn.stream_unacked(self.sid)
@@ -168,6 +198,9 @@ class Userspace:
         # Accepted application sockets we proxy (forwards, SOCKS, the TUN redirect): reset
         # on exit, so no application waits on a tunnel that is gone.
         self.app_writers: set[asyncio.StreamWriter] = set()
+        # The natively spliced ones: the core holds a duplicate of each socket, which it must
+        # let go before our RST can be the socket's last word.
+        self.native_sinks: dict[asyncio.StreamWriter, _StreamSink] = {}
         # synthetic source port -> SOCKS5 UDP association (same port space as `udp_by_port`)
         self.socks_udp: dict[int, _SocksUdp] = {}
         self.stats = {"tcp_opened": 0, "tcp_failed": 0, "tcp_active": 0, "tcp_direct": 0,
@@ -233,6 +266,9 @@ class Userspace:
         is going away and none of them can continue. Returns how many."""
         writers, self.app_writers = self.app_writers, set()
         for writer in writers:
+            sink = self.native_sinks.pop(writer, None)
+            if sink is not None:
+                sink.unsplice()
             reset_writer(writer)
         if writers:
             log.info("reset %d proxied TCP connection%s", len(writers), "" if len(writers) == 1 else "s")
@@ -390,6 +426,116 @@ class Userspace:
 
     async def _splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       conn: Any, sid: int, sink: _StreamSink, early: bytes) -> None:
+        if NATIVE_SPLICE and writer.get_extra_info("socket") is not None:
+            await self._splice_native(reader, writer, sink, early)
+        else:
+            await self._splice_python(reader, writer, sink, early)
+
+    async def _splice_native(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             sink: _StreamSink, early: bytes) -> None:
+        """The stream and the local socket joined in the native core: bytes, FIN and
+        resets cross there, and we hear once when it is over (or when the direct
+        connection is lost and the stream resumes on the relay, after which it is spliced
+        again on the new stream)."""
+        loop = asyncio.get_running_loop()
+        self.stats["tcp_active"] += 1
+        self.app_writers.add(writer)
+        svc = self.session.by_id[sink.spec.id]
+        svc.streams += 1
+        sink.svc = svc
+        transport: asyncio.Transport = writer.transport  # type: ignore[assignment]  # a socket transport
+        sock = writer.get_extra_info("socket")
+        ok = False
+        try:
+            transport.pause_reading()
+            # What asyncio read from the socket before the pause goes first (SOCKS clients
+            # may send right after the reply).
+            buffered: bytearray = getattr(reader, "_buffer", bytearray())
+            up, down = bytes(buffered), early
+            buffered.clear()
+            while transport.get_write_buffer_size():    # the SOCKS reply, if it is still queued
+                await writer.drain()
+                await asyncio.sleep(0.001)
+            while True:
+                down_fin = lost = False
+                while not sink.queue.empty():
+                    item = sink.queue.get_nowait()
+                    if item is None:
+                        return                       # reset, or the connection is gone
+                    if item is _LOST:
+                        lost = True
+                        break
+                    down += item[0]
+                    down_fin = down_fin or item[1]
+                if lost:
+                    # The direct connection died before we spliced again: resume first.
+                    resumed = await self._resume(sink) if not sink.failed else None
+                    if resumed is None:
+                        return
+                    down += resumed
+                    continue
+                conn = sink.conn
+                if conn is None or conn.closed:
+                    return
+                ended: asyncio.Future[tuple[int, int, int, int]] = loop.create_future()
+
+                def on_end(how: int, code: int, sent: int, received: int,
+                           fut: asyncio.Future[tuple[int, int, int, int]] = ended) -> None:
+                    if not fut.done():
+                        fut.set_result((how, code, sent, received))
+
+                # `down` arrived on the stream (rx counted it); it counts again once written.
+                sink.rx -= len(down)
+                sink.counted = (0, 0)
+                try:
+                    conn.splice(sink.sid, sock, on_end, down=down, down_fin=down_fin, up=up)
+                except ConnectionError:
+                    sink.rx += len(down)
+                    return
+                sink.spliced = conn
+                self.native_sinks[writer] = sink
+                up, down = b"", b""
+                waiter = asyncio.ensure_future(sink.queue.get())
+                try:
+                    while not ended.done() and not waiter.done():
+                        await asyncio.wait((ended, waiter), timeout=COUNT_EVERY,
+                                           return_when=asyncio.FIRST_COMPLETED)
+                        counts = conn.splice_counts(sink.sid) if sink.spliced is conn else None
+                        if counts is not None:
+                            sink.count(*counts)
+                finally:
+                    if not waiter.done():
+                        waiter.cancel()
+                if ended.done():
+                    sink.spliced = None
+                    how, _, sent, received = ended.result()
+                    sink.count(sent, received)
+                    if how == _native.SPLICE_DONE:
+                        ok = True
+                    return
+                # The session spoke first: `on_lost` took the stream back for a resume on
+                # the relay (and counted it), or the stream is reset / its connection gone.
+                if waiter.result() is not _LOST:
+                    return
+                resumed = await self._resume(sink) if not sink.failed else None
+                if resumed is None:
+                    return
+                down = resumed
+        except (ConnectionError, OSError):
+            return
+        finally:
+            sink.unsplice()
+            self.native_sinks.pop(writer, None)
+            self.stats["tcp_active"] -= 1
+            self.app_writers.discard(writer)
+            sink.handlers.pop(sink.sid, None)
+            if ok:
+                writer.close()
+            else:
+                reset_writer(writer)
+
+    async def _splice_python(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             sink: _StreamSink, early: bytes) -> None:
         self.stats["tcp_active"] += 1
         self.app_writers.add(writer)
         svc = self.session.by_id[sink.spec.id]

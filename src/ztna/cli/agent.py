@@ -30,7 +30,7 @@ def _build_options(**kw: Any) -> AgentOptions:  # (the import is lazy for --help
 
     from ztna.agent.config import AgentOptions, parse_forward, parse_service, split_host_port
     from ztna.quic.config import TlsFiles
-    from ztna.startup import check_tls_files
+    from ztna.startup import check_tls_files_apart
 
     if not kw["intermediate"]:
         raise UsageError("no Intermediate: give --intermediate HOST:PORT (or `intermediate` in"
@@ -44,7 +44,7 @@ def _build_options(**kw: Any) -> AgentOptions:  # (the import is lazy for --help
         tls = TlsFiles(Path(kw["cert"]), Path(kw["key"]), Path(kw["ca"]))
     else:
         raise UsageError("give --pki DIR or all of --cert, --key and --ca")
-    check_tls_files(tls.cert, tls.key, tls.ca)
+    check_tls_files_apart(tls.cert, tls.key, tls.ca)
     targets = tuple(split_host_port(t.strip(), default_port=4433)
                     for t in str(kw["intermediate"]).split(",") if t.strip())
     if not targets:

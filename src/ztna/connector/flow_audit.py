@@ -44,6 +44,9 @@ class ConnectorAudit:
                 audit = getattr(flow, "audit", None)
                 if audit is None:
                     continue
+                sync = getattr(flow, "sync", None)
+                if sync is not None:
+                    sync()                  # a native splice's counts so far
                 if hasattr(flow, "rx") and hasattr(flow, "tx"):
                     audit.to_service, audit.from_service = flow.rx, flow.tx
                 out.append(audit)

@@ -17,6 +17,7 @@ from ztna.connector.p2p_server import P2PServer
 from ztna.connector.punch import ConnectorPunch
 from ztna.connector.relay_link import RelayLink
 from ztna.connector.state import ConnectorStats
+from ztna.connector.udp_flows import UdpFlows
 from ztna.observe import MetricsServer, StatsCollector, format_address
 from ztna.quic.endpoint import QuicEndpoint
 from ztna.revocation_guard import RevocationGuard
@@ -39,7 +40,7 @@ class ConnectorView(Protocol):
     @property
     def tcp(self) -> Sized: ...
     @property
-    def udp(self) -> Sized: ...
+    def udp(self) -> UdpFlows: ...
     @property
     def streams(self) -> Sized: ...
     @property
@@ -116,6 +117,7 @@ def collect(c: ConnectorView) -> list[Any]:
     out.extend(c.revocation.metrics())
     out.append(("ztna_connector_uptime_seconds", "gauge", "Seconds since start",
                 c.loop.time() - c.started_at if c.loop else 0, None))
+    c.udp.sync_stats()   # what the native UDP flows moved since the last look
     for name, value in c.stats.as_dict().items():
         out.append((f"ztna_connector_{name}_total", "counter", name.replace("_", " "), value, None))
     for reason, value in p2p_drops(c).items():

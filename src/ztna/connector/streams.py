@@ -15,6 +15,12 @@ Back-pressure both ways, no unbounded buffers:
   every `RECHECK` seconds (the transport reports no "drained" event).
 FIN ↔ half-close (write_eof / EOF), reset ↔ RST (abort / connection lost with an error).
 
+Once the backend is connected and the status is written, the stream and the backend socket
+are spliced natively (`ZtnaConnection.splice`): the bytes, FINs and resets above cross in
+the native core with the same bounds, and Python hears once, at the end, with the byte
+counts. Parking a resumable flow takes the stream back (`unsplice`); a resumed flow is
+spliced again on its new stream. The Python pumps remain for ZTNA_PYTHON_SPLICE=1.
+
 Resumable streams (docs/protocol.md §5.1): an Agent that opens with 0x55 on a direct
 connection (Hello heard, so we know its agent id) gets `OK_RESUMABLE` + a random token,
 bound to the agent id and certificate fingerprint. We count the payload bytes we took
@@ -38,15 +44,17 @@ stream records agent, service, name and the address used (or why it failed).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ztna import _native
 from ztna.connector.backend import WRITE_HIGH, tune_backend_transport
 from ztna.errors import DecodeError
-from ztna.limits import STREAM_RESUME_GRACE, STREAM_RESUME_PER_AGENT
+from ztna.limits import NATIVE_SPLICE, STREAM_RESUME_GRACE, STREAM_RESUME_PER_AGENT
 from ztna.names.patterns import DomainPattern
 from ztna.observe import format_address
 from ztna.wire.stream_header import (
@@ -107,6 +115,35 @@ class StreamFlow(asyncio.Protocol):
         self.done = False
         self.task: asyncio.Task[Any] | None = None
         self.audit: FlowAudit | None = None
+        self.spliced: ZtnaConnection | None = None   # the connection of our native splice
+        self.counted = (0, 0)             # that splice's counts already taken into rx/tx
+
+    def count(self, sent: int, received: int) -> None:
+        """Take a native splice's cumulative byte counts into rx/tx and the statistics."""
+        d_sent, d_received = sent - self.counted[0], received - self.counted[1]
+        self.counted = (sent, received)
+        self.tx += d_sent
+        self.rx += d_received
+        self.table.stats.stream_bytes_to_agent += d_sent
+        self.table.stats.stream_bytes_to_backend += d_received
+        if self.audit is not None:
+            self.audit.from_service += d_sent
+            self.audit.to_service += d_received
+
+    def sync(self) -> None:
+        """Bring a live native splice's counts into rx/tx (the audit's interim lines)."""
+        conn = self.spliced
+        if conn is not None:
+            counts = conn.splice_counts(self.sid)
+            if counts is not None:
+                self.count(*counts)
+
+    def unsplice(self) -> None:
+        conn, self.spliced = self.spliced, None
+        if conn is not None:
+            counts = conn.unsplice(self.sid)
+            if counts is not None:
+                self.count(*counts)
 
     # backend protocol
     def connection_made(self, transport: Any) -> None:
@@ -123,7 +160,7 @@ class StreamFlow(asyncio.Protocol):
             reply = encode_stream_status(StreamStatus.OK)
         self.base = len(reply)
         self.conn.send_stream(self.sid, reply)
-        self.table.flush(self)
+        self.table.splice(self)
 
     def send(self, data: bytes, end: bool = False) -> None:
         """Payload towards the Agent; held while parked (sent again on resume)."""
@@ -268,6 +305,48 @@ class StreamTable:
             flow.peer_fin = True
         self.flush(flow)
 
+    # ------------------------------------------------------------------ native splice
+    def splice(self, flow: StreamFlow) -> None:
+        """Hand the stream and the backend socket to the native splice (the Python pumps
+        when that is off or impossible)."""
+        conn, t = flow.conn, flow.transport
+        sock = t.get_extra_info("socket") if t is not None else None
+        if not NATIVE_SPLICE or conn is None or t is None or sock is None or flow.done or flow.unconsumed:
+            self.flush(flow)
+            return
+        t.pause_reading()
+        flow.read_paused = True
+        down = b"".join(flow.inbox)
+        flow.rx -= len(down)                # counted again once written to the backend
+        flow.counted = (0, 0)
+        try:
+            conn.splice(flow.sid, sock, functools.partial(self._spliced, flow, conn),
+                        down=down, down_fin=flow.peer_fin)
+        except ConnectionError:
+            flow.rx += len(down)
+            flow.read_paused = False
+            t.resume_reading()
+            self.flush(flow)
+            return
+        flow.inbox.clear()
+        flow.spliced = conn
+
+    def _spliced(self, flow: StreamFlow, conn: ZtnaConnection, how: int, code: int, sent: int,
+                 received: int) -> None:
+        if flow.spliced is not conn:
+            return
+        flow.spliced = None
+        flow.count(sent, received)
+        if how == _native.SPLICE_DONE:
+            flow.peer_fin = flow.backend_eof = flow.backend_shut = True
+            self.finish(flow)
+            return
+        if how == _native.SPLICE_RESET:
+            self.stats.stream_resets += 1
+        if flow.transport is not None:
+            flow.transport.abort()
+        self.finish(flow, forget=True)
+
     # ------------------------------------------------------------------ resumption
     def _make_resumable(self, flow: StreamFlow) -> None:
         conn = flow.conn
@@ -316,6 +395,7 @@ class StreamTable:
         conn = flow.conn
         if conn is None:
             return
+        flow.unsplice()
         unacked = conn.stream_unacked(flow.sid)
         offset, data = unacked if unacked is not None else (flow.tx + flow.base, b"")
         if offset < flow.base:              # the status/token itself was not acknowledged
@@ -389,6 +469,9 @@ class StreamTable:
                  conn.label or conn.peer_address, flow.tx - header.received, flow.rx)
         if flow.done:                       # the backend had finished: only the tail to deliver
             self.flows.pop((conn, sid), None)
+            return
+        if NATIVE_SPLICE and flow.transport is not None:
+            self.splice(flow)
             return
         if flow.transport is not None and flow.read_paused:
             flow.read_paused = False
@@ -534,6 +617,7 @@ class StreamTable:
             self._forget_token(flow)
         if flow.done:
             return
+        flow.unsplice()
         flow.done = True
         if self.audit is not None and flow.audit is not None:
             flow.audit.to_service, flow.audit.from_service = flow.rx, flow.tx
@@ -553,6 +637,7 @@ class StreamTable:
         for flow in [f for f in self.resumable.values() if f.conn is conn]:
             self._park(flow)                # resumable: wait for the Agent on another path
         for flow in [f for f in self.flows.values() if f.conn is conn]:
+            flow.unsplice()                 # the core lets go of the socket before the abort
             if flow.transport is not None:
                 flow.transport.abort()
             self.finish(flow, forget=True, reason="connection closed")
@@ -565,6 +650,7 @@ class StreamTable:
                     flow.transport.abort()
                 self.finish(flow)
         for flow in list(self.flows.values()):
+            flow.unsplice()
             if flow.conn is not None:
                 flow.conn.reset_stream(flow.sid)
             if flow.transport is not None:

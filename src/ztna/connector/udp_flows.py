@@ -11,6 +11,14 @@
 * The key holds the agent id, not the path: replies go back on the path the flow's latest
   packet came from, so a flow survives the Agent switching relay ↔ direct; a dead path
   hands its flows to the Agent's other live path (`drop_path(path, alternate)`).
+* Once created, a flow's packets move natively (`ztna._native.UdpFlows`,
+  native/src/udpflow.rs): the flow is installed with its key, service, socket and reply
+  connection; DATAGRAMs of installed flows go to the backend socket without Python, and
+  `_readable` is one native call per readable event that reads a burst and queues the
+  replies. What the native table does not take (a new 5-tuple, a path switch, a packet too
+  big for its reply, anything not UDP) comes here as before, and every move or close of a
+  flow here is mirrored there. Counters moved natively are added into the stats by
+  `sync_stats` (every sweep and every metrics read); idle time counts native packets too.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import asyncio
 import socket
 from typing import TYPE_CHECKING, Any
 
+from ztna import _native
 from ztna.connector import icmp
 from ztna.netstack.packets import IpHeader, build_udp_packet, parse_udp
 
@@ -27,6 +36,7 @@ if TYPE_CHECKING:
     from ztna.connector.flow_audit import ConnectorAudit
     from ztna.connector.paths import ReplyPath
     from ztna.connector.state import ConnectorStats, ServiceState
+    from ztna.quic.endpoint import QuicEndpoint
 
 RECV_BURST = 64
 BACKEND_RCVBUF = 1024 * 1024   # bytes, per flow socket (the kernel caps it at rmem_max)
@@ -34,7 +44,7 @@ BACKEND_RCVBUF = 1024 * 1024   # bytes, per flow socket (the kernel caps it at r
 
 class UdpFlow:
     __slots__ = ("key", "path", "service", "sock", "vip", "vport", "agent_ip", "agent_port",
-                 "last_seen", "last_packet", "audit")
+                 "last_seen", "last_packet", "native_id", "native_seen", "audit")
 
     def __init__(self, key: tuple[Any, ...], path: ReplyPath, service: ServiceState,
                  sock: socket.socket, ip: IpHeader, sport: int, dport: int, now: float) -> None:
@@ -48,6 +58,9 @@ class UdpFlow:
         self.agent_port = sport
         self.last_seen = now
         self.last_packet: memoryview | bytes = b""
+        self.native_id: int | None = None   # installed in the native table
+        # Its native counters (packets and payload bytes each way) at the last look.
+        self.native_seen: tuple[int, int, int, int] = (0, 0, 0, 0)
         self.audit: FlowAudit | None = None
 
 
@@ -61,6 +74,70 @@ class UdpFlows:
         self.idle_timeout = idle_timeout
         self.flows: dict[tuple[Any, ...], UdpFlow] = {}
         self.audit: ConnectorAudit | None = None
+        self.native = _native.UdpFlows(recv_burst=RECV_BURST)
+        self._endpoints: list[QuicEndpoint] = []          # by native slot
+        self._native_counted: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ native table
+    def _target(self, path: ReplyPath) -> tuple[int, int] | None:
+        """(slot, handle) of the path's connection, registered with the native table."""
+        conn = path.conn
+        # A connection without a native endpoint (a test double) stays on the Python path.
+        endpoint: QuicEndpoint | None = getattr(conn, "endpoint", None)
+        if conn.closed or getattr(endpoint, "native", None) is None:
+            return None
+        assert endpoint is not None
+        slot = next((i for i, known in enumerate(self._endpoints) if known is endpoint), None)
+        if slot is None:
+            slot = self.native.add_endpoint(endpoint.native)
+            self._endpoints.append(endpoint)
+        agent = path.agent_id if path.direct else None
+        if path.direct and agent is None:
+            return None
+        if not self.native.add_connection(slot, conn.handle, agent):
+            return None
+        return slot, conn.handle
+
+    def _install(self, flow: UdpFlow) -> None:
+        """Let the flow's packets move natively on its current path (or stop, if it can't)."""
+        target = self._target(flow.path)
+        if target is None:
+            if flow.native_id is not None:
+                self.native.remove_flow(flow.native_id)
+                flow.native_id = None
+            return
+        if flow.native_id is None:
+            agent_id, _src, _sport, _dst, _dport = flow.key
+            flow.native_id = self.native.add_flow(agent_id, flow.agent_ip, flow.agent_port, flow.vip,
+                                                  flow.vport, flow.service.id.encode("ascii"),
+                                                  flow.sock.fileno(), *target)
+        else:
+            self.native.set_reply(flow.native_id, *target)
+
+    def _sync_flow(self, flow: UdpFlow) -> bool:
+        """Bring what moved natively into the flow's audit; True if anything moved."""
+        counters = self.native.counters(flow.native_id) if flow.native_id is not None else None
+        if counters is None or counters == flow.native_seen:
+            return False
+        seen, flow.native_seen = flow.native_seen, counters
+        if flow.audit is not None:
+            flow.audit.to_service += counters[2] - seen[2]
+            flow.audit.from_service += counters[3] - seen[3]
+        return True
+
+    def sync_stats(self) -> None:
+        """Add what moved natively since the last call into the stats."""
+        native = self.native.stats()
+        seen = self._native_counted
+        stats = self.stats
+        delta = {k: native[k] - seen.get(k, 0) for k in native}
+        self._native_counted = dict(native)
+        stats.udp_to_backend += delta["to_backend"]
+        stats.packets_in += delta["to_backend"] + delta["backend_drops"] + delta["refused"]
+        stats.udp_backend_drops += delta["backend_drops"]
+        stats.udp_to_agent += delta["to_agent"]
+        stats.udp_agent_drops += delta["agent_drops"]
+        stats.udp_reply_too_big += delta["reply_too_big"]
 
     def __len__(self) -> int:
         return len(self.flows)
@@ -75,10 +152,12 @@ class UdpFlows:
             flow.path.flows -= 1
             path.flows += 1
             flow.path = path
+            self._install(flow)
         if flow is None:
             flow = self._open(key, path, service, ip, udp.sport, udp.dport, packet, now)
             if flow is None:
                 return
+            self._install(flow)
         flow.last_seen = now
         flow.last_packet = packet
         if flow.audit is not None:
@@ -136,6 +215,14 @@ class UdpFlows:
 
     # ------------------------------------------------------------------ backend → Agent
     def _readable(self, flow: UdpFlow) -> None:
+        if flow.native_id is not None:
+            sent, refused, _dropped = self.native.recv(flow.native_id)
+            if sent:
+                flow.last_seen = self.loop.time()
+                flow.path.conn.endpoint.mark_dirty(flow.path.conn)
+            if refused:
+                self._refused(flow)
+            return
         sock = flow.sock
         path = flow.path
         stats = self.stats
@@ -163,8 +250,11 @@ class UdpFlows:
 
     def _refused(self, flow: UdpFlow) -> None:
         self.stats.udp_backend_refused += 1
-        if flow.last_packet:
-            reply = icmp.port_unreachable(flow.last_packet, src=flow.vip)
+        last = flow.last_packet
+        if flow.native_id is not None:
+            last = self.native.last_packet(flow.native_id) or last
+        if last:
+            reply = icmp.port_unreachable(last, src=flow.vip)
             if reply is not None and len(reply) <= flow.path.max_packet():
                 flow.path.send(reply)
 
@@ -172,10 +262,15 @@ class UdpFlows:
     def close_flow(self, flow: UdpFlow, reason: str = "closed") -> None:
         if self.flows.pop(flow.key, None) is None:
             return
+        self._sync_flow(flow)
         if self.audit is not None:
             self.audit.end(flow.audit, reason, self.loop.time())
         flow.service.udp_flows -= 1
         flow.path.flows -= 1
+        if flow.native_id is not None:
+            # Before the socket closes: its descriptor number may be reused at once.
+            self.native.remove_flow(flow.native_id)
+            flow.native_id = None
         try:
             self.loop.remove_reader(flow.sock.fileno())
         except (ValueError, OSError):
@@ -185,6 +280,15 @@ class UdpFlows:
 
     def sweep(self, now: float) -> int:
         """Expire idle flows and flows whose path died. Returns how many were closed."""
+        self.sync_stats()
+        by_id = {f.native_id: f for f in self.flows.values() if f.native_id is not None}
+        for fid in self.native.take_refused():
+            refused = by_id.get(fid)
+            if refused is not None:
+                self._refused(refused)
+        for f in by_id.values():
+            if self._sync_flow(f):
+                f.last_seen = now
         limit = now - self.idle_timeout
         dead = [f for f in self.flows.values() if f.last_seen < limit or not f.path.alive]
         for f in dead:
@@ -198,6 +302,7 @@ class UdpFlows:
                 path.flows -= 1
                 alternate.flows += 1
                 f.path = alternate
+                self._install(f)
             else:
                 self.close_flow(f, "agent gone")
 

@@ -18,6 +18,14 @@ member its flow is placed on: the other leg is a stream on the mesh link to that
 `RelayedStreamOpen` with this member's Agent id; that member splices it like an Agent's stream,
 to one of its Connectors, with its own id for the remote Agent. Resumed streams do not cross.
 
+Once the Connector's status reply has come through (its arrival is the backend connect
+time the audit records), the two streams are joined in the native core
+(`QuicEndpoint.splice_streams`) when both connections are on the same endpoint: bytes, FIN
+and resets cross there with the same bounds (`PAIR_BACKLOG` in native/src/splice.rs is
+`BACKLOG_LIMIT`), and Python hears once when it is over; the admin view and the audit
+read its counts as it runs (`splice_counts`). Legs on two endpoints (an IPv4 and an IPv6
+socket), or ZTNA_PYTHON_SPLICE=1, keep the Python copy described above.
+
 `StreamResume` (docs/protocol.md §5.1: a stream that was on a direct connection continues
 here) is spliced the same way, as `RelayedStreamResume(agent_id, ...)`; the Connector checks
 the token against the agent id we vouch for. `NamedStreamOpen` (a DNS name instead of an
@@ -32,9 +40,11 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from ztna import _native
 from ztna.addresses import format_address
 from ztna.errors import DecodeError
 from ztna.intermediate.admin.snapshot import FlowView
+from ztna.limits import NATIVE_SPLICE
 from ztna.wire.stream_header import (
     ANY_STREAM_HEADER_MAX,
     NamedStreamOpen,
@@ -77,14 +87,15 @@ class _Leg:
 
 
 class _Splice:
-    __slots__ = ("agent", "connector", "head", "done", "audit", "reply_pending", "service", "destination",
-                 "started", "up", "down")
+    __slots__ = ("agent", "connector", "head", "done", "native", "audit", "reply_pending", "service",
+                 "destination", "started", "up", "down", "counted")
 
     def __init__(self) -> None:
         self.agent: _Leg | None = None
         self.connector: _Leg | None = None
         self.head = b""
         self.done = False
+        self.native = False     # joined in the native core
         self.audit: FlowAudit | None = None
         # Bytes of the Connector's status reply still to come: not payload in the audit.
         self.reply_pending = True
@@ -94,6 +105,7 @@ class _Splice:
         self.started = 0.0
         self.up = 0      # bytes Agent -> Connector
         self.down = 0
+        self.counted = (0, 0)   # the native pair's (sent, received) of the Agent leg, taken in
 
     def view(self, ended: float | None) -> FlowView:
         # Legs on cluster mesh links are keyed by their link, not by a peer id.
@@ -171,6 +183,8 @@ class StreamSplicer:
         if leg.other is not None:
             self._credit(leg.other)
         self._maybe_done(splice)
+        if leg is splice.connector and not splice.native:
+            self._go_native(splice)
 
     def _open(self, leg: _Leg, header: Any, rest: bytes) -> bool:
         srv = self.srv
@@ -242,6 +256,53 @@ class StreamSplicer:
             flow.to_service += len(rest)
         return True
 
+    def _go_native(self, splice: _Splice) -> None:
+        """Join the two legs in the native core, once the Connector's status reply came
+        through here (its arrival is the backend connect time the audit records)."""
+        a, c = splice.agent, splice.connector
+        if (not NATIVE_SPLICE or a is None or c is None or splice.done or c.fin_in
+                or a.conn.endpoint is not c.conn.endpoint or not hasattr(c.conn.endpoint, "splice_streams")):
+            return
+        splice.native = c.conn.endpoint.splice_streams(
+            a.conn, a.sid, c.conn, c.sid,
+            lambda how, code, sent, received: self._native_end(splice, how, sent, received))
+        if splice.native:
+            for leg in (a, c):              # what went through here so far is credited now
+                if leg.owed:
+                    leg.conn.consume_stream(leg.sid, leg.owed)
+                    leg.owed = 0
+                self._owing.discard(leg)
+
+    def _native_end(self, splice: _Splice, how: int, sent: int, received: int) -> None:
+        """A native splice is over (the core passed on the FINs or resets itself); `sent` /
+        `received` are the Agent leg's: what went down to the Agent, what came up from it."""
+        if splice.done:
+            return
+        self._take_counts(splice, sent, received)
+        reason = {_native.SPLICE_DONE: "closed", _native.SPLICE_RESET: "reset"}.get(how, "connection closed")
+        self._remove(splice, reason)
+
+    def _sync(self, splice: _Splice) -> None:
+        """Bring a live native pair's byte counts into the view and the audit."""
+        leg = splice.agent
+        if not splice.native or splice.done or leg is None:
+            return
+        counts = leg.conn.splice_counts(leg.sid)
+        if counts is not None:
+            self._take_counts(splice, *counts)
+
+    def _take_counts(self, splice: _Splice, sent: int, received: int) -> None:
+        d_sent, d_received = sent - splice.counted[0], received - splice.counted[1]
+        if d_sent <= 0 and d_received <= 0:
+            return
+        splice.up += d_received
+        splice.down += d_sent
+        flow = splice.audit
+        if flow is not None:               # the status reply came through Python, not here
+            flow.to_service += d_received
+            flow.from_service += d_sent
+        splice.counted = (sent, received)
+
     def _count(self, splice: _Splice, leg: _Leg, data: bytes) -> None:
         flow = splice.audit
         assert flow is not None
@@ -263,6 +324,9 @@ class StreamSplicer:
 
     def live_audits(self) -> list[FlowAudit]:
         """The audit state of every live splice (interim lines)."""
+        for lg in list(self.legs.values()):
+            if lg is lg.splice.agent:
+                self._sync(lg.splice)
         return [lg.splice.audit for lg in self.legs.values()
                 if lg is lg.splice.agent and lg.splice.audit is not None and not lg.splice.done]
 
@@ -331,6 +395,8 @@ class StreamSplicer:
         """Open spliced flows, then the recently ended ones (newest first)."""
         live = {id(leg.splice): leg.splice for leg in self.legs.values()
                 if leg.splice.connector is not None and not leg.splice.done}
+        for splice in live.values():
+            self._sync(splice)
         return [s.view(None) for s in live.values()] + list(reversed(self.recent))
 
     def _remove(self, splice: _Splice, reason: str = "refused") -> None:

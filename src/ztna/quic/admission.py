@@ -32,9 +32,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 __all__ = ["TOKEN_MARKER", "AddressTokenCodec", "AdmissionPolicy", "Decision", "Reason",
            "SourceRateLimiter", "Verdict"]
 
@@ -140,6 +137,10 @@ class AddressTokenCodec:
     __slots__ = ("aead", "lifetime")
 
     def __init__(self, key: bytes, *, lifetime: float) -> None:
+        # Imported here: only servers seal tokens, and cryptography is ~10 MB of resident
+        # memory a long-running Agent (which imports this module) does not need.
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         self.aead = AESGCM(key)
         self.lifetime = lifetime
 
@@ -152,6 +153,8 @@ class AddressTokenCodec:
     def validate(self, token: bytes, host: str, *, wall_now: float) -> bool:
         if len(token) < _MIN_TOKEN or token[0] != TOKEN_MARKER:
             return False
+        from cryptography.exceptions import InvalidTag
+
         try:
             plain = self.aead.decrypt(token[1 : 1 + TOKEN_NONCE_LEN], token[1 + TOKEN_NONCE_LEN :], None)
         except InvalidTag:

@@ -31,6 +31,8 @@ from ztna.wire import ControlDecoder
 
 if TYPE_CHECKING:
     import asyncio
+    import socket
+    from collections.abc import Callable
 
     from cryptography import x509
 
@@ -52,6 +54,12 @@ class ConnectionOwner(Protocol):
     def mark_dirty(self, conn: ZtnaConnection | None = None) -> None: ...
 
     def forget(self, conn: ZtnaConnection) -> None: ...
+
+    def splice_socket(self, conn: ZtnaConnection, sid: int, sock: socket.socket,
+                      on_end: Callable[[int, int, int, int], None], *, down: bytes = b"",
+                      down_fin: bool = False, up: bytes = b"") -> int: ...
+
+    def unsplice(self, conn: ZtnaConnection, sid: int) -> tuple[int, int] | None: ...
 
     def flush(self) -> None: ...
 
@@ -276,6 +284,31 @@ class ZtnaConnection:
             return None
         offset, data = result
         return int(offset), bytes(data)
+
+    def splice(self, stream_id: int, sock: socket.socket, on_end: Callable[[int, int, int, int], None],
+               *, down: bytes = b"", down_fin: bool = False, up: bytes = b"") -> int:
+        """Hand the stream and the connected TCP socket `sock` to the native splice (see
+        `QuicEndpoint.splice_socket`); a resumable stream keeps its tail as before."""
+        if self.closed:
+            raise ConnectionError("connection closed")
+        if self._retain and stream_id not in self._retained:
+            self._retained.add(stream_id)
+            self._native.set_retain(self.handle, stream_id, True)
+        try:
+            return self.endpoint.splice_socket(self, stream_id, sock, on_end, down=down,
+                                               down_fin=down_fin, up=up)
+        except ValueError as exc:
+            raise ConnectionError(str(exc)) from None
+
+    def unsplice(self, stream_id: int) -> tuple[int, int] | None:
+        """Take a spliced stream back: (bytes sent into it, bytes received from it)."""
+        return self.endpoint.unsplice(self, stream_id)
+
+    def splice_counts(self, stream_id: int) -> tuple[int, int] | None:
+        """(sent into, received from) a live splice of the stream (to a socket, or a stream
+        pair's leg), None if there is none."""
+        counts = self._native.splice_counts(self.handle, stream_id)
+        return None if counts is None else (int(counts[0]), int(counts[1]))
 
     def consume_stream(self, stream_id: int, nbytes: int) -> None:
         """The application has taken `nbytes` more from this stream: grant more credit."""

@@ -16,6 +16,12 @@ Theory of operation
   event, and `_on_incoming` answers accept / Retry / refuse / ignore (limits, per-source rate).
 * First byte below 0x40 is not QUIC (QUIC always sets the fixed bit; RFC 9443): such datagrams
   go to `raw_handler` (P2P probes share the socket) or are counted and dropped.
+* Splices (`splice_socket`, `splice_streams`): once Python has decided about a stream (its
+  header, authorization, the backend connected), the native side joins it to a kernel TCP
+  socket or to another stream of this endpoint and moves every byte, FIN and reset itself,
+  with QUIC flow control as the back-pressure. The spliced sockets sit in a native epoll set
+  whose descriptor is in the asyncio loop once; one `pump()` per readiness batch serves them
+  all. A splice's end is one event with its byte counts, delivered to the callback given.
 * Nothing a peer sends and no socket error ends the loop: every failure is counted in `stats`,
   a native panic aborts at most the connection it happened in (counted, one log line), and the
   endpoint goes on serving everyone else.
@@ -27,6 +33,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -55,7 +62,11 @@ log = logging.getLogger("ztna.quic")
 
 # Native event kinds (native/src/py.rs, Endpoint.events).
 EV_INCOMING, EV_HANDSHAKE_DATA, EV_CONNECTED, EV_DATAGRAMS, EV_STREAM, EV_RESET, EV_CLOSED, \
-    EV_PATH, EV_RAW = range(9)
+    EV_PATH, EV_RAW, EV_SPLICED = range(10)
+
+# Called once when a splice ends: (how: a SPLICE_* code, error code, bytes sent into the
+# stream, bytes received from it).
+SpliceEnd = Callable[[int, int, int, int], None]
 
 # Counters the native endpoint keeps, copied into EndpointStats on every read.
 _NATIVE_COUNTERS = (
@@ -184,6 +195,9 @@ class QuicEndpoint:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closed = False
+        self._splice_fd: int | None = None
+        # (splice id, handle, stream id) -> what to call when that splice ends
+        self._splices: dict[tuple[int, int, int], SpliceEnd] = {}
         self.loop.add_reader(sock.fileno(), self._on_readable)
 
     # ------------------------------------------------------------------ public API
@@ -249,6 +263,59 @@ class QuicEndpoint:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
+    # ------------------------------------------------------------------ splices
+    def _splice_reader(self) -> None:
+        if self._splice_fd is None:
+            self._splice_fd = self.native.splice_fd()
+            self.loop.add_reader(self._splice_fd, self._on_splice_ready)
+
+    def splice_socket(self, conn: ZtnaConnection, sid: int, sock: socket.socket, on_end: SpliceEnd, *,
+                      down: bytes = b"", down_fin: bool = False, up: bytes = b"") -> int:
+        """Join stream `sid` of `conn` to the connected TCP socket `sock` natively, both ways.
+        The caller must not read or write `sock` any more (pause its transport) and keeps it
+        open until `on_end` runs; then it closes it (or aborts it, when `how` is not
+        SPLICE_DONE). `down`/`down_fin`: stream bytes (FIN) already handed to the caller
+        and not consumed, written to the socket first; `up`: socket bytes the caller read.
+        Raises ValueError if the connection is gone."""
+        self._splice_reader()
+        splice_id = self.native.splice(conn.handle, sid, sock.fileno(), down, down_fin, up)
+        self._splices[(splice_id, conn.handle, sid)] = on_end
+        self.mark_dirty(conn)
+        return splice_id
+
+    def unsplice(self, conn: ZtnaConnection, sid: int) -> tuple[int, int] | None:
+        """End a socket splice without its callback: (sent, received) so far."""
+        counts = self.native.unsplice(conn.handle, sid)
+        for key in [k for k in self._splices if k[1] == conn.handle and k[2] == sid]:
+            del self._splices[key]
+        return counts
+
+    def splice_streams(self, a: ZtnaConnection, sid_a: int, b: ZtnaConnection, sid_b: int,
+                       on_end: SpliceEnd) -> bool:
+        """Join two streams of this endpoint natively, both ways. `on_end` runs once, when
+        both legs are over, with the first stream's counts (sent = into `sid_a`, received =
+        out of it; the second leg's are the same, mirrored). False if either connection is
+        not live."""
+        splice_id = self.native.splice_streams(a.handle, sid_a, b.handle, sid_b)
+        if splice_id is None:
+            return False
+        self._splices[(splice_id, a.handle, sid_a)] = on_end
+        self._splices[(splice_id, b.handle, sid_b)] = lambda how, code, sent, received: None
+        self.mark_dirty(a)
+        return True
+
+    def _on_splice_ready(self) -> None:
+        if self._closed:
+            return
+        self._dispatch(self.native.pump(self.loop.time()))
+        self._flush()
+
+    def _spliced(self, ev: Event) -> None:
+        _, handle, sid, splice_id, sent, received, how, code = ev
+        on_end = self._splices.pop((splice_id, handle, sid), None)
+        if on_end is not None:
+            on_end(how, code, sent, received)
+
     def forget(self, conn: ZtnaConnection) -> None:
         self.connections.discard(conn)
         if self._by_handle.get(conn.handle) is conn:
@@ -270,6 +337,12 @@ class QuicEndpoint:
             pass
         if self._timer:
             self._timer.cancel()
+        if self._splice_fd is not None:
+            try:
+                self.loop.remove_reader(self._splice_fd)
+            except (ValueError, OSError):
+                pass
+            self._splice_fd = None
         self.native.shutdown()
         self.sock.close()
 
@@ -326,6 +399,9 @@ class QuicEndpoint:
                     continue
                 if kind == EV_INCOMING:
                     self._on_incoming(ev[1], ev[2], ev[3], ev[4], now)
+                    continue
+                if kind == EV_SPLICED:
+                    self._spliced(ev)
                     continue
                 conn = by_handle.get(ev[1])
                 if conn is None:
@@ -477,11 +553,7 @@ def bind_udp(host: str, port: int, *, dual_stack: bool = True) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
-        except OSError:
-            pass
+    size_buffers(sock, limits.UDP_SOCKET_BUFFER)
     try:
         sock.bind((host, port))
     except OSError:
@@ -489,6 +561,34 @@ def bind_udp(host: str, port: int, *, dual_stack: bool = True) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
+
+
+# Linux's privileged variants, which ignore net.core.rmem_max / wmem_max (Python's socket
+# module does not name them).
+_FORCE = {socket.SO_RCVBUF: 33, socket.SO_SNDBUF: 32} if sys.platform == "linux" else {}
+_small_buffers_logged = False
+
+
+def size_buffers(sock: socket.socket, size: int) -> None:
+    """Ask for `size` bytes of receive and send buffer (forced past the kernel's cap when
+    we may); one log line per process when the kernel grants less."""
+    global _small_buffers_logged
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        for name in (_FORCE.get(opt), opt):
+            if name is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, name, size)
+                break
+            except OSError:
+                continue
+        # Linux reports twice what it accounts for payload (the rest is bookkeeping).
+        granted = sock.getsockopt(socket.SOL_SOCKET, opt) // (2 if sys.platform == "linux" else 1)
+        if granted < size and not _small_buffers_logged:
+            _small_buffers_logged = True
+            log.info("UDP socket buffers are %d KiB, not %d KiB (raise net.core.rmem_max and "
+                     "wmem_max, or run as root): bursts beyond that are dropped", granted // 1024,
+                     size // 1024)
 
 
 def normalize_address(address: tuple[Any, ...]) -> tuple[str, int]:
