@@ -6,9 +6,10 @@ Theory of operation
   every read is exactly one IP packet, no packet-information prefix). It is not persistent,
   so the kernel deletes it — and every route through it — when the last fd closes.
 * Addresses (the Agent's own /32 and /128) and one route per service virtual IP (IPv4 /32,
-  IPv6 /128) are added over netlink with pyroute2; nothing else is routed (split tunnel).
-  The netlink steps (start, MTU change, exit, crash recovery) run in a short-lived helper
-  process (`ztna.agent.tun_netlink`), so the Agent's steady state holds no netlink library.
+  IPv6 /128), plus the synthetic pools when services are reached by DNS name, are added
+  over netlink with pyroute2; nothing else is routed (split tunnel). The netlink steps
+  (start, MTU change, exit, crash recovery) run in a short-lived helper process
+  (`ztna.agent.tun_netlink`), so the Agent's steady state holds no netlink library.
 * Before touching the system we write a state file (`<state_dir>/<name>.json`) that says
   what we are about to create, with our pid. `close()` removes everything and the file.
   After SIGKILL the file survives: the next start (`recover_stale`) sees a dead pid and

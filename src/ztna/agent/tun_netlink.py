@@ -34,8 +34,9 @@ IFA_F_NODAD = 0x02
 
 
 def _route(ipr: IPRoute, action: str, dst: str, index: int | None = None, src: str | None = None) -> None:
-    ip = ipaddress.ip_address(dst)
-    kwargs: dict[str, Any] = {"dst": f"{ip}/{ip.max_prefixlen}"}
+    """`dst` is an address (a host route) or a prefix (the synthetic pools of names)."""
+    ip = ipaddress.ip_network(dst, strict=True)
+    kwargs: dict[str, Any] = {"dst": str(ip)}
     if ip.version == 6:
         kwargs["family"] = socket.AF_INET6
     if index is not None:
