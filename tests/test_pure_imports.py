@@ -20,7 +20,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PURE_PACKAGES: tuple[str, ...] = ("ztna/wire", "ztna/netstack", "ztna/p2p")
 # Pure modules inside packages that also hold drivers.
 PURE_MODULES: tuple[str, ...] = ("ztna/intermediate/registry.py", "ztna/intermediate/signaling.py",
-                                 "ztna/quic/admission.py")
+                                 "ztna/quic/admission.py", "ztna/agent/services.py",
+                                 "ztna/connector/resume.py")
 FORBIDDEN: frozenset[str] = frozenset({"asyncio", "socket", "time", "random", "os", "aioquic"})
 
 
