@@ -52,7 +52,7 @@ from ztna.agent.services import (
 )
 from ztna.errors import DatagramTooLarge, DecodeError, error_text
 from ztna.identity import server_name_mismatch
-from ztna.link import LinkState
+from ztna.link import AGENT_JITTER, Backoff, LinkState
 from ztna.observe import format_address
 from ztna.p2p.path import PathConfig
 from ztna.quic.config import make_configuration
@@ -231,7 +231,8 @@ class Session(ConnectionHandler):
         return str(addr[0]), int(addr[1])
 
     async def _supervise(self) -> None:
-        delay = self.options.backoff_initial
+        backoff = Backoff(initial=self.options.backoff_initial, cap=self.options.backoff_cap,
+                          rng=self.rng, jitter=AGENT_JITTER)
         first = True
         while not self._stopping:
             if not first:
@@ -249,12 +250,11 @@ class Session(ConnectionHandler):
             if self._stopping:
                 return
             if useful:
-                delay = self.options.backoff_initial
-            sleep_for = delay * (0.5 + self.rng.random())   # jitter: 50 %..150 %
+                backoff.reset()
+            sleep_for = backoff.next_delay()
             self._set_state(LinkState.BACKOFF, self.info.last_error or "", error=False)
             log.info("reconnecting in %.2fs", sleep_for)
             await asyncio.sleep(sleep_for)
-            delay = min(delay * 2, self.options.backoff_cap)
 
     def _explain_name_mismatch(self, conn: ZtnaConnection) -> None:
         """A certificate without the name we verify never starts working by retrying:

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from ztna import limits
 from ztna.identity import server_name_mismatch
-from ztna.link import LinkState
+from ztna.link import Backoff, LinkState
 from ztna.observe import format_address
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import CLOSE_NO_ERROR, QuicEndpoint
@@ -67,13 +67,6 @@ def connector_instance(name: str) -> int:
     """The `Hello.instance` of a Connector: a u64 from its name, so the same Connector
     (same certificate, same name) keeps its peer id across restarts."""
     return int.from_bytes(hashlib.blake2b(b"ztna connector\0" + name.encode(), digest_size=8).digest(), "big")
-
-
-def backoff_delay(attempt: int, rng: random.Random, *, base: float = BACKOFF_BASE,
-                  cap: float = BACKOFF_CAP) -> float:
-    """Exponential backoff with "equal jitter": half fixed, half random, capped."""
-    d = min(cap, base * (2 ** min(attempt, 30)))
-    return d / 2 + rng.uniform(0, d / 2)
 
 
 class LinkSink(Protocol):
@@ -125,7 +118,7 @@ class RelayLink(ConnectionHandler):
 
     # ------------------------------------------------------------------ main loop
     async def run(self) -> None:
-        attempt = 0
+        backoff = Backoff(initial=BACKOFF_BASE, cap=BACKOFF_CAP, rng=self.rng)
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             self.state = LinkState.CONNECTING
@@ -134,11 +127,10 @@ class RelayLink(ConnectionHandler):
             if conn is not None:
                 await self._serve(conn)
                 if loop.time() - started >= STABLE_AFTER:
-                    attempt = 0
+                    backoff.reset()
             if self._stopping.is_set():
                 break
-            delay = backoff_delay(attempt, self.rng)
-            attempt += 1
+            delay = backoff.next_delay()
             self.reconnects += 1
             self.state = LinkState.BACKOFF
             log.info("reconnecting to the intermediate in %.1fs (%s)", delay, self.last_error)
