@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ztna import limits
 from ztna.agent.config import AgentOptions
 from ztna.agent.direct import DirectPaths
 from ztna.agent.services import (
@@ -58,6 +59,7 @@ from ztna.p2p.path import PathConfig
 from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
+from ztna.quic.maintenance import UpkeepSchedule, run_upkeep
 from ztna.wire import (
     PUNCH_MESSAGES,
     AddressToken,
@@ -321,6 +323,10 @@ class Session(ConnectionHandler):
         self._check_mtu()
         loop = asyncio.get_running_loop()
         useful = False
+        # While the Intermediate is silent, ping on every pass (each 0.25 s) until it
+        # answers or `dead_after` declares the path dead: one lost PING must not do that.
+        upkeep = UpkeepSchedule(keepalive=self.options.keepalive, ping_gap=0.0,
+                                cid_rotation=limits.CID_ROTATION_INTERVAL, now=loop.time())
         try:
             while not conn.closed:
                 now = loop.time()
@@ -333,8 +339,7 @@ class Session(ConnectionHandler):
                     conn.close(0, "peer silent")
                     self._lost(conn, silent)
                     break
-                if now - conn.last_received > self.options.keepalive:
-                    conn.ping()
+                run_upkeep(conn, upkeep, now=now)    # keepalive PING, CID rotation
                 self._check_mtu()
                 try:
                     await asyncio.wait_for(self._closed_event.wait(), 0.25)

@@ -35,6 +35,7 @@ from ztna.link import Backoff, LinkState
 from ztna.observe import format_address
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import CLOSE_NO_ERROR, QuicEndpoint
+from ztna.quic.maintenance import UpkeepSchedule, run_upkeep
 from ztna.wire import (
     PUNCH_MESSAGES,
     AgentGone,
@@ -190,14 +191,13 @@ class RelayLink(ConnectionHandler):
         self._sent_at = {}
         log.info("connected to the intermediate %s (%s)", format_address(conn.peer_address), self.host)
         self.sink.relay_up(conn)
-        last_ping = loop.time()
+        upkeep = UpkeepSchedule(keepalive=limits.KEEPALIVE_INTERVAL,
+                                cid_rotation=limits.CID_ROTATION_INTERVAL, now=loop.time())
         try:
             while not conn.closed and not self._stopping.is_set():
                 now = loop.time()
                 self._register_due(conn, now)
-                if now - last_ping >= limits.KEEPALIVE_INTERVAL:
-                    conn.ping()
-                    last_ping = now
+                run_upkeep(conn, upkeep, now=now)    # keepalive PING, CID rotation
                 try:
                     await asyncio.wait_for(self._closed.wait(), 1.0)
                 except TimeoutError:
