@@ -37,7 +37,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ztna import limits
 from ztna.agent.config import AgentOptions
 from ztna.agent.direct import DirectPaths
 from ztna.agent.services import (
@@ -326,7 +325,7 @@ class Session(ConnectionHandler):
         # While the Intermediate is silent, ping on every pass (each 0.25 s) until it
         # answers or `dead_after` declares the path dead: one lost PING must not do that.
         upkeep = UpkeepSchedule(keepalive=self.options.keepalive, ping_gap=0.0,
-                                cid_rotation=limits.CID_ROTATION_INTERVAL, now=loop.time())
+                                cid_rotation=self.options.cid_rotation, now=loop.time())
         try:
             while not conn.closed:
                 now = loop.time()
