@@ -165,6 +165,11 @@ def test_bad_tls_files_are_one_line_exit_2_in_every_program(pki: Path, tmp_path:
     ["connector", "--relay-port", "x"],
     ["connector", "--metrics", "nowhere"],
     ["connector", "--log-level", "loud"],
+    ["connector", "--service", "db=10.100.0.9;tcp:5432=127.0.0.1:5432;check=http:80/x=200"],
+    ["connector", "--service", "db=10.100.0.9;udp:53=127.0.0.1:53;check=udp:53:zz=01"],
+    ["connector", "--service", "db=10.100.0.9;tcp:5432=127.0.0.1:5432;check=ping"],
+    ["connector", "--audit-interval", "0"],
+    ["intermediate", "--audit-log-backups", "-1"],
     ["agent", "--service", "web"],
     ["agent", "-L", "8080"],
     ["agent", "--socks", "[::1"],
@@ -283,3 +288,14 @@ def test_agent_with_a_certificate_from_another_ca_logs_error_not_connected(pki: 
     reconnects = [ln for ln in out.splitlines() if "reconnecting in" in ln]
     delays = [float(ln.rsplit(" ", 1)[1].rstrip("s")) for ln in reconnects]
     assert 1 <= len(delays) < 15, out             # backs off instead of spinning
+
+
+def test_bad_health_check_and_audit_log_are_one_line_exit_2(pki: Path, tmp_path: Path) -> None:
+    base = connector(pki)
+    one_line_exit_2(run(*base, "--service", "db=10.100.0.9;tcp:5432=127.0.0.1:5432;check=http:80/healthz"),
+                    "no tcp backend on virtual port 80")
+    one_line_exit_2(run(*base, "--service", "db=10.100.0.9;udp:53=127.0.0.1:53;check=udp:53"),
+                    "expected udp:PORT:PAYLOADHEX=REPLYHEX")
+    missing = tmp_path / "no-such-dir" / "audit.jsonl"
+    one_line_exit_2(run(*base, "--audit-log", str(missing)), "cannot open the audit log", str(missing))
+    one_line_exit_2(run(*intermediate(pki, "--audit-log", str(missing))), "cannot open the audit log")

@@ -45,7 +45,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -110,6 +110,9 @@ class Identity:
     agent_wildcard: bool
     connector_wildcard: bool
     fingerprint: str
+    # The certificate's serial number, what a revocation list may name; not part of what the
+    # identity *is* (equality and hashing stay those of the names and the fingerprint).
+    serial: int = field(default=0, compare=False)
 
     @property
     def scoped(self) -> bool:
@@ -189,6 +192,7 @@ def identity_from_certificate(cert: x509.Certificate) -> Identity:
         agent_wildcard=wild["agent"],
         connector_wildcard=wild["connector"],
         fingerprint=certificate_fingerprint(cert),
+        serial=cert.serial_number,
     )
 
 

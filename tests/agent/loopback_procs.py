@@ -123,17 +123,19 @@ class World:
 @contextmanager
 def loopback_world(tmp: Path, pki: Path, *, connector_services: list[str], agent_args: list[str],
                    p2p: bool, agent_services: tuple[str, ...] = ("web=10.100.0.2,fd00:100::2",),
-                   name: str = "t") -> Iterator[World]:
+                   name: str = "t", intermediate_args: tuple[str, ...] = (),
+                   connector_args: tuple[str, ...] = ()) -> Iterator[World]:
     """Intermediate + Connector (+ direct P2P server when `p2p`) + userspace Agent."""
     iport = free_port()
     world = World(tmp=tmp, pki=pki, state=tmp / "state", name=name)
     inter = f"127.0.0.1:{iport}"
     try:
         world.procs["intermediate"] = _spawn(
-            [PY, "-m", "ztna", "intermediate", "--listen", inter, "--pki", str(pki), "--metrics", "off"],
+            [PY, "-m", "ztna", "intermediate", "--listen", inter, "--pki", str(pki), "--metrics", "off",
+             *intermediate_args],
             tmp / "intermediate.log")
         conn = [PY, "-m", "ztna", "connector", "--intermediate", inter, "--server-name", "localhost",
-                "--pki", str(pki), "--p2p-port", "0" if p2p else "off", "--metrics", "off"]
+                "--pki", str(pki), "--p2p-port", "0" if p2p else "off", "--metrics", "off", *connector_args]
         for svc in connector_services:
             conn += ["--service", svc]
         world.procs["connector"] = _spawn(conn, tmp / "connector.log")

@@ -246,3 +246,34 @@ def test_direct_p2p_datagrams_streams_and_authorization(pki: Path) -> None:
         assert w.conn.p2p.public_address is not None and w.conn.p2p.public_address.port == port
         a.close()
     run(pki, body)
+
+
+def test_tcp_in_datagrams_and_udp_flows_get_audit_lines(pki: Path, tmp_path: Path) -> None:
+    from ztna.audit import FlowRecord
+
+    audit = tmp_path / "audit.jsonl"
+
+    async def body(w: World) -> None:
+        a = await agent(w, pki)
+        a.send("web", build_tcp_packet(AGENT_IP, WEB, 42002, 80, seq=1000, ack=0, flags=SYN, window=65535, mss=1460))
+        pkt = await a.recv()
+        isn = parse_tcp(pkt, parse_ip(pkt)).seq
+        a.send("web", build_tcp_packet(AGENT_IP, WEB, 42002, 80, seq=1001, ack=isn + 1, flags=ACK, window=65535,
+                                       payload=b"hello"))
+        got = b""
+        while len(got) < 6:
+            pkt = await a.recv()
+            seg = parse_tcp(pkt, parse_ip(pkt))
+            got += bytes(seg.payload)
+        assert got == b"Whello"
+        a.send("web", build_udp_packet(AGENT_IP, WEB, 5353, 53, b"q" * 10))
+        assert parse_udp(pkt := await a.recv(), parse_ip(pkt)).payload == b"web:" + b"q" * 10
+        a.close()
+    run(pki, body, audit_log=audit)     # the Connector's stop ends both flows
+    lines = [FlowRecord.model_validate_json(line) for line in audit.read_text().splitlines()]
+    by_proto = {r.protocol: r for r in lines if r.event == "end"}
+    tcp, udp = by_proto["tcp"], by_proto["udp"]
+    assert (tcp.service, tcp.dst_port, tcp.path, tcp.bytes_to_service, tcp.bytes_from_service) == ("web", 80, "relay", 5, 6)
+    assert tcp.setup.backend_connect_ms is not None and tcp.close_reason in ("shutdown", "agent gone"), tcp
+    assert (udp.service, udp.dst_port, udp.bytes_to_service, udp.bytes_from_service) == ("web", 53, 10, 14)
+    assert tcp.agent_id == udp.agent_id is not None

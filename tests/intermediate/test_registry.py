@@ -63,7 +63,7 @@ def test_connectors_join_pools_and_agents_learn_up_and_down() -> None:
     r = setup()
     r.register(1, reg(Role.AGENT, "web"))
     reply, notes = r.register(10, reg(Role.CONNECTOR, "web"))
-    assert reply == RegistrationAck("web") and notes == [Notify(1, ServiceStatus("web", True))]
+    assert reply == RegistrationAck("web") and notes == [Notify(1, ServiceStatus("web", True, healthy=True))]
     reply, notes = r.register(11, reg(Role.CONNECTOR, "web"))
     assert reply == RegistrationAck("web") and notes == []  # joins, takes nothing away
     assert r.connectors["web"] == [10, 11]
@@ -124,3 +124,86 @@ def test_flow_key_shapes() -> None:
     assert len(k) == 1 + 8 + 4 and k[0] == 17
     assert flow_key(udp(1000)) != flow_key(udp(1001))
     assert flow_key(b"\x45\x00") == b"\x45\x00"  # short packet hashes as a whole
+
+
+# ---------------------------------------------------------------------- health and failover
+def health_setup() -> Registry:
+    r = setup()
+    r.register(1, reg(Role.AGENT, "web"))
+    r.register(10, reg(Role.CONNECTOR, "web"))
+    r.register(11, reg(Role.CONNECTOR, "web"))
+    return r
+
+
+def test_unhealthy_connector_gets_no_new_flows_while_another_is_healthy() -> None:
+    r = health_setup()
+    assert {r.connector_for("web", udp(p)) for p in range(1000, 1100)} == {10, 11}
+    # Still healthy as a pool: the Agent hears only who serves new flows now.
+    assert r.set_health(11, "web", False, now=5.0) == [
+        Notify(1, ServiceStatus("web", True, connector="c10", healthy=True))]
+    assert r.peers[11].health == {"web": False} and r.last_failed[(11, "web")] == 5.0
+    assert {r.connector_for("web", udp(p)) for p in range(1000, 1100)} == {10}
+    assert r.pick("web", b"stream") == 10
+    assert r.set_health(11, "web", False, now=6.0) == []            # no transition
+    assert r.last_failed[(11, "web")] == 5.0
+    assert r.health_transitions == {True: 0, False: 1}
+    r.set_health(11, "web", True, now=9.0)
+    assert {r.connector_for("web", udp(p)) for p in range(1000, 1100)} == {10, 11}
+    assert r.health_transitions == {True: 1, False: 1}
+
+
+def test_none_healthy_goes_to_least_recently_failed_and_agents_are_told() -> None:
+    r = health_setup()
+    r.set_health(10, "web", False, now=1.0)
+    notes = r.set_health(11, "web", False, now=2.0)
+    assert notes == [Notify(1, ServiceStatus("web", True, healthy=False))]
+    assert notes[0].message.connector == "c10"        # failed longest ago
+    assert r.candidates("web") == [10]
+    assert {r.connector_for("web", udp(p)) for p in range(1000, 1100)} == {10}
+    # 10 fails again later than 11: now 11 is the least-recently-failed one.
+    r.set_health(10, "web", True, now=3.0)
+    notes = r.set_health(10, "web", False, now=4.0)
+    assert r.candidates("web") == [11] and notes[0].message.connector == "c11"
+    # One comes back: the pool is healthy again and the Agent hears so.
+    notes = r.set_health(10, "web", True, now=5.0)
+    assert notes == [Notify(1, ServiceStatus("web", True, healthy=True))]
+    # A newly registering Agent is told the pool's health at once.
+    r.set_health(10, "web", False, now=6.0)
+    _, notes = r.register(2, reg(Role.AGENT, "web"))
+    assert notes == [Notify(2, ServiceStatus("web", True, healthy=False))]
+
+
+def test_existing_datagram_flows_stay_on_their_connector() -> None:
+    r = health_setup()
+    flows = {p: r.connector_for("web", udp(p), now=0.0) for p in range(1000, 1100)}
+    on_11 = [p for p, c in flows.items() if c == 11]
+    assert on_11 and len(on_11) < 100
+    r.set_health(11, "web", False, now=1.0)
+    # Live flows keep their Connector; a new flow goes to the healthy one.
+    assert all(r.connector_for("web", udp(p), now=2.0) == 11 for p in on_11)
+    assert all(r.connector_for("web", udp(p), now=2.0) == 10 for p in range(2000, 2050))
+    # Back to healthy: the flows moved to 10 meanwhile stay on 10.
+    r.set_health(11, "web", True, now=3.0)
+    assert all(r.connector_for("web", udp(p), now=4.0) == 10 for p in range(2000, 2050))
+    # An idle pin expires: the same 5-tuple much later is a new flow.
+    r.set_health(11, "web", False, now=5.0)
+    assert all(r.connector_for("web", udp(p), now=200.0) == 10 for p in on_11)
+    r.expire_pins(1000.0)
+    assert not r.pins
+    # A Connector leaving releases its pins.
+    r.set_health(11, "web", True, now=1001.0)
+    flows = {p: r.connector_for("web", udp(p), now=1001.0) for p in range(1000, 1100)}
+    r.remove_peer(11)
+    assert {r.connector_for("web", udp(p), now=1002.0) for p in flows} == {10}
+
+
+def test_health_reports_for_services_not_served_are_ignored() -> None:
+    r = health_setup()
+    assert r.set_health(11, "db", False, now=1.0) == [] and r.health_ignored == 1
+    assert r.set_health(99, "web", False, now=1.0) == [] and r.health_ignored == 2
+    assert r.pick("web", b"k", healthy_only=False) in (10, 11)
+    # A Connector leaving an unhealthy pool where the other is healthy flips nothing; the
+    # healthy one leaving makes the pool unhealthy and the Agent hears it.
+    r.set_health(11, "web", False, now=2.0)
+    assert r.remove_peer(10) == [Notify(1, ServiceStatus("web", True, healthy=False))]
+    assert (10, "web") not in r.last_failed

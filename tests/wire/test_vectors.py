@@ -41,6 +41,7 @@ from ztna.wire import (
     RelayedStreamOpen,
     RelayedStreamResume,
     Role,
+    ServiceHealth,
     ServiceStatus,
     StreamOpen,
     StreamResume,
@@ -155,6 +156,7 @@ INVALID_REASONS: dict[str, str] = {
     "control/json-version-2": "unsupported version",
     "control/ping-missing-id": "missing field",
     "control/ping-bool-id": "must be an int",
+    "control/service_health-string-healthy": "must be a bool",
     "stream_header/bad-version": "unknown stream header version",
     "stream_header/port-zero": "port 0",
     "stream_header/bad-family": "unknown address family",
@@ -167,7 +169,7 @@ INVALID_REASONS: dict[str, str] = {
 # Every message type must have at least one vector in the document.
 REQUIRED_TYPES = {
     ObservedAddress, Register, RegistrationAck, RegistrationNack, ErrorMessage, GoAway,
-    AgentGone, ServiceStatus, Ping, Pong, PunchRequest, PunchOffer, PunchAnswer, PunchStart,
+    AgentGone, ServiceStatus, ServiceHealth, Ping, Pong, PunchRequest, PunchOffer, PunchAnswer, PunchStart,
     PunchResult, UnknownMessage, StreamOpen, RelayedStreamOpen, StreamResume, RelayedStreamResume, ProbeRequest, ProbeResponse,
 }
 

@@ -27,6 +27,7 @@ from ztna.wire import (
     RegistrationNack,
     RelayedStreamOpen,
     Role,
+    ServiceHealth,
     ServiceStatus,
     StreamOpen,
     UnknownMessage,
@@ -78,7 +79,7 @@ _json_values = st.recursive(
                             st.dictionaries(st.text(max_size=8), inner, max_size=4)),
     max_leaves=10,
 )
-_KNOWN = {"error", "goaway", "agent_gone", "service_status", "ping", "pong", "punch_request",
+_KNOWN = {"error", "goaway", "agent_gone", "service_status", "service_health", "ping", "pong", "punch_request",
           "punch_offer", "punch_answer", "punch_start", "punch_result"}
 json_messages = st.one_of(
     st.builds(ErrorMessage, st.text(min_size=1, max_size=30), st.text(max_size=100),
@@ -86,6 +87,8 @@ json_messages = st.one_of(
     st.builds(GoAway, st.text(max_size=50)),
     st.builds(AgentGone, U32),
     st.builds(ServiceStatus, service_ids, st.booleans()),
+    st.builds(ServiceStatus, service_ids, st.booleans(), st.text(max_size=40), st.booleans()),
+    st.builds(ServiceHealth, service_ids, st.booleans(), st.one_of(st.none(), st.text(max_size=60))),
     st.builds(Ping, U64),
     st.builds(Pong, U64),
     st.builds(PunchRequest, service_ids, cand_lists),

@@ -62,7 +62,13 @@ from ztna.wire import (
     decode_qad,
     encode_control,
 )
-from ztna.wire.control_messages import ErrorMessage, PunchRequest, PunchResult, PunchStart
+from ztna.wire.control_messages import (
+    ErrorMessage,
+    PunchRequest,
+    PunchResult,
+    PunchStart,
+    ServiceHealth,
+)
 from ztna.wire.probe import probe_session_of
 
 
@@ -100,6 +106,7 @@ class _ServicePath:
     punch_reported: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     streams: dict[int, Any] = field(default_factory=dict)   # TCP-on-stream handlers on `conn`
+    backend_healthy: bool = True   # the direct Connector's own report (ServiceHealth)
 
 
 class _QadHandler(ConnectionHandler):
@@ -123,6 +130,12 @@ class _DirectHandler(ConnectionHandler):
         self.owner = owner
         self.sp = sp
         self.heard_at: float | None = None   # first application data, even before direct_up
+        # Once the connection is retired (its Connector's backend went unhealthy while
+        # another Connector is healthy): the streams still open on it, which stay.
+        self.retired_streams: dict[int, Any] | None = None
+
+    def _streams(self, conn: ZtnaConnection) -> dict[int, Any] | None:
+        return self.sp.streams if conn is self.sp.conn else self.retired_streams
 
     def _heard(self) -> None:
         sp = self.sp
@@ -144,24 +157,33 @@ class _DirectHandler(ConnectionHandler):
 
     def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
         self._heard()   # QAD / registration ACK from the Connector: bytes over the direct path
+        if isinstance(msg, ServiceHealth) and msg.service == self.sp.svc.spec.id and conn is self.sp.conn:
+            self.owner.backend_health(self.sp, msg.healthy, msg.detail or "")
 
     def on_stream_data(self, conn: ZtnaConnection, stream_id: int, data: bytes, end: bool) -> None:
         # TCP on streams (the Agent opened them, see `DirectPaths.stream_conn`); stream 0 is
         # the control stream, anything else unknown is refused.
-        handler = self.sp.streams.get(stream_id) if conn is self.sp.conn else None
+        table = self._streams(conn)
+        handler = table.get(stream_id) if table is not None else None
         if handler is not None:
             handler.on_data(data, end)
         elif stream_id != 0:
             conn.reset_stream(stream_id)
 
     def on_stream_reset(self, conn: ZtnaConnection, stream_id: int, error_code: int) -> None:
-        handler = self.sp.streams.pop(stream_id, None) if conn is self.sp.conn else None
+        table = self._streams(conn)
+        handler = table.pop(stream_id, None) if table is not None else None
         if handler is not None:
             handler.on_reset(error_code)
 
     def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
         if conn is self.sp.conn:
             self.owner.abort_streams(self.sp)
+        elif self.retired_streams is not None:
+            streams, self.retired_streams = self.retired_streams, {}
+            for handler in list(streams.values()):
+                handler.on_reset(-1)
+            return
         self.owner.direct_lost(self.sp, conn, f"direct connection closed: {reason}")
 
 
@@ -180,6 +202,9 @@ class DirectPaths:
                       for s in session.services}
         self.by_session: dict[int, _ServicePath] = {}
         self.unknown_probes = 0
+        # Direct connections left for an unhealthy backend, kept while their streams live.
+        self.retired: list[ZtnaConnection] = []
+        self.unhealthy_departures = 0
         self.addresses: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -288,6 +313,59 @@ class DirectPaths:
             return None
         return sp.conn, sp.streams
 
+    # ------------------------------------------------------------------ backend health
+    def backend_health(self, sp: _ServicePath, healthy: bool, detail: str) -> None:
+        """The direct Connector reported its backend's health for this service."""
+        sp.backend_healthy = healthy
+        self._leave_if_unhealthy(sp, detail)
+
+    def pool_health(self, svc: ServiceState) -> None:
+        """The Intermediate told us about the service's pool (ServiceStatus.healthy)."""
+        sp = self.paths.get(svc.spec.id)
+        if sp is not None:
+            self._leave_if_unhealthy(sp, "")
+
+    def _leave_if_unhealthy(self, sp: _ServicePath, detail: str) -> None:
+        """A direct path to a Connector whose backend is unhealthy is left for new flows
+        while the Intermediate knows a healthy Connector (its ServiceStatus says so): new
+        flows go on the relay, which steers them to a healthy one, and the next punch
+        (after the cooldown) is brokered to a healthy one too. Streams already open on the
+        direct connection stay on it until they end; then it is closed. When no Connector
+        is healthy, the direct path is as good as any: it stays."""
+        if sp.backend_healthy or sp.svc.healthy is not True:
+            return
+        conn = sp.conn
+        if conn is None or sp.pm.state is not PathState.DIRECT:
+            return
+        now = self.loop.time()
+        reason = "connector backend unhealthy" + (f" ({detail})" if detail else "")
+        log.warning("service %s: leaving the direct path: %s; a healthy connector takes new flows "
+                    "via the relay", sp.svc.spec.id, reason)
+        sp.conn, streams, sp.streams = None, sp.streams, {}
+        sp.svc.path = "relay"
+        sp.backend_healthy = True     # a new connection hears its own Connector's report
+        sp.pm.direct_failed(now=now, reason=reason)
+        self.unhealthy_departures += 1
+        if sp.timer is not None:
+            sp.timer.cancel()
+            sp.timer = None
+        handler = conn.handler if isinstance(conn.handler, _DirectHandler) else None
+        if handler is not None:
+            # From now on its close is a retired connection's, not the service's path failing.
+            handler.retired_streams = streams
+        if streams and handler is not None and not conn.closed:
+            self.retired.append(conn)
+        elif not conn.closed:
+            conn.close(0, "connector backend unhealthy")
+
+    def _close_idle_retired(self) -> None:
+        for conn in list(self.retired):
+            handler = conn.handler
+            if conn.closed or not (isinstance(handler, _DirectHandler) and handler.retired_streams):
+                self.retired.remove(conn)
+                if not conn.closed:
+                    conn.close(0, "retired direct connection idle")
+
     def abort_streams(self, sp: _ServicePath) -> None:
         """The direct connection is gone: resumable streams move to the relay (their
         `on_lost` copies what the Connector has not acknowledged), the others are reset."""
@@ -308,6 +386,8 @@ class DirectPaths:
 
     def _tick(self) -> None:
         now = self.loop.time()
+        if self.retired:
+            self._close_idle_retired()
         relay = self.session.conn
         for sp in self.paths.values():
             svc, pm = sp.svc, sp.pm
@@ -529,6 +609,7 @@ class DirectPaths:
             "socket_port": self.port if self.endpoint is not None else None,
             "observed": f"{self.observed[0]}:{self.observed[1]}" if self.observed else None,
             "unknown_probes": self.unknown_probes,
+            "unhealthy_departures": self.unhealthy_departures,
             "warmup_ms": warm[0] if warm else None,
             "services": services,
         }

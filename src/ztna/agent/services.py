@@ -53,6 +53,9 @@ class ServiceState:
     nack: str | None = None
     connector_up: bool | None = None  # from ServiceStatus; None = not told
     connector: str | None = None      # who serves it through the relay (ServiceStatus), if told
+    # ServiceStatus.healthy: False when no Connector's backend is healthy (new flows go to
+    # the least-recently-failed one); None = not told.
+    healthy: bool | None = None
     path: str = "relay"
     attempts: int = 0
     next_retry: float = 0.0
@@ -83,6 +86,7 @@ def reset_registration(svc: ServiceState, *, first_retry: float) -> None:
     svc.registration, svc.nack, svc.attempts, svc.next_retry = PENDING, None, 0, 0.0
     svc.connector_up = None
     svc.connector = None
+    svc.healthy = None
     svc.retry_delay = first_retry
 
 

@@ -550,10 +550,16 @@ class Session(ConnectionHandler):
         svc = self.by_id.get(msg.service)
         if svc is not None:
             label = msg.connector if msg.up else None
-            if svc.connector_up != msg.up or svc.connector != label:
+            healthy = msg.healthy if msg.up else None
+            if msg.up and healthy is False and svc.healthy is not False:
+                log.warning("service %s: no healthy connector; new flows go to the "
+                            "least-recently-failed one (%s)", msg.service, label or "?")
+            elif svc.connector_up != msg.up or svc.connector != label or svc.healthy != healthy:
                 log.info("service %s: connector %s", msg.service,
                          (f"up ({label})" if label else "up") if msg.up else "down (no connector)")
-            svc.connector_up, svc.connector = msg.up, label
+            svc.connector_up, svc.connector, svc.healthy = msg.up, label, healthy
+            if self.direct is not None:
+                self.direct.pool_health(svc)
 
     def _goaway(self, conn: ZtnaConnection, msg: GoAway) -> None:
         self.counters.goaways += 1
@@ -626,6 +632,7 @@ class Session(ConnectionHandler):
                     "nack": s.nack,
                     "connector_up": s.connector_up,
                     "connector": s.connector,
+                    "healthy": s.healthy,
                     "direct_peer": self.direct.peer_of(s.spec.id) if self.direct is not None else None,
                     "path": s.path,
                     "tx_packets": s.tx_packets,

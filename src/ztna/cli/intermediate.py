@@ -6,7 +6,8 @@
 Flags override the TOML file (`ztna.intermediate.config`). Exit codes: 0 after a graceful
 drain (SIGTERM/SIGINT), 2 for a bad configuration (a bad flag or file, an unreadable or
 mismatched certificate/key/CA, an address that cannot be bound), 1 for any other failure
-to start. SIGHUP reloads the certificate files.
+to start. SIGHUP reloads the certificate files and the `--revoked` list (closing the live
+connections it now revokes).
 """
 
 from __future__ import annotations
@@ -25,6 +26,18 @@ from ztna.errors import UsageError
 log = logging.getLogger("ztna.intermediate")
 
 _WARN = "\n" + "!" * 78 + "\n"
+
+
+def read_token(path: Path) -> bytes:
+    """The admin token: the file's first line, at least 16 characters."""
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read admin token file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    token = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if len(token) < 16:
+        raise UsageError(f"admin token file {path}: the token must be at least 16 characters")
+    return token.encode()
 
 
 @click.command(name="intermediate")
@@ -56,7 +69,22 @@ _WARN = "\n" + "!" * 78 + "\n"
                    " key here, so returning clients resume with 0-RTT even after a restart. Several"
                    " Intermediates sharing this directory share the strike register. Default: memory only.")
 @click.option("--no-0rtt", "no_0rtt", is_flag=True, help="Issue no session tickets (no resumption, no 0-RTT).")
+@click.option("--revoked", type=click.Path(dir_okay=False, path_type=Path),
+              help="Deny-list of certificate serials, identities and fingerprints (docs/admin.md);"
+                   " reloaded on SIGHUP, revoked peers' connections are closed at once.")
+@click.option("--admin", metavar="HOST:PORT|off",
+              help="Serve the admin API and live dashboard here (default off). Loopback needs no"
+                   " token for reads; any other address needs --admin-token-file.")
+@click.option("--admin-token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="File holding the admin bearer token: enables the write operations (drain,"
+                   " disconnect) and is required for a non-loopback --admin.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Default info.")
+@click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write one JSON line per relayed TCP stream (when it ends, and every --audit-interval"
+                   " for long ones) to FILE.")
+@click.option("--audit-log-max-bytes", type=int, help="Rotate the audit log at this size (default 10 MiB).")
+@click.option("--audit-log-backups", type=int, help="Rotated audit logs kept (default 5).")
+@click.option("--audit-interval", type=float, help="Minutes between interim lines of a long flow (default 5).")
 @click.pass_context
 def intermediate(ctx: click.Context, config_path: Path | None, **flags: Any) -> None:
     """Run the public QUIC relay (Intermediate)."""
@@ -99,6 +127,21 @@ def intermediate(ctx: click.Context, config_path: Path | None, **flags: Any) -> 
 
     from ztna.intermediate.server import Intermediate, IntermediateOptions
     from ztna.quic.config import TlsFiles
+    from ztna.revocation import RevocationFileError, load_revocations
+
+    if cfg.revoked is not None:
+        try:
+            load_revocations(cfg.revoked)
+        except RevocationFileError as exc:
+            click.echo(f"ztna intermediate: {exc}", err=True)
+            sys.exit(2)
+    admin_token = None
+    if cfg.admin_token_file is not None:
+        try:
+            admin_token = read_token(cfg.admin_token_file)
+        except UsageError as exc:
+            click.echo(f"ztna intermediate: {exc}", err=True)
+            sys.exit(2)
 
     qlog_dir = None
     if cfg.qlog is not None:
@@ -119,6 +162,13 @@ def intermediate(ctx: click.Context, config_path: Path | None, **flags: Any) -> 
         qlog_dir=qlog_dir,
         state_dir=str(cfg.state_dir) if cfg.state_dir else None,
         enable_0rtt=cfg.zero_rtt,
+        revoked=str(cfg.revoked) if cfg.revoked else None,
+        admin=cfg.admin_address(),
+        admin_token=admin_token,
+        audit_log=str(cfg.audit_log) if cfg.audit_log else None,
+        audit_log_max_bytes=cfg.audit_log_max_bytes,
+        audit_log_backups=cfg.audit_log_backups,
+        audit_interval=cfg.audit_interval * 60,
     )
     server = Intermediate(options)
 
@@ -134,7 +184,9 @@ def intermediate(ctx: click.Context, config_path: Path | None, **flags: Any) -> 
         auth = ("NONE (insecure)" if cfg.insecure_no_client_auth
                 else "mTLS, scoped certs only" if not cfg.insecure_allow_unscoped_certs
                 else "mTLS, unscoped certs allowed (insecure)")
-        click.echo(f"ztna intermediate: listening on udp {addrs}; metrics {metrics}; "
+        admin = (f"http://{format_host_port(options.admin[0], server.admin_server.port)}/"
+                 if options.admin and server.admin_server else "off")
+        click.echo(f"ztna intermediate: listening on udp {addrs}; metrics {metrics}; admin {admin}; "
                    f"auth {auth}; retry {'on' if cfg.retry else 'off'}; udp payload {cfg.udp_payload}",
                    err=True)
 

@@ -95,6 +95,11 @@ def _connector_text(s: dict[str, Any]) -> str:
         return f"[green]{escape(s['direct_peer'])}[/green]"
     if s["connector_up"] is False:
         return "[red]down[/red]"
+    if s["connector_up"] and s.get("healthy") is False:
+        # Every Connector's backend failed its health checks: new flows still go to the
+        # one that failed longest ago (named), so say that rather than just "up".
+        who = f" {escape(s['connector'])}" if s.get("connector") else ""
+        return f"[red]no healthy connector[/red]: new flows to least-recently-failed{who}"
     if s["connector_up"]:
         return f"up: {escape(s['connector'])}" if s.get("connector") else "up"
     return "-"

@@ -3,7 +3,10 @@
 Every error names the offending field and value (`services.0.tcp.80: ...`). The service
 flag syntax (docs/connector.md) is one string per service:
 
-    ID=VIP[,VIP...][;tcp:PORT=HOST:PORT][;udp:PORT=HOST:PORT][;icmp=on|off]
+    ID=VIP[,VIP...][;tcp:PORT=HOST:PORT][;udp:PORT=HOST:PORT][;icmp=on|off][;check=CHECK]...
+
+with CHECK one of `none`, `tcp`, `http:PORT[/PATH][=STATUS]`, `udp:PORT:PAYLOADHEX=REPLYHEX`
+(PORT: a virtual port of that protocol; see `HealthCheck`).
 
 e.g. `web=10.100.0.2,fd00:100::2;tcp:80=127.0.0.1:8080;udp:53=127.0.0.1:5353`.
 Hosts may be IPs (IPv6 in brackets) or names; names are resolved when the backend is used.
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -22,7 +25,7 @@ from ztna.errors import DecodeError, UsageError
 from ztna.wire.service_id import validate_service_id
 
 __all__ = [
-    "HostPort", "ServiceConfig", "ConnectorConfig", "ConnectorLimits", "parse_host_port",
+    "HostPort", "HealthCheck", "ServiceConfig", "ConnectorConfig", "ConnectorLimits", "parse_host_port",
     "parse_service_flag", "load_config", "format_validation_error",
 ]
 
@@ -85,6 +88,73 @@ def _to_host_port(value: Any, *, allow_zero: bool = False, default_port: int | N
     return value
 
 
+class HealthCheck(BaseModel):
+    """One health check of a service's backend. `tcp` without a port checks every TCP
+    backend (the default for a service with TCP backends); `http` sends GET `path` to the
+    backend of TCP virtual port `port` and wants `status`; `udp` sends `probe` (hex) to the
+    backend of UDP virtual port `port` and wants exactly `expect` (hex) back."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["tcp", "http", "udp"]
+    port: int | None = Field(default=None, ge=1, le=65535)
+    path: str = "/"
+    status: int = Field(default=200, ge=100, le=599)
+    probe: str = ""
+    expect: str = ""
+    interval: float = Field(default=2.0, gt=0, le=3600)
+    timeout: float = Field(default=1.5, gt=0, le=60)
+    fall: int = Field(default=3, ge=1, le=100)
+    rise: int = Field(default=2, ge=1, le=100)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/") or any(c.isspace() or not c.isprintable() for c in v):
+            raise ValueError(f"http path must start with / and have no spaces, got {v!r}")
+        return v
+
+    @field_validator("probe", "expect")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        try:
+            bytes.fromhex(v)
+        except ValueError:
+            raise ValueError(f"expected hex bytes, got {v!r}") from None
+        return v.lower().replace(" ", "")
+
+    @model_validator(mode="after")
+    def _complete(self) -> HealthCheck:
+        if self.kind in ("http", "udp") and self.port is None:
+            raise ValueError(f"a {self.kind} check needs the virtual port of its backend")
+        if self.kind == "udp" and (not self.probe or not self.expect):
+            raise ValueError("a udp check needs a probe payload and an expected reply (hex)")
+        return self
+
+
+def parse_check(text: str) -> list[dict[str, Any]]:
+    """`none` | `tcp` | `http:PORT[/PATH][=STATUS]` | `udp:PORT:PAYLOADHEX=REPLYHEX` (ValueError)."""
+    text = text.strip()
+    kind, _, rest = text.partition(":")
+    kind = kind.lower()
+    if kind == "none" and not rest:
+        return []
+    if kind == "tcp":
+        return [{"kind": "tcp", **({"port": rest} if rest else {})}]
+    if kind == "http" and rest:
+        target, _, status = rest.partition("=")
+        slash = target.find("/")
+        port, path = (target, "/") if slash < 0 else (target[:slash], target[slash:])
+        return [{"kind": "http", "port": port, "path": path, **({"status": status} if status else {})}]
+    if kind == "udp" and rest:
+        port, sep, probe = rest.partition(":")
+        payload, sep2, expect = probe.partition("=")
+        if not sep or not sep2:
+            raise ValueError(f"expected udp:PORT:PAYLOADHEX=REPLYHEX, got {text!r}")
+        return [{"kind": "udp", "port": port, "probe": payload, "expect": expect}]
+    raise ValueError(f"check must be none, tcp, http:PORT[/PATH][=STATUS] or "
+                     f"udp:PORT:PAYLOADHEX=REPLYHEX, got {text!r}")
+
+
 class ServiceConfig(BaseModel):
     """One service: its virtual IPs and, per protocol, virtual port → backend."""
 
@@ -94,6 +164,8 @@ class ServiceConfig(BaseModel):
     tcp: dict[int, HostPort] = Field(default_factory=dict)
     udp: dict[int, HostPort] = Field(default_factory=dict)
     icmp: bool = True
+    # None: the default, a TCP connect check of every TCP backend; [] : no checks.
+    checks: list[HealthCheck] | None = None
 
     @field_validator("id")
     @classmethod
@@ -137,7 +209,26 @@ class ServiceConfig(BaseModel):
     def _something(self) -> ServiceConfig:
         if not self.tcp and not self.udp and not self.icmp:
             raise ValueError(f"service {self.id!r} exposes nothing (no tcp, udp or icmp)")
+        for check in self.checks or ():
+            backends = self.udp if check.kind == "udp" else self.tcp
+            if check.port is not None and check.port not in backends:
+                proto = "udp" if check.kind == "udp" else "tcp"
+                raise ValueError(f"{check.kind} check of service {self.id!r}: no {proto} "
+                                 f"backend on virtual port {check.port}")
         return self
+
+    def health_checks(self) -> list[HealthCheck]:
+        """The checks to run: the configured ones, or by default one TCP connect check
+        per TCP backend (UDP backends are not checked unless configured)."""
+        if self.checks is None:
+            return [HealthCheck(kind="tcp", port=p) for p in sorted(self.tcp)]
+        out: list[HealthCheck] = []
+        for check in self.checks:
+            if check.kind == "tcp" and check.port is None:
+                out.extend(check.model_copy(update={"port": p}) for p in sorted(self.tcp))
+            else:
+                out.append(check)
+        return out
 
     @property
     def packed_vips(self) -> frozenset[bytes]:
@@ -178,6 +269,13 @@ class ConnectorConfig(BaseModel):
     udp_payload: int = Field(default=limits.DEFAULT_QUIC_UDP_PAYLOAD,
                              ge=limits.MIN_QUIC_UDP_PAYLOAD, le=limits.MAX_QUIC_UDP_PAYLOAD)
     limits: ConnectorLimits = Field(default_factory=ConnectorLimits)
+    # Deny-list for direct (P2P) connections from Agents (ztna.revocation), reloaded on SIGHUP.
+    revoked: Path | None = None
+    # Per-flow audit log (JSON lines, docs/connector.md "Audit log"); None = off.
+    audit_log: Path | None = None
+    audit_log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096)
+    audit_log_backups: int = Field(default=5, ge=0, le=1000)
+    audit_interval_minutes: float = Field(default=5.0, gt=0, le=24 * 60)
 
     @field_validator("intermediate", mode="before")
     @classmethod
@@ -228,7 +326,7 @@ class ConnectorConfig(BaseModel):
 
 
 def parse_service_flag(text: str) -> dict[str, Any]:
-    """`ID=VIP[,VIP..][;tcp:P=HOST:PORT][;udp:P=HOST:PORT][;icmp=on|off]` → dict (ValueError)."""
+    """`ID=VIP[,VIP..][;tcp:P=HOST:PORT][;udp:P=HOST:PORT][;icmp=on|off][;check=..]` → dict (ValueError)."""
     parts = [p.strip() for p in text.split(";") if p.strip()]
     if not parts or "=" not in parts[0]:
         raise ValueError(f"expected ID=VIP[,VIP];tcp:PORT=HOST:PORT..., got {text!r}")
@@ -240,6 +338,10 @@ def parse_service_flag(text: str) -> dict[str, Any]:
         if not sep:
             raise ValueError(f"expected KEY=VALUE in {part!r} of {text!r}")
         key = key.strip().lower()
+        if key == "check":
+            checks = out.setdefault("checks", [])
+            checks.extend(parse_check(value))
+            continue
         if key == "icmp":
             if value.lower() not in ("on", "off", "true", "false", "yes", "no"):
                 raise ValueError(f"icmp must be on or off, got {value!r}")

@@ -12,12 +12,14 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
+from ztna.connector.health import HealthProber
 from ztna.connector.p2p_server import P2PServer
 from ztna.connector.punch import ConnectorPunch
 from ztna.connector.relay_link import RelayLink
 from ztna.connector.state import ConnectorStats
 from ztna.observe import MetricsServer, StatsCollector, format_address
 from ztna.quic.endpoint import QuicEndpoint
+from ztna.revocation_guard import RevocationGuard
 
 
 class ConnectorView(Protocol):
@@ -45,6 +47,10 @@ class ConnectorView(Protocol):
     @property
     def started_at(self) -> float: ...
     def health(self) -> tuple[bool, dict[str, Any]]: ...
+    @property
+    def backend_health(self) -> HealthProber: ...
+    @property
+    def revocation(self) -> RevocationGuard: ...
 
 Row = tuple[str, str, str, float, "dict[str, str] | None"]
 
@@ -92,9 +98,22 @@ def collect(c: ConnectorView) -> list[Any]:
             out.append(("ztna_connector_service_registered", "gauge",
                         "1 if the service is registered", 1 if state == "registered" else 0,
                         {"service": svc}))
+    prober = c.backend_health
+    for svc, hstate in prober.states.items():
+        out.append(("ztna_connector_backend_healthy", "gauge",
+                    "1 while every health check of the service's backend passes",
+                    1 if hstate.healthy else 0, {"service": svc}))
+        for healthy in (False, True):
+            out.append(("ztna_connector_health_transitions_total", "counter",
+                        "Backend health transitions, by the new state",
+                        prober.transitions.get((svc, healthy), 0),
+                        {"service": svc, "state": "healthy" if healthy else "unhealthy"}))
+        out.append(("ztna_connector_health_checks_total", "counter", "Health checks run",
+                    sum(ch.checks for ch in hstate.checks), {"service": svc}))
     out.append(("ztna_connector_tcp_sessions", "gauge", "Open TCP-in-DATAGRAM sessions", len(c.tcp), None))
     out.append(("ztna_connector_udp_flows", "gauge", "Open UDP flows", len(c.udp), None))
     out.append(("ztna_connector_streams", "gauge", "Open TCP streams", len(c.streams), None))
+    out.extend(c.revocation.metrics())
     out.append(("ztna_connector_uptime_seconds", "gauge", "Seconds since start",
                 c.loop.time() - c.started_at if c.loop else 0, None))
     for name, value in c.stats.as_dict().items():

@@ -49,6 +49,7 @@ from ztna.quic.endpoint import (
     bind_udp,
     normalize_address,
 )
+from ztna.revocation_guard import RevocationGuard
 from ztna.startup import bind_error
 from ztna.wire import (
     SERVICE_DATAGRAM,
@@ -61,6 +62,7 @@ from ztna.wire import (
     RegistrationAck,
     RegistrationNack,
     Role,
+    ServiceHealth,
     decode_qad,
     decode_service_datagram,
     encode_control,
@@ -78,9 +80,13 @@ class ConnectorSink(Protocol):
     def services(self) -> Mapping[str, ServiceState]: ...
     @property
     def streams(self) -> StreamTable: ...
+    @property
+    def revocation(self) -> RevocationGuard: ...
     def direct_up(self, path: ReplyPath) -> None: ...
     def path_down(self, path: ReplyPath, *, park: bool = False) -> None: ...
     def on_packet(self, path: ReplyPath, service_id: str, packet: memoryview) -> None: ...
+    def health_message(self, service: str) -> ServiceHealth: ...
+    def punch_ms_for(self, addr: tuple[Any, ...]) -> float | None: ...
 
 QAD_TYPE = 0x01
 PRE_HELLO_BUFFER = 64     # DATAGRAMs kept while a direct connection's Hello is on its way
@@ -89,13 +95,14 @@ log = logging.getLogger("ztna.connector")
 
 
 class _DirectHandler(ConnectionHandler):
-    __slots__ = ("server", "allowed", "pending", "instance")
+    __slots__ = ("server", "allowed", "pending", "instance", "handshake_at")
 
     def __init__(self, server: P2PServer) -> None:
         self.server = server
         self.allowed: dict[str, bool] = {}
         self.pending: list[tuple[str, bytes]] | None = []   # None once the Hello arrived
         self.instance: int | None = None     # a Hello heard before the peer was verified
+        self.handshake_at: float | None = None
 
     def path(self, conn: ZtnaConnection) -> ReplyPath | None:
         """The connection's reply path; made on first use (0-RTT data precedes on_handshake),
@@ -133,7 +140,12 @@ class _DirectHandler(ConnectionHandler):
         return ok
 
     def on_handshake(self, conn: ZtnaConnection) -> None:
-        self.path(conn)
+        path = self.path(conn)
+        now = asyncio.get_running_loop().time()
+        self.handshake_at = now
+        if path is not None:
+            path.setup["handshake_ms"] = (now - conn.created_at) * 1000
+            path.setup["punch_ms"] = self.server.connector.punch_ms_for(normalize_address(conn.peer_address))
         if self.instance is not None:
             self.hello(conn, self.instance)
         log.info("direct connection from agent %s%s", conn.label,
@@ -152,6 +164,16 @@ class _DirectHandler(ConnectionHandler):
                 reply = RegistrationNack(service_id=msg.service_id,
                                          status=NackStatus.NOT_AUTHORIZED)
             conn.send_control(encode_control(reply))
+            if isinstance(reply, RegistrationAck):
+                path = self.path(conn)
+                if path is not None and "registration_ms" not in path.setup:
+                    # 0-RTT: the registration came with the handshake.
+                    since = self.handshake_at if self.handshake_at is not None else conn.created_at
+                    path.setup["registration_ms"] = max(0.0, asyncio.get_running_loop().time() - since) * 1000
+                # The Agent learns our backend's health on this path too, so it can
+                # leave a direct path to an unhealthy backend (docs/agent.md).
+                self.server.registered.setdefault(conn, set()).add(msg.service_id)
+                conn.send_control(encode_control(self.server.connector.health_message(msg.service_id)))
 
     def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
         path = self.path(conn)
@@ -186,6 +208,7 @@ class _DirectHandler(ConnectionHandler):
     def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
         path = conn.user
         self.pending = None
+        self.server.registered.pop(conn, None)
         if isinstance(path, ReplyPath):
             log.info("direct connection %s closed: %s", conn.label, reason)
             self.server.connector.path_down(path)
@@ -230,6 +253,8 @@ class P2PServer:
         self.raw_handler: Callable[[bytes, tuple[Any, ...], float], None] | None = None
         self.raw_ignored = 0
         self.connections = 0
+        # Direct connections -> the services they registered (for health reports).
+        self.registered: dict[ZtnaConnection, set[str]] = {}
         from ztna.quic.tickets import ServerTicketStore
 
         self.ticket_store = ServerTicketStore(ticket_path)
@@ -245,6 +270,7 @@ class P2PServer:
             verifier=ChainVerifier(load_ca_file(self.tls.ca)),
             retry=False,                       # probes validated the address already
             ticket_store=self.ticket_store,    # resumption + 0-RTT for returning Agents
+            admit=self.connector.revocation.admit,
         )
         try:
             sock = bind_udp(self.host, self.port)
@@ -258,6 +284,12 @@ class P2PServer:
     def local_port(self) -> int:
         assert self.endpoint is not None
         return int(self.endpoint.local_address[1])
+
+    def send_to_registered(self, service: str, frame: bytes) -> None:
+        """Send a control frame to every direct connection registered for `service`."""
+        for conn, services in list(self.registered.items()):
+            if service in services and not conn.closed:
+                conn.send_control(frame)
 
     def send_raw(self, data: bytes, addr: tuple[Any, ...]) -> bool:
         """Send a non-QUIC datagram (a probe) from the P2P socket."""

@@ -28,7 +28,7 @@ RELAY_REPLY_OVERHEAD = FROM_CONNECTOR_OVERHEAD   # 0x31 v1 + agent id (docs/prot
 
 
 class ReplyPath:
-    __slots__ = ("conn", "agent_id", "direct", "prefix", "overhead", "alive", "label", "flows",
+    __slots__ = ("conn", "agent_id", "direct", "prefix", "overhead", "alive", "label", "flows", "setup",
                  "__weakref__")
 
     def __init__(self, conn: ZtnaConnection, agent_id: int | None, *, direct: bool = False) -> None:
@@ -45,6 +45,9 @@ class ReplyPath:
         self.alive = True
         self.label = f"agent {agent_id} via relay" if not direct else f"direct {conn.label}"
         self.flows = 0          # open flows whose replies use this path (bookkeeping)
+        # Direct connections: how their setup went, in ms (handshake, registration, punch),
+        # for the audit log's lines of the flows on it.
+        self.setup: dict[str, float | None] = {}
 
     def max_packet(self) -> int:
         """Largest inner IP packet this path carries right now."""

@@ -218,6 +218,18 @@ class ConnectorPunch:
                 self._after(s, now)
         self._arm()
 
+    def punch_ms_for(self, addr: tuple[Any, ...]) -> float | None:
+        """How long the punch that selected the Agent address `addr` took (ms), if one did."""
+        host, port = str(addr[0]).split("%")[0], int(addr[1])
+        if host.startswith("::ffff:"):
+            host = host[7:]
+        for s in reversed(list(self.sessions.values())):
+            sel = s.selected
+            done = s.nominated_at or s.validated_at
+            if sel is not None and done is not None and (str(sel[0]), int(sel[1])) == (host, port):
+                return (done - s.created_at) * 1000
+        return None
+
     def snapshot(self) -> dict[str, Any]:
         return {"offers": self.offers, "direct": self.direct, "failed": self.failed,
                 "unknown_probes": self.unknown_probes, "sessions": len(self.sessions)}

@@ -94,6 +94,8 @@ class RelayLink(ConnectionHandler):
         # Hole-punch signaling (PunchOffer/PunchStart/..., session errors): ztna.connector.punch
         self.on_punch: Callable[[ZtnaConnection, object], None] | None = None
         self.on_registered: Callable[[ZtnaConnection], None] | None = None
+        # Each registration ACK (every reconnect too): the Connector reports its health.
+        self.on_service_registered: Callable[[ZtnaConnection, str], None] | None = None
         self.rng = rng or random.Random()
         self.conn: ZtnaConnection | None = None
         self.state = LinkState.STARTING
@@ -259,6 +261,8 @@ class RelayLink(ConnectionHandler):
         if self.registration.get(msg.service_id) != "registered":
             log.info("service %r registered with the intermediate", msg.service_id)
         self.registration[msg.service_id] = "registered"
+        if self.on_service_registered is not None:
+            self.on_service_registered(conn, msg.service_id)
         if self.on_registered is not None:
             self.on_registered(conn)
 

@@ -22,7 +22,8 @@ import socket
 from typing import Any
 
 from ztna.connector import icmp
-from ztna.connector.config import ConnectorConfig
+from ztna.connector.config import ConnectorConfig, HealthCheck, ServiceConfig
+from ztna.connector.health import HealthProber, probe_http, probe_tcp, probe_udp
 from ztna.connector.p2p_server import P2PServer
 from ztna.connector.paths import AgentPaths, ReplyPath
 from ztna.connector.punch import ConnectorPunch
@@ -31,14 +32,15 @@ from ztna.connector.state import ConnectorStats, ServiceState
 from ztna.connector.streams import StreamTable
 from ztna.connector.tcp_flows import TcpFlows
 from ztna.connector.udp_flows import UdpFlows
-from ztna.errors import DecodeError
+from ztna.errors import DecodeError, UsageError
 from ztna.netstack.packets import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, parse_ip
 from ztna.observe import format_address
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ZtnaConnection
-from ztna.quic.endpoint import QuicEndpoint, bind_udp
+from ztna.quic.endpoint import CLOSE_AUTH, QuicEndpoint, bind_udp
+from ztna.revocation_guard import RevocationGuard
 from ztna.startup import bind_error
-from ztna.wire import TO_CONNECTOR, decode_to_connector
+from ztna.wire import TO_CONNECTOR, ServiceHealth, decode_to_connector, encode_control
 
 log = logging.getLogger("ztna.connector")
 
@@ -54,6 +56,7 @@ class Connector:
         self.stats = ConnectorStats()
         self.services = {s.id: ServiceState(s) for s in cfg.services}
         self.tls = TlsFiles(cert=cfg.cert, key=cfg.key, ca=cfg.ca)
+        self.revocation = RevocationGuard(cfg.revoked, close_code=CLOSE_AUTH)
         self.agents = AgentPaths()
         self._parked: dict[int, tuple[ReplyPath, float]] = {}   # agent id -> (dead relay path, since)
         self.relay: RelayLink | None = None
@@ -70,6 +73,58 @@ class Connector:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = asyncio.Event()
         self._kick_scheduled = False
+        self.audit: Any = None     # a ztna.connector.flow_audit.ConnectorAudit with --audit-log
+        self.backend_health = HealthProber(self._health_changed)
+        for svc in cfg.services:
+            self.backend_health.add_service(svc.id)
+            for check in svc.health_checks():
+                self._add_check(svc, check)
+
+    # ------------------------------------------------------------------ health
+    def _add_check(self, svc: ServiceConfig, check: HealthCheck) -> None:
+        assert check.port is not None   # health_checks() resolves "every TCP backend"
+        backend = (svc.udp if check.kind == "udp" else svc.tcp)[check.port]
+        host, port, timeout = backend.host, backend.port, check.timeout
+        name = f"{check.kind} {check.port}"
+        if check.kind == "tcp":
+            def probe() -> Any:
+                return probe_tcp(host, port, timeout)
+        elif check.kind == "http":
+            path, status = check.path, check.status
+            name = f"http {check.port}{path}"
+
+            def probe() -> Any:
+                return probe_http(host, port, path, status, timeout)
+        else:
+            payload, expect = bytes.fromhex(check.probe), bytes.fromhex(check.expect)
+
+            def probe() -> Any:
+                return probe_udp(host, port, payload, expect, timeout)
+        self.backend_health.add_check(svc.id, name, interval=check.interval, fall=check.fall,
+                              rise=check.rise, probe=probe)
+
+    def health_message(self, service: str) -> ServiceHealth:
+        state = self.backend_health.states.get(service)
+        healthy = state is None or state.healthy
+        return ServiceHealth(service=service, healthy=healthy,
+                             detail=state.detail() if state is not None and state.checks else None)
+
+    def _health_changed(self, service: str, healthy: bool, detail: str) -> None:
+        """A service's backend changed state: tell the Intermediate (so new flows avoid us
+        while another Connector is healthy) and the Agents connected to us directly."""
+        data = encode_control(self.health_message(service))
+        relay = self.relay
+        if relay is not None and relay.conn is not None and relay.registration.get(service) == "registered":
+            relay.conn.send_control(data)
+        if self.p2p is not None:
+            self.p2p.send_to_registered(service, data)
+
+    def punch_ms_for(self, addr: tuple[Any, ...]) -> float | None:
+        """How long the punch that made a direct connection from `addr` took (ms), if any."""
+        return self.punch.punch_ms_for(addr) if self.punch is not None else None
+
+    def _service_registered(self, conn: ZtnaConnection, service: str) -> None:
+        conn.send_control(encode_control(self.health_message(service)))
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -85,6 +140,21 @@ class Connector:
                             flow_control=lim.flow_control, rng=self.rng)
         self.streams = StreamTable(loop, self.stats, self.services, max_streams=lim.streams,
                                    connect_timeout=lim.tcp_connect_timeout)
+        if self.cfg.audit_log is not None:
+            from ztna.audit import AuditLog
+            from ztna.connector.flow_audit import ConnectorAudit
+
+            try:
+                audit_log = AuditLog(self.cfg.audit_log, process="connector",
+                                     max_bytes=self.cfg.audit_log_max_bytes,
+                                     backups=self.cfg.audit_log_backups,
+                                     interval=self.cfg.audit_interval_minutes * 60)
+            except OSError as exc:
+                raise UsageError(f"cannot open the audit log {str(self.cfg.audit_log)!r}: "
+                                 f"{exc.strerror or exc}") from None
+            self.audit = ConnectorAudit(audit_log)
+            self.tcp.audit = self.udp.audit = self.streams.audit = self.audit
+            audit_log.start(lambda: self.audit.live(self.tcp, self.udp, self.streams) if self.audit else [])
         await self._resolve_backends()
         inter = self.cfg.intermediate
         # Relay socket: its own UDP socket (ephemeral by default).
@@ -103,7 +173,9 @@ class Connector:
                 udp_payload=self.cfg.udp_payload),
             services=list(self.services), sink=self, rng=random.Random(self.rng.random()),
             name=self.cfg.connector_name())
+        self.relay.on_service_registered = self._service_registered
         self._tasks.append(loop.create_task(self.relay.run()))
+        self.backend_health.start()
         if self.cfg.p2p_port is not None:
             self.p2p = P2PServer(self, host=self.cfg.p2p_host, port=self.cfg.p2p_port,
                                  tls=self.tls, udp_payload=self.cfg.udp_payload,
@@ -131,6 +203,7 @@ class Connector:
             return
         self.stopping = True
         log.info("shutting down")
+        await self.backend_health.stop()
         if self.relay is not None:
             self.relay.stop()
         self.tcp.close_all()
@@ -152,12 +225,15 @@ class Connector:
             self.relay_endpoint.shutdown_socket()
         if self.metrics_server is not None:
             await self.metrics_server.close()
+        if self.audit is not None:
+            self.audit.log.close()
         self._stopped.set()
 
     async def run_forever(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+        loop.add_signal_handler(signal.SIGHUP, self.reload_revocations)
         try:
             await self.start()
         except BaseException:
@@ -169,6 +245,13 @@ class Connector:
                 log.debug("cleanup after a failed start", exc_info=True)
             raise
         await self._stopped.wait()
+
+    def reload_revocations(self) -> None:
+        """SIGHUP: read the revocation list again; close the direct connections of every
+        Agent it now revokes (their flows move to the relay path, where the Intermediate's
+        own list decides)."""
+        if self.revocation.reload() and self.p2p is not None and self.p2p.endpoint is not None:
+            self.revocation.sweep(self.p2p.endpoint.connections)
 
     async def _resolve_backends(self) -> None:
         assert self.loop is not None
@@ -322,6 +405,7 @@ class Connector:
             "services": dict(relay.registration) if relay else {},
             "tcp_sessions": len(self.tcp), "udp_flows": len(self.udp),
             "streams": len(self.streams),
+            "backends": {sid: st.snapshot() for sid, st in self.backend_health.states.items()},
         }
         if self.p2p is not None:
             pa = self.p2p.public_address

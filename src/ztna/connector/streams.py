@@ -54,6 +54,8 @@ from ztna.wire.stream_header import (
 )
 
 if TYPE_CHECKING:
+    from ztna.audit import FlowAudit
+    from ztna.connector.flow_audit import ConnectorAudit
     from ztna.connector.state import ConnectorStats, ServiceState
     from ztna.quic.connection import ZtnaConnection
 
@@ -92,11 +94,14 @@ class StreamFlow(asyncio.Protocol):
         self.read_paused = False
         self.done = False
         self.task: asyncio.Task[Any] | None = None
+        self.audit: FlowAudit | None = None
 
     # backend protocol
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         tune_backend_transport(transport)
+        if self.audit is not None and self.audit.setup.get("backend_connect_ms") is None:
+            self.audit.setup["backend_connect_ms"] = (self.table.loop.time() - self.audit.started) * 1000
         if self.done or self.conn is None:
             transport.abort()
             return
@@ -141,7 +146,7 @@ class StreamFlow(asyncio.Protocol):
             if exc is not None:
                 if self.conn is not None:
                     self.conn.reset_stream(self.sid)
-                self.table.finish(self, forget=True)
+                self.table.finish(self, forget=True, reason=f"backend reset: {exc}")
                 return
             self.backend_eof = True
             self.send(b"", end=True)
@@ -176,6 +181,7 @@ class StreamTable:
         self._per_agent: dict[int, int] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self.token_source: Callable[[int], bytes] = secrets.token_bytes
+        self.audit: ConnectorAudit | None = None
 
     def __len__(self) -> int:
         return len(self.flows)
@@ -231,6 +237,10 @@ class StreamTable:
             svc = self.services[header.service_id]
             backend = svc.tcp_backends[header.dst_port]
             flow.task = self.loop.create_task(self._connect(flow, backend.host, backend.port))
+            if self.audit is not None:
+                flow.audit = self.audit.open(
+                    None, header.service_id, "tcp", header.dst_port, self.loop.time(), conn=conn,
+                    agent_id=header.agent_id if isinstance(header, RelayedStreamOpen) else None)
         if data:
             flow.inbox.append(data)
             flow.rx += len(data)
@@ -382,7 +392,7 @@ class StreamTable:
         self.stats.stream_backend_failures += 1
         if not flow.done and flow.conn is not None:
             self._refuse(flow.conn, flow.sid, status)
-            self.finish(flow, forget=True)
+            self.finish(flow, forget=True, reason=f"backend connect failed: {status.name}")
 
     def _refuse(self, conn: ZtnaConnection, sid: int, status: StreamStatus) -> None:
         self.stats.streams_refused += 1
@@ -439,14 +449,14 @@ class StreamTable:
             self.stats.stream_resets += 1
             if flow.transport is not None:
                 flow.transport.abort()
-            self.finish(flow, forget=True)
+            self.finish(flow, forget=True, reason="agent reset the stream")
 
     def _drop(self, flow: StreamFlow) -> None:
         flow.done = True
         if flow.conn is not None:
             self.flows.pop((flow.conn, flow.sid), None)
 
-    def finish(self, flow: StreamFlow, *, forget: bool = False) -> None:
+    def finish(self, flow: StreamFlow, *, forget: bool = False, reason: str = "closed") -> None:
         """The backend side is over. A resumable flow keeps its token (lingers) unless
         `forget`: its last bytes may still be in flight on a direct path that can die."""
         if forget:
@@ -454,6 +464,9 @@ class StreamTable:
         if flow.done:
             return
         flow.done = True
+        if self.audit is not None and flow.audit is not None:
+            flow.audit.to_service, flow.audit.from_service = flow.rx, flow.tx
+            self.audit.end(flow.audit, reason, self.loop.time())
         if flow.conn is not None:
             self.flows.pop((flow.conn, flow.sid), None)
         self._watched.discard(flow)
@@ -471,7 +484,7 @@ class StreamTable:
         for flow in [f for f in self.flows.values() if f.conn is conn]:
             if flow.transport is not None:
                 flow.transport.abort()
-            self.finish(flow, forget=True)
+            self.finish(flow, forget=True, reason="connection closed")
 
     def close_all(self) -> None:
         for flow in list(self.resumable.values()):
@@ -485,7 +498,7 @@ class StreamTable:
                 flow.conn.reset_stream(flow.sid)
             if flow.transport is not None:
                 flow.transport.abort()
-            self.finish(flow)
+            self.finish(flow, reason="shutdown")
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None

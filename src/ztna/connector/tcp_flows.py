@@ -39,6 +39,8 @@ from ztna.netstack.tcp import TcpEndpoint, TcpState, rst_for_unexpected
 from ztna.observe import format_address
 
 if TYPE_CHECKING:
+    from ztna.audit import FlowAudit
+    from ztna.connector.flow_audit import ConnectorAudit
     from ztna.connector.paths import ReplyPath
     from ztna.connector.state import ConnectorStats, ServiceState
 
@@ -69,6 +71,8 @@ class TcpFlow(asyncio.Protocol):
         self.timer_at: float | None = None
         self.done = False
         self.connect_task: asyncio.Task[Any] | None = None
+        self.audit: FlowAudit | None = None
+        self.close_reason: str | None = None
 
     # ------------------------------------------------------------------ backend protocol
     def connection_made(self, transport: Any) -> None:
@@ -77,7 +81,10 @@ class TcpFlow(asyncio.Protocol):
         if self.done:
             transport.abort()
             return
-        self.ep.accept(now=self.table.loop.time())
+        now = self.table.loop.time()
+        if self.audit is not None:
+            self.audit.setup["backend_connect_ms"] = (now - self.audit.started) * 1000
+        self.ep.accept(now=now)
         self.table.pump(self)
 
     def data_received(self, data: bytes) -> None:
@@ -88,6 +95,8 @@ class TcpFlow(asyncio.Protocol):
             if n < len(data):
                 self.pending = data[n:]
         self.table.stats.tcp_bytes_to_agent += len(data)
+        if self.audit is not None:
+            self.audit.from_service += len(data)
         self.table.pump(self)
 
     def eof_received(self) -> bool:
@@ -100,6 +109,7 @@ class TcpFlow(asyncio.Protocol):
         if self.done:
             return
         if exc is not None:
+            self.close_reason = f"backend reset: {exc}"
             self.ep.abort(now=self.table.loop.time())
         else:
             self.backend_eof = True
@@ -131,6 +141,7 @@ class TcpFlows:
         self._kick: asyncio.TimerHandle | None = None
         self._backend_due: set[TcpFlow] = set()
         self._backend_scheduled = False
+        self.audit: ConnectorAudit | None = None
 
     def __len__(self) -> int:
         return len(self.flows)
@@ -146,7 +157,7 @@ class TcpFlows:
         flags = seg.flags
         is_syn = flags & (SYN | ACK | RST) == SYN
         if flow is not None and is_syn and flow.ep.state in (TcpState.TIME_WAIT, TcpState.CLOSED):
-            self._finish(flow)            # port reuse after a close: start over
+            self._finish(flow, "closed")  # port reuse after a close: start over
             flow = None
         if flow is None:
             if not is_syn:
@@ -183,6 +194,8 @@ class TcpFlows:
         path.flows += 1
         self.stats.tcp_sessions_opened += 1
         flow.connect_task = self.loop.create_task(self._connect(flow, backend.host, backend.port))
+        if self.audit is not None:
+            flow.audit = self.audit.open(path, service.id, "tcp", seg.dport, now)
         return flow
 
     async def _connect(self, flow: TcpFlow, host: str, port: int) -> None:
@@ -193,6 +206,7 @@ class TcpFlows:
             self.stats.tcp_backend_failures += 1
             log.debug("backend %s refused/unreachable: %s", format_address((host, port)), exc)
             if not flow.done:
+                flow.close_reason = f"backend connect failed: {exc or type(exc).__name__}"
                 flow.ep.refuse(now=self.loop.time())
                 self.pump(flow)
 
@@ -240,6 +254,8 @@ class TcpFlows:
             if data:
                 transport.write(data)
                 self.stats.tcp_bytes_to_backend += len(data)
+                if flow.audit is not None:
+                    flow.audit.to_service += len(data)
             if ep.peer_closed and not flow.backend_shut:
                 flow.backend_shut = True
                 if transport.can_write_eof():
@@ -321,10 +337,13 @@ class TcpFlows:
         return bool(self._starved)
 
     # ------------------------------------------------------------------ lifecycle
-    def _finish(self, flow: TcpFlow) -> None:
+    def _finish(self, flow: TcpFlow, reason: str | None = None) -> None:
         if flow.done:
             return
         flow.done = True
+        if self.audit is not None:
+            why = reason or flow.close_reason or ("reset" if flow.ep.reset else "closed")
+            self.audit.end(flow.audit, why, self.loop.time())
         if self.flows.get(flow.key) is flow:
             del self.flows[flow.key]
             flow.path.flows -= 1
@@ -360,7 +379,7 @@ class TcpFlows:
                 self.pump(flow)
             else:
                 flow.ep.abort(now=self.loop.time())
-                self._finish(flow)
+                self._finish(flow, "agent gone")
         return moved
 
     def close_all(self) -> None:
@@ -369,4 +388,4 @@ class TcpFlows:
             flow.ep.abort(now=now)
             for pkt in flow.ep.poll(now=now, budget=1):
                 flow.path.send(pkt)        # tell the Agent (RST) on a graceful shutdown
-            self._finish(flow)
+            self._finish(flow, "shutdown")

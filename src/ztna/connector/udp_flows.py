@@ -23,6 +23,8 @@ from ztna.connector import icmp
 from ztna.netstack.packets import IpHeader, build_udp_packet, parse_udp
 
 if TYPE_CHECKING:
+    from ztna.audit import FlowAudit
+    from ztna.connector.flow_audit import ConnectorAudit
     from ztna.connector.paths import ReplyPath
     from ztna.connector.state import ConnectorStats, ServiceState
 
@@ -32,7 +34,7 @@ BACKEND_RCVBUF = 1024 * 1024   # bytes, per flow socket (the kernel caps it at r
 
 class UdpFlow:
     __slots__ = ("key", "path", "service", "sock", "vip", "vport", "agent_ip", "agent_port",
-                 "last_seen", "last_packet")
+                 "last_seen", "last_packet", "audit")
 
     def __init__(self, key: tuple[Any, ...], path: ReplyPath, service: ServiceState,
                  sock: socket.socket, ip: IpHeader, sport: int, dport: int, now: float) -> None:
@@ -46,6 +48,7 @@ class UdpFlow:
         self.agent_port = sport
         self.last_seen = now
         self.last_packet: memoryview | bytes = b""
+        self.audit: FlowAudit | None = None
 
 
 class UdpFlows:
@@ -57,6 +60,7 @@ class UdpFlows:
         self.per_service_limit = per_service_limit
         self.idle_timeout = idle_timeout
         self.flows: dict[tuple[Any, ...], UdpFlow] = {}
+        self.audit: ConnectorAudit | None = None
 
     def __len__(self) -> int:
         return len(self.flows)
@@ -77,6 +81,8 @@ class UdpFlows:
                 return
         flow.last_seen = now
         flow.last_packet = packet
+        if flow.audit is not None:
+            flow.audit.to_service += len(udp.payload)
         try:
             flow.sock.send(udp.payload)
             self.stats.udp_to_backend += 1
@@ -124,6 +130,8 @@ class UdpFlows:
         path.flows += 1
         self.stats.udp_flows_opened += 1
         self.loop.add_reader(sock.fileno(), self._readable, flow)
+        if self.audit is not None:
+            flow.audit = self.audit.open(path, service.id, "udp", dport, now)
         return flow
 
     # ------------------------------------------------------------------ backend → Agent
@@ -142,6 +150,8 @@ class UdpFlows:
             except OSError:
                 return
             flow.last_seen = self.loop.time()
+            if flow.audit is not None:
+                flow.audit.from_service += len(data)
             pkt = build_udp_packet(flow.vip, flow.agent_ip, flow.vport, flow.agent_port, data)
             if len(pkt) > path.max_packet():
                 stats.udp_reply_too_big += 1
@@ -159,9 +169,11 @@ class UdpFlows:
                 flow.path.send(reply)
 
     # ------------------------------------------------------------------ lifecycle
-    def close_flow(self, flow: UdpFlow) -> None:
+    def close_flow(self, flow: UdpFlow, reason: str = "closed") -> None:
         if self.flows.pop(flow.key, None) is None:
             return
+        if self.audit is not None:
+            self.audit.end(flow.audit, reason, self.loop.time())
         flow.service.udp_flows -= 1
         flow.path.flows -= 1
         try:
@@ -176,7 +188,7 @@ class UdpFlows:
         limit = now - self.idle_timeout
         dead = [f for f in self.flows.values() if f.last_seen < limit or not f.path.alive]
         for f in dead:
-            self.close_flow(f)
+            self.close_flow(f, "idle timeout" if f.path.alive else "path closed")
         self.stats.udp_flows_expired += len(dead)
         return len(dead)
 
@@ -187,8 +199,8 @@ class UdpFlows:
                 alternate.flows += 1
                 f.path = alternate
             else:
-                self.close_flow(f)
+                self.close_flow(f, "agent gone")
 
     def close_all(self) -> None:
         for f in list(self.flows.values()):
-            self.close_flow(f)
+            self.close_flow(f, "shutdown")

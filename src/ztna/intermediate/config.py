@@ -17,6 +17,9 @@ Example file (all keys optional)::
     max_registrations = 64
     udp_payload = 1350
     log_level = "info"
+    revoked = "/etc/ztna/revoked.txt"   # deny-list, reloaded on SIGHUP
+    admin = "127.0.0.1:9443"           # admin API + dashboard; default off
+    admin_token_file = "/etc/ztna/admin.token"   # needed for a non-loopback admin address
 """
 
 from __future__ import annotations
@@ -101,6 +104,14 @@ class IntermediateConfig(BaseModel):
     state_dir: Path | None = None       # 0-RTT ticket store + address-token key (0600 files)
     zero_rtt: bool = True
     log_level: str = "info"
+    revoked: Path | None = None         # deny-list of serials/identities (ztna.revocation)
+    admin: str | None = None            # admin API + dashboard, HOST:PORT (off by default)
+    admin_token_file: Path | None = None
+    # Per-flow audit log of relayed TCP streams (docs/intermediate.md "Audit log"); None = off.
+    audit_log: Path | None = None
+    audit_log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096)
+    audit_log_backups: int = Field(default=5, ge=0, le=1000)
+    audit_interval: float = Field(default=5.0, gt=0, le=24 * 60)   # minutes
 
     @field_validator("listen")
     @classmethod
@@ -115,6 +126,13 @@ class IntermediateConfig(BaseModel):
     @classmethod
     def _metrics(cls, value: str) -> str:
         if value.strip().lower() != "off":
+            parse_host_port(value)
+        return value
+
+    @field_validator("admin")
+    @classmethod
+    def _admin(cls, value: str | None) -> str | None:
+        if value is not None and value.strip().lower() != "off":
             parse_host_port(value)
         return value
 
@@ -134,6 +152,13 @@ class IntermediateConfig(BaseModel):
                 raise ValueError("cert, key and ca must be given together (or use pki)")
         if self.pki is None and not all(p is not None for p in explicit):
             raise ValueError("no certificates: give pki (a `ztna certs init` directory) or cert, key and ca")
+        admin = self.admin_address()
+        if admin is not None and self.admin_token_file is None:
+            from ztna.intermediate.admin.http import is_loopback
+
+            if not is_loopback(admin[0]):
+                raise ValueError(f"admin API on {self.admin}, not a loopback address, needs "
+                                 "admin_token_file (--admin-token-file)")
         return self
 
     # ------------------------------------------------------------------ derived
@@ -144,6 +169,11 @@ class IntermediateConfig(BaseModel):
         if self.metrics.strip().lower() == "off":
             return None
         return parse_host_port(self.metrics)
+
+    def admin_address(self) -> tuple[str, int] | None:
+        if self.admin is None or self.admin.strip().lower() == "off":
+            return None
+        return parse_host_port(self.admin)
 
     def tls_paths(self) -> tuple[Path, Path, Path]:
         """(cert, key, ca): explicit paths win over the pki directory."""

@@ -15,6 +15,13 @@ Theory of operation
   Agent; a Connector may only reply to Agents registered for a service it
   serves.
 * Limits: registrations per peer; overflow is a NACK, never an exception.
+* Health: each Connector reports, per service, whether its backend is healthy
+  (`set_health`; a service it never reported counts as healthy). New flows go only to
+  healthy Connectors while one exists; when none is, to the least-recently-failed one
+  (the Connector whose last failure is oldest), and the Agents are told
+  (`ServiceStatus.healthy=False`). Existing flows stay where they are: relayed datagram
+  flows are pinned to the Connector that got their first packet (until idle for
+  `FLOW_PIN_IDLE` seconds), streams belong to their splice, resumptions ignore health.
 
 Methods return the reply message plus a list of `Notify` actions for other peers; the
 driver executes them.
@@ -23,6 +30,7 @@ driver executes them.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -69,6 +77,17 @@ class Peer:
     label: str
     agent_services: set[str] = field(default_factory=set)
     connector_services: set[str] = field(default_factory=set)
+    # service -> healthy, as the Connector last reported it; a service missing here counts
+    # as healthy (a Connector that does not check, or has not reported yet).
+    health: dict[str, bool] = field(default_factory=dict)
+
+
+# A relayed datagram flow (UDP, ICMP, TCP in IP packets) keeps its Connector while packets
+# keep coming: a health change or a Connector joining must not move a live flow (the new
+# Connector has no state for it). An idle pin expires, so a 5-tuple reused much later is a
+# new flow and gets a healthy Connector. Bounded: the oldest pins go first.
+FLOW_PIN_IDLE = 120.0
+MAX_FLOW_PINS = 65536
 
 
 class Registry:
@@ -79,6 +98,16 @@ class Registry:
         self.agents: dict[str, set[int]] = {}        # service -> agent peer ids
         self.rejections = 0
         self.registrations = 0
+        # (connector peer id, service) -> when it last went unhealthy (the `now` of set_health).
+        self.last_failed: dict[tuple[int, str], float] = {}
+        # (service, flow key) -> [connector peer id, last packet time]; see FLOW_PIN_IDLE.
+        self.pins: OrderedDict[tuple[str, bytes], list[float]] = OrderedDict()
+        # Health reports that changed a Connector's state, by new state (metrics).
+        self.health_transitions: dict[bool, int] = {True: 0, False: 0}
+        self.health_ignored = 0   # reports for a service the peer does not serve
+        # Connectors an administrator drained: no new flows while another Connector of the
+        # same service is not drained (drain beats health); existing flows stay.
+        self.draining: set[int] = set()
         # What changed since the driver last looked (it re-derives its native relay routes
         # from this: `take_changed`): (service, agent id) when one Agent came or went,
         # (service, None) when the service's Connector pool changed (every Agent of it).
@@ -93,6 +122,7 @@ class Registry:
     def remove_peer(self, peer_id: int) -> list[Notify]:
         """A connection ended: drop its registrations and tell whoever is affected."""
         peer = self.peers.pop(peer_id, None)
+        self.draining.discard(peer_id)
         if peer is None:
             return []
         notes: list[Notify] = []
@@ -107,15 +137,20 @@ class Registry:
             for connector in self.connectors.get(service, ()):
                 notes.append(Notify(connector, AgentGone(agent=peer_id)))
         for service in peer.connector_services:
+            self.last_failed.pop((peer_id, service), None)
             pool = self.connectors.get(service)
             if pool is None:
                 continue
+            # The peer is already out of `peers`: its own health comes from the object.
+            was_healthy = peer.health.get(service, True) or self.pool_healthy(service)
             if peer_id in pool:
                 pool.remove(peer_id)
             if not pool:
                 del self.connectors[service]
                 for agent in sorted(self.agents.get(service, ())):
                     notes.append(Notify(agent, ServiceStatus(service=service, up=False)))
+            elif self.pool_healthy(service) != was_healthy:
+                notes.extend(self._status_to_agents(service))
         # One AgentGone per Connector is enough even if it served several of the services.
         seen: set[tuple[int, object]] = set()
         unique = []
@@ -150,28 +185,92 @@ class Registry:
             else:
                 # Without this an Agent arriving after its Connector never learns that the
                 # service is up (only transitions were announced).
-                notes.append(Notify(peer_id, ServiceStatus(service=service, up=True,
-                                                           connector=self._pool_label(service))))
+                notes.append(Notify(peer_id, self._status(service)))
         else:
             pool = self.connectors.get(service, [])
             if pool and not peer.auth.scoped:
                 if any(self.peers[c].auth.scoped for c in pool):
                     return self._nack(service, NackStatus.SERVICE_CONFLICT), []
             was_down = not pool
+            was_healthy = self.pool_healthy(service)
             pool.append(peer_id)
             self.connectors[service] = pool
             peer.connector_services.add(service)
-            if was_down:
-                label = self._pool_label(service)
-                for agent in sorted(self.agents.get(service, ())):
-                    notes.append(Notify(agent, ServiceStatus(service=service, up=True, connector=label)))
+            if was_down or self.pool_healthy(service) != was_healthy:
+                notes.extend(self._status_to_agents(service))
         self.registrations += 1
         self.changed.add((service, peer_id if msg.role is Role.AGENT else None))
         return RegistrationAck(service_id=service), notes
 
-    def _pool_label(self, service: str) -> str:
+    # ------------------------------------------------------------------ health
+    def set_health(self, peer_id: int, service: str, healthy: bool, now: float) -> list[Notify]:
+        """A Connector reports its backend's health for `service`. Returns the
+        ServiceStatus updates for the service's Agents when the pool as a whole changed
+        between "some Connector healthy" and "none healthy"."""
+        peer = self.peers.get(peer_id)
+        if peer is None or service not in peer.connector_services:
+            self.health_ignored += 1
+            return []
+        before = peer.health.get(service, True)
+        old_status = self._status(service)
+        peer.health[service] = healthy
+        if before == healthy:
+            return []
+        if not healthy:
+            self.last_failed[(peer_id, service)] = now
+        self.health_transitions[healthy] += 1
+        status = self._status(service)
+        if (status.healthy, status.connector) == (old_status.healthy, old_status.connector):
+            return []
+        return [Notify(agent, status) for agent in sorted(self.agents.get(service, ()))]
+
+    def is_healthy(self, peer_id: int, service: str) -> bool:
+        peer = self.peers.get(peer_id)
+        return peer is not None and peer.health.get(service, True)
+
+    def pool_healthy(self, service: str) -> bool:
+        """At least one Connector of `service` is healthy (False for an empty pool)."""
+        return any(self.is_healthy(c, service) for c in self.connectors.get(service, ()))
+
+    def candidates(self, service: str) -> list[int]:
+        """The Connectors new flows of `service` may go to: the healthy ones, or, when none
+        is, the least-recently-failed one (oldest last failure; ties: join order); all of
+        them among the Connectors not drained, unless every one of the pool is."""
+        pool = self.connectors.get(service, [])
+        pool = [c for c in pool if c not in self.draining] or pool
+        healthy = [c for c in pool if self.is_healthy(c, service)]
+        if healthy or not pool:
+            return healthy
+        return [min(pool, key=lambda c: self.last_failed.get((c, service), float("-inf")))]
+
+    def set_draining(self, peer_id: int, drain: bool) -> bool:
+        """Drain (or undrain) a Connector; False when `peer_id` is no Connector."""
+        peer = self.peers.get(peer_id)
+        if peer is None or not peer.connector_services:
+            return False
+        if drain:
+            self.draining.add(peer_id)
+        else:
+            self.draining.discard(peer_id)
+        return True
+
+    def _status(self, service: str) -> ServiceStatus:
+        if not self.connectors.get(service):
+            return ServiceStatus(service=service, up=False)
+        healthy = self.pool_healthy(service)
+        # The label names the Connectors new flows go to: the healthy ones, or the
+        # least-recently-failed one.
+        label = self._pool_label(service, self.candidates(service))
+        return ServiceStatus(service=service, up=True, connector=label, healthy=healthy)
+
+    def _status_to_agents(self, service: str) -> list[Notify]:
+        status = self._status(service)
+        return [Notify(agent, status) for agent in sorted(self.agents.get(service, ()))]
+
+    def _pool_label(self, service: str, pool: list[int] | None = None) -> str:
         """Who serves `service` now, for the Agents' status: the Connectors' labels."""
-        labels = [self.peers[c].label for c in self.connectors.get(service, ()) if c in self.peers]
+        members = self.connectors.get(service, []) if pool is None else pool
+        labels = [self.peers[c].label for c in members if c in self.peers]
         text = ", ".join(labels[:4]) + (f" (+{len(labels) - 4})" if len(labels) > 4 else "")
         return text[:256]
 
@@ -195,21 +294,62 @@ class Registry:
         peer = self.peers.get(peer_id)
         return peer is not None and service in peer.agent_services
 
-    def connector_for(self, service: str, packet: bytes | memoryview) -> int | None:
-        """Pick the Connector for a packet's flow: rendezvous hashing over the service's
-        pool (the flow key is only computed when there is a choice to make)."""
+    def connector_for(self, service: str, packet: bytes | memoryview, *, now: float | None = None) -> int | None:
+        """Pick the Connector for a relayed packet's flow: rendezvous hashing of the flow
+        key over the Connectors new flows may go to (`candidates`). With `now` the choice
+        is pinned for the flow (FLOW_PIN_IDLE), so later packets of it stay on that
+        Connector whatever health says meanwhile. The flow key is only computed when the
+        pool offers a choice."""
         pool = self.connectors.get(service)
         if not pool:
             return None
         if len(pool) == 1:
             return pool[0]
         key = flow_key(packet)
+        if now is None:
+            return self.pick(service, key)
+        pins = self.pins
+        pin_key = (service, key)
+        pin = pins.get(pin_key)
+        if pin is not None:
+            connector = int(pin[0])
+            if now - pin[1] <= FLOW_PIN_IDLE and connector in pool:
+                pin[1] = now
+                pins.move_to_end(pin_key)
+                return connector
+        chosen = self.pick(service, key)
+        if chosen is not None:
+            self.expire_pins(now)   # amortised: only the stale front goes
+            pins[pin_key] = [chosen, now]
+            pins.move_to_end(pin_key)
+            while len(pins) > MAX_FLOW_PINS:
+                pins.popitem(last=False)
+        return chosen
+
+    def pick(self, service: str, key: bytes, *, healthy_only: bool = True) -> int | None:
+        """Rendezvous hashing of `key` over the service's Connectors: the candidates for a
+        new flow, or (healthy_only=False) the whole pool, for what must find the Connector
+        that already holds a flow (a stream resumption)."""
+        pool = self.candidates(service) if healthy_only else self.connectors.get(service, [])
+        if not pool:
+            return None
+        if len(pool) == 1:
+            return pool[0]
         best, best_score = pool[0], b""
         for connector in pool:
             score = hashlib.blake2b(key + connector.to_bytes(4, "big"), digest_size=8).digest()
             if score > best_score:
                 best, best_score = connector, score
         return best
+
+    def expire_pins(self, now: float) -> None:
+        """Drop pins idle for longer than FLOW_PIN_IDLE (oldest first; called now and then)."""
+        pins = self.pins
+        while pins:
+            key, pin = next(iter(pins.items()))
+            if now - pin[1] <= FLOW_PIN_IDLE:
+                break
+            del pins[key]
 
     def may_reply(self, connector_id: int, agent_id: int) -> bool:
         """A Connector may send to an Agent only if it serves a service the Agent uses."""

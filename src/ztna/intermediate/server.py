@@ -16,6 +16,7 @@ import hashlib
 import logging
 import secrets
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,8 @@ from prometheus_client import CollectorRegistry
 
 from ztna import limits
 from ztna.errors import DatagramTooLarge, DecodeError, ProtocolError
-from ztna.identity import ChainVerifier, load_ca_file, stable_peer_id
+from ztna.identity import ChainVerifier, certificate_names, load_ca_file, stable_peer_id
+from ztna.intermediate.admin.snapshot import ConnectionView, LatencyHistogram, Snapshot
 from ztna.intermediate.registry import AllowAll, Notify, Registry
 from ztna.observe import MetricsServer, RateLimitedLog, StatsCollector, format_address
 from ztna.quic.config import TlsFiles, make_configuration
@@ -38,6 +40,7 @@ from ztna.quic.endpoint import (
     bind_udp,
     normalize_address,
 )
+from ztna.revocation_guard import RevocationGuard
 from ztna.startup import bind_error
 from ztna.wire import (
     FROM_CONNECTOR,
@@ -50,6 +53,7 @@ from ztna.wire import (
     ObservedAddress,
     Register,
     RegistrationNack,
+    ServiceHealth,
     StandingCandidates,
     decode_from_connector,
     decode_registration,
@@ -86,6 +90,13 @@ class IntermediateOptions:
     ticket_store: Any = None        # a ztna.quic.tickets.ServerTicketStore; built from state_dir if None
     state_dir: str | None = None    # holds tickets.sqlite (shared strike register for 0-RTT)
     enable_0rtt: bool = True
+    revoked: str | None = None      # deny-list file (ztna.revocation), reloaded on SIGHUP
+    admin: tuple[str, int] | None = None    # admin API and dashboard (off by default)
+    admin_token: bytes | None = None        # enables the write operations; needed off loopback
+    audit_log: str | None = None    # per-flow audit log of relayed TCP streams (ztna.audit)
+    audit_log_max_bytes: int = 10 * 1024 * 1024
+    audit_log_backups: int = 5
+    audit_interval: float = 300.0   # seconds between interim lines of a long flow
 
 
 @dataclass
@@ -120,6 +131,10 @@ class Intermediate:
         self._server_options: ServerOptions | None = None
         self.started_at = 0.0
         self.address_tokens: Any = None
+        self.audit: Any = None          # a ztna.audit.AuditLog with --audit-log
+        # Per connection: how its setup went, in ms (handshake, first registration), for
+        # the audit lines of its flows.
+        self.setup_times: dict[ZtnaConnection, dict[str, float | None]] = {}
         self._instances: dict[int, tuple[str, int]] = {}
         self._held: dict[ZtnaConnection, list[bytes]] = {}
         self._control_handlers = self._control_table()
@@ -129,6 +144,11 @@ class Intermediate:
         self._routes: dict[tuple[str, int], frozenset[_Route]] = {}
         self._routed: dict[str, set[int]] = {}
         self._route_refs: dict[_Route, int] = {}
+        self.revocation = RevocationGuard(options.revoked, close_code=CLOSE_AUTH)
+        self.handshakes = LatencyHistogram()
+        self.admin_server: Any = None
+        # peer id -> its certificate's SANs: parsed once per connection, not per admin read.
+        self._sans: dict[int, tuple[str, ...]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def _build_server_options(self) -> ServerOptions:
@@ -156,6 +176,7 @@ class Intermediate:
             handshakes_per_source_per_second=o.handshakes_per_source_per_second,
             ticket_store=o.ticket_store,
             address_tokens=self.address_tokens,
+            admit=self.revocation.admit,
             # Derived from the server key, so a restarted Intermediate resets its
             # predecessor's connections and clients reconnect at once (not after 30 s).
             # (TlsFiles.key is None only for a client that presents no certificate)
@@ -186,10 +207,36 @@ class Intermediate:
             self.streams = StreamSplicer(self)
         except ImportError:
             self.streams = None
+        if self.options.audit_log is not None:
+            from ztna.audit import AuditLog
+            from ztna.errors import UsageError
+
+            try:
+                self.audit = AuditLog(self.options.audit_log, process="intermediate",
+                                      max_bytes=self.options.audit_log_max_bytes,
+                                      backups=self.options.audit_log_backups,
+                                      interval=self.options.audit_interval)
+            except OSError as exc:
+                raise UsageError(f"cannot open the audit log {self.options.audit_log!r}: "
+                                 f"{exc.strerror or exc}") from None
+            if self.streams is not None:
+                splicer = self.streams
+                self.audit.start(splicer.live_audits)
         if self.options.metrics is not None:
             self.metrics_server = MetricsServer(self._metrics_registry(), self._health)
             await self.metrics_server.start(*self.options.metrics)
             log.info("metrics on http://%s/metrics", format_address((self.options.metrics[0], self.metrics_server.port)))
+        if self.options.admin is not None:
+            from ztna.intermediate.admin.http import AdminServer, is_loopback
+
+            host, port = self.options.admin
+            self.admin_server = AdminServer(self, token=self.options.admin_token,
+                                            reads_need_token=not is_loopback(host))
+            try:
+                await self.admin_server.start(host, port)
+            except OSError as exc:
+                raise bind_error("admin API address", "tcp", host, port, exc) from None
+            log.info("admin API and dashboard on http://%s/", format_address((host, self.admin_server.port)))
         self.ready = True
 
     @property
@@ -210,6 +257,13 @@ class Intermediate:
             ep.server_config_changed()
         log.info("certificates reloaded (new connections use them)")
 
+    def reload(self) -> None:
+        """SIGHUP: the certificate files and the revocation list; a revoked peer's live
+        connections are closed at once (and its registrations go with them)."""
+        self.reload_certificates()
+        if self.revocation.reload():
+            self.revocation.sweep(self.conns.values())
+
     async def stop(self) -> None:
         """Graceful drain: tell every peer, close, give the close a moment to leave."""
         if self.draining:
@@ -226,11 +280,17 @@ class Intermediate:
             ep.shutdown_socket()
         if self.metrics_server:
             await self.metrics_server.close()
+        if self.admin_server is not None:
+            await self.admin_server.close()
+        if self.audit is not None:
+            if self.streams is not None:
+                self.streams.close_all("shutdown")
+            self.audit.close()
         self._stopped.set()
 
     async def run_forever(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self.reload_certificates)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
         await self.start()
@@ -243,6 +303,7 @@ class Intermediate:
             peer_id = (peer_id % 0xFFFFFFFF) + 1
         self._next_peer = (peer_id % 0xFFFFFFFF) + 1
         conn.user = peer_id
+        self.handshakes.observe(asyncio.get_running_loop().time() - conn.created_at)
         identity = conn.identity
         if identity is not None and not identity.scoped:
             if not self.options.insecure_allow_unscoped:
@@ -259,6 +320,7 @@ class Intermediate:
         conn.label = f"{label}#{peer_id}"
         self.registry.add_peer(peer_id, auth, conn.label)
         self.conns[peer_id] = conn
+        self.setup_times[conn] = {"handshake_ms": (self._now() - conn.created_at) * 1000}
         host = normalize_address(conn.peer_address)[0]
         log.info("peer %s connected from %s%s", conn.label, format_address(conn.peer_address),
                  " (resumed, 0-RTT)" if conn.early_data_accepted or conn.resumed else "")
@@ -272,7 +334,9 @@ class Intermediate:
         if peer_id is None or self.conns.get(peer_id) is not conn:
             return
         del self.conns[peer_id]
+        self.setup_times.pop(conn, None)
         self._instances.pop(peer_id, None)
+        self._sans.pop(peer_id, None)
         self._held.pop(conn, None)
         self.execute(self.registry.remove_peer(peer_id))
         if self.signaling is not None:
@@ -379,6 +443,7 @@ class Intermediate:
         table: dict[type, Callable[[ZtnaConnection, Any], None]] = {
             Hello: lambda conn, msg: self.adopt_stable_id(conn, msg.instance),
             Register: self._register,
+            ServiceHealth: self._service_health,
         }
         for kind in (*PUNCH_MESSAGES, StandingCandidates):
             table[kind] = self._signal
@@ -387,6 +452,11 @@ class Intermediate:
     def _register(self, conn: ZtnaConnection, msg: Register) -> None:
         reply, notes = self.registry.register(conn.user, msg)
         self._log_registration(conn, msg, reply)
+        setup = self.setup_times.get(conn)
+        if setup is not None and "registration_ms" not in setup and not isinstance(reply, RegistrationNack):
+            # Handshake done → first registration acknowledged (0 with 0-RTT early data).
+            since = conn.created_at + (setup.get("handshake_ms") or 0) / 1000
+            setup["registration_ms"] = max(0.0, self._now() - since) * 1000
         conn.send_control(encode_control(reply))
         self.execute(notes)
         held = self._held.pop(conn, None)
@@ -399,6 +469,25 @@ class Intermediate:
             return
         now = asyncio.get_running_loop().time()
         self.execute(self.signaling.handle(conn.user, msg, self.registry, now=now))
+
+    def _service_health(self, conn: ZtnaConnection, msg: ServiceHealth) -> None:
+        peer_id = conn.user
+        before = self.registry.is_healthy(peer_id, msg.service)
+        notes = self.registry.set_health(peer_id, msg.service, msg.healthy, self._now())
+        if peer_id not in self.registry.peers or msg.service not in self.registry.peers[peer_id].connector_services:
+            self._bad.warning("health report for a service the peer does not serve", f"{conn.label} → {msg.service}")
+        elif before != msg.healthy:
+            log.log(logging.INFO if msg.healthy else logging.WARNING,
+                    "%s: service %r %s (%s)", conn.label, msg.service,
+                    "healthy again" if msg.healthy else "unhealthy: no new flows while another Connector is healthy",
+                    msg.detail or "-")
+            if not self.registry.pool_healthy(msg.service):
+                log.warning("service %r: no healthy Connector; new flows go to the least-recently-failed one",
+                            msg.service)
+        self.execute(notes)
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
 
     # An Agent resuming with 0-RTT sends Hello, Register and its first tunnel packets in
     # one flight; DATAGRAM frames may be packed before the STREAM frames, so those packets
@@ -488,7 +577,7 @@ class Intermediate:
                 stats.dropped_unregistered += 1
                 self._bad.warning("0x2F from a peer not registered as agent", f"{conn.label} → {service}")
                 return
-            target_id = registry.connector_for(service, packet)
+            target_id = registry.connector_for(service, packet, now=self._now())
             target = self.conns.get(target_id) if target_id is not None else None
             if target is None:
                 stats.dropped_no_connector += 1
@@ -559,6 +648,20 @@ class Intermediate:
                     s.relayed_datagrams + totals.get("relay_forwarded", 0), None))
         out.append(("ztna_registrations_total", "counter", "Acknowledged registrations", self.registry.registrations, None))
         out.append(("ztna_registration_rejections_total", "counter", "NACKed registrations", self.registry.rejections, None))
+        for healthy in (False, True):
+            out.append(("ztna_connector_health_transitions_total", "counter",
+                        "Connector health reports that changed its state, by the new state",
+                        self.registry.health_transitions[healthy], {"state": "healthy" if healthy else "unhealthy"}))
+        out.append(("ztna_connector_health_reports_ignored_total", "counter",
+                    "Health reports for a service the Connector does not serve", self.registry.health_ignored, None))
+        unhealthy = sum(1 for peer in self.registry.peers.values()
+                        for service in peer.connector_services if not peer.health.get(service, True))
+        out.append(("ztna_unhealthy_connectors", "gauge", "(Connector, service) pairs reported unhealthy", unhealthy, None))
+        out.append(("ztna_services_without_healthy_connector", "gauge",
+                    "Services whose Connectors are all unhealthy (new flows go to the least-recently-failed)",
+                    sum(1 for service in self.registry.connectors if not self.registry.pool_healthy(service)), None))
+        out.append(("ztna_relay_flow_pins", "gauge", "Relayed datagram flows pinned to a Connector",
+                    len(self.registry.pins), None))
         out.append(("ztna_uptime_seconds", "gauge", "Seconds since start", loop.time() - self.started_at, None))
         for reason in ("unregistered", "no_connector", "bad_reply", "oversize", "malformed", "unknown_type"):
             native = totals.get("relay_dropped_oversize", 0) if reason == "oversize" else 0
@@ -586,7 +689,74 @@ class Intermediate:
         if self.signaling is not None:
             for name, kind, help_text, value, labels in self.signaling.metrics():
                 out.append((name, kind, help_text, value, labels))
+        out.extend(self.revocation.metrics())
+        if self.admin_server is not None:
+            out.extend(self.admin_server.metrics())
         return out
+
+    # ------------------------------------------------------------------ admin (AdminSource)
+    def admin_snapshot(self) -> Snapshot:
+        """Everything the admin API shows, copied in one go (ztna.intermediate.admin)."""
+        now_loop, now_wall = asyncio.get_running_loop().time(), time.time()
+        reg = self.registry
+        outcomes = self.signaling.outcomes if self.signaling is not None else {}
+        views: dict[int, ConnectionView] = {}
+        for peer_id, conn in self.conns.items():
+            peer = reg.peers.get(peer_id)
+            if peer is None:
+                continue
+            stats = conn.stats()
+            rtt = stats.get("rtt")
+            sans = self._sans.get(peer_id)
+            if sans is None:
+                cert = conn.peer_certificate
+                sans = self._sans[peer_id] = tuple(certificate_names(cert)) if cert is not None else ()
+            paths: dict[str, str] = {}
+            warm: dict[str, float] = {}
+            for service in peer.agent_services:
+                outcome = outcomes.get((peer_id, service))
+                paths[service] = "direct" if outcome is not None and outcome[0] else "relay"
+                if outcome is not None and outcome[0]:
+                    warm[service] = round(outcome[1] * 1000.0, 1)
+            views[peer_id] = ConnectionView(
+                peer_id=peer_id,
+                identity=conn.identity.common_name if conn.identity is not None else "anonymous",
+                sans=sans,
+                agent_services=tuple(sorted(peer.agent_services)),
+                connector_services=tuple(sorted(peer.connector_services)),
+                address=format_address(conn.peer_address),
+                rtt_ms=round(float(rtt) * 1000.0, 2) if rtt is not None else None,
+                bytes_sent=int(stats.get("udp_tx_bytes", 0)),
+                bytes_received=int(stats.get("udp_rx_bytes", 0)),
+                connected_at=now_wall - (now_loop - conn.created_at),
+                health=dict(peer.health), draining=peer_id in reg.draining,
+                paths=paths, warmup_ms=warm)
+        if len(self._sans) > len(self.conns) + 64:
+            self._sans = {k: v for k, v in self._sans.items() if k in self.conns}
+        warmup = self.signaling.warmup.frozen() if self.signaling is not None else LatencyHistogram().frozen()
+        totals = sum(ep.stats.as_dict().get("relay_bytes", 0) for ep in self.endpoints)
+        return Snapshot(
+            taken_at=now_wall,
+            pools={s: tuple(p) for s, p in reg.connectors.items()},
+            agents={s: tuple(sorted(a)) for s, a in reg.agents.items()},
+            connections=views,
+            flows=tuple(self.streams.flows()) if self.streams is not None else (),
+            handshake=self.handshakes.frozen(), warmup=warmup,
+            relayed_bytes=self.stats.relayed_bytes + totals)
+
+    def drain_connector(self, peer_id: int, drain: bool) -> bool:
+        ok = self.registry.set_draining(peer_id, drain)
+        if ok:
+            self.sync_routes()
+        return ok
+
+    def disconnect_identity(self, identity: str) -> int:
+        closed = 0
+        for conn in list(self.conns.values()):
+            if conn.identity is not None and conn.identity.common_name == identity and not conn.closed:
+                conn.close(CLOSE_AUTH, "disconnected by the administrator")
+                closed += 1
+        return closed
 
     def _metrics_registry(self) -> CollectorRegistry:
         reg = CollectorRegistry()

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from ztna.intermediate.admin.snapshot import LatencyHistogram
 from ztna.intermediate.registry import Notify, Registry
 from ztna.wire.control_messages import (
     Candidate,
@@ -94,6 +95,12 @@ class Signaling:
         self.counters = _Counters()
         # Connector peer -> the candidates of its P2P socket (StandingCandidates).
         self.standing: dict[int, tuple[Candidate, ...]] = {}
+        # (agent peer, service) -> (went direct, seconds from the request to the result): the
+        # last punch outcome, the path the admin API shows ("where known": an Agent that later
+        # falls back to the relay does not say so here). And the warm-up times of the
+        # successful punches.
+        self.outcomes: dict[tuple[int, str], tuple[bool, float]] = {}
+        self.warmup = LatencyHistogram()
 
     # ------------------------------------------------------------------ entry points
     def handle(self, peer_id: int, msg: object, registry: Registry, *, now: float) -> list[Notify]:
@@ -103,7 +110,7 @@ class Signaling:
         if isinstance(msg, PunchAnswer):
             return self._answer(peer_id, msg)
         if isinstance(msg, PunchResult):
-            return self._result(peer_id, msg)
+            return self._result(peer_id, msg, now)
         if isinstance(msg, StandingCandidates):
             if registry.peers.get(peer_id) is not None and registry.peers[peer_id].connector_services:
                 self.standing[peer_id] = msg.candidates
@@ -115,6 +122,8 @@ class Signaling:
 
     def peer_gone(self, peer_id: int) -> list[Notify]:
         self.standing.pop(peer_id, None)
+        for key in [k for k in self.outcomes if k[0] == peer_id]:
+            del self.outcomes[key]
         notes: list[Notify] = []
         for sid, s in list(self.sessions.items()):
             if peer_id not in (s.agent, s.connector):
@@ -126,13 +135,22 @@ class Signaling:
                                                         session=sid)))
         return notes
 
+    def relayed(self, agent: int, service: str) -> None:
+        """The Agent opened a flow of `service` through the relay: whatever its last punch
+        said, its path is the relay now (a direct connection refused or lost after the punch
+        succeeded is only seen this way)."""
+        outcome = self.outcomes.get((agent, service))
+        if outcome is not None and outcome[0]:
+            self.outcomes[(agent, service)] = (False, outcome[1])
+
     # ------------------------------------------------------------------ messages
     def _request(self, peer_id: int, msg: PunchRequest, registry: Registry, now: float) -> list[Notify]:
         service = msg.service
         if not registry.is_agent_of(peer_id, service):
             self.counters.ignored["not_agent"] += 1
             return []
-        connector = registry.connector_for(service, peer_id.to_bytes(4, "big"))
+        # A direct path is a new flow: a healthy Connector (or the least-recently-failed).
+        connector = registry.pick(service, peer_id.to_bytes(4, "big"))
         if connector is None:
             self.counters.no_connector += 1
             return [Notify(peer_id, ErrorMessage(code="no_connector",
@@ -189,7 +207,7 @@ class Signaling:
                                            start_in_ms=START_IN_MS)),
         ]
 
-    def _result(self, peer_id: int, msg: PunchResult) -> list[Notify]:
+    def _result(self, peer_id: int, msg: PunchResult, now: float) -> list[Notify]:
         s = self.sessions.get(msg.session)
         if s is None:
             self.counters.ignored["unknown_session"] += 1
@@ -199,6 +217,10 @@ class Signaling:
             return []
         del self.sessions[msg.session]
         self.counters.results[msg.ok] += 1
+        took = max(0.0, now - s.created_at)
+        self.outcomes[(s.agent, s.service)] = (msg.ok, took)
+        if msg.ok:
+            self.warmup.observe(took)
         other = s.connector if peer_id == s.agent else s.agent
         return [Notify(other, msg)]
 

@@ -2,7 +2,7 @@
 
 An Agent opens a client bidirectional stream that starts with `StreamOpen` (docs/protocol.md
 §5). Once the header is complete we check the Agent is registered for the service, pick the
-Connector with `registry.connector_for(service, key)`, open a server-initiated stream on the
+Connector with `registry.pick(service, key)` (a healthy one while any is), open a server-initiated stream on the
 Connector's connection, send `RelayedStreamOpen(agent_id, ...)` and from then on copy bytes
 both ways. Refusals here answer the Agent with the Connector's status byte + FIN
 (NOT_AUTHORIZED, UNREACHABLE when no Connector, LIMIT).
@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from ztna.addresses import format_address
 from ztna.errors import DecodeError
+from ztna.intermediate.admin.snapshot import FlowView
 from ztna.wire.stream_header import (
     RelayedStreamOpen,
     RelayedStreamResume,
@@ -32,11 +36,13 @@ from ztna.wire.stream_header import (
     StreamResume,
     StreamStatus,
     decode_stream_header,
+    decode_stream_reply,
     encode_stream_open,
     encode_stream_status,
 )
 
 if TYPE_CHECKING:
+    from ztna.audit import FlowAudit
     from ztna.quic.connection import ZtnaConnection
 
 log = logging.getLogger("ztna.intermediate")
@@ -45,6 +51,7 @@ BACKLOG_LIMIT = 512 * 1024
 RECHECK = 0.005
 MAX_SPLICES_PER_PEER = 1024
 HEADER_LIMIT = 128
+RECENT_FLOWS = 200
 
 
 class _Leg:
@@ -61,13 +68,29 @@ class _Leg:
 
 
 class _Splice:
-    __slots__ = ("agent", "connector", "head", "done")
+    __slots__ = ("agent", "connector", "head", "done", "audit", "reply_pending", "service", "destination",
+                 "started", "up", "down")
 
     def __init__(self) -> None:
         self.agent: _Leg | None = None
         self.connector: _Leg | None = None
         self.head = b""
         self.done = False
+        self.audit: FlowAudit | None = None
+        # Bytes of the Connector's status reply still to come: not payload in the audit.
+        self.reply_pending = True
+        # What the admin API shows of the flow (`flows()`), filled in when it is opened.
+        self.service = ""
+        self.destination = ""
+        self.started = 0.0
+        self.up = 0      # bytes Agent -> Connector
+        self.down = 0
+
+    def view(self, ended: float | None) -> FlowView:
+        return FlowView(agent_id=self.agent.peer if self.agent is not None else 0,
+                        connector_id=self.connector.peer if self.connector is not None else None,
+                        service=self.service, destination=self.destination, bytes_up=self.up,
+                        bytes_down=self.down, started_at=self.started, ended_at=ended)
 
 
 class StreamSplicer:
@@ -77,6 +100,8 @@ class StreamSplicer:
         self.per_peer: dict[int, int] = {}
         self.spliced = 0
         self.refused = 0
+        # The most recent spliced flows that ended (newest last), for the admin API.
+        self.recent: deque[FlowView] = deque(maxlen=RECENT_FLOWS)
         self._owing: set[_Leg] = set()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -120,6 +145,12 @@ class StreamSplicer:
             assert other is not None
             other.conn.send_stream(other.sid, data)
             leg.owed += len(data)
+            if leg is splice.agent:
+                splice.up += len(data)
+            else:
+                splice.down += len(data)
+            if splice.audit is not None:
+                self._count(splice, leg, data)
         if end and not leg.fin_in:
             leg.fin_in = True
             assert leg.other is not None
@@ -136,10 +167,12 @@ class StreamSplicer:
             self._refuse(leg, StreamStatus.NOT_AUTHORIZED)
             return False
         if isinstance(header, StreamResume):
-            key = header.token    # one Connector per service holds it; with several, a guess
+            # One Connector per service holds it; with several, a guess, made over the whole
+            # pool: a resumption continues an existing flow, which health does not move.
+            target_id = srv.registry.pick(header.service_id, header.token, healthy_only=False)
         else:
             key = leg.peer.to_bytes(4, "big") + leg.sid.to_bytes(8, "big")
-        target_id = srv.registry.connector_for(header.service_id, key)
+            target_id = srv.registry.pick(header.service_id, key)
         target = srv.conns.get(target_id) if target_id is not None else None
         if target is None:
             self._refuse(leg, StreamStatus.UNREACHABLE)
@@ -147,7 +180,13 @@ class StreamSplicer:
         tsid = target.open_stream()
         other = _Leg(target, tsid, target_id, leg.splice)
         leg.other, other.other = other, leg
-        leg.splice.connector = other
+        splice = leg.splice
+        splice.connector = other
+        splice.service = header.service_id
+        splice.destination = (format_address((header.dst_ip, header.dst_port))
+                              if isinstance(header, StreamOpen) else "(resumed)")
+        splice.started = time.time()
+        splice.up = len(rest)
         self.legs[(target_id, tsid)] = other
         self.per_peer[target_id] = self.per_peer.get(target_id, 0) + 1
         relayed: RelayedStreamOpen | RelayedStreamResume
@@ -160,7 +199,48 @@ class StreamSplicer:
         target.send_stream(tsid, encode_stream_open(relayed) + rest)
         leg.owed += len(rest)
         self.spliced += 1
+        if srv.signaling is not None and isinstance(header, StreamOpen):
+            srv.signaling.relayed(leg.peer, header.service_id)
+        audit = srv.audit
+        if audit is not None:
+            from ztna.audit import FlowAudit, sans_of
+
+            flow = leg.splice.audit = FlowAudit(
+                audit.new_id("i"), service=header.service_id, protocol="tcp", path="relay",
+                now=asyncio.get_running_loop().time(), agent_id=leg.peer, identity=sans_of(leg.conn),
+                dst_port=header.dst_port if isinstance(header, StreamOpen) else None,
+                connector=target.label, setup=dict(srv.setup_times.get(leg.conn, {})))
+            flow.to_service += len(rest)
         return True
+
+    def _count(self, splice: _Splice, leg: _Leg, data: bytes) -> None:
+        flow = splice.audit
+        assert flow is not None
+        if leg is splice.agent:
+            flow.to_service += len(data)
+            return
+        if splice.reply_pending:
+            # The Connector answers with its status (after connecting to the backend):
+            # that is the backend connect time as seen here, and not payload.
+            splice.reply_pending = False
+            flow.setup["backend_connect_ms"] = (asyncio.get_running_loop().time() - flow.started) * 1000
+            try:
+                parsed = decode_stream_reply(data)
+            except DecodeError:
+                parsed = None
+            if parsed is not None:
+                data = data[parsed[2]:]
+        flow.from_service += len(data)
+
+    def live_audits(self) -> list[FlowAudit]:
+        """The audit state of every live splice (interim lines)."""
+        return [lg.splice.audit for lg in self.legs.values()
+                if lg is lg.splice.agent and lg.splice.audit is not None and not lg.splice.done]
+
+    def close_all(self, reason: str) -> None:
+        for leg in list(self.legs.values()):
+            if not leg.splice.done:
+                self._remove(leg.splice, reason)
 
     def on_stream_reset(self, conn: ZtnaConnection, sid: int, code: int) -> None:
         leg = self.legs.get((conn.user, sid))
@@ -168,13 +248,13 @@ class StreamSplicer:
             return
         if leg.other is not None:
             leg.other.conn.reset_stream(leg.other.sid, code)
-        self._remove(leg.splice)
+        self._remove(leg.splice, "reset by the agent" if leg is leg.splice.agent else "reset by the connector")
 
     def peer_gone(self, peer_id: int) -> None:
         for leg in [lg for lg in self.legs.values() if lg.peer == peer_id]:
             if leg.other is not None and not leg.splice.done:
                 leg.other.conn.reset_stream(leg.other.sid)
-            self._remove(leg.splice)
+            self._remove(leg.splice, "agent gone" if leg is leg.splice.agent else "connector gone")
         self.per_peer.pop(peer_id, None)
 
     # ------------------------------------------------------------------ back-pressure
@@ -206,7 +286,7 @@ class StreamSplicer:
     def _maybe_done(self, splice: _Splice) -> None:
         a, c = splice.agent, splice.connector
         if a is not None and c is not None and a.fin_in and c.fin_in and not a.owed and not c.owed:
-            self._remove(splice)
+            self._remove(splice, "closed")
 
     def _refuse(self, leg: _Leg, status: StreamStatus) -> None:
         self.refused += 1
@@ -218,7 +298,17 @@ class StreamSplicer:
             splice.agent.conn.reset_stream(splice.agent.sid)
         self._remove(splice)
 
-    def _remove(self, splice: _Splice) -> None:
+    def flows(self) -> list[FlowView]:
+        """Open spliced flows, then the recently ended ones (newest first)."""
+        live = {id(leg.splice): leg.splice for leg in self.legs.values()
+                if leg.splice.connector is not None and not leg.splice.done}
+        return [s.view(None) for s in live.values()] + list(reversed(self.recent))
+
+    def _remove(self, splice: _Splice, reason: str = "refused") -> None:
+        if not splice.done and splice.connector is not None:
+            self.recent.append(splice.view(time.time()))
+        if splice.audit is not None and not splice.done and self.srv.audit is not None:
+            self.srv.audit.end(splice.audit, reason, asyncio.get_running_loop().time())
         splice.done = True
         for leg in (splice.agent, splice.connector):
             if leg is None:

@@ -47,7 +47,7 @@ from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 
 if TYPE_CHECKING:
     from ztna._native import Event
-    from ztna.identity import ChainVerifier
+    from ztna.identity import ChainVerifier, Identity
     from ztna.quic.tickets import ServerTicketStore
     from ztna.quic.tokens import AddressTokens
 
@@ -122,6 +122,9 @@ class ServerOptions:
     address_tokens: AddressTokens | None = None     # its key keys Retry/NEW_TOKEN
     reset_secret: bytes | None = None  # keys stateless-reset tokens; stable across restarts
     rate_buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Asked for every verified client before any of its data is used: None admits it, a
+    # string refuses it with that close reason (a revoked certificate or identity).
+    admit: Callable[[Identity], str | None] | None = None
     _tls: _native.ServerTls | None = None   # built from the above (shared)
 
     def admission(self) -> AdmissionPolicy:
@@ -436,6 +439,13 @@ class QuicEndpoint:
             self._stats.auth_failures += 1
             log.warning("refusing %s: %s", format_address(conn.peer_address), exc.reason)
             conn.close(CLOSE_AUTH, exc.reason)
+            return False
+        refusal = server.admit(conn.identity) if server.admit is not None else None
+        if refusal is not None:
+            self._stats.auth_failures += 1
+            log.warning("refusing %s (%s): %s", format_address(conn.peer_address),
+                        conn.identity.common_name, refusal)
+            conn.close(CLOSE_AUTH, refusal)
             return False
         conn._authorized = True
         conn._release_held()

@@ -46,6 +46,7 @@ __all__ = [
     "PunchRequest",
     "PunchResult",
     "PunchStart",
+    "ServiceHealth",
     "ServiceStatus",
     "StandingCandidates",
     "UnknownMessage",
@@ -204,6 +205,11 @@ class ServiceStatus:
     service: str
     up: bool
     connector: str | None = field(default=None, compare=False)
+    # Health of the pool (optional, absent from senders that do not know it): True when at
+    # least one Connector's backend is healthy, False when none is and new flows go to the
+    # least-recently-failed Connector anyway. It changes what the Agent's status says, so
+    # it takes part in equality.
+    healthy: bool | None = None
 
     def __post_init__(self) -> None:
         validate_service_id(self.service)
@@ -212,6 +218,32 @@ class ServiceStatus:
             _str(self.connector, "connector")
             if len(self.connector) > 256:
                 raise UsageError("connector label longer than 256 characters")
+        if self.healthy is not None:
+            _bool(self.healthy, "healthy")
+
+
+MAX_HEALTH_DETAIL: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceHealth:
+    """Connector -> Intermediate (and -> Agent on a direct connection): the health of its
+    backend for `service`, after each registration and on every transition. `detail` is a
+    human-readable reason (the last check's outcome), informational only, so it takes no
+    part in equality."""
+
+    TYPE: ClassVar[str] = "service_health"
+    service: str
+    healthy: bool
+    detail: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        validate_service_id(self.service)
+        _bool(self.healthy, "healthy")
+        if self.detail is not None:
+            _str(self.detail, "detail")
+            if len(self.detail) > MAX_HEALTH_DETAIL:
+                raise UsageError(f"detail longer than {MAX_HEALTH_DETAIL} characters")
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,13 +374,14 @@ class UnknownMessage:
 
 
 JsonMessage = (
-    ErrorMessage | GoAway | StandingCandidates | Hello | AddressToken | AgentGone | ServiceStatus | Ping | Pong | PunchRequest
+    ErrorMessage | GoAway | StandingCandidates | Hello | AddressToken | AgentGone | ServiceStatus
+    | ServiceHealth | Ping | Pong | PunchRequest
     | PunchOffer | PunchAnswer | PunchStart | PunchResult | UnknownMessage
 )
 
 _CLASSES: Final = (ErrorMessage, GoAway, StandingCandidates, Hello, AddressToken, AgentGone,
-                   ServiceStatus, Ping, Pong, PunchRequest, PunchOffer, PunchAnswer, PunchStart,
-                   PunchResult)
+                   ServiceStatus, ServiceHealth, Ping, Pong, PunchRequest, PunchOffer, PunchAnswer,
+                   PunchStart, PunchResult)
 _BY_TYPE: Final[dict[str, Any]] = {cls.TYPE: cls for cls in _CLASSES}
 # The hole-punching signalling messages (docs/p2p.md): a program's dispatch table sends them
 # all to its punch machinery.
