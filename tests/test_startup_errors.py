@@ -176,6 +176,13 @@ def test_bad_tls_files_are_one_line_exit_2_in_every_program(pki: Path, tmp_path:
     ["agent", "--p2p-cooldown", "0"],
     ["agent", "--metrics", "127.0.0.1:99999"],
     ["agent", "--tun-name", "a-name-longer-than-15"],
+    ["connector", "--dns-server", "dns.example"],
+    ["connector", "--service", "corp=*.corp.test;udp:53=:53"],
+    ["connector", "--service", "corp=a.*.corp.test;tcp:80"],
+    ["agent", "--service", "corp=*.corp.test,*.CORP.test"],
+    ["agent", "--dns-pool", "100.80.0.0/33"],
+    ["agent", "--dns-pool", "100.80.0.0/16", "--dns-pool", "100.81.0.0/16"],
+    ["agent", "--dns-ttl", "0"],
 ])
 def test_bad_flags_exit_2(argv: list[str], pki: Path, tmp_path: Path) -> None:
     program, extra = argv[0], argv[1:]

@@ -61,6 +61,7 @@ class FlowRecord(BaseModel):
     service: str
     protocol: Literal["tcp", "udp"]
     dst_port: int | None = Field(default=None, ge=1, le=65535)
+    name: str | None = None          # the DNS name the flow asked for (named streams; else null)
     path: Literal["relay", "direct"]
     connector: str | None = None     # Intermediate: the Connector the flow went to
     started: str                     # ISO 8601 UTC
@@ -103,15 +104,17 @@ def sans_of(conn: Any) -> list[str] | None:
 class FlowAudit:
     """What a flow carries for its audit line. The driver bumps the byte counters."""
 
-    __slots__ = ("flow", "identity", "agent_id", "service", "protocol", "dst_port", "path",
+    __slots__ = ("flow", "identity", "agent_id", "service", "protocol", "dst_port", "name", "path",
                  "connector", "setup", "started_wall", "started", "to_service", "from_service",
                  "last_interim")
 
     def __init__(self, flow: str, *, service: str, protocol: Literal["tcp", "udp"], path: Literal["relay", "direct"],
                  now: float, agent_id: int | None = None, identity: list[str] | None = None,
                  dst_port: int | None = None, connector: str | None = None,
-                 setup: dict[str, float | None] | None = None, wall: float | None = None) -> None:
+                 setup: dict[str, float | None] | None = None, wall: float | None = None,
+                 name: str | None = None) -> None:
         self.flow = flow
+        self.name = name
         self.identity = identity
         self.agent_id = agent_id
         self.service = service
@@ -131,7 +134,8 @@ class FlowAudit:
         return FlowRecord(
             event=event, time=_iso(time.time() if wall is None else wall), process=process,
             flow=self.flow, identity=self.identity, agent_id=self.agent_id, service=self.service,
-            protocol=self.protocol, dst_port=self.dst_port, path=self.path, connector=self.connector,
+            protocol=self.protocol, dst_port=self.dst_port, name=self.name, path=self.path,
+            connector=self.connector,
             started=_iso(self.started_wall),
             setup=SetupTimes(**{k: (round(v, 3) if v is not None else None) for k, v in self.setup.items()}),
             bytes_to_service=self.to_service, bytes_from_service=self.from_service,

@@ -65,6 +65,8 @@ def check_common(code: int, r: dict[str, Any], stderr: str) -> None:
         gone = not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
         assert gone, f"{name} (pid {pid}) still running"
     assert set(r["pids"]) == {"backends", "intermediate", "connector", "agent"}
+    # One app reached by DNS name, resolved at the Connector, sha256-exact.
+    assert r["by_name_ok"] is True and r["by_name_address"]
 
 
 def test_demo_userspace_without_root() -> None:
@@ -90,6 +92,7 @@ def test_demo_tun_in_namespaces() -> None:
     assert len(r["namespaces"]) == 2
     if shutil.which("nft"):
         assert r["tcp_carriage"] == "stream"
+        assert r["by_name_address"].startswith("100.80.")     # the Agent's synthetic answer
     assert not set(r["namespaces"]) & _netns_names(), "namespaces left behind"
 
 
@@ -116,6 +119,7 @@ def test_demo_tun_without_ping_or_nft(tmp_path: Path) -> None:
     code, r, err = run_demo("--no-reconnect", env={"PATH": path})
     check_common(code, r, err)
     assert r["mode"] == "tun" and r["layout"] == "netns"
+    assert r["by_name_address"] == "files.apps.demo"      # no redirect: by SOCKS5 with the name
     # the echo is sent from the Agent's namespace with our own ICMP socket, payload checked
     assert r["icmp_ok"] is True and r["icmp_rtt_ms"] > 0
     assert r["tcp_carriage"] == "datagram"

@@ -25,6 +25,7 @@ from ztna.wire import (
     ErrorMessage,
     GoAway,
     NackStatus,
+    NamedStreamOpen,
     ObservedAddress,
     Ping,
     Pong,
@@ -38,6 +39,7 @@ from ztna.wire import (
     Register,
     RegistrationAck,
     RegistrationNack,
+    RelayedNamedStreamOpen,
     RelayedStreamOpen,
     RelayedStreamResume,
     Role,
@@ -161,6 +163,10 @@ INVALID_REASONS: dict[str, str] = {
     "stream_header/port-zero": "port 0",
     "stream_header/bad-family": "unknown address family",
     "stream_header/resume-empty-id": "service id length",
+    "stream_header/named-upper-case": "not canonical",
+    "stream_header/named-empty-name": "name length 0",
+    "stream_header/named-bad-label": "empty or over-long label",
+    "stream_header/named-port-zero": "port 0",
     "stream_reply/unknown-status": "unknown stream status",
     "probe/bad-mac": "bad mac",
     "probe/unknown-flag": "unknown flags",
@@ -171,6 +177,7 @@ REQUIRED_TYPES = {
     ObservedAddress, Register, RegistrationAck, RegistrationNack, ErrorMessage, GoAway,
     AgentGone, ServiceStatus, ServiceHealth, Ping, Pong, PunchRequest, PunchOffer, PunchAnswer, PunchStart,
     PunchResult, UnknownMessage, StreamOpen, RelayedStreamOpen, StreamResume, RelayedStreamResume, ProbeRequest, ProbeResponse,
+    NamedStreamOpen, RelayedNamedStreamOpen,
 }
 
 
@@ -268,5 +275,10 @@ def test_selected_vectors_decode_to_documented_values() -> None:
     resp = decode_probe(by_name["probe/response-v4"], KEY)
     assert isinstance(resp, ProbeResponse)
     assert (resp.mapped_ip, resp.mapped_port) == ("198.51.100.7", 40000)
+    assert _decode_stream(by_name["stream_header/named-open"]) == NamedStreamOpen("corp", "app1.corp.test", 80)
+    assert _decode_stream(by_name["stream_header/named-open-resumable"]) == NamedStreamOpen(
+        "corp", "git.corp.test", 443, resumable=True)
+    assert _decode_stream(by_name["stream_header/relayed-named-open"]) == RelayedNamedStreamOpen(
+        7, "corp", "app1.corp.test", 80)
     start = decode_control_frame(by_name["control/punch_start"])
     assert isinstance(start, PunchStart) and start.key_bytes == KEY

@@ -7,11 +7,13 @@ import pytest
 from ztna.errors import DecodeError, UsageError
 from ztna.limits import CONTROL_FRAME_MAX
 from ztna.wire import (
+    ANY_STREAM_HEADER_MAX,
     Candidate,
     ControlDecoder,
     DatagramKind,
     ErrorMessage,
     NackStatus,
+    NamedStreamOpen,
     ObservedAddress,
     Ping,
     ProbeAuthError,
@@ -21,6 +23,7 @@ from ztna.wire import (
     PunchStart,
     Register,
     RegistrationNack,
+    RelayedNamedStreamOpen,
     RelayedStreamOpen,
     Role,
     StreamOpen,
@@ -301,9 +304,24 @@ def test_stream_header_longest_is_89_bytes() -> None:
     assert decode_stream_header(data[:88]) is None
 
 
+def test_named_stream_header_longest_is_326_bytes() -> None:
+    name = ".".join(["a" * 63] * 3 + ["b" * 61])
+    h = RelayedNamedStreamOpen(2**32 - 1, "x" * 63, name, 65535)
+    data = encode_stream_open(h)
+    assert len(data) == 326 == ANY_STREAM_HEADER_MAX
+    assert decode_stream_header(data + b"tail") == (h, 326)
+    assert decode_stream_header(data[:325]) is None
+    with pytest.raises(UsageError):
+        NamedStreamOpen("svc", "App.corp.test", 80)       # not canonical: the caller's bug
+    with pytest.raises(UsageError):
+        NamedStreamOpen("svc", "10.0.0.1", 80)            # an address is not a name
+    with pytest.raises(DecodeError):                       # a name byte that is not ASCII
+        decode_stream_header(b"\x58\x01\x01s\x02\xc3\xa9\x00\x50")
+
+
 def test_stream_header_fails_fast() -> None:
     with pytest.raises(DecodeError):
-        decode_stream_header(b"\x58")
+        decode_stream_header(b"\x5b")     # past the named headers (0x58-0x5A)
     with pytest.raises(DecodeError):
         decode_stream_header(b"\x53\x01\x00")  # empty id
     with pytest.raises(DecodeError):
@@ -318,7 +336,8 @@ def test_stream_status() -> None:
     assert decode_stream_status(0) is StreamStatus.OK
     assert decode_stream_status(5) is StreamStatus.LIMIT
     with pytest.raises(DecodeError):
-        decode_stream_status(9)
+        decode_stream_status(10)
+    assert decode_stream_status(9) is StreamStatus.NAME_UNRESOLVED
 
 
 # ---- probes -----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from ztna.observe import format_address
 from ztna.wire import to_connector_overhead
 
 if TYPE_CHECKING:  # imported where they start: the TUN parts need root and pyroute2
+    from ztna.agent.dns import DnsResponder
     from ztna.agent.tcp_redirect import TcpRedirect
     from ztna.agent.tun import TunDevice
     from ztna.agent.tun_mode import TunDataPlane
@@ -47,6 +48,7 @@ class Agent:
         self.dataplane: TunDataPlane | None = None
         self.userspace: Userspace | None = None
         self.redirect: TcpRedirect | None = None   # TUN mode, --tcp-transport stream
+        self.dns: DnsResponder | None = None   # TUN mode, DNS-pattern services
         self.metrics_server: MetricsServer | None = None  # --metrics: direct-path warm-up histograms
         self.control = ControlServer(options.state_dir / f"{options.name}.sock", self.snapshot)
         self.started_at: float | None = None
@@ -111,6 +113,8 @@ class Agent:
                 assert self.userspace is not None and self.tun is not None  # both set above
                 self.redirect = TcpRedirect(self.userspace, opts, self.tun)
                 await self.redirect.start()
+            if opts.mode == "tun" and opts.named:
+                await self._start_dns()
             await self.session.start()
             if opts.metrics is not None:
                 await self._start_metrics(*opts.metrics)
@@ -119,6 +123,19 @@ class Agent:
             raise
         log.info("agent %s started in %s mode for %s", opts.name, opts.mode,
                  ", ".join(s.id for s in opts.services))
+
+    async def _start_dns(self) -> None:
+        from ztna.agent.dns import DnsResponder, name_table
+
+        if self.redirect is None or not self.redirect.installed:
+            # Synthetic answers would lead applications into a black hole: better no answer.
+            log.warning("dns: no DNS for the services' names: they need the TCP redirect "
+                        "(--tcp-transport stream with nftables); SOCKS5 and -L still reach them by name")
+            return
+        table = name_table(self.options)
+        self.redirect.names = table
+        self.dns = DnsResponder(table, self.options, self.tun)
+        await self.dns.start()
 
     async def _start_tun(self) -> None:
         from ztna.agent.tun import TunDevice
@@ -130,6 +147,8 @@ class Agent:
         guess = limits.max_datagram_payload(opts.udp_payload, limits.CONNECTION_ID_LENGTH) - overhead
         self.tun = TunDevice(opts.tun_name, opts.state_dir / f"{opts.name}.json")
         ips = [str(ip) for s in opts.services for ip in s.virtual_ips]
+        if opts.named:
+            ips += [str(net) for net in opts.dns_pools]     # synthetic addresses of names
         # Netlink (pyroute2) is blocking and runs its own loop: keep it off ours.
         await asyncio.to_thread(self.tun.open, v4=str(opts.tun_v4), v6=str(opts.tun_v6), virtual_ips=ips,
                                 mtu=max(guess, 1280) if any(":" in i for i in ips) else guess)
@@ -167,6 +186,8 @@ class Agent:
         if self.dataplane is not None:
             await self.dataplane.reset_tcp_flows()
             self.dataplane.stop()
+        if self.dns is not None:
+            await self.dns.stop()
         if self.redirect is not None:
             await self.redirect.stop()
         if self.userspace is not None:
@@ -217,4 +238,6 @@ class Agent:
             snap["userspace"] = self.userspace.snapshot()
         if self.redirect is not None:
             snap["tcp_redirect"] = self.redirect.snapshot()
+        if self.dns is not None:
+            snap["dns"] = self.dns.snapshot()
         return snap

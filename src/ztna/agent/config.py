@@ -15,7 +15,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ztna import limits
-from ztna.errors import UsageError
+from ztna.errors import DecodeError, UsageError
+from ztna.names.patterns import (
+    DomainPattern,
+    best_service,
+    is_name_like,
+    normalize_name,
+    parse_patterns,
+)
+from ztna.names.pool import DEFAULT_POOL_V4, DEFAULT_POOL_V6
 from ztna.quic.config import TlsFiles
 from ztna.wire.service_id import validate_service_id
 
@@ -25,13 +33,18 @@ IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # synthetic source of userspace UDP packets. Shared address space (RFC 6598) / ULA.
 DEFAULT_TUN_V4 = ipaddress.IPv4Address("100.64.0.1")
 DEFAULT_TUN_V6 = ipaddress.IPv6Address("fd00:64::1")
+# TUN mode with DNS-pattern services: the Agent's DNS responder listens here (an address it
+# puts on the TUN device), and answers from these pools (routed into the TUN).
+DEFAULT_DNS_V4 = ipaddress.IPv4Address("100.64.0.53")
+DEFAULT_DNS_TTL = 30.0
 
 
 class ServiceSpec(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     id: str
-    virtual_ips: tuple[IpAddress, ...]
+    virtual_ips: tuple[IpAddress, ...] = ()
+    patterns: tuple[DomainPattern, ...] = ()    # DNS names the service is reached by
 
     @field_validator("id")
     @classmethod
@@ -39,12 +52,11 @@ class ServiceSpec(BaseModel):
         validate_service_id(value)
         return value
 
-    @field_validator("virtual_ips")
-    @classmethod
-    def _ips(cls, value: tuple[IpAddress, ...]) -> tuple[IpAddress, ...]:
-        if not value:
-            raise ValueError("a service needs at least one virtual IP")
-        return value
+    @model_validator(mode="after")
+    def _something(self) -> ServiceSpec:
+        if not self.virtual_ips and not self.patterns:
+            raise ValueError("a service needs at least one virtual IP or DNS pattern")
+        return self
 
 
 class Forward(BaseModel):
@@ -82,14 +94,16 @@ def split_host_port(text: str, *, default_port: int | None = None) -> tuple[str,
 
 
 def parse_service(text: str) -> ServiceSpec:
-    """`web=10.100.0.2,fd00:100::2`."""
+    """`web=10.100.0.2,fd00:100::2`, `corp=*.corp.test,git.corp.test`, or both mixed."""
     name, sep, ips = text.partition("=")
     if not sep or not ips:
-        raise UsageError(f"--service {text!r}: expected ID=IP[,IP...]")
+        raise UsageError(f"--service {text!r}: expected ID=IP|PATTERN[,IP|PATTERN...]")
+    entries = [p.strip() for p in ips.split(",") if p.strip()]
     try:
-        addrs = tuple(ipaddress.ip_address(p.strip()) for p in ips.split(",") if p.strip())
-        return ServiceSpec(id=name.strip(), virtual_ips=addrs)
-    except ValueError as exc:
+        addrs = tuple(ipaddress.ip_address(p) for p in entries if not is_name_like(p))
+        patterns = parse_patterns(p for p in entries if is_name_like(p))
+        return ServiceSpec(id=name.strip(), virtual_ips=addrs, patterns=patterns)
+    except (ValueError, DecodeError) as exc:
         raise UsageError(f"--service {text!r}: {exc}") from exc
 
 
@@ -144,6 +158,11 @@ class AgentOptions(BaseModel):
     queue_limit: int = 256          # packets held while (re)connecting
     metrics: tuple[str, int] | None = None   # Prometheus /metrics + /healthz (default off)
     p2p_cooldown: float = 30.0      # after a direct-path failure, before punching again
+    dns_listen: ipaddress.IPv4Address = DEFAULT_DNS_V4   # TUN mode, DNS-pattern services
+    dns_pools: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.IPv4Network(DEFAULT_POOL_V4), ipaddress.IPv6Network(DEFAULT_POOL_V6))
+    dns_ttl: float = Field(default=DEFAULT_DNS_TTL, gt=0, le=86400)
+    dns_configure: bool = True      # tell systemd-resolved to route the domains to us
 
     @model_validator(mode="after")
     def _check(self) -> AgentOptions:
@@ -158,6 +177,17 @@ class AgentOptions(BaseModel):
                 if ip in seen:
                     raise ValueError(f"virtual IP {ip} given to two services")
                 seen.add(ip)
+        owner: dict[DomainPattern, str] = {}
+        for svc in self.services:
+            for pat in svc.patterns:
+                if pat in owner:
+                    raise ValueError(f"DNS pattern {pat} given to two services ({owner[pat]}, {svc.id})")
+                owner[pat] = svc.id
+        if len({n.version for n in self.dns_pools}) != len(self.dns_pools):
+            raise ValueError("--dns-pool: at most one IPv4 and one IPv6 prefix")
+        for net in self.dns_pools if any(s.patterns for s in self.services) else ():
+            if any(ip in net for ip in seen):
+                raise ValueError(f"--dns-pool {net} overlaps a virtual IP")
         if len(self.tun_name.encode()) > 15:
             raise ValueError("--tun-name longer than 15 bytes")
         return self
@@ -167,11 +197,27 @@ class AgentOptions(BaseModel):
         given an IP, a DNS SAN otherwise (the Connector verifies the same way)."""
         return self.server_name or self.intermediate[0]
 
+    @property
+    def named(self) -> bool:
+        """True if some service is reached by DNS name."""
+        return any(s.patterns for s in self.services)
+
+    def service_for_name(self, name: str) -> tuple[ServiceSpec, str] | None:
+        """(service, canonical name) whose patterns cover `name` best, or None."""
+        try:
+            canonical = normalize_name(name)
+        except DecodeError:
+            return None
+        sid = best_service(canonical, {s.id: s.patterns for s in self.services})
+        if sid is None:
+            return None
+        return next(s for s in self.services if s.id == sid), canonical
+
     def service_for_target(self, target: str) -> tuple[ServiceSpec, IpAddress]:
         """Resolve `web`, `web.ztna` or a virtual IP literal to (service, virtual IP)."""
         name = target[:-5] if target.endswith(".ztna") else target
         for svc in self.services:
-            if svc.id == name:
+            if svc.id == name and svc.virtual_ips:
                 return svc, svc.virtual_ips[0]
         try:
             ip = ipaddress.ip_address(target.strip("[]"))
@@ -186,7 +232,8 @@ class AgentOptions(BaseModel):
 class _ServiceTable(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str
-    virtual_ips: list[str] = Field(min_length=1)
+    virtual_ips: list[str] = Field(default_factory=list)
+    domains: list[str] = Field(default_factory=list)
 
 
 class AgentFile(BaseModel):
@@ -213,10 +260,14 @@ class AgentFile(BaseModel):
     p2p_cooldown: float | None = Field(default=None, ge=0.1)
     metrics: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] | None = None
+    dns_listen: str | None = None
+    dns_pools: list[str] | None = None
+    dns_ttl: float | None = Field(default=None, gt=0, le=86400)
 
 
 # file key -> the click parameter it stands for
-_FILE_TO_FLAG = {"services": "service", "forwards": "forward", "udp_forwards": "udp_forward"}
+_FILE_TO_FLAG = {"services": "service", "forwards": "forward", "udp_forwards": "udp_forward",
+                 "dns_pools": "dns_pool"}
 
 
 def load_agent_file(path: str | Path) -> dict[str, object]:
@@ -242,7 +293,7 @@ def load_agent_file(path: str | Path) -> dict[str, object]:
     out: dict[str, Any] = {}
     for key, item in cfg.model_dump(exclude_none=True).items():
         if key == "services":
-            item = tuple(v if isinstance(v, str) else f"{v['id']}={','.join(v['virtual_ips'])}"
+            item = tuple(v if isinstance(v, str) else f"{v['id']}={','.join(v['virtual_ips'] + v['domains'])}"
                          for v in item)
         elif isinstance(item, list):
             item = tuple(item)

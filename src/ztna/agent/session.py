@@ -628,6 +628,7 @@ class Session(ConnectionHandler):
                 {
                     "id": s.spec.id,
                     "virtual_ips": [str(ip) for ip in s.spec.virtual_ips],
+                    "domains": [str(p) for p in s.spec.patterns],
                     "registration": s.registration,
                     "nack": s.nack,
                     "connector_up": s.connector_up,

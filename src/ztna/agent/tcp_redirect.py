@@ -18,6 +18,10 @@ Theory of operation
 * The redirect only needs two separate listeners (one per family, separate sockets, so
   SO_ORIGINAL_DST is asked with the matching level). The Agent opens no TCP of its own to
   virtual IPs, so no `meta mark` bypass rule is needed.
+* DNS-pattern services: the synthetic pools (`ztna.names.pool`, answered by the Agent's DNS
+  responder) are redirected too; an accepted connection to a synthetic address is looked up
+  in the name table and opens a `NamedStreamOpen` (service, name, port). An address no
+  longer bound (its TTL ran out) is reset like any unknown destination.
 * Without nftables (no `nft` binary, or it refuses the rules: no CAP_NET_ADMIN, no nat
   support in the kernel) we log a warning and leave TCP to the TUN, i.e. the datagram
   carriage: `stream` is the default, and a default must not stop the Agent from starting.
@@ -157,12 +161,16 @@ class TcpRedirect:
         self.table = table_name(options.name)
         self.v4 = [str(ip) for s in options.services for ip in s.virtual_ips if ip.version == 4]
         self.v6 = [str(ip) for s in options.services for ip in s.virtual_ips if ip.version == 6]
+        self.names: Any = None      # ztna.names.answer.NameTable, set by the Agent (DNS services)
+        if options.named:
+            self.v4 += [str(n) for n in options.dns_pools if n.version == 4]
+            self.v6 += [str(n) for n in options.dns_pools if n.version == 6]
         self.servers: list[asyncio.AbstractServer] = []
         self.ports: dict[int, int] = {}
         self.installed = False
         self.owner = OwnedTable(self.table)
         self.fallback: str | None = None   # why TCP rides DATAGRAMs instead (no nftables)
-        self.stats = {"accepted": 0, "refused": 0, "not_redirected": 0}
+        self.stats = {"accepted": 0, "refused": 0, "not_redirected": 0, "name_expired": 0}
 
     async def start(self) -> None:
         for family, host, ips in ((4, "127.0.0.1", self.v4), (6, "::1", self.v6)):
@@ -227,20 +235,31 @@ class TcpRedirect:
             self.stats["not_redirected"] += 1
             writer.transport.abort()
             return
+        name: str | None = None
+        target = str(ipaddress.ip_address(ip))
         try:
-            spec, vip = self.options.service_for_target(str(ipaddress.ip_address(ip)))
+            spec, vip = self.options.service_for_target(target)
         except UsageError:
-            self.stats["not_redirected"] += 1
-            writer.transport.abort()
-            return
+            synthetic = self.names is not None and self.names.is_synthetic(target)
+            bound = self.names.lookup(target, now=asyncio.get_running_loop().time()) if synthetic else None
+            if bound is None:
+                self.stats["name_expired" if synthetic else "not_redirected"] += 1
+                if synthetic:
+                    log.info("tcp %s: synthetic address bound to no name (its TTL ran out), reset",
+                             format_address((target, port)))
+                writer.transport.abort()
+                return
+            spec = next(s for s in self.options.services if s.id == bound.service)
+            vip, name = ipaddress.ip_address(target), bound.name
         us = self.userspace
         us.app_writers.add(writer)     # reset on exit even while the stream is being opened
         try:
-            conn, sid, sink, early = await us._open(spec, vip, port)
+            conn, sid, sink, early = await us._open(spec, vip if name is None else None, port, name)
         except (TimeoutError, StreamFailed) as exc:
             self.stats["refused"] += 1
             us.stats["tcp_failed"] += 1
-            log.info("tcp %s via stream refused: %s", format_address((str(vip), port)), error_text(exc, _NO_STATUS))
+            where = format_address((str(vip), port)) if name is None else f"{name}:{port} ({vip})"
+            log.info("tcp %s via stream refused: %s", where, error_text(exc, _NO_STATUS))
             us.app_writers.discard(writer)
             reset_writer(writer)
             return

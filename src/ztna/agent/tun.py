@@ -6,7 +6,8 @@ Theory of operation
   every read is exactly one IP packet, no packet-information prefix). It is not persistent,
   so the kernel deletes it — and every route through it — when the last fd closes.
 * Addresses (the Agent's own /32 and /128) and one route per service virtual IP (IPv4 /32,
-  IPv6 /128) are added over netlink with pyroute2; nothing else is routed (split tunnel).
+  IPv6 /128), plus the synthetic pools when services are reached by DNS name, are added
+  over netlink with pyroute2; nothing else is routed (split tunnel).
 * Before touching the system we write a state file (`<state_dir>/<name>.json`) that says
   what we are about to create, with our pid. `close()` removes everything and the file.
   After SIGKILL the file survives: the next start (`recover_stale`) sees a dead pid and
@@ -66,8 +67,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _route(ipr: IPRoute, action: str, dst: str, index: int | None = None, src: str | None = None) -> None:
-    ip = ipaddress.ip_address(dst)
-    kwargs: dict[str, Any] = {"dst": f"{ip}/{ip.max_prefixlen}"}
+    """`dst` is an address (a host route) or a prefix (the synthetic pools of names)."""
+    ip = ipaddress.ip_network(dst, strict=True)
+    kwargs: dict[str, Any] = {"dst": str(ip)}
     if ip.version == 6:
         kwargs["family"] = socket.AF_INET6
     if index is not None:

@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-* **TCP** (`-L 127.0.0.1:8080=web:80`, SOCKS5 CONNECT): each accepted local connection
+* **TCP** (`-L 127.0.0.1:8080=web:80`, or `=git.corp.test:80` for a name a service's DNS
+  patterns cover, SOCKS5 CONNECT): each accepted local connection
   opens one QUIC stream (on the service's direct P2P connection when it has one, else on
   the Intermediate connection) and writes a `StreamOpen` header
   (service, virtual IP, port). The Connector's first byte is a `StreamStatus`; OK means the
@@ -25,7 +26,9 @@ Theory of operation
   arrive as bare IP packets; the destination port finds the client. The mapping is bounded
   (least recently used entry evicted).
 * **SOCKS5** (RFC 1928, no authentication): CONNECT to `web:80`, `web.ztna:80` or a virtual
-  IP; replies map the Connector's status to SOCKS codes.
+  IP; replies map the Connector's status to SOCKS codes. A domain name (`--socks5-hostname`)
+  that a service's DNS patterns cover opens a `NamedStreamOpen` for that service: the
+  Connector checks and resolves the name. Any other name is refused (host unreachable).
 * **SOCKS5 UDP ASSOCIATE** (RFC 1928 §7): the control connection gets its own UDP relay
   socket on the local address the client reached us on (BND.ADDR/BND.PORT) and one synthetic
   source port, like a `-U` client. Encapsulated datagrams (RSV FRAG ATYP DST.ADDR DST.PORT
@@ -55,6 +58,7 @@ from ztna.netstack.packets import PROTO_UDP, build_udp_packet, parse_ip, parse_u
 from ztna.observe import format_address
 from ztna.startup import bind_error
 from ztna.wire import (
+    NamedStreamOpen,
     StreamOpen,
     StreamResume,
     StreamStatus,
@@ -77,6 +81,7 @@ SOCKS_UDP_DESTS_MAX = 256    # destinations remembered per association (reply fi
 _SOCKS_REPLY = {
     StreamStatus.OK: 0x00, StreamStatus.REFUSED: 0x05, StreamStatus.UNREACHABLE: 0x04,
     StreamStatus.NOT_AUTHORIZED: 0x02, StreamStatus.NO_SUCH_PORT: 0x05, StreamStatus.LIMIT: 0x01,
+    StreamStatus.NAME_UNRESOLVED: 0x04,
 }
 
 
@@ -182,7 +187,7 @@ class Userspace:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for fwd in self.options.forwards:
-            self._resolve(fwd.target)   # fail fast on unknown targets
+            self._tcp_target(fwd.target)   # fail fast on unknown targets
             try:
                 srv = await asyncio.start_server(
                     # mypy cannot type a lambda whose extra parameter has a default (binding fwd)
@@ -252,6 +257,18 @@ class Userspace:
     def _resolve(self, target: str) -> tuple[ServiceSpec, IpAddress]:
         return self.options.service_for_target(target)
 
+    def _tcp_target(self, target: str) -> tuple[ServiceSpec, IpAddress | None, str | None]:
+        """(service, virtual IP, None) or, for a name a service's DNS patterns cover,
+        (service, None, name); UsageError otherwise."""
+        try:
+            spec, vip = self._resolve(target)
+            return spec, vip, None
+        except UsageError:
+            named = self.options.service_for_name(target)
+            if named is None:
+                raise
+            return named[0], None, named[1]
+
     async def _ready(self, svc: ServiceState) -> None:
         deadline = asyncio.get_running_loop().time() + 3 * READY_WAIT   # > a whole _resume
         direct = self.session.direct
@@ -301,16 +318,22 @@ class Userspace:
             if end:
                 raise StreamFailed(None, "stream closed before status")
 
-    async def _open(self, spec: ServiceSpec, vip: IpAddress, port: int) -> tuple[Any, int, _StreamSink, bytes]:
-        """Open a stream and wait for the Connector's status; returns (conn, sid, sink, early payload)."""
+    async def _open(self, spec: ServiceSpec, vip: IpAddress | None, port: int,
+                    name: str | None = None) -> tuple[Any, int, _StreamSink, bytes]:
+        """Open a stream to a virtual IP, or by `name` (DNS-pattern services), and wait for
+        the Connector's status; returns (conn, sid, sink, early payload)."""
         svc = self.session.by_id[spec.id]
         await self._ready(svc)
         conn, handlers, direct = self._stream_conn(svc)
         sid = conn.open_stream()
         sink = _StreamSink(handlers, conn, sid, spec)
         handlers[sid] = sink
-        header = encode_stream_open(StreamOpen(service_id=spec.id, dst_ip=str(vip), dst_port=port,
-                                               resumable=direct))
+        if name is not None:
+            header = encode_stream_open(NamedStreamOpen(service_id=spec.id, name=name, dst_port=port,
+                                                        resumable=direct))
+        else:
+            header = encode_stream_open(StreamOpen(service_id=spec.id, dst_ip=str(vip), dst_port=port,
+                                                   resumable=direct))
         sink.base = len(header)
         conn.send_stream(sid, header)
         status, extra, rest, end = await self._reply(sink, conn)
@@ -318,6 +341,8 @@ class Userspace:
             sink.token = extra
         elif status is not StreamStatus.OK:
             handlers.pop(sid, None)
+            if status is StreamStatus.NAME_UNRESOLVED:
+                raise StreamFailed(status, f"NAME_UNRESOLVED: the Connector could not resolve {name}")
             raise StreamFailed(status, status.name)
         if end:
             sink.queue.put_nowait((b"", True))
@@ -457,9 +482,9 @@ class Userspace:
                 sink.conn.reset_stream(sink.sid)
 
     async def _tcp_forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fwd: Forward) -> None:
-        spec, vip = self._resolve(fwd.target)
+        spec, vip, name = self._tcp_target(fwd.target)
         try:
-            conn, sid, sink, early = await self._open(spec, vip, fwd.target_port)
+            conn, sid, sink, early = await self._open(spec, vip, fwd.target_port, name)
         except (TimeoutError, StreamFailed) as exc:
             self.stats["tcp_failed"] += 1
             log.warning("forward to %s failed: %s", format_address((fwd.target, fwd.target_port)), error_text(exc, _NO_STATUS))
@@ -497,13 +522,18 @@ class Userspace:
             if cmd != 1:
                 self._socks_reply(writer, 0x07)
                 raise ValueError(f"command {cmd} not supported")
+            vip: IpAddress | None = None
+            name: str | None = None
             try:
                 spec, vip = self._resolve(host)
             except UsageError:
-                self._socks_reply(writer, 0x04)
-                raise ValueError(f"{host} is not a service") from None
+                named = self.options.service_for_name(host) if atyp == 3 else None
+                if named is None:
+                    self._socks_reply(writer, 0x04)
+                    raise ValueError(f"{host} is not a service (nor a name its DNS patterns cover)") from None
+                spec, name = named
             try:
-                conn, sid, sink, early = await self._open(spec, vip, port)
+                conn, sid, sink, early = await self._open(spec, vip, port, name)
             except (TimeoutError, StreamFailed) as exc:
                 status = getattr(exc, "status", None)
                 self._socks_reply(writer, _SOCKS_REPLY.get(status, 0x01) if status is not None else 0x01)

@@ -56,7 +56,23 @@ def _build_options(**kw: Any) -> AgentOptions:  # (the import is lazy for --help
         socks=split_host_port(str(kw["socks"]), default_port=1080) if kw["socks"] else None,
         tcp_transport=kw["tcp_transport"],
         p2p_cooldown=kw["p2p_cooldown"],
+        dns_ttl=kw["dns_ttl"],
+        dns_configure=not kw["no_dns_configure"],
     )
+    if kw["dns_pool"]:
+        import ipaddress
+
+        try:
+            values["dns_pools"] = tuple(ipaddress.ip_network(p.strip(), strict=True) for p in kw["dns_pool"])
+        except ValueError as exc:
+            raise UsageError(f"--dns-pool: {exc}") from None
+    if kw["dns_listen"]:
+        import ipaddress
+
+        try:
+            values["dns_listen"] = ipaddress.IPv4Address(str(kw["dns_listen"]))
+        except ValueError as exc:
+            raise UsageError(f"--dns-listen: {exc} (an IPv4 address)") from None
     if kw["metrics"] and kw["metrics"] != "off":
         values["metrics"] = split_host_port(str(kw["metrics"]), default_port=9092)
     if kw["state_dir"]:
@@ -89,12 +105,14 @@ def _merge_config(ctx: click.Context, config_path: Path | None, kw: dict[str, ob
 @click.option("--key", type=click.Path(dir_okay=False))
 @click.option("--ca", type=click.Path(dir_okay=False))
 @click.option("--server-name", help="TLS name to verify on the Intermediate (default: its host, a DNS name or an IP).")
-@click.option("--service", "service", multiple=True, metavar="ID=IP[,IP]",
-              help="A service and its virtual IPs, e.g. web=10.100.0.2,fd00:100::2 (repeatable; required here or in --config).")
+@click.option("--service", "service", multiple=True, metavar="ID=IP|PATTERN[,...]",
+              help="A service and its virtual IPs and/or DNS patterns, e.g. web=10.100.0.2,fd00:100::2 or "
+                   "corp=*.corp.test,git.corp.test (repeatable; required here or in --config).")
 @click.option("--mode", type=click.Choice(["tun", "userspace"]), help="Default: tun as root, else userspace.")
 @click.option("--tun-name", default="ztna0", show_default=True)
 @click.option("--name", help="Agent name (state file and status socket); default: the TUN name.")
-@click.option("-L", "--forward", multiple=True, metavar="[HOST:]PORT=SERVICE:PORT", help="Local TCP forward.")
+@click.option("-L", "--forward", multiple=True, metavar="[HOST:]PORT=SERVICE:PORT",
+              help="Local TCP forward (SERVICE: an id, a virtual IP, or a name a service's DNS patterns cover).")
 @click.option("-U", "--udp-forward", multiple=True, metavar="[HOST:]PORT=SERVICE:PORT", help="Local UDP forward.")
 @click.option("--socks", metavar="HOST:PORT", help="SOCKS5 server (CONNECT, UDP ASSOCIATE).")
 @click.option("--state-dir", type=click.Path(file_okay=False), help="Default /run/ztna-agent (root).")
@@ -106,6 +124,16 @@ def _merge_config(ctx: click.Context, config_path: Path | None, kw: dict[str, ob
               help="Seconds on the relay after a direct-path failure before punching again.")
 @click.option("--metrics", metavar="HOST:PORT|off", default="off", show_default=True,
               help="Prometheus /metrics (direct-path warm-up histograms) and /healthz.")
+@click.option("--dns-ttl", type=click.FloatRange(min=0.1, max=86400), default=30.0, show_default=True,
+              help="TUN mode, DNS-pattern services: TTL of the synthetic A/AAAA answers (and how long "
+                   "an address stays bound to its name after the last answer, plus 2 s).")
+@click.option("--dns-pool", multiple=True, metavar="CIDR",
+              help="Synthetic address pools for names (one IPv4, one IPv6; default 100.80.0.0/16 and "
+                   "fd00:80::/64).")
+@click.option("--dns-listen", metavar="IPV4", help="Address of the Agent's DNS responder, put on the TUN "
+              "(default 100.64.0.53).")
+@click.option("--no-dns-configure", is_flag=True,
+              help="Do not point systemd-resolved at the responder for the services' domains.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_context

@@ -23,7 +23,10 @@ from ztna.errors import UsageError
 @click.option("--ca", type=click.Path(dir_okay=False))
 @click.option("--service", "services", multiple=True,
               help="ID=VIP[,VIP];tcp:PORT=HOST:PORT;udp:PORT=HOST:PORT[;icmp=off][;check=CHECK] (repeatable); "
-              "CHECK: none, tcp (default), http:PORT[/PATH][=STATUS] or udp:PORT:PAYLOADHEX=REPLYHEX.")
+              "CHECK: none, tcp (default), http:PORT[/PATH][=STATUS] or udp:PORT:PAYLOADHEX=REPLYHEX; "
+              "by DNS name: ID=*.corp.test,git.corp.test;tcp:80;tcp:443=:8443.")
+@click.option("--dns-server", help="Resolve the names of DNS-pattern services with this server, IP[:PORT] "
+              "(default: the system resolver).")
 @click.option("--p2p-port", type=str, help="P2P QUIC server port (default 4434, 0 = ephemeral, off = none).")
 @click.option("--relay-port", type=int, help="Local port of the relay socket (default 0 = ephemeral).")
 @click.option("--metrics", help="Metrics HOST:PORT (default 127.0.0.1:9091) or 'off'.")
@@ -39,7 +42,7 @@ from ztna.errors import UsageError
 @click.option("--no-flow-control", is_flag=True, hidden=True, help="Benchmarks only.")
 def connector(config_path: str | None, intermediate: str | None, server_name: str | None,
               name: str | None, pki: str | None, cert: str | None, key: str | None, ca: str | None,
-              services: tuple[str, ...], p2p_port: str | None, relay_port: int | None,
+              services: tuple[str, ...], dns_server: str | None, p2p_port: str | None, relay_port: int | None,
               metrics: str | None, log_level: str | None, revoked: str | None,
               audit_log: str | None, audit_log_max_bytes: int | None, audit_log_backups: int | None,
               audit_interval: float | None, no_flow_control: bool) -> None:
@@ -53,7 +56,8 @@ def connector(config_path: str | None, intermediate: str | None, server_name: st
                                     "audit_log_max_bytes": audit_log_max_bytes,
                                     "audit_log_backups": audit_log_backups,
                                     "audit_interval_minutes": audit_interval,
-                                    "revoked": Path(revoked) if revoked is not None else None}
+                                    "revoked": Path(revoked) if revoked is not None else None,
+                                    "dns_server": dns_server}
     if pki is not None:
         d = Path(pki)
         overrides.update(cert=d / "connector.pem", key=d / "connector.key", ca=d / "ca.pem")

@@ -75,7 +75,7 @@ def _render(snap: dict[str, Any]) -> None:
         reg_text = {"acked": "[green]yes[/green]", "pending": "[yellow]pending[/yellow]"}.get(
             reg, f"[red]refused ({s['nack']})[/red]")
         conn = _connector_text(s)
-        table.add_row(s["id"], " ".join(s["virtual_ips"]), reg_text, conn, _path_text(snap, s),
+        table.add_row(s["id"], " ".join(s["virtual_ips"] + s.get("domains", [])), reg_text, conn, _path_text(snap, s),
                       f"{_human_bytes(s['tx_bytes'])} / {s['tx_packets']} pkts",
                       f"{_human_bytes(s['rx_bytes'])} / {s['rx_packets']} pkts",
                       str(s["max_packet"] or "-"))

@@ -3,13 +3,19 @@
 Every error names the offending field and value (`services.0.tcp.80: ...`). The service
 flag syntax (docs/connector.md) is one string per service:
 
-    ID=VIP[,VIP...][;tcp:PORT=HOST:PORT][;udp:PORT=HOST:PORT][;icmp=on|off][;check=CHECK]...
+    ID=VIP|PATTERN[,VIP|PATTERN...][;tcp:PORT[=[HOST]:PORT]][;udp:PORT=HOST:PORT][;icmp=on|off][;check=CHECK]...
 
 with CHECK one of `none`, `tcp`, `http:PORT[/PATH][=STATUS]`, `udp:PORT:PAYLOADHEX=REPLYHEX`
 (PORT: a virtual port of that protocol; see `HealthCheck`).
 
 e.g. `web=10.100.0.2,fd00:100::2;tcp:80=127.0.0.1:8080;udp:53=127.0.0.1:5353`.
 Hosts may be IPs (IPv6 in brackets) or names; names are resolved when the backend is used.
+A service may also (or instead) be reached by DNS name: `corp=*.corp.test,git.corp.test;
+tcp:80;tcp:443=:8443` covers the names those patterns match (`ztna.names.patterns`);
+a stream that names one is connected to that name, resolved here, on the port the entry
+maps to (`tcp:80` alone: the same port; `=:8443`: port 8443; `=HOST:PORT`: that port, the
+host being for virtual-IP streams only). An entry without a host serves named streams
+only.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ztna import limits
 from ztna.errors import DecodeError, UsageError
+from ztna.names.patterns import DomainPattern, is_name_like, parse_patterns
 from ztna.wire.service_id import validate_service_id
 
 __all__ = [
@@ -156,11 +163,13 @@ def parse_check(text: str) -> list[dict[str, Any]]:
 
 
 class ServiceConfig(BaseModel):
-    """One service: its virtual IPs and, per protocol, virtual port → backend."""
+    """One service: its virtual IPs and/or DNS patterns and, per protocol, virtual port →
+    backend (a TCP backend with host "" means "the name the stream asked for")."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     id: str
-    virtual_ips: list[str] = Field(min_length=1)
+    virtual_ips: list[str] = Field(default_factory=list)
+    domains: list[str] = Field(default_factory=list)
     tcp: dict[int, HostPort] = Field(default_factory=dict)
     udp: dict[int, HostPort] = Field(default_factory=dict)
     icmp: bool = True
@@ -189,9 +198,17 @@ class ServiceConfig(BaseModel):
             raise ValueError(f"duplicate virtual IP in {v!r}")
         return out
 
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, v: list[str]) -> list[str]:
+        try:
+            return [str(p) for p in parse_patterns(v)]
+        except DecodeError as exc:
+            raise ValueError(str(exc)) from None
+
     @field_validator("tcp", "udp", mode="before")
     @classmethod
-    def _backends(cls, v: Any) -> Any:
+    def _backends(cls, v: Any, info: Any) -> Any:
         if not isinstance(v, dict):
             return v
         out = {}
@@ -202,33 +219,58 @@ class ServiceConfig(BaseModel):
                 raise ValueError(f"virtual port {port!r} is not a number") from None
             if not 1 <= p <= 65535:
                 raise ValueError(f"virtual port {p} out of range 1..65535")
+            if isinstance(backend, str) and (not backend.strip() or backend.strip().startswith(":")):
+                if info.field_name != "tcp":
+                    raise ValueError(f"udp port {p}: needs HOST:PORT (names are for TCP only)")
+                mapped = backend.strip()[1:] or str(p)
+                if not mapped.isdigit() or not 1 <= int(mapped) <= 65535:
+                    raise ValueError(f"tcp port {p}: bad port in {backend!r}")
+                out[p] = {"host": "", "port": int(mapped)}
+                continue
             out[p] = _to_host_port(backend)
         return out
 
     @model_validator(mode="after")
     def _something(self) -> ServiceConfig:
+        if not self.virtual_ips and not self.domains:
+            raise ValueError(f"service {self.id!r} has neither virtual IPs nor DNS patterns")
         if not self.tcp and not self.udp and not self.icmp:
             raise ValueError(f"service {self.id!r} exposes nothing (no tcp, udp or icmp)")
+        if not self.virtual_ips and not self.tcp:
+            raise ValueError(f"service {self.id!r} is reached by name only and needs a tcp:PORT")
+        if not self.virtual_ips and (self.udp or any(b.host for b in self.tcp.values())):
+            raise ValueError(f"service {self.id!r} is reached by name only: udp and tcp:PORT=HOST:PORT "
+                             "need virtual IPs (write tcp:PORT or tcp:PORT=:PORT)")
         for check in self.checks or ():
             backends = self.udp if check.kind == "udp" else self.tcp
             if check.port is not None and check.port not in backends:
                 proto = "udp" if check.kind == "udp" else "tcp"
                 raise ValueError(f"{check.kind} check of service {self.id!r}: no {proto} "
                                  f"backend on virtual port {check.port}")
+            if check.port is not None and not backends[check.port].host:
+                raise ValueError(f"{check.kind} check of service {self.id!r}: tcp:{check.port} is "
+                                 "reached by name only, there is no fixed backend to check")
         return self
 
     def health_checks(self) -> list[HealthCheck]:
         """The checks to run: the configured ones, or by default one TCP connect check
         per TCP backend (UDP backends are not checked unless configured)."""
+        # An entry without a host (names only) has no fixed backend: each named stream
+        # resolves its own, so there is nothing to check ahead of time.
+        fixed = sorted(p for p, b in self.tcp.items() if b.host)
         if self.checks is None:
-            return [HealthCheck(kind="tcp", port=p) for p in sorted(self.tcp)]
+            return [HealthCheck(kind="tcp", port=p) for p in fixed]
         out: list[HealthCheck] = []
         for check in self.checks:
             if check.kind == "tcp" and check.port is None:
-                out.extend(check.model_copy(update={"port": p}) for p in sorted(self.tcp))
+                out.extend(check.model_copy(update={"port": p}) for p in fixed)
             else:
                 out.append(check)
         return out
+
+    @property
+    def patterns(self) -> tuple[DomainPattern, ...]:
+        return parse_patterns(self.domains)
 
     @property
     def packed_vips(self) -> frozenset[bytes]:
@@ -265,6 +307,8 @@ class ConnectorConfig(BaseModel):
     relay_host: str = "::"
     relay_port: int = Field(default=limits.CONNECTOR_RELAY_PORT, ge=0, le=65535)
     metrics: HostPort | None = HostPort(host="127.0.0.1", port=limits.CONNECTOR_METRICS_PORT)
+    # Where names of DNS-pattern services are resolved: None = the system resolver.
+    dns_server: HostPort | None = None
     log_level: str = "info"
     udp_payload: int = Field(default=limits.DEFAULT_QUIC_UDP_PAYLOAD,
                              ge=limits.MIN_QUIC_UDP_PAYLOAD, le=limits.MAX_QUIC_UDP_PAYLOAD)
@@ -281,6 +325,19 @@ class ConnectorConfig(BaseModel):
     @classmethod
     def _inter(cls, v: Any) -> Any:
         return _to_host_port(v, default_port=limits.INTERMEDIATE_PORT)
+
+    @field_validator("dns_server", mode="before")
+    @classmethod
+    def _dns(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and v.lower() in ("system", "")):
+            return None
+        host_port = _to_host_port(v, default_port=53)
+        if isinstance(host_port, dict):
+            try:
+                ipaddress.ip_address(host_port["host"])
+            except ValueError:
+                raise ValueError(f"dns_server must be an IP address, got {v!r}") from None
+        return host_port
 
     @field_validator("metrics", mode="before")
     @classmethod
@@ -312,6 +369,12 @@ class ConnectorConfig(BaseModel):
             if s.id.lower() in seen:
                 raise ValueError(f"service id {s.id!r} configured twice")
             seen.add(s.id.lower())
+        owner: dict[str, str] = {}
+        for s in self.services:
+            for pat in s.domains:
+                if pat in owner:
+                    raise ValueError(f"pattern {pat} given to two services ({owner[pat]}, {s.id})")
+                owner[pat] = s.id
         if self.p2p_port is not None and self.p2p_port != 0 and self.p2p_port == self.relay_port:
             raise ValueError(f"p2p_port and relay_port must differ (both {self.p2p_port})")
         return self
@@ -326,15 +389,19 @@ class ConnectorConfig(BaseModel):
 
 
 def parse_service_flag(text: str) -> dict[str, Any]:
-    """`ID=VIP[,VIP..][;tcp:P=HOST:PORT][;udp:P=HOST:PORT][;icmp=on|off][;check=..]` → dict (ValueError)."""
+    """`ID=VIP|PATTERN[,..][;tcp:P[=[HOST]:PORT]][;udp:P=HOST:PORT][;icmp=on|off][;check=..]`
+    → dict (ValueError)."""
     parts = [p.strip() for p in text.split(";") if p.strip()]
     if not parts or "=" not in parts[0]:
         raise ValueError(f"expected ID=VIP[,VIP];tcp:PORT=HOST:PORT..., got {text!r}")
     sid, _, vips = parts[0].partition("=")
-    out: dict[str, Any] = {"id": sid.strip(), "virtual_ips": [v for v in vips.split(",") if v],
-                           "tcp": {}, "udp": {}}
+    entries = [v.strip() for v in vips.split(",") if v.strip()]
+    out: dict[str, Any] = {"id": sid.strip(), "virtual_ips": [v for v in entries if not is_name_like(v)],
+                           "domains": [v for v in entries if is_name_like(v)], "tcp": {}, "udp": {}}
     for part in parts[1:]:
         key, sep, value = part.partition("=")
+        if not sep and key.strip().lower().startswith("tcp:"):
+            sep, value = "=", ""            # tcp:PORT alone: the named host, same port
         if not sep:
             raise ValueError(f"expected KEY=VALUE in {part!r} of {text!r}")
         key = key.strip().lower()

@@ -20,7 +20,8 @@ class ConnectorAudit:
         self.log = log
 
     def open(self, path: ReplyPath | None, service: str, protocol: Literal["tcp", "udp"],
-             dst_port: int | None, now: float, *, conn: Any = None, agent_id: int | None = None) -> FlowAudit:
+             dst_port: int | None, now: float, *, conn: Any = None, agent_id: int | None = None,
+             name: str | None = None) -> FlowAudit:
         """A flow starts on `path` (or, for streams, on connection `conn`: a direct
         connection's user is its ReplyPath, the relay connection's is not)."""
         if path is None and conn is not None and isinstance(conn.user, ReplyPath):
@@ -31,7 +32,8 @@ class ConnectorAudit:
         return FlowAudit(self.log.new_id("c"), service=service, protocol=protocol,
                          path="direct" if direct else "relay", now=now, agent_id=agent_id,
                          identity=sans_of(path.conn) if direct and path is not None else None,
-                         dst_port=dst_port, setup=dict(path.setup) if direct and path is not None else {})
+                         dst_port=dst_port, setup=dict(path.setup) if direct and path is not None else {},
+                         name=name)
 
     def live(self, *tables: Any) -> list[FlowAudit]:
         """The audit state of every live flow (for the interim lines); stream counters are

@@ -138,8 +138,13 @@ class Connector:
                             syn_rate=lim.tcp_syn_per_source_per_second,
                             connect_timeout=lim.tcp_connect_timeout, buffer=lim.tcp_buffer,
                             flow_control=lim.flow_control, rng=self.rng)
+        from ztna.connector.resolve import NameResolver
+
+        dns = self.cfg.dns_server
         self.streams = StreamTable(loop, self.stats, self.services, max_streams=lim.streams,
-                                   connect_timeout=lim.tcp_connect_timeout)
+                                   connect_timeout=lim.tcp_connect_timeout,
+                                   resolver=NameResolver(None if dns is None else (dns.host, dns.port),
+                                                         timeout=lim.tcp_connect_timeout))
         if self.cfg.audit_log is not None:
             from ztna.audit import AuditLog
             from ztna.connector.flow_audit import ConnectorAudit
@@ -193,7 +198,7 @@ class Connector:
                                                       self.cfg.metrics.port)
         self._tasks.append(loop.create_task(self._sweeper()))
         for s in self.services.values():
-            log.info("service %r: %s tcp %s udp %s icmp %s", s.id, ",".join(s.cfg.virtual_ips),
+            log.info("service %r: %s tcp %s udp %s icmp %s", s.id, ",".join(s.cfg.virtual_ips + s.cfg.domains),
                      {p: str(b) for p, b in s.cfg.tcp.items()} or "-",
                      {p: str(b) for p, b in s.cfg.udp.items()} or "-", "on" if s.icmp else "off")
 

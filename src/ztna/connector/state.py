@@ -64,6 +64,9 @@ class ConnectorStats:
     stream_bytes_to_agent: int = 0
     stream_resumed: int = 0
     stream_resume_refused: int = 0
+    stream_names_opened: int = 0             # named streams connected to a resolved address
+    stream_names_outside_patterns: int = 0   # named streams refused: not the service's name
+    stream_names_unresolved: int = 0         # named streams refused: the name did not resolve
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -26,6 +26,13 @@ with the same agent id (and fingerprint on a direct connection) whose `received`
 retained range gets `RESUMED` + our `rx`; we resend from the Agent's count and carry on on
 the new stream (not resumable again). A flow whose backend finished lingers with its token
 until its stream data is acknowledged, so a transfer whose tail is still in flight survives.
+
+Named streams (docs/protocol.md §5.2): `NamedStreamOpen` / `RelayedNamedStreamOpen` carry a
+DNS name instead of a virtual IP. The name must be covered by the service's patterns (else
+NOT_AUTHORIZED: the Agent cannot widen what it may reach), the port must be one the service
+offers; then `ztna.connector.resolve` resolves the name here and we connect to its
+addresses in turn on the entry's port. No address: NAME_UNRESOLVED. One log line per named
+stream records agent, service, name and the address used (or why it failed).
 """
 
 from __future__ import annotations
@@ -41,8 +48,13 @@ from ztna.connector import resume
 from ztna.connector.backend import WRITE_HIGH, tune_backend_transport
 from ztna.errors import DecodeError
 from ztna.limits import STREAM_RESUME_GRACE, STREAM_RESUME_PER_AGENT
+from ztna.names.patterns import DomainPattern
+from ztna.observe import format_address
 from ztna.wire.stream_header import (
+    ANY_STREAM_HEADER_MAX,
     RESUME_TOKEN_LEN,
+    NamedStreamOpen,
+    RelayedNamedStreamOpen,
     RelayedStreamOpen,
     RelayedStreamResume,
     StreamOpen,
@@ -56,6 +68,7 @@ from ztna.wire.stream_header import (
 if TYPE_CHECKING:
     from ztna.audit import FlowAudit
     from ztna.connector.flow_audit import ConnectorAudit
+    from ztna.connector.resolve import NameResolver
     from ztna.connector.state import ConnectorStats, ServiceState
     from ztna.quic.connection import ZtnaConnection
 
@@ -64,7 +77,7 @@ log = logging.getLogger("ztna.connector")
 SEND_HIGH = 512 * 1024
 SEND_LOW = 256 * 1024
 RECHECK = 0.005
-HEADER_LIMIT = 128
+HEADER_LIMIT = ANY_STREAM_HEADER_MAX
 LINGER_SWEEP = 1.0
 
 
@@ -83,7 +96,7 @@ class StreamFlow(asyncio.Protocol):
         self.pending: list[bytes] = []    # backend bytes that arrived while parked
         self.grace: asyncio.TimerHandle | None = None
         self.head = b""
-        self.header: StreamOpen | RelayedStreamOpen | None = None
+        self.header: StreamOpen | RelayedStreamOpen | NamedStreamOpen | RelayedNamedStreamOpen | None = None
         self.transport: asyncio.Transport | None = None
         self.inbox: list[bytes] = []      # stream bytes not yet written to the backend
         self.unconsumed = 0               # bytes written to the backend, credit not yet given
@@ -163,8 +176,11 @@ class StreamFlow(asyncio.Protocol):
 class StreamTable:
     def __init__(self, loop: asyncio.AbstractEventLoop, stats: ConnectorStats,
                  services: dict[str, ServiceState], *, max_streams: int,
-                 connect_timeout: float) -> None:
+                 connect_timeout: float, resolver: NameResolver | None = None) -> None:
         self.loop = loop
+        self.resolver = resolver
+        self.patterns: dict[str, tuple[DomainPattern, ...]] = {
+            sid: svc.cfg.patterns for sid, svc in services.items()}
         self.stats = stats
         self.services = services
         self.max_streams = max_streams
@@ -232,15 +248,20 @@ class StreamTable:
                 self._refuse(conn, sid, status)
                 return
             self.stats.streams_opened += 1
-            if isinstance(header, StreamOpen) and header.resumable:
+            if isinstance(header, (StreamOpen, NamedStreamOpen)) and header.resumable:
                 self._make_resumable(flow)
             svc = self.services[header.service_id]
             backend = svc.tcp_backends[header.dst_port]
-            flow.task = self.loop.create_task(self._connect(flow, backend.host, backend.port))
+            if isinstance(header, (NamedStreamOpen, RelayedNamedStreamOpen)):
+                flow.task = self.loop.create_task(self._connect_named(flow, conn, header, backend.port))
+            else:
+                flow.task = self.loop.create_task(self._connect(flow, backend.host, backend.port))
             if self.audit is not None:
                 flow.audit = self.audit.open(
                     None, header.service_id, "tcp", header.dst_port, self.loop.time(), conn=conn,
-                    agent_id=header.agent_id if isinstance(header, RelayedStreamOpen) else None)
+                    agent_id=header.agent_id if isinstance(header, (RelayedStreamOpen, RelayedNamedStreamOpen))
+                    else None,
+                    name=header.name if isinstance(header, (NamedStreamOpen, RelayedNamedStreamOpen)) else None)
         if data:
             flow.inbox.append(data)
             flow.rx += len(data)
@@ -367,17 +388,59 @@ class StreamTable:
         self.flush(flow)
 
     def _check(self, header: Any, authorize: Callable[[str], bool] | None) -> StreamStatus:
-        relayed = isinstance(header, RelayedStreamOpen)
+        relayed = isinstance(header, (RelayedStreamOpen, RelayedNamedStreamOpen))
         if relayed == (authorize is not None):
             return StreamStatus.NOT_AUTHORIZED       # wrong header kind for this connection
         svc = self.services.get(header.service_id)
         if svc is None or (authorize is not None and not authorize(header.service_id)):
             return StreamStatus.NOT_AUTHORIZED
+        if isinstance(header, (NamedStreamOpen, RelayedNamedStreamOpen)):
+            if not any(p.matches(header.name) for p in self.patterns.get(header.service_id, ())):
+                self.stats.stream_names_outside_patterns += 1
+                log.info("named stream refused: %s is outside the patterns of service %s",
+                         header.name, header.service_id)
+                return StreamStatus.NOT_AUTHORIZED
+            return StreamStatus.OK if header.dst_port in svc.tcp_backends else StreamStatus.NO_SUCH_PORT
         if ipaddress.ip_address(header.dst_ip).packed not in svc.vips:
             return StreamStatus.NOT_AUTHORIZED
-        if header.dst_port not in svc.tcp_backends:
+        backend = svc.tcp_backends.get(header.dst_port)
+        if backend is None or not backend.host:     # a name-only entry: no host for an IP
             return StreamStatus.NO_SUCH_PORT
         return StreamStatus.OK
+
+    async def _connect_named(self, flow: StreamFlow, conn: ZtnaConnection,
+                             header: NamedStreamOpen | RelayedNamedStreamOpen, port: int) -> None:
+        from ztna.connector.resolve import NameResolutionFailed, NameResolver
+
+        agent = header.agent_id if isinstance(header, RelayedNamedStreamOpen) else \
+            getattr(conn.user, "agent_id", None)
+        where = f"agent {agent} service {header.service_id} name {header.name}:{header.dst_port}"
+        if self.resolver is None:
+            self.resolver = NameResolver(None, timeout=self.connect_timeout)   # the system resolver
+        try:
+            addrs = await self.resolver.resolve(header.name)
+        except NameResolutionFailed as exc:
+            self.stats.stream_names_unresolved += 1
+            log.warning("stream %s: cannot resolve via %s: %s", where, self.resolver.describe(), exc)
+            self._fail(flow, StreamStatus.NAME_UNRESOLVED)
+            return
+        status = StreamStatus.UNREACHABLE
+        for addr in addrs:
+            if flow.done:
+                return                      # the Agent gave up (reset) while we resolved
+            try:
+                await asyncio.wait_for(self.loop.create_connection(lambda: flow, addr, port),
+                                       self.connect_timeout)
+            except ConnectionRefusedError:
+                status = StreamStatus.REFUSED
+                continue
+            except (TimeoutError, OSError):
+                continue
+            self.stats.stream_names_opened += 1
+            log.info("stream %s -> %s", where, format_address((addr, port)))
+            return
+        log.info("stream %s: %s (tried %s port %d)", where, status.name.lower(), " ".join(addrs), port)
+        self._fail(flow, status)
 
     async def _connect(self, flow: StreamFlow, host: str, port: int) -> None:
         try:

@@ -7,7 +7,9 @@ chosen ports are written as JSON to ``--ready-file`` (atomically, via rename), w
 the readiness signal the demo waits on. Runs until SIGTERM/SIGINT. The HTTP server is
 ``http.server``'s threaded server serving ``--root`` (one thread per connection, so a
 slow download does not block the readiness probe); the echo server answers every
-datagram with the same bytes.
+datagram with the same bytes. A third socket is the apps' private DNS (UDP, dnspython):
+every name under ``apps.demo`` is the HTTP server's address (A or AAAA as the host is),
+anything else NXDOMAIN; the Connector resolves the apps reached by name with it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,35 @@ def _echo(sock: socket.socket) -> None:
             return
 
 
+DNS_ZONE = "apps.demo"
+
+
+def _dns(sock: socket.socket, host: str) -> None:
+    import dns.message
+    import dns.rcode
+    import dns.rdatatype
+    import dns.rrset
+
+    want = dns.rdatatype.AAAA if ":" in host else dns.rdatatype.A
+    while True:
+        try:
+            data, addr = sock.recvfrom(4096)
+        except OSError:
+            return
+        try:
+            query = dns.message.from_wire(data)
+            q = query.question[0]
+        except Exception:  # noqa: BLE001 - anything undecodable is ignored
+            continue
+        reply = dns.message.make_response(query)
+        name = q.name.to_text(omit_final_dot=True).lower()
+        if not name.endswith("." + DNS_ZONE):
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+        elif q.rdtype == want:
+            reply.answer.append(dns.rrset.from_text(q.name, 5, "IN", want, host))
+        sock.sendto(reply.to_wire(), addr)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ztna.demo.backends")
     ap.add_argument("--host", default="127.0.0.1")
@@ -60,8 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     udp = socket.socket(family, socket.SOCK_DGRAM)
     udp.bind((args.host, args.udp_port))
     threading.Thread(target=_echo, args=(udp,), daemon=True, name="udp-echo").start()
+    dns_sock = socket.socket(family, socket.SOCK_DGRAM)
+    dns_sock.bind((args.host, 0))
+    threading.Thread(target=_dns, args=(dns_sock, args.host), daemon=True, name="dns").start()
 
-    ports = {"http": http.server_address[1], "udp": udp.getsockname()[1], "pid": os.getpid()}
+    ports = {"http": http.server_address[1], "udp": udp.getsockname()[1], "dns": dns_sock.getsockname()[1],
+             "pid": os.getpid()}
     tmp = args.ready_file + ".tmp"
     with open(tmp, "w") as f:
         json.dump(ports, f)

@@ -32,12 +32,53 @@ class Download:
         return self.nbytes * 8 / self.seconds / 1e6 if self.seconds > 0 else 0.0
 
 
-def http_get(host: str, port: int, path: str, *, timeout: float = 30.0) -> Download:
-    """GET ``path``, hashing the body as it streams in (never held in memory)."""
+class _SocksHTTPConnection(http.client.HTTPConnection):
+    """HTTP through a SOCKS5 proxy that is handed the host *name* (like curl
+    --socks5-hostname): the proxy, not we, decides where the name leads."""
+
+    def __init__(self, host: str, port: int, *, proxy: tuple[str, int], timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.proxy = proxy
+
+    def connect(self) -> None:
+        sock = socket.create_connection(self.proxy, timeout=self.timeout)
+        try:
+            sock.sendall(b"\x05\x01\x00")
+            if sock.recv(2) != b"\x05\x00":
+                raise OSError("SOCKS5 proxy refused 'no authentication'")
+            name = self.host.encode("ascii")
+            sock.sendall(b"\x05\x01\x00\x03" + bytes((len(name),)) + name + struct.pack("!H", self.port))
+            head = sock.recv(4)
+            if len(head) < 4 or head[1] != 0:
+                raise OSError(f"SOCKS5 CONNECT {self.host}:{self.port} refused (reply {head[1:2].hex() or '?'})")
+            sock.recv({1: 4, 4: 16}.get(head[3], 0) + 2)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def dns_query(server: str, name: str, rdtype: str = "A", *, timeout: float = 3.0) -> list[str]:
+    """The addresses `server` answers for `name` (empty on any error code)."""
+    import dns.message
+    import dns.query
+    import dns.rcode
+
+    reply = dns.query.udp(dns.message.make_query(name, rdtype), server, timeout=timeout)
+    if reply.rcode() != dns.rcode.NOERROR:
+        return []
+    return [rr.address for rrset in reply.answer for rr in rrset]
+
+
+def http_get(host: str, port: int, path: str, *, timeout: float = 30.0,
+             socks: tuple[str, int] | None = None) -> Download:
+    """GET ``path``, hashing the body as it streams in (never held in memory); with
+    ``socks``, through that SOCKS5 proxy, which gets ``host`` as a name."""
     digest = hashlib.sha256()
     n = 0
     start = time.monotonic()
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    conn = (http.client.HTTPConnection(host, port, timeout=timeout) if socks is None
+            else _SocksHTTPConnection(host, port, proxy=socks, timeout=timeout))
     try:
         conn.request("GET", path, headers={"User-Agent": "ztna-demo"})
         resp = conn.getresponse()

@@ -15,6 +15,10 @@
 6. reconnect: the Intermediate is restarted (the Agent resumes with its ticket: "zero_rtt"),
    then the Agent process (a new process has no ticket: "full"); time from spawn to the
    first echoed UDP byte, plus the Agent's own connect time and handshake kind from its status
+5b. one app by DNS name: ``files.apps.demo`` (the service also covers ``*.apps.demo``;
+   the backends' DNS resolves it at the Connector): in TUN mode asked of the Agent's DNS
+   responder and fetched from the synthetic address it answers, in userspace mode fetched
+   through the Agent's SOCKS5 with the name (sha256 of a small file)
 Teardown always runs (``finally``): children SIGTERM then SIGKILL, namespaces or lab
 deleted, temp dir removed (unless ``keep``).
 
@@ -57,6 +61,11 @@ SERVICE = "web"
 VIPS = ("10.100.0.2", "fd00:100::2")
 HTTP_VPORT, UDP_VPORT = 80, 7
 FILE_NAME = "demo.bin"
+NAME_PATTERN = "*.apps.demo"     # the service is reached by these names too
+APP_NAME = "files.apps.demo"
+NAME_FILE, NAME_FILE_SIZE = "byname.bin", 256 * 1024
+AGENT_DNS = "100.64.0.53"        # the Agent's DNS responder (TUN mode default)
+TUN_SOCKS_PORT = 1080            # in the Agent's own (fresh) namespace: free
 ECHO_SIZES = (16, 600, 1200)
 MODE_ENV = "ZTNA_DEMO_MODE"  # "userspace" forces userspace mode (e.g. tests, containers)
 
@@ -138,6 +147,7 @@ class Demo:
             "http_mbps": None, "http_seconds": None, "udp_echo_ok": False, "icmp_ok": None,
             "icmp_rtt_ms": None, "rtt_ms": None, "warmup_ms": None, "reconnect_ms": None,
             "p2p": None, "isolated": None, "namespaces": None, "lab": None, "pids": {},
+            "by_name_ok": False, "by_name_address": None,
             "workdir": str(self.tmp), "errors": [], "notes": [],
         }
 
@@ -187,6 +197,9 @@ class Demo:
                 digest.update(chunk)
                 f.write(chunk)
                 left -= len(chunk)
+        small = os.urandom(NAME_FILE_SIZE)
+        (www / NAME_FILE).write_bytes(small)
+        self.name_sha256 = hashlib.sha256(small).hexdigest()
         os.chmod(self.tmp, 0o755)  # a lab/netns child may run with another uid some day; harmless
         self.sha256 = digest.hexdigest()
         self.step(True, f"throwaway certificates and a {self.o.size:,}-byte random file "
@@ -224,6 +237,7 @@ class Demo:
                                   timeout=self.o.startup_timeout, component="backends",
                                   what="the HTTP and UDP echo servers to bind")
         self.http_port, self.udp_port = int(ports["http"]), int(ports["udp"])
+        self.dns_port = int(ports["dns"])
         self.step(True, f"private apps: HTTP {self.layout.backend_host}:{self.http_port}, "
                         f"UDP echo {self.layout.backend_host}:{self.udp_port}")
 
@@ -258,11 +272,12 @@ class Demo:
 
     def start_connector(self) -> None:
         bh = self.layout.backend_host
-        spec = (f"{SERVICE}={','.join(VIPS)};tcp:{HTTP_VPORT}={host_port(bh, self.http_port)};"
+        spec = (f"{SERVICE}={','.join(VIPS)},{NAME_PATTERN};tcp:{HTTP_VPORT}={host_port(bh, self.http_port)};"
                 f"udp:{UDP_VPORT}={host_port(bh, self.udp_port)}")
         self.sup.spawn("connector", ztna_argv(
             "connector", "--intermediate", self.layout.intermediate_for("connector", self.int_port),
             "--server-name", "localhost", "--pki", str(self.tmp / "pki"), "--service", spec,
+            "--dns-server", host_port(bh, self.dns_port),
             "--p2p-port", self.layout.p2p_port, "--metrics", "127.0.0.1:0"),
             runner=self.layout.runner("connector"))
         pattern = r"metrics on http://[^ ]*?:(\d+)/"
@@ -278,7 +293,7 @@ class Demo:
         self.sup.wait_for(registered, timeout=self.o.startup_timeout, component="connector",
                           what=f"service '{SERVICE}' registered with the Intermediate (/healthz)")
         pid = self.sup.children["connector"].popen.pid
-        self.step(True, f"Connector up (pid {pid}): service '{SERVICE}' = {', '.join(VIPS)} -> "
+        self.step(True, f"Connector up (pid {pid}): service '{SERVICE}' = {', '.join(VIPS)}, {NAME_PATTERN} -> "
                         f"HTTP :{HTTP_VPORT}, UDP echo :{UDP_VPORT}; registered")
 
     def check_isolation(self) -> None:
@@ -298,12 +313,14 @@ class Demo:
     def agent_argv(self) -> list[str]:
         argv = ["agent", "--intermediate", self.layout.intermediate_for("agent", self.int_port),
                 "--server-name", "localhost", "--pki", str(self.tmp / "pki"),
-                "--service", f"{SERVICE}={','.join(VIPS)}", "--name", "demo",
+                "--service", f"{SERVICE}={','.join(VIPS)},{NAME_PATTERN}", "--name", "demo",
                 "--state-dir", str(self.state_dir), "--tcp-transport", self.transport]
         if self.mode == "tun":
-            argv += ["--mode", "tun", "--tun-name", "ztna0"]
+            # The demo's resolver is asked directly: the host's systemd-resolved stays as it is.
+            argv += ["--mode", "tun", "--tun-name", "ztna0", "--no-dns-configure",
+                     "--socks", f"127.0.0.1:{TUN_SOCKS_PORT}"]
         else:
-            argv += ["--mode", "userspace",
+            argv += ["--mode", "userspace", "--socks", f"127.0.0.1:{self.local_socks}",
                      "-L", f"127.0.0.1:{self.local_tcp}={SERVICE}:{HTTP_VPORT}",
                      "-U", f"127.0.0.1:{self.local_udp}={SERVICE}:{UDP_VPORT}"]
         return ztna_argv(*argv)
@@ -318,7 +335,7 @@ class Demo:
                 return None
             if any(s["registration"] != "acked" for s in snap["services"]):
                 return None
-            if self.mode == "userspace" and len(snap.get("userspace", {}).get("listeners", [])) < 2:
+            if self.mode == "userspace" and len(snap.get("userspace", {}).get("listeners", [])) < 3:
                 return None
             return snap
 
@@ -354,6 +371,7 @@ class Demo:
         if self.mode == "userspace":
             self.local_tcp = _free_port(socket.SOCK_STREAM)
             self.local_udp = _free_port(socket.SOCK_DGRAM)
+            self.local_socks = _free_port(socket.SOCK_STREAM)
         self.spawn_agent()
         snap = self.wait_agent()
         i = snap["intermediate"]
@@ -465,6 +483,35 @@ class Demo:
             why = f" (status {d.status}, expected {self.o.size:,} bytes)"
             self.fail(text if d.error else text + why)
 
+    def name_test(self) -> None:
+        """One app by DNS name (module notes, step 5b)."""
+        try:
+            if self.mode == "tun" and self.result["tcp_carriage"] == "stream":
+                addrs = self.layout.call("agent", lambda: probe.dns_query(AGENT_DNS, APP_NAME))
+                if not addrs:
+                    self.fail(f"the Agent's DNS ({AGENT_DNS}) gave no address for {APP_NAME}")
+                    return
+                host, how = addrs[0], f"Agent DNS {AGENT_DNS}: {APP_NAME} A {addrs[0]}"
+                d = self.layout.call("agent", lambda: probe.http_get(host, HTTP_VPORT, "/" + NAME_FILE))
+            else:
+                # Names through the TUN need the nftables redirect; SOCKS5 needs nothing.
+                socks = ("127.0.0.1", self.local_socks if self.mode == "userspace" else TUN_SOCKS_PORT)
+                host, how = APP_NAME, f"SOCKS5 127.0.0.1:{socks[1]} with the name"
+                d = self.layout.call("agent", lambda: probe.http_get(APP_NAME, HTTP_VPORT, "/" + NAME_FILE,
+                                                                     socks=socks))
+        except OSError as exc:
+            self.fail(f"HTTP GET http://{APP_NAME}/{NAME_FILE} failed: {type(exc).__name__}: {exc}; "
+                      f"last Agent log lines:\n{self.sup.tail('agent', 6)}")
+            return
+        ok = d.status == 200 and d.nbytes == NAME_FILE_SIZE and d.sha256 == self.name_sha256
+        self.result.update(by_name_ok=ok, by_name_address=host)
+        text = (f"by name: GET http://{APP_NAME}/{NAME_FILE} ({how}; resolved at the Connector): "
+                f"{d.nbytes:,} bytes, sha256 {'matches' if d.sha256 == self.name_sha256 else 'DIFFERS'}")
+        if ok:
+            self.step(True, text)
+        else:
+            self.fail(f"{text} (status {d.status}{', ' + d.error if d.error else ''})")
+
     def icmp_test(self) -> None:
         if self.mode != "tun":
             return
@@ -541,6 +588,7 @@ class Demo:
             self.udp_test()
             self.wait_direct()
             self.http_test()
+            self.name_test()
             self.icmp_test()
             self.reconnect_test()  # last: it restarts the Agent (path, RTT above: first run)
         except (DemoError, UsageError, OSError) as exc:
@@ -549,6 +597,7 @@ class Demo:
             self.teardown()
         r = self.result
         r["ok"] = bool(not r["errors"] and r["http_sha256_ok"] and r["http_bytes"] == self.o.size
+                       and r["by_name_ok"]
                        and r["udp_echo_ok"] and r["icmp_ok"] is not False
                        and r["isolated"] is not False)
         return r

@@ -15,7 +15,8 @@ other leg of each of its splices. At most `MAX_SPLICES_PER_PEER` per Agent.
 
 `StreamResume` (docs/protocol.md §5.1: a stream that was on a direct connection continues
 here) is spliced the same way, as `RelayedStreamResume(agent_id, ...)`; the Connector checks
-the token against the agent id we vouch for.
+the token against the agent id we vouch for. `NamedStreamOpen` (a DNS name instead of an
+IP, §5.2) becomes `RelayedNamedStreamOpen`; the name is the Connector's to check and resolve.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from ztna.addresses import format_address
 from ztna.errors import DecodeError
 from ztna.intermediate.admin.snapshot import FlowView
 from ztna.wire.stream_header import (
+    ANY_STREAM_HEADER_MAX,
+    NamedStreamOpen,
+    RelayedNamedStreamOpen,
     RelayedStreamOpen,
     RelayedStreamResume,
     StreamOpen,
@@ -50,7 +54,7 @@ log = logging.getLogger("ztna.intermediate")
 BACKLOG_LIMIT = 512 * 1024
 RECHECK = 0.005
 MAX_SPLICES_PER_PEER = 1024
-HEADER_LIMIT = 128
+HEADER_LIMIT = ANY_STREAM_HEADER_MAX
 RECENT_FLOWS = 200
 
 
@@ -162,7 +166,7 @@ class StreamSplicer:
 
     def _open(self, leg: _Leg, header: Any, rest: bytes) -> bool:
         srv = self.srv
-        if (not isinstance(header, (StreamOpen, StreamResume))
+        if (not isinstance(header, (StreamOpen, StreamResume, NamedStreamOpen))
                 or not srv.registry.is_agent_of(leg.peer, header.service_id)):
             self._refuse(leg, StreamStatus.NOT_AUTHORIZED)
             return False
@@ -183,23 +187,30 @@ class StreamSplicer:
         splice = leg.splice
         splice.connector = other
         splice.service = header.service_id
-        splice.destination = (format_address((header.dst_ip, header.dst_port))
-                              if isinstance(header, StreamOpen) else "(resumed)")
+        if isinstance(header, StreamOpen):
+            splice.destination = format_address((header.dst_ip, header.dst_port))
+        elif isinstance(header, NamedStreamOpen):
+            splice.destination = f"{header.name}:{header.dst_port}"
+        else:
+            splice.destination = "(resumed)"
         splice.started = time.time()
         splice.up = len(rest)
         self.legs[(target_id, tsid)] = other
         self.per_peer[target_id] = self.per_peer.get(target_id, 0) + 1
-        relayed: RelayedStreamOpen | RelayedStreamResume
+        relayed: RelayedStreamOpen | RelayedStreamResume | RelayedNamedStreamOpen
         if isinstance(header, StreamResume):
             relayed = RelayedStreamResume(agent_id=leg.peer, service_id=header.service_id,
                                           token=header.token, received=header.received)
+        elif isinstance(header, NamedStreamOpen):
+            relayed = RelayedNamedStreamOpen(agent_id=leg.peer, service_id=header.service_id,
+                                             name=header.name, dst_port=header.dst_port)
         else:
             relayed = RelayedStreamOpen(agent_id=leg.peer, service_id=header.service_id,
                                         dst_ip=header.dst_ip, dst_port=header.dst_port)
         target.send_stream(tsid, encode_stream_open(relayed) + rest)
         leg.owed += len(rest)
         self.spliced += 1
-        if srv.signaling is not None and isinstance(header, StreamOpen):
+        if srv.signaling is not None and isinstance(header, (StreamOpen, NamedStreamOpen)):
             srv.signaling.relayed(leg.peer, header.service_id)
         audit = srv.audit
         if audit is not None:
@@ -208,8 +219,9 @@ class StreamSplicer:
             flow = leg.splice.audit = FlowAudit(
                 audit.new_id("i"), service=header.service_id, protocol="tcp", path="relay",
                 now=asyncio.get_running_loop().time(), agent_id=leg.peer, identity=sans_of(leg.conn),
-                dst_port=header.dst_port if isinstance(header, StreamOpen) else None,
-                connector=target.label, setup=dict(srv.setup_times.get(leg.conn, {})))
+                dst_port=header.dst_port if isinstance(header, (StreamOpen, NamedStreamOpen)) else None,
+                connector=target.label, setup=dict(srv.setup_times.get(leg.conn, {})),
+                name=header.name if isinstance(header, NamedStreamOpen) else None)
             flow.to_service += len(rest)
         return True
 

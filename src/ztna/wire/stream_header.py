@@ -16,6 +16,9 @@ raw TCP payload both ways; QUIC FIN is a TCP half-close.
                         that `token` names; `received` = payload bytes the Agent has taken
     RelayedStreamResume [0x57][0x01][agent_id u32 BE][L][service_id][token 16][received u64]
                         Intermediate -> Connector
+    NamedStreamOpen, RelayedNamedStreamOpen (0x58, 0x5A, 0x59)
+                        the destination as a DNS name instead of an IP
+                        (`ztna.wire.named_stream`, decoded here too)
 
 The Connector answers with one status byte (`StreamStatus`) before any payload. OK means the
 backend connection is up; any other status is followed by FIN. Two statuses carry a fixed
@@ -27,7 +30,8 @@ payload from the peer's count. A 0x53 stream never sees either, so old Agents ar
 (the caller keeps reading and calls again with the longer buffer), fails fast with DecodeError
 as soon as a byte read so far is invalid, and otherwise returns (header, bytes consumed); the
 bytes after that are TCP payload. A header is at most STREAM_HEADER_MAX (94) bytes, so the
-caller never needs to buffer more than that before deciding.
+caller never needs to buffer more than that before deciding (NAMED_HEADER_MAX, 326, for
+the named headers).
 """
 
 from __future__ import annotations
@@ -51,6 +55,14 @@ from ztna.wire._common import (
     pack_ip,
     unpack_ip,
 )
+from ztna.wire.named_stream import (
+    NAMED_HEADER_MAX,
+    NAMED_KINDS,
+    NamedStreamOpen,
+    RelayedNamedStreamOpen,
+    decode_named,
+    encode_named,
+)
 from ztna.wire.service_id import decode_service_id, validate_service_id
 
 __all__ = [
@@ -59,6 +71,9 @@ __all__ = [
     "RESUMABLE_STREAM_OPEN",
     "RESUME_TOKEN_LEN",
     "RelayedStreamResume",
+    "ANY_STREAM_HEADER_MAX",
+    "NamedStreamOpen",
+    "RelayedNamedStreamOpen",
     "STREAM_RESUME",
     "StreamResume",
     "decode_stream_reply",
@@ -84,6 +99,8 @@ STREAM_HEADER_VERSION: Final = 1
 RESUME_TOKEN_LEN: Final = 16
 # 0x57 with a 63-byte id: 1+1+4+1+63+16+8 (0x54 with IPv6 is 89).
 STREAM_HEADER_MAX: Final = 2 + 4 + 1 + SERVICE_ID_MAX + RESUME_TOKEN_LEN + 8
+# The longest header of any kind: what a reader buffers at most before it can decide.
+ANY_STREAM_HEADER_MAX: Final = max(STREAM_HEADER_MAX, NAMED_HEADER_MAX)
 
 _PORT: Final = struct.Struct(">H")
 _AGENT: Final = struct.Struct(">I")
@@ -100,6 +117,7 @@ class StreamStatus(enum.IntEnum):
     OK_RESUMABLE = 6    # OK, followed by a 16-byte resume token (answer to 0x55 only)
     RESUMED = 7         # resumed, followed by the Connector's received count u64
     NO_SUCH_STREAM = 8  # resume refused: unknown/expired/foreign token, counts out of range
+    NAME_UNRESOLVED = 9  # the Connector could not resolve the name (NXDOMAIN, no address, timeout)
 
 
 # Fixed tail after a status byte.
@@ -165,11 +183,14 @@ class RelayedStreamResume:
         _check_resume(self.token, self.received)
 
 
-StreamHeader = StreamOpen | RelayedStreamOpen | StreamResume | RelayedStreamResume
+StreamHeader = (StreamOpen | RelayedStreamOpen | StreamResume | RelayedStreamResume | NamedStreamOpen
+                | RelayedNamedStreamOpen)
 
 
 def encode_stream_open(h: StreamHeader) -> bytes:
-    """Encode any stream header (the name predates the resume headers)."""
+    """Encode any stream header (the name predates the resume and named headers)."""
+    if isinstance(h, (NamedStreamOpen, RelayedNamedStreamOpen)):
+        return encode_named(h)
     if not isinstance(h, (StreamOpen, RelayedStreamOpen, StreamResume, RelayedStreamResume)):
         raise UsageError(f"not a stream header: {type(h).__name__}")
     sid = bytes((len(h.service_id),)) + h.service_id.encode("ascii")
@@ -192,6 +213,12 @@ def decode_stream_header(buf: Buffer) -> tuple[StreamHeader, int] | None:
     if n < 1:
         return None
     kind = view[0]
+    if kind in NAMED_KINDS:
+        if n < 2:
+            return None
+        if view[1] != STREAM_HEADER_VERSION:
+            raise DecodeError(f"unknown stream header version {view[1]}")
+        return decode_named(view)
     if kind in (STREAM_OPEN, RESUMABLE_STREAM_OPEN, STREAM_RESUME):
         pos = 2
     elif kind in (RELAYED_STREAM_OPEN, RELAYED_STREAM_RESUME):
