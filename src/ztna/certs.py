@@ -13,6 +13,11 @@ for each program; `issue(...)` issues more later from the same CA directory. The
                                        Connector is a client of the Intermediate and the QUIC
                                        server for direct P2P connections from Agents.
 
+Not written by `init`, issued on demand: a cluster member's mesh certificate (`issue --role
+member`), CN the member's name, SAN intermediate.ztna, EKU clientAuth: the client identity an
+Intermediate of a cluster dials the other members with (its server certificate stays
+server-only).
+
 What the verifier needs (checked by tests/test_identity.py): `ztna.identity.ChainVerifier`
 uses cryptography's webpki policy, which requires on the CA BasicConstraints(ca) critical and
 KeyUsage keyCertSign; on the leaf AuthorityKeyIdentifier, BasicConstraints(ca=False), EKU with
@@ -50,6 +55,7 @@ __all__ = [
     "DEFAULT_HOSTS",
     "ISSUE_ROLES",
     "P2P_SERVER_NAME",
+    "INTERMEDIATE_SAN",
     "init_pki",
     "issue",
     "load_ca",
@@ -62,7 +68,9 @@ BACKDATE: Final = dt.timedelta(minutes=5)
 DEFAULT_HOSTS: Final = ("localhost", "127.0.0.1", "::1")
 # The name Agents verify when they connect directly (P2P) to a Connector's QUIC server.
 P2P_SERVER_NAME: Final = "connector.ztna"
-ISSUE_ROLES: Final = ("agent", "connector", "intermediate")
+# The SAN that makes a certificate's holder a cluster member (ztna.identity, the mesh).
+INTERMEDIATE_SAN: Final = "intermediate.ztna"
+ISSUE_ROLES: Final = ("agent", "connector", "intermediate", "member")
 
 
 def ztna_san(role: str, service: str) -> str:
@@ -151,6 +159,10 @@ def _role_profile(
             raise UsageError("an intermediate certificate carries no services")
         sans = [_host_san(h) for h in (hosts or DEFAULT_HOSTS)]
         return sans, [ExtendedKeyUsageOID.SERVER_AUTH]
+    if role == "member":
+        if services or wildcard or hosts:
+            raise UsageError("a member certificate carries no services or hosts")
+        return [x509.DNSName(INTERMEDIATE_SAN)], [ExtendedKeyUsageOID.CLIENT_AUTH]
     if scoped:
         if wildcard and services:
             raise UsageError("--wildcard excludes --service")

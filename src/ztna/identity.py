@@ -24,7 +24,8 @@ Identity and authorisation
 SAN DNS names `agent.<svc>.ztna` / `connector.<svc>.ztna` grant a role for one service;
 `agent.*.ztna` / `connector.*.ztna` grant the role for every service. Names are lowercased (DNS
 is case-insensitive) and `allows()` compares service ids case-insensitively for the same reason:
-a certificate cannot tell `Web` from `web`. Anything else in the SAN is ignored.
+a certificate cannot tell `Web` from `web`. `intermediate.ztna` marks a cluster member (the
+Intermediates' mesh links); it grants no service. Anything else in the SAN is ignored.
 
 Unlike the original (original-system.md §3.4, "no ZTNA SAN means allow everything", and
 DEFECT-6 "SANs only enforced with a flag"), an *unscoped* certificate is allowed **nothing**:
@@ -110,6 +111,8 @@ class Identity:
     agent_wildcard: bool
     connector_wildcard: bool
     fingerprint: str
+    # SAN `intermediate.ztna`: a member of an Intermediate cluster (the mesh), nothing else.
+    intermediate: bool = False
     # The certificate's serial number, what a revocation list may name; not part of what the
     # identity *is* (equality and hashing stay those of the names and the fingerprint).
     serial: int = field(default=0, compare=False)
@@ -146,7 +149,9 @@ class Identity:
                 parts.append(f"{role}:*")
             elif services:
                 parts.append(f"{role}:{{{','.join(sorted(services))}}}")
-        if not self.scoped:
+        if self.intermediate:
+            parts.append("cluster member (intermediate.ztna: mesh links only)")
+        elif not self.scoped:
             parts.append("(unscoped: allowed nothing)")
         return " ".join(parts)
 
@@ -176,6 +181,7 @@ def identity_from_certificate(cert: x509.Certificate) -> Identity:
         dns_names = []
     services: dict[str, set[str]] = {role: set() for role in ROLES}
     wild = {role: False for role in ROLES}
+    intermediate = any(dns.lower() == "intermediate" + SAN_SUFFIX for dns in dns_names)
     for dns in dns_names:
         parsed = _parse_ztna_san(dns)
         if parsed is None:
@@ -192,6 +198,7 @@ def identity_from_certificate(cert: x509.Certificate) -> Identity:
         agent_wildcard=wild["agent"],
         connector_wildcard=wild["connector"],
         fingerprint=certificate_fingerprint(cert),
+        intermediate=intermediate,
         serial=cert.serial_number,
     )
 

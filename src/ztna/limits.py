@@ -59,3 +59,13 @@ def max_datagram_payload(udp_payload: int, dcid_len: int) -> int:
 # such streams one Agent may hold (beyond it, streams are opened without a token).
 STREAM_RESUME_GRACE = 15.0
 STREAM_RESUME_PER_AGENT = 256
+
+# Cluster store (`ztna intermediate --cluster`): the session-ticket calls block the handshake,
+# so they wait this long at most before 0-RTT is refused; other store calls wait longer.
+CLUSTER_TICKET_TIMEOUT: Final = 0.1
+CLUSTER_STORE_TIMEOUT: Final = 2.0
+CLUSTER_PROBE_INTERVAL: Final = 1.0          # how often a member checks the store (recovery)
+CLUSTER_JOIN_TIMEOUT: Final = 10.0           # a starting member waits this long for the store
+CLUSTER_LEASE: Final = 6.0                   # a member's presence expires this long after its last refresh
+CLUSTER_LEASE_REFRESH: Final = 2.0
+MESH_REMOTE_AGENTS: Final = 100_000          # remote Agents one mesh connection may bring

@@ -74,6 +74,8 @@ class Agent:
             c = session.counters
             out: list[tuple[str, str, str, float, dict[str, str] | None]] = [
                 ("ztna_agent_reconnects_total", "counter", "Reconnects to the Intermediate", c.reconnects, None),
+                ("ztna_agent_failovers_total", "counter", "Moves to the next of several Intermediates",
+                 c.failovers, None),
                 ("ztna_agent_zero_rtt_attempts_total", "counter", "Connections started with a session ticket",
                  c.zero_rtt_attempts, None),
                 ("ztna_agent_zero_rtt_accepted_total", "counter", "Connections whose 0-RTT data was accepted",

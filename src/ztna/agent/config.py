@@ -134,7 +134,10 @@ def default_state_dir() -> Path:
 class AgentOptions(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    intermediate: tuple[str, int]
+    intermediate: tuple[str, int]   # the one attached to (or tried) now: the first at start
+    # Every Intermediate given (`--intermediate A,B,…`, members of one cluster), in order of
+    # preference; empty means just `intermediate`. The session fails over along it.
+    intermediates: tuple[tuple[str, int], ...] = ()
     tls: TlsFiles
     server_name: str | None = None  # TLS name to verify; default: the Intermediate's host (IP or DNS)
     services: tuple[ServiceSpec, ...]
@@ -191,6 +194,9 @@ class AgentOptions(BaseModel):
         if len(self.tun_name.encode()) > 15:
             raise ValueError("--tun-name longer than 15 bytes")
         return self
+
+    def targets(self) -> tuple[tuple[str, int], ...]:
+        return self.intermediates or (self.intermediate,)
 
     def tls_name(self) -> str:
         """The name the Intermediate's certificate must hold: an IP SAN when the Agent was

@@ -94,6 +94,7 @@ EARLY_PACKETS = 24
 @dataclass
 class SessionCounters:
     reconnects: int = 0
+    failovers: int = 0              # moves to the next of several Intermediates
     connect_failures: int = 0
     rx_unknown: int = 0
     rx_malformed: int = 0
@@ -250,12 +251,30 @@ class Session(ConnectionHandler):
                 self._set_state(LinkState.BACKOFF, self.info.last_error or "")
             if self._stopping:
                 return
+            if self._fail_over():
+                backoff.reset()
             if useful:
                 backoff.reset()
             sleep_for = backoff.next_delay()
             self._set_state(LinkState.BACKOFF, self.info.last_error or "", error=False)
             log.info("reconnecting in %.2fs", sleep_for)
             await asyncio.sleep(sleep_for)
+
+    def _fail_over(self) -> bool:
+        """The connection died or never came up: with several Intermediates (one cluster),
+        move on to the next, which knows this Agent's session ticket (0-RTT) through the
+        cluster. True when it moved."""
+        targets = self.options.targets()
+        if len(targets) < 2:
+            return False
+        try:
+            at = targets.index(self.options.intermediate)
+        except ValueError:
+            at = -1
+        self.options.intermediate = targets[(at + 1) % len(targets)]
+        self.counters.failovers += 1
+        log.info("failing over to intermediate %s", format_address(self.options.intermediate))
+        return True
 
     def _explain_name_mismatch(self, conn: ZtnaConnection) -> None:
         """A certificate without the name we verify never starts working by retrying:
@@ -617,6 +636,7 @@ class Session(ConnectionHandler):
                 "observed_address": self.info.observed,
                 "max_datagram_payload": self._max_payload if conn is not None else None,
                 "reconnects": self.counters.reconnects,
+                "failovers": self.counters.failovers,
                 "handshake": self.info.handshake,
                 "connect_ms": self.info.connect_ms,
                 "zero_rtt": {

@@ -45,10 +45,15 @@ def _build_options(**kw: Any) -> AgentOptions:  # (the import is lazy for --help
     else:
         raise UsageError("give --pki DIR or all of --cert, --key and --ca")
     check_tls_files(tls.cert, tls.key, tls.ca)
-    host, port = split_host_port(str(kw["intermediate"]), default_port=4433)
+    targets = tuple(split_host_port(t.strip(), default_port=4433)
+                    for t in str(kw["intermediate"]).split(",") if t.strip())
+    if not targets:
+        raise UsageError("no Intermediate: give --intermediate HOST:PORT[,HOST:PORT…]")
+    host, port = targets[0]
     mode = kw["mode"] or ("tun" if os.geteuid() == 0 else "userspace")
     values: dict[str, Any] = dict(
-        intermediate=(host, port), tls=tls, server_name=kw["server_name"] or None,
+        intermediate=(host, port), intermediates=targets if len(targets) > 1 else (), tls=tls,
+        server_name=kw["server_name"] or None,
         services=tuple(parse_service(s) for s in kw["service"]),
         mode=mode, tun_name=kw["tun_name"], name=kw["name"] or kw["tun_name"],
         forwards=tuple(parse_forward(f, "-L") for f in kw["forward"]),
@@ -99,7 +104,9 @@ def _merge_config(ctx: click.Context, config_path: Path | None, kw: dict[str, ob
 @click.command(name="agent")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="TOML config file (flags override it; see docs/agent.md).")
-@click.option("--intermediate", metavar="HOST:PORT", help="The Intermediate (port defaults to 4433).")
+@click.option("--intermediate", metavar="HOST:PORT[,HOST:PORT…]",
+              help="The Intermediate (port defaults to 4433); several, comma-separated, for members"
+                   " of one cluster: attach to the first that answers, fail over to the next.")
 @click.option("--pki", type=click.Path(file_okay=False), help="Directory with agent.pem, agent.key, ca.pem.")
 @click.option("--cert", type=click.Path(dir_okay=False))
 @click.option("--key", type=click.Path(dir_okay=False))

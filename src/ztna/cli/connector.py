@@ -13,7 +13,9 @@ from ztna.errors import UsageError
 
 @click.command(name="connector")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
-@click.option("--intermediate", help="Intermediate HOST[:PORT] (port defaults to 4433; IPv6 in brackets).")
+@click.option("--intermediate", help="Intermediate HOST[:PORT] (port defaults to 4433; IPv6 in brackets);"
+                                    " several, comma-separated, for members of one cluster: attach to"
+                                    " the first, fail over to the next.")
 @click.option("--server-name", help="TLS name to verify on the Intermediate (default: its host).")
 @click.option("--name", help="This Connector's name among those sharing its certificate (default: the host name); "
               "a restart under the same name replaces its old registration at once.")

@@ -69,6 +69,12 @@ def read_token(path: Path) -> bytes:
                    " key here, so returning clients resume with 0-RTT even after a restart. Several"
                    " Intermediates sharing this directory share the strike register. Default: memory only.")
 @click.option("--no-0rtt", "no_0rtt", is_flag=True, help="Issue no session tickets (no resumption, no 0-RTT).")
+@click.option("--cluster", metavar="redis://HOST:PORT/DB",
+              help="Join a cluster of Intermediates sharing this Redis (rediss:// for TLS): shared"
+                   " address-token and stateless-reset keys and one single-use ticket register, so"
+                   " clients resume in 0-RTT on any member. Needs --advertise. Default: standalone.")
+@click.option("--advertise", metavar="HOST:PORT",
+              help="This member's address as the other members reach it (its name in the cluster).")
 @click.option("--revoked", type=click.Path(dir_okay=False, path_type=Path),
               help="Deny-list of certificate serials, identities and fingerprints (docs/admin.md);"
                    " reloaded on SIGHUP, revoked peers' connections are closed at once.")
@@ -162,6 +168,8 @@ def intermediate(ctx: click.Context, config_path: Path | None, **flags: Any) -> 
         qlog_dir=qlog_dir,
         state_dir=str(cfg.state_dir) if cfg.state_dir else None,
         enable_0rtt=cfg.zero_rtt,
+        cluster=cfg.cluster,
+        advertise=cfg.advertise,
         revoked=str(cfg.revoked) if cfg.revoked else None,
         admin=cfg.admin_address(),
         admin_token=admin_token,

@@ -293,6 +293,9 @@ class ConnectorLimits(BaseModel):
 class ConnectorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     intermediate: HostPort
+    # Every Intermediate given (`intermediate = "A,B,…"`: members of one cluster), in order of
+    # preference; empty means just `intermediate` (the first). The relay link fails over along it.
+    intermediates: list[HostPort] = Field(default_factory=list)
     server_name: str | None = None      # TLS name to verify; default: the intermediate host
     # Names this Connector among those sharing its certificate (its Hello to the Intermediate):
     # a restart under the same name replaces the old registration at once; Connectors of one
@@ -320,6 +323,16 @@ class ConnectorConfig(BaseModel):
     audit_log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096)
     audit_log_backups: int = Field(default=5, ge=0, le=1000)
     audit_interval_minutes: float = Field(default=5.0, gt=0, le=24 * 60)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _several(cls, data: Any) -> Any:
+        inter = data.get("intermediate") if isinstance(data, dict) else None
+        if isinstance(inter, str) and "," in inter:
+            parts = [p.strip() for p in inter.split(",") if p.strip()]
+            data = {**data, "intermediate": parts[0] if parts else "",
+                    "intermediates": [_to_host_port(p, default_port=limits.INTERMEDIATE_PORT) for p in parts]}
+        return data
 
     @field_validator("intermediate", mode="before")
     @classmethod

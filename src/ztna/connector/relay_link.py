@@ -58,6 +58,8 @@ HANDSHAKE_TIMEOUT = 10.0
 REGISTER_RETRY = 2.0
 NACK_RETRY = 30.0
 BACKOFF_BASE = 0.5
+FAILOVER_PING = 2.0        # keepalive while other Intermediates are there to fail over to
+FAILOVER_SILENCE = 8.0     # nothing heard this long: that Intermediate is gone
 BACKOFF_CAP = 30.0
 STABLE_AFTER = 10.0
 _FINAL_NACKS = frozenset({NackStatus.NOT_AUTHORIZED, NackStatus.INVALID_REQUEST,
@@ -82,8 +84,13 @@ class LinkSink(Protocol):
 class RelayLink(ConnectionHandler):
     def __init__(self, endpoint: QuicEndpoint, *, host: str, port: int,
                  config_factory: Callable[[], Any], services: list[str], sink: LinkSink,
-                 rng: random.Random | None = None, name: str = "connector") -> None:
+                 rng: random.Random | None = None, name: str = "connector",
+                 alternates: list[tuple[str, int]] | None = None) -> None:
         self.endpoint = endpoint
+        # Several Intermediates (one cluster): after a lost or failed connection the link moves
+        # on to the next; the cluster shares the tickets, so it resumes there in 0-RTT.
+        self.alternates = alternates or []
+        self.failovers = 0
         self.name = name
         self.instance = connector_instance(name)
         self.host = host
@@ -133,6 +140,11 @@ class RelayLink(ConnectionHandler):
                     backoff.reset()
             if self._stopping.is_set():
                 break
+            if len(self.alternates) > 1:
+                at = self.alternates.index((self.host, self.port)) if (self.host, self.port) in self.alternates else -1
+                self.host, self.port = self.alternates[(at + 1) % len(self.alternates)]
+                self.failovers += 1
+                log.info("failing over to intermediate %s", format_address((self.host, self.port)))
             delay = backoff.next_delay()
             self.reconnects += 1
             self.state = LinkState.BACKOFF
@@ -193,15 +205,25 @@ class RelayLink(ConnectionHandler):
         self._sent_at = {}
         log.info("connected to the intermediate %s (%s)", format_address(conn.peer_address), self.host)
         self.sink.relay_up(conn)
-        upkeep = UpkeepSchedule(keepalive=limits.KEEPALIVE_INTERVAL,
-                                cid_rotation=limits.CID_ROTATION_INTERVAL, now=loop.time())
+        # With somewhere else to go (several Intermediates), a silent one is left after
+        # FAILOVER_SILENCE instead of the 30 s idle timeout; pings are frequent enough for that.
+        failover = len(self.alternates) > 1
+        keepalive = FAILOVER_PING if failover else limits.KEEPALIVE_INTERVAL
+        upkeep = UpkeepSchedule(keepalive=keepalive, cid_rotation=limits.CID_ROTATION_INTERVAL,
+                                now=loop.time())
         try:
             while not conn.closed and not self._stopping.is_set():
                 now = loop.time()
                 self._register_due(conn, now)
                 run_upkeep(conn, upkeep, now=now)    # keepalive PING, CID rotation
+                if failover and now - conn.last_received > FAILOVER_SILENCE:
+                    self.last_error = f"nothing heard for {now - conn.last_received:.1f}s"
+                    log.warning("intermediate %s silent (%s)", format_address((self.host, self.port)),
+                                self.last_error)
+                    conn.close(CLOSE_NO_ERROR, "intermediate silent")
+                    break
                 try:
-                    await asyncio.wait_for(self._closed.wait(), 1.0)
+                    await asyncio.wait_for(self._closed.wait(), 0.5 if failover else 1.0)
                 except TimeoutError:
                     pass
         finally:

@@ -127,6 +127,12 @@ class Connector:
         conn.send_control(encode_control(self.health_message(service)))
 
     # ------------------------------------------------------------------ lifecycle
+    def _relay_configuration(self) -> Any:
+        # The name of the Intermediate tried now (given several, they take turns).
+        host = self.relay.host if self.relay is not None else self.cfg.intermediate.host
+        return make_configuration(is_client=True, tls=self.tls, server_name=self.cfg.server_name or host,
+                                  udp_payload=self.cfg.udp_payload)
+
     async def start(self) -> None:
         loop = self.loop = asyncio.get_running_loop()
         self.started_at = loop.time()
@@ -173,11 +179,10 @@ class Connector:
                  format_address((self.cfg.relay_host, self.relay_endpoint.local_address[1])))
         self.relay = RelayLink(
             self.relay_endpoint, host=inter.host, port=inter.port,
-            config_factory=lambda: make_configuration(
-                is_client=True, tls=self.tls, server_name=self.cfg.tls_name(),
-                udp_payload=self.cfg.udp_payload),
+            config_factory=self._relay_configuration,
             services=list(self.services), sink=self, rng=random.Random(self.rng.random()),
-            name=self.cfg.connector_name())
+            name=self.cfg.connector_name(),
+            alternates=[(h.host, h.port) for h in self.cfg.intermediates])
         self.relay.on_service_registered = self._service_registered
         self._tasks.append(loop.create_task(self.relay.run()))
         self.backend_health.start()

@@ -17,6 +17,8 @@ Example file (all keys optional)::
     max_registrations = 64
     udp_payload = 1350
     log_level = "info"
+    cluster = "redis://10.0.0.5:6379/0"   # join a cluster (with advertise)
+    advertise = "203.0.113.7:4433"         # how the other members reach this one
     revoked = "/etc/ztna/revoked.txt"   # deny-list, reloaded on SIGHUP
     admin = "127.0.0.1:9443"           # admin API + dashboard; default off
     admin_token_file = "/etc/ztna/admin.token"   # needed for a non-loopback admin address
@@ -104,6 +106,8 @@ class IntermediateConfig(BaseModel):
     state_dir: Path | None = None       # 0-RTT ticket store + address-token key (0600 files)
     zero_rtt: bool = True
     log_level: str = "info"
+    cluster: str | None = None          # redis://HOST:PORT/DB shared by every member
+    advertise: str | None = None        # HOST:PORT of this member, as the others reach it
     revoked: Path | None = None         # deny-list of serials/identities (ztna.revocation)
     admin: str | None = None            # admin API + dashboard, HOST:PORT (off by default)
     admin_token_file: Path | None = None
@@ -128,6 +132,38 @@ class IntermediateConfig(BaseModel):
         if value.strip().lower() != "off":
             parse_host_port(value)
         return value
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster(cls, value: str | None) -> str | None:
+        if value is not None:
+            from ztna.cluster.url import parse_store_url
+
+            parse_store_url(value)
+        return value
+
+    @field_validator("advertise")
+    @classmethod
+    def _advertise(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, port = parse_host_port(value)
+            if port == 0:
+                raise ValueError("port 0 cannot be reached by the other members")
+            try:
+                unspecified = ipaddress.ip_address(host.split("%")[0]).is_unspecified
+            except ValueError:
+                unspecified = False   # a DNS name
+            if unspecified:
+                raise ValueError("a wildcard address cannot be reached by the other members")
+        return value
+
+    @model_validator(mode="after")
+    def _membership(self) -> IntermediateConfig:
+        if self.cluster is not None and self.advertise is None:
+            raise ValueError("cluster needs advertise (HOST:PORT the other members reach this one at)")
+        if self.advertise is not None and self.cluster is None:
+            raise ValueError("advertise only makes sense with cluster")
+        return self
 
     @field_validator("admin")
     @classmethod

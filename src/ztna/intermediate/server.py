@@ -47,6 +47,7 @@ from ztna.wire import (
     PUNCH_MESSAGES,
     SERVICE_DATAGRAM,
     AddressToken,
+    AgentGone,
     ControlMessage,
     GoAway,
     Hello,
@@ -63,6 +64,7 @@ from ztna.wire import (
     encode_registration,
     to_connector_from_service_datagram,
 )
+from ztna.wire.mesh import MESH_FROM_CONNECTOR, MESH_TO_CONNECTOR
 from ztna.wire.registration import REGISTER_AGENT, REGISTER_CONNECTOR
 
 log = logging.getLogger("ztna.intermediate")
@@ -90,6 +92,11 @@ class IntermediateOptions:
     ticket_store: Any = None        # a ztna.quic.tickets.ServerTicketStore; built from state_dir if None
     state_dir: str | None = None    # holds tickets.sqlite (shared strike register for 0-RTT)
     enable_0rtt: bool = True
+    cluster: str | None = None      # redis://HOST:PORT/DB: share keys and tickets with other members
+    advertise: str | None = None    # HOST:PORT the other members know this one by
+    # The certificate this member dials the others with (SAN intermediate.ztna); None:
+    # member.pem/.key next to the server certificate, if they are there (else no mesh).
+    mesh_tls: TlsFiles | None = None
     revoked: str | None = None      # deny-list file (ztna.revocation), reloaded on SIGHUP
     admin: tuple[str, int] | None = None    # admin API and dashboard (off by default)
     admin_token: bytes | None = None        # enables the write operations; needed off loopback
@@ -144,6 +151,8 @@ class Intermediate:
         self._routes: dict[tuple[str, int], frozenset[_Route]] = {}
         self._routed: dict[str, set[int]] = {}
         self._route_refs: dict[_Route, int] = {}
+        self.cluster: Any = None        # a ztna.cluster.member.ClusterMember with --cluster
+        self.mesh: Any = None           # its ztna.cluster.mesh.Mesh, with a member certificate
         self.revocation = RevocationGuard(options.revoked, close_code=CLOSE_AUTH)
         self.handshakes = LatencyHistogram()
         self.admin_server: Any = None
@@ -153,6 +162,8 @@ class Intermediate:
     # ------------------------------------------------------------------ lifecycle
     def _build_server_options(self) -> ServerOptions:
         o = self.options
+        if self.cluster is not None:
+            self._use_cluster_state()
         if o.ticket_store is None and o.enable_0rtt:
             from ztna.quic.tickets import ServerTicketStore
 
@@ -180,13 +191,67 @@ class Intermediate:
             # Derived from the server key, so a restarted Intermediate resets its
             # predecessor's connections and clients reconnect at once (not after 30 s).
             # (TlsFiles.key is None only for a client that presents no certificate)
-            reset_secret=hashlib.sha256(b"ztna stateless reset v1"
-                                        + Path(o.tls.key).read_bytes()).digest(),  # type: ignore[arg-type]
+            reset_secret=self.cluster.reset_key if self.cluster is not None else
+            hashlib.sha256(b"ztna stateless reset v1"
+                           + Path(o.tls.key).read_bytes()).digest(),  # type: ignore[arg-type]
         )
+
+    def _presence(self) -> Any:
+        """What this member holds, for the cluster's presence records."""
+        from ztna.cluster.presence import Presence
+
+        peers = self.registry.peers
+        return Presence(
+            self.options.advertise or "",
+            {s: tuple(peers[c].label for c in pool if c in peers)
+             for s, pool in self.registry.connectors.items()},
+            {s: len(agents) for s, agents in self.registry.agents.items()},
+        )
+
+    def _start_mesh(self) -> None:
+        o = self.options
+        tls = o.mesh_tls
+        if tls is None and o.tls.cert is not None:
+            d = Path(o.tls.cert).parent
+            if (d / "member.pem").exists() and (d / "member.key").exists():
+                tls = TlsFiles(cert=d / "member.pem", key=d / "member.key", ca=o.tls.ca)
+        if tls is None:
+            log.warning("no member certificate (member.pem/.key beside the server certificate):"
+                        " the mesh is off, Agents reach only Connectors on this member")
+            return
+        from ztna.cluster.mesh import Mesh
+
+        self.mesh = Mesh(self, self.cluster, tls, udp_payload=o.udp_payload)
+        self.cluster.on_view = self.mesh.maintain
+
+    def new_peer_id(self) -> int:
+        """A peer id in use by no connection and no registry entry (remote Agents have one)."""
+        peer_id = self._next_peer
+        while peer_id in self.conns or peer_id in self.registry.peers:
+            peer_id = (peer_id % 0xFFFFFFFF) + 1
+        self._next_peer = (peer_id % 0xFFFFFFFF) + 1
+        return peer_id
+
+    def _use_cluster_state(self) -> None:
+        # Keys and tickets shared by every member, so a client moving between members keeps
+        # its address token and resumes in 0-RTT (ztna.cluster).
+        from ztna.quic.tokens import AddressTokens
+
+        if self.options.enable_0rtt:
+            self.options.ticket_store = self.cluster.tickets
+        self.address_tokens = AddressTokens(self.cluster.address_token_key)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()
+        if self.options.cluster and self.cluster is None:
+            from ztna.cluster.member import ClusterMember
+
+            self.cluster = ClusterMember(self.options.cluster, self.options.advertise or "",
+                                         local_presence=self._presence)
+            await self.cluster.join()
+            self.cluster.start()
+            self._start_mesh()
         self._server_options = self._build_server_options()
         for host, port in self.options.listen:
             try:
@@ -280,6 +345,10 @@ class Intermediate:
             ep.shutdown_socket()
         if self.metrics_server:
             await self.metrics_server.close()
+        if self.mesh is not None:
+            self.mesh.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         if self.admin_server is not None:
             await self.admin_server.close()
         if self.audit is not None:
@@ -298,13 +367,13 @@ class Intermediate:
 
     # ------------------------------------------------------------------ peers
     def peer_up(self, conn: ZtnaConnection) -> None:
-        peer_id = self._next_peer
-        while peer_id in self.conns:  # stable ids (Hello) live in the same space
-            peer_id = (peer_id % 0xFFFFFFFF) + 1
-        self._next_peer = (peer_id % 0xFFFFFFFF) + 1
-        conn.user = peer_id
         self.handshakes.observe(asyncio.get_running_loop().time() - conn.created_at)
         identity = conn.identity
+        if identity is not None and identity.intermediate and self.mesh is not None:
+            self.mesh.member_up(conn)   # another member of the cluster: a mesh peer only
+            return
+        peer_id = self.new_peer_id()    # stable ids (Hello) live in the same space
+        conn.user = peer_id
         if identity is not None and not identity.scoped:
             if not self.options.insecure_allow_unscoped:
                 log.warning("refusing %s: certificate %r has no ztna service SAN",
@@ -330,6 +399,8 @@ class Intermediate:
             conn.send_control(encode_control(AddressToken(token=token.hex())))
 
     def peer_down(self, conn: ZtnaConnection, reason: str) -> None:
+        if self.mesh is not None and self.mesh.member_down(conn):
+            return
         peer_id = conn.user
         if peer_id is None or self.conns.get(peer_id) is not conn:
             return
@@ -339,6 +410,8 @@ class Intermediate:
         self._sans.pop(peer_id, None)
         self._held.pop(conn, None)
         self.execute(self.registry.remove_peer(peer_id))
+        if self.mesh is not None:
+            self.mesh.agent_gone(peer_id)
         if self.signaling is not None:
             self.execute(self.signaling.peer_gone(peer_id))
         if self.streams is not None:
@@ -355,6 +428,8 @@ class Intermediate:
         conn.send_control(encode_control(addr))
 
     def execute(self, notes: list[Notify]) -> None:
+        if self.mesh is not None and notes:
+            notes = self.mesh.adjust(notes)
         for note in notes:
             conn = self.conns.get(note.peer)
             if conn is not None:
@@ -447,7 +522,13 @@ class Intermediate:
         }
         for kind in (*PUNCH_MESSAGES, StandingCandidates):
             table[kind] = self._signal
+        # From another member of the cluster: one of its Agents we relay for has gone.
+        table[AgentGone] = self._remote_agent_gone
         return table
+
+    def _remote_agent_gone(self, conn: ZtnaConnection, msg: AgentGone) -> None:
+        if self.mesh is not None:
+            self.mesh.remote_agent_gone(conn, msg.agent)
 
     def _register(self, conn: ZtnaConnection, msg: Register) -> None:
         reply, notes = self.registry.register(conn.user, msg)
@@ -518,6 +599,8 @@ class Intermediate:
         new_id = stable_peer_id(fingerprint, instance)
         if new_id == old_id:
             return
+        if new_id in self.registry.peers and new_id not in self.conns:
+            return  # a remote Agent's id (the mesh): keep the sequential one
         other = self.conns.get(new_id)
         if other is not None:
             if self._instances.get(new_id) != key:
@@ -580,6 +663,8 @@ class Intermediate:
             target_id = registry.connector_for(service, packet, now=self._now())
             target = self.conns.get(target_id) if target_id is not None else None
             if target is None:
+                if self.mesh is not None and self.mesh.forward(peer_id, service, packet, data):
+                    return
                 stats.dropped_no_connector += 1
                 self._bad.warning("no connector for service", service)
                 return
@@ -597,7 +682,8 @@ class Intermediate:
                 return
             target = self.conns.get(agent_id)
             if target is None:
-                stats.dropped_bad_reply += 1
+                if self.mesh is None or not self.mesh.reply(agent_id, packet):
+                    stats.dropped_bad_reply += 1
                 return
             out = bytes(packet)
         elif kind in (REGISTER_AGENT, REGISTER_CONNECTOR):
@@ -614,6 +700,9 @@ class Intermediate:
                 conn.send_datagram(encode_registration(reply))
                 self.execute(notes)
             return
+        elif kind in (MESH_TO_CONNECTOR, MESH_FROM_CONNECTOR) and self.mesh is not None:
+            self.mesh.on_member_datagram(conn, data)
+            return
         else:
             stats.dropped_unknown_type += 1
             self._bad.warning("datagram of unknown type", f"0x{kind:02x} from {conn.label}")
@@ -629,7 +718,11 @@ class Intermediate:
     # ------------------------------------------------------------------ observability
     def _health(self) -> tuple[bool, dict[str, Any]]:
         ok = self.ready and not self.draining and all(not ep._closed for ep in self.endpoints)
-        return ok, {"connections": len(self.conns), "draining": self.draining}
+        detail: dict[str, Any] = {"connections": len(self.conns), "draining": self.draining}
+        if self.cluster is not None:
+            # Still serving without the store (no 0-RTT): degraded, not down.
+            detail["cluster"] = self.cluster.health_detail()
+        return ok, detail
 
     def _stats_source(self) -> list[tuple[str, str, str, float, dict[str, str] | None]]:
         loop = asyncio.get_event_loop()
@@ -679,13 +772,19 @@ class Intermediate:
             out.append(("ztna_session_tickets_issued_total", "counter", "Session tickets issued", t.issued, None))
             out.append(("ztna_zero_rtt_resumptions_total", "counter",
                         "Resumptions (0-RTT) accepted with a single-use ticket", t.resumed, None))
-            for reason in ("unknown", "expired", "rotated"):
+            for reason in ("unknown", "expired", "rotated", "store_down"):
+                if not hasattr(t, f"refused_{reason}"):
+                    continue
                 out.append(("ztna_session_tickets_refused_total", "counter",
                             "Tickets refused (unknown = already used or never issued: replay protection)",
                             getattr(t, f"refused_{reason}"), {"reason": reason}))
         out.append(("ztna_relay_held_until_registered_total", "counter",
                     "Tunnel packets held until the registration in the same flight",
                     s.held_until_registered, None))
+        if self.cluster is not None:
+            out.extend(self.cluster.metrics())
+        if self.mesh is not None:
+            out.extend(self.mesh.metrics())
         if self.signaling is not None:
             for name, kind, help_text, value, labels in self.signaling.metrics():
                 out.append((name, kind, help_text, value, labels))

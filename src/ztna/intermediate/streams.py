@@ -13,6 +13,11 @@ on every stream event and, while any leg holds uncredited bytes, every `RECHECK`
 (the transport reports no "drained" event). FIN ↔ FIN, reset ↔ reset; a peer that goes away resets the
 other leg of each of its splices. At most `MAX_SPLICES_PER_PEER` per Agent.
 
+In a cluster (`ztna.cluster.mesh`) a stream for a service without a Connector here goes to the
+member its flow is placed on: the other leg is a stream on the mesh link to that member, headed
+`RelayedStreamOpen` with this member's Agent id; that member splices it like an Agent's stream,
+to one of its Connectors, with its own id for the remote Agent. Resumed streams do not cross.
+
 `StreamResume` (docs/protocol.md §5.1: a stream that was on a direct connection continues
 here) is spliced the same way, as `RelayedStreamResume(agent_id, ...)`; the Connector checks
 the token against the agent id we vouch for. `NamedStreamOpen` (a DNS name instead of an
@@ -91,8 +96,11 @@ class _Splice:
         self.down = 0
 
     def view(self, ended: float | None) -> FlowView:
-        return FlowView(agent_id=self.agent.peer if self.agent is not None else 0,
-                        connector_id=self.connector.peer if self.connector is not None else None,
+        # Legs on cluster mesh links are keyed by their link, not by a peer id.
+        agent, connector = (self.agent.peer if self.agent is not None else 0,
+                            self.connector.peer if self.connector is not None else None)
+        return FlowView(agent_id=agent if isinstance(agent, int) else 0,
+                        connector_id=connector if isinstance(connector, int) else None,
                         service=self.service, destination=self.destination, bytes_up=self.up,
                         bytes_down=self.down, started_at=self.started, ended_at=ended)
 
@@ -166,8 +174,14 @@ class StreamSplicer:
 
     def _open(self, leg: _Leg, header: Any, rest: bytes) -> bool:
         srv = self.srv
-        if (not isinstance(header, (StreamOpen, StreamResume, NamedStreamOpen))
-                or not srv.registry.is_agent_of(leg.peer, header.service_id)):
+        mesh = getattr(srv, "mesh", None)
+        agent_id = leg.peer
+        if mesh is not None and not isinstance(agent_id, int):
+            # A stream from another member of the cluster, for one of its Agents: our own id
+            # for that remote Agent (None: not a mesh peer, or not a mesh stream header).
+            agent_id, header = mesh.stream_from_member(leg.conn, header)
+        if (agent_id is None or not isinstance(header, (StreamOpen, StreamResume, NamedStreamOpen))
+                or not srv.registry.is_agent_of(agent_id, header.service_id)):
             self._refuse(leg, StreamStatus.NOT_AUTHORIZED)
             return False
         if isinstance(header, StreamResume):
@@ -175,9 +189,12 @@ class StreamSplicer:
             # pool: a resumption continues an existing flow, which health does not move.
             target_id = srv.registry.pick(header.service_id, header.token, healthy_only=False)
         else:
-            key = leg.peer.to_bytes(4, "big") + leg.sid.to_bytes(8, "big")
+            key = agent_id.to_bytes(4, "big") + leg.sid.to_bytes(8, "big")
             target_id = srv.registry.pick(header.service_id, key)
         target = srv.conns.get(target_id) if target_id is not None else None
+        if target is None and mesh is not None and isinstance(header, StreamOpen):
+            target = mesh.stream_link(agent_id, header.service_id, key)   # a Connector elsewhere
+            target_id = target.user if target is not None else None
         if target is None:
             self._refuse(leg, StreamStatus.UNREACHABLE)
             return False
@@ -199,26 +216,26 @@ class StreamSplicer:
         self.per_peer[target_id] = self.per_peer.get(target_id, 0) + 1
         relayed: RelayedStreamOpen | RelayedStreamResume | RelayedNamedStreamOpen
         if isinstance(header, StreamResume):
-            relayed = RelayedStreamResume(agent_id=leg.peer, service_id=header.service_id,
+            relayed = RelayedStreamResume(agent_id=agent_id, service_id=header.service_id,
                                           token=header.token, received=header.received)
         elif isinstance(header, NamedStreamOpen):
-            relayed = RelayedNamedStreamOpen(agent_id=leg.peer, service_id=header.service_id,
+            relayed = RelayedNamedStreamOpen(agent_id=agent_id, service_id=header.service_id,
                                              name=header.name, dst_port=header.dst_port)
         else:
-            relayed = RelayedStreamOpen(agent_id=leg.peer, service_id=header.service_id,
+            relayed = RelayedStreamOpen(agent_id=agent_id, service_id=header.service_id,
                                         dst_ip=header.dst_ip, dst_port=header.dst_port)
         target.send_stream(tsid, encode_stream_open(relayed) + rest)
         leg.owed += len(rest)
         self.spliced += 1
         if srv.signaling is not None and isinstance(header, (StreamOpen, NamedStreamOpen)):
-            srv.signaling.relayed(leg.peer, header.service_id)
+            srv.signaling.relayed(agent_id, header.service_id)
         audit = srv.audit
         if audit is not None:
             from ztna.audit import FlowAudit, sans_of
 
             flow = leg.splice.audit = FlowAudit(
                 audit.new_id("i"), service=header.service_id, protocol="tcp", path="relay",
-                now=asyncio.get_running_loop().time(), agent_id=leg.peer, identity=sans_of(leg.conn),
+                now=asyncio.get_running_loop().time(), agent_id=agent_id, identity=sans_of(leg.conn),
                 dst_port=header.dst_port if isinstance(header, (StreamOpen, NamedStreamOpen)) else None,
                 connector=target.label, setup=dict(srv.setup_times.get(leg.conn, {})),
                 name=header.name if isinstance(header, NamedStreamOpen) else None)

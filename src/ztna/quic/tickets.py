@@ -17,6 +17,8 @@ back with `take` when a client resumes. We keep them in SQLite (file mode 0600),
 * **Several Intermediate processes** get 0-RTT only if they share the same database file
   (the same strike register); with separate stores a ticket from another process is simply
   unknown, so 0-RTT is refused, never accepted twice.
+  Intermediates on different hosts share a Redis instead (`ztna.cluster.tickets`, the same
+  put/take over an atomic GETDEL).
 * **Identity**: the resumption state holds the client's certificate chain from the full
   handshake; the endpoint verifies it again (`ztna.identity`) before any early data is used.
 

@@ -20,6 +20,8 @@ from ztna.wire.control import *  # noqa: F403
 from ztna.wire.control import __all__ as _control_all
 from ztna.wire.control_messages import *  # noqa: F403
 from ztna.wire.control_messages import __all__ as _control_messages_all
+from ztna.wire.mesh import *  # noqa: F403
+from ztna.wire.mesh import __all__ as _mesh_all
 from ztna.wire.probe import *  # noqa: F403
 from ztna.wire.probe import __all__ as _probe_all
 from ztna.wire.qad import *  # noqa: F403
@@ -34,6 +36,6 @@ from ztna.wire.tunnel import *  # noqa: F403
 from ztna.wire.tunnel import __all__ as _tunnel_all
 
 __all__ = sorted(
-    set(_control_all) | set(_control_messages_all) | set(_probe_all) | set(_qad_all)
+    set(_control_all) | set(_control_messages_all) | set(_mesh_all) | set(_probe_all) | set(_qad_all)
     | set(_registration_all) | set(_service_id_all) | set(_stream_header_all) | set(_tunnel_all)
 )
