@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from ztna import procs
 from ztna.worlds.lab_tun import PY, VIP4, World, make_files
 
 pytestmark = pytest.mark.root
@@ -106,18 +108,15 @@ def test_owner_table_dies_with_its_holder(tmp_path: Path) -> None:
     with netns(ns):
         p = spawn(ns, PY, "-c", holder, log=tmp_path / "holder.log")
         try:
-            deadline = time.monotonic() + 15
-            while "ready" not in (tmp_path / "holder.log").read_text() and time.monotonic() < deadline:
-                assert p.poll() is None, (tmp_path / "holder.log").read_text()
-                time.sleep(0.05)
+            procs.wait_until(lambda: "ready" in (tmp_path / "holder.log").read_text(), timeout=15,
+                             what="the holder's nft table", watch=[p], error=AssertionError,
+                             detail=lambda: (tmp_path / "holder.log").read_text())
             listing = nsexec(ns, "nft", "list", "table", "inet", "ztna_t").stdout
             assert "flags owner" in listing and "redirect to :4000" in listing, listing
-            p.kill()
-            p.wait(5)
+            procs.stop(p, sig=signal.SIGKILL, grace=5)
             deadline = time.monotonic() + 3
             while "ztna_t" in nsexec(ns, "nft", "list", "tables").stdout and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert "ztna_t" not in nsexec(ns, "nft", "list", "tables").stdout
         finally:
-            if p.poll() is None:
-                p.kill()
+            procs.stop(p, sig=signal.SIGKILL)

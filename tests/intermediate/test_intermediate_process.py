@@ -239,6 +239,51 @@ def test_cid_rotation_keeps_routing(server: IntermediateProc, pki: Path) -> None
     run(main())
 
 
+def test_the_agent_rotates_its_connection_id_and_its_tunnel_keeps_working(
+        server: IntermediateProc, pki: Path, tmp_path: Path) -> None:
+    """The real Agent session (not the test client) moves to fresh connection IDs on its
+    own, and every echo after a move comes back byte for byte."""
+    from ztna.agent.config import AgentOptions, ServiceSpec
+    from ztna.agent.session import Session
+    from ztna.netstack.packets import build_udp_packet, ip_to_bytes
+
+    async def main() -> None:
+        conn = await Peer(echo=True).connect("127.0.0.1", server.port, tls(pki, "connector"))
+        assert isinstance(await conn.register(Role.CONNECTOR, "echo"), RegistrationAck)
+        got: list[bytes] = []
+        opts = AgentOptions(intermediate=("127.0.0.1", server.port), tls=tls(pki, "agent"),
+                            server_name="localhost", state_dir=tmp_path, cid_rotation=0.4,
+                            services=(ServiceSpec(id="echo", virtual_ips=("10.1.2.3",)),))
+        session = Session(opts, on_packet=got.append)
+        await session.start()
+        svc = session.services[0]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while not svc.ready and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        assert svc.ready and session.conn is not None
+        seen = {session.conn.current_dcid()}
+        for i in range(4):
+            tag = b"agent-rotation-%d" % i
+            pkt = build_udp_packet(ip_to_bytes("100.64.0.2"), ip_to_bytes("10.1.2.3"), 4000, 7, tag)
+            got.clear()
+            session.send(svc, svc.prefix + pkt)
+            for _ in range(300):
+                if got:
+                    break
+                await asyncio.sleep(0.01)
+            assert got and got[0] == build_udp_packet(ip_to_bytes("10.1.2.3"), ip_to_bytes("100.64.0.2"),
+                                                      7, 4000, tag)
+            await asyncio.sleep(0.5)
+            assert session.conn is not None
+            seen.add(session.conn.current_dcid())
+        assert len(seen) >= 3, seen          # the session rotated on its own, more than once
+        assert session.counters.reconnects == 0
+        await session.stop()
+        await conn.close()
+    run(main())
+
+
 # ---------------------------------------------------------------------------- garbage + flood
 
 def test_garbage_and_handshake_flood_leave_it_serving(pki: Path, tmp_path: Path) -> None:

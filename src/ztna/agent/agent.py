@@ -18,7 +18,7 @@ import os
 import random
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ztna import limits
 from ztna.agent.config import AgentOptions
@@ -26,6 +26,14 @@ from ztna.agent.control import ControlServer
 from ztna.agent.session import ACKED, REFUSED, Session
 from ztna.observe import format_address
 from ztna.wire import to_connector_overhead
+
+if TYPE_CHECKING:  # imported where they start: the TUN parts need root and pyroute2
+    from ztna.agent.dns import DnsResponder
+    from ztna.agent.tcp_redirect import TcpRedirect
+    from ztna.agent.tun import TunDevice
+    from ztna.agent.tun_mode import TunDataPlane
+    from ztna.agent.userspace import Userspace
+    from ztna.observe import MetricsServer
 
 log = logging.getLogger("ztna.agent")
 
@@ -36,12 +44,12 @@ class Agent:
         # The one packet demux: every tunnel packet the session receives (relay or direct)
         # goes through _dispatch to the data plane that owns its destination.
         self.session = Session(options, on_packet=self._dispatch, rng=rng)
-        self.tun: Any = None
-        self.dataplane: Any = None
-        self.userspace: Any = None
-        self.redirect: Any = None       # TcpRedirect (TUN mode, --tcp-transport stream)
-        self.dns: Any = None            # DnsResponder (TUN mode, DNS-pattern services)
-        self.metrics_server: Any = None  # --metrics: direct-path warm-up histograms
+        self.tun: TunDevice | None = None
+        self.dataplane: TunDataPlane | None = None
+        self.userspace: Userspace | None = None
+        self.redirect: TcpRedirect | None = None   # TUN mode, --tcp-transport stream
+        self.dns: DnsResponder | None = None   # TUN mode, DNS-pattern services
+        self.metrics_server: MetricsServer | None = None  # --metrics: direct-path warm-up histograms
         self.control = ControlServer(options.state_dir / f"{options.name}.sock", self.snapshot)
         self.started_at: float | None = None
         self._stopped = asyncio.Event()
@@ -106,6 +114,7 @@ class Agent:
             if stream_tun:
                 from ztna.agent.tcp_redirect import TcpRedirect
 
+                assert self.userspace is not None and self.tun is not None  # both set above
                 self.redirect = TcpRedirect(self.userspace, opts, self.tun)
                 await self.redirect.start()
             if opts.mode == "tun" and opts.named:
@@ -165,10 +174,11 @@ class Agent:
             self._dropped_no_plane += 1
 
     def _mtu_changed(self, max_payload: int) -> None:
-        if self.dataplane is not None:
+        tun = self.tun
+        if self.dataplane is not None and tun is not None:
             mtu = self.dataplane.set_max_payload(max_payload)
-            if mtu != self.tun.mtu:
-                asyncio.ensure_future(asyncio.to_thread(self.tun.set_mtu, mtu))
+            if mtu != tun.mtu:
+                asyncio.ensure_future(asyncio.to_thread(tun.set_mtu, mtu))
 
     async def stop(self) -> None:
         if self._stopped.is_set():

@@ -154,6 +154,7 @@ class AgentOptions(BaseModel):
     udp_payload: int = limits.DEFAULT_QUIC_UDP_PAYLOAD
     keepalive: float = 2.0          # QUIC PING when idle this long (also feeds the RTT)
     dead_after: float = 8.0         # nothing heard for this long: the path is dead, reconnect
+    cid_rotation: float = limits.CID_ROTATION_INTERVAL   # a fresh connection ID this often
     register_retry: float = 1.0     # first re-send of an unanswered registration
     backoff_initial: float = 0.2
     backoff_cap: float = 10.0

@@ -52,12 +52,13 @@ from ztna.agent.services import (
 )
 from ztna.cert_hints import certificate_problem_hint, is_own_verification_failure
 from ztna.errors import DatagramTooLarge, DecodeError, error_text
-from ztna.link import LinkState
+from ztna.link import AGENT_JITTER, Backoff, LinkState
 from ztna.observe import format_address
 from ztna.p2p.path import PathConfig
 from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
+from ztna.quic.maintenance import UpkeepSchedule, run_upkeep
 from ztna.wire import (
     PUNCH_MESSAGES,
     AddressToken,
@@ -232,7 +233,8 @@ class Session(ConnectionHandler):
         return str(addr[0]), int(addr[1])
 
     async def _supervise(self) -> None:
-        delay = self.options.backoff_initial
+        backoff = Backoff(initial=self.options.backoff_initial, cap=self.options.backoff_cap,
+                          rng=self.rng, jitter=AGENT_JITTER)
         first = True
         while not self._stopping:
             if not first:
@@ -250,14 +252,13 @@ class Session(ConnectionHandler):
             if self._stopping:
                 return
             if self._fail_over():
-                delay = self.options.backoff_initial
+                backoff.reset()
             if useful:
-                delay = self.options.backoff_initial
-            sleep_for = delay * (0.5 + self.rng.random())   # jitter: 50 %..150 %
+                backoff.reset()
+            sleep_for = backoff.next_delay()
             self._set_state(LinkState.BACKOFF, self.info.last_error or "", error=False)
             log.info("reconnecting in %.2fs", sleep_for)
             await asyncio.sleep(sleep_for)
-            delay = min(delay * 2, self.options.backoff_cap)
 
     def _fail_over(self) -> bool:
         """The connection died or never came up: with several Intermediates (one cluster),
@@ -343,6 +344,10 @@ class Session(ConnectionHandler):
         self._check_mtu()
         loop = asyncio.get_running_loop()
         useful = False
+        # While the Intermediate is silent, ping on every pass (each 0.25 s) until it
+        # answers or `dead_after` declares the path dead: one lost PING must not do that.
+        upkeep = UpkeepSchedule(keepalive=self.options.keepalive, ping_gap=0.0,
+                                cid_rotation=self.options.cid_rotation, now=loop.time())
         try:
             while not conn.closed:
                 now = loop.time()
@@ -355,8 +360,7 @@ class Session(ConnectionHandler):
                     conn.close(0, "peer silent")
                     self._lost(conn, silent)
                     break
-                if now - conn.last_received > self.options.keepalive:
-                    conn.ping()
+                run_upkeep(conn, upkeep, now=now)    # keepalive PING, CID rotation
                 self._check_mtu()
                 try:
                     await asyncio.wait_for(self._closed_event.wait(), 0.25)

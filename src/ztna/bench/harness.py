@@ -179,7 +179,7 @@ class RowScope:
 
     def wait_for(self, what: str, check: Callable[[], bool], timeout: float,
                  proc: subprocess.Popen[Any] | None = None, logname: str = "") -> None:
-        procs.wait_until(check, timeout=timeout, what=what, interval=0.2,
+        procs.wait_until(lambda: check() or None, timeout=timeout, what=what, interval=0.2,
                          watch=[proc] if proc is not None else [], error=RowError,
                          detail=(lambda: self.log_tail(logname)) if logname else None)
 

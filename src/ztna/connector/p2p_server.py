@@ -33,11 +33,12 @@ from typing import Any, Protocol
 
 from ztna import limits
 from ztna.connector.paths import ReplyPath
-from ztna.connector.relay_link import backoff_delay
+from ztna.connector.relay_link import BACKOFF_BASE, BACKOFF_CAP
 from ztna.connector.state import ConnectorStats, ServiceState
 from ztna.connector.streams import StreamTable
 from ztna.errors import DecodeError
 from ztna.identity import ChainVerifier, load_ca_file, stable_peer_id
+from ztna.link import Backoff
 from ztna.observe import format_address
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
@@ -310,7 +311,7 @@ class P2PServer:
     async def _qad_loop(self) -> None:
         """Keep one QUIC client connection from the P2P socket to the Intermediate."""
         loop = asyncio.get_running_loop()
-        attempt = 0
+        backoff = Backoff(initial=BACKOFF_BASE, cap=BACKOFF_CAP, rng=self.rng)
         assert self.endpoint is not None
         while not self._stopping:
             handler = _QadHandler(self)
@@ -333,7 +334,7 @@ class P2PServer:
                 # Opening the control stream lets the Intermediate send QAD on it too.
                 conn.send_control(encode_control(Ping(id=1)))
                 await asyncio.wait_for(conn.wait_handshake(), 10.0)
-                attempt = 0
+                backoff.reset()
                 while not conn.closed and not self._stopping:
                     try:
                         await asyncio.wait_for(handler.closed.wait(), limits.NAT_KEEPALIVE_INTERVAL)
@@ -345,8 +346,7 @@ class P2PServer:
                     conn.close(CLOSE_NO_ERROR, "qad retry")
             if self._stopping:
                 break
-            await asyncio.sleep(backoff_delay(attempt, self.rng))
-            attempt += 1
+            await asyncio.sleep(backoff.next_delay())
 
     def close(self) -> None:
         self._stopping = True

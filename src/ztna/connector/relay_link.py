@@ -31,10 +31,11 @@ from typing import Any, Protocol
 
 from ztna import limits
 from ztna.identity import server_name_mismatch
-from ztna.link import LinkState
+from ztna.link import Backoff, LinkState
 from ztna.observe import format_address
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import CLOSE_NO_ERROR, QuicEndpoint
+from ztna.quic.maintenance import UpkeepSchedule, run_upkeep
 from ztna.wire import (
     PUNCH_MESSAGES,
     AgentGone,
@@ -69,13 +70,6 @@ def connector_instance(name: str) -> int:
     """The `Hello.instance` of a Connector: a u64 from its name, so the same Connector
     (same certificate, same name) keeps its peer id across restarts."""
     return int.from_bytes(hashlib.blake2b(b"ztna connector\0" + name.encode(), digest_size=8).digest(), "big")
-
-
-def backoff_delay(attempt: int, rng: random.Random, *, base: float = BACKOFF_BASE,
-                  cap: float = BACKOFF_CAP) -> float:
-    """Exponential backoff with "equal jitter": half fixed, half random, capped."""
-    d = min(cap, base * (2 ** min(attempt, 30)))
-    return d / 2 + rng.uniform(0, d / 2)
 
 
 class LinkSink(Protocol):
@@ -134,7 +128,7 @@ class RelayLink(ConnectionHandler):
 
     # ------------------------------------------------------------------ main loop
     async def run(self) -> None:
-        attempt = 0
+        backoff = Backoff(initial=BACKOFF_BASE, cap=BACKOFF_CAP, rng=self.rng)
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             self.state = LinkState.CONNECTING
@@ -143,7 +137,7 @@ class RelayLink(ConnectionHandler):
             if conn is not None:
                 await self._serve(conn)
                 if loop.time() - started >= STABLE_AFTER:
-                    attempt = 0
+                    backoff.reset()
             if self._stopping.is_set():
                 break
             if len(self.alternates) > 1:
@@ -151,8 +145,7 @@ class RelayLink(ConnectionHandler):
                 self.host, self.port = self.alternates[(at + 1) % len(self.alternates)]
                 self.failovers += 1
                 log.info("failing over to intermediate %s", format_address((self.host, self.port)))
-            delay = backoff_delay(attempt, self.rng)
-            attempt += 1
+            delay = backoff.next_delay()
             self.reconnects += 1
             self.state = LinkState.BACKOFF
             log.info("reconnecting to the intermediate in %.1fs (%s)", delay, self.last_error)
@@ -212,18 +205,17 @@ class RelayLink(ConnectionHandler):
         self._sent_at = {}
         log.info("connected to the intermediate %s (%s)", format_address(conn.peer_address), self.host)
         self.sink.relay_up(conn)
-        last_ping = loop.time()
         # With somewhere else to go (several Intermediates), a silent one is left after
         # FAILOVER_SILENCE instead of the 30 s idle timeout; pings are frequent enough for that.
         failover = len(self.alternates) > 1
         keepalive = FAILOVER_PING if failover else limits.KEEPALIVE_INTERVAL
+        upkeep = UpkeepSchedule(keepalive=keepalive, cid_rotation=limits.CID_ROTATION_INTERVAL,
+                                now=loop.time())
         try:
             while not conn.closed and not self._stopping.is_set():
                 now = loop.time()
                 self._register_due(conn, now)
-                if now - last_ping >= keepalive:
-                    conn.ping()
-                    last_ping = now
+                run_upkeep(conn, upkeep, now=now)    # keepalive PING, CID rotation
                 if failover and now - conn.last_received > FAILOVER_SILENCE:
                     self.last_error = f"nothing heard for {now - conn.last_received:.1f}s"
                     log.warning("intermediate %s silent (%s)", format_address((self.host, self.port)),

@@ -52,6 +52,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ztna import _native
+from ztna.connector import resume
 from ztna.connector.backend import WRITE_HIGH, tune_backend_transport
 from ztna.errors import DecodeError
 from ztna.limits import NATIVE_SPLICE, STREAM_RESUME_GRACE, STREAM_RESUME_PER_AGENT
@@ -355,28 +356,21 @@ class StreamTable:
         ident = conn.identity
         if agent_id is None or ident is None:
             return                          # no Hello yet: a plain stream
-        if self._per_agent.get(agent_id, 0) >= STREAM_RESUME_PER_AGENT:
-            return
         token = self.token_source(RESUME_TOKEN_LEN)
-        if len(token) != RESUME_TOKEN_LEN or token in self.resumable:
+        if not resume.admit(self.resumable, self._per_agent, token, flow, agent_id,
+                            limit=STREAM_RESUME_PER_AGENT, token_len=RESUME_TOKEN_LEN):
             return
         flow.token = token
         flow.owner = (agent_id, ident.fingerprint)
-        self.resumable[token] = flow
-        self._per_agent[agent_id] = self._per_agent.get(agent_id, 0) + 1
         if self._sweep is None:
             self._sweep = self.loop.call_later(LINGER_SWEEP, self._sweep_lingering)
 
     def _forget_token(self, flow: StreamFlow) -> None:
         token, flow.token = flow.token, None
-        if token is None or self.resumable.pop(token, None) is None:
+        if token is None or flow.owner is None:
             return
-        assert flow.owner is not None
-        n = self._per_agent.get(flow.owner[0], 0) - 1
-        if n > 0:
-            self._per_agent[flow.owner[0]] = n
-        else:
-            self._per_agent.pop(flow.owner[0], None)
+        if resume.release(self.resumable, self._per_agent, token, flow.owner[0]) is None:
+            return
         if flow.grace is not None:
             flow.grace.cancel()
             flow.grace = None
@@ -397,10 +391,8 @@ class StreamTable:
             return
         flow.unsplice()
         unacked = conn.stream_unacked(flow.sid)
-        offset, data = unacked if unacked is not None else (flow.tx + flow.base, b"")
-        if offset < flow.base:              # the status/token itself was not acknowledged
-            data, offset = data[flow.base - offset:], flow.base
-        flow.retained = (offset - flow.base, data)
+        flow.retained = resume.retained_tail(unacked, tx=flow.tx, base=flow.base)
+        data = flow.retained[1]
         if self.flows.get((conn, flow.sid)) is flow:
             del self.flows[(conn, flow.sid)]
         if not conn.closed:
@@ -430,13 +422,12 @@ class StreamTable:
         relayed = isinstance(header, RelayedStreamResume)
         ok = flow is not None and flow.owner is not None and relayed == (authorize is None)
         if ok and flow is not None and flow.owner is not None:
-            if relayed:
-                ok = header.agent_id == flow.owner[0]
-            else:
-                ident = conn.identity
-                ok = (getattr(conn.user, "agent_id", None) == flow.owner[0] and ident is not None
-                      and ident.fingerprint == flow.owner[1])
-            ok = ok and flow.header is not None and flow.header.service_id == header.service_id
+            ident = conn.identity
+            ok = flow.header is not None and resume.owner_may_resume(
+                flow.owner, flow.header.service_id, relayed=relayed,
+                claimed_agent=header.agent_id if relayed else getattr(conn.user, "agent_id", None),
+                fingerprint=ident.fingerprint if ident is not None else None,
+                wanted_service=header.service_id)
         if not ok or flow is None:
             self.stats.stream_resume_refused += 1
             self._refuse(conn, sid, StreamStatus.NO_SUCH_STREAM)
@@ -444,7 +435,8 @@ class StreamTable:
         self._forget_token(flow)            # single use, from here on
         self._park(flow)
         start, data = flow.retained
-        if not start <= header.received <= start + len(data):
+        tail = resume.resend_from(flow.retained, header.received)
+        if tail is None:
             log.warning("stream resume of agent %d refused: agent has %d, we retain %d..%d",
                         flow.owner[0] if flow.owner else -1, header.received, start, start + len(data))
             self.stats.stream_resume_refused += 1
@@ -462,7 +454,7 @@ class StreamTable:
         flow.tx = header.received
         flow.unconsumed = 0
         pending, flow.pending = flow.pending, []
-        flow.send(data[header.received - start:] + b"".join(pending), end=flow.backend_eof)
+        flow.send(tail + b"".join(pending), end=flow.backend_eof)
         flow.retained = (0, b"")
         log.info("stream of agent %d resumed on %s (%s): resent %d bytes, agent resends from %d",
                  flow.owner[0] if flow.owner else -1, "relay" if relayed else "direct",
