@@ -174,3 +174,53 @@ class Peer(ConnectionHandler):
             self.ep._flush()
             await asyncio.sleep(0.05)
             self.ep.shutdown_socket()
+
+
+class Forwarder(asyncio.DatagramProtocol):
+    """A UDP hop between a client and one server that records the client's first flight
+    (what a replay test sends again): the client talks to `start()`'s port, the hop
+    forwards to the server and back."""
+
+    def __init__(self, server_port: int) -> None:
+        self.server = ("127.0.0.1", server_port)
+        self.client: tuple[str, int] | None = None
+        self.server_answered = False
+        self.first_flight: list[bytes] = []
+        self.transport: asyncio.DatagramTransport | None = None
+        self.upstream: socket.socket | None = None
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=("127.0.0.1", 0))
+        up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        up.setblocking(False)
+        up.bind(("127.0.0.1", 0))
+        self.upstream = up
+        loop.add_reader(up.fileno(), self._from_server)
+        return int(self.transport.get_extra_info("sockname")[1])
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.client = addr
+        if not self.server_answered:
+            self.first_flight.append(data)
+        assert self.upstream is not None
+        self.upstream.sendto(data, self.server)
+
+    def _from_server(self) -> None:
+        assert self.upstream is not None and self.transport is not None
+        while True:
+            try:
+                data, _ = self.upstream.recvfrom(65535)
+            except BlockingIOError:
+                return
+            self.server_answered = True
+            if self.client is not None:
+                self.transport.sendto(data, self.client)
+
+    def close(self) -> None:
+        if self.upstream is not None:
+            asyncio.get_running_loop().remove_reader(self.upstream.fileno())
+            self.upstream.close()
+        if self.transport is not None:
+            self.transport.close()
+
