@@ -23,24 +23,15 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ztna.errors import UsageError
+from ztna.lab.config import base36
 
 T = TypeVar("T")
 ROLES = ("intermediate", "connector", "backends", "agent")
 
 
-def _b36(n: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if n == 0:
-            return out
-
-
 def default_prefix() -> str:
     """Short and unique per demo process (namespace and lab names)."""
-    return f"zd{_b36(os.getpid())}"[:8]
+    return f"zd{base36(os.getpid())}"[:8]
 
 
 def host_port(host: str, port: int) -> str:

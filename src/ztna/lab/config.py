@@ -40,7 +40,8 @@ HOSTS: Final[dict[str, tuple[str, int]]] = {"agent": ("a", 10), "conn": ("b", 10
 _PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,7}$")
 
 
-def _b36(n: int) -> str:
+def base36(n: int) -> str:
+    """`n` in lowercase base 36: short, name-safe tags for namespaces and devices."""
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
     out = ""
     while True:
@@ -56,7 +57,7 @@ _counter = itertools.count()
 
 
 def unique_prefix() -> str:
-    return f"t{_b36(os.getpid())}{_b36(next(_counter) % 1296):0>2}"
+    return f"t{base36(os.getpid())}{base36(next(_counter) % 1296):0>2}"
 _RATE_RE: Final = re.compile(r"^\d+(\.\d+)?([kmgt]?bit|[kmgt]?bps)$", re.IGNORECASE)
 
 
