@@ -175,7 +175,6 @@ def test_reads_off_loopback_need_the_token(pki: Path, tmp_path: Path) -> None:
 def test_event_stream_is_live_and_does_not_hold_up_a_stop(pki: Path, tmp_path: Path) -> None:
     import json
     import signal
-    import time
     import urllib.request
 
     world = World(tmp=tmp_path, pki=pki)
@@ -193,10 +192,8 @@ def test_event_stream_is_live_and_does_not_hold_up_a_stop(pki: Path, tmp_path: P
         assert events[0]["taken_at"] < events[1]["taken_at"]
         assert events[0]["services"] == [] and events[0]["histograms"]["handshake"]["count"] == 0
         proc = world.procs["intermediate"]
-        start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
-        assert time.monotonic() - start < 5
+        assert proc.wait(5) == 0     # an open event stream does not hold the stop up
         stream.close()
     finally:
         world.stop()

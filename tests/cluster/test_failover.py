@@ -96,8 +96,9 @@ def test_sigkill_member_agent_is_back_on_the_other_in_0rtt(tmp_path: Path, kill:
         victim, survivor = (i1, i2) if kill == "agent's member" else (i2, i1)
         victim.signal(signal.SIGKILL)
         killed = time.monotonic()
+        # Dead-path detection (8 s of silence) plus a reconnect: seconds, not the 30 s idle timeout.
         while not await echo_through(fwd, 100_000, timeout=2):
-            assert time.monotonic() - killed < 30, (tmp_path / "agent.log").read_text()
+            assert time.monotonic() - killed < 20, (tmp_path / "agent.log").read_text()
             await asyncio.sleep(0.2)
         back = time.monotonic() - killed
         after = agent_metrics(mport)
@@ -115,8 +116,6 @@ def test_sigkill_member_agent_is_back_on_the_other_in_0rtt(tmp_path: Path, kill:
     try:
         back = asyncio.run(main())
         print(f"traffic back {back:.1f} s after SIGKILL of the {kill}")
-        # Dead-path detection (8 s of silence) plus a reconnect: seconds, not the 30 s idle timeout.
-        assert back < 20
     finally:
         for p in procs:
             p.terminate()
