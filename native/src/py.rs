@@ -454,6 +454,15 @@ impl Endpoint {
         self.events(py)
     }
 
+    /// True while work is queued that the last call left for a further `drive` (a burst
+    /// longer than one call's rounds); False when a call finished everything it started.
+    fn busy(&self) -> bool {
+        let core = &self.core;
+        core.has_dirty()
+            || (!core.pairs.is_empty() && !core.splice_ready.is_empty())
+            || self.splicer.as_ref().is_some_and(|s| s.has_work(core))
+    }
+
     fn next_timeout(&mut self) -> Option<f64> {
         let at = self.guarded("next_timeout", |s| s.core.next_timeout()).flatten()?;
         Some(self.seconds(at))

@@ -307,8 +307,12 @@ class QuicEndpoint:
     def _on_splice_ready(self) -> None:
         if self._closed:
             return
-        self._dispatch(self.native.pump(self.loop.time()))
-        self._flush()
+        events = self.native.pump(self.loop.time())
+        if events or self.native.busy():
+            self._dispatch(events)
+            self._flush()
+        else:
+            self._arm_timer()
 
     def _spliced(self, ev: Event) -> None:
         _, handle, sid, splice_id, sent, received, how, code = ev
@@ -350,8 +354,14 @@ class QuicEndpoint:
     def _on_readable(self) -> None:
         if self._closed:
             return
-        self._dispatch(self.native.recv(self.loop.time()))
-        self._flush()
+        events = self.native.recv(self.loop.time())
+        if events or self.native.busy():
+            self._dispatch(events)
+            self._flush()
+        else:
+            # The batch was processed and sent natively (relayed, tapped, pumped) and no
+            # handler ran, so nothing new is queued: another drive would find nothing.
+            self._arm_timer()
 
     def flush(self) -> None:
         """Run what connections queued now (instead of at the end of the loop iteration)."""
@@ -371,7 +381,12 @@ class QuicEndpoint:
 
     def _arm_timer(self) -> None:
         deadline = self.native.next_timeout()
-        if deadline == self._timer_at and self._timer is not None:
+        at = self._timer_at
+        if self._timer is not None and at is not None and (deadline is None or at <= deadline):
+            # The armed timer fires no later than needed. Nearly every packet moves the
+            # deadline (ACK delay, loss detection, idle) a little later; re-arming for each
+            # cost a cancel and a new heap entry per packet. Firing early is harmless: the
+            # native side runs only the timers that are due, and we arm again from there.
             return
         if self._timer is not None:
             self._timer.cancel()
