@@ -409,7 +409,14 @@ impl Endpoint {
                             }
                         }
                     };
+                    // A short batch means the queue was empty a moment ago: whatever comes
+                    // next wakes the (level-triggered) loop again, so the call that would
+                    // only say EAGAIN is saved.
+                    let drained = n < s.rx.len();
                     if s.blackhole {
+                        if drained {
+                            break;
+                        }
                         continue;
                     }
                     for (i, meta) in metas.iter().enumerate().take(n) {
@@ -428,6 +435,9 @@ impl Endpoint {
                                 core.stats.panics += 1;
                             }
                         }
+                    }
+                    if drained {
+                        break;
                     }
                 }
             });
