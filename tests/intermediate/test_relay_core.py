@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from test_registry import Scoped
+
 from ztna.intermediate.metrics import intermediate_metrics
 from ztna.intermediate.registry import Registry
 from ztna.intermediate.relay import (
@@ -35,16 +37,6 @@ from ztna.wire import (
     encode_to_connector,
 )
 from ztna.wire.mesh import encode_mesh_from_connector
-
-
-class Scoped:
-    scoped = True
-
-    def __init__(self, **grants: list[str]) -> None:
-        self.grants = grants
-
-    def allows(self, role: str, service: str) -> bool:
-        return service in self.grants.get(role, [])
 
 
 @dataclass(eq=False)
