@@ -7,9 +7,14 @@ Theory of operation
   reads a whole batch (recvmmsg, GRO), runs every connection it touched, sends what they
   produced (GSO) and returns the batch's events as one list. Python runs once per batch,
   never once per packet in the QUIC machinery.
-* Work that starts elsewhere (a TUN read, a backend socket) queues into a connection and calls
-  `mark_dirty(conn)`; one native `drive()` then runs at the end of the current loop iteration
-  (`call_soon`), so a burst of packets from a TUN read becomes one flush.
+* Work that starts elsewhere queues into a connection and calls `mark_dirty(conn)`; one
+  native `drive()` then runs at the end of the current loop iteration (`call_soon`), so a
+  burst of writes becomes one flush. The native pumps (a TUN read, a UDP flow's backend
+  replies) call `flush()` instead: their batch is whole already, and waiting one more pass
+  of the loop would add a wake-up to every request/response round trip.
+* A wake-up whose native call returns no events (everything was relayed, tapped or pumped
+  natively) runs no Python beyond re-checking the timer, and the one connection timer is
+  re-armed only when the native deadline moves earlier: an early firing only re-arms.
 * Routing by connection ID, Retry tokens, NEW_TOKEN address tokens, stateless resets (keyed by
   a stable secret, so a restarted server resets its predecessor's connections at once) and
   version negotiation are quinn's. Admission is ours: every new connection attempt is an
