@@ -10,11 +10,9 @@
 //! line, and the endpoint keeps serving everyone else.
 
 use std::borrow::Cow;
-use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
@@ -23,6 +21,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
 
 use crate::config::{self, Limits};
 use crate::core::{Core, Ev, SendResult};
+use crate::driver::{self, Driver, Io};
 use crate::sockpump::SocketSplicer;
 use crate::tls::{self, TicketBackend};
 
@@ -204,29 +203,50 @@ pub fn interface_addresses() -> PyResult<Vec<String>> {
     crate::netinfo::interface_addresses().map_err(|e| PyOSError::new_err(e.to_string()))
 }
 
-/// The I/O half of a pump attached to an endpoint (the TUN device's writes, the UDP flows'
-/// backend sends): what the pump's tap took during a batch goes out after it.
-pub(crate) trait Drain: Send + Sync {
-    fn drain(&mut self);
-}
-
 #[pyclass(module = "ztna._native")]
 pub struct Endpoint {
-    pub(crate) core: Core,
-    /// Native I/O of the pumps attached to this endpoint, run after each batch.
-    pub(crate) drains: Vec<Box<dyn Drain>>,
-    sock: Option<UdpSocket>,
-    udp: quinn_udp::UdpSocketState,
+    /// Everything a batch touches; the asyncio loop's calls and the driver thread (when one
+    /// runs) take turns through this lock.
+    pub(crate) io: Arc<Mutex<Io>>,
     anchor: (Instant, f64),
-    rx: Vec<Vec<u8>>,
-    recv_batch: usize,
-    closed: bool,
-    blackhole: bool,
-    /// Stream ⇄ socket splices (made on first use).
-    splicer: Option<SocketSplicer>,
+    driver: Option<Driver>,
 }
 
-const RX_BUF: usize = 65536;
+fn events<'py>(py: Python<'py>, io: &mut Io) -> PyResult<Bound<'py, PyList>> {
+    io.taken();
+    let list = PyList::empty(py);
+    for ev in io.core.events.drain(..) {
+        let item = match ev {
+            Ev::Incoming { id, remote, validated, may_retry } => {
+                (0u8, id, addr_tuple(remote), validated, may_retry).into_pyobject(py)?.into_any()
+            }
+            Ev::HandshakeData { h, chain, server_name } => {
+                let chain = chain.map(|c| c.iter().map(|d| PyBytes::new(py, d)).collect::<Vec<_>>());
+                (1u8, h, chain, server_name).into_pyobject(py)?.into_any()
+            }
+            Ev::Connected { h, chain, zero_rtt } => {
+                let chain = chain.map(|c| c.iter().map(|d| PyBytes::new(py, d)).collect::<Vec<_>>());
+                (2u8, h, chain, zero_rtt).into_pyobject(py)?.into_any()
+            }
+            Ev::Datagrams { h, items } => {
+                let items: Vec<_> = items.iter().map(|d| PyBytes::new(py, d)).collect();
+                (3u8, h, items).into_pyobject(py)?.into_any()
+            }
+            Ev::Stream { h, sid, data, fin } => {
+                (4u8, h, sid, PyBytes::new(py, &data), fin).into_pyobject(py)?.into_any()
+            }
+            Ev::StreamReset { h, sid, code } => (5u8, h, sid, code).into_pyobject(py)?.into_any(),
+            Ev::Closed { h, reason, code, app } => (6u8, h, reason, code, app).into_pyobject(py)?.into_any(),
+            Ev::PathChanged { h, remote } => (7u8, h, addr_tuple(remote)).into_pyobject(py)?.into_any(),
+            Ev::Raw { data, remote } => (8u8, PyBytes::new(py, &data), addr_tuple(remote)).into_pyobject(py)?.into_any(),
+            Ev::Spliced { id, h, sid, sent, received, how, code } => {
+                (9u8, h, sid, id, sent, received, how, code).into_pyobject(py)?.into_any()
+            }
+        };
+        list.append(item)?;
+    }
+    Ok(list)
+}
 
 impl Endpoint {
     fn instant(&self, now: f64) -> Instant {
@@ -237,122 +257,31 @@ impl Endpoint {
         self.anchor.1 + at.saturating_duration_since(self.anchor.0).as_secs_f64()
     }
 
-    fn transmit(&mut self) {
-        for d in self.drains.iter_mut() {
-            if catch_unwind(AssertUnwindSafe(|| d.drain())).is_err() {
-                self.core.stats.panics += 1;
-            }
-        }
-        let outs = std::mem::take(&mut self.core.out);
-        let Some(sock) = self.sock.as_ref() else { return };
-        if self.blackhole {
-            return;
-        }
-        for o in outs {
-            let t = quinn_udp::Transmit {
-                destination: o.dst,
-                ecn: o.ecn.and_then(|e| quinn_udp::EcnCodepoint::from_bits(e as u8)),
-                contents: &o.data,
-                segment_size: o.segment_size,
-                src_ip: o.src_ip,
-            };
-            match self.udp.try_send(sock.into(), &t) {
-                Ok(()) => {
-                    let n = o.segment_size.map(|s| o.data.len().div_ceil(s.max(1))).unwrap_or(1);
-                    self.core.stats.datagrams_sent += n as u64;
-                    self.core.stats.bytes_sent += o.data.len() as u64;
+    /// The endpoint's state. While the driver thread holds it, wait with the interpreter
+    /// lock released: the thread may need the interpreter (the ticket store) to finish.
+    pub(crate) fn lock(&self, py: Python<'_>) -> MutexGuard<'_, Io> {
+        loop {
+            match self.io.try_lock() {
+                Ok(g) => return g,
+                Err(TryLockError::Poisoned(e)) => return e.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    let io = &self.io;
+                    py.detach(|| drop(driver::lock(io)));
                 }
-                Err(_) => self.core.stats.socket_send_errors += 1, // QUIC recovers the loss
             }
         }
     }
 
-    fn guarded<T>(&mut self, what: &str, f: impl FnOnce(&mut Self) -> T) -> Option<T> {
-        match catch_unwind(AssertUnwindSafe(|| f(self))) {
-            Ok(v) => Some(v),
-            Err(p) => {
-                // The panic hook already logged one line with its location.
-                let _ = (what, panic_text(&*p));
-                self.core.stats.panics += 1;
-                None
-            }
-        }
+    /// The state and `now` on the caller's clock as an instant no earlier than any before.
+    fn at<'a>(&'a self, py: Python<'_>, now: f64) -> (MutexGuard<'a, Io>, Instant) {
+        let at = self.instant(now);
+        let mut g = self.lock(py);
+        let at = g.clamp(at);
+        (g, at)
     }
 
-    /// Run every dirty connection, each under its own guard: a panic aborts only that one.
-    /// Splices move their bytes in between (what a connection received goes to its sockets
-    /// and streams, and what they gave goes out in the same batch), a few rounds at most.
-    fn drive_guarded(&mut self, now: Instant) {
-        for _ in 0..8 {
-            if catch_unwind(AssertUnwindSafe(|| self.core.drive(now))).is_err() {
-                self.core.stats.panics += 1;
-            }
-            let core = &mut self.core;
-            let splicer = &mut self.splicer;
-            let pairs = !core.pairs.is_empty() && !core.splice_ready.is_empty();
-            let socks = splicer.as_ref().is_some_and(|s| s.has_work(core));
-            if !pairs && !socks {
-                break;
-            }
-            let run = catch_unwind(AssertUnwindSafe(|| {
-                if pairs {
-                    core.pump_pairs();
-                }
-                if let Some(sp) = splicer.as_mut() {
-                    sp.service(core);
-                }
-            }));
-            if run.is_err() {
-                self.core.stats.panics += 1;
-                break;
-            }
-        }
-        // News for streams no splice holds any more is stale.
-        let core = &mut self.core;
-        let splicer = &self.splicer;
-        if !core.splice_ready.is_empty() {
-            let pairs = &core.pairs;
-            core.splice_ready.retain(|k| pairs.contains(k.0, k.1) || splicer.as_ref().is_some_and(|s| s.counts(k.0, k.1).is_some()));
-        }
-    }
-
-    fn events<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let list = PyList::empty(py);
-        for ev in self.core.events.drain(..) {
-            let item = match ev {
-                Ev::Incoming { id, remote, validated, may_retry } => {
-                    (0u8, id, addr_tuple(remote), validated, may_retry).into_pyobject(py)?.into_any()
-                }
-                Ev::HandshakeData { h, chain, server_name } => {
-                    let chain = chain.map(|c| c.iter().map(|d| PyBytes::new(py, d)).collect::<Vec<_>>());
-                    (1u8, h, chain, server_name).into_pyobject(py)?.into_any()
-                }
-                Ev::Connected { h, chain, zero_rtt } => {
-                    let chain = chain.map(|c| c.iter().map(|d| PyBytes::new(py, d)).collect::<Vec<_>>());
-                    (2u8, h, chain, zero_rtt).into_pyobject(py)?.into_any()
-                }
-                Ev::Datagrams { h, items } => {
-                    let items: Vec<_> = items.iter().map(|d| PyBytes::new(py, d)).collect();
-                    (3u8, h, items).into_pyobject(py)?.into_any()
-                }
-                Ev::Stream { h, sid, data, fin } => {
-                    (4u8, h, sid, PyBytes::new(py, &data), fin).into_pyobject(py)?.into_any()
-                }
-                Ev::StreamReset { h, sid, code } => (5u8, h, sid, code).into_pyobject(py)?.into_any(),
-                Ev::Closed { h, reason, code, app } => (6u8, h, reason, code, app).into_pyobject(py)?.into_any(),
-                Ev::PathChanged { h, remote } => (7u8, h, addr_tuple(remote)).into_pyobject(py)?.into_any(),
-                Ev::Raw { data, remote } => (8u8, PyBytes::new(py, &data), addr_tuple(remote)).into_pyobject(py)?.into_any(),
-                Ev::Spliced { id, h, sid, sent, received, how, code } => {
-                    (9u8, h, sid, id, sent, received, how, code).into_pyobject(py)?.into_any()
-                }
-            };
-            list.append(item)?;
-        }
-        Ok(list)
-    }
-
-    fn conn_or_err(&mut self, h: usize) -> PyResult<&mut crate::core::Conn> {
-        self.core.conn_mut(h).ok_or_else(|| PyValueError::new_err("no such connection"))
+    fn guarded<T>(&self, py: Python<'_>, f: impl FnOnce(&mut Io) -> T) -> Option<T> {
+        self.lock(py).guarded(f)
     }
 }
 
@@ -369,147 +298,122 @@ impl Endpoint {
             return Err(PyOSError::new_err(format!("dup: {}", std::io::Error::last_os_error())));
         }
         let sock = unsafe { UdpSocket::from_raw_fd(dup) };
-        sock.set_nonblocking(true).map_err(|e| PyOSError::new_err(e.to_string()))?;
         let v6 = matches!(sock.local_addr().map_err(|e| PyOSError::new_err(e.to_string()))?, SocketAddr::V6(_));
-        let udp = quinn_udp::UdpSocketState::new((&sock).into()).map_err(|e| PyOSError::new_err(e.to_string()))?;
         let ep_cfg = config::endpoint(reset_key, udp_payload).map_err(cfg_err)?;
-        let mut core = Core::new(Arc::new(ep_cfg), server.map(|s| s.cfg.clone()), v6);
-        // One GSO send is one UDP datagram for the kernel: its total must stay below 64 KiB,
-        // or the whole batch fails with EMSGSIZE.
-        core.max_gso_segments = udp.max_gso_segments().clamp(1, (65000 / udp_payload.max(1200) as usize).max(1));
-        let rx = (0..quinn_udp::BATCH_SIZE).map(|_| vec![0u8; RX_BUF]).collect();
-        Ok(Self { core, drains: Vec::new(), sock: Some(sock), udp, anchor: (Instant::now(), now), rx, recv_batch, closed: false, blackhole: false, splicer: None })
+        let core = Core::new(Arc::new(ep_cfg), server.map(|s| s.cfg.clone()), v6);
+        let io = Io::new(core, sock, recv_batch, udp_payload).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        Ok(Self { io: Arc::new(Mutex::new(io)), anchor: (Instant::now(), now), driver: None })
+    }
+
+    /// Hand the socket's reads and the connection timers to a native thread. Returns the
+    /// descriptor to watch: readable when a batch left events, then call `notified(now)`.
+    /// After that the owner calls `rearm()` (not a timer) whenever it changed something.
+    fn start_thread(&mut self) -> PyResult<i32> {
+        if let Some(d) = self.driver.as_ref() {
+            return Ok(d.notify_fd());
+        }
+        let d = Driver::spawn(self.io.clone()).map_err(|e| PyOSError::new_err(format!("driver thread: {e}")))?;
+        let fd = d.notify_fd();
+        self.driver = Some(d);
+        Ok(fd)
+    }
+
+    /// True while a driver thread runs this endpoint.
+    fn threaded(&self) -> bool {
+        self.driver.as_ref().is_some_and(|d| d.running())
+    }
+
+    /// The driver thread's wake-ups so far (0 without one).
+    fn thread_wakeups(&self) -> u64 {
+        self.driver.as_ref().map_or(0, |d| d.stats.wakeups.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The notify descriptor was readable: the events the driver thread left (and whatever
+    /// they need driven).
+    fn notified<'py>(&self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
+        if let Some(d) = self.driver.as_ref() {
+            d.clear_notify();
+        }
+        self.drive(py, now)
+    }
+
+    /// Wake the driver thread if what the owner did needs it sooner than it planned.
+    fn rearm(&self, py: Python<'_>) {
+        self.lock(py).rearm();
     }
 
     /// Read everything the socket has (up to `recv_batch` datagrams), process it, send what
     /// it caused; the events of the batch.
-    fn recv<'py>(&mut self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
-        if !self.closed && self.sock.is_some() {
-            let at = self.instant(now);
-            self.guarded("recv", |s| {
-                let Some(sock) = s.sock.as_ref() else { return };
-                let mut seen = 0usize;
-                let mut errors = 0usize;
-                let mut metas = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
-                while seen < s.recv_batch {
-                    let n = {
-                        let mut bufs: Vec<IoSliceMut<'_>> = s.rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-                        match s.udp.recv(sock.into(), &mut bufs, &mut metas) {
-                            Ok(n) => n,
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                            Err(_) => {
-                                // ICMP errors surface here on Linux (ECONNREFUSED ...).
-                                s.core.stats.socket_recv_errors += 1;
-                                errors += 1;
-                                if errors > 64 {
-                                    break;
-                                }
-                                continue;
-                            }
-                        }
-                    };
-                    // A short batch means the queue was empty a moment ago: whatever comes
-                    // next wakes the (level-triggered) loop again, so the call that would
-                    // only say EAGAIN is saved.
-                    let drained = n < s.rx.len();
-                    if s.blackhole {
-                        if drained {
-                            break;
-                        }
-                        continue;
-                    }
-                    for (i, meta) in metas.iter().enumerate().take(n) {
-                        let ecn = meta.ecn.and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
-                        let stride = meta.stride.max(1);
-                        let (rx, core) = (&s.rx, &mut s.core);
-                        if meta.len == 0 {
-                            // An empty datagram: counted as malformed like any other junk.
-                            seen += 1;
-                            core.datagram(at, meta.addr, meta.dst_ip, ecn, &[]);
-                            continue;
-                        }
-                        for seg in rx[i][..meta.len].chunks(stride) {
-                            seen += 1;
-                            if catch_unwind(AssertUnwindSafe(|| core.datagram(at, meta.addr, meta.dst_ip, ecn, seg))).is_err() {
-                                core.stats.panics += 1;
-                            }
-                        }
-                    }
-                    if drained {
-                        break;
-                    }
-                }
-            });
-            self.drive_guarded(at);
-            self.transmit();
+    fn recv<'py>(&self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
+        let (mut s, at) = self.at(py, now);
+        if !s.closed && s.sock.is_some() {
+            s.receive(at);
+            s.drive_guarded(at);
+            s.transmit();
         }
-        self.events(py)
+        events(py, &mut s)
     }
 
     /// Run the connection timers that are due.
-    fn timeout<'py>(&mut self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
-        let at = self.instant(now);
-        self.guarded("timers", |s| s.core.handle_timeouts(at));
-        self.drive_guarded(at);
-        self.transmit();
-        self.events(py)
+    fn timeout<'py>(&self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
+        let (mut s, at) = self.at(py, now);
+        s.guarded(|s| s.core.handle_timeouts(at));
+        s.drive_guarded(at);
+        s.transmit();
+        events(py, &mut s)
     }
 
     /// Process what the owner queued (writes, datagrams, consumed credit, closes).
-    fn drive<'py>(&mut self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
-        let at = self.instant(now);
-        self.drive_guarded(at);
-        self.transmit();
-        self.events(py)
+    fn drive<'py>(&self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
+        let (mut s, at) = self.at(py, now);
+        s.drive_guarded(at);
+        s.transmit();
+        events(py, &mut s)
     }
 
     /// True while work is queued that the last call left for a further `drive` (a burst
     /// longer than one call's rounds); False when a call finished everything it started.
-    fn busy(&self) -> bool {
-        let core = &self.core;
-        core.has_dirty()
-            || (!core.pairs.is_empty() && !core.splice_ready.is_empty())
-            || self.splicer.as_ref().is_some_and(|s| s.has_work(core))
+    fn busy(&self, py: Python<'_>) -> bool {
+        self.lock(py).busy()
     }
 
-    fn next_timeout(&mut self) -> Option<f64> {
-        let at = self.guarded("next_timeout", |s| s.core.next_timeout()).flatten()?;
+    fn next_timeout(&self, py: Python<'_>) -> Option<f64> {
+        let at = self.lock(py).next_timeout()?;
         Some(self.seconds(at))
     }
 
-    fn set_server_config(&mut self, server: PyRef<'_, ServerTls>) {
-        self.core.ep.set_server_config(Some(server.cfg.clone()));
+    fn set_server_config(&self, py: Python<'_>, server: PyRef<'_, ServerTls>) {
+        self.lock(py).core.ep.set_server_config(Some(server.cfg.clone()));
     }
 
-    fn accept(&mut self, incoming: u64, now: f64) -> Option<usize> {
-        let at = self.instant(now);
-        self.guarded("accept", |s| s.core.accept(incoming, at)).flatten()
+    fn accept(&self, py: Python<'_>, incoming: u64, now: f64) -> Option<usize> {
+        let (mut s, at) = self.at(py, now);
+        s.guarded(|s| s.core.accept(incoming, at)).flatten()
     }
 
-    fn retry(&mut self, incoming: u64) -> bool {
-        self.guarded("retry", |s| s.core.retry(incoming)).unwrap_or(false)
+    fn retry(&self, py: Python<'_>, incoming: u64) -> bool {
+        self.guarded(py, |s| s.core.retry(incoming)).unwrap_or(false)
     }
 
-    fn refuse(&mut self, incoming: u64) {
-        self.guarded("refuse", |s| s.core.refuse(incoming));
+    fn refuse(&self, py: Python<'_>, incoming: u64) {
+        self.guarded(py, |s| s.core.refuse(incoming));
     }
 
-    fn ignore(&mut self, incoming: u64) {
-        self.guarded("ignore", |s| s.core.ignore(incoming));
+    fn ignore(&self, py: Python<'_>, incoming: u64) {
+        self.guarded(py, |s| s.core.ignore(incoming));
     }
 
-    fn ignore_pending(&mut self) {
-        self.guarded("ignore", |s| s.core.ignore_pending());
+    fn ignore_pending(&self, py: Python<'_>) {
+        self.guarded(py, |s| s.core.ignore_pending());
     }
 
     /// Start a client connection: (handle, whether 0-RTT data can be sent).
-    fn connect(&mut self, tls: PyRef<'_, ClientTls>, host: &str, port: u16, server_name: &str,
+    fn connect(&self, py: Python<'_>, tls: PyRef<'_, ClientTls>, host: &str, port: u16, server_name: &str,
                now: f64) -> PyResult<(usize, bool)> {
         let remote = parse_addr(host, port)?;
-        let at = self.instant(now);
         let cfg = tls.cfg.clone();
-        match self.guarded("connect", |s| s.core.connect(at, cfg, remote, server_name)) {
+        let (mut s, at) = self.at(py, now);
+        match s.guarded(|s| s.core.connect(at, cfg, remote, server_name)) {
             Some(Ok(r)) => Ok(r),
             Some(Err(e)) => Err(PyValueError::new_err(format!("cannot connect to {remote}: {e}"))),
             None => Err(PyRuntimeError::new_err("internal error in connect")),
@@ -517,29 +421,19 @@ impl Endpoint {
     }
 
     /// One non-QUIC datagram (P2P probes share the socket).
-    fn send_raw(&mut self, data: &Bound<'_, PyAny>, host: &str, port: u16) -> PyResult<bool> {
+    fn send_raw(&self, py: Python<'_>, data: &Bound<'_, PyAny>, host: &str, port: u16) -> PyResult<bool> {
         let data = bytes_of(data)?;
-        let dst = crate::core::to_wire_addr(self.core.v6_socket, parse_addr(host, port)?);
-        let t = quinn_udp::Transmit { destination: dst, ecn: None, contents: &data, segment_size: None, src_ip: None };
-        let Some(sock) = self.sock.as_ref() else { return Ok(false) };
-        match self.udp.try_send(sock.into(), &t) {
-            Ok(()) => {
-                self.core.stats.datagrams_sent += 1;
-                self.core.stats.bytes_sent += data.len() as u64;
-                Ok(true)
-            }
-            Err(_) => {
-                self.core.stats.socket_send_errors += 1;
-                Ok(false)
-            }
-        }
+        let addr = parse_addr(host, port)?;
+        let mut s = self.lock(py);
+        let dst = crate::core::to_wire_addr(s.core.v6_socket, addr);
+        Ok(s.send_raw(&data, dst))
     }
 
     // ------------------------------------------------------------ per connection
     /// 0 queued, 1 queued after dropping the oldest, 2 connection closed, 3 too large.
-    fn send_datagram(&mut self, h: usize, data: &Bound<'_, PyAny>) -> PyResult<u8> {
+    fn send_datagram(&self, py: Python<'_>, h: usize, data: &Bound<'_, PyAny>) -> PyResult<u8> {
         let data = bytes_of(data)?;
-        Ok(match self.guarded("send_datagram", |s| s.core.send_datagram(h, &data)) {
+        Ok(match self.guarded(py, |s| s.core.send_datagram(h, &data)) {
             Some(SendResult::Queued) => 0,
             Some(SendResult::QueuedDroppedOldest) => 1,
             Some(SendResult::Closed) | None => 2,
@@ -547,84 +441,87 @@ impl Endpoint {
         })
     }
 
-    fn max_datagram_payload(&mut self, h: usize) -> usize {
-        self.core.conn_mut(h).map(|c| c.max_datagram_payload()).unwrap_or(0)
+    fn max_datagram_payload(&self, py: Python<'_>, h: usize) -> usize {
+        self.lock(py).core.conn_mut(h).map(|c| c.max_datagram_payload()).unwrap_or(0)
     }
 
-    fn datagram_budget(&mut self, h: usize) -> usize {
-        self.core.datagram_budget(h)
+    fn datagram_budget(&self, py: Python<'_>, h: usize) -> usize {
+        self.lock(py).core.datagram_budget(h)
     }
 
     #[pyo3(signature = (h, sid, data, fin=false))]
-    fn stream_write(&mut self, h: usize, sid: u64, data: &Bound<'_, PyAny>, fin: bool) -> PyResult<bool> {
+    fn stream_write(&self, py: Python<'_>, h: usize, sid: u64, data: &Bound<'_, PyAny>, fin: bool) -> PyResult<bool> {
         let data = bytes_of(data)?;
-        Ok(self.guarded("stream_write", |s| s.core.stream_write(h, sid, &data, fin)).unwrap_or(false))
+        Ok(self.guarded(py, |s| s.core.stream_write(h, sid, &data, fin)).unwrap_or(false))
     }
 
-    fn open_bi(&mut self, h: usize) -> Option<u64> {
-        self.guarded("open_bi", |s| s.core.open_bi(h)).flatten()
+    fn open_bi(&self, py: Python<'_>, h: usize) -> Option<u64> {
+        self.guarded(py, |s| s.core.open_bi(h)).flatten()
     }
 
-    fn consume(&mut self, h: usize, sid: u64, n: u64) {
-        self.core.consume(h, sid, n);
+    fn consume(&self, py: Python<'_>, h: usize, sid: u64, n: u64) {
+        self.lock(py).core.consume(h, sid, n);
     }
 
     #[pyo3(signature = (h, sid, code=0))]
-    fn reset_stream(&mut self, h: usize, sid: u64, code: u64) {
-        self.guarded("reset_stream", |s| s.core.reset_stream(h, sid, code));
+    fn reset_stream(&self, py: Python<'_>, h: usize, sid: u64, code: u64) {
+        self.guarded(py, |s| s.core.reset_stream(h, sid, code));
     }
 
-    fn stream_backlog(&self, h: usize, sid: u64) -> usize {
-        self.core.stream_backlog(h, sid)
+    fn stream_backlog(&self, py: Python<'_>, h: usize, sid: u64) -> usize {
+        self.lock(py).core.stream_backlog(h, sid)
     }
 
-    fn set_retain(&mut self, h: usize, sid: u64, on: bool) {
-        self.core.set_retain(h, sid, on);
+    fn set_retain(&self, py: Python<'_>, h: usize, sid: u64, on: bool) {
+        self.lock(py).core.set_retain(h, sid, on);
     }
 
     fn stream_unacked<'py>(&self, py: Python<'py>, h: usize, sid: u64) -> Option<(u64, Bound<'py, PyBytes>)> {
-        self.core.stream_unacked(h, sid).map(|(off, data)| (off, PyBytes::new(py, &data)))
+        let got = self.lock(py).core.stream_unacked(h, sid);
+        got.map(|(off, data)| (off, PyBytes::new(py, &data)))
     }
 
-    fn ping(&mut self, h: usize) {
-        self.core.ping(h);
+    fn ping(&self, py: Python<'_>, h: usize) {
+        self.lock(py).core.ping(h);
     }
 
-    fn rotate_cid(&mut self, h: usize) {
-        self.guarded("rotate_cid", |s| s.core.rotate_cid(h));
+    fn rotate_cid(&self, py: Python<'_>, h: usize) {
+        self.guarded(py, |s| s.core.rotate_cid(h));
     }
 
     fn current_dcid<'py>(&self, py: Python<'py>, h: usize) -> Option<Bound<'py, PyBytes>> {
-        self.core.conn(h).map(|c| PyBytes::new(py, &c.last_dcid))
+        let s = self.lock(py);
+        s.core.conn(h).map(|c| PyBytes::new(py, &c.last_dcid))
     }
 
     #[pyo3(signature = (h, now, code=0, reason=""))]
-    fn close(&mut self, h: usize, now: f64, code: u64, reason: &str) {
-        let at = self.instant(now);
-        self.guarded("close", |s| s.core.close(h, at, code, reason));
+    fn close(&self, py: Python<'_>, h: usize, now: f64, code: u64, reason: &str) {
+        let (mut s, at) = self.at(py, now);
+        s.guarded(|s| s.core.close(h, at, code, reason));
     }
 
-    fn abort(&mut self, h: usize, reason: &str) {
-        self.core.abort(h, reason);
+    fn abort(&self, py: Python<'_>, h: usize, reason: &str) {
+        self.lock(py).core.abort(h, reason);
     }
 
-    fn rtt(&self, h: usize) -> Option<f64> {
-        self.core.conn(h).map(|c| c.rtt().as_secs_f64())
+    fn rtt(&self, py: Python<'_>, h: usize) -> Option<f64> {
+        self.lock(py).core.conn(h).map(|c| c.rtt().as_secs_f64())
     }
 
     /// The caller's clock time of the peer's latest packet (any packet, ACKs included).
-    fn last_received(&self, h: usize) -> Option<f64> {
-        let at = self.core.conn(h)?.last_rx?;
+    fn last_received(&self, py: Python<'_>, h: usize) -> Option<f64> {
+        let at = self.lock(py).core.conn(h)?.last_rx?;
         Some(self.seconds(at))
     }
 
-    fn remote(&self, h: usize) -> Option<(String, u16)> {
-        self.core.conn(h).map(|c| addr_tuple(crate::core::normalize(c.remote)))
+    fn remote(&self, py: Python<'_>, h: usize) -> Option<(String, u16)> {
+        self.lock(py).core.conn(h).map(|c| addr_tuple(crate::core::normalize(c.remote)))
     }
 
-    fn connection_stats<'py>(&mut self, py: Python<'py>, h: usize) -> PyResult<Bound<'py, PyDict>> {
+    fn connection_stats<'py>(&self, py: Python<'py>, h: usize) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        let c = self.conn_or_err(h)?;
+        let mut s = self.lock(py);
+        let c = s.core.conn_mut(h).ok_or_else(|| PyValueError::new_err("no such connection"))?;
         let st = c.qc.stats();
         d.set_item("rtt", c.qc.rtt().as_secs_f64())?;
         d.set_item("cwnd", c.qc.congestion_state().window())?;
@@ -645,11 +542,12 @@ impl Endpoint {
     // ------------------------------------------------------------ splices
     /// The descriptor that becomes readable when a spliced socket needs service: add it to
     /// the event loop once and call `pump(now)` when it is readable.
-    fn splice_fd(&mut self) -> PyResult<i32> {
-        if self.splicer.is_none() {
-            self.splicer = Some(SocketSplicer::new().map_err(|e| PyOSError::new_err(format!("epoll: {e}")))?);
+    fn splice_fd(&self, py: Python<'_>) -> PyResult<i32> {
+        let mut s = self.lock(py);
+        if s.splicer.is_none() {
+            s.splicer = Some(SocketSplicer::new().map_err(|e| PyOSError::new_err(format!("epoll: {e}")))?);
         }
-        Ok(self.splicer.as_ref().map(|s| s.fd()).unwrap_or(-1))
+        Ok(s.splicer.as_ref().map(|s| s.fd()).unwrap_or(-1))
     }
 
     /// Splice the connected stream socket `fd` (duplicated: the caller keeps its own, and
@@ -658,9 +556,9 @@ impl Endpoint {
     /// consume, written to the socket first; `up`: socket bytes the caller read, sent first.
     /// Returns the splice id; its end is an event (9, h, sid, id, sent, received, how, code).
     #[pyo3(signature = (h, sid, fd, down=None, down_fin=false, up=None))]
-    fn splice(&mut self, h: usize, sid: u64, fd: i32, down: Option<&Bound<'_, PyAny>>, down_fin: bool,
+    fn splice(&self, py: Python<'_>, h: usize, sid: u64, fd: i32, down: Option<&Bound<'_, PyAny>>, down_fin: bool,
               up: Option<&Bound<'_, PyAny>>) -> PyResult<u64> {
-        self.splice_fd()?;
+        self.splice_fd(py)?;
         let down = match down { Some(d) => bytes_of(d)?.into_owned(), None => Vec::new() };
         let up = match up { Some(d) => bytes_of(d)?.into_owned(), None => Vec::new() };
         let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
@@ -668,7 +566,7 @@ impl Endpoint {
             return Err(PyOSError::new_err(format!("dup: {}", std::io::Error::last_os_error())));
         }
         let owned = unsafe { OwnedFd::from_raw_fd(dup) };
-        let r = self.guarded("splice", |s| {
+        let r = self.guarded(py, |s| {
             let Some(sp) = s.splicer.as_mut() else { return Err("no splicer".to_string()) };
             sp.add(&mut s.core, h, sid, owned, &down, down_fin, &up)
         });
@@ -680,8 +578,8 @@ impl Endpoint {
     }
 
     /// End a socket splice without an event: (sent, received), None if there is none.
-    fn unsplice(&mut self, h: usize, sid: u64) -> Option<(u64, u64)> {
-        self.guarded("unsplice", |s| {
+    fn unsplice(&self, py: Python<'_>, h: usize, sid: u64) -> Option<(u64, u64)> {
+        self.guarded(py, |s| {
             let sp = s.splicer.as_mut()?;
             sp.remove(&mut s.core, h, sid).map(|(_, sent, received)| (sent, received))
         })
@@ -690,62 +588,65 @@ impl Endpoint {
 
     /// (sent into, received from) stream `sid` of `h` so far, while it is spliced (to a
     /// socket, or as a leg of a stream pair).
-    fn splice_counts(&self, h: usize, sid: u64) -> Option<(u64, u64)> {
-        self.splicer.as_ref().and_then(|s| s.counts(h, sid)).or_else(|| self.core.pair_counts(h, sid))
+    fn splice_counts(&self, py: Python<'_>, h: usize, sid: u64) -> Option<(u64, u64)> {
+        let s = self.lock(py);
+        s.splicer.as_ref().and_then(|sp| sp.counts(h, sid)).or_else(|| s.core.pair_counts(h, sid))
     }
 
     /// Join two streams of this endpoint both ways (the Intermediate's splice); the id, or
     /// None if either connection is not live or a stream is already spliced. Its end is one
     /// event per leg, (9, h, sid, id, sent, received, how, code).
-    fn splice_streams(&mut self, h_a: usize, sid_a: u64, h_b: usize, sid_b: u64) -> Option<u64> {
-        self.guarded("splice_streams", |s| s.core.splice_streams((h_a, sid_a), (h_b, sid_b))).flatten()
+    fn splice_streams(&self, py: Python<'_>, h_a: usize, sid_a: u64, h_b: usize, sid_b: u64) -> Option<u64> {
+        self.guarded(py, |s| s.core.splice_streams((h_a, sid_a), (h_b, sid_b))).flatten()
     }
 
     /// Service the spliced sockets epoll reported (and whatever that caused); the events.
-    fn pump<'py>(&mut self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
-        let at = self.instant(now);
-        if let Some(sp) = self.splicer.as_mut() {
+    fn pump<'py>(&self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
+        let (mut s, at) = self.at(py, now);
+        if let Some(sp) = s.splicer.as_mut() {
             sp.poll();
         }
-        self.drive_guarded(at);
-        self.transmit();
-        self.events(py)
+        s.drive_guarded(at);
+        s.transmit();
+        events(py, &mut s)
     }
 
-    fn splice_count(&self) -> usize {
-        self.splicer.as_ref().map(|s| s.len()).unwrap_or(0) + self.core.pairs.len()
+    fn splice_count(&self, py: Python<'_>) -> usize {
+        let s = self.lock(py);
+        s.splicer.as_ref().map(|s| s.len()).unwrap_or(0) + s.core.pairs.len()
     }
 
     // ------------------------------------------------------------ relay routes
     /// Relay 0x2F for `service` from `agent_h` natively to `connector_h` as 0x30 stamped with
     /// `agent_id`. False if either connection is gone or closing (nothing installed).
-    fn route_agent(&mut self, agent_h: usize, service: &[u8], connector_h: usize, agent_id: u32) -> bool {
-        self.core.route_agent(agent_h, service, connector_h, agent_id)
+    fn route_agent(&self, py: Python<'_>, agent_h: usize, service: &[u8], connector_h: usize, agent_id: u32) -> bool {
+        self.lock(py).core.route_agent(agent_h, service, connector_h, agent_id)
     }
 
-    fn unroute_agent(&mut self, agent_h: usize, service: &[u8]) -> bool {
-        self.core.unroute_agent(agent_h, service)
+    fn unroute_agent(&self, py: Python<'_>, agent_h: usize, service: &[u8]) -> bool {
+        self.lock(py).core.unroute_agent(agent_h, service)
     }
 
     /// Relay 0x31 for `agent_id` from `connector_h` natively to `agent_h` (bare IP packet).
-    fn route_reply(&mut self, connector_h: usize, agent_id: u32, agent_h: usize) -> bool {
-        self.core.route_reply(connector_h, agent_id, agent_h)
+    fn route_reply(&self, py: Python<'_>, connector_h: usize, agent_id: u32, agent_h: usize) -> bool {
+        self.lock(py).core.route_reply(connector_h, agent_id, agent_h)
     }
 
-    fn unroute_reply(&mut self, connector_h: usize, agent_id: u32) -> bool {
-        self.core.unroute_reply(connector_h, agent_id)
+    fn unroute_reply(&self, py: Python<'_>, connector_h: usize, agent_id: u32) -> bool {
+        self.lock(py).core.unroute_reply(connector_h, agent_id)
     }
 
-    fn clear_routes(&mut self) {
-        self.core.clear_routes();
+    fn clear_routes(&self, py: Python<'_>) {
+        self.lock(py).core.clear_routes();
     }
 
-    fn connection_count(&self) -> usize {
-        self.core.handles().len()
+    fn connection_count(&self, py: Python<'_>) -> usize {
+        self.lock(py).core.handles().len()
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = &self.core.stats;
+        let g = self.lock(py);
+        let s = &g.core.stats;
         let d = PyDict::new(py);
         for (k, v) in [
             ("datagrams_received", s.datagrams_received),
@@ -774,34 +675,41 @@ impl Endpoint {
             ("relay_bytes", s.relay_bytes),
             ("relay_dropped_oversize", s.relay_dropped_oversize),
             ("relay_dropped_no_target", s.relay_dropped_no_target),
-            ("relay_routes", self.core.routes.len() as u64),
+            ("relay_routes", g.core.routes.len() as u64),
         ] {
             d.set_item(k, v)?;
         }
         Ok(d)
     }
 
-    fn max_gso_segments(&self) -> usize {
-        self.core.max_gso_segments
+    fn max_gso_segments(&self, py: Python<'_>) -> usize {
+        self.lock(py).core.max_gso_segments
     }
 
     /// Fault injection: while on, nothing is sent and what arrives is discarded (a path that
     /// went silent), so tests can kill a path without touching the network.
-    fn set_blackhole(&mut self, on: bool) {
-        self.blackhole = on;
+    fn set_blackhole(&self, py: Python<'_>, on: bool) {
+        self.lock(py).blackhole = on;
     }
 
-    /// Stop using the socket (the caller closes its own descriptor).
-    fn shutdown(&mut self) {
-        self.closed = true;
-        self.sock = None; // closes our duplicate of the descriptor
+    /// Stop using the socket (the caller closes its own descriptor); a driver thread ends
+    /// first.
+    fn shutdown(&mut self, py: Python<'_>) {
+        if let Some(mut d) = self.driver.take() {
+            d.stop();
+            py.detach(|| d.join());
+        }
+        let mut s = self.lock(py);
+        s.closed = true;
+        s.sock = None; // closes our duplicate of the descriptor
     }
 
     /// Test hook: panic inside the binding to prove the guard (counted, logged, survived).
-    fn _panic_for_test(&mut self) -> bool {
-        self.guarded("test", |_| panic!("deliberate test panic")).is_none()
+    fn _panic_for_test(&self, py: Python<'_>) -> bool {
+        self.guarded(py, |_| panic!("deliberate test panic")).is_none()
     }
 }
+
 
 pub fn install_panic_hook() {
     // One line per panic instead of the default multi-line report; the guard counts it.

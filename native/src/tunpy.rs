@@ -23,7 +23,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::core::SendResult;
-use crate::py::{Drain, Endpoint};
+use crate::driver::Drain;
+use crate::py::Endpoint;
 use crate::tunpump::{lock, Pump, SharedPump, Target, TunTap, Up};
 
 const MAX_PACKET: usize = 65535;
@@ -84,13 +85,13 @@ pub struct TunPump {
 }
 
 impl TunPump {
-    fn endpoint<'py>(&self, py: Python<'py>, slot: usize) -> PyResult<PyRefMut<'py, Endpoint>> {
+    fn endpoint<'py>(&self, py: Python<'py>, slot: usize) -> PyResult<PyRef<'py, Endpoint>> {
         let ep = self.endpoints.get(slot).ok_or_else(|| PyValueError::new_err("no such endpoint slot"))?;
-        Ok(ep.bind(py).try_borrow_mut()?)
+        Ok(ep.bind(py).try_borrow()?)
     }
 
     fn read_batch<'py>(&mut self, py: Python<'py>, out: &mut Vec<Bound<'py, PyBytes>>, touched: &mut Vec<usize>) {
-        let mut eps: Vec<Option<PyRefMut<'py, Endpoint>>> = self.endpoints.iter().map(|_| None).collect();
+        let mut eps: Vec<Option<PyRef<'py, Endpoint>>> = self.endpoints.iter().map(|_| None).collect();
         let mut st = lock(&self.shared);
         let fd = self.fd.load(Ordering::Relaxed);
         if fd < 0 {
@@ -119,7 +120,7 @@ impl TunPump {
             let ep = match &mut eps[target.slot] {
                 Some(ep) => Some(ep),
                 slot @ None => {
-                    *slot = self.endpoints[target.slot].bind(py).try_borrow_mut().ok();
+                    *slot = self.endpoints[target.slot].bind(py).try_borrow().ok();
                     slot.as_mut()
                 }
             };
@@ -127,7 +128,7 @@ impl TunPump {
                 self.dgram.clear();
                 self.dgram.extend_from_slice(st.table.header(svc));
                 self.dgram.extend_from_slice(packet);
-                matches!(ep.core.send_datagram(target.h, &self.dgram), SendResult::Queued | SendResult::QueuedDroppedOldest)
+                matches!(ep.lock(py).core.send_datagram(target.h, &self.dgram), SendResult::Queued | SendResult::QueuedDroppedOldest)
             });
             if sent {
                 st.table.sent(svc, packet.len());
@@ -179,9 +180,11 @@ impl TunPump {
             return Ok(slot);
         }
         let slot = self.endpoints.len();
-        let mut ep = endpoint.try_borrow_mut()?;
-        ep.core.taps.push(Box::new(TunTap { pump: self.shared.clone(), slot }));
-        ep.drains.push(Box::new(TunDrain { pump: self.shared.clone(), fd: self.fd.clone() }));
+        let ep = endpoint.try_borrow()?;
+        let mut io = ep.lock(endpoint.py());
+        io.core.taps.push(Box::new(TunTap { pump: self.shared.clone(), slot }));
+        io.drains.push(Box::new(TunDrain { pump: self.shared.clone(), fd: self.fd.clone() }));
+        drop(io);
         drop(ep);
         self.endpoints.push(endpoint.unbind());
         Ok(slot)
@@ -190,7 +193,7 @@ impl TunPump {
     /// Service `svc` goes natively on connection `h` of endpoint `slot`, which also delivers
     /// its bare IP packets to the TUN device. False if the connection is not alive.
     fn route(&mut self, py: Python<'_>, svc: usize, slot: usize, h: usize) -> PyResult<bool> {
-        if !self.endpoint(py, slot)?.core.live(h) {
+        if !self.endpoint(py, slot)?.lock(py).core.live(h) {
             return Ok(false);
         }
         let mut pump = lock(&self.shared);
@@ -211,7 +214,7 @@ impl TunPump {
     /// Bare IP packets arriving on connection `h` of endpoint `slot` go to the TUN device
     /// (on) or to Python as DATAGRAM events (off).
     fn deliver(&mut self, py: Python<'_>, slot: usize, h: usize, on: bool) -> PyResult<bool> {
-        let on = on && self.endpoint(py, slot)?.core.live(h);
+        let on = on && self.endpoint(py, slot)?.lock(py).core.live(h);
         lock(&self.shared).deliver(slot, h, on);
         Ok(on)
     }

@@ -15,7 +15,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::core::SendResult;
-use crate::py::{Drain, Endpoint};
+use crate::driver::Drain;
+use crate::py::Endpoint;
 use crate::tunpump::Target;
 use crate::udpflow::{lock, FlowTap, SharedFlows};
 
@@ -69,7 +70,7 @@ pub struct UdpFlows {
 impl UdpFlows {
     fn live(&self, py: Python<'_>, slot: usize, h: usize) -> PyResult<bool> {
         let ep = self.endpoints.get(slot).ok_or_else(|| PyValueError::new_err("no such endpoint slot"))?;
-        Ok(ep.bind(py).try_borrow()?.core.live(h))
+        Ok(ep.bind(py).try_borrow()?.lock(py).core.live(h))
     }
 
     /// (replies queued, backend refused, replies dropped) for one readable flow socket.
@@ -79,7 +80,8 @@ impl UdpFlows {
             None => return (0, false, 0),
         };
         let Some(ep) = self.endpoints.get(target.slot) else { return (0, false, 0) };
-        let Ok(mut ep) = ep.bind(py).try_borrow_mut() else { return (0, false, 0) };
+        let Ok(ep) = ep.bind(py).try_borrow() else { return (0, false, 0) };
+        let mut ep = ep.lock(py);
         let (mut sent, mut refused, mut dropped) = (0u64, false, 0u64);
         for _ in 0..self.recv_burst {
             let n = unsafe { libc::recv(fd, self.buf.as_mut_ptr().cast(), self.buf.len(), libc::MSG_DONTWAIT) };
@@ -142,9 +144,11 @@ impl UdpFlows {
             return Ok(slot);
         }
         let slot = self.endpoints.len();
-        let mut ep = endpoint.try_borrow_mut()?;
-        ep.core.taps.push(Box::new(FlowTap { flows: self.flows.clone(), slot }));
-        ep.drains.push(Box::new(FlowDrain { flows: self.flows.clone() }));
+        let ep = endpoint.try_borrow()?;
+        let mut io = ep.lock(endpoint.py());
+        io.core.taps.push(Box::new(FlowTap { flows: self.flows.clone(), slot }));
+        io.drains.push(Box::new(FlowDrain { flows: self.flows.clone() }));
+        drop(io);
         drop(ep);
         self.endpoints.push(endpoint.unbind());
         Ok(slot)

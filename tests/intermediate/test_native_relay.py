@@ -99,8 +99,14 @@ def run(coro: Any) -> None:
     asyncio.run(coro)
 
 
-def test_echo_is_byte_exact_and_carried_natively(pki: Path) -> None:
+@pytest.mark.parametrize("thread", ["1", "0"], ids=["driver-thread", "asyncio-driver"])
+def test_echo_is_byte_exact_and_carried_natively(pki: Path, thread: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZTNA_ENDPOINT_THREAD", thread)
+
     async def body(inter: Intermediate) -> None:
+        # The Intermediate's endpoints run on a native thread unless switched off.
+        assert all(ep.threaded == (thread == "1") for ep in inter.endpoints)
         connector, agent = await peers(inter, pki, [("connector", Role.CONNECTOR, True),
                                                     ("agent", Role.AGENT, False)])
         assert native_stats(inter)["relay_routes"] == 2  # the agent route and its reply route
@@ -116,6 +122,8 @@ def test_echo_is_byte_exact_and_carried_natively(pki: Path) -> None:
         # Both ways were native: Python's relay saw none of these DATAGRAMs.
         assert inter.stats.relayed_datagrams == 0
         assert stats["relay_dropped_oversize"] == stats["relay_dropped_no_target"] == 0
+        if thread == "1":
+            assert sum(ep.native.thread_wakeups() for ep in inter.endpoints) >= len(sent)
         for p in (agent, connector):
             await p.close()
     run(with_intermediate(pki, body))

@@ -252,7 +252,7 @@ class Intermediate:
                 sock = bind_udp(host, port)
             except OSError as exc:
                 raise bind_error("Intermediate listen address", "udp", host, port, exc) from None
-            self.endpoints.append(QuicEndpoint(sock, server=self._server_options, loop=loop))
+            self.endpoints.append(QuicEndpoint(sock, server=self._server_options, loop=loop, thread=True))
             log.info("listening on udp %s", format_address((host, sock.getsockname()[1])))
         try:
             from ztna.intermediate.signaling import Signaling

@@ -177,6 +177,7 @@ class QuicEndpoint:
         loop: asyncio.AbstractEventLoop | None = None,
         retain_streams: bool = False,
         udp_payload: int | None = None,
+        thread: bool = False,
     ) -> None:
         sock.setblocking(False)
         self.sock = sock
@@ -203,7 +204,14 @@ class QuicEndpoint:
         self._splice_fd: int | None = None
         # (splice id, handle, stream id) -> what to call when that splice ends
         self._splices: dict[tuple[int, int, int], SpliceEnd] = {}
-        self.loop.add_reader(sock.fileno(), self._on_readable)
+        # With a driver thread the socket and the timers are native; the loop watches only
+        # the descriptor that says a batch left events.
+        self._notify_fd: int | None = None
+        if thread and thread_enabled():
+            self._notify_fd = self.native.start_thread()
+            self.loop.add_reader(self._notify_fd, self._on_notify)
+        else:
+            self.loop.add_reader(sock.fileno(), self._on_readable)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -341,7 +349,7 @@ class QuicEndpoint:
             return
         self._closed = True
         try:
-            self.loop.remove_reader(self.sock.fileno())
+            self.loop.remove_reader(self._notify_fd if self._notify_fd is not None else self.sock.fileno())
         except (ValueError, OSError):
             pass
         if self._timer:
@@ -368,6 +376,17 @@ class QuicEndpoint:
             # handler ran, so nothing new is queued: another drive would find nothing.
             self._arm_timer()
 
+    def _on_notify(self) -> None:
+        if self._closed:
+            return
+        self._dispatch(self.native.notified(self.loop.time()))
+        self._flush()
+
+    @property
+    def threaded(self) -> bool:
+        """True while a native thread reads the socket and runs the timers."""
+        return self._notify_fd is not None and not self._closed
+
     def flush(self) -> None:
         """Run what connections queued now (instead of at the end of the loop iteration)."""
         self._flush()
@@ -385,6 +404,11 @@ class QuicEndpoint:
         self._arm_timer()
 
     def _arm_timer(self) -> None:
+        if self._notify_fd is not None:
+            # The driver thread sleeps towards the native deadline; it is woken only when
+            # what we just did moved that deadline earlier.
+            self.native.rearm()
+            return
         deadline = self.native.next_timeout()
         at = self._timer_at
         if self._timer is not None and at is not None and (deadline is None or at <= deadline):
@@ -565,6 +589,12 @@ class QuicEndpoint:
     def _add(self, conn: ZtnaConnection) -> None:
         self.connections.add(conn)
         self._by_handle[conn.handle] = conn
+
+
+def thread_enabled() -> bool:
+    """Whether endpoints that ask for a native driver thread get one (ZTNA_ENDPOINT_THREAD=0
+    keeps every endpoint on the asyncio driver)."""
+    return os.environ.get("ZTNA_ENDPOINT_THREAD", "1") != "0"
 
 
 def bind_udp(host: str, port: int, *, dual_stack: bool = True) -> socket.socket:

@@ -1,0 +1,496 @@
+//! The I/O half of an endpoint: one UDP socket driving a `Core`, and optionally a native
+//! thread that owns the socket's reads and the connection timers.
+//!
+//! `Io` holds everything one batch needs (the core, the socket, the receive buffers, the
+//! splices and the pumps' drains). The Python binding keeps it behind a mutex so that either
+//! the asyncio loop (the calls of `py.rs`) or the driver thread runs a batch, never both.
+//!
+//! The driver thread (`Driver::spawn`) waits in epoll for the socket, a wake eventfd and the
+//! core's next deadline. Each wake-up is one batch: receive, run the due timers, drive every
+//! touched connection, send. What the relay routes, the stream pairs and the taps handle is
+//! finished there without the owner; when the batch left events for the owner, it writes a
+//! notify eventfd once (the owner's loop watches it) and the owner takes the events with its
+//! next `drive`. The thread never calls into the owner's code except through the core's
+//! callbacks (the server's ticket store), so an owner that releases its interpreter lock
+//! while it waits for the mutex cannot deadlock with it. A panic in a batch is counted and
+//! the thread goes on.
+
+use std::io::{self, IoSliceMut};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::core::Core;
+use crate::sockpump::SocketSplicer;
+
+/// The I/O half of a pump attached to an endpoint (the TUN device's writes, the UDP flows'
+/// backend sends): what the pump's tap took during a batch goes out after it.
+pub trait Drain: Send + Sync {
+    fn drain(&mut self);
+}
+
+const RX_BUF: usize = 65536;
+
+pub struct Io {
+    pub core: Core,
+    /// Native I/O of the pumps attached to this endpoint, run after each batch.
+    pub drains: Vec<Box<dyn Drain>>,
+    pub sock: Option<UdpSocket>,
+    pub udp: quinn_udp::UdpSocketState,
+    rx: Vec<Vec<u8>>,
+    pub recv_batch: usize,
+    pub closed: bool,
+    pub blackhole: bool,
+    /// Stream ⇄ socket splices (made on first use).
+    pub splicer: Option<SocketSplicer>,
+    /// The latest instant a batch ran at: the owner's clock and the thread's may disagree by
+    /// a little, and the core must never see time go backwards.
+    last: Instant,
+    /// With a driver thread: the deadline it sleeps towards (None: no timer), its wake
+    /// eventfd, the notify eventfd and whether a notification is unread.
+    planned: Option<Instant>,
+    wake: Option<Arc<OwnedFd>>,
+    notify: Option<Arc<OwnedFd>>,
+    notified: bool,
+}
+
+/// Lock an endpoint's `Io`; a panic while it was held leaves the state usable (every batch
+/// step runs under its own guard), so a poisoned lock is taken as it is.
+pub fn lock(m: &Mutex<Io>) -> MutexGuard<'_, Io> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn eventfd() -> io::Result<OwnedFd> {
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn signal(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // A full counter (never in practice) still leaves the descriptor readable.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+fn clear(fd: RawFd) {
+    let mut v: u64 = 0;
+    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+}
+
+impl Io {
+    pub fn new(core: Core, sock: UdpSocket, recv_batch: usize, udp_payload: u16) -> io::Result<Self> {
+        sock.set_nonblocking(true)?;
+        let udp = quinn_udp::UdpSocketState::new((&sock).into())?;
+        let mut core = core;
+        // One GSO send is one UDP datagram for the kernel: its total must stay below 64 KiB,
+        // or the whole batch fails with EMSGSIZE.
+        core.max_gso_segments = udp.max_gso_segments().clamp(1, (65000 / udp_payload.max(1200) as usize).max(1));
+        let rx = (0..quinn_udp::BATCH_SIZE).map(|_| vec![0u8; RX_BUF]).collect();
+        Ok(Self {
+            core,
+            drains: Vec::new(),
+            sock: Some(sock),
+            udp,
+            rx,
+            recv_batch,
+            closed: false,
+            blackhole: false,
+            splicer: None,
+            last: Instant::now(),
+            planned: None,
+            wake: None,
+            notify: None,
+            notified: false,
+        })
+    }
+
+    /// `at`, or the latest instant already used if that is later.
+    pub fn clamp(&mut self, at: Instant) -> Instant {
+        if at > self.last {
+            self.last = at;
+        }
+        self.last
+    }
+
+    pub fn guarded<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> Option<T> {
+        match catch_unwind(AssertUnwindSafe(|| f(self))) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                // The panic hook already logged one line with its location.
+                self.core.stats.panics += 1;
+                None
+            }
+        }
+    }
+
+    /// Read everything the socket has (up to `recv_batch` datagrams) into the core.
+    pub fn receive(&mut self, at: Instant) {
+        if self.closed {
+            return;
+        }
+        self.guarded(|s| {
+            let Some(sock) = s.sock.as_ref() else { return };
+            let mut seen = 0usize;
+            let mut errors = 0usize;
+            let mut metas = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+            while seen < s.recv_batch {
+                let n = {
+                    let mut bufs: Vec<IoSliceMut<'_>> = s.rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                    match s.udp.recv(sock.into(), &mut bufs, &mut metas) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(_) => {
+                            // ICMP errors surface here on Linux (ECONNREFUSED ...).
+                            s.core.stats.socket_recv_errors += 1;
+                            errors += 1;
+                            if errors > 64 {
+                                break;
+                            }
+                            continue;
+                        }
+                    }
+                };
+                // A short batch means the queue was empty a moment ago: whatever comes next
+                // wakes the (level-triggered) poller again, so the call that would only say
+                // EAGAIN is saved.
+                let drained = n < s.rx.len();
+                if s.blackhole {
+                    if drained {
+                        break;
+                    }
+                    continue;
+                }
+                for (i, meta) in metas.iter().enumerate().take(n) {
+                    let ecn = meta.ecn.and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
+                    let stride = meta.stride.max(1);
+                    let (rx, core) = (&s.rx, &mut s.core);
+                    if meta.len == 0 {
+                        // An empty datagram: counted as malformed like any other junk.
+                        seen += 1;
+                        core.datagram(at, meta.addr, meta.dst_ip, ecn, &[]);
+                        continue;
+                    }
+                    for seg in rx[i][..meta.len].chunks(stride) {
+                        seen += 1;
+                        if catch_unwind(AssertUnwindSafe(|| core.datagram(at, meta.addr, meta.dst_ip, ecn, seg))).is_err() {
+                            core.stats.panics += 1;
+                        }
+                    }
+                }
+                if drained {
+                    break;
+                }
+            }
+        });
+    }
+
+    pub fn transmit(&mut self) {
+        for d in self.drains.iter_mut() {
+            if catch_unwind(AssertUnwindSafe(|| d.drain())).is_err() {
+                self.core.stats.panics += 1;
+            }
+        }
+        let outs = std::mem::take(&mut self.core.out);
+        let Some(sock) = self.sock.as_ref() else { return };
+        if self.blackhole {
+            return;
+        }
+        for o in outs {
+            let t = quinn_udp::Transmit {
+                destination: o.dst,
+                ecn: o.ecn.and_then(|e| quinn_udp::EcnCodepoint::from_bits(e as u8)),
+                contents: &o.data,
+                segment_size: o.segment_size,
+                src_ip: o.src_ip,
+            };
+            match self.udp.try_send(sock.into(), &t) {
+                Ok(()) => {
+                    let n = o.segment_size.map(|s| o.data.len().div_ceil(s.max(1))).unwrap_or(1);
+                    self.core.stats.datagrams_sent += n as u64;
+                    self.core.stats.bytes_sent += o.data.len() as u64;
+                }
+                Err(_) => self.core.stats.socket_send_errors += 1, // QUIC recovers the loss
+            }
+        }
+    }
+
+    /// One non-QUIC datagram (P2P probes share the socket).
+    pub fn send_raw(&mut self, data: &[u8], dst: SocketAddr) -> bool {
+        let t = quinn_udp::Transmit { destination: dst, ecn: None, contents: data, segment_size: None, src_ip: None };
+        let Some(sock) = self.sock.as_ref() else { return false };
+        match self.udp.try_send(sock.into(), &t) {
+            Ok(()) => {
+                self.core.stats.datagrams_sent += 1;
+                self.core.stats.bytes_sent += data.len() as u64;
+                true
+            }
+            Err(_) => {
+                self.core.stats.socket_send_errors += 1;
+                false
+            }
+        }
+    }
+
+    /// Run every dirty connection, each under its own guard: a panic aborts only that one.
+    /// Splices move their bytes in between (what a connection received goes to its sockets
+    /// and streams, and what they gave goes out in the same batch), a few rounds at most.
+    pub fn drive_guarded(&mut self, now: Instant) {
+        for _ in 0..8 {
+            if catch_unwind(AssertUnwindSafe(|| self.core.drive(now))).is_err() {
+                self.core.stats.panics += 1;
+            }
+            let core = &mut self.core;
+            let splicer = &mut self.splicer;
+            let pairs = !core.pairs.is_empty() && !core.splice_ready.is_empty();
+            let socks = splicer.as_ref().is_some_and(|s| s.has_work(core));
+            if !pairs && !socks {
+                break;
+            }
+            let run = catch_unwind(AssertUnwindSafe(|| {
+                if pairs {
+                    core.pump_pairs();
+                }
+                if let Some(sp) = splicer.as_mut() {
+                    sp.service(core);
+                }
+            }));
+            if run.is_err() {
+                self.core.stats.panics += 1;
+                break;
+            }
+        }
+        // News for streams no splice holds any more is stale.
+        let core = &mut self.core;
+        let splicer = &self.splicer;
+        if !core.splice_ready.is_empty() {
+            let pairs = &core.pairs;
+            core.splice_ready.retain(|k| pairs.contains(k.0, k.1) || splicer.as_ref().is_some_and(|s| s.counts(k.0, k.1).is_some()));
+        }
+    }
+
+    /// True while work is queued that the last batch left for a further one.
+    pub fn busy(&self) -> bool {
+        let core = &self.core;
+        core.has_dirty()
+            || (!core.pairs.is_empty() && !core.splice_ready.is_empty())
+            || self.splicer.as_ref().is_some_and(|s| s.has_work(core))
+    }
+
+    pub fn next_timeout(&mut self) -> Option<Instant> {
+        self.guarded(|s| s.core.next_timeout()).flatten()
+    }
+
+    /// The owner took the events: the next batch that leaves some notifies again.
+    pub fn taken(&mut self) {
+        self.notified = false;
+    }
+
+    /// Whether a driver thread runs this endpoint.
+    pub fn threaded(&self) -> bool {
+        self.wake.is_some()
+    }
+
+    /// After the owner changed something: wake the thread if the core's deadline is now
+    /// earlier than the one it sleeps towards (or work is queued that no batch has run).
+    pub fn rearm(&mut self) {
+        let Some(wake) = self.wake.clone() else { return };
+        let next = self.next_timeout();
+        let earlier = match (next, self.planned) {
+            (Some(n), Some(p)) => n < p,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if earlier || self.busy() {
+            // Until the thread has looked again, later calls need not wake it a second time.
+            self.planned = next;
+            signal(&wake);
+        }
+    }
+
+    /// One batch of the driver thread.
+    fn batch(&mut self, readable: bool) {
+        let now = self.clamp(Instant::now());
+        if readable {
+            self.receive(now);
+        }
+        self.guarded(|s| s.core.handle_timeouts(now));
+        self.drive_guarded(now);
+        self.transmit();
+        if !self.notified && (!self.core.events.is_empty() || self.busy()) {
+            if let Some(n) = self.notify.as_ref() {
+                signal(n);
+                self.notified = true;
+            }
+        }
+    }
+}
+
+/// Counters of a driver thread (read without the lock).
+#[derive(Default)]
+pub struct DriverStats {
+    pub wakeups: AtomicU64,
+    pub panics: AtomicU64,
+}
+
+/// A native thread that owns an endpoint's socket reads and timers.
+pub struct Driver {
+    stop: Arc<AtomicBool>,
+    wake: Arc<OwnedFd>,
+    notify: Arc<OwnedFd>,
+    pub stats: Arc<DriverStats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Poller {
+    epoll: OwnedFd,
+    pwait2: bool,
+}
+
+const SOCK_TOKEN: u64 = 1;
+const WAKE_TOKEN: u64 = 2;
+
+impl Poller {
+    fn new(sock: RawFd, wake: RawFd) -> io::Result<Self> {
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        for (fd, token) in [(sock, SOCK_TOKEN), (wake, WAKE_TOKEN)] {
+            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+            if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(Self { epoll, pwait2: true })
+    }
+
+    /// (socket readable, woken) after waiting at most `timeout` (None: until something
+    /// happens).
+    fn wait(&mut self, timeout: Option<Duration>) -> (bool, bool) {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
+        let n = loop {
+            let n = if self.pwait2 {
+                // Nanosecond deadlines: a millisecond-rounded timer would pace sends late.
+                let ts = timeout.map(|d| libc::timespec {
+                    tv_sec: d.as_secs().min(i32::MAX as u64) as libc::time_t,
+                    tv_nsec: d.subsec_nanos() as libc::c_long,
+                });
+                let p = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+                unsafe { libc::epoll_pwait2(self.epoll.as_raw_fd(), evs.as_mut_ptr(), evs.len() as i32, p, std::ptr::null()) }
+            } else {
+                let ms = timeout.map_or(-1, |d| d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32);
+                unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), evs.as_mut_ptr(), evs.len() as i32, ms) }
+            };
+            if n >= 0 {
+                break n as usize;
+            }
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::ENOSYS) if self.pwait2 => self.pwait2 = false,
+                _ => break 0,
+            }
+        };
+        let (mut readable, mut woken) = (false, false);
+        for ev in &evs[..n] {
+            match ev.u64 {
+                SOCK_TOKEN => readable = true,
+                WAKE_TOKEN => woken = true,
+                _ => {}
+            }
+        }
+        (readable, woken)
+    }
+}
+
+impl Driver {
+    /// Start the thread for `io`, whose socket it reads from now on (the owner must not call
+    /// `receive` or run timers any more; it calls `rearm` after changing something).
+    pub fn spawn(io: Arc<Mutex<Io>>) -> io::Result<Self> {
+        let wake = Arc::new(eventfd()?);
+        let notify = Arc::new(eventfd()?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(DriverStats::default());
+        let sock_fd = {
+            let mut g = lock(&io);
+            let fd = g.sock.as_ref().map(|s| s.as_raw_fd()).ok_or_else(|| io::Error::other("socket closed"))?;
+            g.wake = Some(wake.clone());
+            g.notify = Some(notify.clone());
+            fd
+        };
+        let mut poller = Poller::new(sock_fd, wake.as_raw_fd())?;
+        let (t_stop, t_wake, t_stats) = (stop.clone(), wake.clone(), stats.clone());
+        let thread = std::thread::Builder::new().name("ztna-endpoint".into()).spawn(move || {
+            let mut readable = false;
+            loop {
+                let timeout = {
+                    let mut g = lock(&io);
+                    if t_stop.load(Ordering::Acquire) || g.closed {
+                        break;
+                    }
+                    let r = catch_unwind(AssertUnwindSafe(|| g.batch(readable)));
+                    if r.is_err() {
+                        g.core.stats.panics += 1;
+                        t_stats.panics.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let next = g.next_timeout();
+                    g.planned = next;
+                    if g.busy() {
+                        // A burst longer than one batch's rounds: go on at once.
+                        Some(Duration::ZERO)
+                    } else {
+                        next.map(|at| at.saturating_duration_since(Instant::now()))
+                    }
+                };
+                let (r, woken) = poller.wait(timeout);
+                if woken {
+                    clear(t_wake.as_raw_fd());
+                }
+                readable = r;
+                t_stats.wakeups.fetch_add(1, Ordering::Relaxed);
+            }
+        })?;
+        Ok(Self { stop, wake, notify, stats, thread: Some(thread) })
+    }
+
+    /// The descriptor that becomes readable when a batch left events for the owner.
+    pub fn notify_fd(&self) -> RawFd {
+        self.notify.as_raw_fd()
+    }
+
+    /// Read the pending notification (the owner's loop saw the descriptor readable).
+    pub fn clear_notify(&self) {
+        clear(self.notify.as_raw_fd());
+    }
+
+    /// Ask the thread to stop; `join` waits for it.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        signal(&self.wake);
+    }
+
+    pub fn join(&mut self) {
+        self.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // Never blocks: the thread sees the flag on its next wake-up and ends by itself.
+        self.stop();
+    }
+}

@@ -1,0 +1,178 @@
+//! The driver thread over real loopback sockets: an "Intermediate" endpoint run by its own
+//! thread relays tunnel DATAGRAMs between two client connections through its route table
+//! while its owner does nothing; the owner hears only of what needs it (new connections,
+//! datagrams no route takes), through the notify descriptor.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use _native::core::{Core, Ev};
+use _native::driver::{lock, Driver, Io};
+use common::*;
+
+const AGENT_ID: u32 = 0x0A0B_0C0D;
+
+fn io(core: Core) -> Arc<Mutex<Io>> {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    Arc::new(Mutex::new(Io::new(core, sock, 256, UDP_PAYLOAD).unwrap()))
+}
+
+fn readable(fd: RawFd, timeout: Duration) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) > 0 }
+}
+
+/// A client endpoint driven by hand (as the asyncio driver does): read, time out, drive, send.
+fn step(io: &Arc<Mutex<Io>>, wait: Duration) -> Vec<Ev> {
+    let fd = {
+        let g = lock(io);
+        std::os::fd::AsRawFd::as_raw_fd(g.sock.as_ref().unwrap())
+    };
+    let r = readable(fd, wait);
+    let mut g = lock(io);
+    let now = g.clamp(Instant::now());
+    if r {
+        g.receive(now);
+    }
+    g.core.handle_timeouts(now);
+    g.drive_guarded(now);
+    g.transmit();
+    std::mem::take(&mut g.core.events)
+}
+
+fn datagrams(evs: &[Ev], on: usize) -> Vec<Vec<u8>> {
+    evs.iter()
+        .filter_map(|e| match e {
+            Ev::Datagrams { h, items } if *h == on => Some(items.iter().map(|d| d.to_vec()).collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+#[test]
+fn threaded_endpoint_relays_without_its_owner() {
+    let setup = setup(None);
+    let server = io(server_core(&setup));
+    let addr = lock(&server).sock.as_ref().unwrap().local_addr().unwrap();
+    let mut driver = Driver::spawn(server.clone()).unwrap();
+    let notify = driver.notify_fd();
+
+    let (agent, connector) = (io(client_core()), io(client_core()));
+    let mut handles = Vec::new();
+    for c in [&agent, &connector] {
+        let (h, _) = lock(c).core.connect(Instant::now(), setup.client_cfg.clone(), addr, "localhost").unwrap();
+        lock(c).drive_guarded(Instant::now());
+        lock(c).transmit();
+        handles.push(h);
+    }
+    let (ca, cc) = (handles[0], handles[1]);
+
+    // The owner's part: admit the attempts the thread reports, learn the connections.
+    let mut server_conns = Vec::new();
+    let mut client_up = [false, false];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (server_conns.len() < 2 || !client_up.iter().all(|u| *u)) && Instant::now() < deadline {
+        for (i, c) in [&agent, &connector].iter().enumerate() {
+            if step(c, Duration::from_millis(1)).iter().any(|e| matches!(e, Ev::Connected { .. })) {
+                client_up[i] = true;
+            }
+        }
+        if readable(notify, Duration::from_millis(1)) {
+            driver.clear_notify();
+            let mut g = lock(&server);
+            g.taken();
+            let now = g.clamp(Instant::now());
+            for ev in std::mem::take(&mut g.core.events) {
+                match ev {
+                    Ev::Incoming { id, .. } => {
+                        g.core.accept(id, now);
+                    }
+                    Ev::Connected { h, .. } => server_conns.push(h),
+                    _ => {}
+                }
+            }
+            g.drive_guarded(now);
+            g.transmit();
+            g.rearm();
+        }
+    }
+    assert_eq!(server_conns.len(), 2, "the thread carried both handshakes");
+    assert!(client_up.iter().all(|u| *u));
+    // The agent connected first, so the server's first connection is the agent's.
+    let (sa, sc) = (server_conns[0], server_conns[1]);
+    {
+        let mut g = lock(&server);
+        assert!(g.core.route_agent(sa, b"echo", sc, AGENT_ID));
+        assert!(g.core.route_reply(sc, AGENT_ID, sa));
+        g.rearm();
+    }
+    while readable(notify, Duration::ZERO) {
+        driver.clear_notify();
+    }
+
+    // Agent → connector and back, byte for byte, with the owner never taking a lock.
+    let mut packet = vec![0u8; 400];
+    XorShift(7).fill(&mut packet);
+    packet[0] = 0x45;
+    let mut up = vec![0x2F, 4];
+    up.extend_from_slice(b"echo");
+    up.extend_from_slice(&packet);
+    for round in 0..20u8 {
+        packet[1] = round;
+        up[6 + 1] = round;
+        lock(&agent).core.send_datagram(ca, &up);
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.is_empty() && Instant::now() < deadline {
+            got = datagrams(&step(&connector, Duration::from_millis(5)), cc);
+            step(&agent, Duration::ZERO);
+        }
+        let mut want = vec![0x30, 1];
+        want.extend_from_slice(&AGENT_ID.to_be_bytes());
+        want.extend_from_slice(&up[1..]);
+        assert_eq!(got, vec![want], "round {round}: 0x30 at the connector");
+
+        let mut down = vec![0x31, 1];
+        down.extend_from_slice(&AGENT_ID.to_be_bytes());
+        down.extend_from_slice(&packet);
+        lock(&connector).core.send_datagram(cc, &down);
+        let mut back = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while back.is_empty() && Instant::now() < deadline {
+            back = datagrams(&step(&agent, Duration::from_millis(5)), ca);
+            step(&connector, Duration::ZERO);
+        }
+        assert_eq!(back, vec![packet.clone()], "round {round}: the bare packet at the agent");
+    }
+    {
+        let g = lock(&server);
+        assert_eq!(g.core.stats.relay_forwarded, 40);
+        assert_eq!(g.core.stats.panics, 0);
+        assert!(g.core.events.iter().all(|e| !matches!(e, Ev::Datagrams { .. })), "nothing went to the owner");
+    }
+    assert!(driver.stats.wakeups.load(std::sync::atomic::Ordering::Relaxed) >= 40);
+
+    // A datagram no route takes reaches the owner through the notify descriptor.
+    lock(&agent).core.send_datagram(ca, b"\x2Fstray");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut owner = Vec::new();
+    while owner.is_empty() && Instant::now() < deadline {
+        step(&agent, Duration::from_millis(1));
+        if readable(notify, Duration::from_millis(5)) {
+            driver.clear_notify();
+            let mut g = lock(&server);
+            g.taken();
+            owner = datagrams(&std::mem::take(&mut g.core.events), sa);
+        }
+    }
+    assert_eq!(owner, vec![b"\x2Fstray".to_vec()]);
+
+    assert!(driver.running());
+    driver.join();
+    assert!(!driver.running());
+}
