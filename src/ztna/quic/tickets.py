@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,10 @@ class ServerTicketStore:
             fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
             os.close(fd)
             os.chmod(path, 0o600)
-        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
+        # rustls asks for tickets on the thread that drives the endpoint, which need not
+        # be the one that made the store: one connection, used under one lock.
+        self._lock = threading.RLock()
+        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL" if path else "PRAGMA journal_mode=MEMORY")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS tickets (label BLOB PRIMARY KEY, ticket BLOB NOT NULL,"
@@ -81,33 +85,38 @@ class ServerTicketStore:
 
     @property
     def epoch(self) -> int:
-        return int(self.db.execute("SELECT v FROM meta WHERE k='epoch'").fetchone()[0])
+        with self._lock:
+            return int(self.db.execute("SELECT v FROM meta WHERE k='epoch'").fetchone()[0])
 
     def rotate(self) -> int:
         """Start a new key epoch; tickets two epochs old are refused from now on."""
-        self.db.execute("UPDATE meta SET v = v + 1 WHERE k='epoch'")
-        epoch = self.epoch
-        self.db.execute("DELETE FROM tickets WHERE epoch < ?", (epoch - 1,))
+        with self._lock:
+            self.db.execute("UPDATE meta SET v = v + 1 WHERE k='epoch'")
+            epoch = self.epoch
+            self.db.execute("DELETE FROM tickets WHERE epoch < ?", (epoch - 1,))
         log.info("session ticket epoch rotated to %d", epoch)
         return epoch
 
     # -- called by rustls (through the native endpoint) -------------------------------
     def put(self, label: bytes, value: bytes) -> bool:
         """A ticket was issued: keep its resumption state under its label."""
-        self.db.execute(
-            "INSERT OR REPLACE INTO tickets VALUES (?, ?, ?, ?, ?)",
-            (bytes(label), bytes(value), "null", self.clock(), self.epoch),
-        )
-        self.stats.issued += 1
-        if self.stats.issued % 1000 == 0:
-            self._purge()
+        with self._lock:
+            self.db.execute(
+                "INSERT OR REPLACE INTO tickets VALUES (?, ?, ?, ?, ?)",
+                (bytes(label), bytes(value), "null", self.clock(), self.epoch),
+            )
+            self.stats.issued += 1
+            if self.stats.issued % 1000 == 0:
+                self._purge()
         return True
 
     def take(self, label: bytes) -> bytes | None:
         """The resumption state of a ticket, deleted as it is returned (single use)."""
-        row = self.db.execute(
-            "DELETE FROM tickets WHERE label = ? RETURNING ticket, issued, epoch", (bytes(label),)
-        ).fetchone()
+        with self._lock:
+            row = self.db.execute(
+                "DELETE FROM tickets WHERE label = ? RETURNING ticket, issued, epoch", (bytes(label),)
+            ).fetchone()
+            current = self.epoch
         if row is None:
             self.stats.refused_unknown += 1
             return None
@@ -115,7 +124,7 @@ class ServerTicketStore:
         if self.clock() - issued > self.max_age:
             self.stats.refused_expired += 1
             return None
-        if epoch < self.epoch - 1:
+        if epoch < current - 1:
             self.stats.refused_rotated += 1
             return None
         self.stats.resumed += 1
@@ -131,4 +140,5 @@ class ServerTicketStore:
             )
 
     def close(self) -> None:
-        self.db.close()
+        with self._lock:
+            self.db.close()
