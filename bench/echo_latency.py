@@ -17,9 +17,9 @@ of `--count` sequential 64-byte round trips from the agent node to the service's
   RTT against nebula and the underlay is `ztna bench`'s (same lab, one run); this script is
   for where ztna's own share goes.
 * **syscalls**: `strace -c -f` attached to each program for one window: calls per round trip
-  of the ones that mark a wake-up (`epoll_wait`/`epoll_pwait`) and of the packet I/O
-  (`recvmmsg`, `sendmsg`, `read`, `write`, ...). strace slows every call, so this window's
-  RTT is not reported; the counts are what it is for.
+  of the ones that mark a wake-up (`epoll_wait`/`epoll_pwait`; `epoll_pwait2` is a driver
+  thread's) and of the packet I/O (`recvmmsg`, `sendmsg`, `read`, `write`, ...). strace
+  slows every call, so this window's RTT is not reported; the counts are what it is for.
 
 One wake-up of an asyncio program costs an `epoll_wait` return, the loop's bookkeeping and
 whatever Python runs before the native call; fewer per round trip is the lever this measures.
@@ -67,7 +67,7 @@ ECHO_LOOP = (
     "print(json.dumps({'rtt':out,'lost':lost}))\n"
 )
 
-SYSCALLS = ("epoll_wait", "epoll_pwait", "recvmmsg", "recvmsg", "recvfrom", "sendmsg", "sendmmsg",
+SYSCALLS = ("epoll_wait", "epoll_pwait", "epoll_pwait2", "recvmmsg", "recvmsg", "recvfrom", "sendmsg", "sendmmsg",
             "sendto", "read", "write", "writev", "readv")
 
 
