@@ -276,7 +276,7 @@ class P2PServer:
             sock = bind_udp(self.host, self.port)
         except OSError as exc:
             raise bind_error("Connector P2P port", "udp", self.host, self.port, exc) from None
-        self.endpoint = QuicEndpoint(sock, server=options, raw_handler=self._raw, retain_streams=True)
+        self.endpoint = QuicEndpoint(sock, server=options, raw_handler=self._raw, retain_streams=True, thread=True)
         log.info("P2P QUIC server on udp %s", format_address((self.host, self.local_port)))
         self._task = asyncio.get_running_loop().create_task(self._qad_loop())
 

@@ -174,7 +174,7 @@ class Connector:
         except OSError as exc:
             raise bind_error("Connector relay socket", "udp", self.cfg.relay_host,
                              self.cfg.relay_port, exc) from None
-        self.relay_endpoint = QuicEndpoint(relay_sock)
+        self.relay_endpoint = QuicEndpoint(relay_sock, thread=True)
         log.info("relay socket on udp %s",
                  format_address((self.cfg.relay_host, self.relay_endpoint.local_address[1])))
         self.relay = RelayLink(
