@@ -25,6 +25,7 @@ from ztna.wire import (
     ErrorMessage,
     GoAway,
     NackStatus,
+    MeshSignal,
     NamedStreamOpen,
     ObservedAddress,
     Ping,
@@ -170,6 +171,7 @@ INVALID_REASONS: dict[str, str] = {
     "control/ping-missing-id": "missing field",
     "control/ping-bool-id": "must be an int",
     "control/service_health-string-healthy": "must be a bool",
+    "control/mesh_signal-carries-offer": "cannot carry 'punch_offer'",
     "stream_header/bad-version": "unknown stream header version",
     "stream_header/port-zero": "port 0",
     "stream_header/bad-family": "unknown address family",
@@ -188,7 +190,7 @@ REQUIRED_TYPES = {
     ObservedAddress, Register, RegistrationAck, RegistrationNack, ErrorMessage, GoAway,
     AgentGone, ServiceStatus, ServiceHealth, Ping, Pong, PunchRequest, PunchOffer, PunchAnswer, PunchStart,
     PunchResult, UnknownMessage, StreamOpen, RelayedStreamOpen, StreamResume, RelayedStreamResume, ProbeRequest, ProbeResponse,
-    NamedStreamOpen, RelayedNamedStreamOpen,
+    NamedStreamOpen, RelayedNamedStreamOpen, MeshSignal,
 }
 
 
