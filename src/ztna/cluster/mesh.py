@@ -26,7 +26,18 @@ Local Agents of a service served only on other members are told it is up (`adjus
 When a local Agent leaves, each member it was forwarded to gets `AgentGone` (its ref) on the
 link's control stream and drops its id for it, so its Connectors drop the Agent's flows.
 
-Not carried yet: resumed streams (StreamResume) and hole-punch signaling.
+Hole-punch signaling crosses the same links as `MeshSignal` control messages: a local Agent's
+`PunchRequest` for a service with no Connector here goes to the member its flow would be placed
+on, which runs the punch session there (its `Signaling`, with its own id for the remote Agent,
+bound to the Connector it picks) and sends `PunchStart` / `PunchResult` / errors back the same
+way. Only an Agent registered here for the service may ask (checked here, as on one member);
+answers go only to an Agent forwarded through that very link, and the Agent's own
+`PunchResult` goes back only for a session that link started for it.
+
+A remote Agent's id on the Connector's member is the Agent's own id on its member when that
+is free there: an Agent id from `Hello` is derived from its certificate and instance, the
+same on every member, and the Connector binds resume tokens (streams that leave a direct
+path) to it.
 """
 
 from __future__ import annotations
@@ -46,7 +57,13 @@ from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
 from ztna.quic.maintenance import ConnectionUpkeep
 from ztna.wire import (
+    MESH_SIGNAL_MESSAGES,
     AgentGone,
+    ErrorMessage,
+    MeshSignal,
+    PunchRequest,
+    PunchResult,
+    PunchStart,
     Register,
     RelayedStreamOpen,
     Role,
@@ -82,6 +99,11 @@ class MeshStats:
     links_opened: int = 0
     streams_forwarded: int = 0    # Agent streams spliced onto a mesh link
     streams_received: int = 0     # mesh streams spliced to a local Connector
+    signals_forwarded: int = 0    # a local Agent's punch message sent to another member
+    signals_delivered: int = 0    # another member's punch message handed to a local Agent
+    signals_received: int = 0     # a remote Agent's punch message run through our signaling
+    signals_replied: int = 0      # our signaling's answer sent back to the Agent's member
+    dropped_bad_signal: int = 0   # for an Agent not forwarded through that link, or misdirected
 
 
 @dataclass(eq=False)
@@ -112,6 +134,10 @@ class _LinkHandler(ConnectionHandler):
         if streams is not None:
             streams.on_stream_reset(conn, stream_id, error_code)
 
+    def on_message(self, conn: ZtnaConnection, msg: object) -> None:
+        if isinstance(msg, MeshSignal):
+            self.mesh.on_link_signal(conn, msg)
+
     def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
         self.mesh.link_closed(conn, reason)
 
@@ -129,6 +155,9 @@ class Mesh:
         self._endpoints: dict[bool, QuicEndpoint] = {}     # by "is IPv6"
         self._bad = RateLimitedLog(log)
         self._remote_up: set[str] = set()     # services with local Agents served elsewhere
+        # Punch sessions another member runs for a local Agent: session -> (link, agent id,
+        # when it started), oldest first, bounded like the signaling's own sessions.
+        self._punches: dict[int, tuple[ZtnaConnection, int, float]] = {}
 
     # ------------------------------------------------------------------ outbound
     def forward(self, agent_id: int, service: str, packet: memoryview, data: bytes) -> bool:
@@ -152,6 +181,66 @@ class Mesh:
         link.send_datagram(out)
         self.stats.forwarded += 1
         return True
+
+    def signal(self, agent_id: object, msg: object) -> bool:
+        """A local Agent's punch message that another member must handle: sent there (True).
+        False: this member's own signaling takes it (served here, not this Agent's service,
+        an unknown session, or no other member to ask)."""
+        if not isinstance(agent_id, int):
+            return False
+        if isinstance(msg, PunchRequest):
+            registry = self.server.registry
+            key = agent_id.to_bytes(4, "big")      # the key the signaling picks Connectors by
+            if not registry.is_agent_of(agent_id, msg.service) or registry.pick(msg.service, key) is not None:
+                return False
+            link = self._placed_link(msg.service, key)
+            if link is None:
+                return False
+            self._forwarded.setdefault(link, set()).add(agent_id)
+        elif isinstance(msg, PunchResult):
+            entry = self._punches.get(msg.session)
+            if entry is None or entry[1] != agent_id or entry[0].closed:
+                return False
+            link = entry[0]
+            del self._punches[msg.session]
+        else:
+            return False
+        link.send_control(encode_control(MeshSignal(agent=agent_id, message=msg)))
+        self.stats.signals_forwarded += 1
+        return True
+
+    def on_link_signal(self, link: ZtnaConnection, msg: MeshSignal) -> None:
+        """Another member's answer about a punch session of a local Agent."""
+        ref, inner = msg.agent, msg.message
+        agent = self.server.conns.get(ref)
+        if agent is None or ref not in self._forwarded.get(link, ()) or isinstance(inner, PunchRequest):
+            self.stats.dropped_bad_signal += 1
+            self._bad.warning("mesh punch signal for an agent not forwarded through that link", f"{link.label} → {ref}")
+            return
+        now = self.server._now()
+        if isinstance(inner, PunchStart):
+            self._expire_punches(now)
+            self._punches[inner.session] = (link, ref, now)
+        elif isinstance(inner, (PunchResult, ErrorMessage)) and inner.session is not None:
+            self._punches.pop(inner.session, None)
+        agent.send_control(encode_control(inner))
+        self.stats.signals_delivered += 1
+
+    def _expire_punches(self, now: float) -> None:
+        from ztna.intermediate.signaling import MAX_SESSIONS, SESSION_TTL
+
+        punches = self._punches
+        while punches:
+            sid, (_link, _agent, started) = next(iter(punches.items()))
+            if now - started < SESSION_TTL and len(punches) < MAX_SESSIONS:
+                return
+            del punches[sid]
+
+    def _placed_link(self, service: str, key: bytes) -> ZtnaConnection | None:
+        """The link to the member `key`'s flow of `service` is placed on, or None. Control
+        frames written before its handshake completes wait in its stream."""
+        name = place(key, self._remote_connectors(service))
+        return None if name is None else self._link(name.partition("/")[0])
 
     def maintain(self) -> None:
         """After each view refresh: a link to every other member that holds Connectors, so
@@ -187,6 +276,14 @@ class Mesh:
         out = []
         for note in notes:
             msg = note.message
+            entry = self._proxies.get(note.peer)
+            if entry is not None:
+                # A remote Agent's: its punch signaling goes back to its member; the rest
+                # (service status) is its own member's to tell.
+                if isinstance(msg, MESH_SIGNAL_MESSAGES) and not entry[0].conn.closed:
+                    entry[0].conn.send_control(encode_control(MeshSignal(agent=entry[1], message=msg)))
+                    self.stats.signals_replied += 1
+                continue
             if isinstance(msg, ServiceStatus) and not msg.up and self._remote_connectors(msg.service):
                 note = Notify(note.peer, self._status(msg.service, True))
             out.append(note)
@@ -286,15 +383,38 @@ class Mesh:
         conn.label = f"mesh←{label}"
         log.info("mesh peer %s connected", label)
 
+    def on_member_signal(self, conn: ZtnaConnection, msg: MeshSignal) -> None:
+        """A mesh peer's punch message of one of its Agents: run through our signaling, as
+        that Agent's (a request registers our id for it as an Agent of the service, which
+        its member checked before forwarding)."""
+        peer = conn.user
+        inner = msg.message
+        signaling = self.server.signaling
+        our_id: int | None = None
+        if isinstance(peer, MeshPeer):
+            if isinstance(inner, PunchRequest):
+                our_id = self._remote_agent(peer, msg.agent, inner.service)
+            elif isinstance(inner, PunchResult):
+                our_id = peer.ids.get(msg.agent)
+        if our_id is None or signaling is None:
+            self.stats.dropped_bad_signal += 1
+            self._bad.warning("mesh punch signal refused", f"{conn.label} → {msg.agent}")
+            return
+        self.stats.signals_received += 1
+        self.server.execute(signaling.handle(our_id, inner, self.server.registry, now=self.server._now()))
+
     def member_down(self, conn: ZtnaConnection) -> bool:
         """True when `conn` was a mesh peer (its remote Agents are gone now)."""
         peer = conn.user
         if not isinstance(peer, MeshPeer):
             return False
         notes = []
+        signaling = self.server.signaling
         for our_id in peer.ids.values():
             self._proxies.pop(our_id, None)
             notes += self.server.registry.remove_peer(our_id)
+            if signaling is not None:
+                notes += signaling.peer_gone(our_id)
         self.server.execute(notes)
         if self.server.streams is not None:
             self.server.streams.peer_gone(peer)
@@ -340,7 +460,10 @@ class Mesh:
                 self.stats.dropped_limit += 1
                 self._bad.warning("remote agents per mesh connection at their limit", conn_label(peer))
                 return None
-            our_id = self.server.new_peer_id()
+            srv = self.server
+            # The Agent's own id when it is free here (see the module's docstring).
+            free = ref != 0 and ref not in srv.conns and ref not in registry.peers
+            our_id = ref if free else srv.new_peer_id()
             registry.add_peer(our_id, _RemoteAgent(), f"{peer.conn.label}/agent#{ref}")
             peer.ids[ref] = our_id
             self._proxies[our_id] = (peer, ref)
@@ -359,7 +482,10 @@ class Mesh:
         if our_id is None:
             return
         self._proxies.pop(our_id, None)
-        self.server.execute(self.server.registry.remove_peer(our_id))
+        notes = self.server.registry.remove_peer(our_id)
+        if self.server.signaling is not None:
+            notes += self.server.signaling.peer_gone(our_id)
+        self.server.execute(notes)
         if self.server.streams is not None:
             self.server.streams.peer_gone(our_id)
 
@@ -407,7 +533,11 @@ class Mesh:
             ("ztna_mesh_streams_total", "counter", "TCP-carrying streams across the mesh",
              s.streams_received, {"direction": "received"}),
         ]
-        for reason in ("no_member", "no_connector", "bad_reply", "malformed", "oversize", "limit"):
+        for direction in ("forwarded", "delivered", "received", "replied"):
+            out.append(("ztna_mesh_signals_total", "counter", "Hole-punch signaling across the mesh",
+                        getattr(s, f"signals_{direction}"), {"direction": direction}))
+        for reason in ("no_member", "no_connector", "bad_reply", "malformed", "oversize", "limit",
+                       "bad_signal"):
             out.append(("ztna_mesh_dropped_total", "counter", "Mesh datagrams dropped by reason",
                         getattr(s, f"dropped_{reason}"), {"reason": reason}))
         return out
