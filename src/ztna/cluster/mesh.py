@@ -17,7 +17,8 @@ services forwarded for it, so the Connector sees a normal 0x30 and the registry'
 connection goes (the Connectors get AgentGone).
 
 TCP-carrying streams cross the same links (`ztna.intermediate.streams`): the Agent's member
-opens a stream on the link headed `RelayedStreamOpen` with its Agent id, and this member
+opens a stream on the link headed `RelayedStreamOpen` (`RelayedNamedStreamOpen` for a name,
+`RelayedStreamResume` for a stream leaving a direct path) with its Agent id, and this member
 splices it to a Connector as if the remote Agent were local (`stream_from_member`).
 
 Local Agents of a service served only on other members are told it is up (`adjust`, and
@@ -61,14 +62,18 @@ from ztna.wire import (
     AgentGone,
     ErrorMessage,
     MeshSignal,
+    NamedStreamOpen,
     PunchRequest,
     PunchResult,
     PunchStart,
     Register,
+    RelayedNamedStreamOpen,
     RelayedStreamOpen,
+    RelayedStreamResume,
     Role,
     ServiceStatus,
     StreamOpen,
+    StreamResume,
     encode_control,
 )
 from ztna.wire.mesh import (
@@ -347,14 +352,21 @@ class Mesh:
 
     def stream_from_member(self, conn: ZtnaConnection, header: object) -> tuple[int | None, object]:
         """(our id for the remote Agent, the header as the Agent's own) for a stream a mesh
-        peer opened with `RelayedStreamOpen`; (None, header) for anything else."""
+        peer opened with a relayed header (0x54, 0x57, 0x59); (None, header) for anything else."""
         peer = conn.user
-        if not isinstance(peer, MeshPeer) or not isinstance(header, RelayedStreamOpen):
+        if not isinstance(peer, MeshPeer) or not isinstance(
+                header, (RelayedStreamOpen, RelayedNamedStreamOpen, RelayedStreamResume)):
             return None, header
         our_id = self._remote_agent(peer, header.agent_id, header.service_id)
         if our_id is None:
             return None, header
         self.stats.streams_received += 1
+        if isinstance(header, RelayedNamedStreamOpen):
+            return our_id, NamedStreamOpen(service_id=header.service_id, name=header.name,
+                                           dst_port=header.dst_port)
+        if isinstance(header, RelayedStreamResume):
+            return our_id, StreamResume(service_id=header.service_id, token=header.token,
+                                        received=header.received)
         return our_id, StreamOpen(service_id=header.service_id, dst_ip=header.dst_ip,
                                   dst_port=header.dst_port)
 
