@@ -14,14 +14,17 @@
 //! installs only what its registry and mesh rules allow, a DATAGRAM no route matches goes to
 //! the owner as before, and a connection's death removes every route naming it.
 
-use std::cell::Cell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::core::{is_ip_first_byte, Core, FROM_CONNECTOR, SERVICE_DATAGRAM, TO_CONNECTOR, TUNNEL_VERSION};
 
 pub const MESH_TO_CONNECTOR: u8 = 0x32;
 pub const MESH_FROM_CONNECTOR: u8 = 0x33;
 pub const MESH_VERSION: u8 = 1;
+
+/// The directions of `MeshRoutes::routed`, named as ztna.cluster.mesh counts them.
+pub const DIRECTIONS: [&str; 4] = ["forwarded", "delivered", "received", "replied"];
 
 type ByService = HashMap<Box<[u8]>, (usize, u32)>;
 
@@ -35,8 +38,9 @@ pub struct MeshRoutes {
     inbound: HashMap<(usize, u32), ByService>,
     /// Connector's member: (connector, own id) → (mesh connection, ref).
     reply: HashMap<(usize, u32), (usize, u32)>,
-    /// DATAGRAMs that matched a mesh route (what became of each is counted by `Core::relay`).
-    routed: Cell<u64>,
+    /// DATAGRAMs that matched a mesh route, by direction (`DIRECTIONS`); what became of
+    /// each is counted by `Core::relay`.
+    routed: [AtomicU64; 4],
 }
 
 fn header(kind: u8, version: u8, id: u32, rest: &[u8]) -> Vec<u8> {
@@ -63,8 +67,8 @@ impl MeshRoutes {
         self.len() == 0
     }
 
-    pub fn routed(&self) -> u64 {
-        self.routed.get()
+    pub fn routed(&self) -> [u64; 4] {
+        [0, 1, 2, 3].map(|i| self.routed[i].load(Ordering::Relaxed))
     }
 
     /// Every route that names `h`, as source or as target.
@@ -85,7 +89,7 @@ impl MeshRoutes {
     /// The rewritten DATAGRAM from `h` and its target; None = no mesh route, the owner
     /// decides. Parsing follows ztna.wire.tunnel and ztna.wire.mesh.
     pub fn lookup(&self, h: usize, d: &[u8]) -> Option<(usize, Vec<u8>)> {
-        let found = match *d.first()? {
+        let (direction, target, out) = match *d.first()? {
             SERVICE_DATAGRAM => {
                 let services = self.out.get(&h)?;
                 let end = 2 + *d.get(1)? as usize;
@@ -94,14 +98,14 @@ impl MeshRoutes {
                 }
                 let &(link, agent_ref) = services.get(&d[2..end])?;
                 // [0x32][version][ref] + the 0x2F datagram without its type byte.
-                (link, header(MESH_TO_CONNECTOR, MESH_VERSION, agent_ref, &d[1..]))
+                (0, link, header(MESH_TO_CONNECTOR, MESH_VERSION, agent_ref, &d[1..]))
             }
             MESH_FROM_CONNECTOR => {
                 if d.len() < 7 || d[1] != MESH_VERSION || !is_ip_first_byte(d[6]) {
                     return None;
                 }
                 let &agent = self.back.get(&(h, id_at(d)))?;
-                (agent, d[6..].to_vec())
+                (1, agent, d[6..].to_vec())
             }
             MESH_TO_CONNECTOR => {
                 if d.len() < 8 || d[1] != MESH_VERSION {
@@ -113,19 +117,20 @@ impl MeshRoutes {
                 }
                 let &(connector, own_id) = self.inbound.get(&(h, id_at(d)))?.get(&d[7..end])?;
                 // 0x30 is 0x32 with another type byte and our id for the remote Agent.
-                (connector, header(TO_CONNECTOR, TUNNEL_VERSION, own_id, &d[6..]))
+                (2, connector, header(TO_CONNECTOR, TUNNEL_VERSION, own_id, &d[6..]))
             }
             FROM_CONNECTOR => {
                 if d.len() < 7 || d[1] != TUNNEL_VERSION || !is_ip_first_byte(d[6]) {
                     return None;
                 }
                 let &(peer, agent_ref) = self.reply.get(&(h, id_at(d)))?;
-                (peer, header(MESH_FROM_CONNECTOR, MESH_VERSION, agent_ref, &d[6..]))
+                (3, peer, header(MESH_FROM_CONNECTOR, MESH_VERSION, agent_ref, &d[6..]))
             }
             _ => return None,
         };
-        self.routed.set(self.routed.get() + 1);
-        Some(found)
+        // Counted through a shared reference (the lookup runs while a connection is borrowed).
+        self.routed[direction].fetch_add(1, Ordering::Relaxed);
+        Some((target, out))
     }
 }
 
@@ -225,7 +230,7 @@ mod tests {
         assert_eq!(&back[..6], &[0x33, 1, 0, 0, 0, 7]);
         let (t, bare) = m.lookup(2, &back).unwrap();
         assert_eq!((t, bare), (1, p.clone()));
-        assert_eq!(m.routed(), 4);
+        assert_eq!(m.routed(), [1, 1, 1, 1]);
         // Not from the connection the route names, another service or id, not IP: the owner's.
         assert!(m.lookup(5, &d).is_none());
         assert!(m.lookup(1, &out).is_none());
@@ -238,7 +243,7 @@ mod tests {
         let mut v2 = back;
         v2[1] = 2;
         assert!(m.lookup(2, &v2).is_none());
-        assert_eq!(m.routed(), 4);
+        assert_eq!(m.routed(), [1, 1, 1, 1]);
         m.forget(4);
         assert!(m.lookup(3, &out).is_none());
         assert!(m.lookup(4, &r).is_none());

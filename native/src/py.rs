@@ -774,9 +774,12 @@ impl Endpoint {
             ("relay_dropped_oversize", s.relay_dropped_oversize),
             ("relay_dropped_no_target", s.relay_dropped_no_target),
             ("relay_routes", self.core.routes.len() as u64),
-            ("mesh_routed", self.core.routes.mesh.routed()),
         ] {
             d.set_item(k, v)?;
+        }
+        let routed = self.core.routes.mesh.routed();
+        for (name, n) in crate::meshroute::DIRECTIONS.iter().zip(routed) {
+            d.set_item(format!("mesh_{name}"), n)?;
         }
         Ok(d)
     }

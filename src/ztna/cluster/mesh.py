@@ -35,6 +35,17 @@ way. Only an Agent registered here for the service may ask (checked here, as on 
 answers go only to an Agent forwarded through that very link, and the Agent's own
 `PunchResult` goes back only for a session that link started for it.
 
+Native routes: once Python has relayed a packet and the decision holds for every later
+packet, it installs it in the native core (native/src/meshroute.rs) and the rest of that
+traffic crosses both members without reaching Python. On the Agent's member: its 0x2F for a
+service whose Connectors are all on one other member (none here) → 0x32 on that member's link,
+and 0x33 for it from that link → the Agent. On the Connector's member: 0x32 for (mesh
+connection, ref, service) with exactly one Connector here → 0x30 to it, and its 0x31 for our id
+→ 0x33. Both ends must be on one native endpoint (links are opened from the listening socket
+for this). `sync_native` (after every registry change and view refresh) removes the routes
+whose decision no longer holds; a closing connection takes its routes with it natively. What
+no route matches still comes up here, and is counted as before.
+
 A remote Agent's id on the Connector's member is the Agent's own id on its member when that
 is free there: an Agent id from `Hello` is derived from its certificate and instance, the
 same on every member, and the Connector binds resume tokens (streams that leave a direct
@@ -52,6 +63,7 @@ from ztna.cluster.presence import place
 from ztna.errors import DecodeError
 from ztna.intermediate.config import parse_host_port
 from ztna.intermediate.registry import Notify, flow_key
+from ztna.limits import NATIVE_MESH
 from ztna.observe import RateLimitedLog
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
@@ -163,6 +175,11 @@ class Mesh:
         # Punch sessions another member runs for a local Agent: session -> (link, agent id,
         # when it started), oldest first, bounded like the signaling's own sessions.
         self._punches: dict[int, tuple[ZtnaConnection, int, float]] = {}
+        # Native routes installed: (agent id, service) -> (agent conn, link, member) on the
+        # Agent's side; (mesh conn, ref, service) -> (connector conn, connector id, our id)
+        # on the Connector's side.
+        self._out_routes: dict[tuple[int, str], tuple[ZtnaConnection, ZtnaConnection, str]] = {}
+        self._in_routes: dict[tuple[ZtnaConnection, int, str], tuple[ZtnaConnection, int, int]] = {}
 
     # ------------------------------------------------------------------ outbound
     def forward(self, agent_id: int, service: str, packet: memoryview, data: bytes) -> bool:
@@ -174,7 +191,8 @@ class Mesh:
         if name is None:
             self.stats.dropped_no_member += 1
             return False
-        link = self._link(name.partition("/")[0])
+        member = name.partition("/")[0]
+        link = self._link(member)
         if link is None:
             self.stats.dropped_no_member += 1
             return True
@@ -185,7 +203,67 @@ class Mesh:
             return True
         link.send_datagram(out)
         self.stats.forwarded += 1
+        if NATIVE_MESH and (agent_id, service) not in self._out_routes:
+            self._route_out(agent_id, service, link, member)
         return True
+
+    # ------------------------------------------------------------------ native routes
+    def _out_holds(self, agent_id: int, service: str, link: ZtnaConnection, member: str) -> bool:
+        """Every packet of this Agent for `service` goes to `link`: no Connector here, all
+        of the cluster's on that one member, and the link is the open one to it."""
+        registry = self.server.registry
+        if registry.connectors.get(service) or not registry.is_agent_of(agent_id, service):
+            return False
+        members = {n.partition("/")[0] for n in self._remote_connectors(service)}
+        return members == {member} and self.links.get(member) is link and not link.closed
+
+    def _route_out(self, agent_id: int, service: str, link: ZtnaConnection, member: str) -> None:
+        agent = self.server.conns.get(agent_id)
+        if (agent is None or agent.closed or not link.handshake_complete or agent.endpoint is not link.endpoint
+                or not self._out_holds(agent_id, service, link, member)):
+            return
+        if agent.endpoint.native.route_mesh_out(agent.handle, service.encode("ascii"), link.handle, agent_id):
+            self._out_routes[(agent_id, service)] = (agent, link, member)
+
+    def _route_in(self, conn: ZtnaConnection, ref: int, service: str, target: ZtnaConnection,
+                  target_id: int, our_id: int) -> None:
+        if target.endpoint is not conn.endpoint or self.server.registry.sole_connector(service) != target_id:
+            return
+        if conn.endpoint.native.route_mesh_in(conn.handle, ref, service.encode("ascii"), target.handle, our_id):
+            self._in_routes[(conn, ref, service)] = (target, target_id, our_id)
+
+    def sync_native(self) -> None:
+        """Remove the native routes whose decision no longer holds (after a registry change
+        or a view refresh). Routes of closed connections are gone natively already."""
+        for (agent_id, service), (agent, link, member) in list(self._out_routes.items()):
+            if agent.closed or link.closed:
+                del self._out_routes[(agent_id, service)]
+            elif (self.server.conns.get(agent_id) is not agent
+                  or not self._out_holds(agent_id, service, link, member)):
+                del self._out_routes[(agent_id, service)]
+                agent.endpoint.native.unroute_mesh_out(agent.handle, service.encode("ascii"))
+        registry = self.server.registry
+        for key, (target, target_id, our_id) in list(self._in_routes.items()):
+            conn, ref, service = key
+            if conn.closed or target.closed:
+                del self._in_routes[key]
+                continue
+            peer = conn.user
+            if (not isinstance(peer, MeshPeer) or peer.ids.get(ref) != our_id
+                    or registry.sole_connector(service) != target_id
+                    or self.server.conns.get(target_id) is not target
+                    or not registry.is_agent_of(our_id, service)):
+                del self._in_routes[key]
+                conn.endpoint.native.unroute_mesh_in(conn.handle, ref, service.encode("ascii"),
+                                                     target.handle, our_id)
+
+    def _native_counts(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for ep in self.server.endpoints:
+            for name, n in ep.native.stats().items():
+                if name.startswith("mesh_"):
+                    totals[name] = totals.get(name, 0) + int(n)
+        return totals
 
     def signal(self, agent_id: object, msg: object) -> bool:
         """A local Agent's punch message that another member must handle: sent there (True).
@@ -265,6 +343,7 @@ class Mesh:
         self._remote_up = remote
         if notes:
             self.server.execute(notes)
+        self.sync_native()
 
     def _remote_connectors(self, service: str) -> list[str]:
         own = self.member.advertise + "/"
@@ -298,13 +377,15 @@ class Mesh:
         link = self.links.get(member)
         if link is not None and not link.closed:
             return link
+        if not self.server.endpoints:
+            return None     # still starting: links go out from the listening socket
         try:
             host, port = parse_host_port(member)
         except ValueError:
             self._bad.warning("unusable member address in the cluster view", member)
             return None
         v6 = ":" in host
-        endpoint = self._endpoints.get(v6)
+        endpoint = self._listening_endpoint(v6) or self._endpoints.get(v6)
         if endpoint is None:
             endpoint = self._endpoints[v6] = QuicEndpoint(bind_udp("::" if v6 else "0.0.0.0", 0))
         config = make_configuration(is_client=True, tls=self.tls, server_name=host,
@@ -317,6 +398,15 @@ class Mesh:
         self.stats.links_opened += 1
         log.info("mesh link to %s opening", member)
         return link
+
+    def _listening_endpoint(self, v6: bool) -> QuicEndpoint | None:
+        """One of this member's own listening endpoints that can reach that family: links
+        from there share a native core with the Agents, so their traffic can take native
+        routes (an IPv6 socket is dual-stack)."""
+        for ep in self.server.endpoints:
+            if not ep._closed and (":" in str(ep.local_address[0]) or not v6):
+                return ep  # type: ignore[no-any-return]
+        return None
 
     def on_link_datagram(self, link: ZtnaConnection, data: bytes) -> None:
         try:
@@ -461,6 +551,8 @@ class Mesh:
             return
         target.send_datagram(out)
         self.stats.received += 1
+        if NATIVE_MESH and (conn, ref, service) not in self._in_routes:
+            self._route_in(conn, ref, service, target, target_id, our_id)
 
     def _remote_agent(self, peer: MeshPeer, ref: int, service: str) -> int | None:
         """Our id for agent `ref` of that mesh peer, registered for `service` (None beyond
@@ -528,15 +620,16 @@ class Mesh:
 
     def metrics(self) -> list[tuple[str, str, str, float, dict[str, str] | None]]:
         s = self.stats
-        out: list[tuple[str, str, str, float, dict[str, str] | None]] = [
-            ("ztna_mesh_datagrams_total", "counter", "Tunnel DATAGRAMs across the mesh", s.forwarded,
-             {"direction": "forwarded"}),
-            ("ztna_mesh_datagrams_total", "counter", "Tunnel DATAGRAMs across the mesh", s.delivered,
-             {"direction": "delivered"}),
-            ("ztna_mesh_datagrams_total", "counter", "Tunnel DATAGRAMs across the mesh", s.received,
-             {"direction": "received"}),
-            ("ztna_mesh_datagrams_total", "counter", "Tunnel DATAGRAMs across the mesh", s.replied,
-             {"direction": "replied"}),
+        native = self._native_counts()
+        out: list[tuple[str, str, str, float, dict[str, str] | None]] = []
+        for direction in ("forwarded", "delivered", "received", "replied"):
+            fast = native.get(f"mesh_{direction}", 0)
+            out.append(("ztna_mesh_datagrams_total", "counter",
+                        "Tunnel DATAGRAMs across the mesh (native routes and Python)",
+                        getattr(s, direction) + fast, {"direction": direction}))
+            out.append(("ztna_mesh_native_datagrams_total", "counter",
+                        "Tunnel DATAGRAMs across the mesh on native routes", fast, {"direction": direction}))
+        out += [
             ("ztna_mesh_links", "gauge", "Open mesh links to other members",
              sum(1 for link in self.links.values() if not link.closed), None),
             ("ztna_mesh_links_opened_total", "counter", "Mesh links opened", s.links_opened, None),
@@ -544,6 +637,8 @@ class Mesh:
              s.streams_forwarded, {"direction": "forwarded"}),
             ("ztna_mesh_streams_total", "counter", "TCP-carrying streams across the mesh",
              s.streams_received, {"direction": "received"}),
+            ("ztna_mesh_native_routes", "gauge", "Mesh routes installed in the native core",
+             len(self._out_routes) + len(self._in_routes), None),
         ]
         for direction in ("forwarded", "delivered", "received", "replied"):
             out.append(("ztna_mesh_signals_total", "counter", "Hole-punch signaling across the mesh",

@@ -438,6 +438,8 @@ class Intermediate:
         # Every registry change (registration, departure) ends here: bring the native
         # routes in line with it before the next packet.
         self.sync_routes()
+        if self.mesh is not None:
+            self.mesh.sync_native()
 
     # ------------------------------------------------------------------ native relay routes
     # The relay decision is Python's (registry); where it is the same for every packet — an
