@@ -403,6 +403,8 @@ class Mesh:
         """One of this member's own listening endpoints that can reach that family: links
         from there share a native core with the Agents, so their traffic can take native
         routes (an IPv6 socket is dual-stack)."""
+        if not NATIVE_MESH:
+            return None     # the mesh as it was before native routes, for comparisons
         for ep in self.server.endpoints:
             if not ep._closed and (":" in str(ep.local_address[0]) or not v6):
                 return ep  # type: ignore[no-any-return]
