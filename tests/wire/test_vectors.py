@@ -293,5 +293,7 @@ def test_selected_vectors_decode_to_documented_values() -> None:
         "corp", "git.corp.test", 443, resumable=True)
     assert _decode_stream(by_name["stream_header/relayed-named-open"]) == RelayedNamedStreamOpen(
         7, "corp", "app1.corp.test", 80)
+    assert decode_control_frame(by_name["control/mesh_signal-punch_result"]) == MeshSignal(
+        7, PunchResult(session=1, ok=False))
     start = decode_control_frame(by_name["control/punch_start"])
     assert isinstance(start, PunchStart) and start.key_bytes == KEY

@@ -410,6 +410,7 @@ _BY_TYPE: Final[dict[str, Any]] = {cls.TYPE: cls for cls in _CLASSES}
 # all to its punch machinery.
 PUNCH_MESSAGES: Final = (PunchRequest, PunchOffer, PunchAnswer, PunchStart, PunchResult)
 _CANDIDATE_FIELDS: Final = frozenset({"candidates", "peer_candidates"})
+_MESH_SIGNAL_TYPES: Final = frozenset(cls.TYPE for cls in MESH_SIGNAL_MESSAGES)
 
 
 # ---- encoding ---------------------------------------------------------------------------
@@ -493,16 +494,14 @@ def _from_json(cls: Any, obj: dict[str, Any]) -> JsonMessage:
         elif cls is MeshSignal and f.name == "message":
             if not isinstance(value, dict):
                 raise DecodeError("mesh_signal: 'message' must be a JSON object")
+            # Checked before decoding it, so nesting cannot recurse.
+            inner = value.get("type")
+            if inner not in _MESH_SIGNAL_TYPES:
+                raise DecodeError(f"mesh_signal: cannot carry {inner!r}")
             value = _decode_object(value)
-            if not isinstance(value, MESH_SIGNAL_MESSAGES):
-                raise DecodeError(f"mesh_signal: cannot carry {_type_name(value)!r}")
         kwargs[f.name] = value
     msg: JsonMessage = cls(**kwargs)
     return msg
-
-
-def _type_name(msg: object) -> str:
-    return msg.type if isinstance(msg, UnknownMessage) else getattr(msg, "TYPE", type(msg).__name__)
 
 
 def decode_json_body(body: bytes | bytearray | memoryview) -> JsonMessage:
