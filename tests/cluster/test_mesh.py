@@ -334,6 +334,15 @@ def test_mesh_datagrams_take_native_routes_until_the_decision_changes(
             for d in directions:
                 assert m[f'ztna_mesh_native_datagrams_total{{direction="{d}"}}'] >= 195, (d, m)
                 assert m[f'ztna_mesh_datagrams_total{{direction="{d}"}}'] == 201, (d, m)
+        # A second Connector on I2: a per-flow choice there now, so I2's route goes (I1's
+        # stays: every Connector of the service is still on I2) and both Connectors get flows.
+        second = await Peer(echo=True).connect("127.0.0.1", i2.port, TlsFiles.from_dir(pki, "connector"))
+        assert isinstance(await second.register(Role.CONNECTOR, "echo"), RegistrationAck)
+        await asyncio.sleep(0.2)
+        agent.datagrams.clear()
+        sent = await exchange(100, 1000)            # 50 flows (source ports)
+        assert sorted(answers()) == sorted(sent)
+        assert second.echoed > 0 and remote.echoed > 201 and remote.echoed + second.echoed == 301
         # A Connector of the service on I1: the flows stay here now, the mesh route is gone.
         local = await Peer(echo=True).connect("127.0.0.1", i1.port, TlsFiles.from_dir(pki, "connector"))
         assert isinstance(await local.register(Role.CONNECTOR, "echo"), RegistrationAck)
@@ -341,9 +350,9 @@ def test_mesh_datagrams_take_native_routes_until_the_decision_changes(
         agent.datagrams.clear()
         sent = await exchange(30, 300)
         assert sorted(answers()) == sorted(sent)
-        assert local.echoed == 30 and remote.echoed == 201
-        assert i1.metrics()['ztna_mesh_datagrams_total{direction="forwarded"}'] == 201
-        for p in (agent, local, remote):
+        assert local.echoed == 30 and remote.echoed + second.echoed == 301
+        assert i1.metrics()['ztna_mesh_datagrams_total{direction="forwarded"}'] == 301
+        for p in (agent, local, remote, second):
             await p.close()
 
     asyncio.run(main())
