@@ -4,6 +4,7 @@
 pub mod config;
 pub mod core;
 pub mod driver;
+pub mod meshroute;
 pub mod netinfo;
 pub mod sockpump;
 pub mod splice;

@@ -640,6 +640,25 @@ impl Endpoint {
         self.lock(py).core.clear_routes();
     }
 
+    /// Mesh routes (crate::meshroute): the Agent's member's half.
+    fn route_mesh_out(&self, py: Python<'_>, agent_h: usize, service: &[u8], link_h: usize, agent_ref: u32) -> bool {
+        self.lock(py).core.route_mesh_out(agent_h, service, link_h, agent_ref)
+    }
+
+    fn unroute_mesh_out(&self, py: Python<'_>, agent_h: usize, service: &[u8]) -> bool {
+        self.lock(py).core.unroute_mesh_out(agent_h, service)
+    }
+
+    /// Mesh routes: the Connector's member's half.
+    #[allow(clippy::too_many_arguments)]
+    fn route_mesh_in(&self, py: Python<'_>, peer_h: usize, agent_ref: u32, service: &[u8], connector_h: usize, own_id: u32) -> bool {
+        self.lock(py).core.route_mesh_in(peer_h, agent_ref, service, connector_h, own_id)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn unroute_mesh_in(&self, py: Python<'_>, peer_h: usize, agent_ref: u32, service: &[u8], connector_h: usize, own_id: u32) -> bool {
+        self.lock(py).core.unroute_mesh_in(peer_h, agent_ref, service, connector_h, own_id)
+    }
     fn connection_count(&self, py: Python<'_>) -> usize {
         self.lock(py).core.handles().len()
     }
@@ -678,6 +697,10 @@ impl Endpoint {
             ("relay_routes", g.core.routes.len() as u64),
         ] {
             d.set_item(k, v)?;
+        }
+        let routed = g.core.routes.mesh.routed();
+        for (name, n) in crate::meshroute::DIRECTIONS.iter().zip(routed) {
+            d.set_item(format!("mesh_{name}"), n)?;
         }
         Ok(d)
     }
