@@ -20,7 +20,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,12 @@ pub struct Io {
     wake: Option<Arc<OwnedFd>>,
     notify: Option<Arc<OwnedFd>>,
     notified: bool,
+    /// The owner took events and has not finished reacting to them (`rearm` ends it). The
+    /// thread runs no batch meanwhile: what the owner decides about an event (a splice, a
+    /// route, a refusal) then applies from the next packet on, as with the asyncio driver,
+    /// where nothing could arrive between the events and the owner's answer.
+    held: bool,
+    resume: Option<Arc<Condvar>>,
 }
 
 /// Lock an endpoint's `Io`; a panic while it was held leaves the state usable (every batch
@@ -107,6 +113,8 @@ impl Io {
             wake: None,
             notify: None,
             notified: false,
+            held: false,
+            resume: None,
         })
     }
 
@@ -292,6 +300,13 @@ impl Io {
         self.notified = false;
     }
 
+    /// The owner is handling events it took: hold the thread until `rearm`.
+    pub fn hold(&mut self) {
+        if self.resume.is_some() {
+            self.held = true;
+        }
+    }
+
     /// Whether a driver thread runs this endpoint.
     pub fn threaded(&self) -> bool {
         self.wake.is_some()
@@ -301,6 +316,12 @@ impl Io {
     /// earlier than the one it sleeps towards (or work is queued that no batch has run).
     pub fn rearm(&mut self) {
         let Some(wake) = self.wake.clone() else { return };
+        if self.held {
+            self.held = false;
+            if let Some(cv) = self.resume.as_ref() {
+                cv.notify_all();
+            }
+        }
         let next = self.next_timeout();
         let earlier = match (next, self.planned) {
             (Some(n), Some(p)) => n < p,
@@ -342,6 +363,7 @@ pub struct DriverStats {
 /// A native thread that owns an endpoint's socket reads and timers.
 pub struct Driver {
     stop: Arc<AtomicBool>,
+    resume: Arc<Condvar>,
     wake: Arc<OwnedFd>,
     notify: Arc<OwnedFd>,
     pub stats: Arc<DriverStats>,
@@ -418,20 +440,28 @@ impl Driver {
         let notify = Arc::new(eventfd()?);
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(DriverStats::default());
+        let resume = Arc::new(Condvar::new());
         let sock_fd = {
             let mut g = lock(&io);
             let fd = g.sock.as_ref().map(|s| s.as_raw_fd()).ok_or_else(|| io::Error::other("socket closed"))?;
             g.wake = Some(wake.clone());
             g.notify = Some(notify.clone());
+            g.resume = Some(resume.clone());
             fd
         };
         let mut poller = Poller::new(sock_fd, wake.as_raw_fd())?;
-        let (t_stop, t_wake, t_stats) = (stop.clone(), wake.clone(), stats.clone());
+        let (t_stop, t_wake, t_stats, t_resume) = (stop.clone(), wake.clone(), stats.clone(), resume.clone());
         let thread = std::thread::Builder::new().name("ztna-endpoint".into()).spawn(move || {
             let mut readable = false;
             loop {
                 let timeout = {
                     let mut g = lock(&io);
+                    while g.held && !t_stop.load(Ordering::Acquire) {
+                        g = match t_resume.wait_timeout(g, Duration::from_millis(100)) {
+                            Ok((g, _)) => g,
+                            Err(e) => e.into_inner().0,
+                        };
+                    }
                     if t_stop.load(Ordering::Acquire) || g.closed {
                         break;
                     }
@@ -457,7 +487,7 @@ impl Driver {
                 t_stats.wakeups.fetch_add(1, Ordering::Relaxed);
             }
         })?;
-        Ok(Self { stop, wake, notify, stats, thread: Some(thread) })
+        Ok(Self { stop, resume, wake, notify, stats, thread: Some(thread) })
     }
 
     /// The descriptor that becomes readable when a batch left events for the owner.
@@ -473,6 +503,7 @@ impl Driver {
     /// Ask the thread to stop; `join` waits for it.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
+        self.resume.notify_all();
         signal(&self.wake);
     }
 

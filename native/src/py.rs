@@ -245,6 +245,9 @@ fn events<'py>(py: Python<'py>, io: &mut Io) -> PyResult<Bound<'py, PyList>> {
         };
         list.append(item)?;
     }
+    if !list.is_empty() {
+        io.hold();
+    }
     Ok(list)
 }
 
