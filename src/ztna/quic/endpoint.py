@@ -15,11 +15,12 @@ Theory of operation
 * A wake-up whose native call returns no events (everything was relayed, tapped or pumped
   natively) runs no Python beyond re-checking the timer, and the one connection timer is
   re-armed only when the native deadline moves earlier: an early firing only re-arms.
-* With `thread=True` (the Intermediate) a native thread owns the socket's reads and the
-  connection timers: what the relay routes and stream pairs carry never waits for this loop.
-  The loop watches only a notify descriptor (a batch left events: `_on_notify`), and after
-  queueing work it calls `native.rearm()` instead of arming a timer. `ZTNA_ENDPOINT_THREAD=0`
-  turns the thread off.
+* With `thread=True` (the Intermediate, the Connector) a native thread owns the socket's
+  reads and the connection timers: what the relay routes, taps and stream pairs carry never
+  waits for this loop. The loop watches only a notify descriptor (a batch left events:
+  `_on_notify`), and after queueing work it calls `native.rearm()` instead of arming a timer;
+  the thread runs no batch between our taking events and that call, so our answer to an
+  event applies from the next packet on. `ZTNA_ENDPOINT_THREAD=0` turns the thread off.
 * Routing by connection ID, Retry tokens, NEW_TOKEN address tokens, stateless resets (keyed by
   a stable secret, so a restarted server resets its predecessor's connections at once) and
   version negotiation are quinn's. Admission is ours: every new connection attempt is an
