@@ -81,7 +81,6 @@ def p2p_drops(c: ConnectorView) -> dict[str, int]:
     stats = p2p.endpoint.stats
     for field, reason in _ENDPOINT_DROPS.items():
         out[reason] = getattr(stats, field)
-    out["no_probe_handler"] = p2p.raw_ignored
     if c.punch is not None:
         out.update(c.punch.drops)
     return out

@@ -190,10 +190,10 @@ class Connector:
             self.p2p = P2PServer(self, host=self.cfg.p2p_host, port=self.cfg.p2p_port,
                                  tls=self.tls, udp_payload=self.cfg.udp_payload,
                                  intermediate=(inter.host, inter.port),
-                                 server_name=self.cfg.tls_name(),
+                                 server_name=self.cfg.server_name,
                                  rng=random.Random(self.rng.random()))
             self.p2p.start()
-            self.punch = ConnectorPunch(self.p2p, relay_address=(inter.host, inter.port))
+            self.punch = self.p2p.punch
             self.relay.on_punch = self.punch.on_message
             self.relay.on_registered = self.punch.on_registered
         if self.cfg.metrics is not None:
@@ -221,8 +221,6 @@ class Connector:
         self.udp.close_all()
         if self.p2p is not None:
             self.p2p.close()
-            if self.punch is not None:
-                self.punch.close()
         if self.relay_endpoint is not None:
             self.relay_endpoint.close(reason="connector shutting down")
         await asyncio.sleep(0.1)
@@ -293,6 +291,10 @@ class Connector:
     def relay_up(self, conn: ZtnaConnection) -> None:
         """Back on the Intermediate: flows parked by the outage continue on the new relay
         connection (agent ids are stable across reconnects and Intermediate restarts)."""
+        if self.p2p is not None and self.relay is not None:
+            # After a failover the relay link is on another Intermediate: the P2P socket's
+            # QAD and relay candidate go with it (nothing happens while it stays put).
+            self.p2p.follow((self.relay.host, self.relay.port))
         parked, self._parked = self._parked, {}
         for agent_id, (old, _) in parked.items():
             new = self.agents.relay_path(conn, agent_id)
