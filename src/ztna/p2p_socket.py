@@ -233,6 +233,12 @@ class P2PSocket(Generic[T]):
         pa = self.public_address
         return (str(pa.ip), pa.port) if pa is not None else None
 
+    def qad_snapshot(self) -> dict[str, Any]:
+        """Where the QAD connection goes and whether it is up (status output)."""
+        conn = self.qad_conn
+        return {"intermediate": format_address(self.intermediate),
+                "up": conn is not None and conn.is_established, "moves": self.moves}
+
     def follow(self, intermediate: tuple[str, int]) -> None:
         """The program's link is on `intermediate` now: QAD goes there too. Cheap when
         nothing changed, so it may be called on every relay (re)connect."""

@@ -574,6 +574,7 @@ class DirectPaths:
         return {
             "socket_port": self.port if self.sock is not None else None,
             "observed": f"{self.observed[0]}:{self.observed[1]}" if self.observed else None,
+            "qad": self.sock.qad_snapshot() if self.sock is not None else None,
             "unknown_probes": self.unknown_probes,
             "unhealthy_departures": self.unhealthy_departures,
             "warmup_ms": warm[0] if warm else None,

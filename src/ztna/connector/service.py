@@ -423,4 +423,6 @@ class Connector:
             pa = self.p2p.public_address
             detail["p2p_port"] = self.p2p.local_port
             detail["p2p_public"] = f"{pa.ip}:{pa.port}" if pa else None
+            if self.p2p.sock is not None:
+                detail["p2p_qad"] = self.p2p.sock.qad_snapshot()
         return ok, detail
