@@ -13,10 +13,11 @@ Theory of operation
   the NAT mapping alive. The Intermediate's name resolves to IPv4 and IPv6 alike; on an
   IPv4-only socket only IPv4 is tried, a dual-stack socket takes the first. After a failure
   or a close it reconnects after the program's backoff.
-* **Following the link.** With several Intermediates the program's relay link may fail over
-  to another one; `follow(address)` moves the QAD connection there (closing the old one at
-  once, no backoff), so the public address and the relay candidate are those of the
-  Intermediate that now carries the punch signaling.
+* **Following the link.** QAD goes to the Intermediate the program's relay link is on (or
+  trying): `intermediate()` is read at every connect. With several Intermediates the link may
+  fail over; the program hands the link's `moved` event to `follow()`, which moves the QAD
+  connection there at once (the old one closed, no backoff), so the public address and the
+  NAT mapping's keepalive belong to the Intermediate that now carries the punch signaling.
 * **Interface refresh.** The host's addresses (netlink in a thread: it runs its own loop)
   every `ADDRESS_REFRESH` seconds, handed to the program's `on_addresses`.
 * **Probe routing.** A `ztna.p2p.router.ProbeRouter` holds the punch sessions; each probe
@@ -100,13 +101,14 @@ class P2PSocket(Generic[T]):
     """The driver: owns the endpoint, the QAD connection, the interface list, the probe
     router and the one timer. `T` is the program's tag for a punch session."""
 
-    def __init__(self, sock: socket.socket, owner: P2POwner[T], *, intermediate: tuple[str, int],
+    def __init__(self, sock: socket.socket, owner: P2POwner[T], *,
+                 intermediate: Callable[[], tuple[str, int]],
                  qad_config: Callable[[str], Any], backoff: Backoff, max_sessions: int,
                  linger: float | None = None, server: ServerOptions | None = None,
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.owner = owner
-        self.intermediate = intermediate       # where the QAD connection goes (follows the link)
+        self.intermediate = intermediate       # where the link is: QAD goes there
         self.qad_config = qad_config           # the client configuration for a host name
         self.backoff = backoff
         self.router: ProbeRouter[T] = ProbeRouter(max_sessions=max_sessions, linger=linger)
@@ -236,19 +238,20 @@ class P2PSocket(Generic[T]):
     def qad_snapshot(self) -> dict[str, Any]:
         """Where the QAD connection goes and whether it is up (status output)."""
         conn = self.qad_conn
-        return {"intermediate": format_address(self.intermediate),
+        target = self.qad_target if self.qad_target is not None else self.intermediate()
+        return {"intermediate": format_address(target),
                 "up": conn is not None and conn.is_established, "moves": self.moves}
 
-    def follow(self, intermediate: tuple[str, int]) -> None:
-        """The program's link is on `intermediate` now: QAD goes there too. Cheap when
-        nothing changed, so it may be called on every relay (re)connect."""
-        if intermediate == self.intermediate:
+    def follow(self) -> None:
+        """The program's link moved to another Intermediate: QAD goes there now. A no-op
+        when the QAD connection is there already."""
+        target = self.intermediate()
+        if target == self.qad_target:
             return
-        log.info("P2P socket follows the link to intermediate %s", format_address(intermediate))
-        self.intermediate = intermediate
+        log.info("P2P socket follows the link to intermediate %s", format_address(target))
         self.moves += 1
         self._generation += 1
-        conn, self.qad_conn = self.qad_conn, None
+        conn, self.qad_conn, self.qad_target = self.qad_conn, None, None
         if conn is not None and not conn.closed:
             conn.close(CLOSE_NO_ERROR, "link moved to another intermediate")
         self.backoff.reset()
@@ -257,7 +260,7 @@ class P2PSocket(Generic[T]):
 
     async def _qad_connect(self, generation: int) -> None:
         conn = None
-        host, port = target = self.intermediate
+        host, port = target = self.intermediate()
         try:
             infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
             if self.endpoint.family == socket.AF_INET:
@@ -293,7 +296,7 @@ class P2PSocket(Generic[T]):
             return
         delay = self.backoff.next_delay()
         log.debug("P2P QAD connection to %s: %s; again in %.1fs",
-                  format_address(self.intermediate), reason, delay)
+                  format_address(self.qad_target or self.intermediate()), reason, delay)
         self.schedule.qad_down(self.loop.time(), delay)
         self._arm()
 

@@ -47,6 +47,7 @@ from ztna.agent.config import AgentOptions
 from ztna.agent.services import ServiceState
 from ztna.errors import DatagramTooLarge, error_text
 from ztna.link import Backoff
+from ztna.link.driver import LinkEvents
 from ztna.observe import format_address
 from ztna.p2p.candidates import gather
 from ztna.p2p.path import PathConfig, PathManager, PathState
@@ -83,6 +84,7 @@ class RelaySession(Protocol):
     conn: ZtnaConnection | None
     zero_rtt: bool
     instance: int
+    events: LinkEvents
 
     def on_packet(self, data: bytes) -> None: ...
 
@@ -206,14 +208,21 @@ class DirectPaths:
                                       server_name=options.server_name or host,
                                       udp_payload=options.udp_payload)
 
-        self.sock = P2PSocket(sock, self, intermediate=options.intermediate, qad_config=qad_config,
+        # QAD goes where the session is (options.intermediate is the Intermediate it is on or
+        # trying) and moves with it when it fails over.
+        self.sock = P2PSocket(sock, self, intermediate=lambda: options.intermediate, qad_config=qad_config,
                               backoff=Backoff(initial=QAD_RETRY, cap=QAD_RETRY, jitter=(1.0, 1.0),
                                               rng=random.Random()),
                               max_sessions=MAX_PUNCH_SESSIONS, loop=self.loop)
         self.endpoint = self.sock.endpoint
+        self.session.events.moved.append(self._link_moved)
         self.sock.start()
         log.info("P2P socket on udp port %d", self.port)
         self._tasks.append(self.loop.create_task(self._tick_loop(), name="ztna-agent-p2p"))
+
+    def _link_moved(self, old: tuple[str, int], new: tuple[str, int]) -> None:
+        if self.sock is not None:
+            self.sock.follow()
 
     @property
     def port(self) -> int:
@@ -369,10 +378,6 @@ class DirectPaths:
         if self.retired:
             self._close_idle_retired()
         relay = self.session.conn
-        if relay is not None and relay.is_established and not relay.closed and self.sock is not None:
-            # After a failover the session is attached to another Intermediate: QAD (and so
-            # the srflx candidate) follows it; a no-op while it stays where it is.
-            self.sock.follow(self.options.intermediate)
         for sp in self.paths.values():
             svc, pm = sp.svc, sp.pm
             relay_up = relay is not None and not relay.closed and svc.ready

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from ztna.connector.paths import ReplyPath
@@ -209,14 +209,14 @@ class _DirectHandler(ConnectionHandler):
 
 class P2PServer:
     def __init__(self, connector: ConnectorSink, *, host: str, port: int, tls: TlsFiles,
-                 udp_payload: int, intermediate: tuple[str, int], server_name: str | None,
+                 udp_payload: int, intermediate: Callable[[], tuple[str, int]], server_name: str | None,
                  rng: random.Random | None = None, ticket_path: str | None = None) -> None:
         self.connector = connector
         self.host = host
         self.port = port
         self.tls = tls
         self.udp_payload = udp_payload
-        self.intermediate = intermediate
+        self.intermediate = intermediate   # the Intermediate the relay link is on now
         self.server_name = server_name      # None: each Intermediate's own host name
         self.rng = rng or random.Random()
         self.sock: P2PSocket[None] | None = None
@@ -269,13 +269,11 @@ class P2PServer:
     def public_address(self) -> ObservedAddress | None:
         return self.sock.public_address if self.sock is not None else None
 
-    def follow(self, intermediate: tuple[str, int]) -> None:
-        """The relay link is attached to `intermediate` now (it failed over): QAD and the
-        relay candidate move there."""
-        self.intermediate = intermediate
-        self.punch.follow(intermediate)
+    def follow(self) -> None:
+        """The relay link moved to another Intermediate (a failover): QAD goes there now;
+        the relay candidate is read from the link whenever candidates are gathered."""
         if self.sock is not None:
-            self.sock.follow(intermediate)
+            self.sock.follow()
 
     def send_to_registered(self, service: str, frame: bytes) -> None:
         """Send a control frame to every direct connection registered for `service`."""

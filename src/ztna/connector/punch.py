@@ -21,6 +21,7 @@ import asyncio
 import ipaddress
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ztna.observe import format_address
@@ -67,9 +68,10 @@ def _is_ip(host: str) -> bool:
 
 
 class ConnectorPunch:
-    def __init__(self, p2p: P2PPort, *, relay_address: tuple[str, int] | None = None) -> None:
+    def __init__(self, p2p: P2PPort, *,
+                 relay_address: Callable[[], tuple[str, int]] | None = None) -> None:
         self.p2p = p2p
-        self.relay_address = relay_address if relay_address and _is_ip(relay_address[0]) else None
+        self._relay_address = relay_address   # the Intermediate the relay link is on now
         self.candidates: dict[int, tuple[Any, ...]] = {}
         self.offers = 0
         self.direct = 0
@@ -108,9 +110,11 @@ class ConnectorPunch:
                 out[f"probe_{name}"] = count
         return out
 
-    def follow(self, intermediate: tuple[str, int]) -> None:
-        """The relay link moved: the new Intermediate is the relay candidate."""
-        self.relay_address = intermediate if _is_ip(intermediate[0]) else None
+    @property
+    def relay_address(self) -> tuple[str, int] | None:
+        """The relay candidate: the Intermediate the link is on, when given as an IP."""
+        addr = self._relay_address() if self._relay_address is not None else None
+        return addr if addr is not None and _is_ip(addr[0]) else None
 
     # The P2P socket's events (ztna.p2p_socket.P2POwner).
     def on_public_address(self, addr: ObservedAddress) -> None:

@@ -127,6 +127,12 @@ class Connector:
         conn.send_control(encode_control(self.health_message(service)))
 
     # ------------------------------------------------------------------ lifecycle
+    def _attached_to(self) -> tuple[str, int]:
+        """The Intermediate the relay link is on (or trying): the P2P socket's too."""
+        if self.relay is not None:
+            return (self.relay.host, self.relay.port)
+        return (self.cfg.intermediate.host, self.cfg.intermediate.port)
+
     def _relay_configuration(self) -> Any:
         # The name of the Intermediate tried now (given several, they take turns).
         host = self.relay.host if self.relay is not None else self.cfg.intermediate.host
@@ -189,11 +195,13 @@ class Connector:
         if self.cfg.p2p_port is not None:
             self.p2p = P2PServer(self, host=self.cfg.p2p_host, port=self.cfg.p2p_port,
                                  tls=self.tls, udp_payload=self.cfg.udp_payload,
-                                 intermediate=(inter.host, inter.port),
+                                 intermediate=self._attached_to,
                                  server_name=self.cfg.server_name,
                                  rng=random.Random(self.rng.random()))
             self.p2p.start()
             self.punch = self.p2p.punch
+            # A failover of the relay link takes the P2P socket's QAD along.
+            self.relay.events.moved.append(lambda old, new: self.p2p.follow() if self.p2p else None)
             self.relay.on_punch = self.punch.on_message
             self.relay.on_registered = self.punch.on_registered
         if self.cfg.metrics is not None:
@@ -291,10 +299,6 @@ class Connector:
     def relay_up(self, conn: ZtnaConnection) -> None:
         """Back on the Intermediate: flows parked by the outage continue on the new relay
         connection (agent ids are stable across reconnects and Intermediate restarts)."""
-        if self.p2p is not None and self.relay is not None:
-            # After a failover the relay link is on another Intermediate: the P2P socket's
-            # QAD and relay candidate go with it (nothing happens while it stays put).
-            self.p2p.follow((self.relay.host, self.relay.port))
         parked, self._parked = self._parked, {}
         for agent_id, (old, _) in parked.items():
             new = self.agents.relay_path(conn, agent_id)
