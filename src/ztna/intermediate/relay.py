@@ -12,7 +12,7 @@ then forwards those DATAGRAMs without asking Python: `routes_for` derives the ro
 registry justifies, `RouteTable` keeps them in line with registry changes, and
 `apply_routes` hands the difference to the endpoints.
 
-Pure: the clock comes in as `now`, connections are seen through small Protocols, and the
+Pure: the clock is passed in, connections are seen through small Protocols, and the
 decisions come back as values for the driver (`ztna.intermediate.server`) to carry out.
 """
 
@@ -75,7 +75,7 @@ class RelayPeer(Protocol):
 
 
 # ------------------------------------------------------------------ decisions
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Forward:
     """Send `payload` as one DATAGRAM to peer `target` (already counted as relayed)."""
 
@@ -83,7 +83,7 @@ class Forward:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Drop:
     """Dropped and counted under `reason`; `message` (with `detail`) is the log line, if any."""
 
@@ -92,7 +92,7 @@ class Drop:
     detail: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Unregistered:
     """0x2F for a service the peer has not registered for (yet): the driver may hold it
     until the registration in the same flight arrives, else `Relay.refuse_unregistered`."""
@@ -101,7 +101,7 @@ class Unregistered:
     data: bytes | memoryview
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NoLocalConnector:
     """0x2F for a service without a Connector on this member: another member's (the mesh),
     else `Relay.no_connector`."""
@@ -112,7 +112,7 @@ class NoLocalConnector:
     data: bytes | memoryview
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AgentElsewhere:
     """0x31 to an Agent the Connector may answer but which is not connected here: another
     member's Agent (the mesh), else gone (`Relay.reply_gone`)."""
@@ -121,14 +121,14 @@ class AgentElsewhere:
     packet: memoryview
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Registration:
     """A registration sent as a DATAGRAM (the original's carriage); answered the same way."""
 
     message: Register
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MemberDatagram:
     """0x32/0x33 from another member of the cluster, for the mesh (unknown without one)."""
 
@@ -140,14 +140,15 @@ class Relay:
     """The relay's decisions for the DATAGRAMs of the connections in `peers` (peer id →
     connection, the driver's live table), with the counts behind ztna_relay_*."""
 
-    __slots__ = ("registry", "peers", "stats")
+    __slots__ = ("registry", "peers", "clock", "stats")
 
-    def __init__(self, registry: Registry, peers: Mapping[int, RelayPeer]) -> None:
+    def __init__(self, registry: Registry, peers: Mapping[int, RelayPeer], clock: Callable[[], float]) -> None:
         self.registry = registry
         self.peers = peers
+        self.clock = clock      # read only where a decision needs the time (flow pins)
         self.stats = RelayStats()
 
-    def decide(self, peer_id: int, label: str, data: bytes | memoryview, now: float) -> Decision | None:
+    def decide(self, peer_id: int, label: str, data: bytes | memoryview) -> Decision | None:
         """What to do with a DATAGRAM (non-empty) from peer `peer_id` (`label` names it in
         log lines); None: nothing to do (a registration reply sent to us)."""
         kind = data[0]
@@ -158,7 +159,7 @@ class Relay:
                 return self._drop(DropReason.MALFORMED, "malformed 0x2F datagram", str(exc))
             if not self.registry.is_agent_of(peer_id, service):
                 return Unregistered(service, data)
-            target_id = self.registry.connector_for(service, packet, now=now)
+            target_id = self.registry.connector_for(service, packet, now=self.clock())
             if target_id is None or target_id not in self.peers:
                 return NoLocalConnector(peer_id, service, packet, data)
             return self.forward(target_id, to_connector_from_service_datagram(peer_id, data))
