@@ -79,20 +79,21 @@ def world() -> tuple[Registry, dict[int, Conn], Relay]:
 
 
 def test_agent_to_connector_and_reply_byte_exact() -> None:
-    _, _, relay = world()
+    _, conns, relay = world()
     pkt = packet()
     d = relay.decide(AGENT, "agent", encode_service_datagram("web", pkt))
-    assert d == Forward(CONNECTOR, encode_to_connector(AGENT, "web", pkt))
+    assert d == Forward(CONNECTOR, encode_to_connector(AGENT, "web", pkt), conns[CONNECTOR])
+    assert isinstance(d, Forward) and d.conn is conns[CONNECTOR]
     assert isinstance(d, Forward) and d.payload[:6] == b"\x30\x01\x00\x00\x00\x01"   # 0x30 v1, agent 1
     reply = packet(53, b"answer")
     d = relay.decide(CONNECTOR, "connector", encode_from_connector(AGENT, reply))
-    assert d == Forward(AGENT, reply)
+    assert d == Forward(AGENT, reply, conns[AGENT]) and d.conn is conns[AGENT]
     assert relay.stats.relayed_datagrams == 2
     assert relay.stats.relayed_bytes == len(encode_to_connector(AGENT, "web", pkt)) + len(reply)
 
 
 def test_isolation_between_agents_and_services() -> None:
-    _, _, relay = world()
+    _, conns, relay = world()
     pkt = packet()
     # The "db" Connector may not answer the "web" Agent, nor the "web" Connector the "db" Agent.
     d = relay.decide(OTHER_CONNECTOR, "c11", encode_from_connector(AGENT, pkt))
@@ -107,7 +108,8 @@ def test_isolation_between_agents_and_services() -> None:
         DropReason.UNREGISTERED, "0x2F from a peer not registered as agent", "a1 → db")
     # Each Agent's packets reach only its own service's Connector, with its own id.
     d = relay.decide(OTHER_AGENT, "a2", encode_service_datagram("db", pkt))
-    assert d == Forward(OTHER_CONNECTOR, encode_to_connector(OTHER_AGENT, "db", pkt))
+    assert d == Forward(OTHER_CONNECTOR, encode_to_connector(OTHER_AGENT, "db", pkt), conns[OTHER_CONNECTOR])
+    assert d.conn is conns[OTHER_CONNECTOR]
     assert relay.stats.dropped_bad_reply == 2 and relay.stats.dropped_unregistered == 1
     assert relay.stats.relayed_datagrams == 1
 

@@ -19,7 +19,7 @@ decisions come back as values for the driver (`ztna.intermediate.server`) to car
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol
 
@@ -72,15 +72,18 @@ class RelayPeer(Protocol):
     """What the relay needs of a connection it forwards to."""
 
     def max_datagram_payload(self) -> int: ...
+    def send_datagram(self, data: bytes) -> object: ...
 
 
 # ------------------------------------------------------------------ decisions
 @dataclass(slots=True)
 class Forward:
-    """Send `payload` as one DATAGRAM to peer `target` (already counted as relayed)."""
+    """Send `payload` as one DATAGRAM to peer `target`, whose connection is `conn` (already
+    counted as relayed)."""
 
     target: int
     payload: bytes
+    conn: RelayPeer = field(compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -160,9 +163,9 @@ class Relay:
             if not self.registry.is_agent_of(peer_id, service):
                 return Unregistered(service, data)
             target_id = self.registry.connector_for(service, packet, now=self.clock())
-            if target_id is None or target_id not in self.peers:
+            if target_id is None or (target := self.peers.get(target_id)) is None:
                 return NoLocalConnector(peer_id, service, packet, data)
-            return self.forward(target_id, to_connector_from_service_datagram(peer_id, data))
+            return self.forward(target_id, target, to_connector_from_service_datagram(peer_id, data))
         if kind == FROM_CONNECTOR:
             try:
                 agent_id, packet = decode_from_connector(data)
@@ -171,9 +174,10 @@ class Relay:
             if not self.registry.may_reply(peer_id, agent_id):
                 return self._drop(DropReason.BAD_REPLY, "0x31 reply to an agent this connector does not serve",
                                   f"{label} → {agent_id}")
-            if agent_id not in self.peers:
+            agent = self.peers.get(agent_id)
+            if agent is None:
                 return AgentElsewhere(agent_id, packet)
-            return self.forward(agent_id, bytes(packet))
+            return self.forward(agent_id, agent, bytes(packet))
         if kind in (REGISTER_AGENT, REGISTER_CONNECTOR):
             try:
                 msg = decode_registration(data)
@@ -184,15 +188,16 @@ class Relay:
             return MemberDatagram()
         return self.unknown_type(kind, label)
 
-    def forward(self, target_id: int, payload: bytes) -> Forward | Drop:
-        """Forward to `target_id` if it fits that connection's DATAGRAM limit."""
-        limit = self.peers[target_id].max_datagram_payload()
+    def forward(self, target_id: int, target: RelayPeer, payload: bytes) -> Forward | Drop:
+        """Forward to `target` if it fits that connection's DATAGRAM limit."""
+        limit = target.max_datagram_payload()
         if len(payload) > limit:
             return self._drop(DropReason.OVERSIZE, "relayed datagram larger than the next hop allows",
                               f"{len(payload)} > {limit}")
-        self.stats.relayed_datagrams += 1
-        self.stats.relayed_bytes += len(payload)
-        return Forward(target_id, payload)
+        stats = self.stats
+        stats.relayed_datagrams += 1
+        stats.relayed_bytes += len(payload)
+        return Forward(target_id, payload, target)
 
     # The drops the driver decides (after trying a hold or the mesh).
     def refuse_unregistered(self, label: str, service: str) -> Drop:

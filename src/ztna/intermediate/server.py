@@ -565,10 +565,10 @@ class Intermediate:
         """Carry out the relay's decision for one DATAGRAM of a served peer."""
         relay = self.relay
         d = relay.decide(conn.user, conn.label, data)
-        if d is None:
+        if type(d) is Forward:
+            d.conn.send_datagram(d.payload)
             return
-        if isinstance(d, Forward):
-            self.conns[d.target].send_datagram(d.payload)
+        if d is None:
             return
         if isinstance(d, Unregistered):
             if self._hold_early(conn, d.data):
