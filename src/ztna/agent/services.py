@@ -6,40 +6,34 @@ the session (``ztna.agent.session``) owns the objects, the data paths (direct P2
 userspace, TUN) read and count on them. Kept apart from the session so that the paths
 need not import it.
 
-Registration (pure: time is an argument; the session sends, logs and times):
-
-    PENDING --Register sent--> PENDING (attempt n; next retry after 1, 2, 4 ... s, capped)
-    PENDING --ACK--> ACKED                  PENDING/ACKED --NACK transient--> PENDING
-    PENDING --NACK final--> REFUSED         ACKED --connection lost--> PENDING
-    any --new connection--> PENDING (attempts reset: the policy may have changed meanwhile)
-
-``due_registrations`` says which Registers to send now, ``apply_ack`` / ``apply_nack``
-take the answers, ``reset_registration`` / ``connection_lost`` the connection's life.
+Registration runs on the one state machine of both programs' links
+(``ztna.link.registration``); the helpers here give it the Agent's pacing (resends after
+``register_retry`` seconds, doubling up to the backoff cap) and clear what the Agent
+learned from the Intermediate about each service on a new connection.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import StrEnum
 
 from ztna.agent.config import ServiceSpec
+from ztna.link import registration as link_registration
+from ztna.link.registration import (
+    ACKED,
+    AGENT_NACK_RETRY,
+    PENDING,
+    REFUSED,
+    TRANSIENT_NACKS,
+    Registration,
+    RegistrationPolicy,
+    connection_lost,
+)
 from ztna.wire import NackStatus
 
 __all__ = ["ACKED", "PENDING", "REFUSED", "TRANSIENT_NACKS", "Registration", "ServiceState",
            "apply_ack", "apply_nack", "connection_lost", "due_registrations",
            "reset_registration"]
-
-
-class Registration(StrEnum):
-    """Where a service's registration stands (the status JSON shows the value)."""
-
-    PENDING = "pending"   # not sent yet, or sent and not answered
-    ACKED = "acked"       # the Intermediate accepted it: packets may flow
-    REFUSED = "refused"   # a permanent NACK: not retried until the session reconnects
-
-
-PENDING, ACKED, REFUSED = Registration.PENDING, Registration.ACKED, Registration.REFUSED
 
 
 @dataclass
@@ -72,61 +66,40 @@ class ServiceState:
     queued_dropped: int = 0
 
     @property
+    def service_id(self) -> str:
+        return self.spec.id
+
+    @property
     def ready(self) -> bool:
         return self.registration == ACKED
 
 
-# NACKs that mean "not now" (the Intermediate is shutting down or full): retried; any other
-# status is final for this connection.
-TRANSIENT_NACKS = (NackStatus.SHUTTING_DOWN, NackStatus.LIMIT_EXCEEDED)
+def _policy(first_retry: float, cap: float | None = None) -> RegistrationPolicy:
+    return RegistrationPolicy(first_retry=first_retry, cap=first_retry if cap is None else cap,
+                              nack_retry=AGENT_NACK_RETRY)
 
 
 def reset_registration(svc: ServiceState, *, first_retry: float) -> None:
-    """A new connection: register again from scratch (refused services too)."""
-    svc.registration, svc.nack, svc.attempts, svc.next_retry = PENDING, None, 0, 0.0
+    """A new connection: register again from scratch (refused services too), and forget
+    what the last Intermediate said about the service's Connectors."""
+    link_registration.reset_registration(svc, _policy(first_retry))
     svc.connector_up = None
     svc.connector = None
     svc.healthy = None
-    svc.retry_delay = first_retry
-
-
-def connection_lost(services: Iterable[ServiceState]) -> None:
-    """The connection died: what was acknowledged must be registered again."""
-    for svc in services:
-        if svc.registration == ACKED:
-            svc.registration = PENDING
 
 
 def due_registrations(services: Iterable[ServiceState], *, now: float,
                       backoff_cap: float) -> list[tuple[ServiceState, bool]]:
     """The services whose Register is due at `now`, each with True when it is a re-send of
     an unanswered one. Each is charged an attempt; its retry delay doubles up to the cap."""
-    due = []
-    for svc in services:
-        if svc.registration != PENDING or now < svc.next_retry:
-            continue
-        due.append((svc, bool(svc.attempts and svc.next_retry)))
-        svc.attempts += 1
-        svc.next_retry = now + svc.retry_delay
-        svc.retry_delay = min(svc.retry_delay * 2, backoff_cap)
-    return due
+    return link_registration.due_registrations(services, now=now, policy=_policy(0.0, backoff_cap))
 
 
 def apply_ack(svc: ServiceState, *, first_retry: float) -> bool:
     """An ACK; False when the service was already acknowledged (nothing changes)."""
-    if svc.registration == ACKED:
-        return False
-    svc.registration, svc.nack, svc.attempts, svc.next_retry = ACKED, None, 0, 0.0
-    svc.retry_delay = first_retry
-    return True
+    return link_registration.apply_ack(svc, _policy(first_retry))
 
 
 def apply_nack(svc: ServiceState, status: NackStatus, *, now: float) -> Registration:
     """A NACK: transient ones retry after the current delay, others refuse the service."""
-    svc.nack = status.name
-    if status in TRANSIENT_NACKS:
-        svc.registration = PENDING
-        svc.next_retry = now + svc.retry_delay
-    else:
-        svc.registration = REFUSED
-    return svc.registration
+    return link_registration.apply_nack(svc, status, now=now, policy=_policy(svc.retry_delay))

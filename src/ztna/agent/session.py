@@ -3,11 +3,13 @@
 Theory of operation
 -------------------
 * One UDP socket (`QuicEndpoint`) lives for the whole Agent; each (re)connection is a new
-  QUIC connection on it. A supervisor task loops: resolve → connect → handshake → register
-  every service on the control stream → watch → on loss, back off and start over. Backoff
-  doubles from `backoff_initial` up to `backoff_cap` with full jitter (±50 %), and resets
-  once a connection got at least one ACK.
-* Registration is tracked per service by ACK: a service is `pending` until the
+  QUIC connection on it. A supervisor task (``ztna.link.driver.LinkLoop``, shared with the
+  Connector) loops: resolve → connect → handshake → register every service on the control
+  stream → watch → on loss, back off (moving on to the next of several Intermediates) and
+  start over. Backoff doubles from `backoff_initial` up to `backoff_cap` with full jitter
+  (±50 %), and resets once a connection got at least one ACK.
+* Registration (``ztna.link.registration``, the Connector's machine with the Agent's
+  pacing) is tracked per service by ACK: a service is `pending` until the
   Intermediate answers; unanswered requests are re-sent with doubling delay; a NACK is final
   (`refused`) except SHUTTING_DOWN and LIMIT_EXCEEDED, which are retried later. Only ACKed
   services get traffic: the Intermediate drops 0x2F for unregistered services anyway.
@@ -30,7 +32,6 @@ import logging
 import os
 import random
 import secrets
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -47,12 +48,14 @@ from ztna.agent.services import (
     apply_ack,
     apply_nack,
     connection_lost,
-    due_registrations,
     reset_registration,
 )
 from ztna.cert_hints import certificate_problem_hint, is_own_verification_failure
 from ztna.errors import DatagramTooLarge, DecodeError, error_text
 from ztna.link import AGENT_JITTER, Backoff, LinkState
+from ztna.link.driver import LinkEvents, LinkLoop, open_link, resolve, send_due_registers, silence
+from ztna.link.registration import AGENT_NACK_RETRY, RegistrationPolicy
+from ztna.link.targets import Targets
 from ztna.observe import format_address
 from ztna.p2p.path import PathConfig
 from ztna.quic.config import make_configuration
@@ -66,9 +69,7 @@ from ztna.wire import (
     DatagramKind,
     ErrorMessage,
     GoAway,
-    Hello,
     ObservedAddress,
-    Register,
     RegistrationAck,
     RegistrationNack,
     Role,
@@ -141,6 +142,12 @@ class Session(ConnectionHandler):
             for i, s in enumerate(options.services)
         ]
         self.by_id = {s.spec.id: s for s in self.services}
+        # Unanswered Registers are re-sent after register_retry s, doubling to the backoff cap.
+        self.registration_policy = RegistrationPolicy(
+            first_retry=options.register_retry, cap=options.backoff_cap, nack_retry=AGENT_NACK_RETRY)
+        self.targets = Targets(options.targets(), current=options.intermediate)
+        self.events = LinkEvents()
+        self._first_attempt = True
         self.counters = SessionCounters()
         self.info = SessionInfo()
         self._handshaken = False   # this connection's TLS handshake completed
@@ -222,59 +229,32 @@ class Session(ConnectionHandler):
         host, port = self.options.intermediate
         return format_address((host, port))
 
-    async def _resolve(self) -> tuple[str, int]:
-        host, port = self.options.intermediate
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        assert self.endpoint is not None
-        if self.endpoint.family == socket.AF_INET:
-            infos = [i for i in infos if i[0] == socket.AF_INET] or infos
-        fam, _, _, _, addr = infos[0]
-        return str(addr[0]), int(addr[1])
-
     async def _supervise(self) -> None:
         backoff = Backoff(initial=self.options.backoff_initial, cap=self.options.backoff_cap,
                           rng=self.rng, jitter=AGENT_JITTER)
-        first = True
-        while not self._stopping:
-            if not first:
-                self.counters.reconnects += 1
-            first = False
-            useful = False
-            try:
-                useful = await self._one_connection()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure means: back off, retry
-                self.counters.connect_failures += 1
-                self._error(str(exc) or type(exc).__name__)
-                self._set_state(LinkState.BACKOFF, self.info.last_error or "")
-            if self._stopping:
-                return
-            if self._fail_over():
-                backoff.reset()
-            if useful:
-                backoff.reset()
-            sleep_for = backoff.next_delay()
-            self._set_state(LinkState.BACKOFF, self.info.last_error or "", error=False)
-            log.info("reconnecting in %.2fs", sleep_for)
-            await asyncio.sleep(sleep_for)
+        self._first_attempt = True
+        await LinkLoop(self.targets, backoff, log=log, reset_on_failover=True).run(
+            self._attempt, stopping=lambda: self._stopping, sleep=asyncio.sleep,
+            on_failure=self._failed, on_retry=self._retry)
 
-    def _fail_over(self) -> bool:
-        """The connection died or never came up: with several Intermediates (one cluster),
-        move on to the next, which knows this Agent's session ticket (0-RTT) through the
-        cluster. True when it moved."""
-        targets = self.options.targets()
-        if len(targets) < 2:
-            return False
-        try:
-            at = targets.index(self.options.intermediate)
-        except ValueError:
-            at = -1
-        self.options.intermediate = targets[(at + 1) % len(targets)]
-        self.counters.failovers += 1
-        log.info("failing over to intermediate %s", format_address(self.options.intermediate))
-        return True
+    async def _attempt(self, target: tuple[str, int]) -> bool:
+        if not self._first_attempt:
+            self.counters.reconnects += 1
+            if target != self.options.intermediate:
+                self.counters.failovers += 1
+        self._first_attempt = False
+        # The TLS name and the status follow the Intermediate tried now.
+        self.options.intermediate = target
+        return await self._one_connection()
+
+    def _failed(self, exc: Exception) -> None:
+        self.counters.connect_failures += 1
+        self._error(str(exc) or type(exc).__name__)
+        self._set_state(LinkState.BACKOFF, self.info.last_error or "")
+
+    def _retry(self, delay: float) -> None:
+        self._set_state(LinkState.BACKOFF, self.info.last_error or "", error=False)
+        log.info("reconnecting in %.2fs", delay)
 
     def _explain_name_mismatch(self, conn: ZtnaConnection) -> None:
         """A certificate without the name we verify never starts working by retrying:
@@ -294,7 +274,8 @@ class Session(ConnectionHandler):
         """Run one connection until it dies; True if it was ever registered (reset backoff)."""
         assert self.endpoint is not None
         self._set_state(LinkState.CONNECTING)
-        address = await self._resolve()
+        assert self.endpoint is not None
+        address = await resolve(self.endpoint, *self.options.intermediate)
         self.info.address = format_address(address)
         config = make_configuration(is_client=True, tls=self.options.tls,
                                     server_name=self.options.tls_name(),
@@ -309,11 +290,10 @@ class Session(ConnectionHandler):
         self._connect_started = asyncio.get_running_loop().time()
         self.info.connect_ms = None
         self._handshaken = self._accepted = False
-        conn = self.endpoint.connect(address, config, self)
-        self.conn = conn
         # Hello and the registrations go out at once: in 0-RTT when we hold a ticket (they
         # are idempotent, and a replayed early flight is refused by the single-use ticket).
-        conn.send_control(encode_control(Hello(instance=self.instance)))
+        conn = open_link(self.endpoint, address, config, self, instance=self.instance)
+        self.conn = conn
         now = asyncio.get_running_loop().time()
         self._register_due(conn, now)
         if conn.zero_rtt_attempted:
@@ -354,9 +334,9 @@ class Session(ConnectionHandler):
                 self._register_due(conn, now)
                 if any(s.ready for s in self.services):
                     useful = True
-                if now - conn.last_received > self.options.dead_after:
+                silent = silence(conn, now=now, limit=self.options.dead_after)
+                if silent is not None:
                     self.counters.dead_paths += 1
-                    silent = f"nothing heard for {now - conn.last_received:.1f}s"
                     conn.close(0, "peer silent")
                     self._lost(conn, silent)
                     break
@@ -379,6 +359,7 @@ class Session(ConnectionHandler):
 
     def _announce_connected(self) -> None:
         self._set_state(LinkState.CONNECTED, f"{self.info.handshake} handshake", error=False)
+        self.events.connected(self.targets.current)
 
     def _certificate_refused(self, reason: str) -> bool:
         """Log a refusal of our certificate (or of the Intermediate's) at ERROR with a hint:
@@ -432,12 +413,11 @@ class Session(ConnectionHandler):
 
     # ------------------------------------------------------------------ registration
     def _register_due(self, conn: ZtnaConnection, now: float) -> None:
-        for svc, resend in due_registrations(self.services, now=now,
-                                             backoff_cap=self.options.backoff_cap):
+        for svc, resend in send_due_registers(conn, self.services, now=now,
+                                              policy=self.registration_policy, role=Role.AGENT):
             if resend:
                 log.info("service %s: registration unanswered, re-sending (attempt %d)",
                          svc.spec.id, svc.attempts)
-            conn.send_control(encode_control(Register(role=Role.AGENT, service_id=svc.spec.id)))
 
     def _registration_reply(self, msg: RegistrationAck | RegistrationNack) -> None:
         svc = self.by_id.get(msg.service_id)

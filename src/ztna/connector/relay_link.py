@@ -3,14 +3,18 @@
 Theory of operation
 -------------------
 * One UDP socket (the relay socket, ephemeral unless `--relay-port`), one QUIC client
-  connection at a time. `run()` loops: resolve the Intermediate's name (asynchronously),
-  connect, handshake, register every service on the control stream, then watch.
-* Registration: each service is re-sent every `REGISTER_RETRY` seconds until its ACK or
-  NACK arrives (the control stream is reliable, but an Intermediate that is busy or just
-  restarted must not leave a service silently unregistered). NOT_AUTHORIZED /
-  INVALID_REQUEST / SERVICE_CONFLICT are final for this connection (logged as errors);
-  LIMIT_EXCEEDED / SHUTTING_DOWN are retried after `NACK_RETRY`.
-* Keepalive: a QUIC PING every `limits.KEEPALIVE_INTERVAL` (the idle timeout is 30 s).
+  connection at a time. The link's shared parts (``ztna.link``) do the rest: resolve the
+  current Intermediate's name, connect with `Hello` first, back off and fail over to the
+  next of `--intermediate A,B,...` (``LinkLoop``), keepalive and CID rotation through the one
+  upkeep, and register every service through the one registration machine.
+* Registration (``ztna.link.registration`` with the Connector's policy): each service is
+  re-sent every 2 s until its ACK or NACK arrives (the control stream is reliable, but an
+  Intermediate that is busy or just restarted must not leave a service silently
+  unregistered). NOT_AUTHORIZED / INVALID_REQUEST / SERVICE_CONFLICT are final for this
+  connection (logged as errors); LIMIT_EXCEEDED / SHUTTING_DOWN are retried after 30 s.
+* Keepalive: a QUIC PING after `limits.KEEPALIVE_INTERVAL` of silence (the idle timeout is
+  30 s); with somewhere to fail over to, every `FAILOVER_PING` s, and an Intermediate silent
+  for `FAILOVER_SILENCE` s is left.
 * Reconnect: exponential backoff with jitter, awaited with `asyncio.sleep` so it never
   blocks the event loop — the P2P server, open flows and /metrics keep
   running. A connection that lived `STABLE_AFTER` seconds resets the backoff. Every
@@ -25,13 +29,24 @@ import asyncio
 import hashlib
 import logging
 import random
-import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from ztna import limits
 from ztna.identity import server_name_mismatch
 from ztna.link import Backoff, LinkState
+from ztna.link.driver import LinkEvents, LinkLoop, open_link, resolve, send_due_registers, silence
+from ztna.link.registration import (
+    ACKED,
+    CONNECTOR_POLICY,
+    REFUSED,
+    ServiceRegistration,
+    apply_ack,
+    apply_nack,
+    connector_label,
+    reset_registration,
+)
+from ztna.link.targets import Targets
 from ztna.observe import format_address
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import CLOSE_NO_ERROR, QuicEndpoint
@@ -42,28 +57,22 @@ from ztna.wire import (
     ControlMessage,
     ErrorMessage,
     GoAway,
-    Hello,
-    NackStatus,
     ObservedAddress,
-    Register,
     RegistrationAck,
     RegistrationNack,
     Role,
-    encode_control,
 )
 
 log = logging.getLogger("ztna.connector")
 
 HANDSHAKE_TIMEOUT = 10.0
-REGISTER_RETRY = 2.0
-NACK_RETRY = 30.0
+REGISTER_RETRY = CONNECTOR_POLICY.first_retry
+NACK_RETRY = CONNECTOR_POLICY.nack_retry
 BACKOFF_BASE = 0.5
 FAILOVER_PING = 2.0        # keepalive while other Intermediates are there to fail over to
 FAILOVER_SILENCE = 8.0     # nothing heard this long: that Intermediate is gone
 BACKOFF_CAP = 30.0
 STABLE_AFTER = 10.0
-_FINAL_NACKS = frozenset({NackStatus.NOT_AUTHORIZED, NackStatus.INVALID_REQUEST,
-                          NackStatus.SERVICE_CONFLICT})
 
 
 def connector_instance(name: str) -> int:
@@ -89,12 +98,10 @@ class RelayLink(ConnectionHandler):
         self.endpoint = endpoint
         # Several Intermediates (one cluster): after a lost or failed connection the link moves
         # on to the next; the cluster shares the tickets, so it resumes there in 0-RTT.
-        self.alternates = alternates or []
-        self.failovers = 0
+        self.targets = Targets(alternates or [], current=(host, port))
+        self.events = LinkEvents()
         self.name = name
         self.instance = connector_instance(name)
-        self.host = host
-        self.port = port
         self.config_factory = config_factory
         self.services = services
         self.sink = sink
@@ -106,71 +113,89 @@ class RelayLink(ConnectionHandler):
         self.rng = rng or random.Random()
         self.conn: ZtnaConnection | None = None
         self.state = LinkState.STARTING
-        self.registration: dict[str, str] = {s: "pending" for s in services}
+        self.slots = {s: ServiceRegistration(s, retry_delay=REGISTER_RETRY) for s in services}
         self.public_address: ObservedAddress | None = None
         self.connects = 0
         self.reconnects = 0
         self.last_error = ""
         self._name_error: str | None = None
         self._control_handlers = self._control_table()
-        self._sent_at: dict[str, float] = {}
         self._closed = asyncio.Event()
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------------ status
+    @property
+    def host(self) -> str:
+        """The Intermediate tried now (given several, they take turns)."""
+        return self.targets.current[0]
+
+    @property
+    def port(self) -> int:
+        return self.targets.current[1]
+
+    @property
+    def failovers(self) -> int:
+        return self.targets.moves
+
+    @property
+    def registration(self) -> dict[str, str]:
+        """Each service's registration in the Connector's words (health JSON, metrics)."""
+        return {sid: connector_label(slot) for sid, slot in self.slots.items()}
+
+    def registered(self, service: str) -> bool:
+        slot = self.slots.get(service)
+        return slot is not None and slot.registration is ACKED
+
     @property
     def connected(self) -> bool:
         return self.conn is not None and self.conn.is_established
 
     @property
     def all_registered(self) -> bool:
-        return self.connected and all(v == "registered" for v in self.registration.values())
+        return self.connected and all(s.registration is ACKED for s in self.slots.values())
 
     # ------------------------------------------------------------------ main loop
     async def run(self) -> None:
         backoff = Backoff(initial=BACKOFF_BASE, cap=BACKOFF_CAP, rng=self.rng)
-        loop = asyncio.get_running_loop()
-        while not self._stopping.is_set():
-            self.state = LinkState.CONNECTING
-            started = loop.time()
-            conn = await self._connect_once()
-            if conn is not None:
-                await self._serve(conn)
-                if loop.time() - started >= STABLE_AFTER:
-                    backoff.reset()
-            if self._stopping.is_set():
-                break
-            if len(self.alternates) > 1:
-                at = self.alternates.index((self.host, self.port)) if (self.host, self.port) in self.alternates else -1
-                self.host, self.port = self.alternates[(at + 1) % len(self.alternates)]
-                self.failovers += 1
-                log.info("failing over to intermediate %s", format_address((self.host, self.port)))
-            delay = backoff.next_delay()
-            self.reconnects += 1
-            self.state = LinkState.BACKOFF
-            log.info("reconnecting to the intermediate in %.1fs (%s)", delay, self.last_error)
-            try:
-                await asyncio.wait_for(self._stopping.wait(), delay)
-            except TimeoutError:
-                pass
+        await LinkLoop(self.targets, backoff, log=log, reset_on_failover=False).run(
+            self._attempt, stopping=self._stopping.is_set, sleep=self._sleep,
+            on_failure=self._failed, on_retry=self._retry)
         self.state = LinkState.STOPPED
 
-    async def _connect_once(self) -> ZtnaConnection | None:
+    async def _attempt(self, target: tuple[str, int]) -> bool:
+        """One connection; True when it lived long enough to reset the backoff."""
         loop = asyncio.get_running_loop()
+        self.state = LinkState.CONNECTING
+        started = loop.time()
+        conn = await self._connect_once()
+        if conn is None:
+            return False
+        await self._serve(conn)
+        return loop.time() - started >= STABLE_AFTER
+
+    def _failed(self, exc: Exception) -> None:
+        self.last_error = str(exc) or type(exc).__name__
+        log.warning("intermediate %s: %s", format_address((self.host, self.port)), self.last_error)
+
+    def _retry(self, delay: float) -> None:
+        self.reconnects += 1
+        self.state = LinkState.BACKOFF
+        log.info("reconnecting to the intermediate in %.1fs (%s)", delay, self.last_error)
+
+    async def _sleep(self, delay: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), delay)
+        except TimeoutError:
+            pass
+
+    async def _connect_once(self) -> ZtnaConnection | None:
         conn = None
         try:
-            infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)
-            if self.endpoint.family == socket.AF_INET:
-                infos = [i for i in infos if i[0] == socket.AF_INET]
-            if not infos:
-                raise OSError(f"no usable address for {self.host}")
-            addr = infos[0][4][:2]
+            addr = await resolve(self.endpoint, self.host, self.port)
             self._closed = asyncio.Event()
-            conn = self.endpoint.connect(addr, self.config_factory(), self)
-            # First control frame: who we are among the Connectors sharing our certificate.
-            # The Intermediate keys our peer id on it, so this connection replaces the
-            # registration a crashed predecessor of ours left behind.
-            conn.send_control(encode_control(Hello(instance=self.instance)))
+            # Hello first: who we are among the Connectors sharing our certificate, so this
+            # connection replaces the registration a crashed predecessor of ours left behind.
+            conn = open_link(self.endpoint, addr, self.config_factory(), self, instance=self.instance)
             await asyncio.wait_for(conn.wait_handshake(), HANDSHAKE_TIMEOUT)
         except (TimeoutError, OSError, ConnectionError) as exc:
             self.last_error = str(exc) or type(exc).__name__
@@ -201,23 +226,26 @@ class RelayLink(ConnectionHandler):
         self.conn = conn
         self.connects += 1
         self.state = LinkState.CONNECTED
-        self.registration = {s: "pending" for s in self.services}
-        self._sent_at = {}
+        for slot in self.slots.values():
+            reset_registration(slot, CONNECTOR_POLICY)
         log.info("connected to the intermediate %s (%s)", format_address(conn.peer_address), self.host)
         self.sink.relay_up(conn)
+        self.events.connected(self.targets.current)
         # With somewhere else to go (several Intermediates), a silent one is left after
         # FAILOVER_SILENCE instead of the 30 s idle timeout; pings are frequent enough for that.
-        failover = len(self.alternates) > 1
+        failover = self.targets.can_fail_over
         keepalive = FAILOVER_PING if failover else limits.KEEPALIVE_INTERVAL
         upkeep = UpkeepSchedule(keepalive=keepalive, cid_rotation=limits.CID_ROTATION_INTERVAL,
                                 now=loop.time())
         try:
             while not conn.closed and not self._stopping.is_set():
                 now = loop.time()
-                self._register_due(conn, now)
+                send_due_registers(conn, self.slots.values(), now=now, policy=CONNECTOR_POLICY,
+                                   role=Role.CONNECTOR)
                 run_upkeep(conn, upkeep, now=now)    # keepalive PING, CID rotation
-                if failover and now - conn.last_received > FAILOVER_SILENCE:
-                    self.last_error = f"nothing heard for {now - conn.last_received:.1f}s"
+                quiet = silence(conn, now=now, limit=FAILOVER_SILENCE if failover else None)
+                if quiet is not None:
+                    self.last_error = quiet
                     log.warning("intermediate %s silent (%s)", format_address((self.host, self.port)),
                                 self.last_error)
                     conn.close(CLOSE_NO_ERROR, "intermediate silent")
@@ -233,16 +261,6 @@ class RelayLink(ConnectionHandler):
                 conn.close(CLOSE_NO_ERROR, "connector stopping")
             self.state = LinkState.DISCONNECTED
             self.sink.relay_down(conn)
-
-    def _register_due(self, conn: ZtnaConnection, now: float) -> None:
-        for service, state in self.registration.items():
-            if state == "registered" or state.startswith("refused"):
-                continue
-            retry = NACK_RETRY if state.startswith("nack") else REGISTER_RETRY
-            if now - self._sent_at.get(service, -1e9) >= retry:
-                self._sent_at[service] = now
-                conn.send_control(encode_control(Register(role=Role.CONNECTOR,
-                                                          service_id=service)))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -280,21 +298,25 @@ class RelayLink(ConnectionHandler):
             self._punch(conn, msg)
 
     def _registered(self, conn: ZtnaConnection, msg: RegistrationAck) -> None:
-        if self.registration.get(msg.service_id) != "registered":
+        slot = self.slots.get(msg.service_id)
+        if slot is None:
+            return
+        if apply_ack(slot, CONNECTOR_POLICY):
             log.info("service %r registered with the intermediate", msg.service_id)
-        self.registration[msg.service_id] = "registered"
         if self.on_service_registered is not None:
             self.on_service_registered(conn, msg.service_id)
         if self.on_registered is not None:
             self.on_registered(conn)
 
     def _refused(self, conn: ZtnaConnection, msg: RegistrationNack) -> None:
-        if msg.status in _FINAL_NACKS:
-            self.registration[msg.service_id] = f"refused: {msg.status.name}"
+        slot = self.slots.get(msg.service_id)
+        if slot is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if apply_nack(slot, msg.status, now=now, policy=CONNECTOR_POLICY) is REFUSED:
             log.error("intermediate refused service %r: %s (check the connector "
                       "certificate's ztna SANs)", msg.service_id, msg.status.name)
         else:
-            self.registration[msg.service_id] = f"nack: {msg.status.name}"
             log.warning("intermediate deferred service %r: %s; retrying in %.0fs",
                         msg.service_id, msg.status.name, NACK_RETRY)
 

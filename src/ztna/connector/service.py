@@ -114,7 +114,7 @@ class Connector:
         while another Connector is healthy) and the Agents connected to us directly."""
         data = encode_control(self.health_message(service))
         relay = self.relay
-        if relay is not None and relay.conn is not None and relay.registration.get(service) == "registered":
+        if relay is not None and relay.conn is not None and relay.registered(service):
             relay.conn.send_control(data)
         if self.p2p is not None:
             self.p2p.send_to_registered(service, data)
