@@ -30,6 +30,8 @@ class ConnectorView(Protocol):
     @property
     def relay(self) -> RelayLink | None: ...
     @property
+    def relays(self) -> list[RelayLink]: ...
+    @property
     def relay_endpoint(self) -> QuicEndpoint | None: ...
     @property
     def p2p(self) -> P2PServer | None: ...
@@ -90,8 +92,11 @@ def p2p_drops(c: ConnectorView) -> dict[str, int]:
 def collect(c: ConnectorView) -> list[Any]:
     out: list[Any] = []
     relay = c.relay
-    out.append(("ztna_connector_relay_connected", "gauge", "1 while connected to the intermediate",
-                1 if relay is not None and relay.connected else 0, None))
+    links = c.relays or ([relay] if relay is not None else [])
+    out.append(("ztna_connector_relay_connected", "gauge", "1 while connected to an intermediate",
+                1 if any(link.connected for link in links) else 0, None))
+    out.append(("ztna_connector_relay_links_connected", "gauge",
+                "Relay links up (several with --attach all)", sum(link.connected for link in links), None))
     out.append(("ztna_connector_reconnects_total", "counter", "Reconnect attempts",
                 relay.reconnects if relay else 0, None))
     if relay is not None:
