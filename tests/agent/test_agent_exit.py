@@ -1,6 +1,6 @@
 """Agent exit in the namespace lab (root): applications are told at once, nothing is left.
 
-* SIGTERM while curl downloads over the direct path: curl ends within 5 s with
+* SIGTERM while curl downloads over the direct path: curl ends within seconds with
   "connection reset" — with TCP over QUIC streams (the Agent resets the redirected kernel
   sockets, SO_LINGER 0) and with TCP in DATAGRAMs (the Agent writes RSTs into the TUN).
 * SIGKILL of a stream-mode Agent: its nftables table (an owner table, tied to the process)
@@ -61,7 +61,8 @@ def test_sigterm_resets_app_connections_and_sigkill_leaves_no_redirect(
         assert world.agent is not None
         stopped = time.monotonic()
         world.agent.terminate()                                # SIGTERM
-        assert done.wait(5.0), "curl still hanging 5 s after the Agent's SIGTERM"
+        # Bound generous for a loaded machine; without the resets curl hangs for its 90 s.
+        assert done.wait(15.0), "curl still hanging 15 s after the Agent's SIGTERM"
         took = time.monotonic() - stopped
         print(f"{transport}: curl ended {took:.2f} s after SIGTERM: rc {result['rc']} {result['stderr']}")
         assert result["rc"] == 56 and "reset" in result["stderr"].lower(), result
@@ -77,7 +78,7 @@ def test_sigterm_resets_app_connections_and_sigkill_leaves_no_redirect(
             assert r["rc"] == 0 and r["sha256"] == www[1], r
             world.stop_agent(kill=True)                        # SIGKILL: no cleanup code runs
             killed = time.monotonic()
-            while "ztna_lab" in world.nft_tables() and time.monotonic() - killed < 3:
+            while "ztna_lab" in world.nft_tables() and time.monotonic() - killed < 10:
                 time.sleep(0.05)
             gone = time.monotonic() - killed
             assert "ztna_lab" not in world.nft_tables(), world.nft_tables()
@@ -114,7 +115,7 @@ def test_owner_table_dies_with_its_holder(tmp_path: Path) -> None:
             listing = nsexec(ns, "nft", "list", "table", "inet", "ztna_t").stdout
             assert "flags owner" in listing and "redirect to :4000" in listing, listing
             procs.stop(p, sig=signal.SIGKILL, grace=5)
-            deadline = time.monotonic() + 3
+            deadline = time.monotonic() + 10
             while "ztna_t" in nsexec(ns, "nft", "list", "tables").stdout and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert "ztna_t" not in nsexec(ns, "nft", "list", "tables").stdout

@@ -192,6 +192,31 @@ def test_rto_retransmits_from_oldest_and_backs_off_then_resets() -> None:
     assert ep.closed
 
 
+def test_path_change_resends_at_once_without_the_old_paths_backoff() -> None:
+    ep = established()
+    ep.send(b"a" * 3000)
+    assert len(out(ep, 0.1)) == 3
+    now = 0.1
+    for _ in range(5):                   # the path is dead: five timeouts, each one longer
+        now = ep.next_deadline() or now
+        ep.on_timer(now=now)
+        out(ep, now)
+    backed_off = ep.next_deadline()
+    assert backed_off is not None and backed_off - now > 10 * ep._rtt.base
+    ep.path_changed(now=now + 0.5)       # the relay is back: resend now, not at `backed_off`
+    assert ep.next_deadline() == now + 0.5
+    ep.on_timer(now=now + 0.5)
+    (r,) = out(ep, now + 0.5)
+    assert r.seq == S1 and len(r.payload) == 1000
+    # The old path's timeouts no longer count towards the reset limit.
+    t = now + 0.5
+    for _ in range(MAX_RETRIES - 1):
+        t = ep.next_deadline() or t
+        ep.on_timer(now=t)
+        out(ep, t)
+    assert not ep.reset and ep.state is not TcpState.CLOSED
+
+
 def test_fast_retransmit_on_three_duplicate_acks() -> None:
     ep = established()
     ep.send(b"d" * 8000)

@@ -224,7 +224,9 @@ def iperf3(scope: RowScope, server_node: str, client_node: str, target: str, por
         argv = ["iperf3", "-c", target, "-p", str(port), "-t", str(seconds), "-J",
                 "--connect-timeout", "5000"] + (["-R"] if reverse else [])
         last = ""
-        for _ in range(3):  # the server may still be binding
+        # The server may still be binding: under load that takes longer than the sleep
+        # above, and a one-off (-1) server cannot be probed without spending its test.
+        for _ in range(10):
             try:
                 out = scope.lab.run(client_node, argv, check=False, timeout=seconds + 30)
             except subprocess.TimeoutExpired:

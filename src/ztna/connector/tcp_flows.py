@@ -375,6 +375,7 @@ class TcpFlows:
         for flow in [f for f in self.flows.values() if f.path is path]:
             if alternate is not None:
                 self._move(flow, alternate)
+                flow.ep.path_changed(now=self.loop.time())
                 moved += 1
                 self.pump(flow)
             else:

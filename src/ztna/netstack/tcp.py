@@ -280,6 +280,20 @@ class TcpEndpoint:
         self._smss = min(self._smss, self._mss) if self.established else self._mss
 
     # ------------------------------------------------------------------ timers
+    def path_changed(self, *, now: float) -> None:
+        """The flow's segments take another path from now on (the relay came back after an
+        outage, or the flow moved between relay and direct). The timeouts counted while the
+        old path was dead say nothing about the new one: drop their backoff and retry count,
+        and resend what is unacknowledged (or probe a shut window) now rather than at a
+        backed-off deadline that may be tens of seconds away."""
+        self._rtt.progress()
+        self._retries = 0
+        if self._rto_deadline is not None:
+            self._rto_deadline = now
+        if self._persist_deadline is not None:
+            self._persist_probes = 0
+            self._persist_deadline = now
+
     def next_deadline(self) -> float | None:
         times = [t for t in (self._ack_deadline, self._rto_deadline, self._tlp_deadline,
                              self._persist_deadline,
