@@ -16,13 +16,18 @@ Two processes on loopback, so that only the Intermediate is measured:
   tracemalloc slows the relay ~20x and a flood would fill its bounded queues, which a
   snapshot diff would misread as retention), cProfile (flood).
 
-"Forwarded packets" in a window = the Intermediate's ``relayed_datagrams`` counter
-difference (both directions: 0x2F->0x30 and 0x31->bare). What tracemalloc can say:
+"Forwarded packets" in a window = what the Intermediate relayed on both paths (both
+directions: 0x2F->0x30 and 0x31->bare): the Python relay's ``relayed_datagrams`` plus the
+native routes' ``relay_forwarded`` (endpoint counters). With ``--relay native`` (the default)
+the Agent and the Connector share one socket, so after the registrations the native core
+forwards everything and the profile shows what Python still does; ``--relay python`` puts
+the Connector on a second socket, where no native route applies. What tracemalloc can say:
 it traces *live* blocks, so the snapshot diff is the net number of blocks retained per
 forwarded packet (growth / leaks, ideally ~0), not transient churn; the transient cost
 shows in the profile as Python function calls per forwarded packet.
 
     python bench/hotpath_alloc.py --seconds 5 --json out.json     (no root needed)
+    python bench/hotpath_alloc.py --seconds 5 --relay python
 """
 
 from __future__ import annotations
@@ -49,14 +54,19 @@ PACKET = bytes.fromhex("4500001c00004000401100007f0000017f00000200070007000800")
 
 # ---------------------------------------------------------------------- child
 async def child_main(pki: str) -> None:
+    import logging
+
     from ztna.intermediate.server import Intermediate, IntermediateOptions
     from ztna.quic.config import TlsFiles
 
+    logging.basicConfig(level=logging.WARNING, format="intermediate: %(message)s")
+    # Two sockets: a Connector on the second is never on the Agent's endpoint, so no native
+    # route applies and every DATAGRAM goes through the Python relay (--relay python).
     srv = Intermediate(IntermediateOptions(tls=TlsFiles.from_dir(pki, "intermediate"),
-                                           listen=[("127.0.0.1", 0)], metrics=None,
+                                           listen=[("127.0.0.1", 0), ("127.0.0.1", 0)], metrics=None,
                                            retry=False, state_dir=pki))
     await srv.start()
-    print(json.dumps({"port": srv.ports[0]}), flush=True)
+    print(json.dumps({"ports": srv.ports}), flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -65,8 +75,11 @@ async def child_main(pki: str) -> None:
         line = (await reader.readline()).decode().strip()
         if not line or line == "quit":
             break
-        relayed = srv.stats.relayed_datagrams
-        out: dict[str, Any] = {"cmd": line, "relayed": relayed, "t": time.perf_counter()}
+        # Both paths: the Python relay's count and the native routes' (the endpoints' share).
+        python = srv.stats.relayed_datagrams
+        native = srv.endpoint_totals().get("relay_forwarded", 0)
+        out: dict[str, Any] = {"cmd": line, "relayed": python + native, "python": python,
+                               "native": native, "t": time.perf_counter()}
         if line == "trace-start":
             tracemalloc.start(25)
             state["snap"] = tracemalloc.take_snapshot()
@@ -112,7 +125,7 @@ class Child:
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if not line:
             raise RuntimeError("the Intermediate child did not start")
-        self.port = int(json.loads(line)["port"])
+        self.ports = [int(p) for p in json.loads(line)["ports"]]
 
     async def cmd(self, text: str) -> dict[str, Any]:
         def talk() -> dict[str, Any]:
@@ -132,7 +145,7 @@ class Child:
         procs.stop(self.proc, grace=5, sig=None)  # "quit" ends the child; SIGKILL if not
 
 
-async def traffic(pki: str, child: Child, seconds: float, trace_rate: float) -> dict[str, Any]:
+async def traffic(pki: str, child: Child, seconds: float, trace_rate: float, relay: str) -> dict[str, Any]:
     from ztna.quic.config import TlsFiles, make_configuration
     from ztna.quic.connection import ConnectionHandler
     from ztna.quic.endpoint import QuicEndpoint, bind_udp
@@ -155,11 +168,13 @@ async def traffic(pki: str, child: Child, seconds: float, trace_rate: float) -> 
             if data[:1] in (b"\x45", b"\x60"):
                 self.received += 1
 
-    addr = ("127.0.0.1", child.port)
+    addr = ("127.0.0.1", child.ports[0])
+    # The Connector on the Agent's socket gets native routes; on the other, the Python relay.
+    caddr = ("127.0.0.1", child.ports[0 if relay == "native" else 1])
     ep_c = QuicEndpoint(bind_udp("127.0.0.1", 0))
     ep_a = QuicEndpoint(bind_udp("127.0.0.1", 0))
     hc, ha = ConnectorH(), AgentH()
-    cc = ep_c.connect(addr, make_configuration(is_client=True,
+    cc = ep_c.connect(caddr, make_configuration(is_client=True,
                       tls=TlsFiles.from_dir(pki, "connector"), server_name="localhost"), hc)
     cc.send_control(encode_control(Register(role=Role.CONNECTOR, service_id=SERVICE)))
     await asyncio.wait_for(cc.wait_handshake(), 10)
@@ -202,7 +217,8 @@ async def traffic(pki: str, child: Child, seconds: float, trace_rate: float) -> 
             b = await child.cmd(end or "stats")
             fwd = b["relayed"] - a["relayed"]
             dt = b["t"] - a["t"]
-            w: dict[str, Any] = {"forwarded": fwd, "seconds": round(dt, 3),
+            w: dict[str, Any] = {"forwarded": fwd, "forwarded_python": b["python"] - a["python"],
+                                 "forwarded_native": b["native"] - a["native"], "seconds": round(dt, 3),
                                  "forwarded_per_s": round(fwd / dt, 1),
                                  "echoes_received": ha.received - r0}
             if name == "tracemalloc":
@@ -220,10 +236,14 @@ async def traffic(pki: str, child: Child, seconds: float, trace_rate: float) -> 
     finally:
         stop.set()
         await task
-        ca.close(0, "done")
+        # Let what is queued drain first: packets still in flight would meet a departed
+        # Connector (no connector) or their echoes a departed Agent (bad reply).
+        await asyncio.sleep(0.5)
         cc.close(0, "done")
+        ca.close(0, "done")
         await asyncio.sleep(0.1)
     windows["packet_bytes"] = len(dgram)
+    windows["relay"] = relay
     return windows
 
 
@@ -232,13 +252,14 @@ def print_report(res: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 140)
-    t = Table(title="Intermediate relay hot path (loopback, one agent -> one connector echo)")
-    for col in ("window", "forwarded pkts", "pkts/s", "net blocks/pkt", "net bytes/pkt",
-                "calls/pkt"):
+    t = Table(title="Intermediate relay hot path (loopback, one agent -> one connector echo, "
+                    f"{res['relay']} relay)")
+    for col in ("window", "forwarded pkts", "of which native", "pkts/s", "net blocks/pkt",
+                "net bytes/pkt", "calls/pkt"):
         t.add_column(col)
     for name in ("plain", "tracemalloc", "cprofile"):
         w = res[name]
-        t.add_row(name, str(w["forwarded"]), f"{w['forwarded_per_s']:.0f}",
+        t.add_row(name, str(w["forwarded"]), str(w["forwarded_native"]), f"{w['forwarded_per_s']:.0f}",
                   str(w.get("net_blocks_per_packet", "–")),
                   str(w.get("net_bytes_per_packet", "–")), str(w.get("calls_per_packet", "–")))
     console.print(t)
@@ -257,6 +278,10 @@ def main() -> int:
     ap.add_argument("--trace-rate", type=float, default=50.0,
                     help="agent packets/s during the tracemalloc window (paced so the slowed, "
                          "traced relay never builds queues that would look like retention)")
+    ap.add_argument("--relay", choices=("native", "python"), default="native",
+                    help="native: Agent and Connector on one socket, so the native core's routes "
+                         "forward; python: on two sockets, so every DATAGRAM goes through the "
+                         "Python relay (Intermediate.on_datagram)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--pki", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -270,7 +295,7 @@ def main() -> int:
         init_pki(pki, [SERVICE], ["localhost"], days=1)
         child = Child(pki)
         try:
-            res = asyncio.run(traffic(pki, child, args.seconds, args.trace_rate))
+            res = asyncio.run(traffic(pki, child, args.seconds, args.trace_rate, args.relay))
         finally:
             child.close()
     res["python"] = sys.version.split()[0]

@@ -21,7 +21,10 @@ PURE_PACKAGES: tuple[str, ...] = ("ztna/wire", "ztna/netstack", "ztna/p2p", "ztn
 # Pure modules inside packages that also hold drivers.
 PURE_MODULES: tuple[str, ...] = ("ztna/intermediate/registry.py", "ztna/intermediate/signaling.py",
                                  "ztna/quic/admission.py", "ztna/agent/services.py",
-                                 "ztna/connector/resume.py", "ztna/connector/health_state.py")
+                                 "ztna/connector/resume.py", "ztna/connector/health_state.py",
+                                 "ztna/intermediate/relay.py", "ztna/intermediate/peers.py",
+                                 "ztna/intermediate/qad.py", "ztna/intermediate/metrics.py",
+                                 "ztna/metrics.py", "ztna/early.py")
 # The drivers inside pure packages: the one place each package does its I/O.
 DRIVER_MODULES: frozenset[str] = frozenset({"ztna/link/driver.py"})
 FORBIDDEN: frozenset[str] = frozenset({"asyncio", "socket", "time", "random", "os", "aioquic"})

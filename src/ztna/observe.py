@@ -6,7 +6,8 @@
   prometheus-client) and `/healthz` (200 only when the program says it is ready). It reads
   the whole request line before answering (the original dropped slow clients).
 * `StatsCollector`: exposes plain-int counters (kept on hot paths without locks) as
-  Prometheus metrics at scrape time.
+  Prometheus metrics at scrape time, from the rows of a `ztna.metrics.MetricTable`;
+  `serve_metrics` starts the server for one program's rows and health.
 * `format_address`: the one spelling of a socket address in every log line and message:
   `[fd00::1]:4433` for IPv6, `1.2.3.4:4433` for IPv4 and for IPv4-mapped IPv6.
 """
@@ -23,7 +24,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ztna.addresses import format_address  # noqa: F401 - re-exported for the drivers
+from ztna.addresses import format_address
+from ztna.metrics import MetricRow
 
 
 class RateLimitedLog:
@@ -48,7 +50,7 @@ class RateLimitedLog:
 class StatsCollector:
     """Turns `source()` -> {name: (kind, help, value)} into metric families at scrape time."""
 
-    def __init__(self, source: Callable[[], Iterable[tuple[str, str, str, float, dict[str, str] | None]]]) -> None:
+    def __init__(self, source: Callable[[], Iterable[MetricRow]]) -> None:
         self.source = source
 
     def collect(self) -> Iterable[Any]:
@@ -126,6 +128,25 @@ class MetricsServer:
             pass
         finally:
             writer.close()
+
+
+def collector_registry(source: Callable[[], Iterable[MetricRow]],
+                       registry: CollectorRegistry | None = None) -> CollectorRegistry:
+    """A Prometheus registry (a new one unless given) that reads `source` at every scrape."""
+    registry = registry if registry is not None else CollectorRegistry()
+    registry.register(StatsCollector(source))
+    return registry
+
+
+async def serve_metrics(source: Callable[[], Iterable[MetricRow]],
+                        health: Callable[[], tuple[bool, dict[str, Any]]], host: str, port: int, *,
+                        logger: logging.Logger, registry: CollectorRegistry | None = None) -> MetricsServer:
+    """/metrics (the rows of `source`, plus whatever `registry` already holds) and /healthz
+    on host:port, with the one log line that says where."""
+    server = MetricsServer(collector_registry(source, registry), health)
+    await server.start(host, port)
+    logger.info("metrics on http://%s/metrics", format_address((host, server.port)))
+    return server
 
 
 def setup_logging(level: str = "info", json_lines: bool = False) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ztna.metrics import MetricRow, MetricTable
 from ztna.revocation import RevocationFileError, RevocationList, load_revocations
 
 if TYPE_CHECKING:
@@ -71,14 +72,11 @@ class RevocationGuard:
         self.closed += ended
         return ended
 
-    def metrics(self) -> list[tuple[str, str, str, float, dict[str, str] | None]]:
-        help_text = "Revocations enforced: handshakes refused, live connections closed"
-        return [
-            ("ztna_revocations_total", "counter", help_text, self.refused, {"action": "refused"}),
-            ("ztna_revocations_total", "counter", help_text, self.closed, {"action": "closed"}),
-            ("ztna_revocation_list_entries", "gauge", "Entries in the revocation list", len(self.current), None),
-            ("ztna_revocation_reloads_total", "counter", "Revocation list reloads", self.reloads,
-             {"result": "ok"}),
-            ("ztna_revocation_reloads_total", "counter", "Revocation list reloads", self.reload_failures,
-             {"result": "failed"}),
-        ]
+    def metrics(self) -> list[MetricRow]:
+        t = MetricTable()
+        t.counters_by("ztna_revocations_total", "Revocations enforced: handshakes refused, live connections closed",
+                      "action", (("refused", self.refused), ("closed", self.closed)))
+        t.gauge("ztna_revocation_list_entries", "Entries in the revocation list", len(self.current))
+        t.counters_by("ztna_revocation_reloads_total", "Revocation list reloads", "result",
+                      (("ok", self.reloads), ("failed", self.reload_failures)))
+        return t.rows

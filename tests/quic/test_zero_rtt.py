@@ -109,7 +109,7 @@ def test_reconnect_uses_0rtt_and_tickets_are_private(pki, tmp_path):
         assert ep2.stats.retry_sent == 0
         from prometheus_client import generate_latest
 
-        metrics = generate_latest(srv._metrics_registry()).decode()
+        metrics = generate_latest(srv.metrics_registry()).decode()
         assert "ztna_zero_rtt_resumptions_total 1.0" in metrics
         await srv.stop()
 

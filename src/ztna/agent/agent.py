@@ -24,7 +24,6 @@ from ztna import limits
 from ztna.agent.config import AgentOptions
 from ztna.agent.control import ControlServer
 from ztna.agent.session import ACKED, REFUSED, Session
-from ztna.observe import format_address
 from ztna.wire import to_connector_overhead
 
 if TYPE_CHECKING:  # imported where they start: the TUN parts need root and pyroute2
@@ -58,7 +57,8 @@ class Agent:
     async def _start_metrics(self, host: str, port: int) -> None:
         from prometheus_client import CollectorRegistry
 
-        from ztna.observe import MetricsServer, StatsCollector
+        from ztna.metrics import MetricRow, MetricTable
+        from ztna.observe import serve_metrics
 
         direct = self.session.direct
         registry = direct.registry if direct is not None else CollectorRegistry()
@@ -70,29 +70,24 @@ class Agent:
 
         session = self.session
 
-        def session_stats() -> list[tuple[str, str, str, float, dict[str, str] | None]]:
-            c = session.counters
-            out: list[tuple[str, str, str, float, dict[str, str] | None]] = [
-                ("ztna_agent_reconnects_total", "counter", "Reconnects to the Intermediate", c.reconnects, None),
-                ("ztna_agent_failovers_total", "counter", "Moves to the next of several Intermediates",
-                 c.failovers, None),
-                ("ztna_agent_zero_rtt_attempts_total", "counter", "Connections started with a session ticket",
-                 c.zero_rtt_attempts, None),
-                ("ztna_agent_zero_rtt_accepted_total", "counter", "Connections whose 0-RTT data was accepted",
-                 c.zero_rtt_accepted, None),
-                ("ztna_agent_queue_dropped_total", "counter", "Packets dropped while waiting for a connection",
-                 c.queue_dropped, None),
-            ]
+        def session_stats() -> list[MetricRow]:
+            c, t = session.counters, MetricTable()
+            t.counter("ztna_agent_reconnects_total", "Reconnects to the Intermediate", c.reconnects)
+            t.counter("ztna_agent_failovers_total", "Moves to the next of several Intermediates", c.failovers)
+            t.counter("ztna_agent_zero_rtt_attempts_total", "Connections started with a session ticket",
+                      c.zero_rtt_attempts)
+            t.counter("ztna_agent_zero_rtt_accepted_total", "Connections whose 0-RTT data was accepted",
+                      c.zero_rtt_accepted)
+            t.counter("ztna_agent_queue_dropped_total", "Packets dropped while waiting for a connection",
+                      c.queue_dropped)
             for svc in session.services:
                 labels = {"service": svc.spec.id}
-                out.append(("ztna_agent_tx_bytes_total", "counter", "Tunnel bytes sent", svc.tx_bytes, labels))
-                out.append(("ztna_agent_rx_bytes_total", "counter", "Tunnel bytes received", svc.rx_bytes, labels))
-            return out
+                t.counter("ztna_agent_tx_bytes_total", "Tunnel bytes sent", svc.tx_bytes, labels)
+                t.counter("ztna_agent_rx_bytes_total", "Tunnel bytes received", svc.rx_bytes, labels)
+            return t.rows
 
-        registry.register(StatsCollector(session_stats))
-        self.metrics_server = MetricsServer(registry, health)
-        await self.metrics_server.start(host, port)
-        log.info("metrics on http://%s/metrics", format_address((host, self.metrics_server.port)))
+        self.metrics_server = await serve_metrics(session_stats, health, host, port, logger=log,
+                                                  registry=registry)
 
     async def start(self) -> None:
         opts = self.options

@@ -33,15 +33,13 @@ from ztna.cluster.store import ClusterStore, RedisStore, StoreUnavailable
 from ztna.cluster.tickets import ClusterTicketStore
 from ztna.cluster.url import StoreUrl, parse_store_url
 from ztna.errors import DecodeError
+from ztna.metrics import MetricRow
 from ztna.observe import RateLimitedLog
 
 log = logging.getLogger("ztna.cluster")
 
 # name -> size in bytes of the secrets every member shares
 SHARED_KEYS = {"address-token": 16, "stateless-reset": 32}
-
-MetricRow = tuple[str, str, str, float, dict[str, str] | None]
-
 
 class ClusterMember:
     def __init__(self, url: str | StoreUrl, advertise: str, *, store: ClusterStore | None = None,

@@ -7,10 +7,9 @@ registered with the Intermediate; otherwise 503 with the reason in the JSON body
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sized
 from typing import Any, Protocol
-
-from prometheus_client import CollectorRegistry
 
 from ztna.connector.health import HealthProber
 from ztna.connector.p2p_server import P2PServer
@@ -18,7 +17,8 @@ from ztna.connector.punch import ConnectorPunch
 from ztna.connector.relay_link import RelayLink
 from ztna.connector.state import ConnectorStats
 from ztna.connector.udp_flows import UdpFlows
-from ztna.observe import MetricsServer, StatsCollector, format_address
+from ztna.metrics import MetricRow, MetricTable
+from ztna.observe import MetricsServer, serve_metrics
 from ztna.quic.endpoint import QuicEndpoint
 from ztna.revocation_guard import RevocationGuard
 
@@ -55,8 +55,6 @@ class ConnectorView(Protocol):
     @property
     def revocation(self) -> RevocationGuard: ...
 
-Row = tuple[str, str, str, float, "dict[str, str] | None"]
-
 
 # EndpointStats counters that each count a datagram the P2P socket received and dropped
 # (the datagram went no further: not QUIC we can use, no connection for it, or refused
@@ -89,62 +87,43 @@ def p2p_drops(c: ConnectorView) -> dict[str, int]:
     return out
 
 
-def collect(c: ConnectorView) -> list[Any]:
-    out: list[Any] = []
+def collect(c: ConnectorView) -> list[MetricRow]:
+    t = MetricTable()
     relay = c.relay
     links = c.relays or ([relay] if relay is not None else [])
-    out.append(("ztna_connector_relay_connected", "gauge", "1 while connected to an intermediate",
-                1 if any(link.connected for link in links) else 0, None))
-    out.append(("ztna_connector_relay_links_connected", "gauge",
-                "Relay links up (several with --attach all)", sum(link.connected for link in links), None))
-    out.append(("ztna_connector_reconnects_total", "counter", "Reconnect attempts",
-                relay.reconnects if relay else 0, None))
+    t.gauge("ztna_connector_relay_connected", "1 while connected to an intermediate",
+            1 if any(link.connected for link in links) else 0)
+    t.gauge("ztna_connector_relay_links_connected", "Relay links up (several with --attach all)",
+            sum(link.connected for link in links))
+    t.counter("ztna_connector_reconnects_total", "Reconnect attempts", relay.reconnects if relay else 0)
     if relay is not None:
         for svc, state in relay.registration.items():
-            out.append(("ztna_connector_service_registered", "gauge",
-                        "1 if the service is registered", 1 if state == "registered" else 0,
-                        {"service": svc}))
+            t.gauge("ztna_connector_service_registered", "1 if the service is registered",
+                    1 if state == "registered" else 0, {"service": svc})
     prober = c.backend_health
     for svc, hstate in prober.states.items():
-        out.append(("ztna_connector_backend_healthy", "gauge",
-                    "1 while every health check of the service's backend passes",
-                    1 if hstate.healthy else 0, {"service": svc}))
-        for healthy in (False, True):
-            out.append(("ztna_connector_health_transitions_total", "counter",
-                        "Backend health transitions, by the new state",
-                        prober.transitions.get((svc, healthy), 0),
-                        {"service": svc, "state": "healthy" if healthy else "unhealthy"}))
-        out.append(("ztna_connector_health_checks_total", "counter", "Health checks run",
-                    sum(ch.checks for ch in hstate.checks), {"service": svc}))
-    out.append(("ztna_connector_tcp_sessions", "gauge", "Open TCP-in-DATAGRAM sessions", len(c.tcp), None))
-    out.append(("ztna_connector_udp_flows", "gauge", "Open UDP flows", len(c.udp), None))
-    out.append(("ztna_connector_streams", "gauge", "Open TCP streams", len(c.streams), None))
-    out.extend(c.revocation.metrics())
-    out.append(("ztna_connector_uptime_seconds", "gauge", "Seconds since start",
-                c.loop.time() - c.started_at if c.loop else 0, None))
+        t.gauge("ztna_connector_backend_healthy", "1 while every health check of the service's backend passes",
+                1 if hstate.healthy else 0, {"service": svc})
+        t.counters_by("ztna_connector_health_transitions_total", "Backend health transitions, by the new state",
+                      "state", [("healthy" if healthy else "unhealthy", prober.transitions.get((svc, healthy), 0))
+                                for healthy in (False, True)], extra={"service": svc})
+        t.counter("ztna_connector_health_checks_total", "Health checks run",
+                  sum(ch.checks for ch in hstate.checks), {"service": svc})
+    t.gauge("ztna_connector_tcp_sessions", "Open TCP-in-DATAGRAM sessions", len(c.tcp))
+    t.gauge("ztna_connector_udp_flows", "Open UDP flows", len(c.udp))
+    t.gauge("ztna_connector_streams", "Open TCP streams", len(c.streams))
+    t.extend(c.revocation.metrics())
+    t.gauge("ztna_connector_uptime_seconds", "Seconds since start", c.loop.time() - c.started_at if c.loop else 0)
     c.udp.sync_stats()   # what the native UDP flows moved since the last look
     for name, value in c.stats.as_dict().items():
-        out.append((f"ztna_connector_{name}_total", "counter", name.replace("_", " "), value, None))
-    for reason, value in p2p_drops(c).items():
-        out.append(("ztna_connector_p2p_dropped_datagrams_total", "counter",
-                    "Datagrams received on the P2P socket and dropped, by reason", value,
-                    {"reason": reason}))
+        t.counter(f"ztna_connector_{name}_total", name.replace("_", " "), value)
+    t.counters_by("ztna_connector_p2p_dropped_datagrams_total",
+                  "Datagrams received on the P2P socket and dropped, by reason", "reason", p2p_drops(c))
     for label, ep in (("relay", c.relay_endpoint), ("p2p", c.p2p.endpoint if c.p2p else None)):
-        if ep is None:
-            continue
-        for k, v in ep.stats.as_dict().items():
-            out.append((f"ztna_quic_{k}_total", "counter", f"QUIC endpoint: {k.replace('_', ' ')}",
-                        v, {"socket": label}))
-    return out
+        if ep is not None:
+            t.endpoint(ep.stats.as_dict(), {"socket": label})
+    return t.rows
 
 
 async def start_metrics(c: ConnectorView, host: str, port: int) -> MetricsServer:
-    reg = CollectorRegistry()
-    reg.register(StatsCollector(lambda: collect(c)))
-    server = MetricsServer(reg, c.health)
-    await server.start(host, port)
-    import logging
-
-    logging.getLogger("ztna.connector").info("metrics on http://%s/metrics",
-                                             format_address((host, server.port)))
-    return server
+    return await serve_metrics(lambda: collect(c), c.health, host, port, logger=logging.getLogger("ztna.connector"))

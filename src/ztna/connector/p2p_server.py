@@ -36,6 +36,7 @@ from ztna.connector.paths import ReplyPath
 from ztna.connector.relay_link import BACKOFF_BASE, BACKOFF_CAP
 from ztna.connector.state import ConnectorStats, ServiceState
 from ztna.connector.streams import StreamTable
+from ztna.early import EarlyHold
 from ztna.errors import DecodeError
 from ztna.identity import ChainVerifier, load_ca_file, stable_peer_id
 from ztna.link import Backoff
@@ -100,7 +101,8 @@ class _DirectHandler(ConnectionHandler):
     def __init__(self, server: P2PServer) -> None:
         self.server = server
         self.allowed: dict[str, bool] = {}
-        self.pending: list[tuple[str, bytes]] | None = []   # None once the Hello arrived
+        # Packets that overtook the Hello; released (and no more kept) once it arrived.
+        self.pending: EarlyHold[tuple[str, bytes]] = EarlyHold(PRE_HELLO_BUFFER)
         self.instance: int | None = None     # a Hello heard before the peer was verified
         self.handshake_at: float | None = None
 
@@ -125,8 +127,7 @@ class _DirectHandler(ConnectionHandler):
         path.agent_id = stable_peer_id(conn.identity.fingerprint, instance)
         path.label = f"direct {conn.label}#{path.agent_id}"
         self.server.connector.direct_up(path)
-        pending, self.pending = self.pending or [], None
-        for service, packet in pending:
+        for service, packet in self.pending.release():
             self.server.connector.on_packet(path, service, memoryview(packet))
 
     def allows(self, conn: ZtnaConnection, service: str) -> bool:
@@ -190,8 +191,7 @@ class _DirectHandler(ConnectionHandler):
             return
         if path.agent_id is None:
             # Overtook the Hello (no flow may exist without an agent id): keep it briefly.
-            if self.pending is not None and len(self.pending) < PRE_HELLO_BUFFER:
-                self.pending.append((service, bytes(packet)))
+            self.pending.hold((service, bytes(packet)))
             return
         self.server.connector.on_packet(path, service, packet)
 
@@ -207,7 +207,7 @@ class _DirectHandler(ConnectionHandler):
 
     def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
         path = conn.user
-        self.pending = None
+        self.pending.release()
         self.server.registered.pop(conn, None)
         if isinstance(path, ReplyPath):
             log.info("direct connection %s closed: %s", conn.label, reason)

@@ -1,12 +1,15 @@
-"""The Intermediate: asyncio driver around the registry, the relay and the signaling core.
+"""The Intermediate: the asyncio driver that owns the endpoints and wires the pure parts.
 
-Per connection: on handshake it gets a peer id and its QAD (DATAGRAM 0x01 + control frame),
-re-sent whenever its address changes. Control frames (stream 0) carry registration and
-signaling; DATAGRAMs carry tunnel traffic (0x2F from Agents → 0x30 to a Connector; 0x31
-from Connectors → the bare IP packet to exactly that Agent). TCP-carrying streams are
-spliced by `ztna.intermediate.streams`.
+Per connection: on handshake it gets a peer id (`ztna.intermediate.peers`) and its QAD
+(`ztna.intermediate.qad`), re-sent whenever its address changes. Control frames (stream 0)
+carry registration (`ztna.intermediate.registry`) and signaling
+(`ztna.intermediate.signaling`); DATAGRAMs carry tunnel traffic, decided by
+`ztna.intermediate.relay` (0x2F from Agents → 0x30 to a Connector; 0x31 from Connectors →
+the bare IP packet to exactly that Agent), which also says which routes the native core may
+take over. TCP-carrying streams are spliced by `ztna.intermediate.streams`; /metrics is
+`ztna.intermediate.metrics`.
 
-No decision lives here that the pure cores can make; this module moves bytes and counts.
+No decision lives here that the pure parts can make; this module moves bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import logging
 import secrets
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +28,36 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from ztna import limits
-from ztna.errors import DatagramTooLarge, DecodeError, ProtocolError
-from ztna.identity import ChainVerifier, certificate_names, load_ca_file, stable_peer_id
+from ztna.early import EarlyHold
+from ztna.errors import ProtocolError
+from ztna.identity import ChainVerifier, certificate_names, load_ca_file
 from ztna.intermediate.admin.snapshot import ConnectionView, LatencyHistogram, Snapshot
+from ztna.intermediate.metrics import RowSource, intermediate_metrics
+from ztna.intermediate.peers import EarlyFlight, PeerIds, registration_hold
+from ztna.intermediate.qad import send_qad
 from ztna.intermediate.registry import AllowAll, Notify, Registry
-from ztna.observe import MetricsServer, RateLimitedLog, StatsCollector, format_address
+from ztna.intermediate.relay import (
+    AgentElsewhere,
+    Drop,
+    Forward,
+    MemberDatagram,
+    NoLocalConnector,
+    Registration,
+    Relay,
+    RelayStats,
+    RouteTable,
+    Unregistered,
+    apply_routes,
+    routes_for,
+)
+from ztna.metrics import MetricRow
+from ztna.observe import (
+    MetricsServer,
+    RateLimitedLog,
+    collector_registry,
+    format_address,
+    serve_metrics,
+)
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import (
@@ -43,35 +71,23 @@ from ztna.quic.endpoint import (
 from ztna.revocation_guard import RevocationGuard
 from ztna.startup import bind_error
 from ztna.wire import (
-    FROM_CONNECTOR,
     PUNCH_MESSAGES,
-    SERVICE_DATAGRAM,
     AddressToken,
     AgentGone,
     ControlMessage,
     GoAway,
     Hello,
-    ObservedAddress,
     Register,
     RegistrationNack,
     ServiceHealth,
     StandingCandidates,
-    decode_from_connector,
-    decode_registration,
-    decode_service_datagram,
     encode_control,
-    encode_qad,
     encode_registration,
-    to_connector_from_service_datagram,
 )
-from ztna.wire.mesh import MESH_FROM_CONNECTOR, MESH_TO_CONNECTOR
-from ztna.wire.registration import REGISTER_AGENT, REGISTER_CONNECTOR
 
 log = logging.getLogger("ztna.intermediate")
 
-# ("agent", endpoint, agent handle, service id, connector handle, agent id) or
-# ("reply", endpoint, connector handle, agent id, agent handle).
-_Route = tuple[Any, ...]
+__all__ = ["Intermediate", "IntermediateOptions", "RelayStats", "tls_from_args"]
 
 
 @dataclass
@@ -106,31 +122,18 @@ class IntermediateOptions:
     audit_interval: float = 300.0   # seconds between interim lines of a long flow
 
 
-@dataclass
-class RelayStats:
-    relayed_datagrams: int = 0
-    relayed_bytes: int = 0
-    dropped_unregistered: int = 0
-    dropped_no_connector: int = 0
-    dropped_bad_reply: int = 0
-    dropped_oversize: int = 0
-    dropped_malformed: int = 0
-    dropped_unknown_type: int = 0
-    held_until_registered: int = 0
-    control_errors: int = 0
-
-
 class Intermediate:
     def __init__(self, options: IntermediateOptions) -> None:
         self.options = options
         self.registry = Registry(max_registrations=options.max_registrations)
-        self.stats = RelayStats()
         self.conns: dict[int, ZtnaConnection] = {}
+        self.relay = Relay(self.registry, self.conns)
+        self.stats = self.relay.stats
         self.endpoints: list[QuicEndpoint] = []
         self.metrics_server: MetricsServer | None = None
         self.draining = False
         self.ready = False
-        self._next_peer = 1
+        self.peer_ids = PeerIds()
         self._bad = RateLimitedLog(log)
         self._stopped = asyncio.Event()
         self.signaling: Any = None
@@ -142,15 +145,10 @@ class Intermediate:
         # Per connection: how its setup went, in ms (handshake, first registration), for
         # the audit lines of its flows.
         self.setup_times: dict[ZtnaConnection, dict[str, float | None]] = {}
-        self._instances: dict[int, tuple[str, int]] = {}
-        self._held: dict[ZtnaConnection, list[bytes]] = {}
+        # Tunnel packets that overtook their registration, per connection.
+        self._held: dict[ZtnaConnection, EarlyHold[bytes]] = {}
         self._control_handlers = self._control_table()
-        # Native relay routes installed, per (service, agent id) (what `_routes_for` derived),
-        # the agents routed per service, and a count per route (a reply route may be
-        # justified by several services).
-        self._routes: dict[tuple[str, int], frozenset[_Route]] = {}
-        self._routed: dict[str, set[int]] = {}
-        self._route_refs: dict[_Route, int] = {}
+        self.routes = RouteTable()      # the native relay routes installed
         self.cluster: Any = None        # a ztna.cluster.member.ClusterMember with --cluster
         self.mesh: Any = None           # its ztna.cluster.mesh.Mesh, with a member certificate
         self.revocation = RevocationGuard(options.revoked, close_code=CLOSE_AUTH)
@@ -226,11 +224,7 @@ class Intermediate:
 
     def new_peer_id(self) -> int:
         """A peer id in use by no connection and no registry entry (remote Agents have one)."""
-        peer_id = self._next_peer
-        while peer_id in self.conns or peer_id in self.registry.peers:
-            peer_id = (peer_id % 0xFFFFFFFF) + 1
-        self._next_peer = (peer_id % 0xFFFFFFFF) + 1
-        return peer_id
+        return self.peer_ids.next_id(lambda p: p in self.conns or p in self.registry.peers)
 
     def _use_cluster_state(self) -> None:
         # Keys and tickets shared by every member, so a client moving between members keeps
@@ -288,9 +282,8 @@ class Intermediate:
                 splicer = self.streams
                 self.audit.start(splicer.live_audits)
         if self.options.metrics is not None:
-            self.metrics_server = MetricsServer(self._metrics_registry(), self._health)
-            await self.metrics_server.start(*self.options.metrics)
-            log.info("metrics on http://%s/metrics", format_address((self.options.metrics[0], self.metrics_server.port)))
+            host, port = self.options.metrics
+            self.metrics_server = await serve_metrics(self._stats_source, self._health, host, port, logger=log)
         if self.options.admin is not None:
             from ztna.intermediate.admin.http import AdminServer, is_loopback
 
@@ -406,7 +399,7 @@ class Intermediate:
             return
         del self.conns[peer_id]
         self.setup_times.pop(conn, None)
-        self._instances.pop(peer_id, None)
+        self.peer_ids.forget(peer_id)
         self._sans.pop(peer_id, None)
         self._held.pop(conn, None)
         self.execute(self.registry.remove_peer(peer_id))
@@ -419,13 +412,7 @@ class Intermediate:
         log.info("peer %s disconnected: %s", conn.label, reason)
 
     def send_qad(self, conn: ZtnaConnection) -> None:
-        host, port = normalize_address(conn.peer_address)
-        addr = ObservedAddress(ip=host.split("%")[0], port=port)
-        try:
-            conn.send_datagram(encode_qad(addr))
-        except DatagramTooLarge:
-            pass
-        conn.send_control(encode_control(addr))
+        send_qad(conn)
 
     def execute(self, notes: list[Notify]) -> None:
         if self.mesh is not None and notes:
@@ -439,72 +426,17 @@ class Intermediate:
         self.sync_routes()
 
     # ------------------------------------------------------------------ native relay routes
-    # The relay decision is Python's (registry); where it is the same for every packet — an
-    # Agent of a service with exactly one Connector, both on one native endpoint — it is
-    # installed as routes and the native core forwards those DATAGRAMs without an event.
-    # Everything else (several Connectors: a per-flow choice; IPv4 and IPv6 sockets; no
-    # Connector; malformed) still comes here. A route only names what the registry allows:
-    # the Agent's own connection → the service's Connector, and replies → that Agent id.
-    def _routes_for(self, service: str, agent_id: int) -> frozenset[_Route]:
-        connector_id = self.registry.sole_connector(service)
-        connector = self.conns.get(connector_id) if connector_id is not None else None
-        agent = self.conns.get(agent_id)
-        if (connector is None or agent is None or connector.closed or agent.closed
-                or agent is connector or agent.endpoint is not connector.endpoint
-                or not self.registry.is_agent_of(agent_id, service)):
-            return frozenset()
-        ep = connector.endpoint
-        return frozenset((("agent", ep, agent.handle, service.encode("ascii"), connector.handle, agent_id),
-                          ("reply", ep, connector.handle, agent_id, agent.handle)))
-
+    # The relay decision is Python's (registry); where it is the same for every packet it is
+    # installed as native routes (ztna.intermediate.relay). Everything else (several
+    # Connectors: a per-flow choice; IPv4 and IPv6 sockets; no Connector; malformed) still
+    # comes to `on_datagram`.
     def sync_routes(self) -> None:
         changed = self.registry.take_changed()
         if not changed:
             return
-        keys: set[tuple[str, int]] = set()
-        for service, agent_id in changed:
-            if agent_id is not None:
-                keys.add((service, agent_id))
-            else:  # the pool changed: every Agent of the service, routed or not
-                keys.update((service, a) for a in self._routed.get(service, ()))
-                keys.update((service, a) for a in self.registry.agents.get(service, ()))
-        refs = self._route_refs
-        gone: list[_Route] = []
-        new: list[_Route] = []
-        for key in keys:
-            service, agent_id = key
-            old = self._routes.pop(key, frozenset())
-            want = self._routes_for(service, agent_id)
-            routed = self._routed.setdefault(service, set())
-            if want:
-                self._routes[key] = want
-                routed.add(agent_id)
-            else:
-                routed.discard(agent_id)
-                if not routed:
-                    del self._routed[service]
-            for route in old - want:
-                refs[route] -= 1
-                if not refs[route]:
-                    del refs[route]
-                    gone.append(route)
-            for route in want - old:
-                refs[route] = refs.get(route, 0) + 1
-                if refs[route] == 1:
-                    new.append(route)
-        # Removals first: a new route may reuse the key (connector, agent id) of a gone one.
-        for route in gone:
-            native = route[1].native
-            if route[0] == "agent":
-                native.unroute_agent(route[2], route[3])
-            else:
-                native.unroute_reply(route[2], route[3])
-        for route in new:
-            native = route[1].native
-            if route[0] == "agent":
-                native.route_agent(route[2], route[3], route[4], route[5])
-            else:
-                native.route_reply(route[2], route[3], route[4])
+        registry, conns = self.registry, self.conns
+        apply_routes(self.routes.sync(changed, lambda service: registry.agents.get(service, ()),
+                                      lambda service, agent: routes_for(registry, conns, service, agent)))
 
     # ------------------------------------------------------------------ control
     def on_control_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
@@ -541,8 +473,8 @@ class Intermediate:
         conn.send_control(encode_control(reply))
         self.execute(notes)
         held = self._held.pop(conn, None)
-        if held:
-            for data in held:  # tunnel packets that overtook this registration
+        if held is not None:
+            for data in held.release():  # tunnel packets that overtook this registration
                 self.on_datagram(conn, data)
 
     def _signal(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
@@ -570,20 +502,13 @@ class Intermediate:
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
 
-    # An Agent resuming with 0-RTT sends Hello, Register and its first tunnel packets in
-    # one flight; DATAGRAM frames may be packed before the STREAM frames, so those packets
-    # can arrive just before the registration they depend on. Hold a few (bounded, only in the
-    # first seconds of a connection) instead of dropping them.
-    EARLY_HOLD_PACKETS = 32
-    EARLY_HOLD_SECONDS = 2.0
-
-    def _hold_early(self, conn: ZtnaConnection, data: bytes) -> bool:
-        if asyncio.get_running_loop().time() - conn.created_at > self.EARLY_HOLD_SECONDS:
+    def _hold_early(self, conn: ZtnaConnection, data: bytes | memoryview) -> bool:
+        """Hold a tunnel packet that may have overtaken its registration (peers.EarlyHold)."""
+        held = self._held.get(conn)
+        if held is None:
+            held = self._held[conn] = registration_hold(conn.created_at)
+        if not held.hold(bytes(data), now=self._now()):
             return False
-        held = self._held.setdefault(conn, [])
-        if len(held) >= self.EARLY_HOLD_PACKETS:
-            return False
-        held.append(bytes(data))
         self.stats.held_until_registered += 1
         return True
 
@@ -591,20 +516,13 @@ class Intermediate:
         """Re-key a fresh peer to the id derived from its certificate and `Hello.instance`
         (docs/protocol.md "Peer ids"), so the Connector's flows survive reconnects."""
         old_id = conn.user
-        peer = self.registry.peers.get(old_id)
-        if peer is None or peer.agent_services or peer.connector_services:
-            return  # only before the first registration
         fingerprint = conn.identity.fingerprint if conn.identity is not None else "anonymous"
-        key = (fingerprint, instance)
-        new_id = stable_peer_id(fingerprint, instance)
-        if new_id == old_id:
+        adopt = self.peer_ids.adoption(self.registry, self.conns, old_id, fingerprint, instance)
+        if adopt is None:
             return
-        if new_id in self.registry.peers and new_id not in self.conns:
-            return  # a remote Agent's id (the mesh): keep the sequential one
-        other = self.conns.get(new_id)
-        if other is not None:
-            if self._instances.get(new_id) != key:
-                return  # someone else's id: keep the sequential one
+        new_id = adopt.new_id
+        if adopt.supersede:
+            other = self.conns[new_id]
             # A stale connection of this same client: the same certificate and the same
             # Hello instance (an Agent process, or a Connector's configured name, which a
             # restarted Connector keeps). Its registrations, splices and punch sessions go
@@ -627,12 +545,13 @@ class Intermediate:
             other.close(0, f"superseded by a new connection of the same {role}")
             log.info("%s superseded by a new connection from %s", other.label,
                      normalize_address(conn.peer_address)[0])
+        peer = self.registry.peers[old_id]
         del self.conns[old_id]
         self.registry.peers.pop(old_id, None)
         conn.user = new_id
         conn.label = conn.label.rsplit("#", 1)[0] + f"#{new_id}"
         self.conns[new_id] = conn
-        self._instances[new_id] = key
+        self.peer_ids.adopted(adopt)
         self.registry.add_peer(new_id, peer.auth, conn.label)
 
     def _log_registration(self, conn: ZtnaConnection, msg: Register, reply: object) -> None:
@@ -642,78 +561,42 @@ class Intermediate:
             log.info("%s registered as %s for %r", conn.label, msg.role.value, msg.service_id)
 
     # ------------------------------------------------------------------ relay (hot path)
-    def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
-        kind = data[0]
-        stats = self.stats
-        if kind == SERVICE_DATAGRAM:
-            try:
-                service, packet = decode_service_datagram(data)
-            except DecodeError as exc:
-                stats.dropped_malformed += 1
-                self._bad.warning("malformed 0x2F datagram", str(exc))
+    def on_datagram(self, conn: ZtnaConnection, data: bytes | memoryview) -> None:
+        """Carry out the relay's decision for one DATAGRAM of a served peer."""
+        relay = self.relay
+        d = relay.decide(conn.user, conn.label, data, self._now())
+        if d is None:
+            return
+        if isinstance(d, Forward):
+            self.conns[d.target].send_datagram(d.payload)
+            return
+        if isinstance(d, Unregistered):
+            if self._hold_early(conn, d.data):
                 return
-            peer_id = conn.user
-            registry = self.registry
-            if not registry.is_agent_of(peer_id, service):
-                if self._hold_early(conn, data):
-                    return
-                stats.dropped_unregistered += 1
-                self._bad.warning("0x2F from a peer not registered as agent", f"{conn.label} → {service}")
+            d = relay.refuse_unregistered(conn.label, d.service)
+        elif isinstance(d, NoLocalConnector):
+            if self.mesh is not None and self.mesh.forward(d.agent, d.service, d.packet, d.data):
                 return
-            target_id = registry.connector_for(service, packet, now=self._now())
-            target = self.conns.get(target_id) if target_id is not None else None
-            if target is None:
-                if self.mesh is not None and self.mesh.forward(peer_id, service, packet, data):
-                    return
-                stats.dropped_no_connector += 1
-                self._bad.warning("no connector for service", service)
+            d = relay.no_connector(d.service)
+        elif isinstance(d, AgentElsewhere):
+            if self.mesh is not None and self.mesh.reply(d.agent, d.packet):
                 return
-            out = to_connector_from_service_datagram(peer_id, data)
-        elif kind == FROM_CONNECTOR:
-            try:
-                agent_id, packet = decode_from_connector(data)
-            except DecodeError as exc:
-                stats.dropped_malformed += 1
-                self._bad.warning("malformed 0x31 datagram", str(exc))
-                return
-            if not self.registry.may_reply(conn.user, agent_id):
-                stats.dropped_bad_reply += 1
-                self._bad.warning("0x31 reply to an agent this connector does not serve", f"{conn.label} → {agent_id}")
-                return
-            target = self.conns.get(agent_id)
-            if target is None:
-                if self.mesh is None or not self.mesh.reply(agent_id, packet):
-                    stats.dropped_bad_reply += 1
-                return
-            out = bytes(packet)
-        elif kind in (REGISTER_AGENT, REGISTER_CONNECTOR):
+            d = relay.reply_gone()
+        elif isinstance(d, Registration):
             # Registration also accepted as a DATAGRAM (the original's carriage); the reply
             # goes back the same way. The control stream is the reliable path.
-            try:
-                msg = decode_registration(data)
-            except DecodeError:
-                stats.dropped_malformed += 1
+            reply, notes = self.registry.register(conn.user, d.message)
+            self._log_registration(conn, d.message, reply)
+            conn.send_datagram(encode_registration(reply))
+            self.execute(notes)
+            return
+        elif isinstance(d, MemberDatagram):
+            if self.mesh is not None:
+                self.mesh.on_member_datagram(conn, data)
                 return
-            if isinstance(msg, Register):
-                reply, notes = self.registry.register(conn.user, msg)
-                self._log_registration(conn, msg, reply)
-                conn.send_datagram(encode_registration(reply))
-                self.execute(notes)
-            return
-        elif kind in (MESH_TO_CONNECTOR, MESH_FROM_CONNECTOR) and self.mesh is not None:
-            self.mesh.on_member_datagram(conn, data)
-            return
-        else:
-            stats.dropped_unknown_type += 1
-            self._bad.warning("datagram of unknown type", f"0x{kind:02x} from {conn.label}")
-            return
-        if len(out) > target.max_datagram_payload():
-            stats.dropped_oversize += 1
-            self._bad.warning("relayed datagram larger than the next hop allows", f"{len(out)} > {target.max_datagram_payload()}")
-            return
-        target.send_datagram(out)
-        stats.relayed_datagrams += 1
-        stats.relayed_bytes += len(out)
+            d = relay.unknown_type(data[0], conn.label)
+        if isinstance(d, Drop) and d.message:
+            self._bad.warning(d.message, d.detail)
 
     # ------------------------------------------------------------------ observability
     def _health(self) -> tuple[bool, dict[str, Any]]:
@@ -724,74 +607,33 @@ class Intermediate:
             detail["cluster"] = self.cluster.health_detail()
         return ok, detail
 
-    def _stats_source(self) -> list[tuple[str, str, str, float, dict[str, str] | None]]:
-        loop = asyncio.get_event_loop()
-        out: list[tuple[str, str, str, float, dict[str, str] | None]] = []
-        s = self.stats
+    # What the metrics table reads (ztna.intermediate.metrics.IntermediateView).
+    @property
+    def connection_count(self) -> int:
+        return len(self.conns)
+
+    def endpoint_totals(self) -> Mapping[str, int]:
         totals: dict[str, int] = {}
         for ep in self.endpoints:
             for k, v in ep.stats.as_dict().items():
                 totals[k] = totals.get(k, 0) + v
-        # The relay totals count both paths: native routes and Python (ztna_quic_relay_*
-        # has the native share alone).
-        out.append(("ztna_active_connections", "gauge", "Established QUIC connections", len(self.conns), None))
-        out.append(("ztna_relay_bytes_total", "counter", "Bytes relayed",
-                    s.relayed_bytes + totals.get("relay_bytes", 0), None))
-        out.append(("ztna_datagrams_relayed_total", "counter", "DATAGRAMs relayed",
-                    s.relayed_datagrams + totals.get("relay_forwarded", 0), None))
-        out.append(("ztna_registrations_total", "counter", "Acknowledged registrations", self.registry.registrations, None))
-        out.append(("ztna_registration_rejections_total", "counter", "NACKed registrations", self.registry.rejections, None))
-        for healthy in (False, True):
-            out.append(("ztna_connector_health_transitions_total", "counter",
-                        "Connector health reports that changed its state, by the new state",
-                        self.registry.health_transitions[healthy], {"state": "healthy" if healthy else "unhealthy"}))
-        out.append(("ztna_connector_health_reports_ignored_total", "counter",
-                    "Health reports for a service the Connector does not serve", self.registry.health_ignored, None))
-        unhealthy = sum(1 for peer in self.registry.peers.values()
-                        for service in peer.connector_services if not peer.health.get(service, True))
-        out.append(("ztna_unhealthy_connectors", "gauge", "(Connector, service) pairs reported unhealthy", unhealthy, None))
-        out.append(("ztna_services_without_healthy_connector", "gauge",
-                    "Services whose Connectors are all unhealthy (new flows go to the least-recently-failed)",
-                    sum(1 for service in self.registry.connectors if not self.registry.pool_healthy(service)), None))
-        out.append(("ztna_relay_flow_pins", "gauge", "Relayed datagram flows pinned to a Connector",
-                    len(self.registry.pins), None))
-        out.append(("ztna_uptime_seconds", "gauge", "Seconds since start", loop.time() - self.started_at, None))
-        for reason in ("unregistered", "no_connector", "bad_reply", "oversize", "malformed", "unknown_type"):
-            native = totals.get("relay_dropped_oversize", 0) if reason == "oversize" else 0
-            out.append(("ztna_relay_dropped_total", "counter", "Relay drops by reason",
-                        getattr(s, f"dropped_{reason}") + native, {"reason": reason}))
-        out.append(("ztna_relay_dropped_total", "counter", "Relay drops by reason",
-                    totals.get("relay_dropped_no_target", 0), {"reason": "no_target"}))
-        for k, v in totals.items():
-            out.append((f"ztna_quic_{k}_total", "counter", f"QUIC endpoint: {k.replace('_', ' ')}", v, None))
-        out.append(("ztna_retry_tokens_validated", "counter", "Valid retry tokens", totals.get("retry_validated", 0), None))
-        out.append(("ztna_retry_token_failures", "counter", "Invalid retry tokens", totals.get("retry_failures", 0), None))
+        return totals
+
+    @property
+    def ticket_stats(self) -> Any:
         store = self.options.ticket_store
-        if store is not None:
-            t = store.stats
-            out.append(("ztna_session_tickets_issued_total", "counter", "Session tickets issued", t.issued, None))
-            out.append(("ztna_zero_rtt_resumptions_total", "counter",
-                        "Resumptions (0-RTT) accepted with a single-use ticket", t.resumed, None))
-            for reason in ("unknown", "expired", "rotated", "store_down"):
-                if not hasattr(t, f"refused_{reason}"):
-                    continue
-                out.append(("ztna_session_tickets_refused_total", "counter",
-                            "Tickets refused (unknown = already used or never issued: replay protection)",
-                            getattr(t, f"refused_{reason}"), {"reason": reason}))
-        out.append(("ztna_relay_held_until_registered_total", "counter",
-                    "Tunnel packets held until the registration in the same flight",
-                    s.held_until_registered, None))
-        if self.cluster is not None:
-            out.extend(self.cluster.metrics())
-        if self.mesh is not None:
-            out.extend(self.mesh.metrics())
-        if self.signaling is not None:
-            for name, kind, help_text, value, labels in self.signaling.metrics():
-                out.append((name, kind, help_text, value, labels))
-        out.extend(self.revocation.metrics())
-        if self.admin_server is not None:
-            out.extend(self.admin_server.metrics())
-        return out
+        return store.stats if store is not None else None
+
+    def row_sources(self) -> Iterable[RowSource]:
+        parts = (self.cluster, self.mesh, self.signaling, self.revocation, self.admin_server)
+        return [part for part in parts if part is not None]
+
+    def _stats_source(self) -> list[MetricRow]:
+        return intermediate_metrics(self, asyncio.get_event_loop().time())
+
+    def metrics_registry(self) -> CollectorRegistry:
+        """What /metrics serves, for a caller that reads it in process."""
+        return collector_registry(self._stats_source)
 
     # ------------------------------------------------------------------ admin (AdminSource)
     def admin_snapshot(self) -> Snapshot:
@@ -857,49 +699,30 @@ class Intermediate:
                 closed += 1
         return closed
 
-    def _metrics_registry(self) -> CollectorRegistry:
-        reg = CollectorRegistry()
-        reg.register(StatsCollector(self._stats_source))
-        return reg
-
 
 class _PeerHandler(ConnectionHandler):
     """Events of one peer connection. 0-RTT: a resumed peer's identity comes with its
     ticket, so early data (registrations, first tunnel packets) is served at once; early
     bytes of a peer whose identity is not known yet wait (bounded) for the handshake."""
 
-    __slots__ = ("server", "decoder", "early")
-
-    EARLY_LIMIT = 65536
-    # Control messages kept the same way: a Hello and a Register per service fit many times.
-    EARLY_MESSAGES = 64
+    __slots__ = ("server", "early")
 
     def __init__(self, server: Intermediate) -> None:
         self.server = server
-        self.early: list[tuple[str, bytes]] = []
-        self.early_messages: list[ControlMessage] = []
+        self.early = EarlyFlight()
 
     def _ready(self, conn: ZtnaConnection) -> bool:
         if conn.user is None and conn.identity is not None and not conn.closed:
             self.server.peer_up(conn)  # resumed session: identity restored from the ticket
         return conn.user is not None
 
-    def _hold(self, kind: str, data: bytes) -> None:
-        if sum(len(d) for _, d in self.early) + len(data) <= self.EARLY_LIMIT:
-            self.early.append((kind, data))
-
-    def _hold_message(self, msg: ControlMessage) -> None:
-        if len(self.early_messages) < self.EARLY_MESSAGES:
-            self.early_messages.append(msg)
-
     def on_handshake(self, conn: ZtnaConnection) -> None:
         if conn.user is None:
             self.server.peer_up(conn)
-        messages, self.early_messages = self.early_messages, []
+        messages, datagrams = self.early.take()
         for msg in messages:
             self.on_message(conn, msg)
-        early, self.early = self.early, []
-        for _kind, data in early:
+        for data in datagrams:
             self.on_datagram(conn, data)
 
     def on_path_changed(self, conn: ZtnaConnection) -> None:
@@ -912,11 +735,11 @@ class _PeerHandler(ConnectionHandler):
             if data:
                 self.server.on_datagram(conn, data)
         else:
-            self._hold("d", data)
+            self.early.hold_datagram(data)
 
     def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
         if conn.user is None and not self._ready(conn):
-            self._hold_message(msg)
+            self.early.hold_message(msg)
             return
         self.server.on_control_message(conn, msg)
 

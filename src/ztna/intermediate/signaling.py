@@ -32,6 +32,7 @@ from typing import Any, Final
 
 from ztna.intermediate.admin.snapshot import LatencyHistogram
 from ztna.intermediate.registry import Notify, Registry
+from ztna.metrics import MetricRow, MetricTable
 from ztna.wire.control_messages import (
     Candidate,
     ErrorMessage,
@@ -239,25 +240,20 @@ class Signaling:
             del self.sessions[sid]
             self.counters.expired += 1
 
-    def metrics(self) -> list[tuple[str, str, str, float, dict[str, str] | None]]:
-        c = self.counters
-        out: list[tuple[str, str, str, float, dict[str, str] | None]] = [
-            ("ztna_signaling_sessions_total", "counter", "Punch sessions created", c.sessions, None),
-            ("ztna_signaling_sessions_started_total", "counter", "Punch sessions started (answer received)", c.started, None),
-            ("ztna_signaling_sessions_active", "gauge", "Live punch sessions", len(self.sessions), None),
-            ("ztna_signaling_sessions_expired_total", "counter", "Punch sessions expired", c.expired, None),
-            ("ztna_signaling_no_connector_total", "counter", "Punch requests without a connector", c.no_connector, None),
-            ("ztna_signaling_busy_total", "counter", "Punch requests refused at the session limit", c.busy, None),
-            ("ztna_signaling_fast_starts_total", "counter",
-             "Punch sessions started from the Connector's standing candidates", c.fast_starts, None),
-        ]
-        for ok, n in c.results.items():
-            out.append(("ztna_signaling_results_total", "counter", "Punch results reported",
-                        n, {"outcome": "direct" if ok else "failed"}))
-        for reason, n in c.ignored.items():
-            out.append(("ztna_signaling_ignored_total", "counter", "Signaling messages ignored",
-                        n, {"reason": reason}))
-        return out
+    def metrics(self) -> list[MetricRow]:
+        c, t = self.counters, MetricTable()
+        t.counter("ztna_signaling_sessions_total", "Punch sessions created", c.sessions)
+        t.counter("ztna_signaling_sessions_started_total", "Punch sessions started (answer received)", c.started)
+        t.gauge("ztna_signaling_sessions_active", "Live punch sessions", len(self.sessions))
+        t.counter("ztna_signaling_sessions_expired_total", "Punch sessions expired", c.expired)
+        t.counter("ztna_signaling_no_connector_total", "Punch requests without a connector", c.no_connector)
+        t.counter("ztna_signaling_busy_total", "Punch requests refused at the session limit", c.busy)
+        t.counter("ztna_signaling_fast_starts_total",
+                  "Punch sessions started from the Connector's standing candidates", c.fast_starts)
+        t.counters_by("ztna_signaling_results_total", "Punch results reported", "outcome",
+                      [("direct" if ok else "failed", n) for ok, n in c.results.items()])
+        t.counters_by("ztna_signaling_ignored_total", "Signaling messages ignored", "reason", c.ignored)
+        return t.rows
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [{"session": s.session, "service": s.service, "agent": s.agent,

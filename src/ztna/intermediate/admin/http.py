@@ -32,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 
 from ztna.intermediate.admin import models
 from ztna.intermediate.admin.snapshot import AdminSource
+from ztna.metrics import MetricRow, MetricTable
 from ztna.observe import RateLimitedLog
 
 log = logging.getLogger("ztna.admin")
@@ -230,11 +231,12 @@ class AdminServer:
             await self._runner.cleanup()
             self._runner = None
 
-    def metrics(self) -> list[tuple[str, str, str, float, dict[str, str] | None]]:
-        out: list[tuple[str, str, str, float, dict[str, str] | None]] = [
-            ("ztna_admin_requests_total", "counter", "Admin API requests by route and status", n,
-             {"route": route, "status": str(status)}) for (route, status), n in sorted(self.requests.items())]
-        out.append(("ztna_admin_unauthorized_total", "counter",
-                    "Admin requests refused for a missing or wrong token", self.unauthorized, None))
-        out.append(("ztna_admin_event_clients", "gauge", "Live dashboard event streams", self.event_clients, None))
-        return out
+    def metrics(self) -> list[MetricRow]:
+        t = MetricTable()
+        for (route, status), n in sorted(self.requests.items()):
+            t.counter("ztna_admin_requests_total", "Admin API requests by route and status", n,
+                      {"route": route, "status": str(status)})
+        t.counter("ztna_admin_unauthorized_total", "Admin requests refused for a missing or wrong token",
+                  self.unauthorized)
+        t.gauge("ztna_admin_event_clients", "Live dashboard event streams", self.event_clients)
+        return t.rows
