@@ -521,6 +521,11 @@ impl Core {
     // ---------------------------------------------------------------- processing
     /// Process every connection touched since the last call: deliver its events, write what
     /// waits, produce its packets.
+    /// Connections with work queued that no drive has run yet.
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
     pub fn drive(&mut self, now: Instant) {
         let mut rounds = 0;
         while !self.dirty.is_empty() && rounds < 4 {

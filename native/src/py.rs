@@ -409,7 +409,14 @@ impl Endpoint {
                             }
                         }
                     };
+                    // A short batch means the queue was empty a moment ago: whatever comes
+                    // next wakes the (level-triggered) loop again, so the call that would
+                    // only say EAGAIN is saved.
+                    let drained = n < s.rx.len();
                     if s.blackhole {
+                        if drained {
+                            break;
+                        }
                         continue;
                     }
                     for (i, meta) in metas.iter().enumerate().take(n) {
@@ -428,6 +435,9 @@ impl Endpoint {
                                 core.stats.panics += 1;
                             }
                         }
+                    }
+                    if drained {
+                        break;
                     }
                 }
             });
@@ -452,6 +462,15 @@ impl Endpoint {
         self.drive_guarded(at);
         self.transmit();
         self.events(py)
+    }
+
+    /// True while work is queued that the last call left for a further `drive` (a burst
+    /// longer than one call's rounds); False when a call finished everything it started.
+    fn busy(&self) -> bool {
+        let core = &self.core;
+        core.has_dirty()
+            || (!core.pairs.is_empty() && !core.splice_ready.is_empty())
+            || self.splicer.as_ref().is_some_and(|s| s.has_work(core))
     }
 
     fn next_timeout(&mut self) -> Option<f64> {

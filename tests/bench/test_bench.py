@@ -22,6 +22,20 @@ from ztna.bench.harness import Row, path_seen
 from ztna.bench.report import added_udp_rtt, markdown, ratios
 
 
+def test_connector_health_checks_leave_iperf3_alone() -> None:
+    """Each iperf3 server serves exactly one test (`-s -1`): a health probe that connects to
+    it is that test, and the measurement that follows is refused. The bench's Connector may
+    check only the TCP echo port."""
+    from ztna.bench.harness import APP_IPERF_PORT, APP_TCP_ECHO
+    from ztna.bench.ztna_rows import CONNECTOR_SERVICE
+    from ztna.connector.config import ServiceConfig, parse_service_flag
+
+    service = ServiceConfig.model_validate(parse_service_flag(CONNECTOR_SERVICE))
+    assert APP_IPERF_PORT in service.tcp
+    checks = service.health_checks()
+    assert [(c.kind, c.port) for c in checks] == [("tcp", APP_TCP_ECHO)]
+
+
 def test_percentile_nearest_rank() -> None:
     assert percentile([], 50) is None
     assert percentile([5.0], 95) == 5.0

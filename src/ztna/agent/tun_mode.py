@@ -9,7 +9,7 @@ Theory of operation
   write the bare IP packets of their delivering connections back into the TUN fd, counted
   per service by source address. Python runs once per readable event: one `pump.read()`
   returns the packets the table could not place and the services that sent, and each
-  endpoint that got work flushes once (its `mark_dirty` schedules one flush per iteration).
+  endpoint that got work flushes once, at once (the packets go out in this wake-up).
 * Python keeps every decision: `sync_routes` points each service at its current carrier
   (the direct connection while the service is on it, else the relay connection once the
   service is registered, else nothing) whenever the session is ready or lost and every
@@ -187,18 +187,25 @@ class TunDataPlane:
     # ------------------------------------------------------------------ up-link (hot path)
     def _on_readable(self) -> None:
         packets, touched = self.pump.read()
+        flush: list[QuicEndpoint] = []
         if touched:
             services = self.session.services
             direct = self.session.direct
             for index in touched:
                 target = self.pump.target(index)
                 if target is not None:
-                    self._endpoints[target[0]].mark_dirty()
+                    endpoint = self._endpoints[target[0]]
+                    if endpoint not in flush:
+                        flush.append(endpoint)
                 svc = services[index]
                 if direct is not None and svc.path == "direct":
                     direct.sent_natively(svc)
         for packet in packets:
             self._up(packet)
+        # Sent now, not at the end of the loop iteration: a lone packet (an echo, a DNS
+        # query) would otherwise wait for one more pass of the loop (another epoll_wait).
+        for endpoint in flush:
+            endpoint.flush()
 
     def _up(self, packet: bytes) -> None:
         """One packet the native table could not place: the Python path."""

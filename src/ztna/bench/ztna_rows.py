@@ -11,7 +11,8 @@ per row) so one row's state cannot help or hurt the other:
   is turned off when the build has one), so every byte crosses the Intermediate.
 
 Numbers come from the same ``measure`` as every peer, towards the service's virtual IP
-``10.100.0.20`` (tcp 5201 -> app:5201, tcp 7000 -> app:7000, udp 7 -> app:7). NAT A's
+``10.100.0.20`` (tcp 5201 -> app:5201, tcp 7000 -> app:7000, udp 7 -> app:7; the Connector's
+health check connects to port 7000 only, never to the one-test iperf3 servers). NAT A's
 conntrack audit then shows where the bytes really went.
 """
 
@@ -28,8 +29,13 @@ from ztna.bench.lanops import RELAY_PUB, block_direct
 
 VIP: Final = "10.100.0.20"
 SERVICE: Final = "app"
+# The health check connects to the TCP echo server only. The default (a connect check per
+# TCP backend, every 2 s) also connected to iperf3's port, and each iperf3 server runs for
+# exactly one test (`-s -1`): a probe that landed between the server's start and the
+# client's connect was that one test, the server exited, and the client's connection was
+# refused and reset ("unable to receive control message: Connection reset by peer").
 CONNECTOR_SERVICE: Final = (f"{SERVICE}={VIP};tcp:5201=10.2.0.20:5201;"
-                            "tcp:7000=10.2.0.20:7000;udp:7=10.2.0.20:7")
+                            "tcp:7000=10.2.0.20:7000;udp:7=10.2.0.20:7;check=tcp:7000")
 
 
 def _ztna(*args: str) -> list[str]:

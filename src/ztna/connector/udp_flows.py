@@ -15,8 +15,9 @@
   native/src/udpflow.rs): the flow is installed with its key, service, socket and reply
   connection; DATAGRAMs of installed flows go to the backend socket without Python, and
   `_readable` is one native call per readable event that reads a burst and queues the
-  replies. What the native table does not take (a new 5-tuple, a path switch, a packet too
-  big for its reply, anything not UDP) comes here as before, and every move or close of a
+  replies, and one flush of their endpoint sends them in the same wake-up. What the
+  native table does not take (a new 5-tuple, a path switch, a packet too big for its
+  reply, anything not UDP) comes here as before, and every move or close of a
   flow here is mirrored there. Counters moved natively are added into the stats by
   `sync_stats` (every sweep and every metrics read); idle time counts native packets too.
 """
@@ -235,7 +236,9 @@ class UdpFlows:
             sent, refused, _dropped = self.native.recv(flow.native_id)
             if sent:
                 flow.last_seen = self.loop.time()
-                flow.path.conn.endpoint.mark_dirty(flow.path.conn)
+                # Out in this wake-up, not one loop pass later (a request/response flow
+                # waits for every reply).
+                flow.path.conn.endpoint.flush()
             if refused:
                 self._refused(flow)
             return

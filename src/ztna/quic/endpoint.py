@@ -7,9 +7,14 @@ Theory of operation
   reads a whole batch (recvmmsg, GRO), runs every connection it touched, sends what they
   produced (GSO) and returns the batch's events as one list. Python runs once per batch,
   never once per packet in the QUIC machinery.
-* Work that starts elsewhere (a TUN read, a backend socket) queues into a connection and calls
-  `mark_dirty(conn)`; one native `drive()` then runs at the end of the current loop iteration
-  (`call_soon`), so a burst of packets from a TUN read becomes one flush.
+* Work that starts elsewhere queues into a connection and calls `mark_dirty(conn)`; one
+  native `drive()` then runs at the end of the current loop iteration (`call_soon`), so a
+  burst of writes becomes one flush. The native pumps (a TUN read, a UDP flow's backend
+  replies) call `flush()` instead: their batch is whole already, and waiting one more pass
+  of the loop would add a wake-up to every request/response round trip.
+* A wake-up whose native call returns no events (everything was relayed, tapped or pumped
+  natively) runs no Python beyond re-checking the timer, and the one connection timer is
+  re-armed only when the native deadline moves earlier: an early firing only re-arms.
 * Routing by connection ID, Retry tokens, NEW_TOKEN address tokens, stateless resets (keyed by
   a stable secret, so a restarted server resets its predecessor's connections at once) and
   version negotiation are quinn's. Admission is ours: every new connection attempt is an
@@ -307,8 +312,12 @@ class QuicEndpoint:
     def _on_splice_ready(self) -> None:
         if self._closed:
             return
-        self._dispatch(self.native.pump(self.loop.time()))
-        self._flush()
+        events = self.native.pump(self.loop.time())
+        if events or self.native.busy():
+            self._dispatch(events)
+            self._flush()
+        else:
+            self._arm_timer()
 
     def _spliced(self, ev: Event) -> None:
         _, handle, sid, splice_id, sent, received, how, code = ev
@@ -350,8 +359,14 @@ class QuicEndpoint:
     def _on_readable(self) -> None:
         if self._closed:
             return
-        self._dispatch(self.native.recv(self.loop.time()))
-        self._flush()
+        events = self.native.recv(self.loop.time())
+        if events or self.native.busy():
+            self._dispatch(events)
+            self._flush()
+        else:
+            # The batch was processed and sent natively (relayed, tapped, pumped) and no
+            # handler ran, so nothing new is queued: another drive would find nothing.
+            self._arm_timer()
 
     def flush(self) -> None:
         """Run what connections queued now (instead of at the end of the loop iteration)."""
@@ -371,7 +386,12 @@ class QuicEndpoint:
 
     def _arm_timer(self) -> None:
         deadline = self.native.next_timeout()
-        if deadline == self._timer_at and self._timer is not None:
+        at = self._timer_at
+        if self._timer is not None and at is not None and (deadline is None or at <= deadline):
+            # The armed timer fires no later than needed. Nearly every packet moves the
+            # deadline (ACK delay, loss detection, idle) a little later; re-arming for each
+            # cost a cancel and a new heap entry per packet. Firing early is harmless: the
+            # native side runs only the timers that are due, and we arm again from there.
             return
         if self._timer is not None:
             self._timer.cancel()
