@@ -4,12 +4,17 @@ Real processes: redis-server, two `ztna intermediate --cluster` members (I1, I2,
 certificates), `ztna connector` attached to I2 with a TCP sink and a UDP echo backend (a
 separate Python process). The measuring Agent (in this process, on the QUIC adapter) attaches
 either to I2 ("single": Agent and Connector on one Intermediate) or to I1 ("mesh": every byte
-crosses I1 → I2). Rows:
+crosses I1 → I2). Two such clusters run side by side in one run: one as shipped ("mesh,
+native routes": DATAGRAMs on the native mesh routes, streams spliced natively on both members)
+and one with ZTNA_PYTHON_MESH=1 ("mesh, Python": the mesh as it was before, every DATAGRAM
+through Python on both members). Rows:
 
 * stream upload: one TCP-carrying stream of `--mbytes` MB, the sink answers with the sha256
   of what it got (checked), Mbit/s from the first byte to the answer;
 * datagram echo: `--packets` UDP packets of 1000 bytes in DATAGRAMs, 64 in flight, echoed by
-  the backend; packets/s and the share that came back.
+  the backend; packets/s, the share that came back, the CPU time the Intermediates it crossed
+  spent per echoed packet (both members for the mesh rows; /proc), and how many of the
+  packets crossed the mesh on native routes (the Agent's member's metrics).
 
     python bench/mesh_throughput.py --mbytes 50 --packets 20000 --json bench/results/mesh.json
 
@@ -86,6 +91,24 @@ def wait_http(url: str, timeout: float = 20.0) -> None:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"{url} never answered")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def mesh_counts(metrics_port: int) -> tuple[float, float]:
+    """(DATAGRAMs this member forwarded across the mesh, those of them on native routes)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as r:
+        text = r.read().decode()
+    found = {"ztna_mesh_datagrams_total": 0.0, "ztna_mesh_native_datagrams_total": 0.0}
+    for line in text.splitlines():
+        name, _, rest = line.partition('{direction="forwarded"} ')
+        if name in found and rest:
+            found[name] = float(rest)
+    return found["ztna_mesh_datagrams_total"], found["ztna_mesh_native_datagrams_total"]
 
 
 class Agent(ConnectionHandler):
@@ -183,42 +206,62 @@ def main() -> None:
     issue(pki, "member", "member", out_prefix=pki / "member")
     procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(name: str, cmd: list[str]) -> None:
+    by_name: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
         log = open(work / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+        by_name[name] = procs[-1]
 
     try:
         rport = free_port(socket.SOCK_STREAM)
         spawn("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(rport), "--dir", str(work),
                         "--save", "", "--appendonly", "no"])
-        members = []
-        for name in ("i1", "i2"):
-            port, mport = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
-            time.sleep(0.2)
-            spawn(name, [*ZTNA, "intermediate", "--pki", str(pki), "--listen", f"127.0.0.1:{port}",
-                         "--metrics", f"127.0.0.1:{mport}", "--cluster", f"redis://127.0.0.1:{rport}/0",
-                         "--advertise", f"127.0.0.1:{port}", "--handshakes-per-second", "1000"])
-            wait_http(f"http://127.0.0.1:{mport}/healthz")
-            members.append((port, mport))
         tport, uport = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
         spawn("backends", [sys.executable, "-c", BACKENDS, str(tport), str(uport)])
-        spawn("connector", [*ZTNA, "connector", "--intermediate", f"127.0.0.1:{members[1][0]}",
-                            "--server-name", "localhost", "--pki", str(pki), "--p2p-port", "off",
-                            "--metrics", "off",
-                            "--service", f"echo=10.100.0.2;tcp:7=127.0.0.1:{tport};udp:7=127.0.0.1:{uport}"])
-        time.sleep(6)        # the Connector registers and I1's view (2 s refresh) learns of it
+        clusters: dict[str, list[tuple[int, int]]] = {}
+        for db, variant in enumerate(("native", "python")):
+            env = dict(os.environ)
+            if variant == "python":
+                env["ZTNA_PYTHON_MESH"] = "1"
+            members = clusters[variant] = []
+            for name in ("i1", "i2"):
+                port, mport = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
+                time.sleep(0.2)
+                spawn(f"{variant}-{name}", [
+                    *ZTNA, "intermediate", "--pki", str(pki), "--listen", f"127.0.0.1:{port}",
+                    "--metrics", f"127.0.0.1:{mport}", "--cluster", f"redis://127.0.0.1:{rport}/{db}",
+                    "--advertise", f"127.0.0.1:{port}", "--handshakes-per-second", "1000"], env)
+                wait_http(f"http://127.0.0.1:{mport}/healthz")
+                members.append((port, mport))
+            spawn(f"{variant}-connector", [
+                *ZTNA, "connector", "--intermediate", f"127.0.0.1:{members[1][0]}",
+                "--server-name", "localhost", "--pki", str(pki), "--p2p-port", "off", "--metrics", "off",
+                "--service", f"echo=10.100.0.2;tcp:7=127.0.0.1:{tport};udp:7=127.0.0.1:{uport}"], env)
+        time.sleep(6)        # the Connectors register and each I1's view (2 s refresh) learns of it
         rows: list[dict[str, Any]] = []
+        # (label, the member the Agent attaches to, the members its DATAGRAMs cross)
+        paths = (("single", clusters["native"][1], ["native-i2"]),
+                 ("mesh, Python", clusters["python"][0], ["python-i1", "python-i2"]),
+                 ("mesh, native routes", clusters["native"][0], ["native-i1", "native-i2"]))
 
         async def measure() -> None:
-            for label, port in (("single", members[1][0]), ("mesh", members[0][0])):
+            for label, (port, mport), crossed in paths:
+                before = mesh_counts(mport)
                 agent = await Agent().connect(port, pki)
                 await agent.upload(1 << 20)                       # warm-up
                 seconds = await agent.upload(args.mbytes << 20)
+                cpu = sum(cpu_seconds(by_name[n].pid) for n in crossed)
                 dseconds, echoed = await agent.echo(args.packets)
+                cpu = sum(cpu_seconds(by_name[n].pid) for n in crossed) - cpu
                 rows.append({"path": label, "stream_mbit_s": round(args.mbytes * 8 * 1.048576 / seconds, 1),
                              "stream_seconds": round(seconds, 2),
                              "datagram_echo_pps": round(echoed / dseconds),
-                             "datagram_echoed": f"{echoed}/{args.packets}"})
+                             "datagram_echoed": f"{echoed}/{args.packets}",
+                             "intermediate_cpu_us_per_packet": round(cpu * 1e6 / max(1, echoed), 1)})
+                after = mesh_counts(mport)
+                rows[-1]["mesh_forwarded"] = after[0] - before[0]
+                rows[-1]["mesh_forwarded_native"] = after[1] - before[1]
                 assert agent.conn is not None
                 agent.conn.close()
                 await asyncio.sleep(0.2)
@@ -232,10 +275,13 @@ def main() -> None:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
-    print("| path | stream upload Mbit/s | DATAGRAM echo packets/s (1000 B, 64 in flight) | echoed |")
-    print("| --- | --- | --- | --- |")
+    print("| path | stream upload Mbit/s | DATAGRAM echo packets/s (1000 B, 64 in flight) | echoed "
+          "| Intermediate CPU µs per echoed packet | DATAGRAMs across the mesh (on native routes) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['path']} | {r['stream_mbit_s']} | {r['datagram_echo_pps']} | {r['datagram_echoed']} |")
+        print(f"| {r['path']} | {r['stream_mbit_s']} | {r['datagram_echo_pps']} | {r['datagram_echoed']} "
+              f"| {r['intermediate_cpu_us_per_packet']} "
+              f"| {r['mesh_forwarded']:.0f} ({r['mesh_forwarded_native']:.0f}) |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rows": rows, "mbytes": args.mbytes, "packets": args.packets}, indent=2))

@@ -126,11 +126,13 @@ pub struct Routes {
     agent: HashMap<usize, AgentRoutes>,
     /// (connector connection, agent id) → agent connection.
     reply: HashMap<(usize, u32), usize>,
+    /// Routes across a cluster mesh (crate::meshroute).
+    pub mesh: crate::meshroute::MeshRoutes,
 }
 
 impl Routes {
     pub fn len(&self) -> usize {
-        self.agent.values().map(|m| m.len()).sum::<usize>() + self.reply.len()
+        self.agent.values().map(|m| m.len()).sum::<usize>() + self.reply.len() + self.mesh.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -145,11 +147,16 @@ impl Routes {
             !m.is_empty()
         });
         self.reply.retain(|(src, _), target| *src != h && *target != h);
+        self.mesh.forget(h);
     }
 
     /// The relayed form of a DATAGRAM from `h`, and its target; None = not ours, the owner
     /// decides. The parsing rules are those of ztna.wire.tunnel's decoders.
     fn lookup(&self, h: usize, d: &[u8]) -> Option<(usize, Vec<u8>)> {
+        self.lookup_local(h, d).or_else(|| self.mesh.lookup(h, d))
+    }
+
+    fn lookup_local(&self, h: usize, d: &[u8]) -> Option<(usize, Vec<u8>)> {
         match *d.first()? {
             SERVICE_DATAGRAM => {
                 let services = self.agent.get(&h)?;

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod core;
+pub mod meshroute;
 pub mod netinfo;
 pub mod sockpump;
 pub mod splice;

@@ -740,6 +740,24 @@ impl Endpoint {
         self.core.clear_routes();
     }
 
+    /// Mesh routes (crate::meshroute): the Agent's member's half.
+    fn route_mesh_out(&mut self, agent_h: usize, service: &[u8], link_h: usize, agent_ref: u32) -> bool {
+        self.core.route_mesh_out(agent_h, service, link_h, agent_ref)
+    }
+
+    fn unroute_mesh_out(&mut self, agent_h: usize, service: &[u8]) -> bool {
+        self.core.unroute_mesh_out(agent_h, service)
+    }
+
+    /// Mesh routes: the Connector's member's half.
+    fn route_mesh_in(&mut self, peer_h: usize, agent_ref: u32, service: &[u8], connector_h: usize, own_id: u32) -> bool {
+        self.core.route_mesh_in(peer_h, agent_ref, service, connector_h, own_id)
+    }
+
+    fn unroute_mesh_in(&mut self, peer_h: usize, agent_ref: u32, service: &[u8], connector_h: usize, own_id: u32) -> bool {
+        self.core.unroute_mesh_in(peer_h, agent_ref, service, connector_h, own_id)
+    }
+
     fn connection_count(&self) -> usize {
         self.core.handles().len()
     }
@@ -777,6 +795,10 @@ impl Endpoint {
             ("relay_routes", self.core.routes.len() as u64),
         ] {
             d.set_item(k, v)?;
+        }
+        let routed = self.core.routes.mesh.routed();
+        for (name, n) in crate::meshroute::DIRECTIONS.iter().zip(routed) {
+            d.set_item(format!("mesh_{name}"), n)?;
         }
         Ok(d)
     }

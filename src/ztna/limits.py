@@ -74,6 +74,12 @@ MESH_REMOTE_AGENTS: Final = 100_000          # remote Agents one mesh connection
 # the kernel socket and the stream). ZTNA_PYTHON_SPLICE=1 moves the bytes through Python
 # instead, the way it was done before: for measuring the two side by side (bench/).
 NATIVE_SPLICE: Final = __import__("os").environ.get("ZTNA_PYTHON_SPLICE", "") != "1"
+# Tunnel DATAGRAMs across the cluster mesh take native routes once Python has placed the
+# first packet of an Agent's service, and mesh links leave from the listening socket so that
+# streams onto them splice natively too (ztna.cluster.mesh). ZTNA_PYTHON_MESH=1 keeps the mesh
+# as it was before (every DATAGRAM through Python, links on a socket of their own), for
+# measuring the two side by side (bench/mesh_throughput.py).
+NATIVE_MESH: Final = __import__("os").environ.get("ZTNA_PYTHON_MESH", "") != "1"
 
 # Socket buffers of every QUIC UDP socket, each way: a bandwidth-delay product's worth, so a
 # burst that arrives while the process is busy waits in the kernel instead of being dropped

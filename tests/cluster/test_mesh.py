@@ -290,3 +290,69 @@ def test_isolation_holds_across_the_mesh(tmp_path: Path) -> None:
         i1.stop()
         i2.stop()
         redis.kill()
+
+
+def test_mesh_datagrams_take_native_routes_until_the_decision_changes(
+        pki: Path, cluster: tuple[IntermediateProc, IntermediateProc]) -> None:
+    """After the first packet Python placed, an Agent's DATAGRAMs cross I1 → I2 → Connector and
+    back on native routes (byte-exact, counted natively on both members); when a Connector of
+    the service shows up on I1 itself, the route goes and the packets stay on I1."""
+    i1, i2 = cluster
+
+    async def main() -> None:
+        remote = await Peer(echo=True).connect("127.0.0.1", i2.port, TlsFiles.from_dir(pki, "connector"))
+        assert isinstance(await remote.register(Role.CONNECTOR, "echo"), RegistrationAck)
+        agent = await Peer().connect("127.0.0.1", i1.port, TlsFiles.from_dir(pki, "agent"))
+        assert isinstance(await agent.register(Role.AGENT, "echo"), RegistrationAck)
+        await until_placed(i1, "echo")
+        assert agent.conn is not None
+
+        def answers() -> list[bytes]:
+            return [bytes(parse_udp(d, parse_ip(d)).payload) for d in agent.datagrams if d[0] >> 4 == 4]
+
+        async def exchange(count: int, start: int) -> list[bytes]:
+            assert agent.conn is not None
+            sent = []
+            for n in range(count):
+                payload = os.urandom(20 + (n * 37) % 1100)
+                sent.append(payload)
+                agent.conn.send_datagram(encode_service_datagram("echo", packet(1, 4000 + (start + n) % 50, payload)))
+                await asyncio.sleep(0.003)
+            for _ in range(400):
+                got = set(answers())
+                if all(p in got for p in sent):
+                    break
+                await asyncio.sleep(0.02)
+            return sent
+
+        sent = await exchange(1, 0)        # Python places the first one and installs the routes
+        sent += await exchange(200, 1)
+        assert sorted(answers()) == sorted(sent)
+        assert remote.echoed == 201
+        m1, m2 = i1.metrics(), i2.metrics()
+        for m, directions in ((m1, ("forwarded", "delivered")), (m2, ("received", "replied"))):
+            for d in directions:
+                assert m[f'ztna_mesh_native_datagrams_total{{direction="{d}"}}'] >= 195, (d, m)
+                assert m[f'ztna_mesh_datagrams_total{{direction="{d}"}}'] == 201, (d, m)
+        # A second Connector on I2: a per-flow choice there now, so I2's route goes (I1's
+        # stays: every Connector of the service is still on I2) and both Connectors get flows.
+        second = await Peer(echo=True).connect("127.0.0.1", i2.port, TlsFiles.from_dir(pki, "connector"))
+        assert isinstance(await second.register(Role.CONNECTOR, "echo"), RegistrationAck)
+        await asyncio.sleep(0.2)
+        agent.datagrams.clear()
+        sent = await exchange(100, 1000)            # 50 flows (source ports)
+        assert sorted(answers()) == sorted(sent)
+        assert second.echoed > 0 and remote.echoed > 201 and remote.echoed + second.echoed == 301
+        # A Connector of the service on I1: the flows stay here now, the mesh route is gone.
+        local = await Peer(echo=True).connect("127.0.0.1", i1.port, TlsFiles.from_dir(pki, "connector"))
+        assert isinstance(await local.register(Role.CONNECTOR, "echo"), RegistrationAck)
+        await asyncio.sleep(0.2)
+        agent.datagrams.clear()
+        sent = await exchange(30, 300)
+        assert sorted(answers()) == sorted(sent)
+        assert local.echoed == 30 and remote.echoed + second.echoed == 301
+        assert i1.metrics()['ztna_mesh_datagrams_total{direction="forwarded"}'] == 301
+        for p in (agent, local, remote, second):
+            await p.close()
+
+    asyncio.run(main())

@@ -24,6 +24,7 @@ from ztna.wire import (
     ControlDecoder,
     ErrorMessage,
     GoAway,
+    MeshSignal,
     NackStatus,
     NamedStreamOpen,
     ObservedAddress,
@@ -170,6 +171,7 @@ INVALID_REASONS: dict[str, str] = {
     "control/ping-missing-id": "missing field",
     "control/ping-bool-id": "must be an int",
     "control/service_health-string-healthy": "must be a bool",
+    "control/mesh_signal-carries-offer": "cannot carry 'punch_offer'",
     "stream_header/bad-version": "unknown stream header version",
     "stream_header/port-zero": "port 0",
     "stream_header/bad-family": "unknown address family",
@@ -188,7 +190,7 @@ REQUIRED_TYPES = {
     ObservedAddress, Register, RegistrationAck, RegistrationNack, ErrorMessage, GoAway,
     AgentGone, ServiceStatus, ServiceHealth, Ping, Pong, PunchRequest, PunchOffer, PunchAnswer, PunchStart,
     PunchResult, UnknownMessage, StreamOpen, RelayedStreamOpen, StreamResume, RelayedStreamResume, ProbeRequest, ProbeResponse,
-    NamedStreamOpen, RelayedNamedStreamOpen,
+    NamedStreamOpen, RelayedNamedStreamOpen, MeshSignal,
 }
 
 
@@ -291,5 +293,7 @@ def test_selected_vectors_decode_to_documented_values() -> None:
         "corp", "git.corp.test", 443, resumable=True)
     assert _decode_stream(by_name["stream_header/relayed-named-open"]) == RelayedNamedStreamOpen(
         7, "corp", "app1.corp.test", 80)
+    assert decode_control_frame(by_name["control/mesh_signal-punch_result"]) == MeshSignal(
+        7, PunchResult(session=1, ok=False))
     start = decode_control_frame(by_name["control/punch_start"])
     assert isinstance(start, PunchStart) and start.key_bytes == KEY

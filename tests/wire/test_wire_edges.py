@@ -393,3 +393,43 @@ def test_stream_reply_incremental_and_resume_checks() -> None:
         StreamResume("web", bytes(15), 0)
     with pytest.raises(UsageError):
         StreamResume("web", bytes(16), -1)
+
+
+def test_mesh_signal_carries_only_punch_messages() -> None:
+    """A mesh signal nests one punch message (its own v/type) and nothing else: not an offer,
+    not another mesh signal, not an unknown type; and a bad inner message fails the frame."""
+    import json
+
+    from ztna.errors import DecodeError, UsageError
+    from ztna.wire import MeshSignal, Ping, PunchResult, decode_control_frame, encode_control
+
+    ok = MeshSignal(agent=9, message=PunchResult(session=5, ok=True, ip="192.0.2.1", port=4434))
+    assert decode_control_frame(encode_control(ok)) == ok
+    with pytest.raises(UsageError):
+        MeshSignal(agent=9, message=Ping(id=1))  # type: ignore[arg-type]
+
+    def frame(body: dict[str, object]) -> bytes:
+        raw = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+        return (len(raw) + 1).to_bytes(2, "big") + b"\x20" + raw
+
+    inner_ok = {"v": 1, "type": "punch_result", "session": 5, "ok": False}
+    for message in ({"v": 1, "type": "mesh_signal", "agent": 1, "message": inner_ok},
+                    {"v": 1, "type": "config_sync", "ttl": 3},
+                    {"v": 2, "type": "punch_result", "session": 5, "ok": False},
+                    {"v": 1, "type": "punch_result", "session": -1, "ok": False},
+                    "punch_result"):
+        with pytest.raises(DecodeError):
+            decode_control_frame(frame({"v": 1, "type": "mesh_signal", "agent": 1, "message": message}))
+    with pytest.raises(DecodeError):
+        decode_control_frame(frame({"v": 1, "type": "mesh_signal", "agent": 2**32, "message": inner_ok}))
+
+
+def test_deeply_nested_mesh_signals_fail_cleanly() -> None:
+    from ztna.errors import DecodeError
+    from ztna.wire import decode_control_frame
+
+    body = b'{"v":1,"type":"punch_result","session":1,"ok":false}'
+    while len(body) < 16000:
+        body = b'{"agent":1,"message":' + body + b',"type":"mesh_signal","v":1}'
+    with pytest.raises(DecodeError):
+        decode_control_frame((len(body) + 1).to_bytes(2, "big") + b"\x20" + body)

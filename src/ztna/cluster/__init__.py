@@ -18,5 +18,6 @@ What the members share (docs/intermediate.md, "Cluster"):
 Modules: `url` (validating the store address, pure), `health` (the up/down state of the store,
 pure, time passed in), `store` (the store Protocol and its Redis implementation), `tickets`
 (the ticket backend the native TLS code calls), `member` (the driver: joining, probing,
-recovering, metrics and /healthz).
+recovering, metrics and /healthz), `presence` (leases and the pure ClusterView), `mesh` (traffic,
+streams and punch signaling between members, and the native mesh routes).
 """

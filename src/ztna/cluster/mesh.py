@@ -17,7 +17,8 @@ services forwarded for it, so the Connector sees a normal 0x30 and the registry'
 connection goes (the Connectors get AgentGone).
 
 TCP-carrying streams cross the same links (`ztna.intermediate.streams`): the Agent's member
-opens a stream on the link headed `RelayedStreamOpen` with its Agent id, and this member
+opens a stream on the link headed `RelayedStreamOpen` (`RelayedNamedStreamOpen` for a name,
+`RelayedStreamResume` for a stream leaving a direct path) with its Agent id, and this member
 splices it to a Connector as if the remote Agent were local (`stream_from_member`).
 
 Local Agents of a service served only on other members are told it is up (`adjust`, and
@@ -26,7 +27,29 @@ Local Agents of a service served only on other members are told it is up (`adjus
 When a local Agent leaves, each member it was forwarded to gets `AgentGone` (its ref) on the
 link's control stream and drops its id for it, so its Connectors drop the Agent's flows.
 
-Not carried yet: resumed streams (StreamResume) and hole-punch signaling.
+Hole-punch signaling crosses the same links as `MeshSignal` control messages: a local Agent's
+`PunchRequest` for a service with no Connector here goes to the member its flow would be placed
+on, which runs the punch session there (its `Signaling`, with its own id for the remote Agent,
+bound to the Connector it picks) and sends `PunchStart` / `PunchResult` / errors back the same
+way. Only an Agent registered here for the service may ask (checked here, as on one member);
+answers go only to an Agent forwarded through that very link, and the Agent's own
+`PunchResult` goes back only for a session that link started for it.
+
+Native routes: once Python has relayed a packet and the decision holds for every later
+packet, it installs it in the native core (native/src/meshroute.rs) and the rest of that
+traffic crosses both members without reaching Python. On the Agent's member: its 0x2F for a
+service whose Connectors are all on one other member (none here) → 0x32 on that member's link,
+and 0x33 for it from that link → the Agent. On the Connector's member: 0x32 for (mesh
+connection, ref, service) with exactly one Connector here → 0x30 to it, and its 0x31 for our id
+→ 0x33. Both ends must be on one native endpoint (links are opened from the listening socket
+for this). `sync_native` (after every registry change and view refresh) removes the routes
+whose decision no longer holds; a closing connection takes its routes with it natively. What
+no route matches still comes up here, and is counted as before.
+
+A remote Agent's id on the Connector's member is the Agent's own id on its member when that
+is free there: an Agent id from `Hello` is derived from its certificate and instance, the
+same on every member, and the Connector binds resume tokens (streams that leave a direct
+path) to it.
 """
 
 from __future__ import annotations
@@ -40,18 +63,29 @@ from ztna.cluster.presence import place
 from ztna.errors import DecodeError
 from ztna.intermediate.config import parse_host_port
 from ztna.intermediate.registry import Notify, flow_key
+from ztna.limits import NATIVE_MESH
 from ztna.observe import RateLimitedLog
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp
 from ztna.quic.maintenance import ConnectionUpkeep
 from ztna.wire import (
+    MESH_SIGNAL_MESSAGES,
     AgentGone,
+    ErrorMessage,
+    MeshSignal,
+    NamedStreamOpen,
+    PunchRequest,
+    PunchResult,
+    PunchStart,
     Register,
+    RelayedNamedStreamOpen,
     RelayedStreamOpen,
+    RelayedStreamResume,
     Role,
     ServiceStatus,
     StreamOpen,
+    StreamResume,
     encode_control,
 )
 from ztna.wire.mesh import (
@@ -82,6 +116,11 @@ class MeshStats:
     links_opened: int = 0
     streams_forwarded: int = 0    # Agent streams spliced onto a mesh link
     streams_received: int = 0     # mesh streams spliced to a local Connector
+    signals_forwarded: int = 0    # a local Agent's punch message sent to another member
+    signals_delivered: int = 0    # another member's punch message handed to a local Agent
+    signals_received: int = 0     # a remote Agent's punch message run through our signaling
+    signals_replied: int = 0      # our signaling's answer sent back to the Agent's member
+    dropped_bad_signal: int = 0   # for an Agent not forwarded through that link, or misdirected
 
 
 @dataclass(eq=False)
@@ -112,6 +151,10 @@ class _LinkHandler(ConnectionHandler):
         if streams is not None:
             streams.on_stream_reset(conn, stream_id, error_code)
 
+    def on_message(self, conn: ZtnaConnection, msg: object) -> None:
+        if isinstance(msg, MeshSignal):
+            self.mesh.on_link_signal(conn, msg)
+
     def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
         self.mesh.link_closed(conn, reason)
 
@@ -129,6 +172,14 @@ class Mesh:
         self._endpoints: dict[bool, QuicEndpoint] = {}     # by "is IPv6"
         self._bad = RateLimitedLog(log)
         self._remote_up: set[str] = set()     # services with local Agents served elsewhere
+        # Punch sessions another member runs for a local Agent: session -> (link, agent id,
+        # when it started), oldest first, bounded like the signaling's own sessions.
+        self._punches: dict[int, tuple[ZtnaConnection, int, float]] = {}
+        # Native routes installed: (agent id, service) -> (agent conn, link, member) on the
+        # Agent's side; (mesh conn, ref, service) -> (connector conn, connector id, our id)
+        # on the Connector's side.
+        self._out_routes: dict[tuple[int, str], tuple[ZtnaConnection, ZtnaConnection, str]] = {}
+        self._in_routes: dict[tuple[ZtnaConnection, int, str], tuple[ZtnaConnection, int, int]] = {}
 
     # ------------------------------------------------------------------ outbound
     def forward(self, agent_id: int, service: str, packet: memoryview, data: bytes) -> bool:
@@ -140,7 +191,8 @@ class Mesh:
         if name is None:
             self.stats.dropped_no_member += 1
             return False
-        link = self._link(name.partition("/")[0])
+        member = name.partition("/")[0]
+        link = self._link(member)
         if link is None:
             self.stats.dropped_no_member += 1
             return True
@@ -151,7 +203,127 @@ class Mesh:
             return True
         link.send_datagram(out)
         self.stats.forwarded += 1
+        if NATIVE_MESH and (agent_id, service) not in self._out_routes:
+            self._route_out(agent_id, service, link, member)
         return True
+
+    # ------------------------------------------------------------------ native routes
+    def _out_holds(self, agent_id: int, service: str, link: ZtnaConnection, member: str) -> bool:
+        """Every packet of this Agent for `service` goes to `link`: no Connector here, all
+        of the cluster's on that one member, and the link is the open one to it."""
+        registry = self.server.registry
+        if registry.connectors.get(service) or not registry.is_agent_of(agent_id, service):
+            return False
+        members = {n.partition("/")[0] for n in self._remote_connectors(service)}
+        return members == {member} and self.links.get(member) is link and not link.closed
+
+    def _route_out(self, agent_id: int, service: str, link: ZtnaConnection, member: str) -> None:
+        agent = self.server.conns.get(agent_id)
+        if (agent is None or agent.closed or not link.handshake_complete or agent.endpoint is not link.endpoint
+                or not self._out_holds(agent_id, service, link, member)):
+            return
+        if agent.endpoint.native.route_mesh_out(agent.handle, service.encode("ascii"), link.handle, agent_id):
+            self._out_routes[(agent_id, service)] = (agent, link, member)
+
+    def _route_in(self, conn: ZtnaConnection, ref: int, service: str, target: ZtnaConnection,
+                  target_id: int, our_id: int) -> None:
+        if target.endpoint is not conn.endpoint or self.server.registry.sole_connector(service) != target_id:
+            return
+        if conn.endpoint.native.route_mesh_in(conn.handle, ref, service.encode("ascii"), target.handle, our_id):
+            self._in_routes[(conn, ref, service)] = (target, target_id, our_id)
+
+    def sync_native(self) -> None:
+        """Remove the native routes whose decision no longer holds (after a registry change
+        or a view refresh). Routes of closed connections are gone natively already."""
+        for (agent_id, service), (agent, link, member) in list(self._out_routes.items()):
+            if agent.closed or link.closed:
+                del self._out_routes[(agent_id, service)]
+            elif (self.server.conns.get(agent_id) is not agent
+                  or not self._out_holds(agent_id, service, link, member)):
+                del self._out_routes[(agent_id, service)]
+                agent.endpoint.native.unroute_mesh_out(agent.handle, service.encode("ascii"))
+        registry = self.server.registry
+        for key, (target, target_id, our_id) in list(self._in_routes.items()):
+            conn, ref, service = key
+            if conn.closed or target.closed:
+                del self._in_routes[key]
+                continue
+            peer = conn.user
+            if (not isinstance(peer, MeshPeer) or peer.ids.get(ref) != our_id
+                    or registry.sole_connector(service) != target_id
+                    or self.server.conns.get(target_id) is not target
+                    or not registry.is_agent_of(our_id, service)):
+                del self._in_routes[key]
+                conn.endpoint.native.unroute_mesh_in(conn.handle, ref, service.encode("ascii"),
+                                                     target.handle, our_id)
+
+    def _native_counts(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for ep in self.server.endpoints:
+            for name, n in ep.native.stats().items():
+                if name.startswith("mesh_"):
+                    totals[name] = totals.get(name, 0) + int(n)
+        return totals
+
+    def signal(self, agent_id: object, msg: object) -> bool:
+        """A local Agent's punch message that another member must handle: sent there (True).
+        False: this member's own signaling takes it (served here, not this Agent's service,
+        an unknown session, or no other member to ask)."""
+        if not isinstance(agent_id, int):
+            return False
+        if isinstance(msg, PunchRequest):
+            registry = self.server.registry
+            key = agent_id.to_bytes(4, "big")      # the key the signaling picks Connectors by
+            if not registry.is_agent_of(agent_id, msg.service) or registry.pick(msg.service, key) is not None:
+                return False
+            link = self._placed_link(msg.service, key)
+            if link is None:
+                return False
+            self._forwarded.setdefault(link, set()).add(agent_id)
+        elif isinstance(msg, PunchResult):
+            entry = self._punches.get(msg.session)
+            if entry is None or entry[1] != agent_id or entry[0].closed:
+                return False
+            link = entry[0]
+            del self._punches[msg.session]
+        else:
+            return False
+        link.send_control(encode_control(MeshSignal(agent=agent_id, message=msg)))
+        self.stats.signals_forwarded += 1
+        return True
+
+    def on_link_signal(self, link: ZtnaConnection, msg: MeshSignal) -> None:
+        """Another member's answer about a punch session of a local Agent."""
+        ref, inner = msg.agent, msg.message
+        agent = self.server.conns.get(ref)
+        if agent is None or ref not in self._forwarded.get(link, ()) or isinstance(inner, PunchRequest):
+            self.stats.dropped_bad_signal += 1
+            self._bad.warning("mesh punch signal for an agent not forwarded through that link", f"{link.label} → {ref}")
+            return
+        now = self.server._now()
+        if isinstance(inner, PunchStart):
+            self._expire_punches(now)
+            self._punches[inner.session] = (link, ref, now)
+        elif isinstance(inner, (PunchResult, ErrorMessage)) and inner.session is not None:
+            self._punches.pop(inner.session, None)
+        agent.send_control(encode_control(inner))
+        self.stats.signals_delivered += 1
+
+    def _expire_punches(self, now: float) -> None:
+        from ztna.intermediate.signaling import MAX_SESSIONS, SESSION_TTL
+
+        punches = self._punches
+        while punches:
+            sid, (_link, _agent, started) = next(iter(punches.items()))
+            if now - started < SESSION_TTL and len(punches) < MAX_SESSIONS:
+                return
+            del punches[sid]
+
+    def _placed_link(self, service: str, key: bytes) -> ZtnaConnection | None:
+        """The link to the member `key`'s flow of `service` is placed on, or None. Control
+        frames written before its handshake completes wait in its stream."""
+        name = place(key, self._remote_connectors(service))
+        return None if name is None else self._link(name.partition("/")[0])
 
     def maintain(self) -> None:
         """After each view refresh: a link to every other member that holds Connectors, so
@@ -171,6 +343,7 @@ class Mesh:
         self._remote_up = remote
         if notes:
             self.server.execute(notes)
+        self.sync_native()
 
     def _remote_connectors(self, service: str) -> list[str]:
         own = self.member.advertise + "/"
@@ -187,6 +360,14 @@ class Mesh:
         out = []
         for note in notes:
             msg = note.message
+            entry = self._proxies.get(note.peer)
+            if entry is not None:
+                # A remote Agent's: its punch signaling goes back to its member; the rest
+                # (service status) is its own member's to tell.
+                if isinstance(msg, MESH_SIGNAL_MESSAGES) and not entry[0].conn.closed:
+                    entry[0].conn.send_control(encode_control(MeshSignal(agent=entry[1], message=msg)))
+                    self.stats.signals_replied += 1
+                continue
             if isinstance(msg, ServiceStatus) and not msg.up and self._remote_connectors(msg.service):
                 note = Notify(note.peer, self._status(msg.service, True))
             out.append(note)
@@ -196,13 +377,15 @@ class Mesh:
         link = self.links.get(member)
         if link is not None and not link.closed:
             return link
+        if not self.server.endpoints:
+            return None     # still starting: links go out from the listening socket
         try:
             host, port = parse_host_port(member)
         except ValueError:
             self._bad.warning("unusable member address in the cluster view", member)
             return None
         v6 = ":" in host
-        endpoint = self._endpoints.get(v6)
+        endpoint = self._listening_endpoint(v6) or self._endpoints.get(v6)
         if endpoint is None:
             endpoint = self._endpoints[v6] = QuicEndpoint(bind_udp("::" if v6 else "0.0.0.0", 0))
         config = make_configuration(is_client=True, tls=self.tls, server_name=host,
@@ -215,6 +398,17 @@ class Mesh:
         self.stats.links_opened += 1
         log.info("mesh link to %s opening", member)
         return link
+
+    def _listening_endpoint(self, v6: bool) -> QuicEndpoint | None:
+        """One of this member's own listening endpoints that can reach that family: links
+        from there share a native core with the Agents, so their traffic can take native
+        routes (an IPv6 socket is dual-stack)."""
+        if not NATIVE_MESH:
+            return None     # the mesh as it was before native routes, for comparisons
+        for ep in self.server.endpoints:
+            if not ep._closed and (":" in str(ep.local_address[0]) or not v6):
+                return ep  # type: ignore[no-any-return]
+        return None
 
     def on_link_datagram(self, link: ZtnaConnection, data: bytes) -> None:
         try:
@@ -250,14 +444,21 @@ class Mesh:
 
     def stream_from_member(self, conn: ZtnaConnection, header: object) -> tuple[int | None, object]:
         """(our id for the remote Agent, the header as the Agent's own) for a stream a mesh
-        peer opened with `RelayedStreamOpen`; (None, header) for anything else."""
+        peer opened with a relayed header (0x54, 0x57, 0x59); (None, header) for anything else."""
         peer = conn.user
-        if not isinstance(peer, MeshPeer) or not isinstance(header, RelayedStreamOpen):
+        if not isinstance(peer, MeshPeer) or not isinstance(
+                header, (RelayedStreamOpen, RelayedNamedStreamOpen, RelayedStreamResume)):
             return None, header
         our_id = self._remote_agent(peer, header.agent_id, header.service_id)
         if our_id is None:
             return None, header
         self.stats.streams_received += 1
+        if isinstance(header, RelayedNamedStreamOpen):
+            return our_id, NamedStreamOpen(service_id=header.service_id, name=header.name,
+                                           dst_port=header.dst_port)
+        if isinstance(header, RelayedStreamResume):
+            return our_id, StreamResume(service_id=header.service_id, token=header.token,
+                                        received=header.received)
         return our_id, StreamOpen(service_id=header.service_id, dst_ip=header.dst_ip,
                                   dst_port=header.dst_port)
 
@@ -286,15 +487,38 @@ class Mesh:
         conn.label = f"mesh←{label}"
         log.info("mesh peer %s connected", label)
 
+    def on_member_signal(self, conn: ZtnaConnection, msg: MeshSignal) -> None:
+        """A mesh peer's punch message of one of its Agents: run through our signaling, as
+        that Agent's (a request registers our id for it as an Agent of the service, which
+        its member checked before forwarding)."""
+        peer = conn.user
+        inner = msg.message
+        signaling = self.server.signaling
+        our_id: int | None = None
+        if isinstance(peer, MeshPeer):
+            if isinstance(inner, PunchRequest):
+                our_id = self._remote_agent(peer, msg.agent, inner.service)
+            elif isinstance(inner, PunchResult):
+                our_id = peer.ids.get(msg.agent)
+        if our_id is None or signaling is None:
+            self.stats.dropped_bad_signal += 1
+            self._bad.warning("mesh punch signal refused", f"{conn.label} → {msg.agent}")
+            return
+        self.stats.signals_received += 1
+        self.server.execute(signaling.handle(our_id, inner, self.server.registry, now=self.server._now()))
+
     def member_down(self, conn: ZtnaConnection) -> bool:
         """True when `conn` was a mesh peer (its remote Agents are gone now)."""
         peer = conn.user
         if not isinstance(peer, MeshPeer):
             return False
         notes = []
+        signaling = self.server.signaling
         for our_id in peer.ids.values():
             self._proxies.pop(our_id, None)
             notes += self.server.registry.remove_peer(our_id)
+            if signaling is not None:
+                notes += signaling.peer_gone(our_id)
         self.server.execute(notes)
         if self.server.streams is not None:
             self.server.streams.peer_gone(peer)
@@ -329,6 +553,8 @@ class Mesh:
             return
         target.send_datagram(out)
         self.stats.received += 1
+        if NATIVE_MESH and (conn, ref, service) not in self._in_routes:
+            self._route_in(conn, ref, service, target, target_id, our_id)
 
     def _remote_agent(self, peer: MeshPeer, ref: int, service: str) -> int | None:
         """Our id for agent `ref` of that mesh peer, registered for `service` (None beyond
@@ -340,7 +566,10 @@ class Mesh:
                 self.stats.dropped_limit += 1
                 self._bad.warning("remote agents per mesh connection at their limit", conn_label(peer))
                 return None
-            our_id = self.server.new_peer_id()
+            srv = self.server
+            # The Agent's own id when it is free here (see the module's docstring).
+            free = ref != 0 and ref not in srv.conns and ref not in registry.peers
+            our_id = ref if free else srv.new_peer_id()
             registry.add_peer(our_id, _RemoteAgent(), f"{peer.conn.label}/agent#{ref}")
             peer.ids[ref] = our_id
             self._proxies[our_id] = (peer, ref)
@@ -359,7 +588,10 @@ class Mesh:
         if our_id is None:
             return
         self._proxies.pop(our_id, None)
-        self.server.execute(self.server.registry.remove_peer(our_id))
+        notes = self.server.registry.remove_peer(our_id)
+        if self.server.signaling is not None:
+            notes += self.server.signaling.peer_gone(our_id)
+        self.server.execute(notes)
         if self.server.streams is not None:
             self.server.streams.peer_gone(our_id)
 
@@ -390,15 +622,16 @@ class Mesh:
 
     def metrics(self) -> list[tuple[str, str, str, float, dict[str, str] | None]]:
         s = self.stats
-        out: list[tuple[str, str, str, float, dict[str, str] | None]] = [
-            ("ztna_mesh_datagrams_total", "counter", "Tunnel DATAGRAMs across the mesh", s.forwarded,
-             {"direction": "forwarded"}),
-            ("ztna_mesh_datagrams_total", "counter", "Tunnel DATAGRAMs across the mesh", s.delivered,
-             {"direction": "delivered"}),
-            ("ztna_mesh_datagrams_total", "counter", "Tunnel DATAGRAMs across the mesh", s.received,
-             {"direction": "received"}),
-            ("ztna_mesh_datagrams_total", "counter", "Tunnel DATAGRAMs across the mesh", s.replied,
-             {"direction": "replied"}),
+        native = self._native_counts()
+        out: list[tuple[str, str, str, float, dict[str, str] | None]] = []
+        for direction in ("forwarded", "delivered", "received", "replied"):
+            fast = native.get(f"mesh_{direction}", 0)
+            out.append(("ztna_mesh_datagrams_total", "counter",
+                        "Tunnel DATAGRAMs across the mesh (native routes and Python)",
+                        getattr(s, direction) + fast, {"direction": direction}))
+            out.append(("ztna_mesh_native_datagrams_total", "counter",
+                        "Tunnel DATAGRAMs across the mesh on native routes", fast, {"direction": direction}))
+        out += [
             ("ztna_mesh_links", "gauge", "Open mesh links to other members",
              sum(1 for link in self.links.values() if not link.closed), None),
             ("ztna_mesh_links_opened_total", "counter", "Mesh links opened", s.links_opened, None),
@@ -406,8 +639,14 @@ class Mesh:
              s.streams_forwarded, {"direction": "forwarded"}),
             ("ztna_mesh_streams_total", "counter", "TCP-carrying streams across the mesh",
              s.streams_received, {"direction": "received"}),
+            ("ztna_mesh_native_routes", "gauge", "Mesh routes installed in the native core",
+             len(self._out_routes) + len(self._in_routes), None),
         ]
-        for reason in ("no_member", "no_connector", "bad_reply", "malformed", "oversize", "limit"):
+        for direction in ("forwarded", "delivered", "received", "replied"):
+            out.append(("ztna_mesh_signals_total", "counter", "Hole-punch signaling across the mesh",
+                        getattr(s, f"signals_{direction}"), {"direction": direction}))
+        for reason in ("no_member", "no_connector", "bad_reply", "malformed", "oversize", "limit",
+                       "bad_signal"):
             out.append(("ztna_mesh_dropped_total", "counter", "Mesh datagrams dropped by reason",
                         getattr(s, f"dropped_{reason}"), {"reason": reason}))
         return out

@@ -77,6 +77,7 @@ from ztna.wire import (
     ControlMessage,
     GoAway,
     Hello,
+    MeshSignal,
     Register,
     RegistrationNack,
     ServiceHealth,
@@ -424,6 +425,8 @@ class Intermediate:
         # Every registry change (registration, departure) ends here: bring the native
         # routes in line with it before the next packet.
         self.sync_routes()
+        if self.mesh is not None:
+            self.mesh.sync_native()
 
     # ------------------------------------------------------------------ native relay routes
     # The relay decision is Python's (registry); where it is the same for every packet it is
@@ -456,7 +459,12 @@ class Intermediate:
             table[kind] = self._signal
         # From another member of the cluster: one of its Agents we relay for has gone.
         table[AgentGone] = self._remote_agent_gone
+        table[MeshSignal] = self._mesh_signal
         return table
+
+    def _mesh_signal(self, conn: ZtnaConnection, msg: MeshSignal) -> None:
+        if self.mesh is not None:
+            self.mesh.on_member_signal(conn, msg)
 
     def _remote_agent_gone(self, conn: ZtnaConnection, msg: AgentGone) -> None:
         if self.mesh is not None:
@@ -480,6 +488,8 @@ class Intermediate:
     def _signal(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
         if self.signaling is None:   # signaling off (--no-p2p): ignored like unknown types
             return
+        if self.mesh is not None and self.mesh.signal(conn.user, msg):
+            return       # the service's Connector is on another member: signaled there
         now = asyncio.get_running_loop().time()
         self.execute(self.signaling.handle(conn.user, msg, self.registry, now=now))
 

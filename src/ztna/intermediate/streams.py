@@ -16,7 +16,9 @@ other leg of each of its splices. At most `MAX_SPLICES_PER_PEER` per Agent.
 In a cluster (`ztna.cluster.mesh`) a stream for a service without a Connector here goes to the
 member its flow is placed on: the other leg is a stream on the mesh link to that member, headed
 `RelayedStreamOpen` with this member's Agent id; that member splices it like an Agent's stream,
-to one of its Connectors, with its own id for the remote Agent. Resumed streams do not cross.
+to one of its Connectors, with its own id for the remote Agent. Named and resumed streams cross
+the same way (`RelayedNamedStreamOpen`, `RelayedStreamResume` on the link); a resume is placed
+by its token.
 
 Once the Connector's status reply has come through (its arrival is the backend connect
 time the audit records), the two streams are joined in the native core
@@ -201,12 +203,13 @@ class StreamSplicer:
         if isinstance(header, StreamResume):
             # One Connector per service holds it; with several, a guess, made over the whole
             # pool: a resumption continues an existing flow, which health does not move.
-            target_id = srv.registry.pick(header.service_id, header.token, healthy_only=False)
+            key = header.token
+            target_id = srv.registry.pick(header.service_id, key, healthy_only=False)
         else:
             key = agent_id.to_bytes(4, "big") + leg.sid.to_bytes(8, "big")
             target_id = srv.registry.pick(header.service_id, key)
         target = srv.conns.get(target_id) if target_id is not None else None
-        if target is None and mesh is not None and isinstance(header, StreamOpen):
+        if target is None and mesh is not None:
             target = mesh.stream_link(agent_id, header.service_id, key)   # a Connector elsewhere
             target_id = target.user if target is not None else None
         if target is None:

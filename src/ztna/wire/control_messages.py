@@ -39,6 +39,8 @@ __all__ = [
     "GoAway",
     "Hello",
     "JsonMessage",
+    "MESH_SIGNAL_MESSAGES",
+    "MeshSignal",
     "Ping",
     "Pong",
     "PunchAnswer",
@@ -355,6 +357,27 @@ class PunchResult:
             check_port(self.port, lo=1)
 
 
+# What one member may pass to another about a punch (docs/protocol.md §3.6): the Agent's
+# request and result one way; the start, the Connector's result and errors the other.
+MESH_SIGNAL_MESSAGES: Final = (PunchRequest, PunchStart, PunchResult, ErrorMessage)
+
+
+@dataclass(frozen=True, slots=True)
+class MeshSignal:
+    """Member <-> member: hole-punch signaling of agent `agent` (the ref of the Agent's
+    member) whose Connector is on the other member. `message` is one of
+    `MESH_SIGNAL_MESSAGES`, carried as a nested JSON object."""
+
+    TYPE: ClassVar[str] = "mesh_signal"
+    agent: int
+    message: PunchRequest | PunchStart | PunchResult | ErrorMessage
+
+    def __post_init__(self) -> None:
+        check_uint(self.agent, U32_MAX, "agent")
+        if not isinstance(self.message, MESH_SIGNAL_MESSAGES):
+            raise UsageError(f"a mesh signal carries a punch message, not {type(self.message).__name__}")
+
+
 _RESERVED_KEYS: Final = frozenset({"v", "type"})
 
 
@@ -376,17 +399,18 @@ class UnknownMessage:
 JsonMessage = (
     ErrorMessage | GoAway | StandingCandidates | Hello | AddressToken | AgentGone | ServiceStatus
     | ServiceHealth | Ping | Pong | PunchRequest
-    | PunchOffer | PunchAnswer | PunchStart | PunchResult | UnknownMessage
+    | PunchOffer | PunchAnswer | PunchStart | PunchResult | MeshSignal | UnknownMessage
 )
 
 _CLASSES: Final = (ErrorMessage, GoAway, StandingCandidates, Hello, AddressToken, AgentGone,
                    ServiceStatus, ServiceHealth, Ping, Pong, PunchRequest, PunchOffer, PunchAnswer,
-                   PunchStart, PunchResult)
+                   PunchStart, PunchResult, MeshSignal)
 _BY_TYPE: Final[dict[str, Any]] = {cls.TYPE: cls for cls in _CLASSES}
 # The hole-punching signalling messages (docs/p2p.md): a program's dispatch table sends them
 # all to its punch machinery.
 PUNCH_MESSAGES: Final = (PunchRequest, PunchOffer, PunchAnswer, PunchStart, PunchResult)
 _CANDIDATE_FIELDS: Final = frozenset({"candidates", "peer_candidates"})
+_MESH_SIGNAL_TYPES: Final = frozenset(cls.TYPE for cls in MESH_SIGNAL_MESSAGES)
 
 
 # ---- encoding ---------------------------------------------------------------------------
@@ -403,6 +427,8 @@ def _to_json(msg: object) -> dict[str, Any]:
             continue
         if f.name in _CANDIDATE_FIELDS:
             value = [_candidate_to_json(c) for c in value]
+        elif isinstance(msg, MeshSignal) and f.name == "message":
+            value = _to_json(value)
         out[f.name] = value
     return out
 
@@ -465,6 +491,14 @@ def _from_json(cls: Any, obj: dict[str, Any]) -> JsonMessage:
             if not isinstance(value, list) or len(value) > MAX_CANDIDATES:
                 raise DecodeError(f"{f.name} must be a list of at most {MAX_CANDIDATES}")
             value = tuple(_candidate_from_json(c) for c in value)
+        elif cls is MeshSignal and f.name == "message":
+            if not isinstance(value, dict):
+                raise DecodeError("mesh_signal: 'message' must be a JSON object")
+            # Checked before decoding it, so nesting cannot recurse.
+            inner = value.get("type")
+            if inner not in _MESH_SIGNAL_TYPES:
+                raise DecodeError(f"mesh_signal: cannot carry {inner!r}")
+            value = _decode_object(value)
         kwargs[f.name] = value
     msg: JsonMessage = cls(**kwargs)
     return msg
@@ -475,6 +509,10 @@ def decode_json_body(body: bytes | bytearray | memoryview) -> JsonMessage:
     obj = _parse(bytes(body))
     if not isinstance(obj, dict):
         raise DecodeError("control JSON body must be an object")
+    return _decode_object(obj)
+
+
+def _decode_object(obj: dict[str, Any]) -> JsonMessage:
     version = obj.get("v")
     if type(version) is not int or version != CONTROL_JSON_VERSION:
         raise DecodeError(f"control JSON: unsupported version {version!r}")
