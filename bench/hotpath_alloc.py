@@ -77,7 +77,7 @@ async def child_main(pki: str) -> None:
             break
         # Both paths: the Python relay's count and the native routes' (the endpoints' share).
         python = srv.stats.relayed_datagrams
-        native = srv.endpoint_totals().get("relay_forwarded", 0)
+        native = sum(ep.stats.relay_forwarded for ep in srv.endpoints)
         out: dict[str, Any] = {"cmd": line, "relayed": python + native, "python": python,
                                "native": native, "t": time.perf_counter()}
         if line == "trace-start":

@@ -84,7 +84,7 @@ def test_sigkill_member_agent_is_back_on_the_other_in_0rtt(tmp_path: Path, kill:
               "--service", f"echo=10.100.0.2;tcp:7=127.0.0.1:{bport}")
         fwd, mport = free_tcp_port(), free_tcp_port()
         spawn("agent", "agent", "--mode", "userspace", "--intermediate",
-              f"127.0.0.1:{i1.port},127.0.0.1:{i2.port}", "--server-name", "localhost",
+              f"127.0.0.1:{i1.port},127.0.0.1:{i2.port}", "--pick", "first", "--server-name", "localhost",
               "--pki", str(pki), "--service", "echo=10.100.0.2", "-L", f"127.0.0.1:{fwd}=echo:7",
               "--metrics", f"127.0.0.1:{mport}", "--state-dir", str(tmp_path / "agent-state"))
         deadline = time.monotonic() + 30

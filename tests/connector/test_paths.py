@@ -127,3 +127,60 @@ def test_udp_flow_survives_a_path_switch() -> None:
         backend.close()
 
     asyncio.run(body())
+
+
+def test_agent_ids_of_two_relay_links_are_apart() -> None:
+    """Attached to two Intermediates, one agent id on both links is two Agents: two relay
+    paths, and a direct connection joins the link its id is relayed on (only one: that)."""
+    agents = AgentPaths()
+    agents.links = 2
+    c0, c1 = FakeConn("relay 0"), FakeConn("relay 1")
+    p0, p1 = agents.relay_path(c0, 7, 0), agents.relay_path(c1, 7, 1)
+    assert p0 is not p1 and p0.key != p1.key and (p0.link, p1.link) == (0, 1)
+    assert agents.relay_path(c1, 7, 1) is p1 and agents.relay_path(c0, 7) is p0
+    assert (p0.key, p1.key) == (7, (1 << 32) | 7)          # link 0 keeps the bare id
+    assert p1.send(b"\x45pkt") and c1.sent == [b"\x31\x01\x00\x00\x00\x07\x45pkt"] and c0.sent == []
+    only_on_1 = agents.relay_path(c1, 8, 1)
+    direct = ReplyPath(FakeConn("d8"), 8, direct=True)
+    agents.add_direct(direct)
+    assert direct.link == 1 and direct.key == only_on_1.key
+    only_on_1.alive = False
+    agents.remove(only_on_1)
+    assert agents.alternate(only_on_1, c1) is direct
+    both = ReplyPath(FakeConn("d7"), 7, direct=True)
+    agents.add_direct(both)
+    assert both.link == 0                                 # on both links: the first
+
+
+def test_udp_flows_with_one_agent_id_on_two_links_stay_apart() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        backend = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        backend.bind(("127.0.0.1", 0))
+        backend.setblocking(False)
+        port = backend.getsockname()[1]
+        svc = ServiceState(ServiceConfig(id="web", virtual_ips=["10.100.0.2"],
+                                         udp={53: f"127.0.0.1:{port}"}))
+        flows = UdpFlows(loop, ConnectorStats(), total_limit=10, per_service_limit=10, idle_timeout=30)
+        paths = [ReplyPath(FakeConn(f"relay {n}"), 9, link=n) for n in (0, 1)]
+        sources = []
+        for n, path in enumerate(paths):
+            pkt = build_udp_packet(AGENT_IP, VIP, 40000, 53, b"from link %d" % n)
+            flows.on_packet(path, svc, parse_ip(pkt), memoryview(pkt), loop.time())
+            data, src = await loop.sock_recvfrom(backend, 2048)
+            assert data == b"from link %d" % n
+            sources.append(src)
+        assert len(flows) == 2 and sources[0] != sources[1]      # a socket each
+        for n, src in enumerate(sources):
+            await loop.sock_sendto(backend, b"to link %d" % n, src)
+        for _ in range(100):
+            if all(p.conn.sent for p in paths):
+                break
+            await asyncio.sleep(0.01)
+        for n, path in enumerate(paths):
+            (reply,) = path.conn.sent
+            assert bytes(parse_udp(reply[6:], parse_ip(reply[6:])).payload) == b"to link %d" % n
+        flows.close_all()
+        backend.close()
+
+    asyncio.run(body())

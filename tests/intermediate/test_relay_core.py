@@ -53,6 +53,10 @@ class Conn:
 
 
 EP = object()
+
+
+def clock() -> float:
+    return 0.0
 AGENT, OTHER_AGENT, CONNECTOR, OTHER_CONNECTOR = 1, 2, 10, 11
 
 
@@ -71,39 +75,41 @@ def world() -> tuple[Registry, dict[int, Conn], Relay]:
     for peer, role, service in ((CONNECTOR, Role.CONNECTOR, "web"), (OTHER_CONNECTOR, Role.CONNECTOR, "db"),
                                 (AGENT, Role.AGENT, "web"), (OTHER_AGENT, Role.AGENT, "db")):
         assert isinstance(reg.register(peer, Register(role=role, service_id=service))[0], RegistrationAck)
-    return reg, conns, Relay(reg, conns)
+    return reg, conns, Relay(reg, conns, clock)
 
 
 def test_agent_to_connector_and_reply_byte_exact() -> None:
-    _, _, relay = world()
+    _, conns, relay = world()
     pkt = packet()
-    d = relay.decide(AGENT, "agent", encode_service_datagram("web", pkt), now=0.0)
-    assert d == Forward(CONNECTOR, encode_to_connector(AGENT, "web", pkt))
+    d = relay.decide(AGENT, "agent", encode_service_datagram("web", pkt))
+    assert d == Forward(CONNECTOR, encode_to_connector(AGENT, "web", pkt), conns[CONNECTOR])
+    assert isinstance(d, Forward) and d.conn is conns[CONNECTOR]
     assert isinstance(d, Forward) and d.payload[:6] == b"\x30\x01\x00\x00\x00\x01"   # 0x30 v1, agent 1
     reply = packet(53, b"answer")
-    d = relay.decide(CONNECTOR, "connector", encode_from_connector(AGENT, reply), now=0.0)
-    assert d == Forward(AGENT, reply)
+    d = relay.decide(CONNECTOR, "connector", encode_from_connector(AGENT, reply))
+    assert d == Forward(AGENT, reply, conns[AGENT]) and d.conn is conns[AGENT]
     assert relay.stats.relayed_datagrams == 2
     assert relay.stats.relayed_bytes == len(encode_to_connector(AGENT, "web", pkt)) + len(reply)
 
 
 def test_isolation_between_agents_and_services() -> None:
-    _, _, relay = world()
+    _, conns, relay = world()
     pkt = packet()
     # The "db" Connector may not answer the "web" Agent, nor the "web" Connector the "db" Agent.
-    d = relay.decide(OTHER_CONNECTOR, "c11", encode_from_connector(AGENT, pkt), now=0.0)
+    d = relay.decide(OTHER_CONNECTOR, "c11", encode_from_connector(AGENT, pkt))
     assert d == Drop(DropReason.BAD_REPLY, "0x31 reply to an agent this connector does not serve", "c11 → 1")
-    d = relay.decide(CONNECTOR, "c10", encode_from_connector(OTHER_AGENT, pkt), now=0.0)
+    d = relay.decide(CONNECTOR, "c10", encode_from_connector(OTHER_AGENT, pkt))
     assert isinstance(d, Drop) and d.reason is DropReason.BAD_REPLY
     # An Agent cannot send into a service it has not registered for: the driver may hold it
     # (the registration may be on its way), else it is refused and counted.
     data = encode_service_datagram("db", pkt)
-    assert relay.decide(AGENT, "a1", data, now=0.0) == Unregistered("db", data)
+    assert relay.decide(AGENT, "a1", data) == Unregistered("db", data)
     assert relay.refuse_unregistered("a1", "db") == Drop(
         DropReason.UNREGISTERED, "0x2F from a peer not registered as agent", "a1 → db")
     # Each Agent's packets reach only its own service's Connector, with its own id.
-    d = relay.decide(OTHER_AGENT, "a2", encode_service_datagram("db", pkt), now=0.0)
-    assert d == Forward(OTHER_CONNECTOR, encode_to_connector(OTHER_AGENT, "db", pkt))
+    d = relay.decide(OTHER_AGENT, "a2", encode_service_datagram("db", pkt))
+    assert d == Forward(OTHER_CONNECTOR, encode_to_connector(OTHER_AGENT, "db", pkt), conns[OTHER_CONNECTOR])
+    assert d.conn is conns[OTHER_CONNECTOR]
     assert relay.stats.dropped_bad_reply == 2 and relay.stats.dropped_unregistered == 1
     assert relay.stats.relayed_datagrams == 1
 
@@ -113,35 +119,35 @@ def test_every_drop_is_counted_under_its_reason() -> None:
     pkt = packet()
     # malformed: a 0x2F whose service id runs past the end, a 0x31 without its agent id,
     # and a registration that does not decode
-    d = relay.decide(AGENT, "a1", b"\x2f\x09web", now=0.0)
+    d = relay.decide(AGENT, "a1", b"\x2f\x09web")
     assert isinstance(d, Drop) and d.reason is DropReason.MALFORMED and d.message == "malformed 0x2F datagram"
-    d = relay.decide(CONNECTOR, "c10", b"\x31\x00", now=0.0)
+    d = relay.decide(CONNECTOR, "c10", b"\x31\x00")
     assert isinstance(d, Drop) and d.reason is DropReason.MALFORMED and d.message == "malformed 0x31 datagram"
     reg_type = encode_registration(Register(role=Role.AGENT, service_id="web"))[0]
-    assert relay.decide(AGENT, "a1", bytes((reg_type, 0xFF)), now=0.0) == Drop(DropReason.MALFORMED)
+    assert relay.decide(AGENT, "a1", bytes((reg_type, 0xFF))) == Drop(DropReason.MALFORMED)
     # unknown type
-    assert relay.decide(AGENT, "a1", b"\x7fxyz", now=0.0) == Drop(
+    assert relay.decide(AGENT, "a1", b"\x7fxyz") == Drop(
         DropReason.UNKNOWN_TYPE, "datagram of unknown type", "0x7f from a1")
     # oversize: the Connector's connection takes 40 bytes at most
     conns[CONNECTOR].limit = 40
-    d = relay.decide(AGENT, "a1", encode_service_datagram("web", pkt), now=0.0)
+    d = relay.decide(AGENT, "a1", encode_service_datagram("web", pkt))
     out = len(encode_to_connector(AGENT, "web", pkt))
     assert d == Drop(DropReason.OVERSIZE, "relayed datagram larger than the next hop allows", f"{out} > 40")
     # no Connector: the pool is empty once its Connector leaves; the mesh may have one,
     # else the driver counts it
     reg.remove_peer(CONNECTOR)
     data = encode_service_datagram("web", pkt)
-    d = relay.decide(AGENT, "a1", data, now=0.0)
+    d = relay.decide(AGENT, "a1", data)
     assert isinstance(d, NoLocalConnector) and (d.agent, d.service, bytes(d.packet)) == (AGENT, "web", pkt)
     assert relay.no_connector("web") == Drop(DropReason.NO_CONNECTOR, "no connector for service", "web")
     # a reply to an Agent the Connector serves but which is not connected here (gone, or
     # another member's): the mesh may take it, else it is a bad reply, counted quietly
     del conns[OTHER_AGENT]
-    d = relay.decide(OTHER_CONNECTOR, "c11", encode_from_connector(OTHER_AGENT, pkt), now=0.0)
+    d = relay.decide(OTHER_CONNECTOR, "c11", encode_from_connector(OTHER_AGENT, pkt))
     assert isinstance(d, AgentElsewhere) and d.agent == OTHER_AGENT and bytes(d.packet) == pkt
     assert relay.reply_gone() == Drop(DropReason.BAD_REPLY)
     # unregistered (after the driver's hold gave up)
-    assert isinstance(relay.decide(OTHER_CONNECTOR, "c11", encode_service_datagram("db", pkt), now=0.0),
+    assert isinstance(relay.decide(OTHER_CONNECTOR, "c11", encode_service_datagram("db", pkt)),
                       Unregistered)
     relay.refuse_unregistered("c11", "db")
     assert {r: relay.stats.dropped(r) for r in DropReason} == {
@@ -178,11 +184,11 @@ class _View:
 def test_registration_and_member_datagrams_go_to_the_driver() -> None:
     _, _, relay = world()
     msg = Register(role=Role.AGENT, service_id="web")
-    assert relay.decide(AGENT, "a1", encode_registration(msg), now=0.0) == Registration(msg)
+    assert relay.decide(AGENT, "a1", encode_registration(msg)) == Registration(msg)
     # only requests come this way: an Ack sent to the Intermediate is of no known type
-    assert relay.decide(AGENT, "a1", encode_registration(RegistrationAck("web")), now=0.0) == Drop(
+    assert relay.decide(AGENT, "a1", encode_registration(RegistrationAck("web"))) == Drop(
         DropReason.UNKNOWN_TYPE, "datagram of unknown type", "0x12 from a1")
-    assert relay.decide(AGENT, "a1", encode_mesh_from_connector(7, packet()), now=0.0) == MemberDatagram()
+    assert relay.decide(AGENT, "a1", encode_mesh_from_connector(7, packet())) == MemberDatagram()
     assert relay.unknown_type(0x33, "a1").reason is DropReason.UNKNOWN_TYPE
 
 
@@ -196,9 +202,9 @@ def test_unrouted_flows_are_decided_per_packet_by_the_registry() -> None:
     assert routes_for(reg, conns, "web", AGENT) == frozenset()
     targets = set()
     for sport in range(1000, 1032):
-        d = relay.decide(AGENT, "a1", encode_service_datagram("web", packet(sport)), now=1.0)
+        d = relay.decide(AGENT, "a1", encode_service_datagram("web", packet(sport)))
         assert isinstance(d, Forward)
-        again = relay.decide(AGENT, "a1", encode_service_datagram("web", packet(sport)), now=2.0)
+        again = relay.decide(AGENT, "a1", encode_service_datagram("web", packet(sport)))
         assert isinstance(again, Forward) and again.target == d.target
         targets.add(d.target)
     assert targets == {CONNECTOR, 12}

@@ -138,6 +138,9 @@ class AgentOptions(BaseModel):
     # Every Intermediate given (`--intermediate A,B,…`, members of one cluster), in order of
     # preference; empty means just `intermediate`. The session fails over along it.
     intermediates: tuple[tuple[str, int], ...] = ()
+    # Which of several to attach to first: "rtt", the nearest by handshake time (with the
+    # list's order among the about as near: ztna.link.targets), or "first", the list's order.
+    pick: Literal["rtt", "first"] = "rtt"
     tls: TlsFiles
     server_name: str | None = None  # TLS name to verify; default: the Intermediate's host (IP or DNS)
     services: tuple[ServiceSpec, ...]
@@ -249,6 +252,7 @@ class AgentFile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     intermediate: str | None = None
+    pick: Literal["rtt", "first"] | None = None
     pki: str | None = None
     cert: str | None = None
     key: str | None = None

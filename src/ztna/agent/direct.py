@@ -2,10 +2,14 @@
 
 Theory of operation
 -------------------
-* **One P2P socket** (`QuicEndpoint` on an ephemeral port, separate from the relay socket)
-  carries the probes (raw datagrams, first byte < 0x40), a small QUIC connection to the
-  Intermediate whose QAD tells us this socket's public address (srflx), and the direct QUIC
-  connections to Connectors — so the NAT mapping the probes validate is the one QUIC uses.
+* **One P2P socket** (`ztna.p2p_socket.P2PSocket` on an ephemeral port, separate from the
+  relay socket, the same component the Connector uses) carries the probes (raw datagrams,
+  first byte < 0x40), a small QUIC connection to the Intermediate whose QAD tells us this
+  socket's public address (srflx), and the direct QUIC connections to Connectors — so the
+  NAT mapping the probes validate is the one QUIC uses. It owns QAD, the interface refresh
+  and probe routing on one timer; this module keeps what is the Agent's own: a path manager
+  per service, the punch requests, and the direct connections. When the session fails over
+  to another Intermediate, the socket's QAD follows it once the relay is up there.
 * Per service, a `ztna.p2p.path.PathManager` decides when to punch. Once the service is
   registered (ACK) and has a Connector, we gather candidates (`ztna.p2p.candidates`) and
   send `PunchRequest` on the relay's control stream; `PunchStart` starts a controlling
@@ -32,34 +36,33 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import random
 import secrets
-import socket
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from prometheus_client import CollectorRegistry, Histogram
 
-from ztna import limits
 from ztna.agent.config import AgentOptions
 from ztna.agent.services import ServiceState
-from ztna.errors import DatagramTooLarge, DecodeError, error_text
+from ztna.errors import DatagramTooLarge, error_text
+from ztna.link import Backoff
+from ztna.link.driver import LinkEvents
 from ztna.observe import format_address
-from ztna.p2p.candidates import gather, interface_addresses
+from ztna.p2p.candidates import gather
 from ztna.p2p.path import PathConfig, PathManager, PathState
 from ztna.p2p.punch import PunchConfig, PunchSession, PunchState
+from ztna.p2p.router import Progress
+from ztna.p2p_socket import P2PSocket
 from ztna.quic.config import make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
 from ztna.quic.endpoint import QuicEndpoint, bind_udp, normalize_address
 from ztna.wire import (
     ControlMessage,
-    DatagramKind,
     Hello,
     ObservedAddress,
-    Ping,
     Register,
     Role,
-    classify_datagram,
-    decode_qad,
     encode_control,
 )
 from ztna.wire.control_messages import (
@@ -69,7 +72,6 @@ from ztna.wire.control_messages import (
     PunchStart,
     ServiceHealth,
 )
-from ztna.wire.probe import probe_session_of
 
 
 class RelaySession(Protocol):
@@ -82,13 +84,15 @@ class RelaySession(Protocol):
     conn: ZtnaConnection | None
     zero_rtt: bool
     instance: int
+    events: LinkEvents
 
     def on_packet(self, data: bytes) -> None: ...
 
 log = logging.getLogger("ztna.agent")
 
 TICK = 0.02
-ADDRESS_REFRESH = 10.0
+QAD_RETRY = 2.0  # after a failed or closed QAD connection, try again this much later
+MAX_PUNCH_SESSIONS = 64
 QAD_WAIT = 1.0   # how long a punch waits for the P2P socket's QAD before going without srflx
 # The controlling side nominates the first validated pair at once: a better pair still in
 # flight would save little, the wait costs every warm-up (settle 0).
@@ -102,27 +106,9 @@ class _ServicePath:
     pm: PathManager
     punch: PunchSession | None = None
     conn: ZtnaConnection | None = None
-    timer: asyncio.TimerHandle | None = None
-    punch_reported: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     streams: dict[int, Any] = field(default_factory=dict)   # TCP-on-stream handlers on `conn`
     backend_healthy: bool = True   # the direct Connector's own report (ServiceHealth)
-
-
-class _QadHandler(ConnectionHandler):
-    def __init__(self, owner: DirectPaths) -> None:
-        self.owner = owner
-
-    def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
-        if data and classify_datagram(data[0]) is DatagramKind.QAD:
-            try:
-                self.owner.set_observed(decode_qad(data))
-            except DecodeError:
-                pass
-
-    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
-        if isinstance(msg, ObservedAddress):
-            self.owner.set_observed(msg)
 
 
 class _DirectHandler(ConnectionHandler):
@@ -193,19 +179,15 @@ class DirectPaths:
         self.options = session.options
         self.config = config or PathConfig()
         self.loop = asyncio.get_running_loop()
+        self.sock: P2PSocket[_ServicePath] | None = None
         self.endpoint: QuicEndpoint | None = None
-        self.observed: tuple[str, int] | None = None
-        self.observed_at: float | None = None
         self.started_at = self.loop.time()
         now = self.loop.time()
         self.paths = {s.spec.id: _ServicePath(s, PathManager(config=self.config, now=now))
                       for s in session.services}
-        self.by_session: dict[int, _ServicePath] = {}
-        self.unknown_probes = 0
         # Direct connections left for an unhealthy backend, kept while their streams live.
         self.retired: list[ZtnaConnection] = []
         self.unhealthy_departures = 0
-        self.addresses: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.registry = CollectorRegistry()
@@ -219,75 +201,70 @@ class DirectPaths:
             sock = bind_udp("::", 0)
         except OSError:
             sock = bind_udp("0.0.0.0", 0)
-        self.endpoint = QuicEndpoint(sock, raw_handler=self._raw, loop=self.loop, retain_streams=True)
-        log.info("P2P socket on udp port %d", self.port)
-        self._tasks.append(self.loop.create_task(self._qad_loop(), name="ztna-agent-p2p-qad"))
-        self._tasks.append(self.loop.create_task(self._tick_loop(), name="ztna-agent-p2p"))
-        self._tasks.append(self.loop.create_task(self._address_loop(), name="ztna-agent-p2p-addr"))
+        options = self.options
 
-    async def _address_loop(self) -> None:
-        """Interface addresses (netlink runs its own loop, so in a thread), refreshed."""
-        while not self._stopping:
-            try:
-                self.addresses = await asyncio.to_thread(interface_addresses)
-            except Exception as exc:  # noqa: BLE001 - srflx alone may still work
-                log.warning("cannot list interface addresses: %s", exc)
-            await asyncio.sleep(ADDRESS_REFRESH)
+        def qad_config(host: str) -> Any:
+            return make_configuration(is_client=True, tls=options.tls,
+                                      server_name=options.server_name or host,
+                                      udp_payload=options.udp_payload)
+
+        # QAD goes where the session is (options.intermediate is the Intermediate it is on or
+        # trying) and moves with it when it fails over.
+        self.sock = P2PSocket(sock, self, intermediate=lambda: options.intermediate, qad_config=qad_config,
+                              backoff=Backoff(initial=QAD_RETRY, cap=QAD_RETRY, jitter=(1.0, 1.0),
+                                              rng=random.Random()),
+                              max_sessions=MAX_PUNCH_SESSIONS, loop=self.loop)
+        self.endpoint = self.sock.endpoint
+        self.session.events.moved.append(self._link_moved)
+        self.sock.start()
+        log.info("P2P socket on udp port %d", self.port)
+        self._tasks.append(self.loop.create_task(self._tick_loop(), name="ztna-agent-p2p"))
+
+    def _link_moved(self, old: tuple[str, int], new: tuple[str, int]) -> None:
+        if self.sock is not None:
+            self.sock.follow()
 
     @property
     def port(self) -> int:
-        assert self.endpoint is not None
-        return int(self.endpoint.local_address[1])
+        assert self.sock is not None
+        return self.sock.port
+
+    @property
+    def observed(self) -> tuple[str, int] | None:
+        return self.sock.observed if self.sock is not None else None
+
+    @property
+    def observed_at(self) -> float | None:
+        return self.sock.observed_at if self.sock is not None else None
+
+    @property
+    def addresses(self) -> list[str]:
+        return self.sock.addresses if self.sock is not None else []
+
+    @property
+    def unknown_probes(self) -> int:
+        """Non-QUIC datagrams that belonged to no punch of ours (not a probe, or a probe of
+        a session we do not run)."""
+        if self.sock is None:
+            return 0
+        return self.sock.router.not_a_probe + self.sock.router.unknown_session
 
     async def stop(self) -> None:
         self._stopping = True
         for t in self._tasks:
             t.cancel()
-        for sp in self.paths.values():
-            if sp.timer is not None:
-                sp.timer.cancel()
-        if self.endpoint is not None:
-            self.endpoint.close(reason="agent shutting down")
+        if self.sock is not None:
+            self.sock.close(reason="agent shutting down")
             await asyncio.sleep(0.02)
-            self.endpoint.shutdown_socket()
+            self.sock.shutdown_socket()
 
-    def set_observed(self, msg: ObservedAddress) -> None:
-        addr = (str(msg.ip), msg.port)
-        if addr != self.observed:
-            log.info("P2P socket public address (QAD): %s", format_address(addr))
-        self.observed = addr
-        if self.observed_at is None:
-            self.observed_at = self.loop.time()
+    # The P2P socket's events (ztna.p2p_socket.P2POwner): the Agent reads the public address
+    # and the interface list when it gathers candidates, so it only needs the punch steps.
+    def on_public_address(self, addr: ObservedAddress) -> None:
+        pass
 
-    async def _qad_loop(self) -> None:
-        """A QUIC connection from the P2P socket to the Intermediate, for its QAD (srflx)
-        and to keep this socket's NAT mapping alive. It never registers anything."""
-        assert self.endpoint is not None
-        while not self._stopping:
-            conn = None
-            try:
-                host, port = self.options.intermediate
-                infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-                if self.endpoint.family == socket.AF_INET:
-                    infos = [i for i in infos if i[0] == socket.AF_INET]
-                config = make_configuration(is_client=True, tls=self.options.tls,
-                                            server_name=self.options.tls_name(),
-                                            udp_payload=self.options.udp_payload)
-                conn = self.endpoint.connect(infos[0][4][:2], config, _QadHandler(self))
-                # Open stream 0 (the server may only write it after us) so the QAD control
-                # frame can reach us; the Intermediate ignores pings.
-                conn.send_control(encode_control(Ping(id=0)))
-                await asyncio.wait_for(conn.wait_handshake(), 10.0)
-                while not conn.closed:
-                    await asyncio.sleep(limits.NAT_KEEPALIVE_INTERVAL)
-                    conn.ping()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - retry whatever went wrong
-                log.debug("P2P QAD connection failed: %s", exc)
-                if conn is not None:
-                    conn.close(0, "qad retry")
-            await asyncio.sleep(2.0)
+    def on_addresses(self, addresses: list[str]) -> None:
+        pass
 
     # ------------------------------------------------------------------ hot path hook
     def send(self, svc: ServiceState, datagram: bytes) -> bool:
@@ -360,9 +337,7 @@ class DirectPaths:
         sp.backend_healthy = True     # a new connection hears its own Connector's report
         sp.pm.direct_failed(now=now, reason=reason)
         self.unhealthy_departures += 1
-        if sp.timer is not None:
-            sp.timer.cancel()
-            sp.timer = None
+        self._silence_punch(sp)
         handler = conn.handler if isinstance(conn.handler, _DirectHandler) else None
         if handler is not None:
             # From now on its close is a retired connection's, not the service's path failing.
@@ -451,9 +426,13 @@ class DirectPaths:
         # After the close: we acknowledge nothing more on it, so what the Connector sees as
         # unacknowledged is exactly what resumable streams have not taken yet.
         self.abort_streams(sp)
-        if sp.timer is not None:
-            sp.timer.cancel()
-            sp.timer = None
+        self._silence_punch(sp)
+
+    def _silence_punch(self, sp: _ServicePath) -> None:
+        # The punch is over for this service: its session still answers late probes, but
+        # sends nothing more of its own.
+        if sp.punch is not None and self.sock is not None:
+            self.sock.silence(sp.punch.session)
 
     def _start_punch(self, sp: _ServicePath, relay: ZtnaConnection, now: float) -> None:
         pm = sp.pm
@@ -466,8 +445,9 @@ class DirectPaths:
             cands = gather(self.port, addresses, observed=self.observed)
         relay.send_control(encode_control(PunchRequest(service=sp.svc.spec.id, candidates=cands)))
         pm.mark("candidates_sent", now=self.loop.time())
+        if sp.punch is not None and self.sock is not None:
+            self.sock.discard(sp.punch.session)   # its late probes are unknown from now on
         sp.punch = None
-        sp.punch_reported = False
         sp.extra["candidates"] = cands
         log.info("service %s: punch requested with %d candidates", sp.svc.spec.id, len(cands))
 
@@ -484,10 +464,8 @@ class DirectPaths:
                                    rng=secrets.token_bytes, now=now,
                                    start_at=now + msg.start_in_ms / 1000, config=PUNCH_CONFIG)
             sp.punch = session
-            self.by_session[msg.session] = sp
-            while len(self.by_session) > 64:
-                self.by_session.pop(next(iter(self.by_session)))
-            self._run_punch(sp, session.on_timer(now=now))
+            assert self.sock is not None
+            self.sock.punch(session, sp)
         elif isinstance(msg, ErrorMessage):
             for sp in self.paths.values():
                 if sp.pm.state is PathState.PUNCHING and (
@@ -495,36 +473,15 @@ class DirectPaths:
                         or msg.code == "no_connector"):
                     sp.pm.punch_failed(now=now, reason=f"{msg.code}: {msg.message}")
 
-    def _raw(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
-        sid = probe_session_of(data)
-        sp = self.by_session.get(sid) if sid is not None else None
-        if sp is None or sp.punch is None or sp.punch.session != sid:
-            self.unknown_probes += 1
+    def on_punch(self, progress: Progress[_ServicePath]) -> None:
+        """A step of a punch session (the socket sent its probes already)."""
+        sp, punch = progress.route.tag, progress.route.session
+        if sp.punch is not punch:
             return
-        self._run_punch(sp, sp.punch.on_datagram(data, addr, now=now))
-
-    def _run_punch(self, sp: _ServicePath, sends: list[Any]) -> None:
-        punch = sp.punch
-        assert punch is not None and self.endpoint is not None
-        for s in sends:
-            self.endpoint.send_raw(s.data, s.addr)
-        now = self.loop.time()
         if punch.first_probe_at is not None:
             sp.pm.mark("first_probe", now=punch.first_probe_at)
-        if punch.done and not sp.punch_reported and sp.pm.state is PathState.PUNCHING:
-            sp.punch_reported = True
-            self._punch_done(sp, punch, now)
-        if sp.timer is not None:
-            sp.timer.cancel()
-            sp.timer = None
-        deadline = punch.next_deadline()
-        if deadline is not None:
-            sp.timer = self.loop.call_at(deadline, self._punch_timer, sp, punch)
-
-    def _punch_timer(self, sp: _ServicePath, punch: PunchSession) -> None:
-        sp.timer = None
-        if sp.punch is punch:
-            self._run_punch(sp, punch.on_timer(now=self.loop.time()))
+        if progress.finished and sp.pm.state is PathState.PUNCHING:
+            self._punch_done(sp, punch, self.loop.time())
 
     def _punch_done(self, sp: _ServicePath, punch: PunchSession, now: float) -> None:
         relay = self.session.conn
@@ -620,8 +577,9 @@ class DirectPaths:
                     for sid, sp in self.paths.items()}
         warm = [s["warmup_ms"] for s in services.values() if s["warmup_ms"] is not None]
         return {
-            "socket_port": self.port if self.endpoint is not None else None,
+            "socket_port": self.port if self.sock is not None else None,
             "observed": f"{self.observed[0]}:{self.observed[1]}" if self.observed else None,
+            "qad": self.sock.qad_snapshot() if self.sock is not None else None,
             "unknown_probes": self.unknown_probes,
             "unhealthy_departures": self.unhealthy_departures,
             "warmup_ms": warm[0] if warm else None,

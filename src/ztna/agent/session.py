@@ -53,7 +53,15 @@ from ztna.agent.services import (
 from ztna.cert_hints import certificate_problem_hint, is_own_verification_failure
 from ztna.errors import DatagramTooLarge, DecodeError, error_text
 from ztna.link import AGENT_JITTER, Backoff, LinkState
-from ztna.link.driver import LinkEvents, LinkLoop, open_link, resolve, send_due_registers, silence
+from ztna.link.driver import (
+    LinkEvents,
+    LinkLoop,
+    measure_handshakes,
+    open_link,
+    resolve,
+    send_due_registers,
+    silence,
+)
 from ztna.link.registration import AGENT_NACK_RETRY, RegistrationPolicy
 from ztna.link.targets import Targets
 from ztna.observe import format_address
@@ -121,6 +129,8 @@ class SessionInfo:
     observed: str | None = None
     handshake: str = ""                     # "full", "resumed" or "0-RTT" (last connection)
     connect_ms: float | None = None         # last connect: start -> first registration ACK
+    # Several Intermediates, --pick rtt: each one's handshake time at start (ms; None: no answer).
+    handshake_ms: dict[str, float | None] = field(default_factory=dict)
 
 
 class Session(ConnectionHandler):
@@ -233,9 +243,30 @@ class Session(ConnectionHandler):
         backoff = Backoff(initial=self.options.backoff_initial, cap=self.options.backoff_cap,
                           rng=self.rng, jitter=AGENT_JITTER)
         self._first_attempt = True
+        if self.options.pick == "rtt" and self.targets.can_fail_over:
+            await self._pick_nearest()
         await LinkLoop(self.targets, backoff, log=log, reset_on_failover=True).run(
             self._attempt, stopping=lambda: self._stopping, sleep=asyncio.sleep,
             on_failure=self._failed, on_retry=self._retry)
+
+    async def _pick_nearest(self) -> None:
+        """Attach first to the nearest of several Intermediates (ztna.link.targets)."""
+        assert self.endpoint is not None
+
+        def config_for(target: tuple[str, int]) -> Any:
+            return make_configuration(is_client=True, tls=self.options.tls,
+                                      server_name=self.options.server_name or target[0],
+                                      udp_payload=self.options.udp_payload)
+
+        rtts = await measure_handshakes(self.endpoint, self.targets.addresses, config_for,
+                                        timeout=HANDSHAKE_TIMEOUT / 2)
+        self.info.handshake_ms = {format_address(t): None if s is None else round(s * 1000, 1)
+                                  for t, s in rtts.items()}
+        self.targets.choose(rtts)
+        self.options.intermediate = self.targets.current
+        log.info("handshake times: %s; attaching to %s",
+                 ", ".join(f"{t} {'-' if ms is None else f'{ms} ms'}" for t, ms in self.info.handshake_ms.items()),
+                 format_address(self.targets.current))
 
     async def _attempt(self, target: tuple[str, int]) -> bool:
         if not self._first_attempt:
@@ -620,6 +651,7 @@ class Session(ConnectionHandler):
                 "failovers": self.counters.failovers,
                 "handshake": self.info.handshake,
                 "connect_ms": self.info.connect_ms,
+                "handshake_ms": self.info.handshake_ms,
                 "zero_rtt": {
                     "attempts": self.counters.zero_rtt_attempts,
                     "accepted": self.counters.zero_rtt_accepted,

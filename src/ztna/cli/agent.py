@@ -53,6 +53,7 @@ def _build_options(**kw: Any) -> AgentOptions:  # (the import is lazy for --help
     mode = kw["mode"] or ("tun" if os.geteuid() == 0 else "userspace")
     values: dict[str, Any] = dict(
         intermediate=(host, port), intermediates=targets if len(targets) > 1 else (), tls=tls,
+        pick=kw["pick"] or "rtt",
         server_name=kw["server_name"] or None,
         services=tuple(parse_service(s) for s in kw["service"]),
         mode=mode, tun_name=kw["tun_name"], name=kw["name"] or kw["tun_name"],
@@ -106,7 +107,11 @@ def _merge_config(ctx: click.Context, config_path: Path | None, kw: dict[str, ob
               help="TOML config file (flags override it; see docs/agent.md).")
 @click.option("--intermediate", metavar="HOST:PORT[,HOST:PORT…]",
               help="The Intermediate (port defaults to 4433); several, comma-separated, for members"
-                   " of one cluster: attach to the first that answers, fail over to the next.")
+                   " of one cluster: attach to the one --pick says, fail over to the next.")
+@click.option("--pick", type=click.Choice(["rtt", "first"]),
+              help="Of several Intermediates, attach first to: 'rtt' (default) the nearest by a timed"
+                   " handshake with each (the list's order among those within 20 ms or 1.5x of the"
+                   " nearest), or 'first' the first in the list.")
 @click.option("--pki", type=click.Path(file_okay=False), help="Directory with agent.pem, agent.key, ca.pem.")
 @click.option("--cert", type=click.Path(dir_okay=False))
 @click.option("--key", type=click.Path(dir_okay=False))

@@ -16,6 +16,10 @@ from ztna.errors import UsageError
 @click.option("--intermediate", help="Intermediate HOST[:PORT] (port defaults to 4433; IPv6 in brackets);"
                                     " several, comma-separated, for members of one cluster: attach to"
                                     " the first, fail over to the next.")
+@click.option("--attach", type=click.Choice(["one", "all"]),
+              help="With several --intermediate: 'one' (default) attaches to the first and fails over to"
+                   " the next; 'all' stays attached to every one at once, so the services survive the"
+                   " loss of any of them without a reconnect.")
 @click.option("--server-name", help="TLS name to verify on the Intermediate (default: its host).")
 @click.option("--name", help="This Connector's name among those sharing its certificate (default: the host name); "
               "a restart under the same name replaces its old registration at once.")
@@ -42,7 +46,7 @@ from ztna.errors import UsageError
 @click.option("--audit-log-backups", type=int, help="Rotated audit logs kept (default 5).")
 @click.option("--audit-interval", type=float, help="Minutes between interim lines of a long flow (default 5).")
 @click.option("--no-flow-control", is_flag=True, hidden=True, help="Benchmarks only.")
-def connector(config_path: str | None, intermediate: str | None, server_name: str | None,
+def connector(config_path: str | None, intermediate: str | None, attach: str | None, server_name: str | None,
               name: str | None, pki: str | None, cert: str | None, key: str | None, ca: str | None,
               services: tuple[str, ...], dns_server: str | None, p2p_port: str | None, relay_port: int | None,
               metrics: str | None, log_level: str | None, revoked: str | None,
@@ -52,7 +56,8 @@ def connector(config_path: str | None, intermediate: str | None, server_name: st
     ports from its own backend, through the Intermediate relay and direct P2P QUIC."""
     from ztna.connector.config import load_config
 
-    overrides: dict[str, object] = {"intermediate": intermediate, "server_name": server_name, "name": name,
+    overrides: dict[str, object] = {"intermediate": intermediate, "attach": attach,
+                                    "server_name": server_name, "name": name,
                                     "relay_port": relay_port, "metrics": metrics,
                                     "log_level": log_level, "audit_log": audit_log,
                                     "audit_log_max_bytes": audit_log_max_bytes,

@@ -296,6 +296,9 @@ class ConnectorConfig(BaseModel):
     # Every Intermediate given (`intermediate = "A,B,…"`: members of one cluster), in order of
     # preference; empty means just `intermediate` (the first). The relay link fails over along it.
     intermediates: list[HostPort] = Field(default_factory=list)
+    # "one": one relay link, on the first reachable of `intermediates`, failing over along
+    # them; "all": one link to each, all at once (services survive the loss of any one).
+    attach: Literal["one", "all"] = "one"
     server_name: str | None = None      # TLS name to verify; default: the intermediate host
     # Names this Connector among those sharing its certificate (its Hello to the Intermediate):
     # a restart under the same name replaces the old registration at once; Connectors of one

@@ -30,6 +30,8 @@ class ConnectorView(Protocol):
     @property
     def relay(self) -> RelayLink | None: ...
     @property
+    def relays(self) -> list[RelayLink]: ...
+    @property
     def relay_endpoint(self) -> QuicEndpoint | None: ...
     @property
     def p2p(self) -> P2PServer | None: ...
@@ -79,7 +81,6 @@ def p2p_drops(c: ConnectorView) -> dict[str, int]:
     stats = p2p.endpoint.stats
     for field, reason in _ENDPOINT_DROPS.items():
         out[reason] = getattr(stats, field)
-    out["no_probe_handler"] = p2p.raw_ignored
     if c.punch is not None:
         out.update(c.punch.drops)
     return out
@@ -88,8 +89,11 @@ def p2p_drops(c: ConnectorView) -> dict[str, int]:
 def collect(c: ConnectorView) -> list[MetricRow]:
     t = MetricTable()
     relay = c.relay
-    t.gauge("ztna_connector_relay_connected", "1 while connected to the intermediate",
-            1 if relay is not None and relay.connected else 0)
+    links = c.relays or ([relay] if relay is not None else [])
+    t.gauge("ztna_connector_relay_connected", "1 while connected to an intermediate",
+            1 if any(link.connected for link in links) else 0)
+    t.gauge("ztna_connector_relay_links_connected", "Relay links up (several with --attach all)",
+            sum(link.connected for link in links))
     t.counter("ztna_connector_reconnects_total", "Reconnect attempts", relay.reconnects if relay else 0)
     if relay is not None:
         for svc, state in relay.registration.items():

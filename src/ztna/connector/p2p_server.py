@@ -15,11 +15,12 @@
   tickets (`ServerTicketStore`, in memory or `<state_dir>/p2p-tickets.sqlite`) let an Agent
   that comes back (re-punch after a cooldown, restart) send Hello, registrations and its
   first packets in 0-RTT.
-* QAD of *this* socket: a QUIC client connection from this same socket to the Intermediate
-  is kept open (pinged every `limits.NAT_KEEPALIVE_INTERVAL`, which also keeps the NAT
-  mapping alive); the Intermediate's QAD on it gives `public_address`. It never registers.
-* Hole punching (added later) plugs in through `raw_handler(data, addr, now)` — every
-  non-QUIC datagram on this socket (first byte < 0x40, the probes) — and `send_raw`.
+* The socket is a `ztna.p2p_socket.P2PSocket`, the same component the Agent uses: it keeps
+  the QAD connection from this socket to the Intermediate (its `public_address`), follows
+  the relay link when that fails over to another Intermediate (`follow`), refreshes the
+  interface addresses and routes probes, all on one timer. Hole punching
+  (`ztna.connector.punch.ConnectorPunch`, made here) hears those events and probes through
+  `send_raw`.
 """
 
 from __future__ import annotations
@@ -27,12 +28,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import socket
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from ztna import limits
 from ztna.connector.paths import ReplyPath
+from ztna.connector.punch import LINGER, MAX_SESSIONS, ConnectorPunch
 from ztna.connector.relay_link import BACKOFF_BASE, BACKOFF_CAP
 from ztna.connector.state import ConnectorStats, ServiceState
 from ztna.connector.streams import StreamTable
@@ -41,15 +41,10 @@ from ztna.errors import DecodeError
 from ztna.identity import ChainVerifier, load_ca_file, stable_peer_id
 from ztna.link import Backoff
 from ztna.observe import format_address
+from ztna.p2p_socket import P2PSocket
 from ztna.quic.config import TlsFiles, make_configuration
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
-from ztna.quic.endpoint import (
-    CLOSE_NO_ERROR,
-    QuicEndpoint,
-    ServerOptions,
-    bind_udp,
-    normalize_address,
-)
+from ztna.quic.endpoint import QuicEndpoint, ServerOptions, bind_udp, normalize_address
 from ztna.revocation_guard import RevocationGuard
 from ztna.startup import bind_error
 from ztna.wire import (
@@ -58,13 +53,11 @@ from ztna.wire import (
     Hello,
     NackStatus,
     ObservedAddress,
-    Ping,
     Register,
     RegistrationAck,
     RegistrationNack,
     Role,
     ServiceHealth,
-    decode_qad,
     decode_service_datagram,
     encode_control,
 )
@@ -89,7 +82,6 @@ class ConnectorSink(Protocol):
     def health_message(self, service: str) -> ServiceHealth: ...
     def punch_ms_for(self, addr: tuple[Any, ...]) -> float | None: ...
 
-QAD_TYPE = 0x01
 PRE_HELLO_BUFFER = 64     # DATAGRAMs kept while a direct connection's Hello is on its way
 
 log = logging.getLogger("ztna.connector")
@@ -215,52 +207,28 @@ class _DirectHandler(ConnectionHandler):
         self.server.connector.streams.drop_conn(conn)
 
 
-class _QadHandler(ConnectionHandler):
-    def __init__(self, server: P2PServer) -> None:
-        self.server = server
-        self.closed = asyncio.Event()
-
-    def on_message(self, conn: ZtnaConnection, msg: ControlMessage) -> None:
-        if isinstance(msg, ObservedAddress):
-            self.server.set_public_address(msg)
-
-    def on_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
-        if data and data[0] == QAD_TYPE:
-            try:
-                self.server.set_public_address(decode_qad(data))
-            except DecodeError:
-                pass
-
-    def on_closed(self, conn: ZtnaConnection, reason: str) -> None:
-        self.closed.set()
-
-
 class P2PServer:
     def __init__(self, connector: ConnectorSink, *, host: str, port: int, tls: TlsFiles,
-                 udp_payload: int, intermediate: tuple[str, int], server_name: str,
+                 udp_payload: int, intermediate: Callable[[], tuple[str, int]], server_name: str | None,
                  rng: random.Random | None = None, ticket_path: str | None = None) -> None:
         self.connector = connector
         self.host = host
         self.port = port
         self.tls = tls
         self.udp_payload = udp_payload
-        self.intermediate = intermediate
-        self.server_name = server_name
+        self.intermediate = intermediate   # the Intermediate the relay link is on now
+        self.server_name = server_name      # None: each Intermediate's own host name
         self.rng = rng or random.Random()
-        self.endpoint: QuicEndpoint | None = None
-        self.public_address: ObservedAddress | None = None
-        self.on_public_address: Callable[[ObservedAddress], None] | None = None
-        self.raw_handler: Callable[[bytes, tuple[Any, ...], float], None] | None = None
-        self.raw_ignored = 0
+        self.sock: P2PSocket[None] | None = None
         self.connections = 0
         # Direct connections -> the services they registered (for health reports).
         self.registered: dict[ZtnaConnection, set[str]] = {}
         from ztna.quic.tickets import ServerTicketStore
 
         self.ticket_store = ServerTicketStore(ticket_path)
-        self._task: asyncio.Task[None] | None = None
-        self._qad_conn: ZtnaConnection | None = None
-        self._stopping = False
+        # Hole punching on this socket: the socket's events (public address, interfaces,
+        # probes) go to it, the relay link's punch signaling too (wired by the Connector).
+        self.punch = ConnectorPunch(self, relay_address=intermediate)
 
     def start(self) -> None:
         config = make_configuration(is_client=False, tls=self.tls, udp_payload=self.udp_payload)
@@ -276,14 +244,36 @@ class P2PServer:
             sock = bind_udp(self.host, self.port)
         except OSError as exc:
             raise bind_error("Connector P2P port", "udp", self.host, self.port, exc) from None
-        self.endpoint = QuicEndpoint(sock, server=options, raw_handler=self._raw, retain_streams=True, thread=True)
+
+        def qad_config(host: str) -> Any:
+            return make_configuration(is_client=True, tls=self.tls,
+                                      server_name=self.server_name or host,
+                                      udp_payload=self.udp_payload)
+
+        self.sock = P2PSocket(sock, self.punch, intermediate=self.intermediate, qad_config=qad_config,
+                              backoff=Backoff(initial=BACKOFF_BASE, cap=BACKOFF_CAP, rng=self.rng),
+                              max_sessions=MAX_SESSIONS, linger=LINGER, server=options)
         log.info("P2P QUIC server on udp %s", format_address((self.host, self.local_port)))
-        self._task = asyncio.get_running_loop().create_task(self._qad_loop())
+        self.sock.start()
+
+    @property
+    def endpoint(self) -> QuicEndpoint | None:
+        return self.sock.endpoint if self.sock is not None else None
 
     @property
     def local_port(self) -> int:
-        assert self.endpoint is not None
-        return int(self.endpoint.local_address[1])
+        assert self.sock is not None
+        return self.sock.port
+
+    @property
+    def public_address(self) -> ObservedAddress | None:
+        return self.sock.public_address if self.sock is not None else None
+
+    def follow(self) -> None:
+        """The relay link moved to another Intermediate (a failover): QAD goes there now;
+        the relay candidate is read from the link whenever candidates are gathered."""
+        if self.sock is not None:
+            self.sock.follow()
 
     def send_to_registered(self, service: str, frame: bytes) -> None:
         """Send a control frame to every direct connection registered for `service`."""
@@ -293,69 +283,13 @@ class P2PServer:
 
     def send_raw(self, data: bytes, addr: tuple[Any, ...]) -> bool:
         """Send a non-QUIC datagram (a probe) from the P2P socket."""
-        return self.endpoint is not None and self.endpoint.send_raw(data, addr)
-
-    def _raw(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
-        if self.raw_handler is not None:
-            self.raw_handler(data, addr, now)
-        else:
-            self.raw_ignored += 1
-
-    def set_public_address(self, addr: ObservedAddress) -> None:
-        if addr != self.public_address:
-            log.info("P2P socket public address (QAD): %s", format_address((addr.ip, addr.port)))
-        self.public_address = addr
-        if self.on_public_address is not None:
-            self.on_public_address(addr)
-
-    async def _qad_loop(self) -> None:
-        """Keep one QUIC client connection from the P2P socket to the Intermediate."""
-        loop = asyncio.get_running_loop()
-        backoff = Backoff(initial=BACKOFF_BASE, cap=BACKOFF_CAP, rng=self.rng)
-        assert self.endpoint is not None
-        while not self._stopping:
-            handler = _QadHandler(self)
-            conn = None
-            try:
-                host, port = self.intermediate
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-                if self.endpoint.family == socket.AF_INET:
-                    infos = [i for i in infos if i[0] == socket.AF_INET]
-                if not infos:
-                    raise OSError(f"no usable address for {host}")
-                config = make_configuration(is_client=True, tls=self.tls,
-                                            server_name=self.server_name,
-                                            udp_payload=self.udp_payload)
-                conn = self.endpoint.connect(infos[0][4][:2], config, handler)
-                self._qad_conn = conn
-                # The Intermediate may write stream 0 only once we opened it: a Ping (which
-                # it ignores) opens it, so its QAD control frame reaches us.
-                conn.send_control(encode_control(Ping(id=0)))
-                # Opening the control stream lets the Intermediate send QAD on it too.
-                conn.send_control(encode_control(Ping(id=1)))
-                await asyncio.wait_for(conn.wait_handshake(), 10.0)
-                backoff.reset()
-                while not conn.closed and not self._stopping:
-                    try:
-                        await asyncio.wait_for(handler.closed.wait(), limits.NAT_KEEPALIVE_INTERVAL)
-                    except TimeoutError:
-                        conn.ping()
-            except (TimeoutError, OSError, ConnectionError) as exc:
-                log.debug("P2P QAD connection failed: %s", exc)
-                if conn is not None:
-                    conn.close(CLOSE_NO_ERROR, "qad retry")
-            if self._stopping:
-                break
-            await asyncio.sleep(backoff.next_delay())
+        return self.sock is not None and self.sock.send_raw(data, addr)
 
     def close(self) -> None:
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-        if self.endpoint is not None:
-            self.endpoint.close(reason="connector shutting down")
+        if self.sock is not None:
+            self.sock.close(reason="connector shutting down")
 
     def shutdown_socket(self) -> None:
-        if self.endpoint is not None:
-            self.endpoint.shutdown_socket()
+        if self.sock is not None:
+            self.sock.shutdown_socket()
         self.ticket_store.close()

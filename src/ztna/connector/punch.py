@@ -4,11 +4,15 @@
   this Connector's candidates for the **P2P socket** — every interface address with the P2P
   port (never 0.0.0.0), the P2P socket's own QAD address as srflx, the
   Intermediate as relay — and answer ``PunchAnswer``.
-* ``PunchStart``: a controlled `ztna.p2p.punch.PunchSession`; its probes leave from the P2P
-  socket (`P2PServer.send_raw`), and probes arriving there (first byte < 0x40) are routed to
-  the session named in them. Both sides probe. The Agent then connects to the
-  P2P QUIC server on that same socket, through the mapping the checks opened.
+* ``PunchStart``: a controlled `ztna.p2p.punch.PunchSession`, handed to the P2P socket
+  (`ztna.p2p_socket.P2PSocket`): its probes leave from that socket, probes arriving there
+  (first byte < 0x40) are routed to the session named in them, its retransmits run on the
+  socket's one timer. Both sides probe. The Agent then connects to the P2P QUIC server on
+  that same socket, through the mapping the checks opened.
 * Sessions are bounded and linger a little after they end so late probes are still answered.
+* The candidates are republished (`StandingCandidates`) whenever the socket's public address
+  or the interface list changes, and after the relay link moves to another Intermediate
+  (whose address is then the relay candidate).
 """
 
 from __future__ import annotations
@@ -17,13 +21,16 @@ import asyncio
 import ipaddress
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from ztna.observe import format_address
-from ztna.p2p.candidates import gather, interface_addresses
+from ztna.p2p.candidates import gather
 from ztna.p2p.punch import PunchSession, PunchState
+from ztna.p2p.router import SESSION_DROPS, ProbeRouter, Progress
+from ztna.p2p_socket import P2PSocket
 from ztna.quic.connection import ZtnaConnection
-from ztna.wire import encode_control
+from ztna.wire import ObservedAddress, encode_control
 from ztna.wire.control_messages import (
     ErrorMessage,
     PunchAnswer,
@@ -32,19 +39,24 @@ from ztna.wire.control_messages import (
     PunchStart,
     StandingCandidates,
 )
-from ztna.wire.probe import probe_session_of
-
-if TYPE_CHECKING:
-    from ztna.connector.p2p_server import P2PServer
-
-# PunchStats counters that each mean "this probe was dropped", for the Connector's totals.
-_SESSION_DROPS = ("bad_mac", "malformed", "wrong_session", "unknown_txid", "wrong_source",
-                  "role_conflicts")
 
 log = logging.getLogger("ztna.connector")
 
 MAX_SESSIONS = 256
 LINGER = 10.0          # keep answering late probes this long after a session ends
+
+
+class P2PPort(Protocol):
+    """What punching needs of the P2P server (``ztna.connector.p2p_server.P2PServer``): its
+    socket (probe routing, public address), its port. A Protocol, so that this module does
+    not import the server."""
+
+    @property
+    def sock(self) -> P2PSocket[None] | None: ...
+    @property
+    def local_port(self) -> int: ...
+    @property
+    def public_address(self) -> ObservedAddress | None: ...
 
 
 def _is_ip(host: str) -> bool:
@@ -56,48 +68,71 @@ def _is_ip(host: str) -> bool:
 
 
 class ConnectorPunch:
-    def __init__(self, p2p: P2PServer, *, relay_address: tuple[str, int] | None = None) -> None:
+    def __init__(self, p2p: P2PPort, *,
+                 relay_address: Callable[[], tuple[str, int]] | None = None) -> None:
         self.p2p = p2p
-        self.relay_address = relay_address if relay_address and _is_ip(relay_address[0]) else None
-        self.sessions: dict[int, PunchSession] = {}
+        self._relay_address = relay_address   # the Intermediate the relay link is on now
         self.candidates: dict[int, tuple[Any, ...]] = {}
-        self._timer: asyncio.TimerHandle | None = None
         self.offers = 0
         self.direct = 0
         self.failed = 0
-        self.unknown_probes = 0
-        # Non-QUIC datagrams on the P2P socket that were dropped, by reason (all start at 0,
-        # so /metrics shows every reason).
-        self.drops: dict[str, int] = dict.fromkeys(
-            ["not_a_probe", "probe_unknown_session", *(f"probe_{n}" for n in _SESSION_DROPS)], 0)
         self.addresses: list[str] = []
-        p2p.raw_handler = self.on_raw
         self.relay_conn: ZtnaConnection | None = None   # where StandingCandidates go
         self._published: tuple[Any, ...] | None = None
-        chained = p2p.on_public_address
 
-        def public_address_changed(addr: Any) -> None:
-            if chained is not None:
-                chained(addr)
-            self.publish()
+    @property
+    def _router(self) -> ProbeRouter[None] | None:
+        sock = self.p2p.sock
+        return sock.router if sock is not None else None
 
-        p2p.on_public_address = public_address_changed
-        self._task = asyncio.get_running_loop().create_task(self._address_loop())
+    @property
+    def sessions(self) -> dict[int, PunchSession]:
+        """The punch sessions held now (the socket's probe router), by id."""
+        router = self._router
+        return {s.session: s for s in router.sessions()} if router is not None else {}
 
-    async def _address_loop(self) -> None:
-        """Interface addresses (netlink runs its own loop, so in a thread), refreshed."""
-        while True:
-            try:
-                self.addresses = await asyncio.to_thread(interface_addresses)
-            except Exception as exc:  # noqa: BLE001 - srflx alone may still work
-                log.warning("cannot list interface addresses: %s", exc)
-            self.publish()
-            await asyncio.sleep(10.0)
+    @property
+    def unknown_probes(self) -> int:
+        router = self._router
+        return router.unknown_session if router is not None else 0
 
-    def close(self) -> None:
-        self._task.cancel()
-        if self._timer is not None:
-            self._timer.cancel()
+    @property
+    def drops(self) -> dict[str, int]:
+        """Non-QUIC datagrams on the P2P socket that were dropped, by reason (every reason,
+        from 0, so /metrics shows them all)."""
+        router = self._router
+        out = dict.fromkeys(["not_a_probe", "probe_unknown_session",
+                             *(f"probe_{n}" for n in SESSION_DROPS)], 0)
+        if router is not None:
+            out["not_a_probe"] = router.not_a_probe
+            out["probe_unknown_session"] = router.unknown_session
+            for name, count in router.session_drops.items():
+                out[f"probe_{name}"] = count
+        return out
+
+    @property
+    def relay_address(self) -> tuple[str, int] | None:
+        """The relay candidate: the Intermediate the link is on, when given as an IP."""
+        addr = self._relay_address() if self._relay_address is not None else None
+        return addr if addr is not None and _is_ip(addr[0]) else None
+
+    # The P2P socket's events (ztna.p2p_socket.P2POwner).
+    def on_public_address(self, addr: ObservedAddress) -> None:
+        self.publish()
+
+    def on_addresses(self, addresses: list[str]) -> None:
+        self.addresses = addresses
+        self.publish()
+
+    def on_punch(self, progress: Progress[None]) -> None:
+        session = progress.route.session
+        if progress.finished:
+            if session.state is PunchState.NOMINATED:
+                self.direct += 1
+                log.info("punch %016x: agent nominated %s", session.session, format_address(session.selected))
+            else:
+                self.failed += 1
+                log.info("punch %016x: no direct path (staying on relay)", session.session)
 
     # ------------------------------------------------------------------ signaling
     def _gather(self) -> tuple[Any, ...]:
@@ -142,81 +177,14 @@ class ConnectorPunch:
                                    controlling=msg.role == "controlling", local=local,
                                    remote=msg.peer_candidates, rng=secrets.token_bytes,
                                    now=now, start_at=now + msg.start_in_ms / 1000)
-            self.sessions[msg.session] = session
-            while len(self.sessions) > MAX_SESSIONS:
-                self.sessions.pop(next(iter(self.sessions)))
-            self._run(session, now)
+            if self.p2p.sock is not None:
+                self.p2p.sock.punch(session, None)
         elif isinstance(msg, PunchResult):
             log.info("punch %016x: agent reports %s", msg.session,
                      f"direct via {format_address((msg.ip, msg.port))}" if msg.ok else "failure")
         elif isinstance(msg, ErrorMessage) and msg.session is not None:
-            self.sessions.pop(msg.session, None)
-
-    # ------------------------------------------------------------------ probes
-    def on_raw(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
-        sid = probe_session_of(data)
-        if sid is None:
-            self.drops["not_a_probe"] += 1   # first byte < 0x40 but no probe header
-            return
-        session = self.sessions.get(sid)
-        if session is None:
-            self.unknown_probes += 1   # not ours: dropped unanswered
-            self.drops["probe_unknown_session"] += 1
-            return
-        st = session.stats
-        before = [getattr(st, name) for name in _SESSION_DROPS]
-        self._send(session.on_datagram(data, addr, now=now))
-        # The session keeps its own counters and is forgotten after LINGER; carry what it
-        # dropped (bad MAC, undecodable, stale txid, ...) into our totals for /metrics.
-        for name, old in zip(_SESSION_DROPS, before, strict=True):
-            self.drops[f"probe_{name}"] += getattr(st, name) - old
-        self._after(session, now)
-
-    def _run(self, session: PunchSession, now: float) -> None:
-        self._send(session.on_timer(now=now))
-        self._after(session, now)
-
-    def _send(self, sends: list[Any]) -> None:
-        for s in sends:
-            self.p2p.send_raw(s.data, s.addr)
-
-    def _after(self, session: PunchSession, now: float) -> None:
-        if session.done and not getattr(session, "_reported", False):
-            session._reported = True  # type: ignore[attr-defined]
-            if session.state is PunchState.NOMINATED:
-                self.direct += 1
-                log.info("punch %016x: agent nominated %s", session.session, format_address(session.selected))
-            else:
-                self.failed += 1
-                log.info("punch %016x: no direct path (staying on relay)", session.session)
-        self._arm()
-
-    def _arm(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        deadline = None
-        for sid, s in list(self.sessions.items()):
-            d = s.next_deadline()
-            if d is None:
-                if s.done and now - (s.nominated_at or s.failed_at or now) > LINGER:
-                    del self.sessions[sid]
-                continue
-            deadline = d if deadline is None else min(deadline, d)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if deadline is not None:
-            self._timer = loop.call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        now = asyncio.get_running_loop().time()
-        for s in list(self.sessions.values()):
-            d = s.next_deadline()
-            if d is not None and d <= now:
-                self._send(s.on_timer(now=now))
-                self._after(s, now)
-        self._arm()
+            if self.p2p.sock is not None:
+                self.p2p.sock.discard(msg.session)
 
     def punch_ms_for(self, addr: tuple[Any, ...]) -> float | None:
         """How long the punch that selected the Agent address `addr` took (ms), if one did."""

@@ -94,11 +94,15 @@ class RelayLink(ConnectionHandler):
     def __init__(self, endpoint: QuicEndpoint, *, host: str, port: int,
                  config_factory: Callable[[], Any], services: list[str], sink: LinkSink,
                  rng: random.Random | None = None, name: str = "connector",
-                 alternates: list[tuple[str, int]] | None = None) -> None:
+                 alternates: list[tuple[str, int]] | None = None,
+                 watch_silence: bool = False) -> None:
         self.endpoint = endpoint
         # Several Intermediates (one cluster): after a lost or failed connection the link moves
         # on to the next; the cluster shares the tickets, so it resumes there in 0-RTT.
         self.targets = Targets(alternates or [], current=(host, port))
+        # Leave a silent Intermediate after FAILOVER_SILENCE s: with somewhere to fail over
+        # to, or when other links (--attach all) carry the services meanwhile.
+        self.watch_silence = watch_silence or self.targets.can_fail_over
         self.events = LinkEvents()
         self.name = name
         self.instance = connector_instance(name)
@@ -233,7 +237,7 @@ class RelayLink(ConnectionHandler):
         self.events.connected(self.targets.current)
         # With somewhere else to go (several Intermediates), a silent one is left after
         # FAILOVER_SILENCE instead of the 30 s idle timeout; pings are frequent enough for that.
-        failover = self.targets.can_fail_over
+        failover = self.watch_silence
         keepalive = FAILOVER_PING if failover else limits.KEEPALIVE_INTERVAL
         upkeep = UpkeepSchedule(keepalive=keepalive, cid_rotation=limits.CID_ROTATION_INTERVAL,
                                 now=loop.time())

@@ -10,6 +10,12 @@ TCP connection survives relay ↔ direct switches.
 
 Sockets: the relay socket (client connection to the Intermediate, ephemeral unless
 `relay_port`) and the P2P socket (server for direct Agents, default 4434) are separate.
+
+Relay links: one by default, failing over along `--intermediate A,B,...`. With `--attach
+all` one link per Intermediate, all at once, on the one relay socket: each registers every
+service, so the services survive the loss of any one Intermediate without a reconnect. The
+agent ids of different links are different namespaces (`ReplyPath.key`): two Intermediates
+may give one id to two Agents, and their flows must never meet.
 """
 
 from __future__ import annotations
@@ -19,13 +25,14 @@ import logging
 import random
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from ztna.connector import icmp
 from ztna.connector.config import ConnectorConfig, HealthCheck, ServiceConfig
 from ztna.connector.health import HealthProber, probe_http, probe_tcp, probe_udp
 from ztna.connector.p2p_server import P2PServer
-from ztna.connector.paths import AgentPaths, ReplyPath
+from ztna.connector.paths import AgentPaths, ReplyPath, owner_key
 from ztna.connector.punch import ConnectorPunch
 from ztna.connector.relay_link import RelayLink
 from ztna.connector.state import ConnectorStats, ServiceState
@@ -59,7 +66,8 @@ class Connector:
         self.revocation = RevocationGuard(cfg.revoked, close_code=CLOSE_AUTH)
         self.agents = AgentPaths()
         self._parked: dict[int, tuple[ReplyPath, float]] = {}   # agent id -> (dead relay path, since)
-        self.relay: RelayLink | None = None
+        self.relay: RelayLink | None = None        # the first (with --attach all: of several)
+        self.relays: list[RelayLink] = []
         self.relay_endpoint: QuicEndpoint | None = None
         self.p2p: P2PServer | None = None
         self.punch: ConnectorPunch | None = None
@@ -113,9 +121,9 @@ class Connector:
         """A service's backend changed state: tell the Intermediate (so new flows avoid us
         while another Connector is healthy) and the Agents connected to us directly."""
         data = encode_control(self.health_message(service))
-        relay = self.relay
-        if relay is not None and relay.conn is not None and relay.registered(service):
-            relay.conn.send_control(data)
+        for relay in self.relays:
+            if relay.conn is not None and relay.registered(service):
+                relay.conn.send_control(data)
         if self.p2p is not None:
             self.p2p.send_to_registered(service, data)
 
@@ -127,11 +135,21 @@ class Connector:
         conn.send_control(encode_control(self.health_message(service)))
 
     # ------------------------------------------------------------------ lifecycle
-    def _relay_configuration(self) -> Any:
-        # The name of the Intermediate tried now (given several, they take turns).
-        host = self.relay.host if self.relay is not None else self.cfg.intermediate.host
+    def _attached_to(self) -> tuple[str, int]:
+        """The Intermediate the (first) relay link is on or trying: the P2P socket's too."""
+        if self.relay is not None:
+            return (self.relay.host, self.relay.port)
+        return (self.cfg.intermediate.host, self.cfg.intermediate.port)
+
+    def _relay_configuration(self, link: RelayLink | None = None) -> Any:
+        # The name of the Intermediate the link tries now (given several, they take turns).
+        link = link or self.relay
+        host = link.host if link is not None else self.cfg.intermediate.host
         return make_configuration(is_client=True, tls=self.tls, server_name=self.cfg.server_name or host,
                                   udp_payload=self.cfg.udp_payload)
+
+    def _configuration_of(self, link: RelayLink) -> Callable[[], Any]:
+        return lambda: self._relay_configuration(link)
 
     async def start(self) -> None:
         loop = self.loop = asyncio.get_running_loop()
@@ -177,25 +195,37 @@ class Connector:
         self.relay_endpoint = QuicEndpoint(relay_sock, thread=True)
         log.info("relay socket on udp %s",
                  format_address((self.cfg.relay_host, self.relay_endpoint.local_address[1])))
-        self.relay = RelayLink(
-            self.relay_endpoint, host=inter.host, port=inter.port,
-            config_factory=self._relay_configuration,
-            services=list(self.services), sink=self, rng=random.Random(self.rng.random()),
-            name=self.cfg.connector_name(),
-            alternates=[(h.host, h.port) for h in self.cfg.intermediates])
-        self.relay.on_service_registered = self._service_registered
-        self._tasks.append(loop.create_task(self.relay.run()))
+        everyone = [(h.host, h.port) for h in self.cfg.intermediates] or [(inter.host, inter.port)]
+        # --attach one: one link along the list; all: one link per Intermediate, each staying
+        # with its own (nowhere to fail over to, but it leaves a silent one as fast).
+        plan = [[t] for t in everyone] if self.cfg.attach == "all" else [everyone]
+        for index, targets in enumerate(plan):
+            link = RelayLink(
+                self.relay_endpoint, host=targets[0][0], port=targets[0][1],
+                config_factory=self._relay_configuration,
+                services=list(self.services), sink=_RelaySide(self, index),
+                rng=random.Random(self.rng.random()), name=self.cfg.connector_name(),
+                alternates=targets if len(targets) > 1 else None, watch_silence=len(plan) > 1)
+            link.config_factory = self._configuration_of(link)
+            link.on_service_registered = self._service_registered
+            self.relays.append(link)
+            self._tasks.append(loop.create_task(link.run()))
+        self.relay = self.relays[0]
+        self.agents.links = len(self.relays)
         self.backend_health.start()
         if self.cfg.p2p_port is not None:
             self.p2p = P2PServer(self, host=self.cfg.p2p_host, port=self.cfg.p2p_port,
                                  tls=self.tls, udp_payload=self.cfg.udp_payload,
-                                 intermediate=(inter.host, inter.port),
-                                 server_name=self.cfg.tls_name(),
+                                 intermediate=self._attached_to,
+                                 server_name=self.cfg.server_name,
                                  rng=random.Random(self.rng.random()))
             self.p2p.start()
-            self.punch = ConnectorPunch(self.p2p, relay_address=(inter.host, inter.port))
-            self.relay.on_punch = self.punch.on_message
-            self.relay.on_registered = self.punch.on_registered
+            self.punch = self.p2p.punch
+            # A failover of the relay link takes the P2P socket's QAD along.
+            self.relay.events.moved.append(lambda old, new: self.p2p.follow() if self.p2p else None)
+            for link in self.relays:
+                link.on_punch = self.punch.on_message
+                link.on_registered = self.punch.on_registered
         if self.cfg.metrics is not None:
             from ztna.connector.metrics import start_metrics
 
@@ -214,15 +244,13 @@ class Connector:
         self.stopping = True
         log.info("shutting down")
         await self.backend_health.stop()
-        if self.relay is not None:
-            self.relay.stop()
+        for link in self.relays:
+            link.stop()
         self.tcp.close_all()
         self.streams.close_all()
         self.udp.close_all()
         if self.p2p is not None:
             self.p2p.close()
-            if self.punch is not None:
-                self.punch.close()
         if self.relay_endpoint is not None:
             self.relay_endpoint.close(reason="connector shutting down")
         await asyncio.sleep(0.1)
@@ -290,34 +318,40 @@ class Connector:
                 await self._resolve_backends()
 
     # ------------------------------------------------------------------ relay sink
-    def relay_up(self, conn: ZtnaConnection) -> None:
+    def relay_up(self, conn: ZtnaConnection, link: int = 0) -> None:
         """Back on the Intermediate: flows parked by the outage continue on the new relay
         connection (agent ids are stable across reconnects and Intermediate restarts)."""
-        parked, self._parked = self._parked, {}
-        for agent_id, (old, _) in parked.items():
-            new = self.agents.relay_path(conn, agent_id)
+        for key, (old, _) in list(self._parked.items()):
+            if old.link != link or old.agent_id is None:
+                continue
+            del self._parked[key]
+            new = self.agents.relay_path(conn, old.agent_id, link)
             moved = self.tcp.drop_path(old, new)
             self.udp.drop_path(old, new)
             if moved:
-                log.info("agent %d: %d TCP flows resumed on the new relay connection", agent_id, moved)
+                log.info("agent %d: %d TCP flows resumed on the new relay connection", old.agent_id, moved)
 
-    def relay_down(self, conn: ZtnaConnection) -> None:
-        for path in list(self.agents.relay.values()):
-            self.path_down(path, park=True)
-        self.agents.relay.clear()
+    def relay_down(self, conn: ZtnaConnection, link: int = 0) -> None:
+        for key, path in list(self.agents.relay.items()):
+            if path.link == link:
+                self.path_down(path, park=True)
+                self.agents.relay.pop(key, None)
         self.streams.drop_conn(conn)
 
     def _expire_parked(self, now: float) -> None:
-        for agent_id, (old, since) in list(self._parked.items()):
+        for key, (old, since) in list(self._parked.items()):
             if now - since > RELAY_GRACE:
-                del self._parked[agent_id]
+                del self._parked[key]
                 self.tcp.drop_path(old, None)
                 self.udp.drop_path(old, None)
 
-    def agent_gone(self, agent_id: int) -> None:
-        path = self.agents.relay.get(agent_id)
+    def agent_gone(self, agent_id: int, link: int = 0) -> None:
+        path = self.agents.relay.get(owner_key(link, agent_id))
         if path is not None:
             self.path_down(path)
+
+    def _relay_conn(self, link: int) -> ZtnaConnection | None:
+        return self.relays[link].conn if link < len(self.relays) else None
 
     def direct_up(self, path: ReplyPath) -> None:
         """A direct connection told us its agent id (Hello): its flows may use it."""
@@ -333,16 +367,16 @@ class Connector:
         self.agents.remove(path)
         if path.flows <= 0:
             return
-        alternate = self.agents.alternate(path, self.relay.conn if self.relay is not None else None)
-        if alternate is None and park and path.agent_id is not None:
-            self._parked[path.agent_id] = (path, self.loop.time())  # type: ignore[union-attr]
+        alternate = self.agents.alternate(path, self._relay_conn(path.link))
+        if alternate is None and park and path.key is not None:
+            self._parked[path.key] = (path, self.loop.time())  # type: ignore[union-attr]
             return
         moved = self.tcp.drop_path(path, alternate)
         self.udp.drop_path(path, alternate)
         if alternate is not None:
             log.info("%s closed: its flows continue via %s (%d TCP)", path.label, alternate.label, moved)
 
-    def relay_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
+    def relay_datagram(self, conn: ZtnaConnection, data: bytes, link: int = 0) -> None:
         if not data or data[0] != TO_CONNECTOR:
             if data and data[0] != 0x01:      # QAD as DATAGRAM is informational
                 self.stats.malformed += 1
@@ -352,7 +386,7 @@ class Connector:
         except DecodeError:
             self.stats.malformed += 1
             return
-        self.on_packet(self.agents.relay_path(conn, agent_id), service, packet)
+        self.on_packet(self.agents.relay_path(conn, agent_id, link), service, packet)
 
     def relay_stream_data(self, conn: ZtnaConnection, sid: int, data: bytes, end: bool) -> None:
         self.streams.on_stream_data(conn, sid, data, end, authorize=None)
@@ -409,7 +443,8 @@ class Connector:
     # ------------------------------------------------------------------ status
     def health(self) -> tuple[bool, dict[str, Any]]:
         relay = self.relay
-        ok = (not self.stopping and relay is not None and relay.all_registered)
+        # Attached to several Intermediates, any one with every service registered serves.
+        ok = not self.stopping and any(link.all_registered for link in self.relays)
         detail: dict[str, Any] = {
             "relay": relay.state if relay else "none",
             "services": dict(relay.registration) if relay else {},
@@ -417,8 +452,43 @@ class Connector:
             "streams": len(self.streams),
             "backends": {sid: st.snapshot() for sid, st in self.backend_health.states.items()},
         }
+        if len(self.relays) > 1:
+            detail["relays"] = [{"intermediate": format_address((link.host, link.port)),
+                                 "state": link.state, "services": dict(link.registration)}
+                                for link in self.relays]
         if self.p2p is not None:
             pa = self.p2p.public_address
             detail["p2p_port"] = self.p2p.local_port
             detail["p2p_public"] = f"{pa.ip}:{pa.port}" if pa else None
+            if self.p2p.sock is not None:
+                detail["p2p_qad"] = self.p2p.sock.qad_snapshot()
         return ok, detail
+
+
+class _RelaySide:
+    """One relay link's view of the Connector (its `LinkSink`): the same events, tagged
+    with the link, whose agent ids are a namespace of their own."""
+
+    __slots__ = ("connector", "link")
+
+    def __init__(self, connector: Connector, link: int) -> None:
+        self.connector = connector
+        self.link = link
+
+    def relay_up(self, conn: ZtnaConnection) -> None:
+        self.connector.relay_up(conn, self.link)
+
+    def relay_down(self, conn: ZtnaConnection) -> None:
+        self.connector.relay_down(conn, self.link)
+
+    def relay_datagram(self, conn: ZtnaConnection, data: bytes) -> None:
+        self.connector.relay_datagram(conn, data, self.link)
+
+    def relay_stream_data(self, conn: ZtnaConnection, sid: int, data: bytes, end: bool) -> None:
+        self.connector.relay_stream_data(conn, sid, data, end)
+
+    def relay_stream_reset(self, conn: ZtnaConnection, sid: int) -> None:
+        self.connector.relay_stream_reset(conn, sid)
+
+    def agent_gone(self, agent_id: int) -> None:
+        self.connector.agent_gone(agent_id, self.link)

@@ -150,7 +150,7 @@ class TcpFlows:
     def on_packet(self, path: ReplyPath, service: ServiceState, ip: IpHeader,
                   packet: memoryview, now: float) -> None:
         seg = parse_tcp(packet, ip)
-        key = (path.agent_id, ip.src, seg.sport, ip.dst, seg.dport)
+        key = (path.key, ip.src, seg.sport, ip.dst, seg.dport)
         flow = self.flows.get(key)
         if flow is not None and flow.path is not path:
             self._move(flow, path)        # the Agent switched paths: answer on the new one
@@ -182,7 +182,7 @@ class TcpFlows:
             self.stats.tcp_session_limit += 1
             self._rst(path, seg, ip)
             return None
-        if not self._admit_syn((path.agent_id, ip.src), now):
+        if not self._admit_syn((path.key, ip.src), now):
             self.stats.tcp_syn_rate_limited += 1
             return None                   # silently: a flood must not cost us replies
         ep = TcpEndpoint(local_ip=ip.dst, local_port=seg.dport, remote_ip=ip.src,

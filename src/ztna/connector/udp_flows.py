@@ -77,6 +77,7 @@ class UdpFlows:
         self.audit: ConnectorAudit | None = None
         self.native = _native.UdpFlows(recv_burst=RECV_BURST)
         self._endpoints: list[QuicEndpoint] = []          # by native slot
+        self._native_keys: dict[tuple[Any, ...], UdpFlow] = {}   # (agent id, 5-tuple) -> flow
         self._native_counted: dict[str, int] = {}
 
     # ------------------------------------------------------------------ native table
@@ -103,17 +104,32 @@ class UdpFlows:
         """Let the flow's packets move natively on its current path (or stop, if it can't)."""
         target = self._target(flow.path)
         if target is None:
-            if flow.native_id is not None:
-                self.native.remove_flow(flow.native_id)
-                flow.native_id = None
+            self._uninstall(flow)
             return
         if flow.native_id is None:
-            agent_id, _src, _sport, _dst, _dport = flow.key
-            flow.native_id = self.native.add_flow(agent_id, flow.agent_ip, flow.agent_port, flow.vip,
+            owner, src, sport, dst, dport = flow.key
+            # The native table knows agent ids, not the links they came through: a flow whose
+            # (agent id, 5-tuple) another link's flow holds there stays on the Python path.
+            native_key = (owner & 0xFFFFFFFF, src, sport, dst, dport)
+            holder = self._native_keys.get(native_key)
+            if holder is not None and holder is not flow:
+                return
+            flow.native_id = self.native.add_flow(native_key[0], flow.agent_ip, flow.agent_port, flow.vip,
                                                   flow.vport, flow.service.id.encode("ascii"),
                                                   flow.sock.fileno(), *target)
+            self._native_keys[native_key] = flow
         else:
             self.native.set_reply(flow.native_id, *target)
+
+    def _uninstall(self, flow: UdpFlow) -> None:
+        if flow.native_id is None:
+            return
+        self.native.remove_flow(flow.native_id)
+        flow.native_id = None
+        owner, src, sport, dst, dport = flow.key
+        native_key = (owner & 0xFFFFFFFF, src, sport, dst, dport)
+        if self._native_keys.get(native_key) is flow:
+            del self._native_keys[native_key]
 
     def _sync_flow(self, flow: UdpFlow) -> bool:
         """Bring what moved natively into the flow's audit; True if anything moved."""
@@ -147,7 +163,7 @@ class UdpFlows:
     def on_packet(self, path: ReplyPath, service: ServiceState, ip: IpHeader,
                   packet: memoryview, now: float) -> None:
         udp = parse_udp(packet, ip)
-        key = (path.agent_id, ip.src, udp.sport, ip.dst, udp.dport)
+        key = (path.key, ip.src, udp.sport, ip.dst, udp.dport)
         flow = self.flows.get(key)
         if flow is not None and flow.path is not path:
             flow.path.flows -= 1
@@ -270,10 +286,7 @@ class UdpFlows:
             self.audit.end(flow.audit, reason, self.loop.time())
         flow.service.udp_flows -= 1
         flow.path.flows -= 1
-        if flow.native_id is not None:
-            # Before the socket closes: its descriptor number may be reused at once.
-            self.native.remove_flow(flow.native_id)
-            flow.native_id = None
+        self._uninstall(flow)      # before the socket closes: its descriptor may be reused at once
         try:
             self.loop.remove_reader(flow.sock.fileno())
         except (ValueError, OSError):

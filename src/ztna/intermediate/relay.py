@@ -12,14 +12,14 @@ then forwards those DATAGRAMs without asking Python: `routes_for` derives the ro
 registry justifies, `RouteTable` keeps them in line with registry changes, and
 `apply_routes` hands the difference to the endpoints.
 
-Pure: the clock comes in as `now`, connections are seen through small Protocols, and the
+Pure: the clock is passed in, connections are seen through small Protocols, and the
 decisions come back as values for the driver (`ztna.intermediate.server`) to carry out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol
 
@@ -72,18 +72,21 @@ class RelayPeer(Protocol):
     """What the relay needs of a connection it forwards to."""
 
     def max_datagram_payload(self) -> int: ...
+    def send_datagram(self, data: bytes) -> object: ...
 
 
 # ------------------------------------------------------------------ decisions
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Forward:
-    """Send `payload` as one DATAGRAM to peer `target` (already counted as relayed)."""
+    """Send `payload` as one DATAGRAM to peer `target`, whose connection is `conn` (already
+    counted as relayed)."""
 
     target: int
     payload: bytes
+    conn: RelayPeer = field(compare=False, repr=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Drop:
     """Dropped and counted under `reason`; `message` (with `detail`) is the log line, if any."""
 
@@ -92,7 +95,7 @@ class Drop:
     detail: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Unregistered:
     """0x2F for a service the peer has not registered for (yet): the driver may hold it
     until the registration in the same flight arrives, else `Relay.refuse_unregistered`."""
@@ -101,7 +104,7 @@ class Unregistered:
     data: bytes | memoryview
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NoLocalConnector:
     """0x2F for a service without a Connector on this member: another member's (the mesh),
     else `Relay.no_connector`."""
@@ -112,7 +115,7 @@ class NoLocalConnector:
     data: bytes | memoryview
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AgentElsewhere:
     """0x31 to an Agent the Connector may answer but which is not connected here: another
     member's Agent (the mesh), else gone (`Relay.reply_gone`)."""
@@ -121,14 +124,14 @@ class AgentElsewhere:
     packet: memoryview
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Registration:
     """A registration sent as a DATAGRAM (the original's carriage); answered the same way."""
 
     message: Register
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MemberDatagram:
     """0x32/0x33 from another member of the cluster, for the mesh (unknown without one)."""
 
@@ -140,14 +143,15 @@ class Relay:
     """The relay's decisions for the DATAGRAMs of the connections in `peers` (peer id →
     connection, the driver's live table), with the counts behind ztna_relay_*."""
 
-    __slots__ = ("registry", "peers", "stats")
+    __slots__ = ("registry", "peers", "clock", "stats")
 
-    def __init__(self, registry: Registry, peers: Mapping[int, RelayPeer]) -> None:
+    def __init__(self, registry: Registry, peers: Mapping[int, RelayPeer], clock: Callable[[], float]) -> None:
         self.registry = registry
         self.peers = peers
+        self.clock = clock      # read only where a decision needs the time (flow pins)
         self.stats = RelayStats()
 
-    def decide(self, peer_id: int, label: str, data: bytes | memoryview, now: float) -> Decision | None:
+    def decide(self, peer_id: int, label: str, data: bytes | memoryview) -> Decision | None:
         """What to do with a DATAGRAM (non-empty) from peer `peer_id` (`label` names it in
         log lines); None: nothing to do (a registration reply sent to us)."""
         kind = data[0]
@@ -158,10 +162,10 @@ class Relay:
                 return self._drop(DropReason.MALFORMED, "malformed 0x2F datagram", str(exc))
             if not self.registry.is_agent_of(peer_id, service):
                 return Unregistered(service, data)
-            target_id = self.registry.connector_for(service, packet, now=now)
-            if target_id is None or target_id not in self.peers:
+            target_id = self.registry.connector_for(service, packet, now=self.clock())
+            if target_id is None or (target := self.peers.get(target_id)) is None:
                 return NoLocalConnector(peer_id, service, packet, data)
-            return self.forward(target_id, to_connector_from_service_datagram(peer_id, data))
+            return self.forward(target_id, target, to_connector_from_service_datagram(peer_id, data))
         if kind == FROM_CONNECTOR:
             try:
                 agent_id, packet = decode_from_connector(data)
@@ -170,9 +174,10 @@ class Relay:
             if not self.registry.may_reply(peer_id, agent_id):
                 return self._drop(DropReason.BAD_REPLY, "0x31 reply to an agent this connector does not serve",
                                   f"{label} → {agent_id}")
-            if agent_id not in self.peers:
+            agent = self.peers.get(agent_id)
+            if agent is None:
                 return AgentElsewhere(agent_id, packet)
-            return self.forward(agent_id, bytes(packet))
+            return self.forward(agent_id, agent, bytes(packet))
         if kind in (REGISTER_AGENT, REGISTER_CONNECTOR):
             try:
                 msg = decode_registration(data)
@@ -183,15 +188,16 @@ class Relay:
             return MemberDatagram()
         return self.unknown_type(kind, label)
 
-    def forward(self, target_id: int, payload: bytes) -> Forward | Drop:
-        """Forward to `target_id` if it fits that connection's DATAGRAM limit."""
-        limit = self.peers[target_id].max_datagram_payload()
+    def forward(self, target_id: int, target: RelayPeer, payload: bytes) -> Forward | Drop:
+        """Forward to `target` if it fits that connection's DATAGRAM limit."""
+        limit = target.max_datagram_payload()
         if len(payload) > limit:
             return self._drop(DropReason.OVERSIZE, "relayed datagram larger than the next hop allows",
                               f"{len(payload)} > {limit}")
-        self.stats.relayed_datagrams += 1
-        self.stats.relayed_bytes += len(payload)
-        return Forward(target_id, payload)
+        stats = self.stats
+        stats.relayed_datagrams += 1
+        stats.relayed_bytes += len(payload)
+        return Forward(target_id, payload, target)
 
     # The drops the driver decides (after trying a hold or the mesh).
     def refuse_unregistered(self, label: str, service: str) -> Drop:

@@ -128,7 +128,7 @@ class Intermediate:
         self.options = options
         self.registry = Registry(max_registrations=options.max_registrations)
         self.conns: dict[int, ZtnaConnection] = {}
-        self.relay = Relay(self.registry, self.conns)
+        self.relay = Relay(self.registry, self.conns, self._now)
         self.stats = self.relay.stats
         self.endpoints: list[QuicEndpoint] = []
         self.metrics_server: MetricsServer | None = None
@@ -574,11 +574,11 @@ class Intermediate:
     def on_datagram(self, conn: ZtnaConnection, data: bytes | memoryview) -> None:
         """Carry out the relay's decision for one DATAGRAM of a served peer."""
         relay = self.relay
-        d = relay.decide(conn.user, conn.label, data, self._now())
-        if d is None:
+        d = relay.decide(conn.user, conn.label, data)
+        if type(d) is Forward:
+            d.conn.send_datagram(d.payload)
             return
-        if isinstance(d, Forward):
-            self.conns[d.target].send_datagram(d.payload)
+        if d is None:
             return
         if isinstance(d, Unregistered):
             if self._hold_early(conn, d.data):

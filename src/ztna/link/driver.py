@@ -9,6 +9,8 @@ Connector's relay link (the pure rules are the package's other modules).
 * `LinkLoop`: connect, serve, back off, fail over to the next Intermediate, again, until
   stopped; the program supplies one attempt (connect and serve one connection) and says
   whether it proved useful, which resets the backoff.
+* `measure_handshakes`: one handshake with each Intermediate of a list, timed (for
+  `targets.pick_by_rtt`), closed at once; no Hello, no registration, no ticket spent.
 * `LinkEvents`: what others may follow: `moved` fires when a connection comes up on a
   different Intermediate than the previous one (a failover), so a socket that talks to
   "the Intermediate" (QAD, P2P signaling) can follow.
@@ -31,11 +33,11 @@ from ztna.link.registration import RegistrationPolicy, S, due_registrations
 from ztna.link.targets import Address, Targets
 from ztna.observe import format_address
 from ztna.quic.connection import ConnectionHandler, ZtnaConnection
-from ztna.quic.endpoint import QuicEndpoint
+from ztna.quic.endpoint import CLOSE_NO_ERROR, QuicEndpoint
 from ztna.wire import Hello, Register, Role, encode_control
 
-__all__ = ["LinkEvents", "LinkLoop", "open_link", "resolve", "send_due_registers",
-           "silence"]
+__all__ = ["LinkEvents", "LinkLoop", "measure_handshakes", "open_link", "resolve",
+           "send_due_registers", "silence"]
 
 
 async def resolve(endpoint: QuicEndpoint, host: str, port: int) -> Address:
@@ -56,6 +58,33 @@ def open_link(endpoint: QuicEndpoint, address: Address, config: Any,
     conn = endpoint.connect(address, config, handler)
     conn.send_control(encode_control(Hello(instance=instance)))
     return conn
+
+
+async def measure_handshakes(endpoint: QuicEndpoint, addresses: Iterable[Address],
+                             config_for: Callable[[Address], Any], *,
+                             timeout: float) -> dict[Address, float | None]:
+    """Seconds each handshake took (resolving excluded), None where it failed or timed out."""
+    loop = asyncio.get_running_loop()
+
+    async def one(target: Address) -> float | None:
+        conn = None
+        try:
+            addr = await resolve(endpoint, *target)
+            config = config_for(target)
+            config.resumption = False        # a probe spends no session ticket
+            started = loop.time()
+            conn = endpoint.connect(addr, config, ConnectionHandler())
+            await asyncio.wait_for(conn.wait_handshake(), timeout)
+            return loop.time() - started
+        except (TimeoutError, OSError, ConnectionError):
+            return None
+        finally:
+            if conn is not None and not conn.closed:
+                conn.close(CLOSE_NO_ERROR, "handshake timing")
+
+    targets = list(dict.fromkeys(addresses))
+    times = await asyncio.gather(*(one(t) for t in targets))
+    return dict(zip(targets, times, strict=True))
 
 
 def send_due_registers(conn: ZtnaConnection, slots: Iterable[S], *, now: float,
