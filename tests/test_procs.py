@@ -79,3 +79,26 @@ def test_spawn_runs_through_a_given_popen(tmp_path: Path) -> None:
     assert log.read_text() == "via runner\n"
     with pytest.raises(ValueError):
         procs.spawn(["true"], log=log, popen=runner, netns="x")
+
+
+def test_await_until_returns_the_value_or_raises_after_the_timeout() -> None:
+    import asyncio
+
+    from ztna.procs import await_until
+
+    tries: list[int] = []
+
+    async def third_try() -> int | None:
+        tries.append(1)
+        return len(tries) if len(tries) == 3 else None
+
+    async def never() -> bool:
+        return False
+
+    async def main() -> None:
+        assert await await_until(third_try, timeout=5, what="x", interval=0.01) == 3
+        with pytest.raises(AssertionError, match="never: not ready within 0 s: the log"):
+            await await_until(never, timeout=0.05, what="never", interval=0.01,
+                              error=AssertionError, detail=lambda: "the log")
+
+    asyncio.run(main())

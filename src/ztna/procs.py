@@ -23,11 +23,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ProcessFailure", "child_env", "spawn", "stop", "stop_all", "tail", "wait_until",
+__all__ = ["ProcessFailure", "child_env", "spawn", "stop", "stop_all", "tail", "wait_until", "await_until",
            "ztna_argv"]
 
 T = TypeVar("T")
@@ -144,3 +144,22 @@ def wait_until(check: Callable[[], T | None], *, timeout: float, what: str,
             extra = f": {detail()}" if detail else ""
             raise error(f"{what}: not ready within {timeout:.0f} s{why}{extra}")
         time.sleep(interval)
+
+
+async def await_until(check: Callable[[], Awaitable[T | None | bool]], *, timeout: float, what: str,
+                      interval: float = 0.2,
+                      error: Callable[[str], BaseException] = ProcessFailure,
+                      detail: Callable[[], str] | None = None) -> T:
+    """`wait_until` for a coroutine check, polled from a running event loop (so the loop
+    keeps serving the test's own sockets between tries)."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result is not None and result is not False:
+            return result  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            extra = f": {detail()}" if detail else ""
+            raise error(f"{what}: not ready within {timeout:.0f} s{extra}")
+        await asyncio.sleep(interval)

@@ -27,6 +27,7 @@ from intermediate_helpers import Peer, free_tcp_port, free_udp_port
 
 from ztna.certs import init_pki, issue
 from ztna.netstack.packets import build_udp_packet, parse_ip, parse_udp
+from ztna.procs import await_until
 from ztna.quic.config import TlsFiles
 from ztna.wire import Hello, RegistrationAck, Role, encode_control, encode_service_datagram
 
@@ -172,16 +173,22 @@ def test_connector_on_two_members_survives_either(tmp_path: Path) -> None:
         def relays() -> list[dict[str, Any]]:
             return get_json(cm, "/healthz").get("relays") or []
 
-        deadline = time.monotonic() + 30
-        while not (len(relays()) == 2 and all(r["services"] == {"echo": "registered"} for r in relays())):
-            assert time.monotonic() < deadline, text("connector")
-            await asyncio.sleep(0.2)
+        async def both_links_registered() -> bool:
+            return len(relays()) == 2 and all(r["services"] == {"echo": "registered"} for r in relays())
+
+        deadline = time.monotonic() + 30       # for the links and both Agents together
+        await await_until(both_links_registered, timeout=30, what="both links registered",
+                          error=AssertionError, detail=lambda: text("connector"))
         assert agent_metrics(cm)["ztna_connector_relay_links_connected"] == 2
         for name in ("a", "b"):
             lport, udp, _ = fwd[name]
-            while not (await tcp_echo(lport, 100_000) and await udp_echo(udp)):
-                assert time.monotonic() < deadline, text(f"agent-{name}")
-                await asyncio.sleep(0.5)
+
+            async def echoes(lport: int = lport, udp: int = udp) -> bool:
+                return await tcp_echo(lport, 100_000) and await udp_echo(udp)
+
+            await await_until(echoes, timeout=deadline - time.monotonic(), what=f"agent-{name} echoes",
+                              interval=0.5, error=AssertionError,
+                              detail=lambda name=name: text(f"agent-{name}"))
         # Each Agent is served by the Connector's link to its own member: nothing crossed the mesh.
         for proc in (i1, i2):
             assert proc.metrics().get('ztna_mesh_streams_total{direction="forwarded"}', 0) == 0
@@ -249,9 +256,12 @@ def test_connector_on_two_members_survives_either(tmp_path: Path) -> None:
         i1.signal(signal.SIGKILL)
         killed = time.monotonic()
         lport_a, udp_a, mport_a = fwd["a"]
-        while not (await tcp_echo(lport_a, 100_000, timeout=2) and await udp_echo(udp_a)):
-            assert time.monotonic() - killed < 30, text("agent-a")
-            await asyncio.sleep(0.2)
+
+        async def a_echoes() -> bool:
+            return await tcp_echo(lport_a, 100_000, timeout=2) and await udp_echo(udp_a)
+
+        await await_until(a_echoes, timeout=30, what="agent-a back after the SIGKILL",
+                          error=AssertionError, detail=lambda: text("agent-a"))
         back = time.monotonic() - killed
         await asyncio.sleep(1.0)
         done.set()

@@ -22,6 +22,7 @@ from cluster_helpers import RedisProc, member
 from intermediate_helpers import free_tcp_port
 
 from ztna.certs import init_pki, issue
+from ztna.procs import await_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -87,19 +88,19 @@ def test_sigkill_member_agent_is_back_on_the_other_in_0rtt(tmp_path: Path, kill:
               f"127.0.0.1:{i1.port},127.0.0.1:{i2.port}", "--pick", "first", "--server-name", "localhost",
               "--pki", str(pki), "--service", "echo=10.100.0.2", "-L", f"127.0.0.1:{fwd}=echo:7",
               "--metrics", f"127.0.0.1:{mport}", "--state-dir", str(tmp_path / "agent-state"))
-        deadline = time.monotonic() + 30
-        while not await echo_through(fwd, 100_000):
-            assert time.monotonic() < deadline, (tmp_path / "agent.log").read_text()
-            await asyncio.sleep(0.5)
+        def agent_log() -> str:
+            return (tmp_path / "agent.log").read_text()
+
+        await await_until(lambda: echo_through(fwd, 100_000), timeout=30, what="echo through the Agent",
+                          interval=0.5, error=AssertionError, detail=agent_log)
         assert i1.metrics()['ztna_mesh_streams_total{direction="forwarded"}'] >= 1  # via the mesh
         before = agent_metrics(mport)
         victim, survivor = (i1, i2) if kill == "agent's member" else (i2, i1)
         victim.signal(signal.SIGKILL)
         killed = time.monotonic()
         # Dead-path detection (8 s of silence) plus a reconnect: seconds, not the 30 s idle timeout.
-        while not await echo_through(fwd, 100_000, timeout=2):
-            assert time.monotonic() - killed < 20, (tmp_path / "agent.log").read_text()
-            await asyncio.sleep(0.2)
+        await await_until(lambda: echo_through(fwd, 100_000, timeout=2), timeout=20,
+                          what="echo back after the SIGKILL", error=AssertionError, detail=agent_log)
         back = time.monotonic() - killed
         after = agent_metrics(mport)
         if kill == "agent's member":

@@ -29,6 +29,7 @@ from intermediate_helpers import free_tcp_port, free_udp_port
 
 from ztna.agent.control import query
 from ztna.certs import init_pki, issue
+from ztna.procs import await_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -89,10 +90,8 @@ def test_connector_p2p_socket_follows_failover_and_a_new_punch_goes_direct(tmp_p
         return re.search(rf"peer \S+ connected from \S*:{port}\b", log) is not None
 
     async def until(what: str, check: Any, limit: float, dump: str) -> None:
-        deadline = time.monotonic() + limit
-        while not await check():
-            assert time.monotonic() < deadline, f"{what}:\n{text(dump)}"
-            await asyncio.sleep(0.3)
+        await await_until(check, timeout=limit, what=what, interval=0.3, error=AssertionError,
+                          detail=lambda: text(dump))
 
     def start_agent(name: str, fwd: int, *intermediates: int) -> Path:
         state = tmp_path / f"{name}-state"

@@ -9,7 +9,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from intermediate_helpers import Forwarder
 
 from ztna.certs import init_pki
 from ztna.link.targets import Targets, pick_by_rtt
+from ztna.procs import await_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -85,13 +85,13 @@ def test_the_agent_attaches_to_the_nearest(tmp_path: Path, pick: str) -> None:
              "--metrics", "off", "--state-dir", str(tmp_path / "state")],
             stdout=open(tmp_path / "agent.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
         try:
-            deadline = time.monotonic() + 30
-            while True:
+            async def connected() -> dict[str, Any] | None:
                 snap = await asyncio.to_thread(status, tmp_path / "state")
-                if snap is not None and snap["intermediate"]["state"] == "connected":
-                    return snap
-                assert time.monotonic() < deadline, (tmp_path / "agent.log").read_text()
-                await asyncio.sleep(0.3)
+                return snap if snap is not None and snap["intermediate"]["state"] == "connected" else None
+
+            return await await_until(connected, timeout=30, what="the Agent connected", interval=0.3,
+                                     error=AssertionError,
+                                     detail=lambda: (tmp_path / "agent.log").read_text())
         finally:
             agent.terminate()
             agent.wait(10)
