@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,17 +36,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     issue(d, "agent", "agent-2", ["echo"], out_prefix=d / "agent-2")
     issue(d, "member", "member", out_prefix=d / "member")
     return d
-
-
-@pytest.fixture
-def cluster(pki: Path, tmp_path: Path) -> Iterator[tuple[IntermediateProc, IntermediateProc]]:
-    redis = RedisProc(tmp_path / "redis").start()
-    i1 = member(pki, redis, tmp_path / "i1.log").start()
-    i2 = member(pki, redis, tmp_path / "i2.log").start()
-    yield i1, i2
-    for p in (i1, i2):
-        assert p.stop() == 0, p.log()
-    redis.kill()
 
 
 def services(proc: IntermediateProc) -> dict[str, dict[str, object]]:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_helpers import IntermediateProc, Peer, RedisProc, member
+from cluster_helpers import IntermediateProc, Peer
 from intermediate_helpers import free_udp_port
 from test_mesh import until_placed
 
@@ -44,17 +44,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     init_pki(d, ["web", "corp"])
     issue(d, "member", "member", out_prefix=d / "member")
     return d
-
-
-@pytest.fixture
-def cluster(pki: Path, tmp_path: Path) -> Iterator[tuple[IntermediateProc, IntermediateProc]]:
-    redis = RedisProc(tmp_path / "redis").start()
-    i1 = member(pki, redis, tmp_path / "i1.log").start()
-    i2 = member(pki, redis, tmp_path / "i2.log").start()
-    yield i1, i2
-    for p in (i1, i2):
-        assert p.stop() == 0, p.log()
-    redis.kill()
 
 
 @pytest.fixture
