@@ -123,7 +123,9 @@ def test_echo_is_byte_exact_and_carried_natively(pki: Path, thread: str,
         assert inter.stats.relayed_datagrams == 0
         assert stats["relay_dropped_oversize"] == stats["relay_dropped_no_target"] == 0
         if thread == "1":
-            assert sum(ep.native.thread_wakeups() for ep in inter.endpoints) >= len(sent)
+            # The thread carried them. Not one wake-up per datagram: a wake-up takes every
+            # datagram queued by then, so on a busy machine several share one.
+            assert sum(ep.native.thread_wakeups() for ep in inter.endpoints) >= 1
         for p in (agent, connector):
             await p.close()
     run(with_intermediate(pki, body))
