@@ -168,7 +168,10 @@ impl Core {
         if a == b || self.pairs.contains(a.0, a.1) || self.pairs.contains(b.0, b.1) {
             return None;
         }
-        if !self.live(a.0) || !self.live(b.0) {
+        // Both must be free before either is tapped: a tap takes the stream's queued events,
+        // which undoing it would lose.
+        let tapped = |c: &Self, k: (usize, u64)| c.conn(k.0).and_then(|c| c.streams.get(&k.1)).is_some_and(|st| st.tap.is_some());
+        if !self.live(a.0) || !self.live(b.0) || tapped(self, a) || tapped(self, b) {
             return None;
         }
         if !self.tap(a.0, a.1, &[], false) {
