@@ -20,7 +20,9 @@ Theory of operation
   waits for this loop. The loop watches only a notify descriptor (a batch left events:
   `_on_notify`), and after queueing work it calls `native.rearm()` instead of arming a timer;
   the thread runs no batch between our taking events and that call, so our answer to an
-  event applies from the next packet on. Off unless `ZTNA_ENDPOINT_THREAD=1`.
+  event applies from the next packet on. A splice that begins later (the Connector's, once
+  its backend connected) takes over what the thread read of that stream meanwhile and had
+  not handed us yet. `ZTNA_ENDPOINT_THREAD=0` keeps every endpoint on the asyncio driver.
 * Routing by connection ID, Retry tokens, NEW_TOKEN address tokens, stateless resets (keyed by
   a stable secret, so a restarted server resets its predecessor's connections at once) and
   version negotiation are quinn's. Admission is ours: every new connection attempt is an
@@ -598,10 +600,9 @@ class QuicEndpoint:
 
 
 def thread_enabled() -> bool:
-    """Whether endpoints that ask for a native driver thread get one: only with
-    ZTNA_ENDPOINT_THREAD=1 for now (a stream across the cluster mesh still stalls now and
-    then on the thread), otherwise every endpoint stays on the asyncio driver."""
-    return os.environ.get("ZTNA_ENDPOINT_THREAD", "0") == "1"
+    """Whether endpoints that ask for a native driver thread get one: yes unless
+    ZTNA_ENDPOINT_THREAD=0, the fall-back that keeps every endpoint on the asyncio driver."""
+    return os.environ.get("ZTNA_ENDPOINT_THREAD", "1") != "0"
 
 
 def bind_udp(host: str, port: int, *, dual_stack: bool = True) -> socket.socket:
