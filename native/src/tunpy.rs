@@ -1,18 +1,24 @@
 //! The Python binding of the TUN pump: `ztna._native.TunPump` owns a duplicate of the TUN fd.
 //!
-//! Up-link: the asyncio loop calls `read()` once when the fd is readable; it reads a batch of
-//! packets, looks each one up in the table (`tunpump::Table`) and queues the ones it can
-//! place on their connection's endpoint as DATAGRAMs (header + packet), all without Python.
-//! It returns the packets Python must handle and the services that sent, so Python schedules
-//! one flush per endpoint per batch.
+//! Up-link: a batch of packets is read, each one looked up in the table (`tunpump::Table`)
+//! and the ones it can place are queued on their connection's endpoint as DATAGRAMs (header
+//! + packet), all without Python. Either the asyncio loop calls `read()` when the fd is
+//! readable (it returns the packets Python must handle and the services that sent, and
+//! Python flushes each endpoint once), or, after `start_thread()`, a native reader thread
+//! waits on the fd, sends, and drives those endpoints itself (`Io::drive_external`), so a
+//! packet leaves in the thread's wake-up; it leaves Python only what Python must see
+//! (`take()`, signalled on a notify descriptor).
 //!
 //! Down-link: every endpoint attached to the pump has a tap in its core (`TunTap`) that
 //! queues the bare IP packets of its delivering connections, and a drain that writes them
 //! into the TUN fd after each batch the endpoint processes; they are counted per service.
 //! Connections that go away leave the table at once.
 //!
-//! The state both sides touch sits behind one mutex; every call holds the GIL, so it is never
-//! contended. Panics are caught and counted like the rest of the binding.
+//! Locks: the pump's state, the reader, and each endpoint's `Io` have their own. An
+//! endpoint's batch takes its `Io` and then (in the drain) the pump's; the reader therefore
+//! never holds the pump's lock while it takes an endpoint's: it reads and looks up under
+//! the pump's lock, lets go, and then queues per endpoint. Panics are caught and counted
+//! like the rest of the binding.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
