@@ -43,6 +43,7 @@ pub trait Source: Send + Sync {
 }
 
 const SOURCE_TOKEN: u64 = 16;
+const SPLICE_TOKEN: u64 = 3;
 
 const RX_BUF: usize = 65536;
 
@@ -362,6 +363,19 @@ impl Io {
         Ok(())
     }
 
+    /// The stream ⇄ socket splicer, made on first use; a running driver thread polls its
+    /// descriptor from then on (the spliced sockets are served in its batches).
+    pub fn splicer(&mut self) -> io::Result<&mut SocketSplicer> {
+        if self.splicer.is_none() {
+            let sp = SocketSplicer::new()?;
+            if let Some(ep) = self.epoll.as_ref() {
+                epoll_add(ep.as_raw_fd(), sp.fd(), SPLICE_TOKEN)?;
+            }
+            self.splicer = Some(sp);
+        }
+        Ok(self.splicer.as_mut().expect("made above"))
+    }
+
     /// Work done on this endpoint by another thread (the TUN reader): drive it, send, and
     /// tell the owner if that left events.
     pub fn drive_external(&mut self) {
@@ -381,10 +395,17 @@ impl Io {
     }
 
     /// One batch of the driver thread.
-    fn batch(&mut self, readable: bool, ready: &[usize]) {
+    fn batch(&mut self, readable: bool, spliced: bool, ready: &[usize]) {
         let now = self.clamp(Instant::now());
         if readable {
             self.receive(now);
+        }
+        if spliced {
+            if let Some(sp) = self.splicer.as_mut() {
+                if catch_unwind(AssertUnwindSafe(|| sp.poll())).is_err() {
+                    self.core.stats.panics += 1;
+                }
+            }
         }
         for &i in ready {
             let (sources, core) = (&mut self.sources, &mut self.core);
@@ -447,9 +468,9 @@ impl Poller {
         Ok(Self { epoll, pwait2: true })
     }
 
-    /// (socket readable, woken) after waiting at most `timeout` (None: until something
-    /// happens); the readable sources' indices go to `ready`.
-    fn wait(&mut self, timeout: Option<Duration>, ready: &mut Vec<usize>) -> (bool, bool) {
+    /// (socket readable, woken, splices need service) after waiting at most `timeout`
+    /// (None: until something happens); the readable sources' indices go to `ready`.
+    fn wait(&mut self, timeout: Option<Duration>, ready: &mut Vec<usize>) -> (bool, bool, bool) {
         let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
         ready.clear();
         let n = loop {
@@ -474,17 +495,18 @@ impl Poller {
                 _ => break 0,
             }
         };
-        let (mut readable, mut woken) = (false, false);
+        let (mut readable, mut woken, mut spliced) = (false, false, false);
         for ev in &evs[..n] {
             let token = ev.u64;
             match token {
                 SOCK_TOKEN => readable = true,
                 WAKE_TOKEN => woken = true,
+                SPLICE_TOKEN => spliced = true,
                 t if t >= SOURCE_TOKEN => ready.push((t - SOURCE_TOKEN) as usize),
                 _ => {}
             }
         }
-        (readable, woken)
+        (readable, woken, spliced)
     }
 }
 
@@ -504,6 +526,9 @@ impl Driver {
             for (i, src) in g.sources.iter().enumerate() {
                 epoll_add(poller.epoll.as_raw_fd(), src.fd(), SOURCE_TOKEN + i as u64)?;
             }
+            if let Some(sp) = g.splicer.as_ref() {
+                epoll_add(poller.epoll.as_raw_fd(), sp.fd(), SPLICE_TOKEN)?;
+            }
             g.epoll = Some(poller.epoll.clone());
             g.wake = Some(wake.clone());
             g.notify = Some(notify.clone());
@@ -512,7 +537,7 @@ impl Driver {
         };
         let (t_stop, t_wake, t_stats, t_resume) = (stop.clone(), wake.clone(), stats.clone(), resume.clone());
         let thread = std::thread::Builder::new().name("ztna-endpoint".into()).spawn(move || {
-            let mut readable = false;
+            let (mut readable, mut spliced) = (false, false);
             let mut ready: Vec<usize> = Vec::new();
             loop {
                 let timeout = {
@@ -526,7 +551,7 @@ impl Driver {
                     if t_stop.load(Ordering::Acquire) || g.closed {
                         break;
                     }
-                    let r = catch_unwind(AssertUnwindSafe(|| g.batch(readable, &ready)));
+                    let r = catch_unwind(AssertUnwindSafe(|| g.batch(readable, spliced, &ready)));
                     if r.is_err() {
                         g.core.stats.panics += 1;
                         t_stats.panics.fetch_add(1, Ordering::Relaxed);
@@ -540,11 +565,12 @@ impl Driver {
                         next.map(|at| at.saturating_duration_since(Instant::now()))
                     }
                 };
-                let (r, woken) = poller.wait(timeout, &mut ready);
+                let (r, woken, sp) = poller.wait(timeout, &mut ready);
                 if woken {
                     clear(t_wake.as_raw_fd());
                 }
                 readable = r;
+                spliced = sp;
                 t_stats.wakeups.fetch_add(1, Ordering::Relaxed);
             }
         })?;
