@@ -390,6 +390,7 @@ impl Io {
             if let Some(n) = self.notify.as_ref() {
                 signal(n);
                 self.notified = true;
+                self.core.stats.owner_notified += 1;
             }
         }
     }

@@ -695,6 +695,7 @@ impl Endpoint {
             ("relay_dropped_oversize", s.relay_dropped_oversize),
             ("relay_dropped_no_target", s.relay_dropped_no_target),
             ("splice_claimed", s.splice_claimed),
+            ("owner_notified", s.owner_notified),
             ("relay_routes", g.core.routes.len() as u64),
         ] {
             d.set_item(k, v)?;

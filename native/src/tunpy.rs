@@ -196,6 +196,8 @@ struct Left {
     /// `TOUCH_EVERY`: they only keep the path's liveness bookkeeping fresh).
     told: Option<Instant>,
     signalled: bool,
+    /// Times Python was woken.
+    notified: u64,
 }
 
 const TOUCH_EVERY: Duration = Duration::from_millis(50);
@@ -291,6 +293,7 @@ impl ReaderThread {
                 if due && !l.signalled {
                     l.signalled = true;
                     l.told = Some(now);
+                    l.notified += 1;
                     signal(&t_notify);
                 }
             }
@@ -516,6 +519,7 @@ impl TunPump {
             ("rx_unknown_source", s.rx_unknown_source),
             ("claimed_down", s.claimed_down),
             ("panics", self.panics.load(Ordering::Relaxed)),
+            ("thread_notified", self.thread.as_ref().map_or(0, |t| lock_left(&t.left).notified)),
         ] {
             d.set_item(k, v)?;
         }
