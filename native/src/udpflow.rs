@@ -64,6 +64,8 @@ pub struct FlowStats {
     pub agent_drops: u64,
     pub reply_too_big: u64,
     pub refused: u64,
+    /// Backend bursts a driver thread read (the rest were read on the owner's loop).
+    pub thread_bursts: u64,
 }
 
 #[derive(Default)]

@@ -155,6 +155,7 @@ impl Source for FlowSource {
             if flows.flows.get(&id).is_none_or(|f| f.polled != Some(self.slot)) {
                 continue;
             }
+            flows.stats.thread_bursts += 1;
             let (_, r, _) = burst(&mut flows, core, id, self.burst, &mut self.buf, &mut self.dgram);
             if r {
                 if let Some(f) = flows.flows.get_mut(&id) {
@@ -377,6 +378,7 @@ impl UdpFlows {
             ("agent_drops", s.agent_drops),
             ("reply_too_big", s.reply_too_big),
             ("refused", s.refused),
+            ("thread_bursts", s.thread_bursts),
             ("flows", flows.flows.len() as u64),
             ("panics", self.panics),
         ] {

@@ -18,10 +18,10 @@ Theory of operation
 * With `thread=True` (the Intermediate, the Connector's relay link, the Agent's link, both
   P2P sockets) a native thread owns the socket's reads, the connection timers, the spliced
   sockets and the pumps' sources (the Connector's UDP-flow backends): what the relay
-  routes, taps, splices and stream pairs carry never waits for this loop. The loop watches only a notify descriptor (a batch left events:
-  `_on_notify`), and after queueing work it calls `native.rearm()` instead of arming a timer;
-  the thread runs no batch between our taking events and that call, so our answer to an
-  event applies from the next packet on. Off unless `ZTNA_ENDPOINT_THREAD=1`.
+  routes, taps, splices and stream pairs carry never waits for this loop. The loop watches
+  only a notify descriptor (a batch left events: `_on_notify`), and after queueing work it
+  calls `native.rearm()` instead of arming a timer; the thread runs no batch between our
+  taking events and that call, so our answer to an event applies from the next packet on. Off unless `ZTNA_ENDPOINT_THREAD=1`.
 * Routing by connection ID, Retry tokens, NEW_TOKEN address tokens, stateless resets (keyed by
   a stable secret, so a restarted server resets its predecessor's connections at once) and
   version negotiation are quinn's. Admission is ours: every new connection attempt is an
