@@ -23,8 +23,10 @@ gap-filling segments (up to 3 duplicate ACKs queued so the peer can fast-retrans
 delayed ≤ 40 ms for a single full-sized segment.
 
 Sending: within min(peer window, cwnd), MSS = min(ours, peer's). RFC 6298 RTO with Karn,
-backoff, go-back to SND.UNA on timeout; fast retransmit on 3 duplicate ACKs with NewReno
-recovery (RFC 6582), limited transmit (RFC 3042); initial cwnd 10 segments (RFC 6928).
+backoff, go-back to SND.UNA on timeout (what goes out again is never held back by sender SWS
+avoidance, and the oldest segment goes even into a shut window: it is the probe); fast
+retransmit on 3 duplicate ACKs with NewReno recovery (RFC 6582), limited transmit (RFC 3042);
+initial cwnd 10 segments (RFC 6928).
 SACK (RFC 2018) when the peer's SYN offers it: its blocks feed a scoreboard
 (`ztna.netstack.sack`); recovery starts on 3 duplicate ACKs or > 2 segments SACKed, and
 then retransmits every hole once, in order, while the estimated flight ("pipe",
