@@ -38,8 +38,11 @@ def _reconnected(sock: Path, at_least: int) -> bool:
 
 # "connector late": the Connector is paused across the restart, so the Agent is back first
 # and what its kernel sent meanwhile (the window update after the application read its
-# buffer) is dropped for want of a Connector; only the Connector's retransmission timer can
-# move the flow then (a lost small segment used to be held back by it: stalled for good).
+# buffer) is dropped for want of a Connector; the flow resumes on the Connector's
+# registration ACK and only the Connector's retransmission moves it on. (A lost small
+# segment that the timeout never resent stalled it for good now and then; whether it
+# happens depends on the window at the moment of the kill, so the case is pinned down in
+# tests/netstack/test_tcp.py.)
 @pytest.mark.parametrize("late", [None, "connector"])
 def test_transfer_survives_intermediate_restart(tmp_path: Path, late: str | None) -> None:
     pki = tmp_path / "pki"
