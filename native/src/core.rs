@@ -101,6 +101,9 @@ pub struct Stats {
     pub relay_bytes: u64,
     pub relay_dropped_oversize: u64,
     pub relay_dropped_no_target: u64,
+    /// Stream events a splice took over from the owner's queue (read before the splice
+    /// began, not yet taken by the owner).
+    pub splice_claimed: u64,
 }
 
 /// Tunnel DATAGRAM types (docs/protocol.md): Agent → relay, relay → Connector, Connector → relay.

@@ -697,6 +697,7 @@ impl Endpoint {
             ("relay_bytes", s.relay_bytes),
             ("relay_dropped_oversize", s.relay_dropped_oversize),
             ("relay_dropped_no_target", s.relay_dropped_no_target),
+            ("splice_claimed", s.splice_claimed),
             ("relay_routes", g.core.routes.len() as u64),
         ] {
             d.set_item(k, v)?;

@@ -104,16 +104,39 @@ impl Core {
         if !self.live(h) {
             return false;
         }
-        let Some(conn) = self.conn_mut(h) else { return false };
-        let st = conn.streams.entry(sid).or_default();
-        if st.tap.is_some() {
+        if self.conn(h).and_then(|c| c.streams.get(&sid)).is_some_and(|st| st.tap.is_some()) {
             return false;
         }
         let mut tap = StreamTap::default();
         if !data.is_empty() {
             tap.push(Bytes::copy_from_slice(data));
         }
-        tap.fin = fin || st.recv_done;
+        tap.fin = fin;
+        // What was read from quinn for this stream but is still queued for the owner comes
+        // next, in order: with a driver thread the owner decides about a stream (a backend
+        // connected, a status reply came through) while the thread goes on reading it, and
+        // those bytes would otherwise reach the owner after the splice took the stream over.
+        let mut claimed = 0u64;
+        self.events.retain_mut(|ev| match ev {
+            Ev::Stream { h: eh, sid: es, data, fin } if *eh == h && *es == sid => {
+                if !data.is_empty() {
+                    tap.push(std::mem::take(data));
+                }
+                tap.fin |= *fin;
+                claimed += 1;
+                false
+            }
+            Ev::StreamReset { h: eh, sid: es, code } if *eh == h && *es == sid => {
+                tap.reset = Some(*code);
+                claimed += 1;
+                false
+            }
+            _ => true,
+        });
+        self.stats.splice_claimed += claimed;
+        let Some(conn) = self.conn_mut(h) else { return false };
+        let st = conn.streams.entry(sid).or_default();
+        tap.fin |= st.recv_done;
         st.tap = Some(tap);
         // Anything quinn holds for a stream that waited for credit is read at the next drive.
         self.mark_dirty(h);

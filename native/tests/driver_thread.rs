@@ -103,8 +103,12 @@ fn threaded_endpoint_relays_without_its_owner() {
     }
     assert_eq!(server_conns.len(), 2, "the thread carried both handshakes");
     assert!(client_up.iter().all(|u| *u));
-    // The agent connected first, so the server's first connection is the agent's.
-    let (sa, sc) = (server_conns[0], server_conns[1]);
+    // Which server connection is the agent's: the one from the agent's socket (the two
+    // handshakes may finish in either order).
+    let agent_addr = lock(&agent).sock.as_ref().unwrap().local_addr().unwrap();
+    let from_agent = |h: usize| lock(&server).core.conn(h).is_some_and(|c| c.remote.port() == agent_addr.port());
+    let (sa, sc) = if from_agent(server_conns[0]) { (server_conns[0], server_conns[1]) } else { (server_conns[1], server_conns[0]) };
+    assert!(from_agent(sa) && !from_agent(sc));
     {
         let mut g = lock(&server);
         assert!(g.core.route_agent(sa, b"echo", sc, AGENT_ID));
@@ -175,4 +179,145 @@ fn threaded_endpoint_relays_without_its_owner() {
     assert!(driver.running());
     driver.join();
     assert!(!driver.running());
+}
+
+/// The owner's answer to the thread's notification, as the binding gives it: take the events,
+/// answer the admission ones, drive, send, let the thread go on.
+fn owner_round(server: &Arc<Mutex<Io>>, driver: &Driver, conns: &mut Vec<usize>) -> Vec<Ev> {
+    driver.clear_notify();
+    let mut g = lock(server);
+    g.taken();
+    let now = g.clamp(Instant::now());
+    let evs = std::mem::take(&mut g.core.events);
+    for ev in &evs {
+        match ev {
+            Ev::Incoming { id, .. } => {
+                g.core.accept(*id, now);
+            }
+            Ev::Connected { h, .. } => conns.push(*h),
+            _ => {}
+        }
+    }
+    g.drive_guarded(now);
+    g.transmit();
+    g.rearm();
+    evs
+}
+
+fn stream_data(evs: &[Ev], on: (usize, u64)) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in evs {
+        if let Ev::Stream { h, sid, data, .. } = e {
+            if (*h, *sid) == on {
+                out.extend_from_slice(data);
+            }
+        }
+    }
+    out
+}
+
+/// A stream the owner splices to a socket some time after it read the stream's header (the
+/// Connector, once its backend connected): whatever the thread read from the stream in the
+/// meantime and left queued for the owner belongs to the splice, in order, and nothing of it
+/// reaches the owner afterwards.
+#[test]
+fn splice_takes_over_what_the_thread_read_before_it() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    use _native::sockpump::SocketSplicer;
+
+    let setup = setup(None);
+    let server = io(server_core(&setup));
+    let addr = lock(&server).sock.as_ref().unwrap().local_addr().unwrap();
+    let driver = Driver::spawn(server.clone()).unwrap();
+    let notify = driver.notify_fd();
+    let client = io(client_core());
+    let (ch, _) = lock(&client).core.connect(Instant::now(), setup.client_cfg.clone(), addr, "localhost").unwrap();
+    let mut conns = Vec::new();
+    let mut up = false;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (conns.is_empty() || !up) && Instant::now() < deadline {
+        up |= step(&client, Duration::from_millis(1)).iter().any(|e| matches!(e, Ev::Connected { .. }));
+        if readable(notify, Duration::from_millis(1)) {
+            owner_round(&server, &driver, &mut conns);
+        }
+    }
+    assert!(up && conns.len() == 1, "handshake through the thread");
+    let sh = conns[0];
+
+    // The header: the owner reads it and consumes it, then waits for its backend.
+    let sid = lock(&client).core.open_bi(ch).unwrap();
+    lock(&client).core.stream_write(ch, sid, b"HDR", false);
+    let mut head = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while head.len() < 3 && Instant::now() < deadline {
+        step(&client, Duration::from_millis(1));
+        if readable(notify, Duration::from_millis(1)) {
+            head.extend(stream_data(&owner_round(&server, &driver, &mut conns), (sh, sid)));
+        }
+    }
+    assert_eq!(head, b"HDR");
+    lock(&server).core.consume(sh, sid, 3);
+
+    // Meanwhile the body arrives and the thread reads it; the owner does not look yet.
+    let mut body = vec![0u8; 96 * 1024];
+    XorShift(11).fill(&mut body);
+    let (first, second) = body.split_at(40 * 1024);
+    lock(&client).core.stream_write(ch, sid, first, false);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stream_data(&lock(&server).core.events, (sh, sid)).len() < first.len() && Instant::now() < deadline {
+        step(&client, Duration::from_millis(1));
+    }
+    assert_eq!(stream_data(&lock(&server).core.events, (sh, sid)), first, "queued for the owner");
+
+    // The backend is there: the owner splices the stream to it, with nothing in hand.
+    let (mut backend, theirs) = UnixStream::pair().unwrap();
+    backend.set_nonblocking(true).unwrap();
+    let splice_fd = {
+        let mut g = lock(&server);
+        let sp = SocketSplicer::new().unwrap();
+        let fd = sp.fd();
+        g.splicer = Some(sp);
+        let Io { splicer, core, .. } = &mut *g;
+        splicer.as_mut().unwrap().add(core, sh, sid, theirs.into(), &[], false, &[]).unwrap();
+        g.rearm();
+        fd
+    };
+    lock(&client).core.stream_write(ch, sid, second, true);
+    let mut got = Vec::new();
+    let mut owner_saw = Vec::new();
+    let mut eof = false;
+    let mut buf = vec![0u8; 65536];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !eof && Instant::now() < deadline {
+        step(&client, Duration::from_millis(1));
+        if readable(notify, Duration::ZERO) {
+            owner_saw.extend(stream_data(&owner_round(&server, &driver, &mut conns), (sh, sid)));
+        }
+        if readable(splice_fd, Duration::ZERO) {
+            // The binding's pump: the spliced socket became writable or readable.
+            let mut g = lock(&server);
+            let now = g.clamp(Instant::now());
+            g.splicer.as_mut().unwrap().poll();
+            g.drive_guarded(now);
+            g.transmit();
+            g.rearm();
+        }
+        loop {
+            match backend.read(&mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(_) => break,
+            }
+        }
+    }
+    assert!(owner_saw.is_empty(), "{} stream bytes reached the owner after the splice", owner_saw.len());
+    assert!(eof, "the stream's FIN reached the socket ({} of {} bytes)", got.len(), body.len());
+    assert!(got == body, "the socket got the body in order ({} of {} bytes)", got.len(), body.len());
+    assert!(lock(&server).core.stats.splice_claimed >= 1);
+    drop(driver);
 }
