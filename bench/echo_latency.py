@@ -165,7 +165,11 @@ def run(lab: Lab, work: Path, args: argparse.Namespace) -> dict[str, Any]:
                 res["syscalls"] = syscall_window(world, VIP4, min(args.count, 1000))
             if args.perf:
                 res["perf"] = perf_window(world, min(args.count, 2000), args.perf)
-            res["final_path"] = ((world.status() or {}).get("services") or [{}])[0].get("path")
+            status = world.status() or {}
+            res["final_path"] = (status.get("services") or [{}])[0].get("path")
+            # The TUN pump's own counters (reads, packets left to Python, its thread's
+            # wake-ups of Python) over the whole path's windows.
+            res["agent_tun_native"] = (status.get("tun") or {}).get("native")
             print(f"[{path}] {json.dumps(res)}", flush=True)
             out[path] = res
             world.stop_agent()

@@ -104,6 +104,8 @@ pub struct Stats {
     /// Stream events a splice took over from the owner's queue (read before the splice
     /// began, not yet taken by the owner).
     pub splice_claimed: u64,
+    /// Times a driver thread woke the owner (a batch left it events or work).
+    pub owner_notified: u64,
 }
 
 /// Tunnel DATAGRAM types (docs/protocol.md): Agent → relay, relay → Connector, Connector → relay.

@@ -33,12 +33,28 @@ pub trait Drain: Send + Sync {
     fn drain(&mut self);
 }
 
+/// Another descriptor a driver thread waits on besides the socket: a pump's input (the UDP
+/// flows' backend sockets behind one epoll descriptor, ...). When it is readable the batch
+/// calls `ready` with the core, then drives and sends as for a received datagram, so a
+/// backend's reply leaves in the same wake-up without the owner.
+pub trait Source: Send + Sync {
+    fn fd(&self) -> RawFd;
+    fn ready(&mut self, core: &mut Core, now: Instant);
+}
+
+const SOURCE_TOKEN: u64 = 16;
+const SPLICE_TOKEN: u64 = 3;
+
 const RX_BUF: usize = 65536;
 
 pub struct Io {
     pub core: Core,
     /// Native I/O of the pumps attached to this endpoint, run after each batch.
     pub drains: Vec<Box<dyn Drain>>,
+    /// Inputs of the pumps that the driver thread polls too (unused without a thread).
+    sources: Vec<Box<dyn Source>>,
+    /// The driver thread's epoll descriptor, once it runs (sources added later join it).
+    epoll: Option<Arc<OwnedFd>>,
     pub sock: Option<UdpSocket>,
     pub udp: quinn_udp::UdpSocketState,
     rx: Vec<Vec<u8>>,
@@ -101,6 +117,8 @@ impl Io {
         Ok(Self {
             core,
             drains: Vec::new(),
+            sources: Vec::new(),
+            epoll: None,
             sock: Some(sock),
             udp,
             rx,
@@ -335,21 +353,73 @@ impl Io {
         }
     }
 
-    /// One batch of the driver thread.
-    fn batch(&mut self, readable: bool) {
-        let now = self.clamp(Instant::now());
-        if readable {
-            self.receive(now);
+    /// Let the driver thread poll `src` too (now if it runs, else from its start).
+    pub fn add_source(&mut self, src: Box<dyn Source>) -> io::Result<()> {
+        let token = SOURCE_TOKEN + self.sources.len() as u64;
+        if let Some(ep) = self.epoll.as_ref() {
+            epoll_add(ep.as_raw_fd(), src.fd(), token)?;
         }
-        self.guarded(|s| s.core.handle_timeouts(now));
+        self.sources.push(src);
+        Ok(())
+    }
+
+    /// The stream ⇄ socket splicer, made on first use; a running driver thread polls its
+    /// descriptor from then on (the spliced sockets are served in its batches).
+    pub fn splicer(&mut self) -> io::Result<&mut SocketSplicer> {
+        if self.splicer.is_none() {
+            let sp = SocketSplicer::new()?;
+            if let Some(ep) = self.epoll.as_ref() {
+                epoll_add(ep.as_raw_fd(), sp.fd(), SPLICE_TOKEN)?;
+            }
+            self.splicer = Some(sp);
+        }
+        Ok(self.splicer.as_mut().expect("made above"))
+    }
+
+    /// Work done on this endpoint by another thread (the TUN reader): drive it, send, and
+    /// tell the owner if that left events.
+    pub fn drive_external(&mut self) {
+        let now = self.clamp(Instant::now());
         self.drive_guarded(now);
         self.transmit();
+        self.notify_owner();
+    }
+
+    fn notify_owner(&mut self) {
         if !self.notified && (!self.core.events.is_empty() || self.busy()) {
             if let Some(n) = self.notify.as_ref() {
                 signal(n);
                 self.notified = true;
+                self.core.stats.owner_notified += 1;
             }
         }
+    }
+
+    /// One batch of the driver thread.
+    fn batch(&mut self, readable: bool, spliced: bool, ready: &[usize]) {
+        let now = self.clamp(Instant::now());
+        if readable {
+            self.receive(now);
+        }
+        if spliced {
+            if let Some(sp) = self.splicer.as_mut() {
+                if catch_unwind(AssertUnwindSafe(|| sp.poll())).is_err() {
+                    self.core.stats.panics += 1;
+                }
+            }
+        }
+        for &i in ready {
+            let (sources, core) = (&mut self.sources, &mut self.core);
+            if let Some(src) = sources.get_mut(i) {
+                if catch_unwind(AssertUnwindSafe(|| src.ready(core, now))).is_err() {
+                    core.stats.panics += 1;
+                }
+            }
+        }
+        self.guarded(|s| s.core.handle_timeouts(now));
+        self.drive_guarded(now);
+        self.transmit();
+        self.notify_owner();
     }
 }
 
@@ -371,8 +441,16 @@ pub struct Driver {
 }
 
 struct Poller {
-    epoll: OwnedFd,
+    epoll: Arc<OwnedFd>,
     pwait2: bool,
+}
+
+fn epoll_add(epoll: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+    if unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 const SOCK_TOKEN: u64 = 1;
@@ -384,20 +462,18 @@ impl Poller {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let epoll = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
         for (fd, token) in [(sock, SOCK_TOKEN), (wake, WAKE_TOKEN)] {
-            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
-            if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            epoll_add(epoll.as_raw_fd(), fd, token)?;
         }
         Ok(Self { epoll, pwait2: true })
     }
 
-    /// (socket readable, woken) after waiting at most `timeout` (None: until something
-    /// happens).
-    fn wait(&mut self, timeout: Option<Duration>) -> (bool, bool) {
-        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
+    /// (socket readable, woken, splices need service) after waiting at most `timeout`
+    /// (None: until something happens); the readable sources' indices go to `ready`.
+    fn wait(&mut self, timeout: Option<Duration>, ready: &mut Vec<usize>) -> (bool, bool, bool) {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
+        ready.clear();
         let n = loop {
             let n = if self.pwait2 {
                 // Nanosecond deadlines: a millisecond-rounded timer would pace sends late.
@@ -420,15 +496,18 @@ impl Poller {
                 _ => break 0,
             }
         };
-        let (mut readable, mut woken) = (false, false);
+        let (mut readable, mut woken, mut spliced) = (false, false, false);
         for ev in &evs[..n] {
-            match ev.u64 {
+            let token = ev.u64;
+            match token {
                 SOCK_TOKEN => readable = true,
                 WAKE_TOKEN => woken = true,
+                SPLICE_TOKEN => spliced = true,
+                t if t >= SOURCE_TOKEN => ready.push((t - SOURCE_TOKEN) as usize),
                 _ => {}
             }
         }
-        (readable, woken)
+        (readable, woken, spliced)
     }
 }
 
@@ -441,18 +520,26 @@ impl Driver {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(DriverStats::default());
         let resume = Arc::new(Condvar::new());
-        let sock_fd = {
+        let mut poller = {
             let mut g = lock(&io);
             let fd = g.sock.as_ref().map(|s| s.as_raw_fd()).ok_or_else(|| io::Error::other("socket closed"))?;
+            let poller = Poller::new(fd, wake.as_raw_fd())?;
+            for (i, src) in g.sources.iter().enumerate() {
+                epoll_add(poller.epoll.as_raw_fd(), src.fd(), SOURCE_TOKEN + i as u64)?;
+            }
+            if let Some(sp) = g.splicer.as_ref() {
+                epoll_add(poller.epoll.as_raw_fd(), sp.fd(), SPLICE_TOKEN)?;
+            }
+            g.epoll = Some(poller.epoll.clone());
             g.wake = Some(wake.clone());
             g.notify = Some(notify.clone());
             g.resume = Some(resume.clone());
-            fd
+            poller
         };
-        let mut poller = Poller::new(sock_fd, wake.as_raw_fd())?;
         let (t_stop, t_wake, t_stats, t_resume) = (stop.clone(), wake.clone(), stats.clone(), resume.clone());
         let thread = std::thread::Builder::new().name("ztna-endpoint".into()).spawn(move || {
-            let mut readable = false;
+            let (mut readable, mut spliced) = (false, false);
+            let mut ready: Vec<usize> = Vec::new();
             loop {
                 let timeout = {
                     let mut g = lock(&io);
@@ -465,7 +552,7 @@ impl Driver {
                     if t_stop.load(Ordering::Acquire) || g.closed {
                         break;
                     }
-                    let r = catch_unwind(AssertUnwindSafe(|| g.batch(readable)));
+                    let r = catch_unwind(AssertUnwindSafe(|| g.batch(readable, spliced, &ready)));
                     if r.is_err() {
                         g.core.stats.panics += 1;
                         t_stats.panics.fetch_add(1, Ordering::Relaxed);
@@ -479,11 +566,12 @@ impl Driver {
                         next.map(|at| at.saturating_duration_since(Instant::now()))
                     }
                 };
-                let (r, woken) = poller.wait(timeout);
+                let (r, woken, sp) = poller.wait(timeout, &mut ready);
                 if woken {
                     clear(t_wake.as_raw_fd());
                 }
                 readable = r;
+                spliced = sp;
                 t_stats.wakeups.fetch_add(1, Ordering::Relaxed);
             }
         })?;

@@ -22,7 +22,6 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
 use crate::config::{self, Limits};
 use crate::core::{Core, Ev, SendResult};
 use crate::driver::{self, Driver, Io};
-use crate::sockpump::SocketSplicer;
 use crate::tls::{self, TicketBackend};
 
 fn bytes_of<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
@@ -547,10 +546,8 @@ impl Endpoint {
     /// the event loop once and call `pump(now)` when it is readable.
     fn splice_fd(&self, py: Python<'_>) -> PyResult<i32> {
         let mut s = self.lock(py);
-        if s.splicer.is_none() {
-            s.splicer = Some(SocketSplicer::new().map_err(|e| PyOSError::new_err(format!("epoll: {e}")))?);
-        }
-        Ok(s.splicer.as_ref().map(|s| s.fd()).unwrap_or(-1))
+        let sp = s.splicer().map_err(|e| PyOSError::new_err(format!("epoll: {e}")))?;
+        Ok(sp.fd())
     }
 
     /// Splice the connected stream socket `fd` (duplicated: the caller keeps its own, and
@@ -698,6 +695,7 @@ impl Endpoint {
             ("relay_dropped_oversize", s.relay_dropped_oversize),
             ("relay_dropped_no_target", s.relay_dropped_no_target),
             ("splice_claimed", s.splice_claimed),
+            ("owner_notified", s.owner_notified),
             ("relay_routes", g.core.routes.len() as u64),
         ] {
             d.set_item(k, v)?;

@@ -51,6 +51,9 @@ pub struct Flow {
     /// Its reply connection went away: nothing is sent until Python moves the flow (the
     /// handle may already name another Agent's connection).
     pub detached: bool,
+    /// The endpoint slot whose driver thread reads the backend socket (None: the owner's
+    /// loop watches it and calls for each burst).
+    pub polled: Option<usize>,
 }
 
 #[derive(Default, Clone, Debug)]
@@ -61,6 +64,8 @@ pub struct FlowStats {
     pub agent_drops: u64,
     pub reply_too_big: u64,
     pub refused: u64,
+    /// Backend bursts a driver thread read (the rest were read on the owner's loop).
+    pub thread_bursts: u64,
 }
 
 #[derive(Default)]
@@ -73,6 +78,9 @@ pub struct Flows {
     next_id: u64,
     /// (flow id, backend fd, payload) taken during a batch; the driver sends them after it.
     pub pending: Vec<(u64, i32, Bytes)>,
+    /// (slot, fd) of forgotten flows whose backend socket a driver thread still polls: the
+    /// driver stops polling them before the owner closes the sockets.
+    pub unpoll: Vec<(usize, i32)>,
     pub stats: FlowStats,
 }
 
@@ -212,7 +220,11 @@ impl Flows {
         let relay = matches!(self.conns.get(&(reply.slot, reply.h)), Some(None));
         let key: FlowKey = (agent_id, version, addr16(agent_ip), agent_port, addr16(vip), vport);
         if let Some(old) = self.by_key.remove(&key) {
-            self.flows.remove(&old);
+            if let Some(f) = self.flows.remove(&old) {
+                if let Some(slot) = f.polled {
+                    self.unpoll.push((slot, f.fd));
+                }
+            }
         }
         self.next_id += 1;
         let id = self.next_id;
@@ -220,7 +232,7 @@ impl Flows {
         self.flows.insert(id, Flow {
             key, service: service.into(), fd, reply, relay, to_backend: 0, to_agent: 0,
             bytes_to_backend: 0, bytes_to_agent: 0,
-            last_packet: Vec::new(), refused: false, detached: false,
+            last_packet: Vec::new(), refused: false, detached: false, polled: None,
         });
         Ok(id)
     }
@@ -244,6 +256,9 @@ impl Flows {
             Some(f) => {
                 self.by_key.remove(&f.key);
                 self.pending.retain(|(fid, _, _)| *fid != id);
+                if let Some(slot) = f.polled {
+                    self.unpoll.push((slot, f.fd));
+                }
                 true
             }
             None => false,

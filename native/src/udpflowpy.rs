@@ -8,17 +8,20 @@
 //! runs once per batch either way, never once per packet, and keeps every decision (which
 //! flows exist, on which connection, when they expire, the ICMP errors).
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::Instant;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use crate::core::SendResult;
-use crate::driver::Drain;
+use crate::core::{Core, SendResult};
+use crate::driver::{Drain, Source};
 use crate::py::Endpoint;
 use crate::tunpump::Target;
-use crate::udpflow::{lock, FlowTap, SharedFlows};
+use crate::udpflow::{lock, FlowTap, Flows, SharedFlows};
 
 const MAX_DATAGRAM: usize = 65535;
 
@@ -57,6 +60,116 @@ impl Drain for FlowDrain {
     }
 }
 
+/// Read up to `max` datagrams from flow `id`'s backend socket and queue the replies on its
+/// connection in `core`: (replies queued, backend refused, replies dropped).
+fn burst(flows: &mut Flows, core: &mut Core, id: u64, max: usize, buf: &mut [u8], dgram: &mut Vec<u8>) -> (u64, bool, u64) {
+    let Some((fd, target)) = flows.flows.get(&id).map(|f| (f.fd, f.reply)) else { return (0, false, 0) };
+    let (mut sent, mut refused, mut dropped) = (0u64, false, 0u64);
+    for _ in 0..max {
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n < 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::ECONNREFUSED) => {
+                    refused = true;
+                    continue;
+                }
+                _ => break,
+            }
+        }
+        let max_payload = core.conn_mut(target.h).map(|c| c.max_datagram_payload()).unwrap_or(0);
+        let Some(t) = flows.reply(id, &buf[..n as usize], max_payload, dgram) else {
+            dropped += 1;
+            continue;
+        };
+        debug_assert_eq!(t, target);
+        match core.send_datagram(t.h, dgram) {
+            SendResult::Queued | SendResult::QueuedDroppedOldest => {
+                flows.stats.to_agent += 1;
+                if let Some(f) = flows.flows.get_mut(&id) {
+                    f.to_agent += 1;
+                }
+                sent += 1;
+            }
+            _ => {
+                flows.stats.agent_drops += 1;
+                dropped += 1;
+            }
+        }
+    }
+    if refused {
+        flows.stats.refused += 1;
+    }
+    (sent, refused, dropped)
+}
+
+fn eventfd() -> PyResult<OwnedFd> {
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(pyo3::exceptions::PyOSError::new_err(std::io::Error::last_os_error().to_string()));
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn epoll_fd() -> PyResult<OwnedFd> {
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return Err(pyo3::exceptions::PyOSError::new_err(std::io::Error::last_os_error().to_string()));
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn signal(fd: &OwnedFd) {
+    let one: u64 = 1;
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+/// The backend sockets of the flows whose replies go on one threaded endpoint: the driver
+/// thread polls their epoll descriptor and, when it is readable, moves each ready flow's
+/// burst of replies into the core within the same batch.
+struct FlowSource {
+    flows: SharedFlows,
+    epoll: Arc<OwnedFd>,
+    refused: Arc<OwnedFd>,
+    slot: usize,
+    burst: usize,
+    buf: Vec<u8>,
+    dgram: Vec<u8>,
+}
+
+impl Source for FlowSource {
+    fn fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    fn ready(&mut self, core: &mut Core, _now: Instant) {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), evs.as_mut_ptr(), evs.len() as i32, 0) };
+        if n <= 0 {
+            return;
+        }
+        let mut flows = lock(&self.flows);
+        let mut refused = false;
+        for ev in &evs[..n as usize] {
+            let id = { ev.u64 };
+            if flows.flows.get(&id).is_none_or(|f| f.polled != Some(self.slot)) {
+                continue;
+            }
+            flows.stats.thread_bursts += 1;
+            let (_, r, _) = burst(&mut flows, core, id, self.burst, &mut self.buf, &mut self.dgram);
+            if r {
+                if let Some(f) = flows.flows.get_mut(&id) {
+                    f.refused = true;
+                }
+                refused = true;
+            }
+        }
+        if refused {
+            signal(&self.refused);
+        }
+    }
+}
+
 #[pyclass(module = "ztna._native")]
 pub struct UdpFlows {
     flows: SharedFlows,
@@ -65,9 +178,43 @@ pub struct UdpFlows {
     dgram: Vec<u8>,
     recv_burst: usize,
     panics: u64,
+    /// Per endpoint slot: the flow epoll descriptor its driver thread polls (None: the
+    /// endpoint has no thread, Python reads those flows).
+    polls: Vec<Option<Arc<OwnedFd>>>,
+    refused: Arc<OwnedFd>,
 }
 
 impl UdpFlows {
+    /// Stop the driver threads polling sockets of forgotten flows, then poll flow `id` (if
+    /// still there) on the thread of the endpoint its replies use, if that has one.
+    fn repoll(&self, id: Option<u64>) {
+        let mut flows = lock(&self.flows);
+        for (slot, fd) in std::mem::take(&mut flows.unpoll) {
+            if let Some(Some(ep)) = self.polls.get(slot) {
+                unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+            }
+        }
+        let Some(id) = id else { return };
+        let Some(f) = flows.flows.get_mut(&id) else { return };
+        let want = self.polls.get(f.reply.slot).and_then(|p| p.as_ref()).map(|_| f.reply.slot);
+        if want == f.polled {
+            return;
+        }
+        if let Some(old) = f.polled.take() {
+            if let Some(Some(ep)) = self.polls.get(old) {
+                unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_DEL, f.fd, std::ptr::null_mut()) };
+            }
+        }
+        if let Some(slot) = want {
+            if let Some(Some(ep)) = self.polls.get(slot) {
+                let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: id };
+                if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, f.fd, &mut ev) } == 0 {
+                    f.polled = Some(slot);
+                }
+            }
+        }
+    }
+
     fn live(&self, py: Python<'_>, slot: usize, h: usize) -> PyResult<bool> {
         let ep = self.endpoints.get(slot).ok_or_else(|| PyValueError::new_err("no such endpoint slot"))?;
         Ok(ep.bind(py).try_borrow()?.lock(py).core.live(h))
@@ -75,51 +222,15 @@ impl UdpFlows {
 
     /// (replies queued, backend refused, replies dropped) for one readable flow socket.
     fn recv_burst(&mut self, py: Python<'_>, id: u64) -> (u64, bool, u64) {
-        let (fd, target) = match lock(&self.flows).flows.get(&id) {
-            Some(f) => (f.fd, f.reply),
+        let slot = match lock(&self.flows).flows.get(&id) {
+            Some(f) => f.reply.slot,
             None => return (0, false, 0),
         };
-        let Some(ep) = self.endpoints.get(target.slot) else { return (0, false, 0) };
+        let Some(ep) = self.endpoints.get(slot) else { return (0, false, 0) };
         let Ok(ep) = ep.bind(py).try_borrow() else { return (0, false, 0) };
         let mut ep = ep.lock(py);
-        let (mut sent, mut refused, mut dropped) = (0u64, false, 0u64);
-        for _ in 0..self.recv_burst {
-            let n = unsafe { libc::recv(fd, self.buf.as_mut_ptr().cast(), self.buf.len(), libc::MSG_DONTWAIT) };
-            if n < 0 {
-                match std::io::Error::last_os_error().raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    Some(libc::ECONNREFUSED) => {
-                        refused = true;
-                        continue;
-                    }
-                    _ => break,
-                }
-            }
-            let max_payload = ep.core.conn_mut(target.h).map(|c| c.max_datagram_payload()).unwrap_or(0);
-            let mut flows = lock(&self.flows);
-            let Some(t) = flows.reply(id, &self.buf[..n as usize], max_payload, &mut self.dgram) else {
-                dropped += 1;
-                continue;
-            };
-            debug_assert_eq!(t, target);
-            match ep.core.send_datagram(t.h, &self.dgram) {
-                SendResult::Queued | SendResult::QueuedDroppedOldest => {
-                    flows.stats.to_agent += 1;
-                    if let Some(f) = flows.flows.get_mut(&id) {
-                        f.to_agent += 1;
-                    }
-                    sent += 1;
-                }
-                _ => {
-                    flows.stats.agent_drops += 1;
-                    dropped += 1;
-                }
-            }
-        }
-        if refused {
-            lock(&self.flows).stats.refused += 1;
-        }
-        (sent, refused, dropped)
+        let mut flows = lock(&self.flows);
+        burst(&mut flows, &mut ep.core, id, self.recv_burst, &mut self.buf, &mut self.dgram)
     }
 }
 
@@ -135,7 +246,20 @@ impl UdpFlows {
             dgram: Vec::with_capacity(MAX_DATAGRAM + 64),
             recv_burst: recv_burst.max(1),
             panics: 0,
+            polls: Vec::new(),
+            refused: Arc::new(eventfd().expect("eventfd")),
         }
+    }
+
+    /// Readable when a driver thread saw a backend refuse (ECONNREFUSED) a flow it reads:
+    /// call `take_refused()` then.
+    fn refused_fd(&self) -> i32 {
+        self.refused.as_raw_fd()
+    }
+
+    /// Whether a driver thread reads flow `id`'s backend socket (then the owner must not).
+    fn polled(&self, id: u64) -> bool {
+        lock(&self.flows).flows.get(&id).is_some_and(|f| f.polled.is_some())
     }
 
     /// Attach an endpoint (a socket); the same endpoint again returns the same slot.
@@ -148,6 +272,18 @@ impl UdpFlows {
         let mut io = ep.lock(endpoint.py());
         io.core.taps.push(Box::new(FlowTap { flows: self.flows.clone(), slot }));
         io.drains.push(Box::new(FlowDrain { flows: self.flows.clone() }));
+        let mut poll = None;
+        if io.threaded() {
+            let ep = Arc::new(epoll_fd()?);
+            let src = FlowSource {
+                flows: self.flows.clone(), epoll: ep.clone(), refused: self.refused.clone(), slot,
+                burst: self.recv_burst, buf: vec![0u8; MAX_DATAGRAM], dgram: Vec::with_capacity(MAX_DATAGRAM + 64),
+            };
+            if io.add_source(Box::new(src)).is_ok() {
+                poll = Some(ep);
+            }
+        }
+        self.polls.push(poll);
         drop(io);
         drop(ep);
         self.endpoints.push(endpoint.unbind());
@@ -170,18 +306,24 @@ impl UdpFlows {
     #[allow(clippy::too_many_arguments)]
     fn add_flow(&mut self, agent_id: u32, agent_ip: &[u8], agent_port: u16, vip: &[u8], vport: u16,
                 service: &[u8], fd: i32, slot: usize, h: usize) -> PyResult<u64> {
-        lock(&self.flows)
+        let id = lock(&self.flows)
             .add_flow(agent_id, agent_ip, agent_port, vip, vport, service, fd, Target { slot, h })
-            .map_err(PyValueError::new_err)
+            .map_err(PyValueError::new_err)?;
+        self.repoll(Some(id));
+        Ok(id)
     }
 
     fn set_reply(&mut self, id: u64, slot: usize, h: usize) -> bool {
-        lock(&self.flows).set_reply(id, Target { slot, h })
+        let ok = lock(&self.flows).set_reply(id, Target { slot, h });
+        self.repoll(Some(id));
+        ok
     }
 
     /// Forget a flow (before its socket is closed).
     fn remove_flow(&mut self, id: u64) -> bool {
-        lock(&self.flows).remove_flow(id)
+        let ok = lock(&self.flows).remove_flow(id);
+        self.repoll(None);
+        ok
     }
 
     /// Read what flow `id`'s backend socket has (a burst) and queue the replies:
@@ -212,6 +354,8 @@ impl UdpFlows {
     /// Flows whose backend refused a native send since the last call (Python answers with
     /// ICMP port unreachable).
     fn take_refused(&mut self) -> Vec<u64> {
+        let mut v: u64 = 0;
+        unsafe { libc::read(self.refused.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
         let mut flows = lock(&self.flows);
         let mut out = Vec::new();
         for (id, f) in flows.flows.iter_mut() {
@@ -234,6 +378,7 @@ impl UdpFlows {
             ("agent_drops", s.agent_drops),
             ("reply_too_big", s.reply_too_big),
             ("refused", s.refused),
+            ("thread_bursts", s.thread_bursts),
             ("flows", flows.flows.len() as u64),
             ("panics", self.panics),
         ] {

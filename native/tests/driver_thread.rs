@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use _native::core::{Core, Ev};
-use _native::driver::{lock, Driver, Io};
+use _native::driver::{lock, Driver, Io, Source};
 use common::*;
 
 const AGENT_ID: u32 = 0x0A0B_0C0D;
@@ -54,12 +54,25 @@ fn datagrams(evs: &[Ev], on: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-#[test]
-fn threaded_endpoint_relays_without_its_owner() {
+struct Pair {
+    server: Arc<Mutex<Io>>,
+    driver: Driver,
+    notify: RawFd,
+    agent: Arc<Mutex<Io>>,
+    connector: Arc<Mutex<Io>>,
+    /// Client handles (agent, connector) and the server's handles of those connections.
+    ca: usize,
+    cc: usize,
+    sa: usize,
+    sc: usize,
+}
+
+/// A threaded server endpoint and two clients connected to it (the agent first).
+fn connected() -> Pair {
     let setup = setup(None);
     let server = io(server_core(&setup));
     let addr = lock(&server).sock.as_ref().unwrap().local_addr().unwrap();
-    let mut driver = Driver::spawn(server.clone()).unwrap();
+    let driver = Driver::spawn(server.clone()).unwrap();
     let notify = driver.notify_fd();
 
     let (agent, connector) = (io(client_core()), io(client_core()));
@@ -103,12 +116,21 @@ fn threaded_endpoint_relays_without_its_owner() {
     }
     assert_eq!(server_conns.len(), 2, "the thread carried both handshakes");
     assert!(client_up.iter().all(|u| *u));
-    // Which server connection is the agent's: the one from the agent's socket (the two
-    // handshakes may finish in either order).
-    let agent_addr = lock(&agent).sock.as_ref().unwrap().local_addr().unwrap();
-    let from_agent = |h: usize| lock(&server).core.conn(h).is_some_and(|c| c.remote.port() == agent_addr.port());
-    let (sa, sc) = if from_agent(server_conns[0]) { (server_conns[0], server_conns[1]) } else { (server_conns[1], server_conns[0]) };
-    assert!(from_agent(sa) && !from_agent(sc));
+    // Which server connection is whose: the handshakes may finish in either order.
+    let agent_addr = lock(&agent).sock.as_ref().unwrap().local_addr().unwrap().port();
+    let port_of = |h: usize| lock(&server).core.conn(h).map(|c| c.remote.port());
+    let (sa, sc) = if port_of(server_conns[0]) == Some(agent_addr) {
+        (server_conns[0], server_conns[1])
+    } else {
+        (server_conns[1], server_conns[0])
+    };
+    assert_eq!(port_of(sa), Some(agent_addr));
+    Pair { server, driver, notify, agent, connector, ca, cc, sa, sc }
+}
+
+#[test]
+fn threaded_endpoint_relays_without_its_owner() {
+    let Pair { server, mut driver, notify, agent, connector, ca, cc, sa, sc } = connected();
     {
         let mut g = lock(&server);
         assert!(g.core.route_agent(sa, b"echo", sc, AGENT_ID));
@@ -179,6 +201,53 @@ fn threaded_endpoint_relays_without_its_owner() {
     assert!(driver.running());
     driver.join();
     assert!(!driver.running());
+}
+
+/// A pump's source: datagrams arriving on a "backend" socket become DATAGRAMs on one
+/// connection, queued by the driver thread in the batch that saw the socket readable.
+struct Backend {
+    sock: UdpSocket,
+    h: usize,
+}
+
+impl Source for Backend {
+    fn fd(&self) -> RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.sock)
+    }
+
+    fn ready(&mut self, core: &mut Core, _now: Instant) {
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = self.sock.recv(&mut buf) {
+            core.send_datagram(self.h, &buf[..n]);
+        }
+    }
+}
+
+#[test]
+fn a_source_added_to_a_running_thread_is_served_without_its_owner() {
+    let Pair { server, mut driver, notify, agent, ca, sa, .. } = connected();
+    while readable(notify, Duration::ZERO) {
+        driver.clear_notify();
+    }
+    let backend = UdpSocket::bind("127.0.0.1:0").unwrap();
+    backend.set_nonblocking(true).unwrap();
+    let to = backend.local_addr().unwrap();
+    lock(&server).add_source(Box::new(Backend { sock: backend, h: sa })).unwrap();
+    let app = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut payload = vec![0u8; 700];
+    for round in 0..10u8 {
+        XorShift(round as u64 + 1).fill(&mut payload);
+        app.send_to(&payload, to).unwrap();
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.is_empty() && Instant::now() < deadline {
+            got = datagrams(&step(&agent, Duration::from_millis(5)), ca);
+        }
+        assert_eq!(got, vec![payload.clone()], "round {round}: the backend's datagram at the agent");
+    }
+    assert!(!readable(notify, Duration::ZERO), "the owner was never needed");
+    assert_eq!(lock(&server).core.stats.panics, 0);
+    driver.join();
 }
 
 /// The owner's answer to the thread's notification, as the binding gives it: take the events,

@@ -113,7 +113,7 @@ class P2PSocket(Generic[T]):
         self.backoff = backoff
         self.router: ProbeRouter[T] = ProbeRouter(max_sessions=max_sessions, linger=linger)
         self.endpoint = QuicEndpoint(sock, server=server, raw_handler=self._raw, loop=self.loop,
-                                     retain_streams=True)
+                                     retain_streams=True, thread=True)
         self.schedule = P2PSchedule(now=self.loop.time(), keepalive=limits.NAT_KEEPALIVE_INTERVAL,
                                     interface_refresh=ADDRESS_REFRESH,
                                     handshake_timeout=QAD_HANDSHAKE_TIMEOUT)

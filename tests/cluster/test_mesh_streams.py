@@ -20,6 +20,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import dns.exception
+import dns.message
+import dns.query
 import pytest
 from cluster_helpers import IntermediateProc, Peer
 from intermediate_helpers import free_udp_port
@@ -58,6 +61,13 @@ def dnsmasq(tmp_path: Path) -> Iterator[int]:
         "bind-interfaces", "user=root", f"pid-file={tmp_path / 'dnsmasq.pid'}", "log-facility=-",
         "local=/corp.test/", "host-record=app1.corp.test,127.0.0.1", ""]))
     proc = procs.spawn([exe, f"--conf-file={conf}"], log=tmp_path / "dnsmasq.log")
+
+    def answers() -> bool:
+        # Until it is bound, a query is refused and the Connector answers NAME_UNRESOLVED.
+        reply = dns.query.udp(dns.message.make_query("app1.corp.test", "A"), "127.0.0.1", port=port, timeout=0.5)
+        return bool(reply.answer)
+
+    procs.wait_until(answers, timeout=10, what="dnsmasq answering", watch=[proc], retry_on=(OSError, dns.exception.Timeout))
     yield port
     proc.terminate()
     proc.wait(5)

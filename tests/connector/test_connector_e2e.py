@@ -140,6 +140,10 @@ def test_established_udp_flows_move_natively_and_stay_per_agent(pki: Path) -> No
         # Each flow's first packet made the flow in Python; every later one went natively.
         assert native["to_backend"] == 2 * 39 and native["to_agent"] >= 2 * 39, native
         assert native["panics"] == 0
+        # On a threaded relay endpoint its thread read the backends' replies (the loop did
+        # not watch those sockets); on the asyncio driver the loop read every one.
+        threaded = w.conn.relay_endpoint is not None and w.conn.relay_endpoint.threaded
+        assert (native["thread_bursts"] >= 2 * 39) == threaded, (threaded, native)
         w.conn.udp.sync_stats()
         assert w.conn.stats.udp_to_backend == 80 and w.conn.stats.udp_to_agent == 80
         a.close()

@@ -191,7 +191,7 @@ class Session(ConnectionHandler):
             sock = bind_udp("::", 0)
         except OSError:
             sock = bind_udp("0.0.0.0", 0)
-        self.endpoint = QuicEndpoint(sock)
+        self.endpoint = QuicEndpoint(sock, thread=True)
         self._task = asyncio.create_task(self._supervise(), name="ztna-agent-session")
         if getattr(self.options, "p2p", True):
             cooldown = float(getattr(self.options, "p2p_cooldown", 30.0))

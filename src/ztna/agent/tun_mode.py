@@ -50,6 +50,7 @@ from ztna.netstack.packets import (
     ip_to_bytes,
     may_send_icmp_error,
 )
+from ztna.quic.endpoint import thread_enabled
 from ztna.wire import to_connector_overhead
 
 if TYPE_CHECKING:
@@ -96,18 +97,24 @@ class TunDataPlane:
         self._endpoints: list[QuicEndpoint] = []          # by pump slot
         self._counted = [(0, 0, 0, 0)] * len(session.services)   # native counters added
         self._sync_timer: asyncio.TimerHandle | None = None
+        # With the reader thread (native): the descriptor that says it left us something.
+        self._notify_fd: int | None = None
         session.on_ready.append(self.sync_routes)
         session.on_lost.append(self.sync_routes)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self.fd, self._on_readable)
+        if thread_enabled():
+            self._notify_fd = self.pump.start_thread()
+            self._loop.add_reader(self._notify_fd, self._on_thread)
+        else:
+            self._loop.add_reader(self.fd, self._on_readable)
         self._sync_timer = self._loop.call_later(SYNC_INTERVAL, self._on_sync_timer)
 
     def stop(self) -> None:
         if self._loop is not None:
             try:
-                self._loop.remove_reader(self.fd)
+                self._loop.remove_reader(self._notify_fd if self._notify_fd is not None else self.fd)
             except (ValueError, OSError):
                 pass
             self._loop = None
@@ -181,10 +188,26 @@ class TunDataPlane:
         try:
             self.sync_routes()
             self.sync_counters()
+            if self._notify_fd is not None:
+                self._on_thread()     # services that sent since the thread last told us
         finally:
             self._sync_timer = self._loop.call_later(SYNC_INTERVAL, self._on_sync_timer)
 
     # ------------------------------------------------------------------ up-link (hot path)
+    def _on_thread(self) -> None:
+        """The reader thread left packets it could not place, or services that sent (it
+        sent and drove their endpoints itself)."""
+        packets, touched = self.pump.take()
+        direct = self.session.direct
+        if touched and direct is not None:
+            services = self.session.services
+            for index in touched:
+                svc = services[index]
+                if svc.path == "direct":
+                    direct.sent_natively(svc)
+        for packet in packets:
+            self._up(packet)
+
     def _on_readable(self) -> None:
         packets, touched = self.pump.read()
         flush: list[QuicEndpoint] = []

@@ -13,9 +13,12 @@
   hands its flows to the Agent's other live path (`drop_path(path, alternate)`).
 * Once created, a flow's packets move natively (`ztna._native.UdpFlows`,
   native/src/udpflow.rs): the flow is installed with its key, service, socket and reply
-  connection; DATAGRAMs of installed flows go to the backend socket without Python, and
-  `_readable` is one native call per readable event that reads a burst and queues the
-  replies, and one flush of their endpoint sends them in the same wake-up. What the
+  connection; DATAGRAMs of installed flows go to the backend socket without Python. When
+  the reply connection's endpoint has a native driver thread, that thread reads the
+  backend socket too and sends the replies in its own wake-up (the loop stops watching the
+  socket; a refusal it sees makes `refused_fd` readable). Otherwise `_readable` is one
+  native call per readable event that reads a burst and queues the replies, and one flush
+  of their endpoint sends them in the same wake-up. What the
   native table does not take (a new 5-tuple, a path switch, a packet too big for its
   reply, anything not UDP) comes here as before, and every move or close of a
   flow here is mirrored there. Counters moved natively are added into the stats by
@@ -45,7 +48,7 @@ BACKEND_RCVBUF = 1024 * 1024   # bytes, per flow socket (the kernel caps it at r
 
 class UdpFlow:
     __slots__ = ("key", "path", "service", "sock", "vip", "vport", "agent_ip", "agent_port",
-                 "last_seen", "last_packet", "native_id", "native_seen", "audit")
+                 "last_seen", "last_packet", "native_id", "native_seen", "audit", "watched")
 
     def __init__(self, key: tuple[Any, ...], path: ReplyPath, service: ServiceState,
                  sock: socket.socket, ip: IpHeader, sport: int, dport: int, now: float) -> None:
@@ -60,6 +63,7 @@ class UdpFlow:
         self.last_seen = now
         self.last_packet: memoryview | bytes = b""
         self.native_id: int | None = None   # installed in the native table
+        self.watched = False                # our loop watches the backend socket
         # Its native counters (packets and payload bytes each way) at the last look.
         self.native_seen: tuple[int, int, int, int] = (0, 0, 0, 0)
         self.audit: FlowAudit | None = None
@@ -79,6 +83,7 @@ class UdpFlows:
         self._endpoints: list[QuicEndpoint] = []          # by native slot
         self._native_keys: dict[tuple[Any, ...], UdpFlow] = {}   # (agent id, 5-tuple) -> flow
         self._native_counted: dict[str, int] = {}
+        self._refused_watched = False
 
     # ------------------------------------------------------------------ native table
     def _target(self, path: ReplyPath) -> tuple[int, int] | None:
@@ -120,12 +125,37 @@ class UdpFlows:
             self._native_keys[native_key] = flow
         else:
             self.native.set_reply(flow.native_id, *target)
+        self._watch(flow)
+
+    def _watch(self, flow: UdpFlow) -> None:
+        """Watch the backend socket on our loop unless a native driver thread reads it (the
+        flow's replies go on a threaded endpoint: they leave in the thread's wake-up)."""
+        polled = flow.native_id is not None and self.native.polled(flow.native_id)
+        if polled and flow.watched:
+            self.loop.remove_reader(flow.sock.fileno())
+            flow.watched = False
+        elif not polled and not flow.watched:
+            self.loop.add_reader(flow.sock.fileno(), self._readable, flow)
+            flow.watched = True
+        if polled and not self._refused_watched:
+            # A refusal the thread saw: answer with ICMP now, not at the next sweep.
+            self.loop.add_reader(self.native.refused_fd(), self._take_refused)
+            self._refused_watched = True
+
+    def _take_refused(self) -> None:
+        by_id = {f.native_id: f for f in self.flows.values() if f.native_id is not None}
+        for fid in self.native.take_refused():
+            refused = by_id.get(fid)
+            if refused is not None:
+                self._refused(refused)
 
     def _uninstall(self, flow: UdpFlow) -> None:
         if flow.native_id is None:
             return
         self.native.remove_flow(flow.native_id)
         flow.native_id = None
+        if flow.key in self.flows:
+            self._watch(flow)
         owner, src, sport, dst, dport = flow.key
         native_key = (owner & 0xFFFFFFFF, src, sport, dst, dport)
         if self._native_keys.get(native_key) is flow:
@@ -225,7 +255,7 @@ class UdpFlows:
         service.udp_flows += 1
         path.flows += 1
         self.stats.udp_flows_opened += 1
-        self.loop.add_reader(sock.fileno(), self._readable, flow)
+        self._watch(flow)
         if self.audit is not None:
             flow.audit = self.audit.open(path, service.id, "udp", dport, now)
         return flow
@@ -287,22 +317,20 @@ class UdpFlows:
         flow.service.udp_flows -= 1
         flow.path.flows -= 1
         self._uninstall(flow)      # before the socket closes: its descriptor may be reused at once
-        try:
-            self.loop.remove_reader(flow.sock.fileno())
-        except (ValueError, OSError):
-            pass
+        if flow.watched:
+            try:
+                self.loop.remove_reader(flow.sock.fileno())
+            except (ValueError, OSError):
+                pass
+            flow.watched = False
         flow.sock.close()
         flow.last_packet = b""
 
     def sweep(self, now: float) -> int:
         """Expire idle flows and flows whose path died. Returns how many were closed."""
         self.sync_stats()
-        by_id = {f.native_id: f for f in self.flows.values() if f.native_id is not None}
-        for fid in self.native.take_refused():
-            refused = by_id.get(fid)
-            if refused is not None:
-                self._refused(refused)
-        for f in by_id.values():
+        self._take_refused()
+        for f in [f for f in self.flows.values() if f.native_id is not None]:
             if self._sync_flow(f):
                 f.last_seen = now
         limit = now - self.idle_timeout
@@ -325,3 +353,6 @@ class UdpFlows:
     def close_all(self) -> None:
         for f in list(self.flows.values()):
             self.close_flow(f, "shutdown")
+        if self._refused_watched:
+            self.loop.remove_reader(self.native.refused_fd())
+            self._refused_watched = False

@@ -15,12 +15,13 @@ Theory of operation
 * A wake-up whose native call returns no events (everything was relayed, tapped or pumped
   natively) runs no Python beyond re-checking the timer, and the one connection timer is
   re-armed only when the native deadline moves earlier: an early firing only re-arms.
-* With `thread=True` (the Intermediate, the Connector) a native thread owns the socket's
-  reads and the connection timers: what the relay routes, taps and stream pairs carry never
-  waits for this loop. The loop watches only a notify descriptor (a batch left events:
-  `_on_notify`), and after queueing work it calls `native.rearm()` instead of arming a timer;
-  the thread runs no batch between our taking events and that call, so our answer to an
-  event applies from the next packet on. Off unless `ZTNA_ENDPOINT_THREAD=1`.
+* With `thread=True` (the Intermediate, the Connector's relay link, the Agent's link, both
+  P2P sockets) a native thread owns the socket's reads, the connection timers, the spliced
+  sockets and the pumps' sources (the Connector's UDP-flow backends): what the relay
+  routes, taps, splices and stream pairs carry never waits for this loop. The loop watches
+  only a notify descriptor (a batch left events: `_on_notify`), and after queueing work it
+  calls `native.rearm()` instead of arming a timer; the thread runs no batch between our
+  taking events and that call, so our answer to an event applies from the next packet on. Off unless `ZTNA_ENDPOINT_THREAD=1`.
 * Routing by connection ID, Retry tokens, NEW_TOKEN address tokens, stateless resets (keyed by
   a stable secret, so a restarted server resets its predecessor's connections at once) and
   version negotiation are quinn's. Admission is ours: every new connection attempt is an
@@ -31,8 +32,9 @@ Theory of operation
   header, authorization, the backend connected), the native side joins it to a kernel TCP
   socket or to another stream of this endpoint and moves every byte, FIN and reset itself,
   with QUIC flow control as the back-pressure. The spliced sockets sit in a native epoll set
-  whose descriptor is in the asyncio loop once; one `pump()` per readiness batch serves them
-  all. A splice's end is one event with its byte counts, delivered to the callback given.
+  whose descriptor is in the asyncio loop once (or in the driver thread's epoll set, when
+  one runs); one `pump()` per readiness batch serves them all. A splice's end is one event
+  with its byte counts, delivered to the callback given.
 * Nothing a peer sends and no socket error ends the loop: every failure is counted in `stats`,
   a native panic aborts at most the connection it happened in (counted, one log line), and the
   endpoint goes on serving everyone else.
@@ -286,7 +288,9 @@ class QuicEndpoint:
     def _splice_reader(self) -> None:
         if self._splice_fd is None:
             self._splice_fd = self.native.splice_fd()
-            self.loop.add_reader(self._splice_fd, self._on_splice_ready)
+            if self._notify_fd is None:
+                # With a driver thread the spliced sockets are in its epoll set instead.
+                self.loop.add_reader(self._splice_fd, self._on_splice_ready)
 
     def splice_socket(self, conn: ZtnaConnection, sid: int, sock: socket.socket, on_end: SpliceEnd, *,
                       down: bytes = b"", down_fin: bool = False, up: bytes = b"") -> int:
