@@ -5,8 +5,9 @@
 //! splices and the pumps' drains). The Python binding keeps it behind a mutex so that either
 //! the asyncio loop (the calls of `py.rs`) or the driver thread runs a batch, never both.
 //!
-//! The driver thread (`Driver::spawn`) waits in epoll for the socket, a wake eventfd and the
-//! core's next deadline. Each wake-up is one batch: receive, run the due timers, drive every
+//! The driver thread (`Driver::spawn`) waits in epoll for the socket, a wake eventfd, the
+//! pumps' sources and a timerfd set to the core's next deadline (whoever moves the deadline
+//! earlier, the owner or another thread, sets the timer instead of waking the thread). Each wake-up is one batch: receive, run the due timers, drive every
 //! touched connection, send. What the relay routes, the stream pairs and the taps handle is
 //! finished there without the owner; when the batch left events for the owner, it writes a
 //! notify eventfd once (the owner's loop watches it) and the owner takes the events with its
@@ -44,6 +45,7 @@ pub trait Source: Send + Sync {
 
 const SOURCE_TOKEN: u64 = 16;
 const SPLICE_TOKEN: u64 = 3;
+const TIMER_TOKEN: u64 = 4;
 
 const RX_BUF: usize = 65536;
 
@@ -69,6 +71,9 @@ pub struct Io {
     /// With a driver thread: the deadline it sleeps towards (None: no timer), its wake
     /// eventfd, the notify eventfd and whether a notification is unread.
     planned: Option<Instant>,
+    /// The driver thread's timer (a timerfd in its epoll set): whoever makes the deadline
+    /// earlier sets it, so the thread need not be woken only to look at the new deadline.
+    timer: Option<Arc<OwnedFd>>,
     wake: Option<Arc<OwnedFd>>,
     notify: Option<Arc<OwnedFd>>,
     notified: bool,
@@ -100,6 +105,27 @@ fn signal(fd: &OwnedFd) {
     unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
+fn timerfd() -> io::Result<OwnedFd> {
+    let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Arm `timer` to fire at `at` (None: disarm); a deadline already past fires at once.
+fn set_timer(timer: &OwnedFd, at: Option<Instant>) {
+    let value = match at {
+        None => libc::timespec { tv_sec: 0, tv_nsec: 0 },
+        Some(at) => {
+            let d = at.saturating_duration_since(Instant::now()).max(Duration::from_nanos(1));
+            libc::timespec { tv_sec: d.as_secs().min(i32::MAX as u64) as libc::time_t, tv_nsec: d.subsec_nanos() as libc::c_long }
+        }
+    };
+    let spec = libc::itimerspec { it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 }, it_value: value };
+    unsafe { libc::timerfd_settime(timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+}
+
 fn clear(fd: RawFd) {
     let mut v: u64 = 0;
     unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
@@ -128,6 +154,7 @@ impl Io {
             splicer: None,
             last: Instant::now(),
             planned: None,
+            timer: None,
             wake: None,
             notify: None,
             notified: false,
@@ -340,16 +367,20 @@ impl Io {
                 cv.notify_all();
             }
         }
-        let next = self.next_timeout();
-        let earlier = match (next, self.planned) {
-            (Some(n), Some(p)) => n < p,
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
-        if earlier || self.busy() {
-            // Until the thread has looked again, later calls need not wake it a second time.
-            self.planned = next;
+        self.plan_earlier();
+        if self.busy() {
             signal(&wake);
+        }
+    }
+
+    /// With a driver thread: if the core's deadline is now earlier than the one the thread
+    /// sleeps towards, move its timer there (it is not woken before then).
+    fn plan_earlier(&mut self) {
+        let Some(timer) = self.timer.clone() else { return };
+        let next = self.next_timeout();
+        if next.is_some_and(|n| self.planned.is_none_or(|p| n < p)) {
+            self.planned = next;
+            set_timer(&timer, next);
         }
     }
 
@@ -383,6 +414,9 @@ impl Io {
         self.drive_guarded(now);
         self.transmit();
         self.notify_owner();
+        // What was sent armed timers (loss detection): the thread's timer must not stay at a
+        // later deadline, or a lost tail would wait for that one.
+        self.plan_earlier();
     }
 
     fn notify_owner(&mut self) {
@@ -442,6 +476,7 @@ pub struct Driver {
 
 struct Poller {
     epoll: Arc<OwnedFd>,
+    timer: Arc<OwnedFd>,
     pwait2: bool,
 }
 
@@ -463,10 +498,11 @@ impl Poller {
             return Err(io::Error::last_os_error());
         }
         let epoll = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
-        for (fd, token) in [(sock, SOCK_TOKEN), (wake, WAKE_TOKEN)] {
+        let timer = Arc::new(timerfd()?);
+        for (fd, token) in [(sock, SOCK_TOKEN), (wake, WAKE_TOKEN), (timer.as_raw_fd(), TIMER_TOKEN)] {
             epoll_add(epoll.as_raw_fd(), fd, token)?;
         }
-        Ok(Self { epoll, pwait2: true })
+        Ok(Self { epoll, timer, pwait2: true })
     }
 
     /// (socket readable, woken, splices need service) after waiting at most `timeout`
@@ -503,6 +539,7 @@ impl Poller {
                 SOCK_TOKEN => readable = true,
                 WAKE_TOKEN => woken = true,
                 SPLICE_TOKEN => spliced = true,
+                TIMER_TOKEN => clear(self.timer.as_raw_fd()),
                 t if t >= SOURCE_TOKEN => ready.push((t - SOURCE_TOKEN) as usize),
                 _ => {}
             }
@@ -531,6 +568,7 @@ impl Driver {
                 epoll_add(poller.epoll.as_raw_fd(), sp.fd(), SPLICE_TOKEN)?;
             }
             g.epoll = Some(poller.epoll.clone());
+            g.timer = Some(poller.timer.clone());
             g.wake = Some(wake.clone());
             g.notify = Some(notify.clone());
             g.resume = Some(resume.clone());
@@ -559,12 +597,12 @@ impl Driver {
                     }
                     let next = g.next_timeout();
                     g.planned = next;
-                    if g.busy() {
-                        // A burst longer than one batch's rounds: go on at once.
-                        Some(Duration::ZERO)
-                    } else {
-                        next.map(|at| at.saturating_duration_since(Instant::now()))
+                    if let Some(t) = g.timer.as_ref() {
+                        set_timer(t, next);
                     }
+                    // A burst longer than one batch's rounds goes on at once; otherwise the
+                    // socket, a source, a wake-up or the timer ends the wait.
+                    g.busy().then_some(Duration::ZERO)
                 };
                 let (r, woken, sp) = poller.wait(timeout, &mut ready);
                 if woken {

@@ -36,13 +36,15 @@ def _reconnected(sock: Path, at_least: int) -> bool:
     return i["reconnects"] >= at_least and i["state"] == "connected"
 
 
-# Quarantined, not passing: in about one full-suite run in three (never in 14 runs alone or
-# under synthetic CPU load) the download stops for good right after the flow is resumed on
-# the new relay connection, at about 1.1 of 6 MB, with no reset; the cause is not found yet.
-# It still runs and reports XPASS when it passes.
-@pytest.mark.xfail(reason="intermittent: the resumed TCP-in-DATAGRAM flow sometimes stalls after "
-                          "an Intermediate restart (cause not found)", strict=False)
-def test_transfer_survives_intermediate_restart(tmp_path: Path) -> None:
+# "connector late": the Connector is paused across the restart, so the Agent is back first
+# and what its kernel sent meanwhile (the window update after the application read its
+# buffer) is dropped for want of a Connector; the flow resumes on the Connector's
+# registration ACK and only the Connector's retransmission moves it on. (A lost small
+# segment that the timeout never resent stalled it for good now and then; whether it
+# happens depends on the window at the moment of the kill, so the case is pinned down in
+# tests/netstack/test_tcp.py.)
+@pytest.mark.parametrize("late", [None, "connector"])
+def test_transfer_survives_intermediate_restart(tmp_path: Path, late: str | None) -> None:
     pki = tmp_path / "pki"
     init_pki(pki, ["web"])
     www = tmp_path / "www"
@@ -54,14 +56,16 @@ def test_transfer_survives_intermediate_restart(tmp_path: Path) -> None:
     inter_cmd = (PY, "-m", "ztna", "intermediate", "--listen", "127.0.0.1:14533", "--pki", str(pki),
                  "--metrics", "off")
     procs: list[subprocess.Popen[bytes]] = []
+    connector: subprocess.Popen[bytes] | None = None
     with netns(ns):
         try:
             procs.append(spawn(ns, PY, "-m", "http.server", "-d", str(www), "-b", "127.0.0.1", "8080",
                                log=tmp_path / "http.log"))
             inter = spawn(ns, *inter_cmd, log=tmp_path / "inter.log")
-            procs.append(spawn(ns, PY, "-m", "ztna", "connector", "--intermediate", "127.0.0.1:14533",
-                               "--pki", str(pki), "--service", "web=10.100.0.2;tcp:80=127.0.0.1:8080",
-                               "--p2p-port", "off", "--metrics", "off", log=tmp_path / "conn.log"))
+            connector = spawn(ns, PY, "-m", "ztna", "connector", "--intermediate", "127.0.0.1:14533",
+                              "--pki", str(pki), "--service", "web=10.100.0.2;tcp:80=127.0.0.1:8080",
+                              "--p2p-port", "off", "--metrics", "off", log=tmp_path / "conn.log")
+            procs.append(connector)
             agent = spawn(ns, PY, "-m", "ztna", "agent", "--intermediate", "127.0.0.1:14533", "--pki", str(pki),
                           "--service", "web=10.100.0.2", "--mode", "tun", "--state-dir", str(state),
                           "--tcp-transport", "datagram", log=tmp_path / "agent.log")
@@ -77,9 +81,14 @@ def test_transfer_survives_intermediate_restart(tmp_path: Path) -> None:
             wait_for(lambda: out.exists() and out.stat().st_size > SIZE // 6, 30, "transfer under way")
             inter.send_signal(signal.SIGKILL)
             inter.wait()
+            if late:
+                connector.send_signal(signal.SIGSTOP)
             time.sleep(1.0)
             inter = spawn(ns, *inter_cmd, log=tmp_path / "inter2.log")
             wait_for(lambda: _reconnected(sock, 1), 30, "agent reconnected to the new Intermediate")
+            if late:
+                time.sleep(2.0)          # the Agent's queued packets meet no Connector
+                connector.send_signal(signal.SIGCONT)
             _, err = curl.communicate(timeout=120)
             assert curl.returncode == 0, err.decode()
             assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(blob).digest()
@@ -87,5 +96,7 @@ def test_transfer_survives_intermediate_restart(tmp_path: Path) -> None:
             conn_log = (tmp_path / "conn.log").read_text()
             assert "resumed on the new relay connection" in conn_log, conn_log[-2000:]
         finally:
+            if connector is not None:
+                connector.send_signal(signal.SIGCONT)    # a paused one could not stop
             for p in [*procs, inter]:
                 stop(p)

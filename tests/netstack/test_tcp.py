@@ -260,6 +260,51 @@ def test_persist_probes_zero_window_peer() -> None:
     assert data.payload == b"k" * 500
 
 
+def test_lost_small_segment_forced_into_a_small_window_is_resent_after_a_timeout() -> None:
+    # The stall seen after an Intermediate restart: the receiving application reads slowly,
+    # so the peer's window is smaller than a segment; the persist timer forces a small
+    # segment out; the path dies and takes it along, and so does the peer's window
+    # update (nobody retransmits those). From then on only our timeout can move the flow.
+    ep = established(window=4)           # 4 × 128 = 512 bytes, less than the 1000-byte MSS
+    ep.send(b"s" * 5000)
+    assert out(ep, 0.1) == []            # sender SWS avoidance holds the small window back
+    d = ep.next_deadline()
+    assert d is not None
+    ep.on_timer(now=d)
+    (forced,) = out(ep, d)
+    assert forced.seq == S1 and len(forced.payload) == 512       # ...then forces it out: lost
+    now = d
+    for _ in range(3):                   # every timeout resends it; none waits for an ACK
+        now = ep.next_deadline() or now
+        ep.on_timer(now=now)
+        (r,) = out(ep, now)
+        assert r.seq == S1 and r.payload == b"s" * 512
+    # The resend gets through: the peer ACKs it with the window its reader opened meanwhile.
+    ep.on_segment(seg(PISN + 1, (S1 + 512) & 0xFFFFFFFF, window=100), now=now + 0.01)
+    segs = out(ep, now + 0.01)
+    assert segs and segs[0].seq == (S1 + 512) & 0xFFFFFFFF and len(segs[0].payload) == 1000
+    assert not ep.reset
+
+
+def test_timeout_resends_the_oldest_segment_into_a_shut_window_as_a_probe() -> None:
+    ep = established(window=8)           # 1024 bytes
+    ep.send(b"t" * 5000)
+    (first,) = out(ep, 0.1)              # one full segment fits; the 24-byte rest is held back
+    assert len(first.payload) == 1000
+    # The peer shrinks its window to zero without acknowledging anything (RFC 9293 allows
+    # it). With data in flight no persist probe runs; the timeout must ask instead.
+    ep.on_segment(seg(PISN + 1, S1, window=0), now=0.12)
+    assert out(ep, 0.12) == []
+    d = ep.next_deadline()
+    assert d is not None
+    ep.on_timer(now=d)
+    (probe,) = out(ep, d)
+    assert probe.seq == S1 and probe.payload == b"t" * 1000
+    ep.on_segment(seg(PISN + 1, (S1 + 1000) & 0xFFFFFFFF, window=8), now=d + 0.01)
+    (nxt,) = out(ep, d + 0.01)
+    assert nxt.seq == (S1 + 1000) & 0xFFFFFFFF
+
+
 def test_challenge_ack_for_future_ack_and_in_window_rst() -> None:
     ep = established()
     ep.on_segment(seg(PISN + 1, (S1 + 99999) & 0xFFFFFFFF, payload=b"nope"), now=0.1)

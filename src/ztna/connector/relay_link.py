@@ -18,7 +18,7 @@ Theory of operation
 * Reconnect: exponential backoff with jitter, awaited with `asyncio.sleep` so it never
   blocks the event loop — the P2P server, open flows and /metrics keep
   running. A connection that lived `STABLE_AFTER` seconds resets the backoff. Every
-  reconnect re-registers every service.
+  reconnect re-registers every service; the flows the outage parked resume on the first ACK.
 * `GoAway` closes the connection and reconnects after the backoff; `AgentGone` is handed
   to the sink so that Agent's relay flows are dropped at once.
 """
@@ -82,7 +82,7 @@ def connector_instance(name: str) -> int:
 
 
 class LinkSink(Protocol):
-    def relay_up(self, conn: ZtnaConnection) -> None: ...
+    def relay_up(self, conn: ZtnaConnection) -> None: ...     # a registration ACKed on `conn`
     def relay_down(self, conn: ZtnaConnection) -> None: ...
     def relay_datagram(self, conn: ZtnaConnection, data: bytes) -> None: ...
     def relay_stream_data(self, conn: ZtnaConnection, sid: int, data: bytes, end: bool) -> None: ...
@@ -233,7 +233,6 @@ class RelayLink(ConnectionHandler):
         for slot in self.slots.values():
             reset_registration(slot, CONNECTOR_POLICY)
         log.info("connected to the intermediate %s (%s)", format_address(conn.peer_address), self.host)
-        self.sink.relay_up(conn)
         self.events.connected(self.targets.current)
         # With somewhere else to go (several Intermediates), a silent one is left after
         # FAILOVER_SILENCE instead of the 30 s idle timeout; pings are frequent enough for that.
@@ -307,6 +306,10 @@ class RelayLink(ConnectionHandler):
             return
         if apply_ack(slot, CONNECTOR_POLICY):
             log.info("service %r registered with the intermediate", msg.service_id)
+        # Flows parked by an outage go on only now: until the Intermediate knows us as a
+        # Connector again it drops what we send its Agents (unauthorized replies), and a
+        # resend lost there costs the flow a backed-off timeout.
+        self.sink.relay_up(conn)
         if self.on_service_registered is not None:
             self.on_service_registered(conn, msg.service_id)
         if self.on_registered is not None:

@@ -319,8 +319,9 @@ class Connector:
 
     # ------------------------------------------------------------------ relay sink
     def relay_up(self, conn: ZtnaConnection, link: int = 0) -> None:
-        """Back on the Intermediate: flows parked by the outage continue on the new relay
-        connection (agent ids are stable across reconnects and Intermediate restarts)."""
+        """Registered with the Intermediate again (called on every registration ACK): flows
+        parked by the outage continue on the new relay connection (agent ids are stable
+        across reconnects and Intermediate restarts)."""
         for key, (old, _) in list(self._parked.items()):
             if old.link != link or old.agent_id is None:
                 continue

@@ -153,7 +153,12 @@ class TcpFlows:
         key = (path.key, ip.src, seg.sport, ip.dst, seg.dport)
         flow = self.flows.get(key)
         if flow is not None and flow.path is not path:
+            dead = not flow.path.alive
             self._move(flow, path)        # the Agent switched paths: answer on the new one
+            if dead:
+                # Back from an outage before the flow was resumed (the Agent's packet came
+                # first): the dead path's backed-off timeouts say nothing about this one.
+                flow.ep.path_changed(now=now)
         flags = seg.flags
         is_syn = flags & (SYN | ACK | RST) == SYN
         if flow is not None and is_syn and flow.ep.state in (TcpState.TIME_WAIT, TcpState.CLOSED):

@@ -23,8 +23,10 @@ gap-filling segments (up to 3 duplicate ACKs queued so the peer can fast-retrans
 delayed ≤ 40 ms for a single full-sized segment.
 
 Sending: within min(peer window, cwnd), MSS = min(ours, peer's). RFC 6298 RTO with Karn,
-backoff, go-back to SND.UNA on timeout; fast retransmit on 3 duplicate ACKs with NewReno
-recovery (RFC 6582), limited transmit (RFC 3042); initial cwnd 10 segments (RFC 6928).
+backoff, go-back to SND.UNA on timeout (what goes out again is never held back by sender SWS
+avoidance, and the oldest segment goes even into a shut window: it is the probe); fast
+retransmit on 3 duplicate ACKs with NewReno recovery (RFC 6582), limited transmit (RFC 3042);
+initial cwnd 10 segments (RFC 6928).
 SACK (RFC 2018) when the peer's SYN offers it: its blocks feed a scoreboard
 (`ztna.netstack.sack`); recovery starts on 3 duplicate ACKs or > 2 segments SACKed, and
 then retransmits every hole once, in order, while the estimated flight ("pipe",
@@ -737,6 +739,13 @@ class TcpEndpoint:
         limit = min(wnd_room, cwnd_room)
         if hole_end is not None:
             limit = min(limit, hole_end - nxt)
+        # Bytes below SND.MAX went out once already (we are going back after a timeout).
+        resending = nxt < self._snd_max
+        if resending and nxt == self._snd_una and self._retries and wnd_room <= 0:
+            # The oldest unacknowledged segment after a timeout goes out even into a shut
+            # window, as Linux does: it is the probe that gets the peer's current window.
+            # Persist probes only run with nothing in flight, so nothing else would ask.
+            limit = min(self._snd_max - nxt, cwnd_room)
         length = max(0, min(avail, self._smss, limit))
         if self._force_send and length == 0 and avail > 0:
             # Persist timer: probe a zero window with an old sequence number (as Linux
@@ -744,10 +753,15 @@ class TcpEndpoint:
             self._force_send = False
             return self._segment(self._snd_una - 1, 0, b"")
         if length < avail and length < self._smss and length < self._max_snd_wnd // 2 \
-                and not self._force_send:
-            return None                      # sender SWS avoidance (RFC 9293 §3.8.6.2.1)
+                and not self._force_send and not resending:
+            # Sender SWS avoidance (RFC 9293 §3.8.6.2.1) holds back only new data. A lost
+            # small segment (a persist timer forced it into a small window) must be resent
+            # as it was: holding it back waits for an ACK the peer has no reason to send —
+            # its window update is not retransmitted — and the flow stalls until the reset.
+            return None
         if length == 0 and not fin_due:
             return None
+        self._force_send = False             # one forced segment per persist expiry
         fin = FIN if fin_due and length == avail else 0
         end = nxt + length + (1 if fin else 0)
         if nxt < self._snd_max:
