@@ -37,6 +37,7 @@ from ztna.bench.harness import (
 )
 from ztna.bench.lanops import PathAudit
 from ztna.lab import Lab, LabConfig
+from ztna.quic.endpoint import thread_enabled
 
 log = logging.getLogger("ztna.bench")
 
@@ -102,6 +103,10 @@ def environment(lab_config: LabConfig) -> dict[str, Any]:
         "python": platform.python_version(),
         "ztna_version": ztna.__version__,
         "git_commit": commit or None,
+        # Two vCPUs are shared with everything else: a run is only as good as the machine
+        # was idle (1, 5, 15-minute load averages as the run ended).
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "endpoint_thread": thread_enabled(),
         "lab": lab_config.to_dict(),
         "tools": {
             "iperf3": tool_version(["iperf3", "--version"]),
@@ -166,6 +171,7 @@ def run(opts: BenchOptions, progress: Callable[[str], None] = print,
     workdir = tempfile.mkdtemp(prefix="ztna-bench-")
     lab = Lab(cfg)
     t_run = time.monotonic()
+    load_start = [round(x, 2) for x in os.getloadavg()]
     old_handler = signal.signal(signal.SIGALRM, _alarm)
     try:
         progress(f"lab up: NAT {cfg.nat_a}/{cfg.nat_b}, delay {cfg.delay_ms} ms, "
@@ -221,6 +227,7 @@ def run(opts: BenchOptions, progress: Callable[[str], None] = print,
     result: dict[str, Any] = {
         "started": started,
         "duration_s": round(time.monotonic() - t_run, 1),
+        "load_average_start": load_start,
         "settings": {"seconds": opts.seconds, "count": opts.count, "connects": opts.connects,
                      "directions": list(opts.directions), "rows": list(opts.rows)},
         "environment": environment(cfg),
