@@ -105,7 +105,8 @@ fn signal(fd: &OwnedFd) {
     unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
-/// How long a driver thread looks for more work before it sleeps, after a batch that sent
+/// How long a driver thread looks for more work before it sleeps, after a batch that moved
+/// packets
 /// (`ZTNA_THREAD_SPIN_US`, microseconds; 0 = sleep at once).
 fn spin_window() -> Duration {
     let us = std::env::var("ZTNA_THREAD_SPIN_US").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(SPIN_DEFAULT_US);
@@ -610,7 +611,9 @@ impl Driver {
                     }
                     let sent_before = g.core.stats.datagrams_sent;
                     let r = catch_unwind(AssertUnwindSafe(|| g.batch(readable, spliced, &ready)));
-                    sent = g.core.stats.datagrams_sent != sent_before;
+                    // A batch that moved packets (in from the socket, a source or a splice,
+                    // or out): an answer to them may follow within the spin window.
+                    sent = readable || spliced || !ready.is_empty() || g.core.stats.datagrams_sent != sent_before;
                     if r.is_err() {
                         g.core.stats.panics += 1;
                         t_stats.panics.fetch_add(1, Ordering::Relaxed);
@@ -624,7 +627,7 @@ impl Driver {
                     // socket, a source, a wake-up or the timer ends the wait.
                     g.busy().then_some(Duration::ZERO)
                 };
-                // After a batch that sent, look again without sleeping for a short while
+                // After a batch that moved packets, look again without sleeping for a short while
                 // (yielding the CPU to whatever else is runnable in between): an answer that
                 // comes within it (a backend's reply, the far side's) is taken without the
                 // cost of waking a sleeping thread on an idle CPU, which on a quiet machine
