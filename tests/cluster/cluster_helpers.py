@@ -7,6 +7,7 @@ the tickets its process collected, optionally through a UDP hop that records its
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -134,3 +135,18 @@ class Agent(ConnectionHandler):
             self.ep.shutdown_socket()
         if self.hop is not None:
             self.hop.close()
+
+
+async def echo_through(port: int, size: int, timeout: float = 5.0) -> bool:
+    """Send `size` random bytes through an Agent's TCP forward on `port`; True if they all
+    come back as sent."""
+    body = os.urandom(size)
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+        writer.write(body)
+        await writer.drain()
+        got = await asyncio.wait_for(reader.readexactly(size), timeout)
+        writer.close()
+        return got == body
+    except (OSError, asyncio.IncompleteReadError, TimeoutError):
+        return False

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_helpers import RedisProc, member
+from cluster_helpers import RedisProc, echo_through, member
 from intermediate_helpers import Peer, free_tcp_port, free_udp_port
 
 from ztna.certs import init_pki, issue
@@ -76,18 +76,6 @@ class Answers(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.got.put_nowait(data)
 
-
-async def tcp_echo(port: int, size: int, timeout: float = 5.0) -> bool:
-    body = os.urandom(size)
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
-        writer.write(body)
-        await writer.drain()
-        got = await asyncio.wait_for(reader.readexactly(size), timeout)
-        writer.close()
-        return got == body
-    except (OSError, asyncio.IncompleteReadError, TimeoutError):
-        return False
 
 
 async def udp_echo(port: int, tries: int = 1, timeout: float = 1.0) -> bool:
@@ -184,7 +172,7 @@ def test_connector_on_two_members_survives_either(tmp_path: Path) -> None:
             lport, udp, _ = fwd[name]
 
             async def echoes(lport: int = lport, udp: int = udp) -> bool:
-                return await tcp_echo(lport, 100_000) and await udp_echo(udp)
+                return await echo_through(lport, 100_000) and await udp_echo(udp)
 
             await await_until(echoes, timeout=deadline - time.monotonic(), what=f"agent-{name} echoes",
                               interval=0.5, error=AssertionError,
@@ -258,7 +246,7 @@ def test_connector_on_two_members_survives_either(tmp_path: Path) -> None:
         lport_a, udp_a, mport_a = fwd["a"]
 
         async def a_echoes() -> bool:
-            return await tcp_echo(lport_a, 100_000, timeout=2) and await udp_echo(udp_a)
+            return await echo_through(lport_a, 100_000, timeout=2) and await udp_echo(udp_a)
 
         await await_until(a_echoes, timeout=30, what="agent-a back after the SIGKILL",
                           error=AssertionError, detail=lambda: text("agent-a"))

@@ -8,7 +8,6 @@ intermediate`, `ztna connector`, `ztna agent` (userspace forward)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from cluster_helpers import RedisProc, member
+from cluster_helpers import RedisProc, echo_through, member
 from intermediate_helpers import free_tcp_port
 
 from ztna.certs import init_pki, issue
@@ -39,19 +38,6 @@ def agent_metrics(port: int) -> dict[str, float]:
             out[name] = float(value)
     return out
 
-
-async def echo_through(port: int, size: int, timeout: float = 5.0) -> bool:
-    """Send `size` random bytes through the Agent's forward; True if they all come back."""
-    body = os.urandom(size)
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
-        writer.write(body)
-        await writer.drain()
-        got = await asyncio.wait_for(reader.readexactly(size), timeout)
-        writer.close()
-        return got == body
-    except (OSError, asyncio.IncompleteReadError, TimeoutError):
-        return False
 
 
 @pytest.mark.parametrize("kill", ["agent's member", "connector's member"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_helpers import RedisProc, member
+from cluster_helpers import RedisProc, echo_through, member
 from intermediate_helpers import free_tcp_port, free_udp_port
 
 from ztna.agent.control import query
@@ -51,18 +50,6 @@ def agent_status(state_dir: Path) -> dict[str, Any] | None:
     except OSError:
         return None
 
-
-async def echo_through(port: int, size: int, timeout: float = 5.0) -> bool:
-    body = os.urandom(size)
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
-        writer.write(body)
-        await writer.drain()
-        got = await asyncio.wait_for(reader.readexactly(size), timeout)
-        writer.close()
-        return got == body
-    except (OSError, asyncio.IncompleteReadError, TimeoutError):
-        return False
 
 
 def test_connector_p2p_socket_follows_failover_and_a_new_punch_goes_direct(tmp_path: Path) -> None:

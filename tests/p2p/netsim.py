@@ -103,6 +103,19 @@ class Internet:
     def next_time(self) -> float | None:
         return self._queue[0][0] if self._queue else None
 
+    def step(self, deadlines: list[float]) -> bool:
+        """Advance to the earliest of `deadlines` and the next delivery, and deliver what is
+        due then; False (nothing moved) when there is neither."""
+        times = list(deadlines)
+        t_net = self.next_time()
+        if t_net is not None:
+            times.append(t_net)
+        if not times:
+            return False
+        self.now = max(self.now, min(times))
+        self.deliver_due()
+        return True
+
     def deliver_due(self) -> None:
         while self._queue and self._queue[0][0] <= self.now:
             _, _, src, dst, data = heapq.heappop(self._queue)

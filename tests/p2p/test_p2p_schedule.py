@@ -126,14 +126,8 @@ def drive(net: Internet, sides: list[Side], until: float) -> None:
     """One timer per side, as the driver runs it: wake at min(router deadline, delivery)."""
     end = net.now + until
     while net.now < end:
-        times = [t for s in sides for t in [s.router.next_deadline(now=net.now)] if t is not None]
-        t_net = net.next_time()
-        if t_net is not None:
-            times.append(t_net)
-        if not times:
+        if not net.step([t for s in sides for t in [s.router.next_deadline(now=net.now)] if t is not None]):
             return
-        net.now = max(net.now, min(times))
-        net.deliver_due()
         for side in sides:
             inbox, side.host.inbox = side.host.inbox, []
             for _, data, src in inbox:

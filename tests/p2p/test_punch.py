@@ -78,14 +78,8 @@ def start(net: Internet, agent: Side, conn: Side, relay: Host, *, config: PunchC
 def run(net: Internet, sides: list[Side], until: float = 5.0) -> None:
     end = net.now + until
     while net.now < end:
-        times = [t for s in sides if s.session for t in [s.session.next_deadline()] if t is not None]
-        t_net = net.next_time()
-        if t_net is not None:
-            times.append(t_net)
-        if not times:
+        if not net.step([t for s in sides if s.session for t in [s.session.next_deadline()] if t is not None]):
             return
-        net.now = max(net.now, min(times))
-        net.deliver_due()
         for side in sides:
             assert side.session is not None
             sends: list[Send] = []
