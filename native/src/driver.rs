@@ -91,7 +91,8 @@ pub fn lock(m: &Mutex<Io>) -> MutexGuard<'_, Io> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn eventfd() -> io::Result<OwnedFd> {
+/// A non-blocking eventfd (the threads' wake and notify descriptors).
+pub(crate) fn eventfd() -> io::Result<OwnedFd> {
     let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -99,15 +100,24 @@ fn eventfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn signal(fd: &OwnedFd) {
+/// An epoll descriptor.
+pub(crate) fn epoll() -> io::Result<OwnedFd> {
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Make an eventfd readable.
+pub(crate) fn signal(fd: &OwnedFd) {
     let one: u64 = 1;
     // A full counter (never in practice) still leaves the descriptor readable.
     unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
 /// How long a driver thread looks for more work before it sleeps, after a batch that moved
-/// packets
-/// (`ZTNA_THREAD_SPIN_US`, microseconds; 0 = sleep at once).
+/// packets (`ZTNA_THREAD_SPIN_US`, microseconds; 0 = sleep at once).
 fn spin_window() -> Duration {
     let us = std::env::var("ZTNA_THREAD_SPIN_US").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(SPIN_DEFAULT_US);
     Duration::from_micros(us.min(10_000))
@@ -139,7 +149,8 @@ fn set_timer(timer: &OwnedFd, at: Option<Instant>) {
     unsafe { libc::timerfd_settime(timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
 }
 
-fn clear(fd: RawFd) {
+/// Read an eventfd (or timerfd) back to not readable.
+pub(crate) fn clear(fd: RawFd) {
     let mut v: u64 = 0;
     unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
 }
@@ -506,11 +517,7 @@ const WAKE_TOKEN: u64 = 2;
 
 impl Poller {
     fn new(sock: RawFd, wake: RawFd) -> io::Result<Self> {
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let epoll = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let epoll = Arc::new(epoll()?);
         let timer = Arc::new(timerfd()?);
         for (fd, token) in [(sock, SOCK_TOKEN), (wake, WAKE_TOKEN), (timer.as_raw_fd(), TIMER_TOKEN)] {
             epoll_add(epoll.as_raw_fd(), fd, token)?;

@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use bytes::BytesMut;
 
@@ -58,12 +58,8 @@ fn errno() -> io::Error {
 
 impl SocketSplicer {
     pub fn new() -> io::Result<Self> {
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(errno());
-        }
         Ok(Self {
-            epoll: unsafe { OwnedFd::from_raw_fd(fd) },
+            epoll: crate::driver::epoll()?,
             next_id: 0,
             splices: HashMap::new(),
             by_stream: HashMap::new(),

@@ -20,7 +20,7 @@
 //! the pump's lock, lets go, and then queues per endpoint. Panics are caught and counted
 //! like the rest of the binding.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -32,7 +32,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::core::SendResult;
-use crate::driver::{self, Drain, Io};
+use crate::driver::{self, clear, eventfd, signal, Drain, Io};
 use crate::py::Endpoint;
 use crate::tunpump::{lock, Pump, SharedPump, Target, TunTap, Up};
 
@@ -208,24 +208,6 @@ struct ReaderThread {
     notify: Arc<OwnedFd>,
     left: Arc<Mutex<Left>>,
     handle: Option<JoinHandle<()>>,
-}
-
-fn eventfd() -> std::io::Result<OwnedFd> {
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn signal(fd: &OwnedFd) {
-    let one: u64 = 1;
-    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-}
-
-fn clear(fd: RawFd) {
-    let mut v: u64 = 0;
-    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
 }
 
 fn lock_reader(r: &Mutex<Reader>) -> MutexGuard<'_, Reader> {

@@ -8,7 +8,7 @@
 //! runs once per batch either way, never once per packet, and keeps every decision (which
 //! flows exist, on which connection, when they expire, the ICMP errors).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,7 +18,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::core::{Core, SendResult};
-use crate::driver::{Drain, Source};
+use crate::driver::{self, clear, signal, Drain, Source};
 use crate::py::Endpoint;
 use crate::tunpump::Target;
 use crate::udpflow::{lock, FlowTap, Flows, SharedFlows};
@@ -101,27 +101,6 @@ fn burst(flows: &mut Flows, core: &mut Core, id: u64, max: usize, buf: &mut [u8]
         flows.stats.refused += 1;
     }
     (sent, refused, dropped)
-}
-
-fn eventfd() -> PyResult<OwnedFd> {
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(pyo3::exceptions::PyOSError::new_err(std::io::Error::last_os_error().to_string()));
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn epoll_fd() -> PyResult<OwnedFd> {
-    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if fd < 0 {
-        return Err(pyo3::exceptions::PyOSError::new_err(std::io::Error::last_os_error().to_string()));
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn signal(fd: &OwnedFd) {
-    let one: u64 = 1;
-    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
 /// The backend sockets of the flows whose replies go on one threaded endpoint: the driver
@@ -247,7 +226,7 @@ impl UdpFlows {
             recv_burst: recv_burst.max(1),
             panics: 0,
             polls: Vec::new(),
-            refused: Arc::new(eventfd().expect("eventfd")),
+            refused: Arc::new(driver::eventfd().expect("eventfd")),
         }
     }
 
@@ -274,7 +253,7 @@ impl UdpFlows {
         io.drains.push(Box::new(FlowDrain { flows: self.flows.clone() }));
         let mut poll = None;
         if io.threaded() {
-            let ep = Arc::new(epoll_fd()?);
+            let ep = Arc::new(driver::epoll().map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("epoll: {e}")))?);
             let src = FlowSource {
                 flows: self.flows.clone(), epoll: ep.clone(), refused: self.refused.clone(), slot,
                 burst: self.recv_burst, buf: vec![0u8; MAX_DATAGRAM], dgram: Vec::with_capacity(MAX_DATAGRAM + 64),
@@ -354,8 +333,7 @@ impl UdpFlows {
     /// Flows whose backend refused a native send since the last call (Python answers with
     /// ICMP port unreachable).
     fn take_refused(&mut self) -> Vec<u64> {
-        let mut v: u64 = 0;
-        unsafe { libc::read(self.refused.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        clear(self.refused.as_raw_fd());
         let mut flows = lock(&self.flows);
         let mut out = Vec::new();
         for (id, f) in flows.flows.iter_mut() {
