@@ -21,7 +21,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
 
 use crate::config::{self, Limits};
 use crate::core::{Core, Ev, SendResult};
-use crate::driver::{self, Driver, Io};
+use crate::driver::{Driver, Io};
 use crate::tls::{self, TicketBackend};
 
 fn bytes_of<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
@@ -250,6 +250,21 @@ fn events<'py>(py: Python<'py>, io: &mut Io) -> PyResult<Bound<'py, PyList>> {
     Ok(list)
 }
 
+/// Lock `m`, which a native thread may hold for a while: wait with the interpreter lock
+/// released (that thread may need the interpreter to finish); a poisoned lock is taken as
+/// it is.
+pub(crate) fn lock_detached<'a, T: Send>(py: Python<'_>, m: &'a Mutex<T>) -> MutexGuard<'a, T> {
+    loop {
+        match m.try_lock() {
+            Ok(g) => return g,
+            Err(TryLockError::Poisoned(e)) => return e.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                py.detach(|| drop(m.lock()));
+            }
+        }
+    }
+}
+
 impl Endpoint {
     fn instant(&self, now: f64) -> Instant {
         self.anchor.0 + Duration::from_secs_f64((now - self.anchor.1).max(0.0))
@@ -262,16 +277,7 @@ impl Endpoint {
     /// The endpoint's state. While the driver thread holds it, wait with the interpreter
     /// lock released: the thread may need the interpreter (the ticket store) to finish.
     pub(crate) fn lock(&self, py: Python<'_>) -> MutexGuard<'_, Io> {
-        loop {
-            match self.io.try_lock() {
-                Ok(g) => return g,
-                Err(TryLockError::Poisoned(e)) => return e.into_inner(),
-                Err(TryLockError::WouldBlock) => {
-                    let io = &self.io;
-                    py.detach(|| drop(driver::lock(io)));
-                }
-            }
-        }
+        lock_detached(py, &self.io)
     }
 
     /// The state and `now` on the caller's clock as an instant no earlier than any before.

@@ -33,7 +33,7 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::core::SendResult;
 use crate::driver::{self, clear, eventfd, signal, Drain, Io};
-use crate::py::Endpoint;
+use crate::py::{lock_detached, Endpoint};
 use crate::tunpump::{lock, Pump, SharedPump, Target, TunTap, Up};
 
 const MAX_PACKET: usize = 65535;
@@ -309,17 +309,8 @@ impl TunPump {
     }
 
     fn reader<'a>(&'a self, py: Python<'_>) -> MutexGuard<'a, Reader> {
-        // The reader thread may hold it for a batch: wait without the interpreter lock.
-        loop {
-            match self.reader.try_lock() {
-                Ok(g) => return g,
-                Err(std::sync::TryLockError::Poisoned(e)) => return e.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => {
-                    let r = &self.reader;
-                    py.detach(|| drop(lock_reader(r)));
-                }
-            }
-        }
+        // The reader thread may hold it for a batch.
+        lock_detached(py, &self.reader)
     }
 }
 
